@@ -1,0 +1,29 @@
+"""adapters_core: a torch-only library that injects LoRA, IA3 and AdaLoRA adapters into any torch module.
+
+Its API mirrors PEFT's functional integration API and it reads and writes PEFT's adapter format exactly;
+its mixed-batch path (`mixed_batch`, `token_batch`) serves many adapters in one forward with stacked,
+gathered computations instead of PEFT's per-adapter loop.
+"""
+
+from .batch import adapter_slot, mixed_batch, token_batch
+from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, config_from_dict, load_config
+from .errors import (AdapterConfigError, AdapterError, AdapterWeightsError, TargetNotFoundError,
+                     UnknownAdapterError, UnsupportedFeatureError)
+from .injection import inject_adapter_in_model
+from .io import load_adapter, read_adapter_weights, resolve_adapter_dir, save_adapter
+from .layer import AdapterLayer
+from .management import (active_adapters, cast_adapter_dtype, delete_adapter, disable_adapters, enable_adapters,
+                         set_adapter)
+from .merging import add_weighted_adapter, merge_adapter, merge_and_unload, unload, unmerge_adapter
+from .modules_to_save import ModulesToSaveWrapper
+from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+
+__all__ = [
+    "AdaLoraConfig", "AdapterConfig", "AdapterConfigError", "AdapterError", "AdapterLayer", "AdapterWeightsError",
+    "IA3Config", "LoraConfig", "ModulesToSaveWrapper", "TargetNotFoundError", "UnknownAdapterError",
+    "UnsupportedFeatureError", "active_adapters", "adapter_slot", "add_weighted_adapter", "cast_adapter_dtype",
+    "config_from_dict", "delete_adapter", "disable_adapters", "enable_adapters", "get_peft_model_state_dict",
+    "inject_adapter_in_model", "load_adapter", "load_config", "merge_adapter", "merge_and_unload", "mixed_batch",
+    "read_adapter_weights", "resolve_adapter_dir", "save_adapter", "set_adapter", "set_peft_model_state_dict",
+    "token_batch", "unload", "unmerge_adapter",
+]

@@ -1,0 +1,90 @@
+"""Mixed batches: `mixed_batch(model, names)` (one adapter per row) and `token_batch` (one per token).
+
+Both resolve names to slots once, bring the stacks of the adapters involved up to date, and install one
+`BatchMapping` on the model for the duration of the `with` block; every AdapterLayer then runs the stacked
+path of `stack.py`. `token_batch` is the engine's form: a flattened token batch (prefill chunks and decode
+tokens of many requests side by side) with an adapter slot per token.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import UnknownAdapterError
+from .injection import adapter_layers, slot_table
+from .stack import BASE, BatchMapping, SlotTable
+
+
+def adapter_slot(model: nn.Module, adapter_name: str) -> int:
+    """The global slot of an adapter (0 for `"__base__"`), for building token-slot tensors."""
+    if adapter_name == BASE:
+        return 0
+    table = slot_table(model)
+    if adapter_name not in table.slot_of:
+        raise UnknownAdapterError(f"unknown adapter {adapter_name!r}; the model holds {sorted(table.slot_of)}")
+    return table.slot_of[adapter_name]
+
+
+def _device(model: nn.Module) -> torch.device:
+    layers = adapter_layers(model)
+    if layers:
+        return layers[0][1].base_layer.weight.device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_usable(model: nn.Module, table: SlotTable, names: set[str]) -> None:
+    if model.training:
+        raise ValueError("mixed batches need the model in eval mode (call model.eval()); dropout is not supported")
+    unknown = sorted(n for n in names if n != BASE and n not in table.slot_of)
+    if unknown:
+        raise UnknownAdapterError(f"unknown adapter(s) {unknown} in the batch; the model holds "
+                                  f"{sorted(table.slot_of)}")
+    if any(layer.merged_adapters for _, layer in adapter_layers(model)):
+        raise ValueError("mixed batches cannot run while adapters are merged; unmerge first")
+
+
+@contextmanager
+def _installed(table: SlotTable, mapping: BatchMapping) -> Iterator[BatchMapping]:
+    previous, table.mapping = table.mapping, mapping
+    try:
+        yield mapping
+    finally:
+        table.mapping = previous
+
+
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """Context manager: inside it, row i of the model's input runs with adapter `adapter_names[i]`."""
+    table = slot_table(model)
+    names = list(adapter_names)
+    _check_usable(model, table, set(names))
+    table.sync({n for n in names if n != BASE})
+    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=_device(model))
+    return _installed(table, BatchMapping.rows(slots))
+
+
+def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Tensor],
+                segment_len: Optional[int] = None):
+    """Context manager for a flattened batch: token t runs with `token_adapters[t]` (a name, or a slot
+    from `adapter_slot`). Inputs of targeted layers must flatten to [num_tokens, features]."""
+    table = slot_table(model)
+    if isinstance(token_adapters, torch.Tensor):
+        slots = token_adapters.to(device=_device(model), dtype=torch.long)
+        by_slot = {s: n for n, s in table.slot_of.items()}
+        used = {int(s) for s in torch.unique(slots).tolist()} - {0}
+        missing = sorted(s for s in used if s not in by_slot)
+        if missing:
+            raise UnknownAdapterError(f"unknown adapter slot(s) {missing}")
+        names = {by_slot[s] for s in used}
+    else:
+        names = set(token_adapters)
+        _check_usable(model, table, names)
+        slots = torch.tensor([adapter_slot(model, n) for n in token_adapters], dtype=torch.long,
+                             device=_device(model))
+    _check_usable(model, table, names)
+    table.sync(names - {BASE})
+    return _installed(table, BatchMapping.tokens(slots, segment_len))

@@ -1,0 +1,222 @@
+"""`inject_adapter_in_model`: walk any torch module, wrap every targeted layer, register the adapter.
+
+Follows PEFT's `BaseTuner.inject_adapter`: expand `"all-linear"`, match names by `matching.py`'s rules
+(or take the targets from a state dict's keys), wrap each match in an `AdapterLayer` (or add to the one
+already there), wrap `modules_to_save`, make the new adapter the only active one, freeze the base. Nothing
+in the model changes until every target has been checked, so a bad config leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
+from .errors import AdapterError, TargetNotFoundError, UnsupportedFeatureError
+from .layer import AdapterLayer
+from .matching import expand_all_linear, is_feedforward, is_supported_base, is_target, pattern_value
+from .modules_to_save import ModulesToSaveWrapper
+from .stack import BASE, SlotTable
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+# PEFT's defaults when a config names no target_modules (a subset of its per-model_type tables).
+DEFAULT_TARGETS = {
+    "LORA": {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+             "gpt2": ["c_attn"]},
+    "IA3": {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+            "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+            "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+            "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])},
+}
+STATE_DICT_PREFIX = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_"}
+
+
+def slot_table(model: nn.Module) -> SlotTable:
+    table = model.__dict__.get("_adapter_slots")
+    if table is None:
+        table = SlotTable()
+        model.__dict__["_adapter_slots"] = table
+    return table
+
+
+def peft_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    configs = getattr(model, "peft_config", None)
+    if configs is None:
+        configs = {}
+        model.peft_config = configs
+    return configs
+
+
+def adapter_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def wrappers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _fill_default_targets(config: AdapterConfig, model: nn.Module) -> None:
+    if config.target_modules is not None:
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table = DEFAULT_TARGETS["IA3" if isinstance(config, IA3Config) else "LORA"]
+    if model_type not in table:
+        raise AdapterError("target_modules is not set and there is no default for this model type "
+                           f"({model_type!r}); name the modules to adapt")
+    if isinstance(config, IA3Config):
+        config.target_modules, ff = (list(v) for v in table[model_type])
+        if config.feedforward_modules is None:
+            config.feedforward_modules = ff
+    else:
+        config.target_modules = list(table[model_type])
+
+
+def _targets_from_state_dict(state_dict: dict, prefix: str) -> set[str]:
+    return {k.rsplit(f".{prefix}", 1)[0] for k in state_dict if f".{prefix}" in k}
+
+
+def _adalora_ranks(config: AdaLoraConfig, adapter_name: str) -> dict[str, int]:
+    """Module name -> rank after the rank allocator's shrink, from `rank_pattern` masks."""
+    ranks = {}
+    for key, mask in (config.rank_pattern or {}).items():
+        key = key.removeprefix("base_model.model.")
+        parts = key.split(".")
+        module = ".".join(parts[:-2]) if parts[-1] == adapter_name else ".".join(parts[:-1])
+        ranks[module] = int(sum(bool(b) for b in mask))
+    return ranks
+
+
+def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
+    """Add adapter `adapter_name` described by `config` to `model` in place; return `model`."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a LoraConfig, IA3Config or AdaLoraConfig, got {type(config).__name__}")
+    if adapter_name == BASE or not NAME_RE.match(adapter_name or ""):
+        raise AdapterError(f"invalid adapter name {adapter_name!r}: use letters, digits, '_' and '-'")
+    configs = peft_configs(model)
+    if adapter_name in configs:
+        raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first")
+    config = copy.deepcopy(config)
+    is_lora = isinstance(config, LoraConfig)
+    if is_lora and config.bias != "none":
+        others = [n for n, c in configs.items() if getattr(c, "bias", "none") != "none"]
+        if others:
+            raise AdapterError(f"only one adapter may have bias != 'none'; {others[0]!r} already does")
+
+    inside = [n for n, _ in adapter_layers(model)] + [n for n, _ in wrappers(model)]
+    skip = tuple(f"{n}." for n in inside)
+    if state_dict is not None:
+        targets = _targets_from_state_dict(state_dict, STATE_DICT_PREFIX[config.peft_type])
+        matches = lambda key: key in targets  # noqa: E731
+    else:
+        _fill_default_targets(config, model)
+        expand_all_linear(config, model, skip=skip)
+        matches = lambda key: is_target(config, key)  # noqa: E731
+
+    chosen = []
+    for key, module in model.named_modules():
+        if not key or key.startswith(skip) or not matches(key):
+            continue
+        if not (isinstance(module, AdapterLayer) or is_supported_base(module)):
+            raise UnsupportedFeatureError(
+                f"module {key!r} ({type(module).__name__}) matches the targets but adapters_core supports only "
+                f"Linear, Conv1D and Embedding layers")
+        if isinstance(config, IA3Config) and isinstance(getattr(module, "base_layer", module), nn.Embedding):
+            raise UnsupportedFeatureError(f"IA3 does not support Embedding layers ({key!r})")
+        chosen.append((key, module))
+    if not chosen:
+        raise TargetNotFoundError(
+            f"target modules {config.target_modules!r} matched no module of the model "
+            f"(e.g. {[n for n, _ in list(model.named_modules())[1:6]]})")
+
+    ranks = _adalora_ranks(config, adapter_name) if isinstance(config, AdaLoraConfig) else {}
+    table = slot_table(model)
+    layers, done = [], []
+    try:
+        for key, module in chosen:
+            layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+            _add_to_layer(layer, config, key, adapter_name, low_cpu_mem_usage, ranks)
+            done.append((key, module, layer))
+            if layer is not module:
+                layer.slot_table = table
+                _set_submodule(model, key, layer)
+            layers.append(layer)
+        for target in config.modules_to_save or ():
+            _wrap_modules_to_save(model, target, adapter_name, table)
+    except Exception:
+        _roll_back(model, adapter_name, done)
+        raise
+
+    configs[adapter_name] = config
+    table.assign(adapter_name, layers)
+    for name, param in model.named_parameters():
+        if not _is_adapter_param(name):
+            param.requires_grad_(False)
+    from .management import set_adapter
+    set_adapter(model, adapter_name, inference_mode=config.inference_mode)
+    return model
+
+
+def _roll_back(model: nn.Module, adapter_name: str, done: list) -> None:
+    """Undo a half-finished injection so a failure leaves the model as it was."""
+    for key, module, layer in done:
+        layer.remove_adapter(adapter_name)
+        if layer is not module:
+            _set_submodule(model, key, module)
+    for key, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.remove(adapter_name)
+            if not len(wrapper.modules_to_save):
+                _set_submodule(model, key, wrapper.original_module)
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(f".{a}." in f".{name}" for a in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                                 "lora_magnitude_vector", "adalora_A", "adalora_E",
+                                                 "adalora_B", "ia3_l", "modules_to_save"))
+
+
+def _add_to_layer(layer: AdapterLayer, config: AdapterConfig, key: str, name: str, meta: bool,
+                  ranks: dict[str, int]) -> None:
+    if isinstance(config, AdaLoraConfig):
+        r = ranks.get(key, config.init_r)
+        layer.add_adalora(name, r, config.init_r, config.lora_alpha, config.lora_dropout,
+                          config.init_lora_weights, meta)
+    elif isinstance(config, LoraConfig):
+        r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        if layer.is_embedding and config.lora_bias:
+            raise UnsupportedFeatureError("lora_bias is not supported on Embedding layers")
+        layer.add_lora(name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
+                       config.lora_bias, config.init_lora_weights, meta)
+    else:
+        layer.add_ia3(name, is_feedforward(config, key), config.init_ia3_weights, meta)
+
+
+def _wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str, table: SlotTable) -> None:
+    found = False
+    inside = tuple(f"{n}." for n, _ in wrappers(model))
+    for key, module in list(model.named_modules()):
+        if not key.endswith(target) or key.startswith(inside):
+            continue
+        found = True
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add(adapter_name)
+        else:
+            wrapper = ModulesToSaveWrapper(module, adapter_name)
+            wrapper.slot_table = table
+            _set_submodule(model, key, wrapper)
+    if not found:
+        raise TargetNotFoundError(f"modules_to_save entry {target!r} matches no module of the model")
+

@@ -1,0 +1,414 @@
+"""AdapterLayer: one wrapper around a targeted Linear / Conv1D / Embedding that can hold adapters of every kind.
+
+The original module becomes `base_layer`. LoRA adapters live in PEFT's containers (`lora_A`, `lora_B`,
+`lora_embedding_A/B`, `lora_magnitude_vector`), IA3 vectors in `ia3_l`, AdaLoRA triplets in `adalora_A/E/B`
+(renamed from PEFT's `lora_A/E/B` because a LoRA and an AdaLoRA adapter may share a layer here; the
+state-dict functions translate). Forward follows PEFT's math exactly: IA3 scales the base layer's input
+(feed-forward) or output, then each active LoRA / AdaLoRA adapter adds its delta. When a mixed batch is
+active on the model, forward switches to the stacked per-row / per-token path in `stack.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .matching import is_conv1d
+
+LORA_KINDS = ("LORA", "ADALORA")
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class DoraMagnitude(nn.Module):
+    """Holds DoRA's magnitude vector `m` as `.weight`, so its key is `lora_magnitude_vector.<name>.weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class AdapterLayer(nn.Module):
+    """Wraps `base_layer`; holds any number of LoRA, AdaLoRA and IA3 adapters by name."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.is_embedding = isinstance(base_layer, nn.Embedding)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        weight = base_layer.weight
+        if self.is_embedding:
+            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        elif self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.adalora_A = nn.ParameterDict()
+        self.adalora_E = nn.ParameterDict()
+        self.adalora_B = nn.ParameterDict()
+        self.ia3_l = nn.ParameterDict()
+        self.kind: dict[str, str] = {}          # adapter -> "LORA" | "ADALORA" | "IA3"
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.ranknum: dict[str, float] = {}     # AdaLoRA divisor, never saved
+        self.ia3_feedforward: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+        self.slot_table = None                  # set by injection; carries the mixed-batch mapping
+        self.stack = None                       # stacked copies for mixed batches (stack.LayerStack)
+
+    # ----- creation -------------------------------------------------------------------------------------
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        w = self.base_layer.weight
+        dtype = w.dtype if (w.dtype.is_floating_point or w.dtype.is_complex) else torch.float32
+        return w.device, dtype
+
+    def add_lora(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
+                 lora_bias: bool, init, meta: bool) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        device, dtype = self._device_dtype()
+        create = torch.device("meta") if meta else device
+        self.kind[name] = "LORA"
+        self.r[name] = r
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.is_embedding:
+            a = torch.empty(r, self.in_features, device=create, dtype=dtype)
+            b = torch.empty(self.out_features, r, device=create, dtype=dtype)
+            if not meta:
+                if init is False:
+                    nn.init.normal_(a)
+                    nn.init.normal_(b)
+                else:
+                    nn.init.zeros_(a)
+                    nn.init.normal_(b)
+            self.lora_embedding_A[name] = nn.Parameter(a)
+            self.lora_embedding_B[name] = nn.Parameter(b)
+        else:
+            lin_a = nn.Linear(self.in_features, r, bias=False, device=create, dtype=dtype)
+            lin_b = nn.Linear(r, self.out_features, bias=lora_bias, device=create, dtype=dtype)
+            if not meta and init is not False:
+                if init == "gaussian":
+                    nn.init.normal_(lin_a.weight, std=1 / r)
+                else:
+                    nn.init.kaiming_uniform_(lin_a.weight, a=math.sqrt(5))
+                nn.init.zeros_(lin_b.weight)
+                if lora_bias:
+                    nn.init.zeros_(lin_b.bias)
+            self.lora_A[name] = lin_a
+            self.lora_B[name] = lin_b
+        if use_dora:
+            if meta:
+                norm = torch.empty(self.out_features, device=create, dtype=dtype)
+            else:
+                norm = self._weight_norm(self.get_delta_weight(name).to(dtype))
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+
+    def add_adalora(self, name: str, r: int, init_r: int, alpha: float, dropout: float, init, meta: bool) -> None:
+        device, dtype = self._device_dtype()
+        create = torch.device("meta") if meta else device
+        self.kind[name] = "ADALORA"
+        self.r[name] = r
+        self.scaling[name] = alpha if alpha > 0 else float(r)
+        self.ranknum[name] = float(init_r) if r > 0 else 0.0
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        a = torch.empty(r, self.in_features, device=create, dtype=dtype)
+        e = torch.empty(r, 1, device=create, dtype=dtype)
+        b = torch.empty(self.out_features, r, device=create, dtype=dtype)
+        if not meta:
+            if init is False:
+                for t in (a, e, b):
+                    nn.init.normal_(t)
+            else:
+                nn.init.zeros_(e)
+                nn.init.normal_(a, mean=0.0, std=0.02)
+                nn.init.normal_(b, mean=0.0, std=0.02)
+        self.adalora_A[name] = nn.Parameter(a)
+        self.adalora_E[name] = nn.Parameter(e)
+        self.adalora_B[name] = nn.Parameter(b)
+
+    def add_ia3(self, name: str, feedforward: bool, init: bool, meta: bool) -> None:
+        if self.is_embedding:
+            raise ValueError("IA3 does not support Embedding layers")
+        device, dtype = self._device_dtype()
+        create = torch.device("meta") if meta else device
+        self.kind[name] = "IA3"
+        self.ia3_feedforward[name] = feedforward
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        vec = torch.empty(shape, device=create, dtype=dtype)
+        if not meta:
+            nn.init.ones_(vec) if init else nn.init.normal_(vec)
+        self.ia3_l[name] = nn.Parameter(vec)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The adapter's tensors keyed by the suffix PEFT writes on disk (after the module path)."""
+        kind = self.kind[name]
+        out: dict[str, nn.Parameter] = {}
+        if kind == "IA3":
+            out["ia3_l"] = self.ia3_l[name]
+        elif kind == "ADALORA":
+            out.update(lora_A=self.adalora_A[name], lora_E=self.adalora_E[name], lora_B=self.adalora_B[name])
+        elif self.is_embedding:
+            out.update(lora_embedding_A=self.lora_embedding_A[name], lora_embedding_B=self.lora_embedding_B[name])
+        else:
+            out["lora_A.weight"] = self.lora_A[name].weight
+            out["lora_B.weight"] = self.lora_B[name].weight
+            if self.lora_B[name].bias is not None:
+                out["lora_B.bias"] = self.lora_B[name].bias
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return out
+
+    def parameter_owner(self, name: str, suffix: str) -> tuple[nn.Module, str]:
+        """(module, attribute) that holds the tensor `adapter_parameters(name)[suffix]`."""
+        table = {
+            "ia3_l": (self.ia3_l, name), "lora_E": (self.adalora_E, name),
+            "lora_embedding_A": (self.lora_embedding_A, name), "lora_embedding_B": (self.lora_embedding_B, name),
+        }
+        if suffix in table:
+            return table[suffix]
+        if self.kind[name] == "ADALORA":
+            return {"lora_A": (self.adalora_A, name), "lora_B": (self.adalora_B, name)}[suffix]
+        if suffix == "lora_magnitude_vector":
+            return self.lora_magnitude_vector[name], "weight"
+        module, attr = suffix.split(".")
+        return getattr(self, module)[name], attr
+
+    def remove_adapter(self, name: str) -> None:
+        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
+                          self.lora_magnitude_vector, self.lora_dropout, self.adalora_A, self.adalora_E,
+                          self.adalora_B, self.ia3_l):
+            if name in container:
+                del container[name]
+        for d in (self.kind, self.r, self.scaling, self.ranknum, self.ia3_feedforward):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        if self.stack is not None:
+            self.stack.forget(name)
+
+    # ----- math -----------------------------------------------------------------------------------------
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r], per-rank scale [r]) with delta = B @ diag(scale) @ A, for LoRA and AdaLoRA."""
+        if self.kind[name] == "ADALORA":
+            a, b = self.adalora_A[name], self.adalora_B[name]
+            scale = self.adalora_E[name].reshape(-1) * (self.scaling[name] / (self.ranknum[name] + 1e-5))
+            return a, b, scale
+        if self.is_embedding:
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        else:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return a, b, torch.full((a.shape[0],), self.scaling[name], dtype=a.dtype, device=a.device)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """Weight delta in the base weight's layout ([out, in], Conv1D [in, out], Embedding [V, d])."""
+        kind = self.kind[name]
+        if kind == "IA3":
+            raise ValueError("IA3 adapters scale weights; they have no additive delta")
+        if kind == "ADALORA":
+            a, e, b = self.adalora_A[name], self.adalora_E[name], self.adalora_B[name]
+            delta = transpose(b @ (a * e), self.fan_in_fan_out) * self.scaling[name] / (self.ranknum[name] + 1e-5)
+            return delta
+        a, b, _ = self.lora_factors(name)
+        dtype = b.dtype
+        upcast = b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            a, b = a.float(), b.float()
+        if self.is_embedding:
+            delta = (b @ a).T * self.scaling[name]
+        else:
+            delta = transpose(b @ a, self.fan_in_fan_out) * self.scaling[name]
+        return delta.to(dtype) if upcast else delta
+
+    def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """Norm of W + delta per output feature (DoRA's denominator); `delta` is in the base weight's layout."""
+        total = self.base_layer.weight.to(delta.dtype) + delta
+        if self.is_embedding or self.fan_in_fan_out:
+            total = total.T
+        return torch.linalg.norm(total, dim=1).to(total.dtype)
+
+    def dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """m / ||W + s·BA||: DoRA's per-output-feature factor (detached), computed in `dtype`."""
+        norm = self._weight_norm(self.get_delta_weight(name).detach().to(dtype)).detach()
+        return self.lora_magnitude_vector[name].weight / norm
+
+    # ----- forward --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mapping = self.slot_table.mapping if self.slot_table is not None else None
+        if mapping is not None:
+            return self.stack_forward(x, mapping, *args, **kwargs)
+        if self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self.is_embedding:
+            return self._embedding_forward(x, *args, **kwargs)
+        result = self._ia3_base_forward(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            kind = self.kind.get(name)
+            if kind == "LORA":
+                lin_a, lin_b = self.lora_A[name], self.lora_B[name]
+                x = x.to(lin_a.weight.dtype)
+                if name in self.lora_magnitude_vector:
+                    result = result + self._dora_delta(name, x, result)
+                else:
+                    result = result + lin_b(lin_a(self.lora_dropout[name](x))) * self.scaling[name]
+            elif kind == "ADALORA":
+                a, e, b = self.adalora_A[name], self.adalora_E[name], self.adalora_B[name]
+                x = x.to(a.dtype)
+                ranknum = self.ranknum[name] + 1e-5
+                result += (self.lora_dropout[name](x) @ (a * e).T @ b.T) * self.scaling[name] / ranknum
+        return result.to(result_dtype)
+
+    def _ia3_base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = [n for n in self.active_adapters if self.kind.get(n) == "IA3"]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        scale_in, scale_out = None, None
+        for n in names:
+            vec = self.ia3_l[n].flatten()
+            if self.ia3_feedforward[n]:
+                scale_in = vec if scale_in is None else scale_in * vec
+            else:
+                scale_out = vec if scale_out is None else scale_out * vec
+        if scale_in is not None:
+            x = (x.to(scale_in.dtype) * scale_in).to(previous_dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if scale_out is not None:
+            result = (result.to(scale_out.dtype) * scale_out).to(previous_dtype)
+        return result
+
+    def _dora_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        lin_a, lin_b = self.lora_A[name], self.lora_B[name]
+        scaling = self.scaling[name]
+        g = self.dora_scale(name, x.dtype).view(1, -1)
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result
+            bias = self.base_layer.bias
+            if bias is not None:
+                base_result = base_result - bias
+        else:
+            x = dropout(x)
+            base_result = F.linear(x, transpose(self.base_layer.weight.to(x.dtype), self.fan_in_fan_out))
+        return (g - 1) * base_result + g * lin_b(lin_a(x)) * scaling
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def embed_scale(self) -> Optional[torch.Tensor]:
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        if isinstance(scale, (int, float)):
+            return torch.tensor(scale)
+        return None
+
+    def _embedding_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        embed_scale = self.embed_scale()
+        for name in self.active_adapters:
+            if self.kind.get(name) != "LORA":
+                continue
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            after_a = self._embed(x, a.T)
+            if name in self.lora_magnitude_vector:
+                g = self.dora_scale(name, result.dtype)
+                out = g * (after_a @ b.T) * self.scaling[name]
+                result = result * g + out
+                continue
+            out = (after_a @ b.T) * self.scaling[name]
+            if embed_scale is not None:
+                out = out * embed_scale.to(out.dtype)
+            result = result + out
+        return result.to(result_dtype)
+
+    def stack_forward(self, x: torch.Tensor, mapping, *args, **kwargs) -> torch.Tensor:
+        from .stack import stacked_forward
+
+        if self.merged_adapters:
+            raise ValueError("mixed batches cannot run while adapters are merged; unmerge first")
+        return stacked_forward(self, x, mapping, *args, **kwargs)
+
+    # ----- merge ----------------------------------------------------------------------------------------
+    def merge(self, names: Optional[list[str]] = None) -> None:
+        names = [n for n in (names if names is not None else self.active_adapters) if n in self.kind]
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            kind = self.kind[name]
+            with torch.no_grad():
+                if kind == "IA3":
+                    vec = self.ia3_l[name].data
+                    if self.ia3_feedforward[name]:
+                        factor = transpose(vec, self.fan_in_fan_out)
+                    else:
+                        factor = transpose(vec, self.fan_in_fan_out)
+                        bias = getattr(self.base_layer, "bias", None)
+                        if bias is not None:
+                            bias.data = torch.mul(bias.data, vec.view(bias.shape)).to(bias.dtype)
+                    weight.data = torch.mul(weight.data, factor).to(weight.dtype)
+                elif name in self.lora_magnitude_vector:
+                    delta = self.get_delta_weight(name)
+                    norm = self._weight_norm(delta).detach()
+                    self._dora_norms = getattr(self, "_dora_norms", {})
+                    self._dora_norms[name] = norm
+                    factor = self.lora_magnitude_vector[name].weight / norm
+                    factor = factor.view(-1, 1) if not self.fan_in_fan_out else factor.view(1, -1)
+                    if self.is_embedding:
+                        factor = factor.view(1, -1)
+                    weight.data = (factor * (weight.data + delta)).to(weight.dtype)
+                else:
+                    weight.data += self.get_delta_weight(name)
+                    if kind == "LORA" and not self.is_embedding and self.lora_B[name].bias is not None:
+                        self.base_layer.bias.data += self.lora_B[name].bias * self.scaling[name]
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            kind = self.kind[name]
+            with torch.no_grad():
+                if kind == "IA3":
+                    vec = self.ia3_l[name].data
+                    factor = transpose(vec, self.fan_in_fan_out) + 1e-8
+                    weight.data = torch.div(weight.data, factor).to(weight.dtype)
+                    bias = getattr(self.base_layer, "bias", None)
+                    if not self.ia3_feedforward[name] and bias is not None:
+                        bias.data = torch.div(bias.data, vec.view(bias.shape) + 1e-8).to(bias.dtype)
+                elif name in self.lora_magnitude_vector:
+                    norm = self._dora_norms.pop(name)
+                    factor = self.lora_magnitude_vector[name].weight / norm
+                    factor = factor.view(-1, 1) if not self.fan_in_fan_out else factor.view(1, -1)
+                    if self.is_embedding:
+                        factor = factor.view(1, -1)
+                    weight.data = (weight.data / factor - self.get_delta_weight(name)).to(weight.dtype)
+                else:
+                    weight.data -= self.get_delta_weight(name)
+                    if kind == "LORA" and not self.is_embedding and self.lora_B[name].bias is not None:
+                        self.base_layer.bias.data -= self.lora_B[name].bias * self.scaling[name]
+
+    def extra_repr(self) -> str:
+        return f"adapters={dict(self.kind)}, active={self.active_adapters}"

@@ -1,0 +1,343 @@
+"""Stacked adapter weights and the per-call batch mapping: the mixed-batch hot path.
+
+PEFT runs a mixed batch by looping in Python over the adapters present and indexing sub-batches in every
+layer. Here every adapter of a model owns one global *slot* (slot 0 is the base model); each AdapterLayer
+keeps its adapters copied into stacked, zero-padded tensors indexed by slot (`LayerStack`), and one
+`BatchMapping` built once per forward says which slot each row (or token) uses. A layer then does the
+same few batched ops whatever the mix: gather the slots' A and B, two `bmm`s (the shrink and expand of
+Punica's SGMV), and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots
+(zeros for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
+
+Stacks are refreshed lazily and incrementally: `SlotTable.sync` rewrites an adapter's slot only when its
+tensors changed since the last copy (tracked by tensor identity and torch's in-place `_version`
+counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+BASE = "__base__"
+
+
+class SlotTable:
+    """Global slot numbers of a model's adapters, the layers holding each, and the active batch mapping."""
+
+    def __init__(self) -> None:
+        self.slot_of: dict[str, int] = {}
+        self.layers: dict[str, list] = {}
+        self._free: list[int] = []
+        self._next = 1
+        self._synced: dict[str, list] = {}      # adapter -> [(owner, key, tensor, version)] at last copy
+        self.mapping: Optional[BatchMapping] = None
+
+    def assign(self, name: str, layers: list) -> int:
+        if name not in self.slot_of:
+            self.slot_of[name] = self._free.pop() if self._free else self._next
+            if self.slot_of[name] == self._next:
+                self._next += 1
+        self.layers[name] = layers
+        self._synced.pop(name, None)
+        return self.slot_of[name]
+
+    def release(self, name: str) -> None:
+        slot = self.slot_of.pop(name, None)
+        self.layers.pop(name, None)
+        self._synced.pop(name, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def invalidate(self, name: str) -> None:
+        self._synced.pop(name, None)
+
+    @property
+    def num_slots(self) -> int:
+        return self._next
+
+    def _entries(self, name: str) -> list:
+        entries = []
+        for layer in self.layers[name]:
+            for suffix in layer.adapter_parameters(name):
+                owner, key = layer.parameter_owner(name, suffix)
+                entries.append((owner._parameters, key))
+            if name in layer.lora_magnitude_vector:
+                entries.append((layer.base_layer._parameters, "weight"))
+        return [(d, k, d[k], d[k]._version) for d, k in entries]
+
+    def is_synced(self, name: str) -> bool:
+        entries = self._synced.get(name)
+        return entries is not None and all(d.get(k) is t and t._version == v for d, k, t, v in entries)
+
+    def sync(self, names: Iterable[str]) -> None:
+        """Copy every named adapter whose tensors changed into its slot of each of its layers."""
+        for name in names:
+            if self.is_synced(name):
+                continue
+            slot = self.slot_of[name]
+            for layer in self.layers[name]:
+                if layer.stack is None:
+                    layer.stack = LayerStack(layer)
+                layer.stack.write(slot, name)
+            self._synced[name] = self._entries(name)
+
+
+def _grow(t: Optional[torch.Tensor], shape: tuple, fill: float, dtype, device) -> torch.Tensor:
+    """A tensor of `shape` filled with `fill`, holding `t` in its leading corner."""
+    out = torch.full(shape, fill, dtype=dtype, device=device)
+    if t is not None:
+        out[tuple(slice(0, s) for s in t.shape)] = t.to(dtype)
+    return out
+
+
+class LayerStack:
+    """One layer's adapters stacked by slot: LoRA A/B padded to the largest rank, IA3 vectors, DoRA factors."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        self.slot_names: dict[int, str] = {}
+        self.n = 0                                      # slots allocated
+        self.dtype: Optional[torch.dtype] = None
+        self.device = layer.base_layer.weight.device
+        self.A: Optional[torch.Tensor] = None          # [n, R, in] (Embedding: [n, V, R], i.e. A^T)
+        self.B: Optional[torch.Tensor] = None          # [n, out, R]
+        self.rank_scale: Optional[torch.Tensor] = None  # [n, R]: scaling (AdaLoRA: E * scaling / ranknum)
+        self.bias: Optional[torch.Tensor] = None       # [n, out]: lora_B.bias * scaling
+        self.dora: Optional[torch.Tensor] = None       # [n, out]: m / ||W + sBA||, 1 for other slots
+        self.ia3_in: Optional[torch.Tensor] = None     # [n, in]
+        self.ia3_out: Optional[torch.Tensor] = None    # [n, out]
+
+    @property
+    def rank(self) -> int:
+        if self.A is None:
+            return 0
+        return self.A.shape[-1] if self.layer.is_embedding else self.A.shape[1]
+
+    def _reserve(self, slot: int, dtype: torch.dtype, rank: int = 0) -> None:
+        """Grow the slot count (doubling), the padded rank or the dtype of the stacks so `slot` fits."""
+        n = max(self.n, 1)
+        while n <= slot:
+            n *= 2
+        new_dtype = dtype if self.dtype is None else torch.promote_types(self.dtype, dtype)
+        new_rank = max(rank, self.rank)
+        if n == self.n and new_dtype == self.dtype and new_rank == self.rank:
+            return
+        self.n, self.dtype = n, new_dtype
+        lay, dev = self.layer, self.device
+        if new_rank:
+            a_shape = (n, lay.in_features, new_rank) if lay.is_embedding else (n, new_rank, lay.in_features)
+            self.A = _grow(self.A, a_shape, 0.0, new_dtype, dev)
+            self.B = _grow(self.B, (n, lay.out_features, new_rank), 0.0, new_dtype, dev)
+            self.rank_scale = _grow(self.rank_scale, (n, new_rank), 0.0, new_dtype, dev)
+        for attr, width, fill in (("bias", lay.out_features, 0.0), ("dora", lay.out_features, 1.0),
+                                  ("ia3_in", lay.in_features, 1.0), ("ia3_out", lay.out_features, 1.0)):
+            t = getattr(self, attr)
+            if t is not None:
+                setattr(self, attr, _grow(t, (n, width), fill, new_dtype, dev))
+
+    def _ensure(self, attr: str, width: int, fill: float) -> torch.Tensor:
+        if getattr(self, attr) is None:
+            setattr(self, attr, torch.full((self.n, width), fill, dtype=self.dtype, device=self.device))
+        return getattr(self, attr)
+
+    def clear(self, slot: int) -> None:
+        if slot >= self.n:
+            return
+        for attr, fill in (("A", 0.0), ("B", 0.0), ("rank_scale", 0.0), ("bias", 0.0), ("dora", 1.0),
+                           ("ia3_in", 1.0), ("ia3_out", 1.0)):
+            t = getattr(self, attr)
+            if t is not None:
+                t[slot] = fill
+
+    def forget(self, name: str) -> None:
+        for slot, held in list(self.slot_names.items()):
+            if held == name:
+                self.clear(slot)
+                del self.slot_names[slot]
+
+    @torch.no_grad()
+    def write(self, slot: int, name: str) -> None:
+        lay = self.layer
+        kind = lay.kind[name]
+        if kind == "IA3":
+            vec = lay.ia3_l[name]
+            self._reserve(slot, vec.dtype)
+            self.clear(slot)
+            target = "ia3_in" if lay.ia3_feedforward[name] else "ia3_out"
+            width = lay.in_features if lay.ia3_feedforward[name] else lay.out_features
+            self._ensure(target, width, 1.0)[slot] = vec.detach().flatten().to(self.dtype)
+        else:
+            a, b, scale = lay.lora_factors(name)
+            r = a.shape[0]
+            self._reserve(slot, a.dtype, rank=r)
+            self.clear(slot)
+            if lay.is_embedding:
+                self.A[slot, :, :r] = a.detach().T.to(self.dtype)
+            else:
+                self.A[slot, :r] = a.detach().to(self.dtype)
+            self.B[slot, :, :r] = b.detach().to(self.dtype)
+            self.rank_scale[slot, :r] = scale.detach().to(self.dtype)
+            if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
+                self._ensure("bias", lay.out_features, 0.0)[slot] = (
+                    lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
+            if name in lay.lora_magnitude_vector:
+                self._ensure("dora", lay.out_features, 1.0)[slot] = lay.dora_scale(name, self.dtype).detach()
+        self.slot_names[slot] = name
+
+
+class BatchMapping:
+    """Which slot each row (`rows` layout, x is [B, ..., F]) or token (`tokens` layout, x flattens to
+    [N, F]) of the next forward uses. Built once per forward; layers only gather with it."""
+
+    def __init__(self, slots: torch.Tensor, layout: str, segment_len: Optional[int] = None) -> None:
+        self.layout = layout
+        self.slots = slots                            # [B] or [N]
+        self.seg_slots = slots                        # [G]
+        self.gather: Optional[torch.Tensor] = None    # [G, L] token index per segment position
+        self.scatter: Optional[torch.Tensor] = None   # [N] flat position of each token in [G * L]
+        self.seg_len = 1
+        if layout == "tokens":
+            self._build_segments(segment_len)
+
+    @classmethod
+    def rows(cls, slots: torch.Tensor) -> "BatchMapping":
+        return cls(slots, "rows")
+
+    @classmethod
+    def tokens(cls, slots: torch.Tensor, segment_len: Optional[int] = None) -> "BatchMapping":
+        return cls(slots, "tokens", segment_len)
+
+    def _build_segments(self, segment_len: Optional[int]) -> None:
+        """Split runs of equal slots into segments of at most `L` tokens, L picked to keep padding low."""
+        slots = self.slots
+        n = slots.numel()
+        if n == 0:
+            return
+        change = torch.ones(n, dtype=torch.bool, device=slots.device)
+        change[1:] = slots[1:] != slots[:-1]
+        starts = torch.nonzero(change).flatten()
+        lengths = torch.diff(torch.cat([starts, torch.tensor([n], device=slots.device)]))
+        if segment_len is None:
+            segment_len = _best_segment_len(lengths)
+        if int(lengths.max()) == 1 and segment_len == 1:
+            self.seg_len = 1                              # one token per segment: x.unsqueeze(1) suffices
+            return
+        pieces = (lengths + segment_len - 1) // segment_len          # segments per run
+        seg_run = torch.repeat_interleave(torch.arange(len(lengths), device=slots.device), pieces)
+        first_piece = torch.cumsum(pieces, 0) - pieces
+        piece_idx = torch.arange(int(pieces.sum()), device=slots.device) - first_piece[seg_run]
+        seg_start = starts[seg_run] + piece_idx * segment_len                      # [G]
+        seg_end = torch.minimum(starts[seg_run] + lengths[seg_run], seg_start + segment_len)
+        offs = torch.arange(segment_len, device=slots.device)
+        self.gather = torch.minimum(seg_start[:, None] + offs, seg_end[:, None] - 1)  # [G, L]
+        self.seg_slots = slots[seg_start]
+        self.seg_len = segment_len
+        token_seg = torch.repeat_interleave(torch.arange(len(seg_start), device=slots.device),
+                                            seg_end - seg_start)
+        self.scatter = token_seg * segment_len + (torch.arange(n, device=slots.device) - seg_start[token_seg])
+
+    # --- used by layers -----------------------------------------------------------------------------------
+    def check(self, x: torch.Tensor, what: str) -> None:
+        n = self.slots.numel()
+        if self.layout == "rows" and (x.dim() < 2 and what != "ids" or x.shape[0] != n):
+            raise ValueError(f"mixed batch of {n} rows, but a targeted layer got input of shape "
+                             f"{tuple(x.shape)}; the batch dimension must come first")
+        if self.layout == "tokens":
+            tokens = x.numel() if what == "ids" else x.numel() // x.shape[-1]
+            if tokens != n:
+                raise ValueError(f"token batch of {n} tokens, but a targeted layer got input of shape "
+                                 f"{tuple(x.shape)}")
+
+    def per_token(self, table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table [n_slots, F] -> each row/token's entry, broadcastable against `like` [..., F]."""
+        picked = table[self.slots]                                   # [B, F] or [N, F]
+        if self.layout == "rows":
+            return picked.view((picked.shape[0],) + (1,) * (like.dim() - 2) + (picked.shape[-1],))
+        return picked.view(like.shape[:-1] + (picked.shape[-1],))
+
+    def to_segments(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., F] in x's layout -> [G, L, F]."""
+        f = t.shape[-1]
+        if self.layout == "rows":
+            return t.reshape(t.shape[0], -1, f)
+        flat = t.reshape(-1, f)
+        if self.gather is None:
+            return flat.unsqueeze(1)
+        return flat[self.gather]
+
+    def from_segments(self, d: torch.Tensor, like_shape: torch.Size) -> torch.Tensor:
+        """[G, L, F] -> x's layout with feature size F."""
+        f = d.shape[-1]
+        if self.layout == "tokens" and self.scatter is not None:
+            d = d.reshape(-1, f)[self.scatter]
+        return d.reshape(tuple(like_shape[:-1]) + (f,))
+
+
+def _best_segment_len(lengths: torch.Tensor) -> int:
+    """Segment length minimising padded tokens plus a per-segment overhead worth ~8 tokens."""
+    longest = int(lengths.max())
+    best, best_cost = 1, None
+    cand = 1
+    while True:
+        pieces = (lengths + cand - 1) // cand
+        cost = int(pieces.sum()) * (cand + 8)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = cand, cost
+        if cand >= longest:
+            break
+        cand = min(cand * 2, longest)
+    return best
+
+
+def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwargs) -> torch.Tensor:
+    """A layer's forward for a mixed batch: every row/token with its own slot, in a fixed number of ops."""
+    st = layer.stack
+    if st is None:                               # no adapter of this batch touches the layer
+        return layer.base_layer(x, *args, **kwargs)
+    if layer.is_embedding:
+        return _stacked_embedding(layer, st, x, mapping, *args, **kwargs)
+    mapping.check(x, "features")
+    x_base = x
+    if st.ia3_in is not None:
+        x_base = (x.to(st.dtype) * mapping.per_token(st.ia3_in, x)).to(x.dtype)
+    result = layer.base_layer(x_base, *args, **kwargs)
+    result_dtype = result.dtype
+    if st.ia3_out is not None:
+        result = (result.to(st.dtype) * mapping.per_token(st.ia3_out, result)).to(result_dtype)
+    if st.A is None:
+        return result
+    seg = mapping.seg_slots
+    xs = mapping.to_segments(x.to(st.dtype))                                  # [G, L, in]
+    h = torch.bmm(xs, st.A[seg].transpose(1, 2)) * st.rank_scale[seg].unsqueeze(1)  # [G, L, R]
+    d = torch.bmm(h, st.B[seg].transpose(1, 2))                                # [G, L, out]
+    delta = mapping.from_segments(d, result.shape)                            # like result
+    if st.bias is not None:
+        delta = delta + mapping.per_token(st.bias, delta)
+    if st.dora is not None:
+        g = mapping.per_token(st.dora, delta)
+        bias = getattr(layer.base_layer, "bias", None)
+        base = result if bias is None else result - bias
+        return (result + (g - 1) * base + g * delta).to(result_dtype)
+    return result + delta.to(result_dtype)
+
+
+def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchMapping, *args, **kwargs):
+    mapping.check(ids, "ids")
+    result = layer.base_layer(ids, *args, **kwargs)
+    if st.A is None:
+        return result
+    if mapping.layout == "rows":
+        tok_slots = mapping.slots.view((-1,) + (1,) * (ids.dim() - 1)).expand_as(ids)
+    else:
+        tok_slots = mapping.slots.view(ids.shape)
+    h = st.A[tok_slots, ids] * st.rank_scale[tok_slots]                        # [..., R]
+    d = torch.bmm(mapping.to_segments(h), st.B[mapping.seg_slots].transpose(1, 2))  # [G, L, d]
+    delta = mapping.from_segments(d, result.shape)
+    if st.dora is not None:
+        g = mapping.per_token(st.dora, delta)
+        return (result * g + g * delta).to(result.dtype)
+    scale = layer.embed_scale()
+    if scale is not None:
+        delta = delta * scale.to(delta.dtype)
+    return result + delta.to(result.dtype)

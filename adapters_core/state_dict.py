@@ -1,0 +1,171 @@
+"""Adapter state dicts in PEFT's key format, both directions.
+
+`get_peft_model_state_dict` returns what PEFT returns for a model injected without `PeftModel`: keys such
+as `model.layers.0.self_attn.q_proj.lora_A.weight` (adapter name removed), DoRA magnitudes as
+`...lora_magnitude_vector`, AdaLoRA as `...lora_A` / `lora_E` / `lora_B`, base biases for `bias="all"` /
+`"lora_only"`, full copies of `modules_to_save`, and the full embedding weights when an embedding layer is
+targeted (PEFT's `save_embedding_layers="auto"`). `set_peft_model_state_dict` accepts those keys, with or
+without the `base_model.model.` prefix of files saved by PeftModel, checks every shape before it writes
+anything, and reports keys that fit no module as unexpected.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .errors import AdapterWeightsError
+from .injection import adapter_layers, peft_configs, slot_table, wrappers
+from .management import _check_known
+from .matching import EMBEDDING_LAYER_NAMES
+
+PEFT_PREFIX = "base_model.model."
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """On-disk key (no prefix) -> (owner module, attribute, current tensor) for every tensor of the adapter."""
+    slots = {}
+    for path, layer in adapter_layers(model):
+        if adapter_name not in layer.kind:
+            continue
+        for suffix, tensor in layer.adapter_parameters(adapter_name).items():
+            owner, attr = layer.parameter_owner(adapter_name, suffix)
+            slots[f"{path}.{suffix}"] = (owner, attr, tensor)
+    for path, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            copy = wrapper.modules_to_save[adapter_name]
+            for key, tensor in copy.state_dict(keep_vars=True).items():
+                module_path, _, attr = key.rpartition(".")
+                owner = copy.get_submodule(module_path) if module_path else copy
+                slots[f"{path}.{key}"] = (owner, attr, tensor)
+    return slots
+
+
+def _embedding_is_targeted(config) -> bool:
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        import re
+        return any(re.fullmatch(targets, f"x.{e}") or re.fullmatch(targets, e) for e in EMBEDDING_LAYER_NAMES)
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (no `base_model.model.` prefix, no adapter name)."""
+    _check_known(model, [adapter_name])
+    config = peft_configs(model)[adapter_name]
+    model_state = model.state_dict() if state_dict is None else state_dict
+    out: dict[str, torch.Tensor] = {}
+    internal = _internal_keys(model, adapter_name) if state_dict is not None else {}
+    for key, (_, _, tensor) in _adapter_slots(model, adapter_name).items():
+        out[key] = model_state.get(internal.get(key, ""), tensor.detach())
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        others = [n for n in peft_configs(model) if n != adapter_name]
+        for key, value in model_state.items():
+            if "bias" in key and not any(f".{o}." in key or key.endswith(f".{o}") for o in others) \
+                    and ".modules_to_save." not in key and ".original_module." not in key:
+                out.setdefault(_remove_adapter_name(key, adapter_name), value)
+    elif bias == "lora_only":
+        for path, layer in adapter_layers(model):
+            if adapter_name in layer.kind and getattr(layer.base_layer, "bias", None) is not None:
+                out[f"{path}.base_layer.bias"] = model_state[f"{path}.base_layer.bias"]
+    if _embedding_is_targeted(config):
+        for path, layer in adapter_layers(model):
+            if adapter_name in layer.kind and path.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES:
+                out[f"{path}.base_layer.weight"] = model_state[f"{path}.base_layer.weight"]
+    return out
+
+
+def _remove_adapter_name(key: str, adapter_name: str) -> str:
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    return key.replace(f".{adapter_name}.", ".")
+
+
+def _internal_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """On-disk key -> the model's own state-dict key for the same tensor."""
+    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    return {key: names.get(id(t), "") for key, (_, _, t) in _adapter_slots(model, adapter_name).items()}
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
+    """Load PEFT-format tensors into adapter `adapter_name`; return missing and unexpected keys."""
+    _check_known(model, [adapter_name])
+    has_prefix = any(k.startswith(PEFT_PREFIX) for k, _ in model.named_parameters())
+    slots = _adapter_slots(model, adapter_name)
+    # Also accept keys that still carry the adapter name (`...lora_A.default.weight`), as PEFT does.
+    aliases = {}
+    for key in slots:
+        head, _, last = key.rpartition(".")
+        aliases[f"{key}.{adapter_name}"] = key
+        aliases[f"{head}.{adapter_name}.{last}"] = key
+        if key.endswith(".lora_magnitude_vector"):
+            aliases[f"{key}.weight"] = key
+            aliases[f"{key}.{adapter_name}.weight"] = key
+    base_params = dict(model.named_parameters())
+    base_params.update(dict(model.named_buffers()))
+
+    plan, unexpected, mismatched = [], [], []
+    for raw_key, value in peft_model_state_dict.items():
+        key = raw_key if has_prefix else raw_key.removeprefix(PEFT_PREFIX)
+        key = aliases.get(key, key)
+        if not isinstance(value, torch.Tensor):
+            raise AdapterWeightsError(f"value for {raw_key!r} is not a tensor")
+        if key in slots:
+            owner, attr, current = slots[key]
+        elif key in base_params:
+            module_path, _, attr = key.rpartition(".")
+            owner, current = model.get_submodule(module_path), base_params[key]
+        else:
+            unexpected.append(raw_key)
+            continue
+        if tuple(current.shape) != tuple(value.shape):
+            mismatched.append((raw_key, tuple(value.shape), tuple(current.shape)))
+            continue
+        plan.append((key, owner, attr, current, value))
+    if mismatched:
+        detail = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched)
+        if not ignore_mismatched_sizes:
+            raise AdapterWeightsError(f"tensor shapes do not fit the base model: {detail}")
+        warnings.warn(f"Skipping tensors with mismatched shapes: {detail}")
+
+    loaded = set()
+    with torch.no_grad():
+        for key, owner, attr, current, value in plan:
+            if current.device.type == "meta" or low_cpu_mem_usage and key in slots:
+                device, dtype = _base_device_dtype(model, key, current)
+                new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=current.requires_grad)
+                if isinstance(owner, nn.ParameterDict):
+                    owner[attr] = new
+                else:
+                    setattr(owner, attr, new)
+            else:
+                current.copy_(value)
+            loaded.add(key)
+    slot_table(model).invalidate(adapter_name)
+    missing = [k for k in slots if k not in loaded]
+    return IncompatibleKeys(missing, unexpected)
+
+
+def _base_device_dtype(model: nn.Module, key: str, current: torch.Tensor):
+    """Device and dtype of the base layer that owns an adapter tensor (PEFT's `_move_adapter_to_device...`)."""
+    for path, layer in adapter_layers(model):
+        if key.startswith(f"{path}."):
+            return layer._device_dtype()
+    for path, wrapper in wrappers(model):
+        if key.startswith(f"{path}."):
+            ref = next(iter(wrapper.original_module.parameters()), None)
+            if ref is not None:
+                return ref.device, ref.dtype if ref.dtype.is_floating_point else current.dtype
+    return torch.device("cpu"), current.dtype
