@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .errors import UnknownAdapterError
-from .injection import adapter_layers, slot_table
+from .injection import slot_table
+from .layer import AdapterLayer
 from .stack import BASE, BatchMapping, SlotTable
 
 
@@ -29,10 +30,10 @@ def adapter_slot(model: nn.Module, adapter_name: str) -> int:
     return table.slot_of[adapter_name]
 
 
-def _device(model: nn.Module) -> torch.device:
-    layers = adapter_layers(model)
-    if layers:
-        return layers[0][1].base_layer.weight.device
+def _device(model: nn.Module, table: SlotTable) -> torch.device:
+    for module in table.modules:
+        if isinstance(module, AdapterLayer):
+            return module.base_layer.weight.device
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -44,7 +45,7 @@ def _check_usable(model: nn.Module, table: SlotTable, names: set[str]) -> None:
     if unknown:
         raise UnknownAdapterError(f"unknown adapter(s) {unknown} in the batch; the model holds "
                                   f"{sorted(table.slot_of)}")
-    if any(layer.merged_adapters for _, layer in adapter_layers(model)):
+    if any(getattr(m, "merged_adapters", None) for m in table.modules):
         raise ValueError("mixed batches cannot run while adapters are merged; unmerge first")
 
 
@@ -63,7 +64,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     names = list(adapter_names)
     _check_usable(model, table, set(names))
     table.sync({n for n in names if n != BASE})
-    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=_device(model))
+    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=_device(model, table))
     return _installed(table, BatchMapping.rows(slots))
 
 
@@ -73,7 +74,7 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
     from `adapter_slot`). Inputs of targeted layers must flatten to [num_tokens, features]."""
     table = slot_table(model)
     if isinstance(token_adapters, torch.Tensor):
-        slots = token_adapters.to(device=_device(model), dtype=torch.long)
+        slots = token_adapters.to(device=_device(model, table), dtype=torch.long)
         by_slot = {s: n for n, s in table.slot_of.items()}
         used = {int(s) for s in torch.unique(slots).tolist()} - {0}
         missing = sorted(s for s in used if s not in by_slot)
@@ -84,7 +85,7 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
         names = set(token_adapters)
         _check_usable(model, table, names)
         slots = torch.tensor([adapter_slot(model, n) for n in token_adapters], dtype=torch.long,
-                             device=_device(model))
+                             device=_device(model, table))
     _check_usable(model, table, names)
     table.sync(names - {BASE})
     return _installed(table, BatchMapping.tokens(slots, segment_len))

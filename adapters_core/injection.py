@@ -151,6 +151,7 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
             if layer is not module:
                 layer.slot_table = table
                 _set_submodule(model, key, layer)
+                table.modules.append(layer)
             layers.append(layer)
         for target in config.modules_to_save or ():
             _wrap_modules_to_save(model, target, adapter_name, table)
@@ -170,15 +171,33 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
 
 def _roll_back(model: nn.Module, adapter_name: str, done: list) -> None:
     """Undo a half-finished injection so a failure leaves the model as it was."""
+    table = slot_table(model)
     for key, module, layer in done:
         layer.remove_adapter(adapter_name)
         if layer is not module:
             _set_submodule(model, key, module)
+            table.modules = [m for m in table.modules if m is not layer]
     for key, wrapper in wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             wrapper.remove(adapter_name)
             if not len(wrapper.modules_to_save):
                 _set_submodule(model, key, wrapper.original_module)
+                table.modules = [m for m in table.modules if m is not wrapper]
+
+
+def unwrap_modules_since(model: nn.Module, count: int) -> None:
+    """Put back the original modules of every wrapper created after the table held `count` of them (used
+    to undo a failed load completely, state-dict keys included)."""
+    table = slot_table(model)
+    new = table.modules[count:]
+    if not new:
+        return
+    paths = {id(m): n for n, m in model.named_modules()}
+    for module in new:
+        original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
+        if id(module) in paths:
+            _set_submodule(model, paths[id(module)], original)
+    del table.modules[count:]
 
 
 def _is_adapter_param(name: str) -> bool:
@@ -217,6 +236,7 @@ def _wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str, tabl
             wrapper = ModulesToSaveWrapper(module, adapter_name)
             wrapper.slot_table = table
             _set_submodule(model, key, wrapper)
+            table.modules.append(wrapper)
     if not found:
         raise TargetNotFoundError(f"modules_to_save entry {target!r} matches no module of the model")
 

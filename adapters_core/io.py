@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, AdapterConfig, load_config
 from .errors import AdapterConfigError, AdapterError, AdapterWeightsError
-from .injection import inject_adapter_in_model, peft_configs
+from .injection import inject_adapter_in_model, peft_configs, slot_table, unwrap_modules_since
 from .management import active_adapters, cast_adapter_dtype, delete_adapter, set_adapter
 from .state_dict import PEFT_PREFIX, IncompatibleKeys, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -73,6 +73,7 @@ def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "de
         state_dict = read_adapter_weights(directory) if state_dict is None else state_dict
     config.inference_mode = not is_trainable
     previous_active = active_adapters(model)
+    wrapped_before = len(slot_table(model).modules)
     inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     try:
         result = set_peft_model_state_dict(model, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -81,6 +82,7 @@ def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "de
                                       f"parameter(s), e.g. {result.missing_keys[:3]}")
     except Exception:
         delete_adapter(model, adapter_name)
+        unwrap_modules_since(model, wrapped_before)
         if previous_active:
             set_adapter(model, previous_active)
         raise

@@ -37,8 +37,6 @@ def _strip(model: nn.Module, merge: bool, adapter_names: Optional[list[str]]) ->
     if merge:
         merge_adapter(model, adapter_names)
     for key, layer in adapter_layers(model):
-        if not merge:
-            layer.unmerge()
         _set_submodule(model, key, layer.base_layer)
     for key, wrapper in wrappers(model):
         keep = wrapper.modules_to_save[wrapper.active_adapter] if (merge and wrapper.active_adapter) else None
@@ -57,7 +55,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging and return the original model."""
+    """Remove every adapter and return the plain model. As in PEFT, weights merged earlier stay merged."""
     return _strip(model, False, None)
 
 

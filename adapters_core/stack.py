@@ -8,6 +8,7 @@ same few batched ops whatever the mix: gather the slots' A and B, two `bmm`s (th
 Punica's SGMV), and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots
 (zeros for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
 
+The per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is folded into the stacked A.
 Stacks are refreshed lazily and incrementally: `SlotTable.sync` rewrites an adapter's slot only when its
 tensors changed since the last copy (tracked by tensor identity and torch's in-place `_version`
 counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
@@ -15,11 +16,13 @@ counters), so loading the 51st adapter costs the same as the first and in-place 
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable, Optional
 
 import torch
 
 BASE = "__base__"
+_VERSION = operator.attrgetter("_version")
 
 
 class SlotTable:
@@ -30,7 +33,9 @@ class SlotTable:
         self.layers: dict[str, list] = {}
         self._free: list[int] = []
         self._next = 1
-        self._synced: dict[str, list] = {}      # adapter -> [(owner, key, tensor, version)] at last copy
+        self._synced: dict[str, tuple] = {}     # adapter -> (owner dicts, keys, tensors, versions) at last copy
+        self.modules: list = []                 # every AdapterLayer / ModulesToSaveWrapper of the model
+        self._stack_slots = 0                   # every existing stack holds at least this many slots
         self.mapping: Optional[BatchMapping] = None
 
     def assign(self, name: str, layers: list) -> int:
@@ -56,22 +61,32 @@ class SlotTable:
     def num_slots(self) -> int:
         return self._next
 
-    def _entries(self, name: str) -> list:
-        entries = []
+    def _entries(self, name: str) -> tuple:
+        owners, keys = [], []
         for layer in self.layers[name]:
             for suffix in layer.adapter_parameters(name):
                 owner, key = layer.parameter_owner(name, suffix)
-                entries.append((owner._parameters, key))
+                owners.append(owner._parameters)
+                keys.append(key)
             if name in layer.lora_magnitude_vector:
-                entries.append((layer.base_layer._parameters, "weight"))
-        return [(d, k, d[k], d[k]._version) for d, k in entries]
+                owners.append(layer.base_layer._parameters)
+                keys.append("weight")
+        tensors = list(map(dict.get, owners, keys))
+        return owners, keys, tensors, list(map(_VERSION, tensors))
 
     def is_synced(self, name: str) -> bool:
-        entries = self._synced.get(name)
-        return entries is not None and all(d.get(k) is t and t._version == v for d, k, t, v in entries)
+        """True when none of the adapter's tensors was replaced or changed in place since the last copy."""
+        entry = self._synced.get(name)
+        if entry is None:
+            return False
+        owners, keys, tensors, versions = entry
+        # C-level loops: this runs for every adapter of every mixed batch.
+        return list(map(_VERSION, tensors)) == versions and all(map(operator.is_, map(dict.get, owners, keys),
+                                                                   tensors))
 
     def sync(self, names: Iterable[str]) -> None:
-        """Copy every named adapter whose tensors changed into its slot of each of its layers."""
+        """Copy every named adapter whose tensors changed into its slot of each of its layers, and make
+        every stack long enough that any slot of the table indexes it (as identity where absent)."""
         for name in names:
             if self.is_synced(name):
                 continue
@@ -81,6 +96,11 @@ class SlotTable:
                     layer.stack = LayerStack(layer)
                 layer.stack.write(slot, name)
             self._synced[name] = self._entries(name)
+        if self._next > self._stack_slots:
+            for module in self.modules:
+                if getattr(module, "stack", None) is not None:
+                    module.stack.reserve(self._next - 1)
+            self._stack_slots = self._next
 
 
 def _grow(t: Optional[torch.Tensor], shape: tuple, fill: float, dtype, device) -> torch.Tensor:
@@ -100,9 +120,8 @@ class LayerStack:
         self.n = 0                                      # slots allocated
         self.dtype: Optional[torch.dtype] = None
         self.device = layer.base_layer.weight.device
-        self.A: Optional[torch.Tensor] = None          # [n, R, in] (Embedding: [n, V, R], i.e. A^T)
+        self.A: Optional[torch.Tensor] = None          # [n, R, in] scale-folded (Embedding: [n, V, R], i.e. A^T)
         self.B: Optional[torch.Tensor] = None          # [n, out, R]
-        self.rank_scale: Optional[torch.Tensor] = None  # [n, R]: scaling (AdaLoRA: E * scaling / ranknum)
         self.bias: Optional[torch.Tensor] = None       # [n, out]: lora_B.bias * scaling
         self.dora: Optional[torch.Tensor] = None       # [n, out]: m / ||W + sBA||, 1 for other slots
         self.ia3_in: Optional[torch.Tensor] = None     # [n, in]
@@ -113,6 +132,10 @@ class LayerStack:
         if self.A is None:
             return 0
         return self.A.shape[-1] if self.layer.is_embedding else self.A.shape[1]
+
+    def reserve(self, slot: int) -> None:
+        if self.dtype is not None:
+            self._reserve(slot, self.dtype)
 
     def _reserve(self, slot: int, dtype: torch.dtype, rank: int = 0) -> None:
         """Grow the slot count (doubling), the padded rank or the dtype of the stacks so `slot` fits."""
@@ -129,7 +152,6 @@ class LayerStack:
             a_shape = (n, lay.in_features, new_rank) if lay.is_embedding else (n, new_rank, lay.in_features)
             self.A = _grow(self.A, a_shape, 0.0, new_dtype, dev)
             self.B = _grow(self.B, (n, lay.out_features, new_rank), 0.0, new_dtype, dev)
-            self.rank_scale = _grow(self.rank_scale, (n, new_rank), 0.0, new_dtype, dev)
         for attr, width, fill in (("bias", lay.out_features, 0.0), ("dora", lay.out_features, 1.0),
                                   ("ia3_in", lay.in_features, 1.0), ("ia3_out", lay.out_features, 1.0)):
             t = getattr(self, attr)
@@ -144,7 +166,7 @@ class LayerStack:
     def clear(self, slot: int) -> None:
         if slot >= self.n:
             return
-        for attr, fill in (("A", 0.0), ("B", 0.0), ("rank_scale", 0.0), ("bias", 0.0), ("dora", 1.0),
+        for attr, fill in (("A", 0.0), ("B", 0.0), ("bias", 0.0), ("dora", 1.0),
                            ("ia3_in", 1.0), ("ia3_out", 1.0)):
             t = getattr(self, attr)
             if t is not None:
@@ -162,7 +184,7 @@ class LayerStack:
         kind = lay.kind[name]
         if kind == "IA3":
             vec = lay.ia3_l[name]
-            self._reserve(slot, vec.dtype)
+            self._reserve(max(slot, lay.slot_table.num_slots - 1), vec.dtype)
             self.clear(slot)
             target = "ia3_in" if lay.ia3_feedforward[name] else "ia3_out"
             width = lay.in_features if lay.ia3_feedforward[name] else lay.out_features
@@ -170,14 +192,14 @@ class LayerStack:
         else:
             a, b, scale = lay.lora_factors(name)
             r = a.shape[0]
-            self._reserve(slot, a.dtype, rank=r)
+            self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype, rank=r)
             self.clear(slot)
+            scaled = a.detach() * scale.detach()[:, None]            # diag(scale) @ A: one op less per call
             if lay.is_embedding:
-                self.A[slot, :, :r] = a.detach().T.to(self.dtype)
+                self.A[slot, :, :r] = scaled.T.to(self.dtype)
             else:
-                self.A[slot, :r] = a.detach().to(self.dtype)
+                self.A[slot, :r] = scaled.to(self.dtype)
             self.B[slot, :, :r] = b.detach().to(self.dtype)
-            self.rank_scale[slot, :r] = scale.detach().to(self.dtype)
             if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
                 self._ensure("bias", lay.out_features, 0.0)[slot] = (
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
@@ -309,7 +331,7 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         return result
     seg = mapping.seg_slots
     xs = mapping.to_segments(x.to(st.dtype))                                  # [G, L, in]
-    h = torch.bmm(xs, st.A[seg].transpose(1, 2)) * st.rank_scale[seg].unsqueeze(1)  # [G, L, R]
+    h = torch.bmm(xs, st.A[seg].transpose(1, 2))                              # [G, L, R]
     d = torch.bmm(h, st.B[seg].transpose(1, 2))                                # [G, L, out]
     delta = mapping.from_segments(d, result.shape)                            # like result
     if st.bias is not None:
@@ -331,7 +353,7 @@ def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchM
         tok_slots = mapping.slots.view((-1,) + (1,) * (ids.dim() - 1)).expand_as(ids)
     else:
         tok_slots = mapping.slots.view(ids.shape)
-    h = st.A[tok_slots, ids] * st.rank_scale[tok_slots]                        # [..., R]
+    h = st.A[tok_slots, ids]                                                   # [..., R]
     d = torch.bmm(mapping.to_segments(h), st.B[mapping.seg_slots].transpose(1, 2))  # [G, L, d]
     delta = mapping.from_segments(d, result.shape)
     if st.dora is not None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import AdapterWeightsError
 from .injection import adapter_layers, peft_configs, slot_table, wrappers
+from .layer import AdapterLayer
 from .management import _check_known
 from .matching import EMBEDDING_LAYER_NAMES
 
@@ -79,10 +80,24 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
             if adapter_name in layer.kind and getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = model_state[f"{path}.base_layer.bias"]
     if _embedding_is_targeted(config):
-        for path, layer in adapter_layers(model):
-            if adapter_name in layer.kind and path.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES:
-                out[f"{path}.base_layer.weight"] = model_state[f"{path}.base_layer.weight"]
+        out.update(_embedding_base_weights(model, model_state, adapter_name))
     return out
+
+
+def _embedding_base_weights(model: nn.Module, model_state: dict, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's `save_embedding_layers="auto"`: the full base weights of a targeted input/output embedding.
+    Like PEFT, only models that expose `get_input_embeddings` (transformers-style) are handled."""
+    if not hasattr(model, "get_input_embeddings"):
+        return {}
+    found = {}
+    by_id = {id(m): n for n, m in model.named_modules()}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if not isinstance(module, AdapterLayer) or adapter_name not in module.kind:
+            continue
+        key = f"{by_id[id(module)]}.base_layer.weight"
+        if key in model_state:
+            found[key] = model_state[key]
+    return found
 
 
 def _remove_adapter_name(key: str, adapter_name: str) -> str:
@@ -128,7 +143,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
             module_path, _, attr = key.rpartition(".")
             owner, current = model.get_submodule(module_path), base_params[key]
         else:
-            unexpected.append(raw_key)
+            unexpected.append(key)
             continue
         if tuple(current.shape) != tuple(value.shape):
             mismatched.append((raw_key, tuple(value.shape), tuple(current.shape)))
