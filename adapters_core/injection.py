@@ -52,12 +52,31 @@ def peft_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return configs
 
 
+def walk(model: nn.Module):
+    """`named_modules()` that does not descend into adapter wrappers: their children are adapter internals,
+    and walking them would make every model-level call (and so every load) slower with each adapter."""
+    seen = set()
+
+    def visit(prefix: str, module: nn.Module):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from visit(f"{prefix}.{name}" if prefix else name, child)
+
+    yield from visit("", model)
+
+
 def adapter_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    return [(n, m) for n, m in walk(model) if isinstance(m, AdapterLayer)]
 
 
 def wrappers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return [(n, m) for n, m in walk(model) if isinstance(m, ModulesToSaveWrapper)]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -97,6 +116,7 @@ def _adalora_ranks(config: AdaLoraConfig, adapter_name: str) -> dict[str, int]:
     return ranks
 
 
+@torch.inference_mode(False)
 def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
     """Add adapter `adapter_name` described by `config` to `model` in place; return `model`."""
@@ -114,19 +134,18 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
         if others:
             raise AdapterError(f"only one adapter may have bias != 'none'; {others[0]!r} already does")
 
-    inside = [n for n, _ in adapter_layers(model)] + [n for n, _ in wrappers(model)]
-    skip = tuple(f"{n}." for n in inside)
+    modules = list(walk(model))
     if state_dict is not None:
         targets = _targets_from_state_dict(state_dict, STATE_DICT_PREFIX[config.peft_type])
         matches = lambda key: key in targets  # noqa: E731
     else:
         _fill_default_targets(config, model)
-        expand_all_linear(config, model, skip=skip)
+        expand_all_linear(config, model, modules)
         matches = lambda key: is_target(config, key)  # noqa: E731
 
     chosen = []
-    for key, module in model.named_modules():
-        if not key or key.startswith(skip) or not matches(key):
+    for key, module in modules:
+        if not key or isinstance(module, ModulesToSaveWrapper) or not matches(key):
             continue
         if not (isinstance(module, AdapterLayer) or is_supported_base(module)):
             raise UnsupportedFeatureError(
@@ -138,14 +157,14 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
     if not chosen:
         raise TargetNotFoundError(
             f"target modules {config.target_modules!r} matched no module of the model "
-            f"(e.g. {[n for n, _ in list(model.named_modules())[1:6]]})")
+            f"(e.g. {[n for n, _ in modules[1:6]]})")
 
     ranks = _adalora_ranks(config, adapter_name) if isinstance(config, AdaLoraConfig) else {}
     table = slot_table(model)
     layers, done = [], []
     try:
         for key, module in chosen:
-            layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+            layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module).train(module.training)
             _add_to_layer(layer, config, key, adapter_name, low_cpu_mem_usage, ranks)
             done.append((key, module, layer))
             if layer is not module:
@@ -161,9 +180,7 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
 
     configs[adapter_name] = config
     table.assign(adapter_name, layers)
-    for name, param in model.named_parameters():
-        if not _is_adapter_param(name):
-            param.requires_grad_(False)
+    _freeze_base(modules)
     from .management import set_adapter
     set_adapter(model, adapter_name, inference_mode=config.inference_mode)
     return model
@@ -192,7 +209,7 @@ def unwrap_modules_since(model: nn.Module, count: int) -> None:
     new = table.modules[count:]
     if not new:
         return
-    paths = {id(m): n for n, m in model.named_modules()}
+    paths = {id(m): n for n, m in walk(model)}
     for module in new:
         original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
         if id(module) in paths:
@@ -200,10 +217,17 @@ def unwrap_modules_since(model: nn.Module, count: int) -> None:
     del table.modules[count:]
 
 
-def _is_adapter_param(name: str) -> bool:
-    return any(f".{a}." in f".{name}" for a in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                                 "lora_magnitude_vector", "adalora_A", "adalora_E",
-                                                 "adalora_B", "ia3_l", "modules_to_save"))
+def _freeze_base(modules: list) -> None:
+    """requires_grad=False on every parameter that is not an adapter's (PEFT's `_mark_only_adapters...`)."""
+    for _, module in modules:
+        if isinstance(module, AdapterLayer):
+            module.base_layer.requires_grad_(False)
+        elif isinstance(module, ModulesToSaveWrapper):
+            module.original_module.requires_grad_(False)
+        else:
+            for param in module._parameters.values():
+                if param is not None:
+                    param.requires_grad_(False)
 
 
 def _add_to_layer(layer: AdapterLayer, config: AdapterConfig, key: str, name: str, meta: bool,
@@ -225,9 +249,8 @@ def _add_to_layer(layer: AdapterLayer, config: AdapterConfig, key: str, name: st
 
 def _wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str, table: SlotTable) -> None:
     found = False
-    inside = tuple(f"{n}." for n, _ in wrappers(model))
-    for key, module in list(model.named_modules()):
-        if not key.endswith(target) or key.startswith(inside):
+    for key, module in list(walk(model)):
+        if not key.endswith(target) or isinstance(module, AdapterLayer):
             continue
         found = True
         if isinstance(module, ModulesToSaveWrapper):

@@ -40,6 +40,7 @@ def resolve_adapter_dir(path_or_repo_id: str, revision: Optional[str] = None) ->
         raise AdapterConfigError(f"cannot find adapter {path_or_repo_id!r} locally or on the hub: {exc}") from exc
 
 
+@torch.inference_mode(False)
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     st_path = os.path.join(directory, SAFETENSORS_NAME)
     bin_path = os.path.join(directory, BIN_NAME)
@@ -59,6 +60,7 @@ def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     raise AdapterWeightsError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {directory}")
 
 
+@torch.inference_mode(False)
 def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "default",
                  revision: Optional[str] = None, low_cpu_mem_usage: bool = True, is_trainable: bool = False,
                  autocast_adapter_dtype: bool = True, config: Optional[AdapterConfig] = None,
@@ -90,7 +92,7 @@ def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "de
         warnings.warn(f"Found keys that fit no module of the model: {result.unexpected_keys[:5]}"
                       f"{' ...' if len(result.unexpected_keys) > 5 else ''}")
     cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-    if not is_trainable:
+    if not is_trainable and model.training:
         model.eval()
     return result
 

@@ -85,7 +85,7 @@ class AdapterLayer(nn.Module):
         self.kind[name] = "LORA"
         self.r[name] = r
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         if self.is_embedding:
             a = torch.empty(r, self.in_features, device=create, dtype=dtype)
             b = torch.empty(self.out_features, r, device=create, dtype=dtype)
@@ -125,7 +125,7 @@ class AdapterLayer(nn.Module):
         self.r[name] = r
         self.scaling[name] = alpha if alpha > 0 else float(r)
         self.ranknum[name] = float(init_r) if r > 0 else 0.0
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         a = torch.empty(r, self.in_features, device=create, dtype=dtype)
         e = torch.empty(r, 1, device=create, dtype=dtype)
         b = torch.empty(self.out_features, r, device=create, dtype=dtype)

@@ -73,19 +73,24 @@ def is_target(config, key: str) -> bool:
     return found
 
 
-def expand_all_linear(config, model: nn.Module, skip: Sequence[str] = ()) -> None:
-    """Replace `target_modules="all-linear"` by the exact names of the model's linear layers, in place."""
+def expand_all_linear(config, model: nn.Module, modules: Sequence[tuple[str, nn.Module]]) -> None:
+    """Replace `target_modules="all-linear"` by the exact names of the model's linear layers, in place.
+    `modules` is the model's (name, module) list without adapter internals; an adapter wrapper around a
+    linear layer counts as linear, as in PEFT."""
     targets = config.target_modules
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         return
-    names = {name for name, m in model.named_modules()
-             if (isinstance(m, nn.Linear) or is_conv1d(m)) and not any(name.startswith(s) for s in skip)}
+
+    def linear(m: nn.Module) -> bool:
+        m = getattr(m, "base_layer", m)
+        return isinstance(m, nn.Linear) or is_conv1d(m)
+
+    names = {name for name, m in modules if name and linear(m)}
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         out = get_out()
-        out = getattr(out, "base_layer", out)
-        for name, m in model.named_modules():
-            if m is out:
+        for name, m in modules:
+            if out is not None and m is out:
                 names.discard(name)
     config.target_modules = sorted(names)
 

@@ -72,6 +72,8 @@ class SlotTable:
                 owners.append(layer.base_layer._parameters)
                 keys.append("weight")
         tensors = list(map(dict.get, owners, keys))
+        if any(t.is_inference() for t in tensors):
+            return None          # inference tensors keep no version counter: re-copy on every batch
         return owners, keys, tensors, list(map(_VERSION, tensors))
 
     def is_synced(self, name: str) -> bool:
@@ -84,6 +86,7 @@ class SlotTable:
         return list(map(_VERSION, tensors)) == versions and all(map(operator.is_, map(dict.get, owners, keys),
                                                                    tensors))
 
+    @torch.inference_mode(False)
     def sync(self, names: Iterable[str]) -> None:
         """Copy every named adapter whose tensors changed into its slot of each of its layers, and make
         every stack long enough that any slot of the table indexes it (as identity where absent)."""
@@ -120,8 +123,9 @@ class LayerStack:
         self.n = 0                                      # slots allocated
         self.dtype: Optional[torch.dtype] = None
         self.device = layer.base_layer.weight.device
-        self.A: Optional[torch.Tensor] = None          # [n, R, in] scale-folded (Embedding: [n, V, R], i.e. A^T)
-        self.B: Optional[torch.Tensor] = None          # [n, out, R]
+        # Stored transposed, so a gathered slice feeds bmm directly: x [G, L, in] @ A [G, in, R] @ B [G, R, out].
+        self.A: Optional[torch.Tensor] = None          # [n, in, R], scale-folded (Embedding: [n, V, R])
+        self.B: Optional[torch.Tensor] = None          # [n, R, out]
         self.bias: Optional[torch.Tensor] = None       # [n, out]: lora_B.bias * scaling
         self.dora: Optional[torch.Tensor] = None       # [n, out]: m / ||W + sBA||, 1 for other slots
         self.ia3_in: Optional[torch.Tensor] = None     # [n, in]
@@ -129,9 +133,7 @@ class LayerStack:
 
     @property
     def rank(self) -> int:
-        if self.A is None:
-            return 0
-        return self.A.shape[-1] if self.layer.is_embedding else self.A.shape[1]
+        return 0 if self.A is None else self.A.shape[-1]
 
     def reserve(self, slot: int) -> None:
         if self.dtype is not None:
@@ -149,9 +151,8 @@ class LayerStack:
         self.n, self.dtype = n, new_dtype
         lay, dev = self.layer, self.device
         if new_rank:
-            a_shape = (n, lay.in_features, new_rank) if lay.is_embedding else (n, new_rank, lay.in_features)
-            self.A = _grow(self.A, a_shape, 0.0, new_dtype, dev)
-            self.B = _grow(self.B, (n, lay.out_features, new_rank), 0.0, new_dtype, dev)
+            self.A = _grow(self.A, (n, lay.in_features, new_rank), 0.0, new_dtype, dev)
+            self.B = _grow(self.B, (n, new_rank, lay.out_features), 0.0, new_dtype, dev)
         for attr, width, fill in (("bias", lay.out_features, 0.0), ("dora", lay.out_features, 1.0),
                                   ("ia3_in", lay.in_features, 1.0), ("ia3_out", lay.out_features, 1.0)):
             t = getattr(self, attr)
@@ -195,11 +196,8 @@ class LayerStack:
             self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype, rank=r)
             self.clear(slot)
             scaled = a.detach() * scale.detach()[:, None]            # diag(scale) @ A: one op less per call
-            if lay.is_embedding:
-                self.A[slot, :, :r] = scaled.T.to(self.dtype)
-            else:
-                self.A[slot, :r] = scaled.to(self.dtype)
-            self.B[slot, :, :r] = b.detach().to(self.dtype)
+            self.A[slot, :, :r] = scaled.T.to(self.dtype)
+            self.B[slot, :r, :] = b.detach().T.to(self.dtype)
             if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
                 self._ensure("bias", lay.out_features, 0.0)[slot] = (
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
@@ -273,7 +271,7 @@ class BatchMapping:
 
     def per_token(self, table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table [n_slots, F] -> each row/token's entry, broadcastable against `like` [..., F]."""
-        picked = table[self.slots]                                   # [B, F] or [N, F]
+        picked = table.index_select(0, self.slots)                   # [B, F] or [N, F]
         if self.layout == "rows":
             return picked.view((picked.shape[0],) + (1,) * (like.dim() - 2) + (picked.shape[-1],))
         return picked.view(like.shape[:-1] + (picked.shape[-1],))
@@ -331,8 +329,13 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         return result
     seg = mapping.seg_slots
     xs = mapping.to_segments(x.to(st.dtype))                                  # [G, L, in]
-    h = torch.bmm(xs, st.A[seg].transpose(1, 2))                              # [G, L, R]
-    d = torch.bmm(h, st.B[seg].transpose(1, 2))                                # [G, L, out]
+    h = torch.bmm(xs, st.A.index_select(0, seg))                              # [G, L, R]
+    b = st.B.index_select(0, seg)                                             # [G, R, out]
+    if mapping.layout == "rows" and st.bias is None and st.dora is None and result.dtype == st.dtype:
+        # In place into the base output: no [B, S, out] temporary (the base output is ours to change).
+        result.view(xs.shape[0], -1, result.shape[-1]).baddbmm_(h, b)
+        return result
+    d = torch.bmm(h, b)                                                       # [G, L, out]
     delta = mapping.from_segments(d, result.shape)                            # like result
     if st.bias is not None:
         delta = delta + mapping.per_token(st.bias, delta)
@@ -354,7 +357,7 @@ def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchM
     else:
         tok_slots = mapping.slots.view(ids.shape)
     h = st.A[tok_slots, ids]                                                   # [..., R]
-    d = torch.bmm(mapping.to_segments(h), st.B[mapping.seg_slots].transpose(1, 2))  # [G, L, d]
+    d = torch.bmm(mapping.to_segments(h), st.B.index_select(0, mapping.seg_slots))  # [G, L, d]
     delta = mapping.from_segments(d, result.shape)
     if st.dora is not None:
         g = mapping.per_token(st.dora, delta)

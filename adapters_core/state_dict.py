@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .errors import AdapterWeightsError
-from .injection import adapter_layers, peft_configs, slot_table, wrappers
+from .injection import adapter_layers, peft_configs, slot_table, walk
 from .layer import AdapterLayer
+from .modules_to_save import ModulesToSaveWrapper
 from .management import _check_known
 from .matching import EMBEDDING_LAYER_NAMES
 
@@ -31,22 +32,22 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-def _adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
-    """On-disk key (no prefix) -> (owner module, attribute, current tensor) for every tensor of the adapter."""
+def _adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, str, torch.Tensor, tuple]]:
+    """On-disk key (no prefix) -> (owner module, attribute, current tensor, (device, dtype) of the base it
+    adapts) for every tensor of the adapter."""
     slots = {}
-    for path, layer in adapter_layers(model):
-        if adapter_name not in layer.kind:
-            continue
-        for suffix, tensor in layer.adapter_parameters(adapter_name).items():
-            owner, attr = layer.parameter_owner(adapter_name, suffix)
-            slots[f"{path}.{suffix}"] = (owner, attr, tensor)
-    for path, wrapper in wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            copy = wrapper.modules_to_save[adapter_name]
+    for path, module in walk(model):
+        if isinstance(module, AdapterLayer) and adapter_name in module.kind:
+            target = module._device_dtype()
+            for suffix, tensor in module.adapter_parameters(adapter_name).items():
+                owner, attr = module.parameter_owner(adapter_name, suffix)
+                slots[f"{path}.{suffix}"] = (owner, attr, tensor, target)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            copy = module.modules_to_save[adapter_name]
             for key, tensor in copy.state_dict(keep_vars=True).items():
                 module_path, _, attr = key.rpartition(".")
                 owner = copy.get_submodule(module_path) if module_path else copy
-                slots[f"{path}.{key}"] = (owner, attr, tensor)
+                slots[f"{path}.{key}"] = (owner, attr, tensor, (tensor.device, tensor.dtype))
     return slots
 
 
@@ -66,7 +67,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
     model_state = model.state_dict() if state_dict is None else state_dict
     out: dict[str, torch.Tensor] = {}
     internal = _internal_keys(model, adapter_name) if state_dict is not None else {}
-    for key, (_, _, tensor) in _adapter_slots(model, adapter_name).items():
+    for key, (_, _, tensor, _) in _adapter_slots(model, adapter_name).items():
         out[key] = model_state.get(internal.get(key, ""), tensor.detach())
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -90,7 +91,7 @@ def _embedding_base_weights(model: nn.Module, model_state: dict, adapter_name: s
     if not hasattr(model, "get_input_embeddings"):
         return {}
     found = {}
-    by_id = {id(m): n for n, m in model.named_modules()}
+    by_id = {id(m): n for n, m in walk(model)}
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if not isinstance(module, AdapterLayer) or adapter_name not in module.kind:
             continue
@@ -109,15 +110,16 @@ def _remove_adapter_name(key: str, adapter_name: str) -> str:
 def _internal_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
     """On-disk key -> the model's own state-dict key for the same tensor."""
     names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-    return {key: names.get(id(t), "") for key, (_, _, t) in _adapter_slots(model, adapter_name).items()}
+    return {key: names.get(id(t), "") for key, (_, _, t, _) in _adapter_slots(model, adapter_name).items()}
 
 
+@torch.inference_mode(False)
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default",
                               ignore_mismatched_sizes: bool = False,
                               low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
     """Load PEFT-format tensors into adapter `adapter_name`; return missing and unexpected keys."""
     _check_known(model, [adapter_name])
-    has_prefix = any(k.startswith(PEFT_PREFIX) for k, _ in model.named_parameters())
+    has_prefix = any(n.startswith(PEFT_PREFIX) for n, _ in walk(model))
     slots = _adapter_slots(model, adapter_name)
     # Also accept keys that still carry the adapter name (`...lora_A.default.weight`), as PEFT does.
     aliases = {}
@@ -128,8 +130,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
         if key.endswith(".lora_magnitude_vector"):
             aliases[f"{key}.weight"] = key
             aliases[f"{key}.{adapter_name}.weight"] = key
-    base_params = dict(model.named_parameters())
-    base_params.update(dict(model.named_buffers()))
+    base_params = None                 # built only if a key is not an adapter tensor (rare)
 
     plan, unexpected, mismatched = [], [], []
     for raw_key, value in peft_model_state_dict.items():
@@ -137,18 +138,23 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
         key = aliases.get(key, key)
         if not isinstance(value, torch.Tensor):
             raise AdapterWeightsError(f"value for {raw_key!r} is not a tensor")
+        if value.is_inference():
+            value = value.clone()     # never let an inference tensor become a parameter
         if key in slots:
-            owner, attr, current = slots[key]
-        elif key in base_params:
-            module_path, _, attr = key.rpartition(".")
-            owner, current = model.get_submodule(module_path), base_params[key]
+            owner, attr, current, target = slots[key]
         else:
-            unexpected.append(key)
-            continue
+            if base_params is None:
+                base_params = dict(model.state_dict(keep_vars=True))
+            if key not in base_params:
+                unexpected.append(key)
+                continue
+            module_path, _, attr = key.rpartition(".")
+            owner, current, target = model.get_submodule(module_path), base_params[key], None
+            target = (current.device, current.dtype)
         if tuple(current.shape) != tuple(value.shape):
             mismatched.append((raw_key, tuple(value.shape), tuple(current.shape)))
             continue
-        plan.append((key, owner, attr, current, value))
+        plan.append((key, owner, attr, current, value, target))
     if mismatched:
         detail = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched)
         if not ignore_mismatched_sizes:
@@ -157,9 +163,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
 
     loaded = set()
     with torch.no_grad():
-        for key, owner, attr, current, value in plan:
+        for key, owner, attr, current, value, (device, dtype) in plan:
             if current.device.type == "meta" or low_cpu_mem_usage and key in slots:
-                device, dtype = _base_device_dtype(model, key, current)
+                if not (dtype.is_floating_point and value.dtype.is_floating_point):
+                    dtype = value.dtype
                 new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=current.requires_grad)
                 if isinstance(owner, nn.ParameterDict):
                     owner[attr] = new
@@ -172,15 +179,3 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
     missing = [k for k in slots if k not in loaded]
     return IncompatibleKeys(missing, unexpected)
 
-
-def _base_device_dtype(model: nn.Module, key: str, current: torch.Tensor):
-    """Device and dtype of the base layer that owns an adapter tensor (PEFT's `_move_adapter_to_device...`)."""
-    for path, layer in adapter_layers(model):
-        if key.startswith(f"{path}."):
-            return layer._device_dtype()
-    for path, wrapper in wrappers(model):
-        if key.startswith(f"{path}."):
-            ref = next(iter(wrapper.original_module.parameters()), None)
-            if ref is not None:
-                return ref.device, ref.dtype if ref.dtype.is_floating_point else current.dtype
-    return torch.device("cpu"), current.dtype
