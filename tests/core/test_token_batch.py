@@ -1,0 +1,112 @@
+"""token_batch: a flattened token batch with one adapter per token equals running each adapter alone.
+
+The model is per-token (no attention), so a token's output depends only on its id and its adapter; that
+lets a flattened batch mixing prefill-like runs and single decode tokens be checked token by token.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import adapters_core as ac
+from adapters_core.stack import BatchMapping
+
+
+class PerTokenModel(nn.Module):
+    def __init__(self, vocab=50, d=16, hidden=24):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.q_proj = nn.Linear(d, d)
+        self.up_proj = nn.Linear(d, hidden)
+        self.down_proj = nn.Linear(hidden, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        x = x + torch.tanh(self.q_proj(x))
+        x = x + self.down_proj(torch.relu(self.up_proj(x)))
+        return self.lm_head(x)
+
+
+def _model():
+    torch.manual_seed(0)
+    model = PerTokenModel()
+    configs = {
+        "lora": ac.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+        "dora": ac.LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"], use_dora=True,
+                              init_lora_weights=False),
+        "bias": ac.LoraConfig(r=3, target_modules=["q_proj", "lm_head"], lora_bias=True, init_lora_weights=False),
+        "emb": ac.LoraConfig(r=5, target_modules=["embed_tokens", "up_proj"], init_lora_weights=False),
+        "ia3": ac.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                            init_ia3_weights=False),
+    }
+    for name, cfg in configs.items():
+        ac.inject_adapter_in_model(cfg, model, name)
+    with torch.no_grad():  # DoRA magnitudes away from their initial norms, so DoRA differs from LoRA
+        model.up_proj.lora_magnitude_vector["dora"].weight.mul_(1.3)
+    return model.eval(), list(configs)
+
+
+def _alone(model, ids, name):
+    if name == "__base__":
+        ac.disable_adapters(model)
+        out = model(ids)
+        ac.enable_adapters(model)
+        return out
+    ac.set_adapter(model, name)
+    return model(ids)
+
+
+@pytest.mark.parametrize("segment_len", [None, 1, 3, 64])
+def test_token_batch_equals_each_adapter_alone(segment_len):
+    model, names = _model()
+    # Runs of different lengths (prefill chunks) next to single tokens (decode steps).
+    plan = [("lora", 7), ("ia3", 1), ("__base__", 3), ("dora", 1), ("emb", 5), ("bias", 1), ("lora", 2),
+            ("ia3", 4), ("emb", 1), ("dora", 6)]
+    token_names = [n for n, k in plan for _ in range(k)]
+    ids = torch.randint(0, 50, (len(token_names),))
+    with torch.inference_mode():
+        with ac.token_batch(model, token_names, segment_len=segment_len):
+            mixed = model(ids.view(1, -1))[0]
+        for t, name in enumerate(token_names):
+            alone = _alone(model, ids[t:t + 1].view(1, 1), name)[0, 0]
+            torch.testing.assert_close(mixed[t], alone, atol=1e-5, rtol=0)
+        base = _alone(model, ids.view(1, -1), "__base__")[0]
+    adapted = [t for t, n in enumerate(token_names) if n != "__base__"]
+    assert (mixed[adapted] - base[adapted]).abs().amax(dim=-1).min() > 1e-3, "some adapter did nothing"
+
+
+def test_token_batch_accepts_slot_tensor():
+    model, names = _model()
+    token_names = ["lora", "lora", "ia3", "__base__", "emb"]
+    slots = torch.tensor([ac.adapter_slot(model, n) for n in token_names])
+    ids = torch.randint(0, 50, (len(token_names),))
+    with torch.inference_mode():
+        with ac.token_batch(model, token_names):
+            by_name = model(ids)
+        with ac.token_batch(model, slots):
+            by_slot = model(ids)
+    torch.testing.assert_close(by_name, by_slot, atol=0, rtol=0)
+
+
+def test_token_batch_rejects_unknown_slot_and_wrong_length():
+    model, _ = _model()
+    with pytest.raises(ac.UnknownAdapterError, match="slot"):
+        with ac.token_batch(model, torch.tensor([0, 99])):
+            pass
+    with pytest.raises(ValueError, match="token batch of 3 tokens"):
+        with torch.inference_mode(), ac.token_batch(model, ["lora"] * 3):
+            model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_segments_cover_every_token_once():
+    slots = torch.tensor([1, 1, 1, 1, 1, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 5])
+    for seg_len in (1, 2, 3, 4, 16):
+        m = BatchMapping.tokens(slots, segment_len=seg_len)
+        x = torch.arange(len(slots), dtype=torch.float32).view(-1, 1)
+        segs = m.to_segments(x)                                  # [G, L, 1]
+        assert segs.shape[1] == seg_len or m.gather is None
+        back = m.from_segments(segs, x.shape)
+        torch.testing.assert_close(back, x)
+        if m.gather is not None:                                 # every segment holds one slot only
+            assert torch.equal(slots[m.gather], m.seg_slots[:, None].expand_as(m.gather))
