@@ -11,33 +11,11 @@ from pathlib import Path
 
 import peft
 import torch
-import transformers
+import transformers  # noqa: F401  (fixtures build transformers models)
 
-VOCAB = 96
+from tiny_llama import LLAMA_KW, VOCAB, tiny_llama  # noqa: F401  (re-exported to the compat tests)
+
 ATOL = 1e-5
-
-# initializer_range=0.1 (instead of Llama's 0.02) so logits and adapter effects are O(0.1..1): a wrong
-# scaling or a dropped adapter then moves the logits far beyond the 1e-5 tolerance.
-LLAMA_KW = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-)
-
-
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
-    """A deterministic tiny Llama in eval mode."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_KW)).eval()
-    torch.random.set_rng_state(gen_state)
-    return model.to(dtype)
 
 
 def input_ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
@@ -134,3 +112,7 @@ def assert_differs(a: torch.Tensor, b: torch.Tensor, min_diff: float = 1e-3) -> 
     """Sanity guard: the adapter must actually change the output, otherwise an equality check proves nothing."""
     diff = (a.float() - b.float()).abs().max().item()
     assert diff > min_diff, f"outputs differ by only {diff:.3g}; the check would be vacuous"
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)

@@ -17,6 +17,7 @@ import torch
 
 import adapters_core as ac
 from _oracle import (
+    close,
     ATOL,
     adapter_params,
     assert_differs,
@@ -36,10 +37,6 @@ LORA = {
 }
 IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
 ADALORA = dict(init_r=4, target_r=2, total_step=10, lora_alpha=6, target_modules=["q_proj", "v_proj"])
-
-
-def close(a, b, atol=ATOL):
-    torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import adapters_core as ac
-from _oracle import ATOL, adapter_params, assert_differs, input_ids, logits, make_peft_adapter, tiny_llama
+from _oracle import ATOL, close, adapter_params, assert_differs, input_ids, logits, make_peft_adapter, tiny_llama
 
 LORA_CONFIGS = {
     "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -36,10 +36,6 @@ IA3_CONFIGS = {
 ROW_NAMES = ["a", "ia3_1", "__base__", "b", "c", "ia3_2", "d", "a"]
 LORA_ROW_NAMES = ["a", "__base__", "b", "c", "d", "a", "__base__", "c"]
 SEQ = 6
-
-
-def close(a, b, atol=ATOL):
-    torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -7,30 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
 
-VOCAB = 96
-LLAMA_KW = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-)
+from tiny_llama import LLAMA_KW, VOCAB, tiny_llama  # noqa: F401  (re-exported to the core tests)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_KW)).eval()
-    torch.random.set_rng_state(state)
-    return model
 
 
 def input_ids(batch: int = 2, seq: int = 6, seed: int = 1) -> torch.Tensor:
