@@ -1,0 +1,8 @@
+"""The generation engine: token ids in, token ids out, continuous batching with one adapter per request."""
+
+from .engine import Engine, EngineConfig
+from .request import FinishReason, GenerationRequest, RequestOutput, TokenEvent
+from .sampling import SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "FinishReason", "GenerationRequest", "RequestOutput", "SamplingParams",
+           "TokenEvent"]

@@ -1,0 +1,267 @@
+"""The engine: owns the model's KV cache and runs one forward per step for every running request.
+
+Token ids in, token ids out. `submit` queues a request (any thread); `step` schedules (scheduler.py),
+runs one `Decoder.forward_step` over the flattened new tokens of all running requests with every token
+mapped to its request's adapter slot (`adapters_core.token_batch`), samples each request that finished
+its prompt, and emits `TokenEvent`s. `start()` runs steps in a background thread; `stream()` is the
+asyncio view of one request (cancelling the consumer cancels the request, whose slot is freed at the
+next step); `generate()` runs a batch to completion in the calling thread (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional, Sequence
+
+import torch
+
+import adapters_core as ac
+from service.model.decoder import StepPlan, StepSequence
+
+from .kv_cache import KVCache
+from .request import FinishReason, GenerationRequest, RequestOutput, RequestState, TokenEvent
+from .scheduler import Scheduler
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_waiting`; the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16          # running requests = KV cache slots
+    max_seq_len: int = 2048           # prompt + generated tokens per request
+    max_batch_tokens: int = 512       # new tokens per step (decode tokens + prompt chunks)
+    prefill_chunk: int = 256          # most prompt tokens of one request per step
+    max_waiting: int = 256            # queued requests beyond the running ones
+
+
+@dataclass
+class StepStats:
+    sequences: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = ()):
+        self.model = model
+        self.config = config
+        self.eos_token_ids = set(eos_token_ids)
+        weight = model.model.norm.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.vocab_size = model.config.vocab_size
+        self.cache = KVCache.for_model(model.config, config.max_batch_size, config.max_seq_len, self.dtype,
+                                       self.device)
+        self.scheduler = Scheduler(config.max_batch_tokens, config.prefill_chunk)
+        self.running: list[RequestState] = []
+        self.waiting: deque[RequestState] = deque()
+        self._inbox: deque[RequestState] = deque()
+        self._cancels: set[str] = set()
+        self._lock = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self.last_step = StepStats()
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+
+    # ----- submitting -----------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ValueError (bad request) or ac.UnknownAdapterError before anything is queued."""
+        request.params.validate()
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + request.params.max_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
+                             f"context limit of {self.config.max_seq_len} tokens")
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.adapter not in (None, "__base__"):
+            ac.adapter_slot(self.model, request.adapter)
+
+    def submit(self, request: GenerationRequest, on_event: Optional[Callable[[TokenEvent], None]] = None) -> None:
+        self.validate(request)
+        with self._lock:
+            if len(self.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise QueueFullError(f"the queue holds {self.config.max_waiting} waiting requests")
+            self._inbox.append(RequestState(request, self.vocab_size, time.monotonic(), on_event))
+            self._lock.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+            self._lock.notify()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self._inbox)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._inbox)
+
+    # ----- one step -------------------------------------------------------------------------------------
+    def _take_inbox(self) -> None:
+        with self._lock:
+            while self._inbox:
+                self.waiting.append(self._inbox.popleft())
+            cancels, self._cancels = self._cancels, set()
+        if cancels:
+            for state in list(self.running) + list(self.waiting):
+                if state.request.request_id in cancels:
+                    self._finish(state, FinishReason.CANCELLED)
+
+    def _finish(self, state: RequestState, reason: FinishReason, error: Optional[str] = None) -> None:
+        state.finish_reason = reason
+        state.finish_time = time.monotonic()
+        if state in self.running:
+            self.running.remove(state)
+        if state in self.waiting:
+            self.waiting.remove(state)
+        if state.slot is not None:
+            self.cache.release(state.slot)
+            state.slot = None
+        if state.on_event:
+            state.on_event(TokenEvent(None, None, reason, error))
+
+    def _slot(self, adapter: Optional[str]) -> int:
+        return 0 if adapter in (None, "__base__") else ac.adapter_slot(self.model, adapter)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestState]:
+        """Run one step; return the requests that finished in it."""
+        start = time.perf_counter()
+        self._take_inbox()
+        plan_items = self.scheduler.schedule(self.running, self.waiting, self.cache)
+        if not plan_items:
+            return []
+        tokens, positions, sequences, slots, sample_at, sampled = [], [], [], [], [], []
+        for state, n in plan_items:
+            ids = state.all_ids[state.computed:state.computed + n]
+            offset = len(tokens)
+            tokens.extend(ids)
+            positions.extend(range(state.computed, state.computed + n))
+            sequences.append(StepSequence(state.slot, state.computed, n))
+            slot = self._slot(state.request.adapter)
+            slots.extend([slot] * n)
+            if state.computed + n == len(state.all_ids):       # everything known is computed: sample next
+                sample_at.append(offset + n - 1)
+                sampled.append((state, slot))
+            state.computed += n
+        device = self.device
+        plan = StepPlan(sequences, torch.tensor(sample_at, dtype=torch.long, device=device))
+        token_t = torch.tensor(tokens, dtype=torch.long, device=device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
+        with self._adapters(slot_t):
+            hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
+        logits = None
+        if sampled:
+            with self._adapters(torch.tensor([s for _, s in sampled], dtype=torch.long, device=device)):
+                logits = self.model.lm_head(hidden)
+        finished = []
+        now = time.monotonic()
+        for i, (state, _) in enumerate(sampled):
+            token, logprob = state.sampler.sample(logits[i])
+            if state.first_token_time is None:
+                state.first_token_time = now
+            reason = self._stop_reason(state, token)
+            if reason is not FinishReason.STOP:
+                state.output_ids.append(token)
+                state.logprobs.append(logprob)
+                if state.on_event:
+                    state.on_event(TokenEvent(token, logprob))
+            if reason is None and state.computed + 1 >= self.config.max_seq_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self._finish(state, reason)
+                finished.append(state)
+        self.last_step = StepStats(len(plan_items), len(tokens), time.perf_counter() - start)
+        for listener in self.step_listeners:
+            listener(self.last_step)
+        return finished
+
+    def _adapters(self, slot_t: torch.Tensor):
+        # With adapters on the model, base requests need the mapping too (slot 0), or the plain forward
+        # would apply whatever adapter is "active" in the PEFT sense.
+        if not getattr(self.model, "peft_config", None):
+            return _nothing()
+        return ac.token_batch(self.model, slot_t)
+
+    def _stop_reason(self, state: RequestState, token: int) -> Optional[FinishReason]:
+        params = state.request.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if len(state.output_ids) + 1 >= params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    # ----- running ----------------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
+        """Run `requests` to completion in this thread (the background loop must not be running)."""
+        for request in requests:
+            self.submit(request)
+        states = {s.request.request_id: s for s in self._inbox}
+        while any(s.finish_reason is None for s in states.values()):
+            self.step()
+        return [states[r.request_id].output() for r in requests]
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self.running or self.waiting or self._inbox or self._cancels):
+                    self._lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a failed step must not kill the engine: fail its requests instead
+                for state in list(self.running):
+                    self._finish(state, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` and yield its events as they come; cancelling the consumer cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        done = False
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.cancel(request.request_id)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

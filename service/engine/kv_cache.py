@@ -1,0 +1,43 @@
+"""The KV cache: one preallocated key and value tensor for every layer and batch slot, sized once.
+
+`k` and `v` are [layers, slots, kv_heads, max_seq_len, head_dim]; a running request owns one slot for its
+whole life, and its tokens' keys and values sit at their positions. Nothing is allocated per step, so a
+request that fits at admission can never run out of memory later.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, num_slots, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @classmethod
+    def for_model(cls, config, num_slots: int, max_seq_len: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> "KVCache":
+        return cls(config.num_hidden_layers, num_slots, config.num_key_value_heads, max_seq_len, config.head_dim,
+                   dtype, device)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free KV cache slot")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

@@ -1,0 +1,79 @@
+"""A generation request and its running state inside the engine (token ids only, no text)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .sampling import RequestSampler, SamplingParams
+
+_ids = itertools.count()
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"              # an EOS / stop token (or a stop string, decided by the caller)
+    LENGTH = "length"          # max_tokens or the context limit
+    CANCELLED = "cancelled"    # the client went away or the caller cancelled
+    ERROR = "error"
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: Optional[str] = None            # None or "__base__": the base model
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+
+@dataclass
+class TokenEvent:
+    token_id: Optional[int]
+    logprob: Optional[float] = None
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[Optional[float]]
+    finish_reason: Optional[FinishReason]
+    first_token_time: Optional[float] = None
+    arrival_time: float = 0.0
+    finish_time: Optional[float] = None
+
+
+class RequestState:
+    """Where a request stands: prompt tokens computed so far, generated tokens, its cache slot."""
+
+    def __init__(self, request: GenerationRequest, vocab_size: int, arrival: float,
+                 on_event: Optional[Callable[[TokenEvent], None]] = None):
+        self.request = request
+        self.sampler = RequestSampler(request.params, vocab_size)
+        self.slot: Optional[int] = None
+        self.computed = 0                         # tokens whose keys/values are in the cache
+        self.output_ids: list[int] = []
+        self.logprobs: list[Optional[float]] = []
+        self.finish_reason: Optional[FinishReason] = None
+        self.cancelled = False
+        self.on_event = on_event
+        self.arrival_time = arrival
+        self.first_token_time: Optional[float] = None
+        self.finish_time: Optional[float] = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.request.prompt_ids)
+
+    def output(self) -> RequestOutput:
+        r = self.request
+        return RequestOutput(r.request_id, r.prompt_ids, list(self.output_ids), list(self.logprobs),
+                             self.finish_reason, self.first_token_time, self.arrival_time, self.finish_time)

@@ -1,0 +1,235 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) with Hugging Face's module names.
+
+Module and parameter names are transformers' (`model.layers.N.self_attn.q_proj`, `mlp.down_proj`,
+`model.norm`, `lm_head`), so a transformers state dict loads as is and adapters trained with PEFT on the
+transformers model target the same modules here. Two entry points: `forward(input_ids [B, S])`, a plain
+causal pass used for parity checks, and `forward_step`, the engine's: a flattened batch of new tokens from
+many sequences (prefill chunks and decode tokens side by side) that reads and writes a preallocated KV
+cache and returns logits only where the engine will sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RotaryTable
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class StepSequence:
+    """One sequence's share of a step: `length` new tokens at positions start..start+length-1, cache row `slot`."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass
+class StepPlan:
+    """What `forward_step` computes: sequences in token order, and the flat token indices to return logits for."""
+
+    sequences: list[StepSequence]
+    logit_index: torch.Tensor                 # [num_outputs] indices into the flattened tokens
+
+    def __post_init__(self) -> None:
+        self.offsets = []
+        offset = 0
+        for seq in self.sequences:
+            self.offsets.append(offset)
+            offset += seq.length
+        self.num_tokens = offset
+        self.decode = [i for i, s in enumerate(self.sequences) if s.length == 1]
+        self.prefill = [i for i, s in enumerate(self.sequences) if s.length > 1]
+        self._decode_tensors: dict = {}
+
+    def decode_tensors(self, device: torch.device):
+        """(token indices, cache slots, key lengths, additive mask) for the one-token sequences, built once."""
+        if device not in self._decode_tensors:
+            seqs = [self.sequences[i] for i in self.decode]
+            tokens = torch.tensor([self.offsets[i] for i in self.decode], dtype=torch.long, device=device)
+            slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)
+            lengths = torch.tensor([s.start + 1 for s in seqs], dtype=torch.long, device=device)
+            max_len = int(lengths.max())
+            mask = torch.arange(max_len, device=device)[None, :] < lengths[:, None]       # [Bd, L]
+            self._decode_tensors[device] = (tokens, slots, max_len, mask[:, None, None, :])
+        return self._decode_tensors[device]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_bias = bool(config.attention_bias)
+        o_bias = bool(getattr(config, "o_proj_bias", config.attention_bias))
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable):
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        q, k = rope.apply(q, k, positions)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable) -> torch.Tensor:
+        """Plain causal attention over x [B, S, d]."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, positions, rope)                         # [B, S, H(kv), D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)   # [B, H, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def forward_step(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable, plan: StepPlan,
+                     cache) -> torch.Tensor:
+        """x [N, d]: new tokens of several sequences; reads/writes cache.k/v [layers, slots, Hkv, T, D]."""
+        q, k, v = self._qkv(x, positions, rope)                         # [N, H, D], [N, Hkv, D]
+        k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]   # [slots, Hkv, T, D]
+        for seq, off in zip(plan.sequences, plan.offsets):
+            k_cache[seq.slot, :, seq.start:seq.start + seq.length] = k[off:off + seq.length].transpose(0, 1)
+            v_cache[seq.slot, :, seq.start:seq.start + seq.length] = v[off:off + seq.length].transpose(0, 1)
+        out = torch.empty_like(q)                                       # [N, H, D]
+        if plan.decode:
+            tokens, slots, max_len, mask = plan.decode_tensors(x.device)
+            keys = k_cache[:, :, :max_len].index_select(0, slots)        # [Bd, Hkv, L, D]
+            values = v_cache[:, :, :max_len].index_select(0, slots)
+            qd = q.index_select(0, tokens).unsqueeze(2)                  # [Bd, H, 1, D]
+            att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=True)
+            out.index_copy_(0, tokens, att.squeeze(2))
+        for i in plan.prefill:
+            seq, off = plan.sequences[i], plan.offsets[i]
+            end = seq.start + seq.length
+            qp = q[off:off + seq.length].transpose(0, 1).unsqueeze(0)    # [1, H, n, D]
+            keys = k_cache[seq.slot, :, :end].unsqueeze(0)               # [1, Hkv, start + n, D]
+            values = v_cache[seq.slot, :, :end].unsqueeze(0)
+            if seq.start == 0:
+                att = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, enable_gqa=True)
+            else:   # a later chunk of a long prompt: query j sees keys up to start + j
+                visible = (torch.arange(end, device=x.device)[None, :]
+                           <= seq.start + torch.arange(seq.length, device=x.device)[:, None])
+                att = F.scaled_dot_product_attention(qp, keys, values, attn_mask=visible, enable_gqa=True)
+            out[off:off + seq.length] = att[0].transpose(0, 1)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, rope, plan: Optional[StepPlan] = None, cache=None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if plan is None:
+            x = x + self.self_attn(h, positions, rope)
+        else:
+            x = x + self.self_attn.forward_step(h, positions, rope, plan, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """transformers' `LlamaModel` part: embeddings, layers, final norm (under the attribute `model`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """A causal LM with transformers' `LlamaForCausalLM` names; `max_positions` bounds the rotary table."""
+
+    def __init__(self, config, max_positions: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_positions = max_positions or config.max_position_embeddings
+        self._rope: Optional[RotaryTable] = None
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict: dict, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", max_positions: Optional[int] = None) -> "Decoder":
+        with torch.device("meta"):
+            model = cls(config, max_positions)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def rope(self) -> RotaryTable:
+        weight = self.model.norm.weight
+        if self._rope is None or self._rope.cos.device != weight.device or self._rope.cos.dtype != weight.dtype:
+            c = self.config
+            self._rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
+                                     self.max_positions, weight.dtype, weight.device)
+        return self._rope
+
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal LM over input_ids [B, S] with no cache; returns logits [B, S, V]."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        rope = self.rope()
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, rope)
+        return self.lm_head(self.model.norm(x))
+
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, plan: StepPlan, cache) -> torch.Tensor:
+        """tokens, positions [N] (flattened over sequences) -> final hidden states [len(plan.logit_index), d]
+        of the tokens the engine samples from; `lm_head(...)` of them gives the logits. The head is left to
+        the caller because an adapter on `lm_head` needs a token mapping for the selected tokens only."""
+        rope = self.rope()
+        x = self.model.embed_tokens(tokens)                              # [N, d]
+        for layer in self.model.layers:
+            x = layer(x, positions, rope, plan, cache)
+        return self.model.norm(x.index_select(0, plan.logit_index))
