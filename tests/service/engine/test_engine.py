@@ -1,0 +1,167 @@
+"""The engine: batching is invisible in results, scheduling is fair to short requests, sampling is
+reproducible, cancellation frees slots, limits give clear errors."""
+import asyncio
+
+import pytest
+import torch
+
+import adapters_core as ac
+from service.engine import Engine, EngineConfig, FinishReason, GenerationRequest, SamplingParams
+from service.engine.engine import QueueFullError
+
+from _tiny import prompt, tiny_decoder
+
+ADAPTERS = ["lora0", "lora1", None, "lora2", "lora3", "ia3", "lora0", "__base__"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_decoder()
+
+
+def engine(model, **kw):
+    cfg = dict(max_batch_size=8, max_seq_len=128, max_batch_tokens=48, prefill_chunk=16)
+    cfg.update(kw)
+    return Engine(model, EngineConfig(**cfg))
+
+
+def greedy_requests(max_tokens=12):
+    return [GenerationRequest(prompt(i, 5 + 4 * i), SamplingParams(max_tokens=max_tokens, temperature=0), a)
+            for i, a in enumerate(ADAPTERS)]
+
+
+def test_concurrent_greedy_requests_equal_one_at_a_time(model):
+    eng = engine(model)
+    together = eng.generate(greedy_requests())
+    alone = [eng.generate([r])[0] for r in greedy_requests()]
+    for t, a in zip(together, alone):
+        assert t.token_ids == a.token_ids and len(t.token_ids) == 12
+    # the adapters really change the continuations (otherwise equality would prove nothing)
+    assert len({tuple(t.token_ids) for t in together[:6]}) == 6
+
+
+def test_generation_matches_plain_forward_greedy(model):
+    """Engine tokens equal argmax decoding with the plain full-sequence forward under mixed_batch."""
+    eng = engine(model)
+    for req in greedy_requests(max_tokens=6)[:3]:
+        out = eng.generate([req])[0]
+        ids = list(req.prompt_ids)
+        name = req.adapter or "__base__"
+        with torch.inference_mode():
+            for _ in range(6):
+                with ac.mixed_batch(model, [name]):
+                    logits = model(torch.tensor([ids]))[0, -1]
+                ids.append(int(logits.argmax()))
+        assert out.token_ids == ids[len(req.prompt_ids):]
+
+
+def test_chunked_prefill_does_not_change_results(model):
+    long_prompt = prompt(42, 70)
+    outs = []
+    for chunk in (8, 16, 128):
+        eng = engine(model, prefill_chunk=chunk, max_batch_tokens=128)
+        outs.append(eng.generate([GenerationRequest(long_prompt, SamplingParams(max_tokens=8, temperature=0),
+                                                    "lora1")])[0].token_ids)
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_short_request_submitted_during_long_one_finishes_first(model):
+    eng = engine(model)
+    long = GenerationRequest(prompt(1, 10), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), "lora0")
+    eng.submit(long)
+    for _ in range(5):
+        eng.step()
+    short = GenerationRequest(prompt(2, 6), SamplingParams(max_tokens=3, temperature=0), "lora1")
+    eng.submit(short)
+    finished_order = []
+    while eng.has_work():
+        finished_order += [s.request.request_id for s in eng.step()]
+    assert finished_order == [short.request_id, long.request_id]
+
+
+def test_same_seed_same_tokens_different_seed_differs(model):
+    def run(seed, companions):
+        eng = engine(model)
+        reqs = [GenerationRequest(prompt(3, 8), SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40,
+                                                               seed=seed), "lora2")]
+        reqs += [GenerationRequest(prompt(10 + i, 7), SamplingParams(max_tokens=5, temperature=1.0), "ia3")
+                 for i in range(companions)]
+        return eng.generate(reqs)[0].token_ids
+    assert run(7, 0) == run(7, 3)
+    assert run(7, 0) != run(8, 0)
+
+
+def test_stop_token_ends_generation_without_emitting_it(model):
+    eng = engine(model)
+    req = greedy_requests(max_tokens=12)[0]
+    free = eng.generate([req])[0].token_ids
+    stop_at = free[4]
+    req2 = GenerationRequest(req.prompt_ids, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]),
+                             req.adapter)
+    out = eng.generate([req2])[0]
+    assert out.finish_reason == FinishReason.STOP
+    assert out.token_ids == free[:free.index(stop_at)]
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model):
+    eng = engine(model, max_batch_size=2)
+    reqs = [GenerationRequest(prompt(i, 6), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), "lora0")
+            for i in range(2)]
+    for r in reqs:
+        eng.submit(r)
+    eng.step()
+    assert eng.cache.free_slots == 0
+    eng.cancel(reqs[0].request_id)
+    eng.step()
+    assert eng.cache.free_slots == 1 and eng.num_running == 1
+
+
+def test_limits_are_clear_errors(model):
+    eng = engine(model, max_seq_len=32, max_waiting=2)
+    with pytest.raises(ValueError, match="context limit of 32"):
+        eng.submit(GenerationRequest(prompt(0, 30), SamplingParams(max_tokens=5)))
+    with pytest.raises(ac.UnknownAdapterError, match="nope"):
+        eng.submit(GenerationRequest(prompt(0, 3), SamplingParams(max_tokens=2), "nope"))
+    with pytest.raises(ValueError, match="empty"):
+        eng.submit(GenerationRequest([], SamplingParams(max_tokens=2)))
+    for i in range(2):
+        eng.submit(GenerationRequest(prompt(i, 3), SamplingParams(max_tokens=2)))
+    with pytest.raises(QueueFullError):
+        eng.submit(GenerationRequest(prompt(9, 3), SamplingParams(max_tokens=2)))
+
+
+def test_stream_yields_tokens_and_background_loop_serves_many(model):
+    eng = engine(model)
+    eng.start()
+    try:
+        async def collect(req):
+            return [ev async for ev in eng.stream(req)]
+
+        async def main():
+            return await asyncio.gather(*(collect(r) for r in greedy_requests(max_tokens=5)))
+        streams = asyncio.run(main())
+    finally:
+        eng.stop()
+    expected = engine(model).generate(greedy_requests(max_tokens=5))
+    for events, out in zip(streams, expected):
+        assert [e.token_id for e in events if e.token_id is not None] == out.token_ids
+        assert events[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_cancelled_stream_frees_its_slot(model):
+    eng = engine(model, max_batch_size=2)
+    eng.start()
+    try:
+        async def main():
+            req = GenerationRequest(prompt(5, 6), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+            agen = eng.stream(req)
+            await agen.__anext__()
+            await agen.aclose()          # the client goes away
+            for _ in range(200):
+                if eng.cache.free_slots == 2:
+                    return True
+                await asyncio.sleep(0.01)
+            return False
+        assert asyncio.run(main())
+    finally:
+        eng.stop()
