@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import RotaryTable
+from .rope import RotaryTable, inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -186,6 +186,8 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_positions = max_positions or config.max_position_embeddings
         self._rope: Optional[RotaryTable] = None
+        inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                            config.max_position_embeddings)      # an unsupported rope type fails here, at load
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype: torch.dtype = torch.float32,

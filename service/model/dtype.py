@@ -1,0 +1,41 @@
+"""Which dtype the base model runs in by default: bfloat16 where the hardware computes it fast (a CUDA
+GPU with bf16 support; a CPU with AVX512-BF16 or AMX), float32 elsewhere. Settings can override it."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in _FAST_BF16_CPU_FLAGS)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def parse_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """"auto" | "float32" | "bfloat16" | "float16" -> a torch dtype."""
+    if name == "auto":
+        return default_dtype(device)
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise ValueError(f"dtype must be one of auto, {', '.join(choices)}; got {name!r}")
+    return choices[name]
