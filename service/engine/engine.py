@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Engine:
         self.waiting: deque[RequestState] = deque()
         self._inbox: deque[RequestState] = deque()
         self._cancels: set[str] = set()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stop = False
@@ -95,6 +97,27 @@ class Engine:
         with self._lock:
             self._cancels.add(request_id)
             self._lock.notify()
+
+    def call_between_steps(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine's thread between two steps (or at once, in this thread, when no loop runs).
+        Everything that changes the model (loading or removing adapters) goes through here, so a forward
+        never sees a half-changed model."""
+        future: Future = Future()
+        if self._thread is None:
+            _run_into(fn, future)
+            return future
+        with self._lock:
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            _run_into(fn, future)
 
     @property
     def num_running(self) -> int:
@@ -227,14 +250,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._run_calls()          # calls queued after the loop's last turn still get their answer
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not (self.running or self.waiting or self._inbox or self._cancels):
+                while not self._stop and not (self.running or self.waiting or self._inbox or self._cancels
+                                              or self._calls):
                     self._lock.wait()
                 if self._stop:
                     return
+            self._run_calls()
             try:
                 self.step()
             except Exception as exc:  # a failed step must not kill the engine: fail its requests instead
@@ -257,6 +283,13 @@ class Engine:
         finally:
             if not done:
                 self.cancel(request.request_id)
+
+
+def _run_into(fn: Callable[[], object], future: Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to the caller through the future
+        future.set_exception(exc)
 
 
 class _nothing:
