@@ -69,9 +69,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
 
 
 def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Tensor],
-                segment_len: Optional[int] = None):
+                segment_len: Optional[int] = None, sync: bool = True):
     """Context manager for a flattened batch: token t runs with `token_adapters[t]` (a name, or a slot
-    from `adapter_slot`). Inputs of targeted layers must flatten to [num_tokens, features]."""
+    from `adapter_slot`). Inputs of targeted layers must flatten to [num_tokens, features].
+    `sync=False` skips the check that the adapters' stacked copies are current: only for a second batch
+    over adapters that an earlier batch of the same step (e.g. the engine's forward) just checked."""
     table = slot_table(model)
     if isinstance(token_adapters, torch.Tensor):
         slots = token_adapters.to(device=_device(model, table), dtype=torch.long)
@@ -83,9 +85,9 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
         names = {by_slot[s] for s in used}
     else:
         names = set(token_adapters)
-        _check_usable(model, table, names)
         slots = torch.tensor([adapter_slot(model, n) for n in token_adapters], dtype=torch.long,
                              device=_device(model, table))
     _check_usable(model, table, names)
-    table.sync(names - {BASE})
+    if sync:
+        table.sync(names - {BASE})
     return _installed(table, BatchMapping.tokens(slots, segment_len))

@@ -43,10 +43,21 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def hf_models(path: str, dtype: torch.dtype):
+def hf_models(path: str, loaded, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding exactly our dequantised weights (dense, like ours: transformers'
+    own GGUF loading may keep them packed and dequantise in every matmul, which would not be a fair peer)."""
     import transformers
+    c = loaded.config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict, strict=False)
+    model = model.to(dtype).eval()
     folder, name = os.path.split(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -76,7 +87,9 @@ def run_engine(model, prompts, adapters, new_tokens, eos) -> dict:
                                         prefill_chunk=256), eos_token_ids=eos)
     stamps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    engine.generate([GenerationRequest(prompts[0], SamplingParams(max_tokens=2, temperature=0), adapters[0])])
+    # A warm server: every adapter has served once (its stacked copy exists), the KV cache is allocated.
+    engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)
+                     for p, a in zip(prompts, adapters)])
     start = time.perf_counter()
     for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
         engine.submit(GenerationRequest(ids, params, adapter),
@@ -126,7 +139,7 @@ def main(argv=None) -> dict:
     print(f"model: {loaded.name}, {args.dtype} -> {dtype}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; {args.requests} requests x {args.new_tokens} new tokens, prompts "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
-    hf, hf_tok = hf_models(path, dtype)
+    hf, hf_tok = hf_models(path, loaded, dtype)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(hf, args.requests, args.rank, tmp)

@@ -187,7 +187,7 @@ class Engine:
             hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
         logits = None
         if sampled:
-            with self._adapters(torch.tensor([s for _, s in sampled], dtype=torch.long, device=device)):
+            with self._adapters(torch.tensor([s for _, s in sampled], dtype=torch.long, device=device), sync=False):
                 logits = self.model.lm_head(hidden)
         finished = []
         now = time.monotonic()
@@ -211,12 +211,12 @@ class Engine:
             listener(self.last_step)
         return finished
 
-    def _adapters(self, slot_t: torch.Tensor):
+    def _adapters(self, slot_t: torch.Tensor, sync: bool = True):
         # With adapters on the model, base requests need the mapping too (slot 0), or the plain forward
         # would apply whatever adapter is "active" in the PEFT sense.
         if not getattr(self.model, "peft_config", None):
             return _nothing()
-        return ac.token_batch(self.model, slot_t)
+        return ac.token_batch(self.model, slot_t, sync=sync)
 
     def _stop_reason(self, state: RequestState, token: int) -> Optional[FinishReason]:
         params = state.request.params

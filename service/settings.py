@@ -1,0 +1,63 @@
+"""Service settings: `ADAPTER_SERVE_*` environment variables (and the matching `adapter-serve` flags).
+
+Every limit a user may need to change is here with the default a vLLM / LoRAX user would expect;
+`get_settings()` is cached so the app and its dependencies share one instance.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADAPTER_SERVE_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: Optional[str] = Field(None, description="GGUF file, HF folder or hub repo id; default: embedded SmolLM2")
+    served_model_name: Optional[str] = Field(None, description="the base model's id in the API")
+    device: str = "auto"                       # auto | cpu | cuda
+    dtype: str = "auto"                        # auto | float32 | bfloat16 | float16
+
+    # engine
+    max_batch_size: int = 16                   # running requests (KV cache slots)
+    max_seq_len: int = 2048                    # prompt + generated tokens per request
+    max_batch_tokens: int = 512
+    prefill_chunk: int = 256
+    max_waiting: int = 64                      # queued requests before 429
+
+    # request limits
+    max_prompt_tokens: int = 1536
+    max_tokens_limit: int = 1024               # largest max_tokens a request may ask for
+    default_max_tokens: int = 256
+    max_body_bytes: int = 64 * 2**20           # request bodies (uploads included)
+
+    # adapters
+    adapter_dir: str = "./adapter-store"
+    max_device_adapters: int = 16
+    max_cpu_adapters: int = 128
+    max_lora_rank: int = 64
+    max_adapter_bytes: int = 512 * 2**20
+    max_archive_bytes: int = 1024 * 2**20
+    preload_adapters: list[str] = Field(default_factory=list)
+
+    # security
+    api_keys: list[str] = Field(default_factory=list)      # inference keys
+    admin_key: Optional[str] = None
+    key_adapters: dict[str, list[str]] = Field(default_factory=dict)   # key -> adapters it may use
+
+    # metrics
+    metrics_max_adapter_labels: int = 20       # busiest N adapters get their own label; the rest are "other"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_key)
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
