@@ -351,6 +351,8 @@ class AdapterLayer(nn.Module):
         return stacked_forward(self, x, mapping, *args, **kwargs)
 
     # ----- merge ----------------------------------------------------------------------------------------
+    # Base weights change in place (add_, copy_), never through `.data`, so their version counters move
+    # and caches keyed on them (stacked DoRA factors, prepacked base weights) see the change.
     def merge(self, names: Optional[list[str]] = None) -> None:
         names = [n for n in (names if names is not None else self.active_adapters) if n in self.kind]
         weight = self.base_layer.weight
@@ -367,8 +369,8 @@ class AdapterLayer(nn.Module):
                         factor = transpose(vec, self.fan_in_fan_out)
                         bias = getattr(self.base_layer, "bias", None)
                         if bias is not None:
-                            bias.data = torch.mul(bias.data, vec.view(bias.shape)).to(bias.dtype)
-                    weight.data = torch.mul(weight.data, factor).to(weight.dtype)
+                            bias.copy_(torch.mul(bias, vec.view(bias.shape)))
+                    weight.copy_(torch.mul(weight, factor))
                 elif name in self.lora_magnitude_vector:
                     delta = self.get_delta_weight(name)
                     norm = self._weight_norm(delta).detach()
@@ -378,11 +380,11 @@ class AdapterLayer(nn.Module):
                     factor = factor.view(-1, 1) if not self.fan_in_fan_out else factor.view(1, -1)
                     if self.is_embedding:
                         factor = factor.view(1, -1)
-                    weight.data = (factor * (weight.data + delta)).to(weight.dtype)
+                    weight.copy_(factor * (weight + delta))
                 else:
-                    weight.data += self.get_delta_weight(name)
+                    weight.add_(self.get_delta_weight(name))
                     if kind == "LORA" and not self.is_embedding and self.lora_B[name].bias is not None:
-                        self.base_layer.bias.data += self.lora_B[name].bias * self.scaling[name]
+                        self.base_layer.bias.add_(self.lora_B[name].bias * self.scaling[name])
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -394,21 +396,21 @@ class AdapterLayer(nn.Module):
                 if kind == "IA3":
                     vec = self.ia3_l[name].data
                     factor = transpose(vec, self.fan_in_fan_out) + 1e-8
-                    weight.data = torch.div(weight.data, factor).to(weight.dtype)
+                    weight.copy_(torch.div(weight, factor))
                     bias = getattr(self.base_layer, "bias", None)
                     if not self.ia3_feedforward[name] and bias is not None:
-                        bias.data = torch.div(bias.data, vec.view(bias.shape) + 1e-8).to(bias.dtype)
+                        bias.copy_(torch.div(bias, vec.view(bias.shape) + 1e-8))
                 elif name in self.lora_magnitude_vector:
                     norm = self._dora_norms.pop(name)
                     factor = self.lora_magnitude_vector[name].weight / norm
                     factor = factor.view(-1, 1) if not self.fan_in_fan_out else factor.view(1, -1)
                     if self.is_embedding:
                         factor = factor.view(1, -1)
-                    weight.data = (weight.data / factor - self.get_delta_weight(name)).to(weight.dtype)
+                    weight.copy_(weight / factor - self.get_delta_weight(name))
                 else:
-                    weight.data -= self.get_delta_weight(name)
+                    weight.sub_(self.get_delta_weight(name))
                     if kind == "LORA" and not self.is_embedding and self.lora_B[name].bias is not None:
-                        self.base_layer.bias.data -= self.lora_B[name].bias * self.scaling[name]
+                        self.base_layer.bias.sub_(self.lora_B[name].bias * self.scaling[name])
 
     def extra_repr(self) -> str:
         return f"adapters={dict(self.kind)}, active={self.active_adapters}"

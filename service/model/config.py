@@ -61,7 +61,8 @@ class ModelConfig:
         """Read a Hugging Face `config.json` of a Llama, Mistral or Qwen2 model."""
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(f"model_type {model_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if d.get("quantization_config"):
             method = d["quantization_config"].get("quant_method", "?")
             raise ValueError(f"quantization_config ({method}) is not supported: load unquantised weights or a GGUF")
@@ -111,7 +112,8 @@ def check_rope_scaling(rope_scaling: Optional[dict[str, Any]]) -> Optional[dict[
     if rope_type == "default":
         return None
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if scaling.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"partial_rotary_factor {scaling['partial_rotary_factor']} is not supported")
     return scaling

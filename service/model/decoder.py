@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import RotaryTable, inverse_frequencies
+from .packed_linear import pack_linears
+from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -69,7 +70,7 @@ class StepPlan:
             lengths = torch.tensor([s.start + 1 for s in seqs], dtype=torch.long, device=device)
             max_len = int(lengths.max())
             mask = torch.arange(max_len, device=device)[None, :] < lengths[:, None]       # [Bd, L]
-            self._decode_tensors[device] = (tokens, slots, max_len, mask[:, None, None, :])
+            self._decode_tensors[device] = (tokens, slots, lengths - 1, max_len, mask[:, None, None, :])
         return self._decode_tensors[device]
 
 
@@ -87,33 +88,35 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable):
+    def _qkv(self, x: torch.Tensor, cos_sin):
         shape = x.shape[:-1]
         q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
-        q, k = rope.apply(q, k, positions)
+        q, k = apply_rotary(q, k, cos_sin)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
         """Plain causal attention over x [B, S, d]."""
         b, s, _ = x.shape
-        q, k, v = self._qkv(x, positions, rope)                         # [B, S, H(kv), D]
+        q, k, v = self._qkv(x, cos_sin)                         # [B, S, H(kv), D]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=True)   # [B, H, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
-    def forward_step(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryTable, plan: StepPlan,
-                     cache) -> torch.Tensor:
+    def forward_step(self, x: torch.Tensor, cos_sin, plan: StepPlan, cache) -> torch.Tensor:
         """x [N, d]: new tokens of several sequences; reads/writes cache.k/v [layers, slots, Hkv, T, D]."""
-        q, k, v = self._qkv(x, positions, rope)                         # [N, H, D], [N, Hkv, D]
+        q, k, v = self._qkv(x, cos_sin)                         # [N, H, D], [N, Hkv, D]
         k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]   # [slots, Hkv, T, D]
-        for seq, off in zip(plan.sequences, plan.offsets):
+        for i in plan.prefill:
+            seq, off = plan.sequences[i], plan.offsets[i]
             k_cache[seq.slot, :, seq.start:seq.start + seq.length] = k[off:off + seq.length].transpose(0, 1)
             v_cache[seq.slot, :, seq.start:seq.start + seq.length] = v[off:off + seq.length].transpose(0, 1)
         out = torch.empty_like(q)                                       # [N, H, D]
         if plan.decode:
-            tokens, slots, max_len, mask = plan.decode_tensors(x.device)
+            tokens, slots, last, max_len, mask = plan.decode_tensors(x.device)
+            k_cache[slots, :, last] = k.index_select(0, tokens)         # one write for all decode tokens
+            v_cache[slots, :, last] = v.index_select(0, tokens)
             keys = k_cache[:, :, :max_len].index_select(0, slots)        # [Bd, Hkv, L, D]
             values = v_cache[:, :, :max_len].index_select(0, slots)
             qd = q.index_select(0, tokens).unsqueeze(2)                  # [Bd, H, 1, D]
@@ -155,12 +158,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rope, plan: Optional[StepPlan] = None, cache=None) -> torch.Tensor:
+    def forward(self, x, cos_sin, plan: Optional[StepPlan] = None, cache=None) -> torch.Tensor:
         h = self.input_layernorm(x)
         if plan is None:
-            x = x + self.self_attn(h, positions, rope)
+            x = x + self.self_attn(h, cos_sin)
         else:
-            x = x + self.self_attn.forward_step(h, positions, rope, plan, cache)
+            x = x + self.self_attn.forward_step(h, cos_sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -191,7 +194,10 @@ class Decoder(nn.Module):
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", max_positions: Optional[int] = None) -> "Decoder":
+                        device: str | torch.device = "cpu", max_positions: Optional[int] = None,
+                        pack: bool = True) -> "Decoder":
+        """Build from a transformers-named state dict. `pack`: on the CPU in bf16, linears use oneDNN
+        prepacked weights (bit-identical, faster: see packed_linear.py)."""
         with torch.device("meta"):
             model = cls(config, max_positions)
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -200,7 +206,10 @@ class Decoder(nn.Module):
             raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if pack:
+            pack_linears(model)
+        return model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -220,18 +229,18 @@ class Decoder(nn.Module):
         """Causal LM over input_ids [B, S] with no cache; returns logits [B, S, V]."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        rope = self.rope()
+        cos_sin = self.rope().at(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, positions, rope)
+            x = layer(x, cos_sin)
         return self.lm_head(self.model.norm(x))
 
     def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, plan: StepPlan, cache) -> torch.Tensor:
         """tokens, positions [N] (flattened over sequences) -> final hidden states [len(plan.logit_index), d]
         of the tokens the engine samples from; `lm_head(...)` of them gives the logits. The head is left to
         the caller because an adapter on `lm_head` needs a token mapping for the selected tokens only."""
-        rope = self.rope()
+        cos_sin = self.rope().at(positions)
         x = self.model.embed_tokens(tokens)                              # [N, d]
         for layer in self.model.layers:
-            x = layer(x, positions, rope, plan, cache)
+            x = layer(x, cos_sin, plan, cache)
         return self.model.norm(x.index_select(0, plan.logit_index))

@@ -5,7 +5,7 @@ The state dict uses exactly the keys of transformers' `LlamaForCausalLM` / `Qwen
 `lm_head.weight` only when the embeddings are not tied), in Hugging Face's layout (GGUF's rotary row
 permutation already undone), so adapters trained with PEFT on the Hugging Face model address the same
 tensors. `expected_shapes` / `check_state_dict` are that contract written down; both loaders call
-`check_state_dict` before returning.
+`check_state_dict` (and `check_vocab`) before returning.
 """
 
 from __future__ import annotations
@@ -77,3 +77,10 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], s
         problems.append(f"wrong shapes: {'; '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
     if problems:
         raise ValueError(f"{source} does not match its config: " + " | ".join(problems))
+
+
+def check_vocab(config: ModelConfig, tokenizer: Tokenizer, source: str) -> None:
+    """The tokenizer must not produce ids past the embedding table (fewer is fine: padded vocabularies)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
+                         f"{config.vocab_size}")

@@ -90,11 +90,15 @@ class RotaryTable:
         self.cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [..., T, H, D], k [..., T, Hkv, D] with positions [..., T] -> rotated q, k."""
-        cos = self.cos[positions].unsqueeze(-2)                          # [..., T, 1, D]
-        sin = self.sin[positions].unsqueeze(-2)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions [..., T], shaped [..., T, 1, D]: gathered once per forward, used by every layer."""
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
+    """q [..., T, H, D], k [..., T, Hkv, D] rotated by (cos, sin) from `RotaryTable.at`."""
+    cos, sin = cos_sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
