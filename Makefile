@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/core_bench.py
+	$(PY) bench/engine_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,16 +3,15 @@ GGUF file by our loader and by transformers' own GGUF loader gives the same logi
 continuations (our engine vs transformers' generate), and a PEFT LoRA adapter gives the same logits on both."""
 
 import copy
-import os
 
 import pytest
 import torch
-import transformers
 
 import adapters_core as ac
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from service.model.decoder import Decoder
-from service.model.gguf_loader import default_model_path, load_gguf
+
+from _model_fixtures import hf_gguf_model, our_gguf_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +21,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 @pytest.fixture(scope="module")
 def models():
-    path = default_model_path()
-    loaded = load_gguf(path)
+    loaded = our_gguf_model()          # both loads are cached for the whole test run
     ours = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=torch.float32, max_positions=512)
-    folder, name = os.path.split(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return loaded, ours, hf
+    return loaded, ours, hf_gguf_model()
 
 
 def test_logits_equal_transformers_gguf_loader(models):

@@ -1,0 +1,78 @@
+"""`AdapterRecord`, the registry's one entry per adapter, and `Lease`, one request's hold on it.
+
+A record carries what the admin API shows (kind, rank, alpha, targets, size, sha256, source, tier, served,
+pinned, times, counters) and, apart from that, the runtime state the registry needs: the parsed config and
+tensors while the adapter is in the cpu or device tier, the name it has inside the model, and an LRU tick.
+The model-level name is `<name>__<generation>` (with characters adapters_core does not allow replaced),
+distinct per registration, so a name that is deleted or replaced and registered again never collides
+with the old adapter that running requests still use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+Tier = Literal["stored", "cpu", "device"]
+STORED: Tier = "stored"
+CPU: Tier = "cpu"
+DEVICE: Tier = "device"
+TIERS: tuple[Tier, ...] = (STORED, CPU, DEVICE)
+
+
+def model_adapter_name(name: str, generation: int) -> str:
+    """The adapter's name inside the model: adapters_core allows only letters, digits, '_' and '-'."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}__{generation}"
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    kind: str                                  # "LORA" | "IA3" | "ADALORA"
+    rank: Optional[int]                        # None for IA3
+    alpha: Optional[float]                     # None for IA3
+    targets: list[str]
+    size: int                                  # bytes of the stored config + weights
+    sha256: str                                # of the stored weights file
+    source: dict[str, Any]                     # {"type": "upload" | "local" | "hub", "path" | "repo_id", "revision"}
+    created_at: float                          # unix seconds
+    generation: int = 0
+    tier: Tier = STORED
+    served: bool = True
+    pinned: bool = False
+    last_used_at: Optional[float] = None       # unix seconds of the last acquire
+    requests_served: int = 0
+    in_use: int = 0                            # leases not yet released
+    # runtime state, not shown
+    config: Any = field(default=None, repr=False)          # adapters_core config while in cpu / device tier
+    tensors: Optional[dict] = field(default=None, repr=False)
+    tick: int = field(default=0, repr=False)                # LRU order: larger = used more recently
+    busy: bool = field(default=False, repr=False)           # a load or unload is under way: never evict
+    retired: bool = field(default=False, repr=False)        # deleted or replaced: freed at the last release
+
+    @property
+    def model_name(self) -> str:
+        return model_adapter_name(self.name, self.generation)
+
+    def drop_tensors(self) -> None:
+        self.config, self.tensors = None, None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind, "rank": self.rank, "alpha": self.alpha,
+            "targets": list(self.targets), "size": self.size, "sha256": self.sha256, "source": dict(self.source),
+            "tier": self.tier, "served": self.served, "pinned": self.pinned, "created_at": self.created_at,
+            "last_used_at": self.last_used_at, "requests_served": self.requests_served, "in_use": self.in_use,
+        }
+
+
+@dataclass
+class Lease:
+    """One request's hold on an adapter: pass `model_name` to the engine, give the lease back with
+    `registry.release(lease)` when the request ends (releasing twice is harmless)."""
+
+    name: str
+    model_name: str
+    record: AdapterRecord = field(repr=False)
+    released: bool = False

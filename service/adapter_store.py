@@ -1,0 +1,199 @@
+"""`AdapterStore`: the registry's directory of adapters, written so that a crash never leaves half an adapter.
+
+Layout: `<root>/<name>/adapter_config.json`, `adapter_model.safetensors` and `registry.json` (source,
+created_at, pinned, served, sha256, size). A new adapter is built in `<root>/.tmp-<uuid>/` (files fsynced)
+and renamed into place in one `os.rename`; replacing first renames the old folder to
+`.trash-<uuid>.<name>`, and deleting renames to `.trash-<uuid>` before removing. So after a crash every
+`<name>` folder is complete, and `clean()` at start-up removes whatever `.tmp-*` / `.trash-*` was left
+(putting a replaced folder back if the crash came between a replace's two renames). Renames are quick
+and are called from the event loop, so they are ordered with the registry's bookkeeping; copying,
+hashing and removing trees are slow and run in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+import adapters_core as ac
+from adapters_core.config import CONFIG_NAME
+from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
+
+from .registry_errors import Invalid, NotFound, TooLarge
+
+META_NAME = "registry.json"
+TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class AdapterStore:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    # ----- staging ----------------------------------------------------------------------------------------
+    def new_staging(self) -> str:
+        staging = os.path.join(self.root, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        os.mkdir(staging)
+        return staging
+
+    def stage_bytes(self, staging: str, config: bytes, weights: bytes, weights_filename: str,
+                    max_bytes: int) -> None:
+        if len(config) + len(weights) > max_bytes:
+            raise TooLarge(f"the adapter is {len(config) + len(weights)} bytes; the limit is {max_bytes} "
+                           f"(max_adapter_bytes)")
+        lower = os.path.basename(weights_filename or "").lower()
+        if lower.endswith(".safetensors"):
+            name = SAFETENSORS_NAME
+        elif lower.endswith(".bin"):
+            name = BIN_NAME
+        else:
+            raise Invalid(f"weights file {weights_filename!r} must be .safetensors (or .bin)")
+        _write(os.path.join(staging, CONFIG_NAME), config)
+        _write(os.path.join(staging, name), weights)
+
+    def stage_folder(self, staging: str, source: str, max_bytes: int) -> None:
+        """Copy a PEFT folder's config and weights (safetensors preferred) into `staging`."""
+        if not os.path.isdir(source):
+            raise NotFound(f"adapter folder {source!r} does not exist")
+        weights = next((n for n in (SAFETENSORS_NAME, BIN_NAME) if os.path.isfile(os.path.join(source, n))), None)
+        if not os.path.isfile(os.path.join(source, CONFIG_NAME)) or weights is None:
+            raise Invalid(f"{source!r} is not a PEFT adapter folder: it needs {CONFIG_NAME} and {SAFETENSORS_NAME}")
+        size = sum(os.path.getsize(os.path.join(source, n)) for n in (CONFIG_NAME, weights))
+        if size > max_bytes:
+            raise TooLarge(f"the adapter is {size} bytes; the limit is {max_bytes} (max_adapter_bytes)")
+        for name in (CONFIG_NAME, weights):
+            shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))   # follows hub-cache links
+            with open(os.path.join(staging, name), "rb+") as fh:
+                os.fsync(fh.fileno())
+
+    def to_safetensors(self, staging: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace a staged `.bin` by the same tensors as safetensors: the store holds one format only."""
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
+                  os.path.join(staging, SAFETENSORS_NAME), metadata={"format": "pt"})
+        os.remove(os.path.join(staging, BIN_NAME))
+
+    def digest(self, folder: str) -> tuple[str, int]:
+        """(sha256 of the weights file, size of config + weights in bytes)."""
+        sha = hashlib.sha256()
+        with open(os.path.join(folder, SAFETENSORS_NAME), "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+        return sha.hexdigest(), self.size(folder)
+
+    def size(self, folder: str) -> int:
+        return sum(os.path.getsize(os.path.join(folder, n)) for n in (CONFIG_NAME, SAFETENSORS_NAME))
+
+    # ----- metadata ---------------------------------------------------------------------------------------
+    def write_meta(self, folder: str, meta: dict[str, Any]) -> None:
+        """Replace `registry.json` atomically (write aside, then rename over)."""
+        tmp = os.path.join(folder, f"{META_NAME}.{uuid.uuid4().hex}.tmp")
+        _write(tmp, json.dumps(meta, indent=2, sort_keys=True).encode())
+        os.replace(tmp, os.path.join(folder, META_NAME))
+
+    def read_meta(self, folder: str) -> Optional[dict[str, Any]]:
+        try:
+            with open(os.path.join(folder, META_NAME), encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise Invalid(f"{folder}/{META_NAME} is unreadable: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise Invalid(f"{folder}/{META_NAME} is not a JSON object")
+        return meta
+
+    def read_config(self, folder: str) -> bytes:
+        with open(os.path.join(folder, CONFIG_NAME), "rb") as fh:
+            return fh.read()
+
+    def read_tensors(self, folder: str) -> dict[str, torch.Tensor]:
+        try:
+            return ac.read_adapter_weights(folder)
+        except ac.AdapterError as exc:
+            raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {exc}") from exc
+
+    # ----- moving folders -----------------------------------------------------------------------------------
+    def commit(self, name: str, staging: str) -> Optional[str]:
+        """Move `staging` to `<root>/<name>`; an existing folder goes to the trash first (returned). The
+        trash of a replace keeps the name, so a crash between the two renames loses nothing (see clean)."""
+        trash = self.trash(name, keep_name=True)
+        os.rename(staging, self.path(name))
+        _fsync_dir(self.root)
+        return trash
+
+    def trash(self, name: str, keep_name: bool = False) -> Optional[str]:
+        """Rename `<root>/<name>` out of the way; return the trash path, or None when there was no folder."""
+        suffix = f".{name}" if keep_name else ""
+        trash = os.path.join(self.root, f"{TRASH_PREFIX}{uuid.uuid4().hex}{suffix}")
+        try:
+            os.rename(self.path(name), trash)
+        except FileNotFoundError:
+            return None
+        return trash
+
+    @staticmethod
+    def remove(path: Optional[str]) -> None:
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def clean(self) -> list[str]:
+        """Remove `.tmp-*` and `.trash-*` leftovers of a crash; return what was removed. A replaced folder
+        whose name is empty (the crash fell between a replace's two renames) is put back instead."""
+        removed = []
+        for entry in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, entry)
+            if entry.startswith(TRASH_PREFIX) and "." in entry[len(TRASH_PREFIX):]:
+                name = entry[len(TRASH_PREFIX):].split(".", 1)[1]
+                if not os.path.exists(self.path(name)) and self._complete(path):
+                    os.rename(path, self.path(name))
+                    continue
+            if entry.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                self.remove(path)
+                removed.append(entry)
+        return removed
+
+    @staticmethod
+    def _complete(folder: str) -> bool:
+        return all(os.path.isfile(os.path.join(folder, n)) for n in (CONFIG_NAME, SAFETENSORS_NAME, META_NAME))
+
+    def names(self) -> list[str]:
+        """Folders that look like complete adapters (config and safetensors present), sorted."""
+        out = []
+        for entry in sorted(os.listdir(self.root)):
+            folder = self.path(entry)
+            if entry.startswith(".") or not os.path.isdir(folder):
+                continue
+            if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and \
+                    os.path.isfile(os.path.join(folder, SAFETENSORS_NAME)):
+                out.append(entry)
+        return out

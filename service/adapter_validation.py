@@ -1,0 +1,176 @@
+"""`AdapterValidator`: everything that must hold before an adapter enters the registry, checked without
+touching the served model.
+
+Rules, in the order they are checked (cheap first): the name matches `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`;
+config + weights are at most `max_adapter_bytes` (413); `adapter_config.json` is JSON (else 400) that
+`adapters_core` accepts (supported kind and features, else 422); the rank is at most `max_lora_rank`
+(422); the weights read as safetensors, or as a `.bin` only through `torch.load(weights_only=True)`, so a
+malicious pickle is refused and never run (422); every tensor is floating point; and the adapter fits the
+base model. The fit check loads the adapter, with the library's own matching and shape rules, into a
+*meta skeleton* of the base model: a copy of its module tree whose parameters live on the meta device
+(built once, in milliseconds, and cloned per check), with adapters already on the model stripped off.
+That finds targets the model lacks, tensors of the wrong shape, missing tensors and tensors that fit no
+module (refused rather than silently ignored) exactly as a real load would, for any model, at no memory
+cost and without racing the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+import adapters_core as ac
+from adapters_core.config import CONFIG_NAME
+from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
+
+from .registry_errors import Invalid, TooLarge
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MODEL_ATTRS = ("peft_config", "_adapter_slots", "_active_adapters")   # adapters_core's model-level state
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise Invalid(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                      f"starting with a letter or digit")
+
+
+def parse_config(raw: bytes) -> ac.AdapterConfig:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Invalid(f"{CONFIG_NAME} is not valid JSON: {exc}", status=400) from exc
+    try:
+        return ac.config_from_dict(data)
+    except ac.AdapterError as exc:
+        raise Invalid(f"{CONFIG_NAME}: {exc}") from exc
+
+
+@dataclass
+class AdapterSummary:
+    """What the admin API shows about a config."""
+
+    kind: str
+    rank: Optional[int]
+    alpha: Optional[float]
+    targets: list[str]
+
+    @classmethod
+    def of(cls, config: ac.AdapterConfig) -> "AdapterSummary":
+        """Rank is the largest any module gets: LoRA's `r` or a `rank_pattern` value, AdaLoRA's `init_r`."""
+        targets = config.target_modules
+        targets = [targets] if isinstance(targets, str) else list(targets or [])
+        try:
+            if isinstance(config, ac.AdaLoraConfig):
+                masks = (config.rank_pattern or {}).values()
+                rank = max([int(config.init_r)] + [int(sum(bool(b) for b in m)) for m in masks])
+                return cls(config.peft_type, rank, float(config.lora_alpha), targets)
+            if isinstance(config, ac.LoraConfig):
+                rank = max([int(config.r)] + [int(r) for r in (config.rank_pattern or {}).values()])
+                return cls(config.peft_type, rank, float(config.lora_alpha), targets)
+        except (TypeError, ValueError) as exc:
+            raise Invalid(f"{CONFIG_NAME}: rank and alpha values must be numbers ({exc})") from exc
+        return cls(config.peft_type, None, None, targets)
+
+
+@dataclass
+class ValidatedAdapter:
+    config: ac.AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    summary: AdapterSummary
+    weights_name: str                           # the file the tensors came from (safetensors or bin)
+
+
+def meta_skeleton(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """A copy of `model`'s module tree with every parameter and buffer on the meta device and no adapters.
+
+    Modules are shallow-copied (so their class, sizes and config stay), with fresh parameter, buffer and
+    child dicts; adapter wrappers are replaced by the module they wrap; tied parameters stay tied."""
+    memo = {} if memo is None else memo
+    if isinstance(model, ac.AdapterLayer):
+        model = model.base_layer
+    elif isinstance(model, ac.ModulesToSaveWrapper):
+        model = model.original_module
+    if id(model) in memo:
+        return memo[id(model)]
+    clone = copy.copy(model)
+    memo[id(model)] = clone
+    for key, value in list(clone.__dict__.items()):
+        if key in _MODEL_ATTRS or isinstance(value, torch.Tensor):
+            del clone.__dict__[key]           # adapters_core state, caches such as prepacked weights
+
+    def meta(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        if id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+        return memo[id(t)]
+
+    clone._parameters = {k: meta(v) for k, v in model._parameters.items()}
+    clone._buffers = {k: meta(v) for k, v in model._buffers.items()}
+    clone._modules = {k: (meta_skeleton(c, memo) if c is not None else None) for k, c in model._modules.items()}
+    return clone
+
+
+class AdapterValidator:
+    def __init__(self, model: nn.Module, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20):
+        self.max_lora_rank = max_lora_rank
+        self.max_adapter_bytes = max_adapter_bytes
+        self._skeleton = meta_skeleton(model)
+
+    def check_size(self, size: int) -> None:
+        if size > self.max_adapter_bytes:
+            raise TooLarge(f"the adapter is {size} bytes; the limit is {self.max_adapter_bytes} "
+                           f"(max_adapter_bytes)")
+
+    def check_rank(self, summary: AdapterSummary) -> None:
+        if summary.rank is not None and summary.rank > self.max_lora_rank:
+            raise Invalid(f"rank {summary.rank} is above the limit max_lora_rank={self.max_lora_rank}")
+
+    def validate(self, folder: str) -> ValidatedAdapter:
+        """Check the PEFT folder `folder` (config + one weights file); raise RegistryError naming the fault."""
+        config_path = os.path.join(folder, CONFIG_NAME)
+        weights_name = next((n for n in (SAFETENSORS_NAME, BIN_NAME) if os.path.isfile(os.path.join(folder, n))),
+                            None)
+        if not os.path.isfile(config_path):
+            raise Invalid(f"the adapter has no {CONFIG_NAME}")
+        if weights_name is None:
+            raise Invalid(f"the adapter has no {SAFETENSORS_NAME} (or {BIN_NAME})")
+        self.check_size(os.path.getsize(config_path) + os.path.getsize(os.path.join(folder, weights_name)))
+        with open(config_path, "rb") as fh:
+            config = parse_config(fh.read())
+        summary = AdapterSummary.of(config)
+        self.check_rank(summary)
+        try:
+            tensors = ac.read_adapter_weights(folder)
+        except ac.AdapterError as exc:
+            raise Invalid(str(exc)) from exc
+        if not tensors:
+            raise Invalid(f"{weights_name} holds no tensors")
+        bad = [k for k, v in tensors.items() if not v.dtype.is_floating_point]
+        if bad:
+            raise Invalid(f"{weights_name}: adapter tensors must be floating point; {bad[0]!r} is "
+                          f"{tensors[bad[0]].dtype}")
+        self.check_fit(config, tensors)
+        return ValidatedAdapter(config, tensors, summary, weights_name)
+
+    def check_fit(self, config: ac.AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+        """Load into a fresh meta skeleton: the library's own target and shape checks, no real memory."""
+        skeleton = meta_skeleton(self._skeleton)
+        try:
+            result = ac.load_adapter(skeleton, "", adapter_name="candidate", config=copy.deepcopy(config),
+                                     state_dict=tensors, low_cpu_mem_usage=True, autocast_adapter_dtype=False)
+        except (ac.AdapterError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+            raise Invalid(f"the adapter does not fit the base model: {exc}") from exc
+        if result.unexpected_keys:
+            keys = result.unexpected_keys
+            raise Invalid(f"the adapter does not fit the base model: {len(keys)} tensor(s) fit no module of it, "
+                          f"e.g. {keys[:3]}")

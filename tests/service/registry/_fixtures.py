@@ -1,0 +1,179 @@
+"""Shared helpers for the registry tests: a tiny random transformers Llama, our Decoder built from its
+weights, adapters made and saved by PEFT on the transformers model (real files), an inline engine runner,
+an event recorder and a fingerprint of the model to prove that a refused adapter changed nothing."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import functools
+import json
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+
+import adapters_core as ac
+from service.model.decoder import Decoder
+from service.registry import AdapterRegistry
+
+HF_KW = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.2, max_position_embeddings=128)
+
+PEFT_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "lora_rank_pattern": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 rank_pattern={"down_proj": 6}),
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=8,
+                                          target_modules=["q_proj", "v_proj"]),
+}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_base() -> transformers.LlamaForCausalLM:
+    """The transformers base model (shared: only ever deep-copied)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_KW)).eval()
+    torch.random.set_rng_state(state)
+    return model
+
+
+def config_of(hf: transformers.PretrainedConfig) -> types.SimpleNamespace:
+    rope = hf.rope_parameters
+    return types.SimpleNamespace(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+        num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=hf.num_key_value_heads, head_dim=hf.hidden_size // hf.num_attention_heads,
+        rms_norm_eps=hf.rms_norm_eps, rope_theta=rope["rope_theta"], rope_scaling=rope,
+        max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=hf.tie_word_embeddings,
+        attention_bias=False, mlp_bias=False)
+
+
+def decoder() -> Decoder:
+    """A fresh Decoder with the transformers base model's weights (the registry's served model)."""
+    hf = hf_base()
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    return Decoder.from_state_dict(config_of(hf.config), state)
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    config: bytes
+    weights: bytes
+    model: peft.PeftModel           # the PEFT reference for this adapter alone
+
+    def write(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_bytes(self.config)
+        (folder / "adapter_model.safetensors").write_bytes(self.weights)
+        return folder
+
+    def config_dict(self) -> dict:
+        return json.loads(self.config)
+
+
+@functools.lru_cache(maxsize=None)
+def peft_adapter(kind: str = "lora", seed: int = 0) -> PeftAdapter:
+    """An adapter made by PEFT on the transformers model with random non-trivial weights, saved by PEFT."""
+    pm = peft.get_peft_model(copy.deepcopy(hf_base()), PEFT_CONFIGS[kind]())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_E" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "ia3_" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    pm.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp)
+        folder = Path(tmp)
+        return PeftAdapter((folder / "adapter_config.json").read_bytes(),
+                           (folder / "adapter_model.safetensors").read_bytes(), pm)
+
+
+def inline_engine_call(fn) -> concurrent.futures.Future:
+    """`Engine.call_between_steps` without an engine thread: run `fn` now, hand the result in a future."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
+    return future
+
+
+class Events:
+    """Records every registry event hook as a tuple (hook name, *args)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def adapter_loaded(self, name, seconds, from_tier):
+        assert seconds >= 0
+        self.calls.append(("loaded", name, from_tier))
+
+    def adapter_evicted(self, name, from_tier):
+        self.calls.append(("evicted", name, from_tier))
+
+    def adapter_uploaded(self, name):
+        self.calls.append(("uploaded", name))
+
+    def adapter_deleted(self, name):
+        self.calls.append(("deleted", name))
+
+    def adapter_load_failed(self, name):
+        self.calls.append(("load_failed", name))
+
+    def of(self, kind: str) -> list[tuple]:
+        return [c[1:] for c in self.calls if c[0] == kind]
+
+
+def make_registry(root: Path, model=None, engine_call=inline_engine_call, **kw) -> AdapterRegistry:
+    return AdapterRegistry(model if model is not None else decoder(), engine_call, str(root), **kw)
+
+
+def fingerprint(model: torch.nn.Module) -> tuple:
+    """Everything a load could change: state-dict keys and values, adapter names, slot table."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, sorted(getattr(model, "peft_config", {}) or {}), dict(ac.injection.slot_table(model).slot_of)
+
+
+def assert_same_model(before: tuple, model: torch.nn.Module) -> None:
+    state, names, slots = fingerprint(model)
+    assert names == before[1] and slots == before[2]
+    assert state.keys() == before[0].keys()
+    for k, v in state.items():
+        assert torch.equal(v, before[0][k]), k
+
+
+def input_ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, HF_KW["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def decoder_logits(model: Decoder, adapter: str, ids: torch.Tensor) -> torch.Tensor:
+    with ac.mixed_batch(model, [adapter] * ids.shape[0]):
+        return model(ids).float()
+
+
+@torch.no_grad()
+def hf_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def store_files(root: Path) -> list[str]:
+    """Every path under the store, relative, sorted (to show that a refusal left nothing behind)."""
+    root = Path(root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []

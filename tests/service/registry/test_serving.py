@@ -1,0 +1,107 @@
+"""The registry with a running engine: model changes go through `call_between_steps` on the engine's
+thread while requests of other adapters are decoding, evictions happen between requests, and every
+request's tokens equal those it gets alone and greedy decoding with the PEFT model on transformers."""
+import asyncio
+import random
+import threading
+
+import pytest
+import torch
+
+from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from service.registry import AdapterRegistry
+
+from _fixtures import decoder, decoder_logits, hf_base, hf_logits, input_ids, make_registry, peft_adapter, run
+
+ADAPTERS = {"lora0": ("lora", 0), "lora1": ("lora", 1), "ia3": ("ia3", 0), "adalora": ("adalora", 0),
+            "pattern": ("lora_rank_pattern", 0)}
+MAX_TOKENS = 6
+
+
+def _prompt(i: int) -> list[int]:
+    return torch.randint(0, 96, (5 + i,), generator=torch.Generator().manual_seed(i)).tolist()
+
+
+@torch.no_grad()
+def _peft_greedy(model, prompt: list[int]) -> list[int]:
+    ids = list(prompt)
+    for _ in range(MAX_TOKENS):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_requests_through_a_running_engine_with_evictions(tmp_path):
+    model = decoder()
+    engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=64, max_batch_tokens=32, prefill_chunk=16))
+    engine.start()
+    threads = set()
+    try:
+        async def main():
+            def engine_call(fn):            # records on which thread each model change runs
+                def traced():
+                    threads.add(threading.current_thread().name)
+                    return fn()
+                return engine.call_between_steps(traced)
+
+            registry = AdapterRegistry(model, engine_call, str(tmp_path / "store"),
+                                       max_device_adapters=2, max_cpu_adapters=1)
+            for name, (kind, seed) in ADAPTERS.items():
+                adapter = peft_adapter(kind, seed)
+                await registry.register_files(name, adapter.config, adapter.weights)
+
+            async def generate(name, prompt):
+                lease = await registry.acquire(name)
+                try:
+                    request = GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                                                lease.model_name)
+                    return [ev.token_id async for ev in engine.stream(request) if ev.token_id is not None]
+                finally:
+                    registry.release(lease)
+
+            alone = {name: await generate(name, _prompt(i)) for i, name in enumerate(ADAPTERS)}
+            gate = asyncio.Semaphore(2)                 # at most max_device_adapters requests at once
+
+            async def limited(name):
+                async with gate:
+                    return name, await generate(name, _prompt(list(ADAPTERS).index(name)))
+
+            order = [random.Random(3).choice(list(ADAPTERS)) for _ in range(16)]
+            together = await asyncio.gather(*(limited(n) for n in order))
+            await registry.drain()
+            return registry, alone, together
+
+        registry, alone, together = run(main())
+    finally:
+        engine.stop()
+    assert threads == {"engine"}                  # every load and eviction ran between engine steps
+    for name, tokens in together:
+        assert tokens == alone[name], name
+    assert len({tuple(t) for t in alone.values()}) == len(ADAPTERS)      # the adapters really differ
+    for i, (name, (kind, seed)) in enumerate(ADAPTERS.items()):
+        assert alone[name] == _peft_greedy(peft_adapter(kind, seed).model, _prompt(i)), name
+    assert _peft_greedy(hf_base(), _prompt(0)) != alone["lora0"]
+    assert registry.tier_counts()["device"] == 2 == len(model.peft_config)
+    assert sum(r.requests_served for r in registry.list()) == len(ADAPTERS) + 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_tier_on_cuda(tmp_path):
+    """On a GPU the device tier lives in GPU memory and the cpu tier keeps its own CPU copy."""
+    adapter = peft_adapter("lora")
+    model = decoder().to("cuda")
+    ids = input_ids()
+
+    async def main():
+        registry = make_registry(tmp_path / "store", model=model)
+        await registry.register_files("a", adapter.config, adapter.weights)
+        lease = await registry.acquire("a")
+        got = decoder_logits(model, lease.model_name, ids.to("cuda")).cpu()
+        assert all(t.device.type == "cpu" for t in registry.get("a").tensors.values())
+        assert all(p.device.type == "cuda" for n, p in model.named_parameters() if lease.model_name in n)
+        registry.release(lease)
+        await registry.delete("a")
+        assert not model.peft_config
+        return got
+
+    torch.testing.assert_close(run(main()), hf_logits(adapter.model, ids), atol=1e-4, rtol=0)

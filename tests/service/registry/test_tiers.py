@@ -1,0 +1,189 @@
+"""Tiers: least-recently-used adapters move device -> cpu -> stored; pinned and in-use adapters never move;
+when every device slot is pinned or in use the load fails with 503 naming the limit; the model holds
+exactly the device-tier adapters; thousands registered, a few hot."""
+import asyncio
+import random
+import shutil
+
+import pytest
+
+from service.registry_errors import Unavailable
+
+from _fixtures import assert_same_model, fingerprint, make_registry, peft_adapter, run, Events
+
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+async def _registry(tmp_path, names=NAMES, **kw):
+    events = Events()
+    registry = make_registry(tmp_path / "store", events=events, **kw)
+    for i, name in enumerate(names):
+        adapter = peft_adapter("lora" if i % 2 == 0 else "ia3", seed=i)
+        await registry.register_files(name, adapter.config, adapter.weights)
+    events.calls.clear()
+    return registry, events
+
+
+async def _use(registry, *names):
+    for name in names:
+        registry.release(await registry.acquire(name))
+
+
+def tiers(registry):
+    return {r.name: r.tier for r in registry.list()}
+
+
+def in_model(registry):
+    return sorted(n.rsplit("__", 1)[0] for n in getattr(registry.model, "peft_config", {}))
+
+
+def test_lru_eviction_order_across_tiers(tmp_path):
+    async def main():
+        registry, events = await _registry(tmp_path, max_device_adapters=2, max_cpu_adapters=2)
+        # uploads land in the cpu tier; the two most recent stay, older ones are pushed to stored
+        assert tiers(registry) == {"a": "stored", "b": "stored", "c": "stored", "d": "cpu", "e": "cpu"}
+        await _use(registry, "a", "b")
+        assert tiers(registry) == {"a": "device", "b": "device", "c": "stored", "d": "cpu", "e": "cpu"}
+        assert in_model(registry) == ["a", "b"]
+        await _use(registry, "a")                      # b is now the least recently used on the device
+        events.calls.clear()
+        await _use(registry, "c")
+        assert tiers(registry)["b"] == "cpu" and tiers(registry)["a"] == "device"
+        assert events.of("evicted") == [("b", "device"), ("d", "cpu")]   # b joins the cpu tier, d (oldest) leaves
+        assert events.of("loaded") == [("c", "stored")]
+        assert tiers(registry) == {"a": "device", "b": "cpu", "c": "device", "d": "stored", "e": "cpu"}
+        await _use(registry, "e")                      # from cpu: evicts a (LRU), then e leaves cpu
+        assert tiers(registry) == {"a": "cpu", "b": "cpu", "c": "device", "d": "stored", "e": "device"}
+        assert in_model(registry) == ["c", "e"]
+        assert registry.tier_counts() == {"stored": 1, "cpu": 2, "device": 2}
+        assert {r.name: r.requests_served for r in registry.list()} == {"a": 2, "b": 1, "c": 1, "d": 0, "e": 1}
+        assert registry.get("b").tensors is not None and registry.get("d").tensors is None
+
+    run(main())
+
+
+def test_pinned_and_in_use_adapters_are_never_evicted(tmp_path):
+    async def main():
+        registry, events = await _registry(tmp_path, max_device_adapters=3, max_cpu_adapters=1)
+        await _use(registry, "a")
+        await registry.pin("a")
+        held = await registry.acquire("b")             # in use for the whole cycle
+        for name in ["c", "d", "e", "c", "d", "e"]:    # only the third slot turns over
+            await _use(registry, name)
+            assert tiers(registry)["a"] == "device" and tiers(registry)["b"] == "device"
+            assert in_model(registry) == sorted(["a", "b", name])
+        assert [n for n, tier in events.of("evicted") if tier == "device"] == ["c", "d", "e", "c", "d"]
+        assert registry.get("b").in_use == 1
+        registry.release(held)
+        registry.release(held)                         # idempotent
+        assert registry.get("b").in_use == 0
+        await _use(registry, "c")                      # b is free now and least recently used
+        assert tiers(registry)["b"] != "device" and tiers(registry)["a"] == "device"
+        await registry.pin("a", False)
+        await _use(registry, "d", "e")
+        assert tiers(registry)["a"] != "device"        # unpinned: evicted like the others
+
+    run(main())
+
+
+def test_pinned_adapter_stays_in_the_cpu_tier(tmp_path):
+    async def main():
+        registry, events = await _registry(tmp_path, max_device_adapters=1, max_cpu_adapters=1)
+        assert tiers(registry)["e"] == "cpu"
+        await registry.pin("e")
+        await _use(registry, "a", "b", "c")             # each one evicted from the device passes through cpu
+        assert tiers(registry)["e"] == "cpu" and registry.get("e").tensors is not None
+        assert registry.tier_counts() == {"stored": 3, "cpu": 1, "device": 1}
+        assert events.of("evicted") == [("a", "device"), ("a", "cpu"), ("b", "device"), ("b", "cpu")]
+        await registry.pin("e", False)
+        await _use(registry, "d")                      # c comes down to cpu; now e is the LRU there
+        assert tiers(registry) == {"a": "stored", "b": "stored", "c": "cpu", "d": "device", "e": "stored"}
+
+    run(main())
+
+
+def test_all_slots_pinned_or_in_use_is_503(tmp_path):
+    async def main():
+        registry, events = await _registry(tmp_path, max_device_adapters=2)
+        await _use(registry, "a")
+        await registry.pin("a")
+        held = await registry.acquire("b")
+        before = fingerprint(registry.model)
+        with pytest.raises(Unavailable) as err:
+            await registry.acquire("c")
+        assert err.value.status == 503
+        assert "max_device_adapters=2" in str(err.value) and "'c'" in str(err.value)
+        assert_same_model(before, registry.model)
+        assert registry.get("c").in_use == 0 and tiers(registry)["c"] == "cpu"
+        assert events.of("load_failed") == [("c",)]
+        registry.release(held)                         # a slot is free again
+        await _use(registry, "c")
+        assert tiers(registry) == {"a": "device", "b": "cpu", "c": "device", "d": "cpu", "e": "cpu"}
+
+    run(main())
+
+
+@pytest.mark.parametrize("concurrency", [3, 50])
+def test_concurrent_acquires_respect_the_limits(tmp_path, concurrency):
+    """Many concurrent requests over more adapters than device slots: an adapter in use is never evicted,
+    the device tier never exceeds its limit, the model holds exactly the device-tier adapters, and with at
+    most max_device_adapters requests at once nothing is refused."""
+    names = [f"n{i}" for i in range(8)]
+
+    async def main():
+        registry, _ = await _registry(tmp_path, names=names, max_device_adapters=3, max_cpu_adapters=2)
+        rng = random.Random(0)
+        gate = asyncio.Semaphore(concurrency)
+        served, refused = 0, 0
+
+        async def request(name):
+            nonlocal served, refused
+            async with gate:
+                try:
+                    lease = await registry.acquire(name)
+                except Unavailable:
+                    refused += 1
+                    return
+                assert lease.model_name in registry.model.peft_config
+                assert registry.tier_counts()["device"] <= 3
+                await asyncio.sleep(rng.random() * 0.002)
+                assert registry.get(name).tier == "device"      # never evicted while in use
+                assert lease.model_name in registry.model.peft_config
+                registry.release(lease)
+                served += 1
+
+        await asyncio.gather(*(request(rng.choice(names)) for _ in range(200)))
+        await registry.drain()
+        assert served + refused == 200 and served > 0
+        if concurrency <= 3:
+            assert refused == 0
+        assert all(r.in_use == 0 for r in registry.list())
+        assert sorted(r.name for r in registry.list() if r.tier == "device") == in_model(registry)
+        assert registry.tier_counts()["device"] <= 3 and registry.tier_counts()["cpu"] <= 2
+        assert sum(r.requests_served for r in registry.list()) == served
+
+    run(main())
+
+
+def test_thousand_registered_few_hot(tmp_path):
+    adapter = peft_adapter("ia3")
+    names = [f"user-{i:04d}" for i in range(1000)]
+
+    async def main():
+        first = make_registry(tmp_path / "store")
+        await first.register_files(names[0], adapter.config, adapter.weights)
+        # copies of a registered folder, as a previous run would have left them: scanning is the fast way to 1000
+        for name in names[1:]:
+            shutil.copytree(tmp_path / "store" / names[0], tmp_path / "store" / name)
+        registry = make_registry(tmp_path / "store", max_device_adapters=4, max_cpu_adapters=8)
+        await registry.scan()
+        assert registry.tier_counts() == {"stored": 1000, "cpu": 0, "device": 0}
+        rng = random.Random(1)
+        for name in rng.sample(names, 30):
+            await _use(registry, name)
+        counts = registry.tier_counts()
+        assert counts == {"stored": 1000 - 12, "cpu": 8, "device": 4}
+        assert len(registry.model.peft_config) == 4
+        assert len({r.sha256 for r in registry.list()}) == 1
+
+    run(main())
