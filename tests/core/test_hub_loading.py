@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from huggingface_hub import constants
 
 import adapters_core as ac
 
@@ -22,15 +21,6 @@ def _fake_cache(cache, repo_id, folder, revision="main", commit=COMMIT):
         shutil.copy(folder / name, snapshot / name)
     (repo / "refs").mkdir()
     (repo / "refs" / revision).write_text(commit)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_repo_id_loads_from_offline_cache_like_the_folder(tmp_path, offline_cache):

@@ -1,27 +1,20 @@
 """A tiny random Llama as our Decoder (weights from transformers' model), with LoRA and IA3 adapters."""
 from __future__ import annotations
 
-import types
 
 import torch
 import transformers
 
 import adapters_core as ac
+from service.model.config import ModelConfig
 from service.model.decoder import Decoder
 
 HF_KW = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2, max_position_embeddings=256)
 
 
-def config_of(hf: transformers.PretrainedConfig) -> types.SimpleNamespace:
-    rope = hf.rope_parameters
-    return types.SimpleNamespace(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
-        num_key_value_heads=hf.num_key_value_heads, head_dim=hf.hidden_size // hf.num_attention_heads,
-        rms_norm_eps=hf.rms_norm_eps, rope_theta=rope["rope_theta"], rope_scaling=rope,
-        max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=hf.tie_word_embeddings,
-        attention_bias=False, mlp_bias=False)
+def config_of(hf: transformers.PretrainedConfig) -> ModelConfig:
+    return ModelConfig.from_hf_dict(hf.to_dict())
 
 
 def tiny_decoder(seed: int = 0, adapters: bool = True) -> Decoder:

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from huggingface_hub import constants
 
 from service.model import ModelConfig, Tokenizer, load_hf_folder, load_hub, load_model
 from service.model.hf_loader import normalize_keys
@@ -237,15 +236,6 @@ def test_config_from_transformers_v5_config_with_rope_scaling():
 
 
 # -- hub ids and load_model routing ------------------------------------------------------------------------------
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
 
 def _fake_cache(cache, repo_id, folder, revision="main", commit=COMMIT):
     repo = cache / f"models--{repo_id.replace('/', '--')}"

@@ -9,7 +9,6 @@ import copy
 import functools
 import json
 import tempfile
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import transformers
 
 import adapters_core as ac
+from service.model.config import ModelConfig
 from service.model.decoder import Decoder
 from service.registry import AdapterRegistry
 
@@ -48,15 +48,8 @@ def hf_base() -> transformers.LlamaForCausalLM:
     return model
 
 
-def config_of(hf: transformers.PretrainedConfig) -> types.SimpleNamespace:
-    rope = hf.rope_parameters
-    return types.SimpleNamespace(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
-        num_key_value_heads=hf.num_key_value_heads, head_dim=hf.hidden_size // hf.num_attention_heads,
-        rms_norm_eps=hf.rms_norm_eps, rope_theta=rope["rope_theta"], rope_scaling=rope,
-        max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=hf.tie_word_embeddings,
-        attention_bias=False, mlp_bias=False)
+def config_of(hf: transformers.PretrainedConfig) -> ModelConfig:
+    return ModelConfig.from_hf_dict(hf.to_dict())
 
 
 def decoder() -> Decoder:

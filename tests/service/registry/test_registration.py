@@ -10,7 +10,6 @@ import zipfile
 
 import pytest
 import torch
-from huggingface_hub import constants
 
 from service.registry_errors import Conflict, NotFound
 
@@ -188,15 +187,6 @@ def _fake_cache(cache, repo_id, adapter, commit=COMMIT, revision="main"):
     adapter.write(repo / "snapshots" / commit)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_hub_registration_from_offline_cache(tmp_path, offline_cache):

@@ -1,0 +1,103 @@
+"""Adapter management (admin key required once keys are configured): upload, load by path or hub id, list,
+inspect, activate, deactivate, delete, and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel
+
+from .deps import AdminCaller, StateDep
+
+router = APIRouter()
+
+
+@router.post("/admin/adapters", status_code=201)
+async def upload(request: Request, state: StateDep, _: AdminCaller, replace: bool = False):
+    form = await request.form(max_part_size=state.settings.max_body_bytes)
+    name = form.get("name")
+    if not isinstance(name, str) or not name:
+        raise HTTPException(422, "form field 'name' is required")
+    archive = form.get("archive")
+    config = form.get("adapter_config.json")
+    weights = form.get("adapter_model.safetensors") or form.get("adapter_model.bin")
+    if archive is not None and hasattr(archive, "read"):
+        record = await state.registry.register_archive(name, await archive.read(), archive.filename or "",
+                                                       replace=replace)
+    elif config is not None and weights is not None and hasattr(config, "read") and hasattr(weights, "read"):
+        weights_name = "adapter_model.bin" if form.get("adapter_model.bin") is not None else "adapter_model.safetensors"
+        record = await state.registry.register_files(name, await config.read(), await weights.read(),
+                                                     weights_filename=weights_name, replace=replace)
+    else:
+        raise HTTPException(422, "send the files 'adapter_config.json' and 'adapter_model.safetensors', or one "
+                                 "file field 'archive' (.zip or .tar.gz)")
+    return record.to_dict()
+
+
+class Source(BaseModel):
+    source: Literal["local", "hub"]
+    path: Optional[str] = None
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+    replace: bool = False
+
+
+@router.put("/admin/adapters/{name}", status_code=201)
+async def load(name: str, body: Source, state: StateDep, _: AdminCaller):
+    if body.source == "local":
+        if not body.path:
+            raise HTTPException(422, "'path' is required for source 'local'")
+        record = await state.registry.register_path(name, body.path, replace=body.replace)
+    else:
+        if not body.repo_id:
+            raise HTTPException(422, "'repo_id' is required for source 'hub'")
+        record = await state.registry.register_hub(name, body.repo_id, body.revision, replace=body.replace)
+    return record.to_dict()
+
+
+@router.get("/admin/adapters")
+def list_adapters(state: StateDep, _: AdminCaller):
+    return {"adapters": [r.to_dict() for r in state.registry.list()], "tiers": state.registry.tier_counts()}
+
+
+@router.get("/admin/adapters/{name}")
+def get_adapter(name: str, state: StateDep, _: AdminCaller):
+    return state.registry.get(name).to_dict()
+
+
+@router.delete("/admin/adapters/{name}")
+async def delete_adapter(name: str, state: StateDep, _: AdminCaller):
+    await state.registry.delete(name)
+    return {"deleted": name}
+
+
+@router.post("/admin/adapters/{name}/activate")
+async def activate(name: str, state: StateDep, _: AdminCaller):
+    return (await state.registry.activate(name)).to_dict()
+
+
+@router.post("/admin/adapters/{name}/deactivate")
+async def deactivate(name: str, state: StateDep, _: AdminCaller):
+    return (await state.registry.deactivate(name)).to_dict()
+
+
+class LoadLora(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLora(BaseModel):
+    lora_name: str
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora(body: LoadLora, state: StateDep, _: AdminCaller):
+    await state.registry.register_path(body.lora_name, body.lora_path)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora(body: UnloadLora, state: StateDep, _: AdminCaller):
+    await state.registry.delete(body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

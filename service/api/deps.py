@@ -1,0 +1,71 @@
+"""Dependencies: the app's state (built in the lifespan) and API-key checks as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from fastapi import Depends, HTTPException, Request
+
+from service.settings import Settings
+
+
+class State:
+    """What the lifespan builds: settings, loaded model, engine, registry, generator, metrics."""
+
+    def __init__(self, settings: Settings, loaded, engine, registry, generator, metrics, model_id: str):
+        self.settings, self.loaded, self.engine, self.registry = settings, loaded, engine, registry
+        self.generator, self.metrics, self.model_id = generator, metrics, model_id
+        self.ready = False
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.serving
+
+
+def _bearer(request: Request) -> Optional[str]:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+class Caller:
+    """Who is calling: their key, and the adapters they may use (None = all)."""
+
+    def __init__(self, key: Optional[str], allowed: Optional[set[str]]):
+        self.key, self.allowed = key, allowed
+
+    def may_use(self, adapter: Optional[str]) -> bool:
+        return adapter is None or self.allowed is None or adapter in self.allowed
+
+
+def inference_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
+    s = state.settings
+    if not s.auth_enabled:
+        return Caller(None, None)
+    key = _bearer(request)
+    if key is None:
+        raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
+    if key == s.admin_key:
+        return Caller(key, None)
+    if key not in s.api_keys:
+        raise HTTPException(401, "invalid API key")
+    allowed = s.key_adapters.get(key)
+    return Caller(key, set(allowed) if allowed is not None else None)
+
+
+def admin_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
+    s = state.settings
+    if not s.auth_enabled:
+        return Caller(None, None)
+    key = _bearer(request)
+    if key is None:
+        raise HTTPException(401, "missing admin key (Authorization: Bearer <key>)")
+    if s.admin_key is not None and key == s.admin_key:
+        return Caller(key, None)
+    if key in s.api_keys:
+        raise HTTPException(403, "this key may not use admin routes")
+    raise HTTPException(401, "invalid API key")
+
+
+StateDep = Annotated[State, Depends(get_state)]
+InferenceCaller = Annotated[Caller, Depends(inference_caller)]
+AdminCaller = Annotated[Caller, Depends(admin_caller)]

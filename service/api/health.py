@@ -1,0 +1,30 @@
+"""Operations, no key needed: `/health` (the process is alive), `/ready` (model loaded, engine running),
+`/metrics` (Prometheus text format, refreshed gauges)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .deps import StateDep
+from .errors import error_response
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+def ready(state: StateDep):
+    if not state.ready:
+        return error_response(503, "not ready")
+    return {"status": "ready", "model": state.model_id}
+
+
+@router.get("/metrics")
+def metrics(state: StateDep):
+    state.metrics.set_tiers(state.registry.tier_counts())
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

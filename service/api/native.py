@@ -1,0 +1,99 @@
+"""TGI / LoRAX-shaped inference: `POST /generate`, `POST /generate_stream` and TGI's `POST /` with
+`{"inputs", "parameters": {"adapter_id", "max_new_tokens", ...}}`."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from service.engine import SamplingParams
+
+from .deps import InferenceCaller, StateDep
+
+router = APIRouter()
+
+
+class Parameters(BaseModel):
+    adapter_id: Optional[str] = None
+    max_new_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    seed: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    stop: list[str] = Field(default_factory=list)
+    do_sample: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_full_text: Optional[bool] = False
+    watermark: Optional[bool] = False
+
+
+class GenerateRequest(BaseModel):
+    inputs: str = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False
+
+
+def _prepare(req: GenerateRequest, state, caller):
+    p = req.parameters
+    adapter = p.adapter_id if p.adapter_id not in (None, "", state.model_id) else None
+    if adapter is not None:
+        if not caller.may_use(adapter):
+            raise HTTPException(404, f"adapter {adapter!r} does not exist")
+        state.registry.get(adapter)
+    s = state.settings
+    n = p.max_new_tokens or s.default_max_tokens
+    if n > s.max_tokens_limit:
+        raise HTTPException(400, f"max_new_tokens {n} exceeds the limit of {s.max_tokens_limit}")
+    sample = p.do_sample or (p.temperature not in (None, 0))
+    params = SamplingParams(max_tokens=n, temperature=(p.temperature or 1.0) if sample else 0.0,
+                            top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed,
+                            frequency_penalty=p.frequency_penalty or 0.0, logprobs=p.details)
+    return adapter, params, state.generator.encode(req.inputs)
+
+
+@router.post("/")
+async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
+    """TGI's compatibility route (what `huggingface_hub.InferenceClient(base_url=...)` calls)."""
+    if req.stream:
+        return await generate_stream(req, state, caller)
+    return [await generate(req, state, caller)]
+
+
+@router.post("/generate")
+async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
+    adapter, params, ids = _prepare(req, state, caller)
+    out = await state.generator.complete(ids, adapter, params, req.parameters.stop)
+    body = {"generated_text": out.text}
+    if req.parameters.details:
+        body["details"] = {"finish_reason": out.finish_reason, "generated_tokens": out.completion_tokens,
+                           "seed": req.parameters.seed, "prefill": [],
+                           "tokens": [{"id": t, "text": state.loaded.tokenizer.decode([t], False), "logprob": lp,
+                                       "special": False} for t, lp in zip(out.token_ids, out.logprobs)]}
+    return body
+
+
+@router.post("/generate_stream")
+async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
+    adapter, params, ids = _prepare(req, state, caller)
+
+    async def body():
+        text, count = [], 0
+        async for piece in state.generator.run(ids, adapter, params, req.parameters.stop):
+            text.append(piece.text)
+            count += piece.token_id is not None
+            event = {"index": count, "token": {"id": piece.token_id if piece.token_id is not None else -1,
+                                               "text": piece.text, "logprob": piece.logprob, "special": False},
+                     "generated_text": None, "details": None}
+            if piece.finish_reason:
+                event["generated_text"] = "".join(text)
+                event["details"] = {"finish_reason": piece.finish_reason, "generated_tokens": count,
+                                    "seed": req.parameters.seed}
+            yield f"data:{json.dumps(event)}\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")

@@ -1,0 +1,150 @@
+"""OpenAI-compatible inference: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (with `stream`).
+
+`model` is the base model's id or an adapter's name, as in vLLM. Streaming answers are server-sent events
+ending with `data: [DONE]`; if the client goes away, the request is cancelled and its batch slot freed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Optional, Union
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from service.engine import SamplingParams
+from service.model.chat_template import render_chat
+
+from .deps import InferenceCaller, State, StateDep
+
+router = APIRouter()
+
+
+class _Common(BaseModel):
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: Optional[int] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    logprobs: Optional[Any] = None
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[int]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+
+
+class Message(BaseModel):
+    role: str
+    content: Optional[str] = ""
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+def resolve_adapter(state: State, caller, model: str) -> Optional[str]:
+    """None for the base model; the adapter name otherwise (404 if unknown or not visible to the caller)."""
+    if model == state.model_id:
+        return None
+    if not caller.may_use(model):
+        raise HTTPException(404, f"model {model!r} does not exist")
+    state.registry.get(model)
+    return model
+
+
+def sampling(state: State, req: _Common, max_tokens: Optional[int]) -> SamplingParams:
+    s = state.settings
+    n = max_tokens or s.default_max_tokens
+    if n > s.max_tokens_limit:
+        raise HTTPException(400, f"max_tokens {n} exceeds the limit of {s.max_tokens_limit}")
+    return SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=req.seed, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty, logprobs=bool(req.logprobs))
+
+
+def stops(req: _Common) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+
+def sse(chunks) -> StreamingResponse:
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+@router.get("/v1/models")
+def list_models(state: StateDep, caller: InferenceCaller):
+    created = int(time.time())
+    data = [{"id": state.model_id, "object": "model", "created": created, "owned_by": "adapter-serving",
+             "root": state.model_id, "parent": None}]
+    for record in state.registry.list():
+        if record.served and caller.may_use(record.name):
+            data.append({"id": record.name, "object": "model", "created": int(record.created_at),
+                         "owned_by": "adapter-serving", "root": record.name, "parent": state.model_id})
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller):
+    adapter = resolve_adapter(state, caller, req.model)
+    params = sampling(state, req, req.max_tokens)
+    ids = state.generator.encode(req.prompt)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        async def chunks():
+            async for piece in state.generator.run(ids, adapter, params, stops(req)):
+                yield {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                       "choices": [{"index": 0, "text": piece.text, "logprobs": None,
+                                    "finish_reason": piece.finish_reason}]}
+        return sse(chunks())
+    out = await state.generator.complete(ids, adapter, params, stops(req))
+    logprobs = {"tokens": [state.loaded.tokenizer.decode([t], False) for t in out.token_ids],
+                "token_logprobs": out.logprobs} if req.logprobs else None
+    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}],
+            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                      "total_tokens": out.prompt_tokens + out.completion_tokens}}
+
+
+def chat_prompt(state: State, messages: list[Message]) -> list[int]:
+    loaded = state.loaded
+    if not loaded.chat_template:
+        raise HTTPException(400, "the base model has no chat template; use /v1/completions")
+    text = render_chat(loaded.chat_template, [m.model_dump() for m in messages], add_generation_prompt=True,
+                       **loaded.tokenizer.special_tokens)
+    return state.generator.encode(text, add_special_tokens=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller):
+    adapter = resolve_adapter(state, caller, req.model)
+    params = sampling(state, req, req.max_completion_tokens or req.max_tokens)
+    ids = chat_prompt(state, req.messages)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        async def chunks():
+            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            async for piece in state.generator.run(ids, adapter, params, stops(req)):
+                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                       "choices": [{"index": 0, "delta": {"content": piece.text} if piece.text else {},
+                                    "finish_reason": piece.finish_reason}]}
+        return sse(chunks())
+    out = await state.generator.complete(ids, adapter, params, stops(req))
+    return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                         "finish_reason": out.finish_reason}],
+            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                      "total_tokens": out.prompt_tokens + out.completion_tokens}}

@@ -1,0 +1,86 @@
+"""`create_app(settings)`: the composition root. The lifespan loads the base model, builds the engine (its
+step thread running), the adapter registry (store scanned, preloads loaded) and the text generator, and
+stops the engine on shutdown. Routes live in `api/`; they reach these objects through `api.deps`."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Optional
+
+import torch
+from fastapi import FastAPI, Request
+
+from service.api import admin, errors, health, native, openai
+from service.api.deps import State
+from service.api.errors import error_response
+from service.engine import Engine, EngineConfig
+from service.generation import TextGenerator
+from service.metrics import Metrics
+from service.model import LoadedModel, load_model
+from service.model.decoder import Decoder
+from service.model.dtype import default_device, parse_dtype
+from service.registry import AdapterRegistry
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("adapter_serve")
+
+
+def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> State:
+    device = default_device() if settings.device == "auto" else torch.device(settings.device)
+    dtype = parse_dtype(settings.dtype, device)
+    loaded = loaded or load_model(settings.model)
+    model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,
+                                    max_positions=settings.max_seq_len)
+    engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+                                        max_batch_tokens=settings.max_batch_tokens,
+                                        prefill_chunk=settings.prefill_chunk, max_waiting=settings.max_waiting),
+                    eos_token_ids=loaded.tokenizer.eos_token_ids)
+    metrics = Metrics(settings.metrics_max_adapter_labels)
+    engine.step_listeners.append(lambda stats: metrics.engine_step(
+        stats.sequences, stats.tokens, engine.num_running, engine.num_waiting,
+        1 - engine.cache.free_slots / engine.cache.num_slots))
+    registry = AdapterRegistry(model, engine.call_between_steps, settings.adapter_dir,
+                               max_device_adapters=settings.max_device_adapters,
+                               max_cpu_adapters=settings.max_cpu_adapters, max_lora_rank=settings.max_lora_rank,
+                               max_adapter_bytes=settings.max_adapter_bytes,
+                               max_archive_bytes=settings.max_archive_bytes, preload=settings.preload_adapters,
+                               events=metrics)
+    generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)
+    model_id = settings.served_model_name or loaded.name
+    return State(settings, loaded, engine, registry, generator, metrics, model_id)
+
+
+def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel] = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.auth_enabled:
+            log.warning("No API keys configured: every route is open. Set ADAPTER_SERVE_API_KEYS and "
+                        "ADAPTER_SERVE_ADMIN_KEY before exposing the service beyond this machine.")
+        state = build_state(settings, loaded)
+        app.state.serving = state
+        state.engine.start()
+        await state.registry.scan()
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.engine.stop()
+            await state.registry.drain()
+
+    app = FastAPI(title="adapter-serving", version="0.1.0", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return error_response(413, f"request body over {settings.max_body_bytes} bytes")
+        return await call_next(request)
+
+    errors.install(app)
+    for module in (openai, native, admin, health):
+        app.include_router(module.router)
+    return app

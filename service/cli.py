@@ -1,0 +1,33 @@
+"""`adapter-serve` (also `python -m service`): start uvicorn with the app; flags override `ADAPTER_SERVE_*`."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from service.settings import Settings
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="adapter-serve", description="Serve many adapters on one base model.")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--model", help="GGUF file, HF folder or hub repo id (default: embedded SmolLM2)")
+    parser.add_argument("--adapter-dir")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device")
+    parser.add_argument("--max-batch-size", type=int)
+    parser.add_argument("--max-seq-len", type=int)
+    parser.add_argument("--max-device-adapters", type=int)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    from service.app import create_app
+    print(f"adapter-serve: listening on http://{settings.host}:{settings.port} (model: "
+          f"{settings.model or 'embedded SmolLM2-135M-Instruct'})", flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

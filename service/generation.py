@@ -1,0 +1,105 @@
+"""Text in, text out: the glue between the HTTP routes and the token-level engine.
+
+`TextGenerator.run` takes a prompt (text or token ids), an adapter name and sampling settings, holds a
+registry lease on the adapter for the request's whole life, streams `Piece`s of detokenised text
+(stop strings applied where the text is known), and records the request's metrics at the end. The API
+layer never touches tensors; the engine never sees text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from service.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+from service.metrics import Metrics
+from service.model.stop_strings import StopStringMatcher
+from service.model.tokenizer import IncrementalDecoder, Tokenizer
+from service.registry import AdapterRegistry
+from service.registry_errors import Invalid
+
+
+@dataclass
+class Piece:
+    text: str
+    token_id: Optional[int] = None
+    logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Optional[float]] = field(default_factory=list)
+
+
+class TextGenerator:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, registry: AdapterRegistry, metrics: Metrics,
+                 max_prompt_tokens: int):
+        self.engine, self.tokenizer, self.registry, self.metrics = engine, tokenizer, registry, metrics
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens)
+        if not ids:
+            raise Invalid("the prompt is empty", status=400)
+        if len(ids) > self.max_prompt_tokens:
+            raise Invalid(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", status=400)
+        return ids
+
+    async def run(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
+                  stop: list[str] = ()) -> AsyncIterator[Piece]:
+        lease = await self.registry.acquire(adapter) if adapter else None
+        arrival = time.monotonic()
+        times: list[float] = []
+        outcome = "error"
+        try:
+            try:
+                request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
+                self.engine.validate(request)
+            except ValueError as exc:
+                raise Invalid(str(exc), status=400) from exc
+            decoder = IncrementalDecoder(self.tokenizer)
+            matcher = StopStringMatcher(stop)
+            async for event in self.engine.stream(request):
+                if event.token_id is not None:
+                    times.append(time.monotonic())
+                    text, stopped = matcher.feed(decoder.push(event.token_id))
+                    if stopped:
+                        outcome = "success"
+                        yield Piece(text, event.token_id, event.logprob, "stop")
+                        return
+                    yield Piece(text, event.token_id, event.logprob)
+                if event.finish_reason is not None:
+                    if event.finish_reason == FinishReason.ERROR:
+                        raise RuntimeError(event.error or "generation failed")
+                    tail, _ = matcher.feed(decoder.flush())
+                    tail += matcher.flush()
+                    outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
+                    reason = "length" if event.finish_reason == FinishReason.LENGTH else "stop"
+                    yield Piece(tail, finish_reason=reason)
+                    return
+        except GeneratorExit:
+            outcome = "cancelled"
+            raise
+        finally:
+            if lease is not None:
+                self.registry.release(lease)
+            self.metrics.request_finished(adapter, outcome, len(prompt_ids), times, arrival, time.monotonic())
+
+    async def complete(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
+                       stop: list[str] = ()) -> Completion:
+        text, ids, logprobs, reason = [], [], [], "stop"
+        async for piece in self.run(prompt_ids, adapter, params, stop):
+            text.append(piece.text)
+            if piece.token_id is not None:
+                ids.append(piece.token_id)
+                logprobs.append(piece.logprob)
+            if piece.finish_reason:
+                reason = piece.finish_reason
+        return Completion("".join(text), len(prompt_ids), len(ids), reason, ids, logprobs)
