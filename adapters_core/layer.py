@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .matching import is_conv1d
+from .stack import stacked_forward
 
 LORA_KINDS = ("LORA", "ADALORA")
 
@@ -344,8 +345,6 @@ class AdapterLayer(nn.Module):
         return result.to(result_dtype)
 
     def stack_forward(self, x: torch.Tensor, mapping, *args, **kwargs) -> torch.Tensor:
-        from .stack import stacked_forward
-
         if self.merged_adapters:
             raise ValueError("mixed batches cannot run while adapters are merged; unmerge first")
         return stacked_forward(self, x, mapping, *args, **kwargs)

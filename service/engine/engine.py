@@ -11,6 +11,7 @@ next step); `generate()` runs a batch to completion in the calling thread (tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import Future
 import time
@@ -215,7 +216,7 @@ class Engine:
         # With adapters on the model, base requests need the mapping too (slot 0), or the plain forward
         # would apply whatever adapter is "active" in the PEFT sense.
         if not getattr(self.model, "peft_config", None):
-            return _nothing()
+            return contextlib.nullcontext()
         return ac.token_batch(self.model, slot_t, sync=sync)
 
     def _stop_reason(self, state: RequestState, token: int) -> Optional[FinishReason]:
@@ -290,11 +291,3 @@ def _run_into(fn: Callable[[], object], future: Future) -> None:
         future.set_result(fn())
     except BaseException as exc:  # handed to the caller through the future
         future.set_exception(exc)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

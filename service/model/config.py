@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # rope_scaling["rope_type"] values passed through to the decoder, with HF's parameter names unchanged.
-SUPPORTED_ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("linear", "llama3", "yarn")    # what rope.py computes; "dynamic"/"longrope" are refused
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 32768, "qwen2": 32768}
 
 

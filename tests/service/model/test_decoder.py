@@ -89,7 +89,6 @@ def test_step_path_equals_plain_forward():
 
 
 def test_unsupported_rope_type_fails_at_load():
-    config = ModelConfig.from_hf_dict(transformers.LlamaConfig(**SMALL, rope_parameters=dict(
-        rope_type="dynamic", factor=2.0, rope_theta=10000.0)).to_dict())
+    hf = transformers.LlamaConfig(**SMALL, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
     with pytest.raises(ValueError, match="dynamic"):
-        Decoder(config)
+        Decoder(ModelConfig.from_hf_dict(hf.to_dict()))
