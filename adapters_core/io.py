@@ -40,6 +40,18 @@ def resolve_adapter_dir(path_or_repo_id: str, revision: Optional[str] = None) ->
         raise AdapterConfigError(f"cannot find adapter {path_or_repo_id!r} locally or on the hub: {exc}") from exc
 
 
+def load_pickled_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A `torch.save`d dict of tensors, unpickled only with `weights_only=True` (no code can run)."""
+    name = os.path.basename(path)
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise AdapterWeightsError(f"{name} cannot be loaded safely (weights_only=True): {exc}") from exc
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise AdapterWeightsError(f"{name} does not hold a dict of tensors")
+    return weights
+
+
 @torch.inference_mode(False)
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     st_path = os.path.join(directory, SAFETENSORS_NAME)
@@ -50,13 +62,7 @@ def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterWeightsError(f"{SAFETENSORS_NAME} is unreadable or truncated: {exc}") from exc
     if os.path.isfile(bin_path):
-        try:
-            weights = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            raise AdapterWeightsError(f"{BIN_NAME} cannot be loaded safely (weights_only=True): {exc}") from exc
-        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-            raise AdapterWeightsError(f"{BIN_NAME} does not hold a dict of tensors")
-        return weights
+        return load_pickled_tensors(bin_path)
     raise AdapterWeightsError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {directory}")
 
 

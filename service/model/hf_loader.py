@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 
+from adapters_core.io import load_pickled_tensors
+
 from .config import ModelConfig
 from .loaded import LoadedModel, check_state_dict, check_vocab
 from .tokenizer import Tokenizer
@@ -140,10 +142,4 @@ def _load_safetensors(file: str) -> dict[str, torch.Tensor]:
 
 
 def _load_bin(file: str) -> dict[str, torch.Tensor]:
-    try:
-        weights = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"{file} cannot be loaded safely (weights_only=True): {exc}") from exc
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{file} does not hold a dict of tensors")
-    return weights
+    return load_pickled_tensors(file)        # weights_only=True; raises a ValueError naming the file
