@@ -1,6 +1,6 @@
 """Text in, text out: the glue between the HTTP routes and the token-level engine.
 
-`TextGenerator.run` takes a prompt (text or token ids), an adapter name and sampling settings, holds a
+`TextGenerator.start` takes a prompt (text or token ids), an adapter name and sampling settings, holds a
 registry lease on the adapter for the request's whole life, streams `Piece`s of detokenised text
 (stop strings applied where the text is known), and records the request's metrics at the end. The API
 layer never touches tensors; the engine never sees text.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Sequence
 
 from service.engine import Engine, FinishReason, GenerationRequest, SamplingParams
 from service.metrics import Metrics
@@ -52,21 +52,34 @@ class TextGenerator:
             raise Invalid(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", status=400)
         return ids
 
-    async def run(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
-                  stop: list[str] = ()) -> AsyncIterator[Piece]:
+    async def start(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
+                    stop: Sequence[str] = ()) -> AsyncIterator[Piece]:
+        """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
+        limits, full queue) raises here, before a streaming response has started. Returns the pieces."""
         lease = await self.registry.acquire(adapter) if adapter else None
-        arrival = time.monotonic()
-        times: list[float] = []
-        outcome = "error"
         try:
+            request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
             try:
-                request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
                 self.engine.validate(request)
             except ValueError as exc:
                 raise Invalid(str(exc), status=400) from exc
-            decoder = IncrementalDecoder(self.tokenizer)
-            matcher = StopStringMatcher(stop)
-            async for event in self.engine.stream(request):
+            events = self.engine.open_stream(request)
+        except BaseException:
+            if lease is not None:
+                self.registry.release(lease)
+            self.metrics.request_rejected(adapter, "rejected")
+            raise
+        return self._pieces(events, lease, adapter, len(prompt_ids), stop)
+
+    async def _pieces(self, events, lease, adapter: Optional[str], prompt_tokens: int,
+                      stop: Sequence[str]) -> AsyncIterator[Piece]:
+        arrival = time.monotonic()
+        times: list[float] = []
+        outcome = "error"
+        decoder = IncrementalDecoder(self.tokenizer)
+        matcher = StopStringMatcher(stop)
+        try:
+            async for event in events:
                 if event.token_id is not None:
                     times.append(time.monotonic())
                     text, stopped = matcher.feed(decoder.push(event.token_id))
@@ -88,14 +101,15 @@ class TextGenerator:
             outcome = "cancelled"
             raise
         finally:
+            await events.aclose()             # cancels the request in the engine if it is still running
             if lease is not None:
                 self.registry.release(lease)
-            self.metrics.request_finished(adapter, outcome, len(prompt_ids), times, arrival, time.monotonic())
+            self.metrics.request_finished(adapter, outcome, prompt_tokens, times, arrival, time.monotonic())
 
     async def complete(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
                        stop: list[str] = ()) -> Completion:
         text, ids, logprobs, reason = [], [], [], "stop"
-        async for piece in self.run(prompt_ids, adapter, params, stop):
+        async for piece in await self.start(prompt_ids, adapter, params, stop):
             text.append(piece.text)
             if piece.token_id is not None:
                 ids.append(piece.token_id)

@@ -82,10 +82,11 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
 @router.post("/generate_stream")
 async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
     adapter, params, ids = _prepare(req, state, caller)
+    pieces = await state.generator.start(ids, adapter, params, req.parameters.stop)
 
     async def body():
         text, count = [], 0
-        async for piece in state.generator.run(ids, adapter, params, req.parameters.stop):
+        async for piece in pieces:
             text.append(piece.text)
             count += piece.token_id is not None
             event = {"index": count, "token": {"id": piece.token_id if piece.token_id is not None else -1,

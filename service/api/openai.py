@@ -103,8 +103,10 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     ids = state.generator.encode(req.prompt)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
+        pieces = await state.generator.start(ids, adapter, params, stops(req))
+
         async def chunks():
-            async for piece in state.generator.run(ids, adapter, params, stops(req)):
+            async for piece in pieces:
                 yield {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                        "choices": [{"index": 0, "text": piece.text, "logprobs": None,
                                     "finish_reason": piece.finish_reason}]}
@@ -134,10 +136,12 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     ids = chat_prompt(state, req.messages)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
+        pieces = await state.generator.start(ids, adapter, params, stops(req))
+
         async def chunks():
             yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-            async for piece in state.generator.run(ids, adapter, params, stops(req)):
+            async for piece in pieces:
                 yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                        "choices": [{"index": 0, "delta": {"content": piece.text} if piece.text else {},
                                     "finish_reason": piece.finish_reason}]}

@@ -268,22 +268,36 @@ class Engine:
                 for state in list(self.running):
                     self._finish(state, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit `request` and yield its events as they come; cancelling the consumer cancels it."""
+    def open_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` now (so a full queue or a bad request raises here, before any response is sent)
+        and return an async iterator of its events; closing the iterator early cancels the request.
+        Call from a coroutine: events come back through the running event loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-        done = False
+
+        async def events() -> AsyncIterator[TokenEvent]:
+            done = False
+            try:
+                while True:
+                    event = await queue.get()
+                    yield event
+                    if event.finish_reason is not None:
+                        done = True
+                        return
+            finally:
+                if not done:
+                    self.cancel(request.request_id)
+        return events()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` and yield its events as they come; cancelling the consumer cancels it."""
+        events = self.open_stream(request)
         try:
-            while True:
-                event = await queue.get()
+            async for event in events:
                 yield event
-                if event.finish_reason is not None:
-                    done = True
-                    return
         finally:
-            if not done:
-                self.cancel(request.request_id)
+            await events.aclose()
 
 
 def _run_into(fn: Callable[[], object], future: Future) -> None:
