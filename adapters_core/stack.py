@@ -352,11 +352,15 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
     xs = mapping.to_segments(x.to(st.dtype))                                  # [G, L, in]
     a, b = st.gathered(mapping)
     h = torch.bmm(xs, a)                                                      # [G, L, R]
-    if mapping.layout == "rows" and st.bias is None and st.dora is None and result.dtype == st.dtype:
+    in_place = st.bias is None and st.dora is None and (mapping.layout == "rows" or mapping.scatter is None)
+    if in_place and result.dtype == st.dtype:
         # In place into the base output: no [B, S, out] temporary (the base output is ours to change).
         result.view(xs.shape[0], -1, result.shape[-1]).baddbmm_(h, b)
         return result
     d = torch.bmm(h, b)                                                       # [G, L, out]
+    if in_place:                                  # add_ casts fp32 adapter output into the bf16 base output
+        result.view(d.shape[0], -1, result.shape[-1]).add_(d)
+        return result
     delta = mapping.from_segments(d, result.shape)                            # like result
     if st.bias is not None:
         delta = delta + mapping.per_token(st.bias, delta)
