@@ -56,8 +56,9 @@ class TextGenerator:
                     stop: Sequence[str] = ()) -> AsyncIterator[Piece]:
         """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
         limits, full queue) raises here, before a streaming response has started. Returns the pieces."""
-        lease = await self.registry.acquire(adapter) if adapter else None
+        lease = None
         try:
+            lease = await self.registry.acquire(adapter) if adapter else None
             request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
             try:
                 self.engine.validate(request)

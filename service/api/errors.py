@@ -37,7 +37,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation(_: Request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
+        parts = [("the request body is not valid JSON" if e.get("type") == "json_invalid" else
+                  f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}") for e in exc.errors()]
         return error_response(422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
