@@ -56,7 +56,7 @@ class TextGenerator:
                     stop: Sequence[str] = ()) -> AsyncIterator[Piece]:
         """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
         limits, full queue) raises here, before a streaming response has started. Returns the pieces."""
-        lease = None
+        lease, arrival = None, time.monotonic()
         try:
             lease = await self.registry.acquire(adapter) if adapter else None
             request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
@@ -70,11 +70,10 @@ class TextGenerator:
                 self.registry.release(lease)
             self.metrics.request_rejected(adapter, "rejected")
             raise
-        return self._pieces(events, lease, adapter, len(prompt_ids), stop)
+        return self._pieces(events, lease, adapter, len(prompt_ids), stop, arrival)
 
-    async def _pieces(self, events, lease, adapter: Optional[str], prompt_tokens: int,
-                      stop: Sequence[str]) -> AsyncIterator[Piece]:
-        arrival = time.monotonic()
+    async def _pieces(self, events, lease, adapter: Optional[str], prompt_tokens: int, stop: Sequence[str],
+                      arrival: float) -> AsyncIterator[Piece]:
         times: list[float] = []
         outcome = "error"
         decoder = IncrementalDecoder(self.tokenizer)
