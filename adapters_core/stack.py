@@ -8,7 +8,8 @@ same few batched ops whatever the mix: gather the slots' A and B, two `bmm`s (th
 Punica's SGMV), and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots
 (zeros for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
 
-The per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is folded into the stacked A.
+The per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is folded into the stacked A; on the
+CPU, decode-shaped work on half-precision stacks is computed in fp32 (faster there, and more exact).
 Stacks are refreshed lazily and incrementally: `SlotTable.sync` rewrites an adapter's slot only when its
 tensors changed since the last copy (tracked by tensor identity and torch's in-place `_version`
 counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
@@ -147,10 +148,6 @@ class LayerStack:
         while n <= slot:
             n *= 2
         new_dtype = dtype if self.dtype is None else torch.promote_types(self.dtype, dtype)
-        if self.device.type == "cpu" and new_dtype in (torch.float16, torch.bfloat16):
-            # CPU kernels for small batched half-precision matmuls are slower than fp32 ones (measured: 2x
-            # for bf16 bmm at rank 16), and fp32 is the more exact of the two: compute adapters in fp32.
-            new_dtype = torch.float32
         new_rank = max(rank, self.rank)
         if n == self.n and new_dtype == self.dtype and new_rank == self.rank:
             return
@@ -188,14 +185,23 @@ class LayerStack:
                 self.clear(slot)
                 del self.slot_names[slot]
 
-    def gathered(self, mapping: "BatchMapping") -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B rows of the mapping's segments. Kept while the mapping's slots and the stack stay the
-        same: consecutive decode steps of the same requests then skip both gathers."""
+    def compute_dtype(self, tokens_per_segment: int) -> torch.dtype:
+        """fp32 for decode-shaped work on the CPU when the stack is half precision: CPU kernels for small
+        batched half-precision matmuls are slower than fp32 ones (measured 2x for bf16 `bmm` at rank 16
+        and one token per row), while for long segments the half-precision kernels win."""
+        if (self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16)
+                and tokens_per_segment <= 4):
+            return torch.float32
+        return self.dtype
+
+    def gathered(self, mapping: "BatchMapping", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B rows of the mapping's segments in `dtype`. Kept while the mapping's slots and the stack
+        stay the same: consecutive decode steps of the same requests then skip the gathers and casts."""
         key, version, a, b = self._gathered
-        if key != mapping.key or version != self.version:
-            a = self.A.index_select(0, mapping.seg_slots)                 # [G, in, R]
-            b = self.B.index_select(0, mapping.seg_slots)                 # [G, R, out]
-            self._gathered = (mapping.key, self.version, a, b)
+        if key != (mapping.key, dtype) or version != self.version:
+            a = self.A.index_select(0, mapping.seg_slots).to(dtype)       # [G, in, R]
+            b = self.B.index_select(0, mapping.seg_slots).to(dtype)       # [G, R, out]
+            self._gathered = ((mapping.key, dtype), self.version, a, b)
         return a, b
 
     @torch.no_grad()
@@ -291,6 +297,11 @@ class BatchMapping:
                 raise ValueError(f"token batch of {n} tokens, but a targeted layer got input of shape "
                                  f"{tuple(x.shape)}")
 
+    def tokens_per_segment(self, x: torch.Tensor) -> int:
+        if self.layout == "rows":
+            return x.numel() // max(1, x.shape[0] * x.shape[-1])
+        return self.seg_len
+
     def per_token(self, table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table [n_slots, F] -> each row/token's entry, broadcastable against `like` [..., F]."""
         picked = table.index_select(0, self.slots)                   # [B, F] or [N, F]
@@ -349,11 +360,12 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         result = (result.to(st.dtype) * mapping.per_token(st.ia3_out, result)).to(result_dtype)
     if st.A is None:
         return result
-    xs = mapping.to_segments(x.to(st.dtype))                                  # [G, L, in]
-    a, b = st.gathered(mapping)
+    dtype = st.compute_dtype(mapping.tokens_per_segment(x))
+    xs = mapping.to_segments(x.to(dtype))                                     # [G, L, in]
+    a, b = st.gathered(mapping, dtype)
     h = torch.bmm(xs, a)                                                      # [G, L, R]
     in_place = st.bias is None and st.dora is None and (mapping.layout == "rows" or mapping.scatter is None)
-    if in_place and result.dtype == st.dtype:
+    if in_place and result.dtype == dtype:
         # In place into the base output: no [B, S, out] temporary (the base output is ours to change).
         result.view(xs.shape[0], -1, result.shape[-1]).baddbmm_(h, b)
         return result
@@ -382,7 +394,7 @@ def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchM
     else:
         tok_slots = mapping.slots.view(ids.shape)
     h = st.A[tok_slots, ids]                                                   # [..., R]
-    d = torch.bmm(mapping.to_segments(h), st.B.index_select(0, mapping.seg_slots))  # [G, L, d]
+    d = torch.bmm(mapping.to_segments(h), st.B.index_select(0, mapping.seg_slots))  # [G, L, d] (stack dtype)
     delta = mapping.from_segments(d, result.shape)
     if st.dora is not None:
         g = mapping.per_token(st.dora, delta)
