@@ -68,6 +68,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.merged_adapters: list[str] = []
+        self._dora_norms: dict[str, torch.Tensor] = {}   # per merged DoRA adapter, for unmerging
         self.slot_table = None                  # set by injection; carries the mixed-batch mapping
         self.stack = None                       # stacked copies for mixed batches (stack.LayerStack)
 
@@ -362,29 +363,26 @@ class AdapterLayer(nn.Module):
             with torch.no_grad():
                 if kind == "IA3":
                     vec = self.ia3_l[name].data
-                    if self.ia3_feedforward[name]:
-                        factor = transpose(vec, self.fan_in_fan_out)
-                    else:
-                        factor = transpose(vec, self.fan_in_fan_out)
-                        bias = getattr(self.base_layer, "bias", None)
-                        if bias is not None:
-                            bias.copy_(torch.mul(bias, vec.view(bias.shape)))
-                    weight.copy_(torch.mul(weight, factor))
+                    bias = getattr(self.base_layer, "bias", None)
+                    if not self.ia3_feedforward[name] and bias is not None:
+                        bias.copy_(torch.mul(bias, vec.view(bias.shape)))
+                    weight.copy_(torch.mul(weight, transpose(vec, self.fan_in_fan_out)))
                 elif name in self.lora_magnitude_vector:
                     delta = self.get_delta_weight(name)
                     norm = self._weight_norm(delta).detach()
-                    self._dora_norms = getattr(self, "_dora_norms", {})
-                    self._dora_norms[name] = norm
-                    factor = self.lora_magnitude_vector[name].weight / norm
-                    factor = factor.view(-1, 1) if not self.fan_in_fan_out else factor.view(1, -1)
-                    if self.is_embedding:
-                        factor = factor.view(1, -1)
-                    weight.copy_(factor * (weight + delta))
+                    self._dora_norms[name] = norm          # unmerging needs the norm of the unmerged weight
+                    weight.copy_(self._dora_factor(name, norm) * (weight + delta))
                 else:
                     weight.add_(self.get_delta_weight(name))
                     if kind == "LORA" and not self.is_embedding and self.lora_B[name].bias is not None:
                         self.base_layer.bias.add_(self.lora_B[name].bias * self.scaling[name])
             self.merged_adapters.append(name)
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm shaped to scale the base weight's output-feature axis (rows, or columns for Conv1D and
+        Embedding, whose weights are stored transposed)."""
+        factor = self.lora_magnitude_vector[name].weight / norm
+        return factor.view(1, -1) if (self.fan_in_fan_out or self.is_embedding) else factor.view(-1, 1)
 
     def unmerge(self) -> None:
         weight = self.base_layer.weight
@@ -400,11 +398,7 @@ class AdapterLayer(nn.Module):
                     if not self.ia3_feedforward[name] and bias is not None:
                         bias.copy_(torch.div(bias, vec.view(bias.shape) + 1e-8))
                 elif name in self.lora_magnitude_vector:
-                    norm = self._dora_norms.pop(name)
-                    factor = self.lora_magnitude_vector[name].weight / norm
-                    factor = factor.view(-1, 1) if not self.fan_in_fan_out else factor.view(1, -1)
-                    if self.is_embedding:
-                        factor = factor.view(1, -1)
+                    factor = self._dora_factor(name, self._dora_norms.pop(name))
                     weight.copy_(weight / factor - self.get_delta_weight(name))
                 else:
                     weight.sub_(self.get_delta_weight(name))

@@ -18,7 +18,7 @@ from .config import AdaLoraConfig, LoraConfig
 from .errors import AdapterError
 from .injection import (_set_submodule, adapter_layers, inject_adapter_in_model, peft_configs, slot_table,
                         wrappers)
-from .management import _check_known, active_adapters
+from .management import _check_known, active_adapters, set_adapter
 
 
 def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
@@ -96,8 +96,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                      target_modules=targets, alpha_pattern={}, rank_pattern={})
     previous_active = active_adapters(model)
     inject_adapter_in_model(new_config, model, adapter_name)
-    from .management import set_adapter
-    set_adapter(model, previous_active) if previous_active else None
+    if previous_active:              # injecting made the new adapter active; PEFT keeps the previous ones
+        set_adapter(model, previous_active)
     with torch.no_grad():
         for _, layer in adapter_layers(model):
             if adapter_name not in layer.kind:

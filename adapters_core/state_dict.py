@@ -11,6 +11,7 @@ anything, and reports keys that fit no module as unexpected.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import NamedTuple, Optional
 
@@ -54,7 +55,6 @@ def _adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Mo
 def _embedding_is_targeted(config) -> bool:
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
-        import re
         return any(re.fullmatch(targets, f"x.{e}") or re.fullmatch(targets, e) for e in EMBEDDING_LAYER_NAMES)
     return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
 
