@@ -1,7 +1,7 @@
 """`PackedLinear`: an `nn.Linear` whose CPU forward uses a oneDNN-prepacked copy of its weight.
 
 Measured on the development CPU (AVX512-BF16) for SmolLM2's shapes at 16 rows, the prepacked bf16 kernel
-is 1.2-1.9x faster than `F.linear` and bit-identical to it, so the decoder's linears switch class after
+is 1.1-1.6x faster than `F.linear` and bit-identical to it, so the decoder's linears switch class after
 loading (`pack_linears`); parameters, names and state dicts are untouched, and adapters still wrap them.
 The packed copy is rebuilt whenever the weight tensor is replaced or changed in place (its storage
 pointer or version counter moves), e.g. by merging an adapter. fp32 is not packed by default: oneDNN's
