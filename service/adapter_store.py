@@ -1,11 +1,14 @@
 """`AdapterStore`: the registry's directory of adapters, written so that a crash never leaves half an adapter.
 
 Layout: `<root>/<name>/adapter_config.json`, `adapter_model.safetensors` and `registry.json` (source,
-created_at, pinned, served, sha256, size). A new adapter is built in `<root>/.tmp-<uuid>/` (files fsynced)
-and renamed into place in one `os.rename`; replacing first renames the old folder to
-`.trash-<uuid>.<name>`, and deleting renames to `.trash-<uuid>` before removing. So after a crash every
-`<name>` folder is complete, and `clean()` at start-up removes whatever `.tmp-*` / `.trash-*` was left
-(putting a replaced folder back if the crash came between a replace's two renames). Renames are quick
+created_at, pinned, served, sha256, size). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every
+file and the folder fsynced) and renamed into place in one `os.rename`; replacing first renames the old
+folder to `.trash-<uuid>.<name>` and, once the new one is in place, drops the name from the trash, so
+only a crash between those two renames finds a named trash and no `<name>`; deleting renames to
+`.trash-<uuid>` before removing. So after a crash every `<name>` folder is complete, and `clean()` at
+start-up removes whatever `.tmp-*` / `.trash-*` / half-written `registry.json` was left (putting a replaced
+folder back if the crash came between a replace's renames). Every rename is followed by an fsync of the
+folder that holds it, so the order survives a power cut too, not only a killed process. Renames are quick
 and are called from the event loop, so they are ordered with the registry's bookkeeping; copying,
 hashing and removing trees are slow and run in worker threads.
 """
@@ -30,6 +33,7 @@ from .registry_errors import Invalid, NotFound, TooLarge
 
 META_NAME = "registry.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
+META_TMP_SUFFIX = ".tmp"                # registry.json.<uuid>.tmp: a metadata rewrite not yet renamed over
 
 
 def _fsync_dir(path: str) -> None:
@@ -116,9 +120,10 @@ class AdapterStore:
     # ----- metadata ---------------------------------------------------------------------------------------
     def write_meta(self, folder: str, meta: dict[str, Any]) -> None:
         """Replace `registry.json` atomically (write aside, then rename over)."""
-        tmp = os.path.join(folder, f"{META_NAME}.{uuid.uuid4().hex}.tmp")
+        tmp = os.path.join(folder, f"{META_NAME}.{uuid.uuid4().hex}{META_TMP_SUFFIX}")
         _write(tmp, json.dumps(meta, indent=2, sort_keys=True).encode())
         os.replace(tmp, os.path.join(folder, META_NAME))
+        _fsync_dir(folder)
 
     def read_meta(self, folder: str) -> Optional[dict[str, Any]]:
         try:
@@ -143,11 +148,25 @@ class AdapterStore:
             raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {exc}") from exc
 
     # ----- moving folders -----------------------------------------------------------------------------------
+    def seal(self, staging: str) -> None:
+        """Worker thread: fsync every staged file and the staging folder, so the rename that publishes it
+        never publishes data still only in the page cache (whichever way the files were written)."""
+        for entry in os.listdir(staging):
+            with open(os.path.join(staging, entry), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(staging)
+
     def commit(self, name: str, staging: str) -> Optional[str]:
         """Move `staging` to `<root>/<name>`; an existing folder goes to the trash first (returned). The
-        trash of a replace keeps the name, so a crash between the two renames loses nothing (see clean)."""
+        trash of a replace keeps the name until the new folder is in place, so a crash between the two
+        renames loses nothing (see clean); then the name is dropped, so that trash can never come back
+        later, e.g. when `<name>` is deleted before the trash is removed and the process dies."""
         trash = self.trash(name, keep_name=True)
         os.rename(staging, self.path(name))
+        if trash is not None:
+            unnamed = trash[:trash.rindex(f".{name}")]
+            os.rename(trash, unnamed)
+            trash = unnamed
         _fsync_dir(self.root)
         return trash
 
@@ -159,6 +178,7 @@ class AdapterStore:
             os.rename(self.path(name), trash)
         except FileNotFoundError:
             return None
+        _fsync_dir(self.root)
         return trash
 
     @staticmethod
@@ -167,8 +187,9 @@ class AdapterStore:
             shutil.rmtree(path, ignore_errors=True)
 
     def clean(self) -> list[str]:
-        """Remove `.tmp-*` and `.trash-*` leftovers of a crash; return what was removed. A replaced folder
-        whose name is empty (the crash fell between a replace's two renames) is put back instead."""
+        """Remove `.tmp-*` and `.trash-*` leftovers of a crash and half-written `registry.json` rewrites;
+        return what was removed. A replaced folder whose name is empty (the crash fell between a replace's
+        two renames) is put back instead."""
         removed = []
         for entry in sorted(os.listdir(self.root)):
             path = os.path.join(self.root, entry)
@@ -176,10 +197,16 @@ class AdapterStore:
                 name = entry[len(TRASH_PREFIX):].split(".", 1)[1]
                 if not os.path.exists(self.path(name)) and self._complete(path):
                     os.rename(path, self.path(name))
+                    _fsync_dir(self.root)
                     continue
             if entry.startswith((TMP_PREFIX, TRASH_PREFIX)):
                 self.remove(path)
                 removed.append(entry)
+            elif os.path.isdir(path):
+                for inner in os.listdir(path):
+                    if inner.startswith(f"{META_NAME}.") and inner.endswith(META_TMP_SUFFIX):
+                        os.remove(os.path.join(path, inner))
+                        removed.append(f"{entry}/{inner}")
         return removed
 
     @staticmethod

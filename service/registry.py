@@ -254,7 +254,7 @@ class AdapterRegistry:
         return record
 
     def _prepare(self, staging: str, stage: Callable[[str], Any], source: dict) -> tuple[ValidatedAdapter, dict]:
-        """Worker thread: write the files to `staging`, validate, normalise to safetensors, write metadata."""
+        """Worker thread: write the files to `staging`, validate, normalise to safetensors, write metadata, seal."""
         stage(staging)
         validated = self.validator.validate(staging)
         if validated.weights_name != SAFETENSORS_NAME:
@@ -263,6 +263,7 @@ class AdapterRegistry:
         meta = {"source": source, "created_at": time.time(), "pinned": False, "served": True,
                 "sha256": sha256, "size": size}
         self.store.write_meta(staging, meta)
+        self.store.seal(staging)
         return validated, meta
 
     def _commit(self, name: str, staging: str, validated: ValidatedAdapter, meta: dict,
