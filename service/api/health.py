@@ -24,7 +24,7 @@ def ready(state: StateDep):
     return {"status": "ready", "model": state.model_id}
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
 def metrics(state: StateDep):
     state.metrics.set_tiers(state.registry.tier_counts())
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

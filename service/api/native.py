@@ -15,6 +15,7 @@ from service.engine import SamplingParams
 from .deps import InferenceCaller, StateDep
 
 router = APIRouter()
+SSE = {200: {"content": {"text/event-stream": {}}}}     # streaming routes answer with server-sent events
 
 
 class Parameters(BaseModel):
@@ -58,7 +59,7 @@ def _prepare(req: GenerateRequest, state, caller):
     return adapter, params, state.generator.encode(req.inputs)
 
 
-@router.post("/")
+@router.post("/", responses=SSE)
 async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
     """TGI's compatibility route (what `huggingface_hub.InferenceClient(base_url=...)` calls)."""
     if req.stream:
@@ -79,7 +80,7 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
     return body
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", responses=SSE)
 async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
     adapter, params, ids = _prepare(req, state, caller)
     pieces = await state.generator.start(ids, adapter, params, req.parameters.stop)

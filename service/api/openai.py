@@ -21,6 +21,7 @@ from service.model.chat_template import render_chat
 from .deps import InferenceCaller, State, StateDep
 
 router = APIRouter()
+SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
 
 
 class _Common(BaseModel):
@@ -96,7 +97,7 @@ def list_models(state: StateDep, caller: InferenceCaller):
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=SSE)
 async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller):
     adapter = resolve_adapter(state, caller, req.model)
     params = sampling(state, req, req.max_tokens)
@@ -129,7 +130,7 @@ def chat_prompt(state: State, messages: list[Message]) -> list[int]:
     return state.generator.encode(text, add_special_tokens=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=SSE)
 async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller):
     adapter = resolve_adapter(state, caller, req.model)
     params = sampling(state, req, req.max_completion_tokens or req.max_tokens)
