@@ -8,6 +8,7 @@ layer never touches tensors; the engine never sees text.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence
@@ -18,6 +19,11 @@ from service.model.stop_strings import StopStringMatcher
 from service.model.tokenizer import IncrementalDecoder, Tokenizer
 from service.registry import AdapterRegistry
 from service.registry_errors import Invalid
+
+
+# The finish reason a client sees: "cancelled" only reaches one still listening, i.e. requests the server
+# stopped itself (a shutdown past its deadline).
+_REASONS = {FinishReason.LENGTH: "length", FinishReason.CANCELLED: "cancelled"}
 
 
 @dataclass
@@ -94,10 +100,10 @@ class TextGenerator:
                     tail, _ = matcher.feed(decoder.flush())
                     tail += matcher.flush()
                     outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
-                    reason = "length" if event.finish_reason == FinishReason.LENGTH else "stop"
+                    reason = _REASONS.get(event.finish_reason, "stop")
                     yield Piece(tail, finish_reason=reason)
                     return
-        except GeneratorExit:
+        except (GeneratorExit, asyncio.CancelledError):    # the consumer closed us or its task was cancelled
             outcome = "cancelled"
             raise
         finally:

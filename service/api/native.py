@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from service.engine import SamplingParams
 
 from .deps import InferenceCaller, StateDep
+from .disconnect import cancel_on_disconnect
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # streaming routes answer with server-sent events
@@ -24,7 +25,7 @@ class Parameters(BaseModel):
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, lt=2**64)     # what torch.Generator.manual_seed takes
     repetition_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     stop: list[str] = Field(default_factory=list)
@@ -60,17 +61,20 @@ def _prepare(req: GenerateRequest, state, caller):
 
 
 @router.post("/", responses=SSE)
-async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
+async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
     """TGI's compatibility route (what `huggingface_hub.InferenceClient(base_url=...)` calls)."""
     if req.stream:
         return await generate_stream(req, state, caller)
-    return [await generate(req, state, caller)]
+    out = await generate(req, state, caller, request)
+    return out if isinstance(out, Response) else [out]
 
 
 @router.post("/generate")
-async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
+async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
     adapter, params, ids = _prepare(req, state, caller)
-    out = await state.generator.complete(ids, adapter, params, req.parameters.stop)
+    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, req.parameters.stop))
+    if isinstance(out, Response):
+        return out
     body = {"generated_text": out.text}
     if req.parameters.details:
         body["details"] = {"finish_reason": out.finish_reason, "generated_tokens": out.completion_tokens,

@@ -1,7 +1,8 @@
 """OpenAI-compatible inference: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (with `stream`).
 
 `model` is the base model's id or an adapter's name, as in vLLM. Streaming answers are server-sent events
-ending with `data: [DONE]`; if the client goes away, the request is cancelled and its batch slot freed.
+ending with `data: [DONE]`; if the client goes away, streaming or not, the request is cancelled and its batch
+slot freed at the next engine step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 import uuid
 from typing import Any, Optional, Union
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -19,6 +20,7 @@ from service.engine import SamplingParams
 from service.model.chat_template import render_chat
 
 from .deps import InferenceCaller, State, StateDep
+from .disconnect import cancel_on_disconnect
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
@@ -30,7 +32,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, lt=2**64)     # what torch.Generator.manual_seed takes
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: Optional[Union[str, list[str]]] = None
@@ -98,7 +100,7 @@ def list_models(state: StateDep, caller: InferenceCaller):
 
 
 @router.post("/v1/completions", responses=SSE)
-async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller):
+async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller, request: Request):
     adapter = resolve_adapter(state, caller, req.model)
     params = sampling(state, req, req.max_tokens)
     ids = state.generator.encode(req.prompt)
@@ -112,7 +114,9 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
                        "choices": [{"index": 0, "text": piece.text, "logprobs": None,
                                     "finish_reason": piece.finish_reason}]}
         return sse(chunks())
-    out = await state.generator.complete(ids, adapter, params, stops(req))
+    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, stops(req)))
+    if isinstance(out, Response):
+        return out
     logprobs = {"tokens": [state.loaded.tokenizer.decode([t], False) for t in out.token_ids],
                 "token_logprobs": out.logprobs} if req.logprobs else None
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
@@ -131,7 +135,7 @@ def chat_prompt(state: State, messages: list[Message]) -> list[int]:
 
 
 @router.post("/v1/chat/completions", responses=SSE)
-async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller):
+async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller, request: Request):
     adapter = resolve_adapter(state, caller, req.model)
     params = sampling(state, req, req.max_completion_tokens or req.max_tokens)
     ids = chat_prompt(state, req.messages)
@@ -147,7 +151,9 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
                        "choices": [{"index": 0, "delta": {"content": piece.text} if piece.text else {},
                                     "finish_reason": piece.finish_reason}]}
         return sse(chunks())
-    out = await state.generator.complete(ids, adapter, params, stops(req))
+    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, stops(req)))
+    if isinstance(out, Response):
+        return out
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                          "finish_reason": out.finish_reason}],

@@ -99,6 +99,16 @@ class Engine:
             self._cancels.add(request_id)
             self._lock.notify()
 
+    def cancel_all(self) -> Future:
+        """Cancel every queued and running request (a shutdown past its deadline): each ends with
+        `FinishReason.CANCELLED` at the next step. Marked on the engine's thread, which owns those lists."""
+        def mark() -> int:
+            with self._lock:
+                ids = {s.request.request_id for s in (*self.running, *self.waiting, *self._inbox)}
+                self._cancels |= ids
+            return len(ids)
+        return self.call_between_steps(mark)
+
     def call_between_steps(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine's thread between two steps (or at once, in this thread, when no loop runs).
         Everything that changes the model (loading or removing adapters) goes through here, so a forward
@@ -281,9 +291,9 @@ class Engine:
             try:
                 while True:
                     event = await queue.get()
+                    done = event.finish_reason is not None    # set before yielding: a consumer may stop here
                     yield event
-                    if event.finish_reason is not None:
-                        done = True
+                    if done:
                         return
             finally:
                 if not done:
