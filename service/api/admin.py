@@ -12,8 +12,16 @@ from .deps import AdminCaller, StateDep
 
 router = APIRouter()
 
+_FILE = {"type": "string", "format": "binary"}
+# The upload is read with `request.form()` (so size limits apply while parsing); this documents the form.
+UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                   "adapter_config.json": _FILE, "adapter_model.safetensors": _FILE, "adapter_model.bin": _FILE,
+                   "archive": _FILE}}}}}}
 
-@router.post("/admin/adapters", status_code=201)
+
+@router.post("/admin/adapters", status_code=201, openapi_extra=UPLOAD_FORM)
 async def upload(request: Request, state: StateDep, _: AdminCaller, replace: bool = False):
     form = await request.form(max_part_size=state.settings.max_body_bytes)
     name = form.get("name")

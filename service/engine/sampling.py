@@ -70,7 +70,8 @@ class RequestSampler:
             if p.top_p < 1.0:
                 sorted_logits, order = torch.sort(scaled, descending=True)
                 cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-                remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p   # keep the first token
+                remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
+                remove[0] = False      # the most likely token stays even when top_p rounds to 0 in float32
                 scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
             probs = torch.softmax(scaled, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
