@@ -1,10 +1,9 @@
-"""`adapter-serve` (also `python -m service`): start uvicorn with the app; flags override `ADAPTER_SERVE_*`."""
+"""`adapter-serve` (also `python -m service`): start uvicorn with the app; flags override `ADAPTER_SERVE_*`.
+SIGTERM drains gracefully (see `service/server.py`) and the process exits 0."""
 
 from __future__ import annotations
 
 import argparse
-
-import uvicorn
 
 from service.settings import Settings
 
@@ -20,13 +19,16 @@ def main(argv=None) -> None:
     parser.add_argument("--max-batch-size", type=int)
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--max-device-adapters", type=int)
+    parser.add_argument("--shutdown-timeout", type=float, help="seconds running requests get after SIGTERM")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     from service.app import create_app
+    from service.server import GracefulServer
     print(f"adapter-serve: listening on http://{settings.host}:{settings.port} (model: "
           f"{settings.model or 'embedded SmolLM2-135M-Instruct'})", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    GracefulServer(create_app(settings), settings.shutdown_delay, settings.shutdown_timeout,
+                   host=settings.host, port=settings.port, log_level="info").run()
 
 
 if __name__ == "__main__":

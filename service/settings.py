@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     device: str = "auto"                       # auto | cpu | cuda
     dtype: str = "auto"                        # auto | float32 | bfloat16 | float16
 
+    # shutdown (SIGTERM): /ready turns 503 at once, the listener closes after shutdown_delay, running
+    # requests may finish until shutdown_timeout after the signal (Kubernetes' default grace period)
+    shutdown_delay: float = Field(0.0, ge=0)
+    shutdown_timeout: float = Field(30.0, ge=0)
+
     # engine
     max_batch_size: int = 16                   # running requests (KV cache slots)
     max_seq_len: int = 2048                    # prompt + generated tokens per request

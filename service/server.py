@@ -1,0 +1,62 @@
+"""`GracefulServer`: uvicorn's server with the shutdown a load balancer expects.
+
+On SIGTERM (or SIGINT) `/ready` answers 503 at once, while the listener still accepts, so a balancer stops
+sending traffic; `shutdown_delay` seconds later the listener closes and uvicorn waits for the open requests,
+which the engine keeps stepping (it drains, it does not drop). Whatever still runs `shutdown_timeout` seconds
+after the signal is cancelled in the engine, so those responses end properly with finish reason "cancelled"
+instead of being cut; then the lifespan stops the engine and the process exits 0. Uvicorn itself would raise
+the signal again after a graceful shutdown, ending the process with the signal's status instead of 0. A second
+signal closes the listener at once; a second SIGINT also skips the wait, as in uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from types import FrameType
+from typing import Optional
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("adapter_serve")
+RESPONSE_GRACE = 5.0      # seconds after the deadline for cancelled responses to reach their clients
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, app: FastAPI, shutdown_delay: float, shutdown_timeout: float, **config):
+        # uvicorn's own wait starts when the listener closes and is only a backstop behind our deadline
+        timeout = max(shutdown_timeout - shutdown_delay, 0) + RESPONSE_GRACE
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=timeout, **config))
+        self.fastapi_app, self.shutdown_delay, self.shutdown_timeout = app, shutdown_delay, shutdown_timeout
+        self.signalled_at: Optional[float] = None
+        self._deadline: Optional[asyncio.TimerHandle] = None
+
+    def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
+        if self.signalled_at is not None:
+            self.should_exit = True
+            self.force_exit = self.force_exit or sig == signal.SIGINT
+            return
+        self.signalled_at = time.monotonic()
+        state = getattr(self.fastapi_app.state, "serving", None)
+        if state is not None:
+            state.ready = False
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.signalled_at is not None:
+            if self._deadline is None:
+                log.info("Draining: /ready is 503; closing the listener in %.1f s; running requests have "
+                         "%.1f s", self.shutdown_delay, self.shutdown_timeout)
+                remaining = self.signalled_at + self.shutdown_timeout - time.monotonic()
+                self._deadline = asyncio.get_running_loop().call_later(max(remaining, 0), self._cancel_running)
+            if time.monotonic() >= self.signalled_at + self.shutdown_delay:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+    def _cancel_running(self) -> None:
+        state = getattr(self.fastapi_app.state, "serving", None)
+        if state is not None:
+            state.engine.cancel_all().add_done_callback(
+                lambda done: log.warning("Shutdown deadline: cancelled %s request(s)", done.result()))
