@@ -66,6 +66,10 @@ class AdapterSummary:
     def of(cls, config: ac.AdapterConfig) -> "AdapterSummary":
         """Rank is the largest any module gets: LoRA's `r` or a `rank_pattern` value, AdaLoRA's `init_r`."""
         targets = config.target_modules
+        if targets is not None and not isinstance(targets, str) and not (
+                isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) for t in targets)):
+            raise Invalid(f"{CONFIG_NAME}: target_modules must be a module name, a regex or a list of names, "
+                          f"not {targets!r}")
         targets = [targets] if isinstance(targets, str) else list(targets or [])
         try:
             if isinstance(config, ac.AdaLoraConfig):

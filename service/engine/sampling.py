@@ -14,6 +14,10 @@ from typing import Optional
 import torch
 
 
+# Temperatures this small sample the argmax anyway, and dividing by them overflows the logits to inf
+# (softmax then gives NaN): treat them as greedy, as vLLM does with its 1e-5 epsilon.
+GREEDY_BELOW = 1e-5
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -60,7 +64,7 @@ class RequestSampler:
         logprob = None
         if self.counts is not None:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             token = int(torch.argmax(logits))
         else:
             scaled = logits / p.temperature

@@ -43,10 +43,15 @@ def upload_folder(url: str, name: str, folder: Path) -> httpx.Response:
     return upload(url, name, (folder / CONFIG).read_bytes(), (folder / WEIGHTS).read_bytes())
 
 
+STORED_FIELDS = ("name", "kind", "rank", "alpha", "targets", "size", "sha256", "source", "created_at", "served",
+                 "pinned")
+
+
 def listing(url: str) -> list[dict]:
+    """What the registry holds, without the usage counters and tiers that serving a request moves."""
     r = httpx.get(f"{url}/admin/adapters", timeout=T)
     assert r.status_code == 200, r.text
-    return r.json()["adapters"]
+    return [{k: a[k] for k in STORED_FIELDS} for a in r.json()["adapters"]]
 
 
 def still_serving(url: str, model: str) -> None:

@@ -4,7 +4,7 @@ Every operation gets generated requests, valid (positive) and invalid (negative)
 response must not be a 5xx, must have a documented status and content type, must match the documented
 schema (errors in OpenAI's `{"error": {...}}` shape), and invalid input must be refused. A refused request
 must leave the adapter registry as it was, and the server must still serve afterwards. The run is bounded
-and reproducible (`derandomize`); `REL_FUZZ_EXAMPLES` raises the examples per operation and mode, and
+and reproducible (a fixed seed); `REL_FUZZ_EXAMPLES` raises the examples per operation and mode, and
 `REL_FUZZ_RANDOM=1` draws fresh inputs instead of the fixed ones.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -29,8 +29,9 @@ from service.app import create_app
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("REL_FUZZ_EXAMPLES", "15"))
-DERANDOMIZE = os.environ.get("REL_FUZZ_RANDOM") != "1"
+EXAMPLES = int(os.environ.get("REL_FUZZ_EXAMPLES", "10"))
+# A fixed seed, so every run draws the same inputs (derandomize did not give repeatable runs here).
+SEED = None if os.environ.get("REL_FUZZ_RANDOM") == "1" else 20261125
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
 # The document the server will serve, read at collection time to make one test per operation.
@@ -67,7 +68,8 @@ def test_operation_conforms_to_its_schema(server, label, mode):
     registry_before = listing(server.url)
     statuses: Counter = Counter()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE, database=None,
+    @seed(SEED)
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
     @given(case=operation.as_strategy(generation_mode=mode), model=st.sampled_from([None, BASE, "fuzz-a"]))
     def fuzz(case, model):
