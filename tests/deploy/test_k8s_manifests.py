@@ -111,6 +111,9 @@ def test_probes_resources_user_and_store(variant):
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # SIGTERM: the listener closes after the delay, requests get until the timeout; the kubelet must wait longer.
+    assert pod["terminationGracePeriodSeconds"] > float(env["ADAPTER_SERVE_SHUTDOWN_DELAY"]["value"]) + float(
+        env["ADAPTER_SERVE_SHUTDOWN_TIMEOUT"]["value"])
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
     assert "memory" in container["resources"]["limits"]
     # The image's user (Dockerfile: useradd --uid 10001) and a group that may write the store's volume.
