@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from typing import Optional
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from service.api import admin, errors, health, native, openai
+from service.api.body_limit import BodyLimit
 from service.api.deps import State
-from service.api.errors import error_response
 from service.engine import Engine, EngineConfig
 from service.generation import TextGenerator
 from service.metrics import Metrics
@@ -73,13 +73,7 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
 
     app = FastAPI(title="adapter-serving", version="0.1.0", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error_response(413, f"request body over {settings.max_body_bytes} bytes")
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     for module in (openai, native, admin, health):
         app.include_router(module.router)
