@@ -10,6 +10,7 @@ cache and returns logits only where the engine will sample.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packed_linear import pack_linears
+from .packed_linear import PackedGroup, group_linears, pack_linears
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
 
@@ -69,9 +70,25 @@ class StepPlan:
             slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)
             lengths = torch.tensor([s.start + 1 for s in seqs], dtype=torch.long, device=device)
             max_len = int(lengths.max())
-            mask = torch.arange(max_len, device=device)[None, :] < lengths[:, None]       # [Bd, L]
+            visible = torch.arange(max_len, device=device)[None, :] < lengths[:, None]     # [Bd, L]
+            mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible,
+                                                                                              float("-inf"))
             self._decode_tensors[device] = (tokens, slots, lengths - 1, max_len, mask[:, None, None, :])
         return self._decode_tensors[device]
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence: q [Bd, H, D], keys/values [Bd, Hkv, L, D], additive mask [Bd, 1, 1, L]
+    -> [Bd, H, D]. Two batched matmuls and a softmax in fp32, the query heads grouped by their KV head as
+    transformers' `repeat_kv` pairs them. On the CPU this is 3-8x faster than `scaled_dot_product_attention`
+    for decode shapes (its flash kernel tiles for long queries), and at least as exact (fp32 scores)."""
+    bd, h, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.view(bd, hkv, h // hkv, d).to(torch.float32)                         # [Bd, Hkv, G, D]
+    scores = torch.matmul(qg, keys.to(torch.float32).transpose(-1, -2))         # [Bd, Hkv, G, L]
+    scores = scores.mul_(d ** -0.5).add_(mask)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.to(torch.float32))  # [Bd, Hkv, G, D]
+    return out.view(bd, h, d).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -87,12 +104,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.qkv_group: Optional[PackedGroup] = None           # set by `Decoder.group_projections`
 
     def _qkv(self, x: torch.Tensor, cos_sin):
         shape = x.shape[:-1]
-        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        with self.qkv_group.computing(x) if self.qkv_group is not None else nullcontext():
+            q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, cos_sin)
         return q, k, v
 
@@ -119,9 +138,8 @@ class Attention(nn.Module):
             v_cache[slots, :, last] = v.index_select(0, tokens)
             keys = k_cache[:, :, :max_len].index_select(0, slots)        # [Bd, Hkv, L, D]
             values = v_cache[:, :, :max_len].index_select(0, slots)
-            qd = q.index_select(0, tokens).unsqueeze(2)                  # [Bd, H, 1, D]
-            att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=True)
-            out.index_copy_(0, tokens, att.squeeze(2))
+            att = decode_attention(q.index_select(0, tokens), keys, values, mask)   # [Bd, H, D]
+            out.index_copy_(0, tokens, att)
         for i in plan.prefill:
             seq, off = plan.sequences[i], plan.offsets[i]
             end = seq.start + seq.length
@@ -145,9 +163,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_group: Optional[PackedGroup] = None       # set by `Decoder.group_projections`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        with self.gate_up_group.computing(x) if self.gate_up_group is not None else nullcontext():
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -209,7 +230,16 @@ class Decoder(nn.Module):
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         if pack:
             pack_linears(model)
+            model.group_projections()
         return model
+
+    def group_projections(self) -> None:
+        """Compute q/k/v and gate/up as one prepacked matmul each where they are packed (see packed_linear.py).
+        Call before injecting adapters: the groups hold the plain linears, which adapters then wrap."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_group = group_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up_group = group_linears([mlp.gate_proj, mlp.up_proj])
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
