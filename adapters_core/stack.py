@@ -243,6 +243,9 @@ class BatchMapping:
         self.gather: Optional[torch.Tensor] = None    # [G, L] token index per segment position
         self.scatter: Optional[torch.Tensor] = None   # [N] flat position of each token in [G * L]
         self.seg_len = 1
+        # Every row/token on the base model (slot 0): layers skip the adapter work, which for identity
+        # slots would add zeros at the full cost of gathering and multiplying them.
+        self.all_base = not bool(slots.any())
         if layout == "tokens":
             self._build_segments(segment_len)
         # Identifies the gather pattern, so layers can reuse gathered adapter rows across steps.
@@ -351,6 +354,8 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
     if layer.is_embedding:
         return _stacked_embedding(layer, st, x, mapping, *args, **kwargs)
     mapping.check(x, "features")
+    if mapping.all_base:
+        return layer.base_layer(x, *args, **kwargs)
     x_base = x
     if st.ia3_in is not None:
         x_base = (x.to(st.dtype) * mapping.per_token(st.ia3_in, x)).to(x.dtype)
@@ -387,7 +392,7 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
 def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchMapping, *args, **kwargs):
     mapping.check(ids, "ids")
     result = layer.base_layer(ids, *args, **kwargs)
-    if st.A is None:
+    if st.A is None or mapping.all_base:
         return result
     if mapping.layout == "rows":
         tok_slots = mapping.slots.view((-1,) + (1,) * (ids.dim() - 1)).expand_as(ids)

@@ -110,3 +110,21 @@ def test_segments_cover_every_token_once():
         torch.testing.assert_close(back, x)
         if m.gather is not None:                                 # every segment holds one slot only
             assert torch.equal(slots[m.gather], m.seg_slots[:, None].expand_as(m.gather))
+
+
+@pytest.mark.parametrize("layout", ["rows", "tokens"])
+def test_all_base_batch_skips_adapter_work_and_equals_base(layout):
+    model, names = _model()
+    ids = torch.randint(0, 50, (4, 3))
+    with torch.inference_mode():
+        with ac.mixed_batch(model, names):                  # stacks exist and hold every adapter
+            model(torch.zeros(len(names), 1, dtype=torch.long))
+        stacks = [m.stack for m in ac.injection.slot_table(model).modules if getattr(m, "stack", None)]
+        versions = [(s.version, s._gathered[0]) for s in stacks]
+        batch = (ac.mixed_batch(model, ["__base__"] * 4) if layout == "rows"
+                 else ac.token_batch(model, ["__base__"] * ids.numel()))
+        with batch:
+            out = model(ids if layout == "rows" else ids.view(1, -1))
+        base = _alone(model, ids, "__base__")
+    assert torch.equal(out.view_as(base), base)
+    assert [(s.version, s._gathered[0]) for s in stacks] == versions      # nothing gathered for slot 0
