@@ -202,8 +202,11 @@ class Engine:
                 logits = self.model.lm_head(hidden)
         finished = []
         now = time.monotonic()
+        greedy = [i for i, (state, _) in enumerate(sampled) if state.sampler.plain_greedy]
+        greedy_tokens = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist())) if greedy else {}
         for i, (state, _) in enumerate(sampled):
-            token, logprob = state.sampler.sample(logits[i])
+            token, logprob = ((greedy_tokens[i], None) if i in greedy_tokens
+                              else state.sampler.sample(logits[i]))
             if state.first_token_time is None:
                 state.first_token_time = now
             reason = self._stop_reason(state, token)

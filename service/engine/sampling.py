@@ -57,6 +57,13 @@ class RequestSampler:
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The token is the argmax of the raw logits (no penalties, no logprob): the engine then takes it
+        for all such requests of a step with one batched argmax instead of calling `sample`."""
+        p = self.params
+        return p.temperature < GREEDY_BELOW and self.counts is None and not p.logprobs
+
     def sample(self, logits: torch.Tensor) -> tuple[int, Optional[float]]:
         """logits [V] (any dtype, any device) -> (token id, its raw log-probability if asked)."""
         p = self.params

@@ -55,6 +55,19 @@ def test_generation_matches_plain_forward_greedy(model):
         assert out.token_ids == ids[len(req.prompt_ids):]
 
 
+def test_batched_greedy_argmax_equals_per_request_sampling(model):
+    """Plain greedy requests take one batched argmax per step; a greedy request asking for logprobs goes
+    through its own sampler: both give the same tokens for the same prompt and adapter."""
+    eng = engine(model)
+    reqs = [GenerationRequest(prompt(i % 3, 7), SamplingParams(max_tokens=10, temperature=0, logprobs=i >= 3),
+                              ADAPTERS[i % 3]) for i in range(6)]
+    assert [r.params.logprobs for r in reqs] == [False] * 3 + [True] * 3
+    outs = eng.generate(reqs)
+    for plain, with_logprobs in zip(outs[:3], outs[3:]):
+        assert plain.token_ids == with_logprobs.token_ids and len(plain.token_ids) == 10
+        assert all(lp is not None and lp <= 0 for lp in with_logprobs.logprobs)
+
+
 def test_chunked_prefill_does_not_change_results(model):
     long_prompt = prompt(42, 70)
     outs = []
