@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
