@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence
 
 from service.engine import Engine, FinishReason, GenerationRequest, SamplingParams
+from service.engine.engine import QueueFullError
 from service.metrics import Metrics
 from service.model.stop_strings import StopStringMatcher
 from service.model.tokenizer import IncrementalDecoder, Tokenizer
 from service.registry import AdapterRegistry
-from service.registry_errors import Invalid
+from service.registry_errors import Invalid, Unavailable
 
 
 # The finish reason a client sees: "cancelled" only reaches one still listening, i.e. requests the server
@@ -61,10 +62,16 @@ class TextGenerator:
     async def start(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
                     stop: Sequence[str] = ()) -> AsyncIterator[Piece]:
         """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
-        limits, full queue) raises here, before a streaming response has started. Returns the pieces."""
+        limits, full queue or no free device slot: 429) raises here, before a streaming response has
+        started. Returns the pieces."""
         lease, arrival = None, time.monotonic()
         try:
-            lease = await self.registry.acquire(adapter) if adapter else None
+            try:
+                lease = await self.registry.acquire(adapter) if adapter else None
+            except Unavailable as exc:
+                # every device slot holds an adapter of a request in flight: for this request that is the
+                # same back-pressure as a full queue, so it gets 429 with Retry-After, not a server error
+                raise QueueFullError(str(exc)) from exc
             request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
             try:
                 self.engine.validate(request)

@@ -21,7 +21,7 @@ from typing import Optional
 import uvicorn
 from fastapi import FastAPI
 
-log = logging.getLogger("adapter_serve")
+log = logging.getLogger("uvicorn.error")       # configured by uvicorn, so drain messages are printed
 RESPONSE_GRACE = 5.0      # seconds after the deadline for cancelled responses to reach their clients
 
 

@@ -15,6 +15,7 @@ class StepProbe:
         self.started = 0                              # steps begun so far
         self.after: list[tuple[int, set[str]]] = []   # (step number, ids running or waiting after it)
         self.cancel_asked: dict[str, int] = {}        # request id -> steps begun when cancel() was called
+        self.waiting: set[str] = set()                # ids waiting for a slot after the last step
         self._changed = threading.Condition()
         step, cancel = engine.step, engine.cancel
 
@@ -25,8 +26,10 @@ class StepProbe:
             try:
                 return step()
             finally:
-                held = {s.request.request_id for s in (*engine.running, *engine.waiting)}
+                waiting = {s.request.request_id for s in engine.waiting}
+                held = waiting | {s.request.request_id for s in engine.running}
                 with self._changed:
+                    self.waiting = waiting
                     self.after.append((number, held))
                     self._changed.notify_all()
 
