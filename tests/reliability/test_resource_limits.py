@@ -1,6 +1,7 @@
 """Resource exhaustion over a real server: the device tier holds at most `max_device_adapters` adapters
 (activating one more evicts the least recently used idle one; when every slot is held by a running
-request the next adapter is refused with a 503 naming the limit), and requests that ask for absurd
+request, a request for another adapter gets 429 with Retry-After and an activation 503, both naming the
+limit), and requests that ask for absurd
 resources (huge max_tokens, giant prompts and bodies, chunked bodies without a length, enormous ranks,
 adapters over `max_adapter_bytes`) get a 4xx, after which the server is healthy and still serves.
 """
@@ -65,11 +66,11 @@ def test_device_tier_evicts_the_least_recently_used_and_refuses_when_all_slots_a
         try:
             busy = {a["name"]: a["in_use"] for a in httpx.get(f"{url}/admin/adapters", timeout=T).json()["adapters"]}
             assert busy["b"] == 1 and busy["c"] == 1, busy
-            r = complete(url, "a")
-            assert r.status_code == 503, r.text
+            r = complete(url, "a")                     # a request: back-pressure, retry later
+            assert r.status_code == 429 and r.headers["retry-after"], r.text
             message = r.json()["error"]["message"]
             assert "max_device_adapters=2" in message and "'a'" in message, message
-            r = httpx.post(f"{url}/admin/adapters/a/activate", timeout=T)
+            r = httpx.post(f"{url}/admin/adapters/a/activate", timeout=T)       # an admin verb: unavailable
             assert r.status_code == 503 and "max_device_adapters=2" in r.text
             assert tiers(url) == {"a": "cpu", "b": "device", "c": "device"}     # the refusal moved nothing
         finally:
@@ -77,7 +78,7 @@ def test_device_tier_evicts_the_least_recently_used_and_refuses_when_all_slots_a
             for t in threads:
                 t.join(T)
         deadline = time.monotonic() + T
-        while (r := complete(url, "a")).status_code == 503 and time.monotonic() < deadline:
+        while (r := complete(url, "a")).status_code == 429 and time.monotonic() < deadline:
             time.sleep(0.1)                              # until the cancelled streams have given the slots back
         assert r.status_code == 200, r.text
         still_serving(url, "a")
