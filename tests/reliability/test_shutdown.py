@@ -97,10 +97,10 @@ def refused(url: str) -> bool:
 
 
 def test_sigterm_turns_unready_first_then_drains_and_exits_0(model_folder, tmp_path):
-    delay = 2.0
+    delay = 1.5
     with ServerProcess(tmp_path, model=model_folder, dtype="float32", shutdown_delay=delay,
-                       shutdown_timeout=60, max_tokens_limit=600) as server:
-        clients = start_clients(server, max_tokens=600)
+                       shutdown_timeout=60, max_tokens_limit=1200) as server:
+        clients = start_clients(server, max_tokens=1200)
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         ready = httpx.get(f"{server.url}/ready", timeout=10)
@@ -117,7 +117,7 @@ def test_sigterm_turns_unready_first_then_drains_and_exits_0(model_folder, tmp_p
         assert server.process.wait(60) == 0, server.output()
     for client in clients:
         assert client.error is None and client.status == 200, (client.error, server.output())
-        assert client.tokens_and_reason == (600, "length")
+        assert client.tokens_and_reason == (1200, "length")
         assert client.ended_at > closed
     assert all(c.done_marker for c in clients if c.stream)
 
