@@ -203,7 +203,7 @@ class Engine:
         finished = []
         now = time.monotonic()
         greedy = [i for i, (state, _) in enumerate(sampled) if state.sampler.plain_greedy]
-        greedy_tokens = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist())) if greedy else {}
+        greedy_tokens = dict(zip(greedy, logits[greedy].float().argmax(dim=-1).tolist())) if greedy else {}
         for i, (state, _) in enumerate(sampled):
             token, logprob = ((greedy_tokens[i], None) if i in greedy_tokens
                               else state.sampler.sample(logits[i]))
