@@ -124,6 +124,7 @@ class LayerStack:
         self.n = 0                                      # slots allocated
         self.version = 0                                # bumped on every change of the stacked tensors
         self._gathered: tuple = (None, -1, None, None)  # (mapping key, version, A rows, B rows)
+        self._buffers: dict[tuple, torch.Tensor] = {}    # (which, dtype) -> reused gather destination
         self.dtype: Optional[torch.dtype] = None
         self.device = layer.base_layer.weight.device
         # Stored transposed, so a gathered slice feeds bmm directly: x [G, L, in] @ A [G, in, R] @ B [G, R, out].
@@ -171,6 +172,7 @@ class LayerStack:
     def clear(self, slot: int) -> None:
         self.version += 1
         self._gathered = (None, -1, None, None)
+        self._buffers.clear()
         if slot >= self.n:
             return
         for attr, fill in (("A", 0.0), ("B", 0.0), ("bias", 0.0), ("dora", 1.0),
@@ -199,10 +201,26 @@ class LayerStack:
         stay the same: consecutive decode steps of the same requests then skip the gathers and casts."""
         key, version, a, b = self._gathered
         if key != (mapping.key, dtype) or version != self.version:
-            a = self.A.index_select(0, mapping.seg_slots).to(dtype)       # [G, in, R]
-            b = self.B.index_select(0, mapping.seg_slots).to(dtype)       # [G, R, out]
+            a = self._gather_into("A", mapping.seg_slots, dtype)          # [G, in, R]
+            b = self._gather_into("B", mapping.seg_slots, dtype)          # [G, R, out]
             self._gathered = ((mapping.key, dtype), self.version, a, b)
         return a, b
+
+    def _gather_into(self, which: str, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`stack[slots]` in `dtype`, written into a buffer kept from the last gather of the same shape:
+        a fresh tensor of this size (hundreds of MB over a model's layers for 16 rank-16 adapters) costs
+        page faults on every first touch, which made a step after a batch change several times slower."""
+        src = getattr(self, which)
+        shape = (slots.numel(),) + tuple(src.shape[1:])
+        out = self._buffers.get((which, dtype))
+        # An inference tensor (made under inference_mode) cannot be written outside of it: make a new one then.
+        if out is None or out.shape != shape or (out.is_inference() and not torch.is_inference_mode_enabled()):
+            out = self._buffers[(which, dtype)] = torch.empty(shape, dtype=dtype, device=src.device)
+        if src.dtype == dtype:
+            torch.index_select(src, 0, slots, out=out)
+        else:
+            out.copy_(src.index_select(0, slots))
+        return out
 
     @torch.no_grad()
     def write(self, slot: int, name: str) -> None:

@@ -128,3 +128,24 @@ def test_all_base_batch_skips_adapter_work_and_equals_base(layout):
         base = _alone(model, ids, "__base__")
     assert torch.equal(out.view_as(base), base)
     assert [(s.version, s._gathered[0]) for s in stacks] == versions      # nothing gathered for slot 0
+
+
+def test_gather_buffers_reused_across_mappings_keep_results_exact():
+    """Gathered adapter rows are written into buffers kept from the last gather of the same shape: a
+    sequence of different mappings (and leaving inference mode, whose tensors cannot be written outside
+    it) gives exactly what a fresh model gives for each."""
+    model, names = _model()
+    ids = torch.randint(0, 50, (6, 1))
+    mappings = [["lora", "dora", "bias", "emb", "ia3", "__base__"], ["emb", "lora", "__base__", "ia3", "dora", "bias"]]
+    outs = []
+    for i, names_ in enumerate(mappings + mappings[:1]):
+        mode = torch.inference_mode() if i < 2 else torch.no_grad()
+        with mode, ac.token_batch(model, names_):
+            outs.append(model(ids.view(1, -1))[0])
+    for names_, out in zip(mappings + mappings[:1], outs):
+        fresh, _ = _model()
+        with torch.no_grad(), ac.token_batch(fresh, names_):
+            assert torch.equal(out, fresh(ids.view(1, -1))[0])
+    assert not torch.equal(outs[0], outs[1])
+    stack = model.q_proj.stack
+    assert ("A", torch.float32) in stack._buffers and stack._gathered[2] is stack._buffers[("A", torch.float32)]
