@@ -38,11 +38,14 @@ class _Common(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     logprobs: Optional[Any] = None
+    # One choice per request: asking for more is refused (422 naming the field) rather than ignored.
+    n: int = Field(1, ge=1, le=1, description="number of choices; only 1 is supported")
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[int]]
     max_tokens: Optional[int] = Field(16, ge=1)
+    best_of: Optional[int] = Field(None, ge=1, le=1, description="only 1 (or null) is supported")
 
 
 class Message(BaseModel):
