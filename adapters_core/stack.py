@@ -211,15 +211,18 @@ class LayerStack:
         a fresh tensor of this size (hundreds of MB over a model's layers for 16 rank-16 adapters) costs
         page faults on every first touch, which made a step after a batch change several times slower."""
         src = getattr(self, which)
-        shape = (slots.numel(),) + tuple(src.shape[1:])
+        rows = torch.index_select(src, 0, slots, out=self._buffer(which, slots.numel(), src.dtype))
+        if src.dtype == dtype:
+            return rows
+        return self._buffer(which, slots.numel(), dtype).copy_(rows)
+
+    def _buffer(self, which: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+        src = getattr(self, which)
+        shape = (count,) + tuple(src.shape[1:])
         out = self._buffers.get((which, dtype))
         # An inference tensor (made under inference_mode) cannot be written outside of it: make a new one then.
         if out is None or out.shape != shape or (out.is_inference() and not torch.is_inference_mode_enabled()):
             out = self._buffers[(which, dtype)] = torch.empty(shape, dtype=dtype, device=src.device)
-        if src.dtype == dtype:
-            torch.index_select(src, 0, slots, out=out)
-        else:
-            out.copy_(src.index_select(0, slots))
         return out
 
     @torch.no_grad()

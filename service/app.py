@@ -4,6 +4,7 @@ stops the engine on shutdown. Routes live in `api/`; they reach these objects th
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 from typing import Optional
@@ -63,6 +64,10 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
         app.state.serving = state
         state.engine.start()
         await state.registry.scan()
+        # What start-up made (model, tokenizer, loader garbage) is collected once and then left out of
+        # every later collection, whose full passes would otherwise pause the engine thread mid-step.
+        gc.collect()
+        gc.freeze()
         state.ready = True
         try:
             yield
