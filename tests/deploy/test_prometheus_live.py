@@ -13,13 +13,11 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-import adapters_core as ac
+from lora_folders import save_random_lora
 from _deploy_files import PROMETHEUS_CONFIG, REPO, alert_rules, dashboard_targets, load_dashboard, load_yaml, \
     require_tool
 from _deploy_live_server import LiveServer
@@ -38,19 +36,6 @@ REFUSED = "parked"                               # registered, then deactivated:
 PROMPTS = ("Once upon a time", "The capital of France is", "def fibonacci(n):")
 # Grafana's built-in interval variables: windows long enough to cover the whole test's traffic.
 GRAFANA_INTERVALS = {"__rate_interval": "5m", "__interval": "15s", "__range": "5m"}
-
-
-def _make_adapter(model, folder: Path, name: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    ac.inject_adapter_in_model(ac.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False), model, name)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if f".{name}." in pname:
-                p.mul_(0.5)
-    ac.save_adapter(model, str(folder), name)
-    ac.delete_adapter(model, name)
-    return folder
 
 
 def _scrape_config(port: int) -> dict:
@@ -93,7 +78,7 @@ def stack(tmp_path_factory):
     loaded = load_model(None)
     root = tmp_path_factory.mktemp("live")
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    folders = {name: _make_adapter(model, root / "src" / name, name, seed)
+    folders = {name: save_random_lora(model, root / "src" / name, name, seed)
                for seed, name in enumerate(ADAPTERS + (REFUSED,), start=1)}
     settings = Settings(adapter_dir=str(root / "store"), dtype="float32", max_batch_size=4, max_seq_len=128,
                         max_device_adapters=2)

@@ -24,7 +24,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save
 
-import adapters_core as ac
+from lora_folders import save_random_lora
 from _server import LiveServer
 from service.app import create_app
 from service.metrics import BASE_LABEL, Metrics
@@ -49,27 +49,14 @@ def loaded():
     return load_model(None)
 
 
-def _make_adapter(model, folder: Path, name: str, seed: int, r: int = 4, targets=("q_proj", "v_proj")) -> Path:
-    torch.manual_seed(seed)
-    ac.inject_adapter_in_model(ac.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                             init_lora_weights=False), model, name)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if f".{name}." in pname:
-                p.mul_(0.5)
-    ac.save_adapter(model, str(folder), name)
-    ac.delete_adapter(model, name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(loaded, tmp_path_factory):
     """PEFT folders: `one` and `two` (rank 4, distinct weights) and `r8` (rank 8, over the shared server's limit)."""
     root = tmp_path_factory.mktemp("adapters")
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    return {"one": _make_adapter(model, root / "one", "one", seed=1),
-            "two": _make_adapter(model, root / "two", "two", seed=2),
-            "r8": _make_adapter(model, root / "r8", "r8", seed=3, r=8, targets=("q_proj",))}
+    return {"one": save_random_lora(model, root / "one", "one", seed=1),
+            "two": save_random_lora(model, root / "two", "two", seed=2),
+            "r8": save_random_lora(model, root / "r8", "r8", seed=3, r=8, targets=("q_proj",))}
 
 
 def _settings(adapter_dir, **kw) -> Settings:
