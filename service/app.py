@@ -4,6 +4,7 @@ stops the engine on shutdown. Routes live in `api/`; they reach these objects th
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
@@ -52,6 +53,17 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     return State(settings, loaded, engine, registry, generator, metrics, model_id)
 
 
+async def _rescan_every(registry: AdapterRegistry, seconds: float) -> None:
+    """Follow a store shared with other replicas: what they upload, replace, deactivate or delete takes
+    effect here within `seconds` (a failed pass is logged and retried at the next one)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await registry.rescan()
+        except Exception:  # a bad folder or a full disk must not end the loop
+            log.exception("adapter store rescan failed")
+
+
 def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel] = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -69,10 +81,14 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
         gc.collect()
         gc.freeze()
         state.ready = True
+        rescans = (asyncio.create_task(_rescan_every(state.registry, settings.store_rescan_seconds))
+                   if settings.store_rescan_seconds > 0 else None)
         try:
             yield
         finally:
             state.ready = False
+            if rescans is not None:
+                rescans.cancel()
             state.engine.stop()
             await state.registry.drain()
 

@@ -142,6 +142,15 @@ class AdapterRegistry:
         self._bind()
         return await self._shielded(self._locked(self._scan))
 
+    async def rescan(self) -> dict[str, list[str]]:
+        """Bring the registry in line with the store as other replicas sharing it left it: register folders
+        it does not know (tier stored), forget names whose folder is gone (freed at their last release, as a
+        delete), reload a name whose weights changed (a replace elsewhere), and take `served` / `pinned` from
+        each folder's metadata. Temp folders are left alone: another replica may be writing one right now.
+        Returns the names added, removed, changed and updated."""
+        self._bind()
+        return await self._shielded(self._locked(self._rescan))
+
     # ----- serving -----------------------------------------------------------------------------------------
     async def acquire(self, name: str) -> Lease:
         """A lease on `name` in the device tier; NotFound, Conflict (deactivated) or Unavailable (no slot)."""
@@ -311,9 +320,46 @@ class AdapterRegistry:
                 log.warning("preload: adapter %r cannot be loaded: %s", name, exc)
         return self.list()
 
-    def _read_store(self) -> list[tuple[str, AdapterSummary, dict]]:
-        """Worker thread: clean leftovers, then describe every complete folder (unreadable ones are skipped)."""
-        removed = self.store.clean()
+    async def _rescan(self) -> dict[str, list[str]]:
+        # Registrations commit on the event loop without the lock, so one may land while the store is read
+        # in the worker thread: only names whose record is the one seen before the read are changed here.
+        before = dict(self._records)
+        entries = await asyncio.to_thread(self._read_store, False)
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": []}
+        on_disk = set()
+        for name, summary, meta in entries:
+            on_disk.add(name)
+            record = self._records.get(name)
+            if record is None and name not in before:
+                self._records[name] = self._record(name, summary, meta, tier=STORED)
+                report["added"].append(name)
+            elif record is None or record is not before.get(name):
+                continue                               # deleted or replaced here meanwhile
+            elif record.sha256 != meta.get("sha256"):
+                self._retire(self._records.pop(name))
+                self._records[name] = self._record(name, summary, meta, tier=STORED)
+                report["changed"].append(name)
+            elif (record.served, record.pinned) != (bool(meta.get("served", True)), bool(meta.get("pinned"))):
+                record.served, record.pinned = bool(meta.get("served", True)), bool(meta.get("pinned"))
+                report["updated"].append(name)
+                if not record.served and not record.in_use:
+                    await self._unload(record)
+        for name, record in before.items():
+            if (name not in on_disk and self._records.get(name) is record
+                    and not os.path.isdir(self.store.path(name))):
+                del self._records[name]
+                self._retire(record)
+                self._emit("adapter_deleted", name)
+                report["removed"].append(name)
+        self._enforce_cpu_limit()
+        if any(report.values()):
+            log.info("adapter store rescan: %s", {k: v for k, v in report.items() if v})
+        return report
+
+    def _read_store(self, clean: bool = True) -> list[tuple[str, AdapterSummary, dict]]:
+        """Worker thread: clean leftovers (at start-up), then describe every complete folder (unreadable
+        ones are skipped)."""
+        removed = self.store.clean() if clean else []
         if removed:
             log.info("adapter store: removed leftovers of an interrupted write: %s", removed)
         entries = []

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = 512 * 2**20
     max_archive_bytes: int = 1024 * 2**20
     preload_adapters: list[str] = Field(default_factory=list)
+    # replicas sharing one store: re-read it every N seconds (0 = only at start-up and POST /admin/rescan)
+    store_rescan_seconds: float = Field(0.0, ge=0)
 
     # security
     api_keys: list[str] = Field(default_factory=list)      # inference keys

@@ -1,5 +1,6 @@
 """Adapter management (admin key required once keys are configured): upload, load by path or hub id, list,
-inspect, activate, deactivate, delete, and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`."""
+inspect, activate, deactivate, delete, rescan the shared store, and vLLM's `/v1/load_lora_adapter` /
+`/v1/unload_lora_adapter`."""
 
 from __future__ import annotations
 
@@ -78,6 +79,13 @@ def get_adapter(name: str, state: StateDep, _: AdminCaller):
 async def delete_adapter(name: str, state: StateDep, _: AdminCaller):
     await state.registry.delete(name)
     return {"deleted": name}
+
+
+@router.post("/admin/rescan")
+async def rescan(state: StateDep, _: AdminCaller):
+    """Re-read the adapter store (shared by several replicas): what other replicas added, replaced,
+    deactivated or deleted takes effect here without a restart."""
+    return await state.registry.rescan()
 
 
 @router.post("/admin/adapters/{name}/activate")
