@@ -5,6 +5,7 @@ non-root user with the adapter store on a volume, listens on all interfaces, and
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import subprocess
 import tomllib
@@ -18,7 +19,11 @@ STEPS = instructions(DOCKERFILE)
 
 
 def make_dry_run(*args: str) -> str:
-    out = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # A clean environment for make: under `make test` the inherited MAKELEVEL / MAKEFLAGS would make this
+    # nested make print "Entering directory" lines around its commands.
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env=clean_env)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
