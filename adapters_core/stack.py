@@ -207,9 +207,9 @@ class LayerStack:
         return a, b
 
     def _gather_into(self, which: str, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`stack[slots]` in `dtype`, written into a buffer kept from the last gather of the same shape:
-        a fresh tensor of this size (hundreds of MB over a model's layers for 16 rank-16 adapters) costs
-        page faults on every first touch, which made a step after a batch change several times slower."""
+        """`stack[slots]` in `dtype`, written into buffers kept from the last gather of the same shape, so a
+        regather (the batch changed) allocates nothing: fresh tensors of this size (hundreds of MB over a
+        model's layers for 16 rank-16 adapters) pay allocation and first-touch costs every time."""
         src = getattr(self, which)
         rows = torch.index_select(src, 0, slots, out=self._buffer(which, slots.numel(), src.dtype))
         if src.dtype == dtype:

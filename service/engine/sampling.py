@@ -18,6 +18,7 @@ import torch
 # (softmax then gives NaN): treat them as greedy, as vLLM does with its 1e-5 epsilon.
 GREEDY_BELOW = 1e-5
 
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16

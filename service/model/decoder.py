@@ -80,8 +80,9 @@ class StepPlan:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One query token per sequence: q [Bd, H, D], keys/values [Bd, Hkv, L, D], additive mask [Bd, 1, 1, L]
     -> [Bd, H, D]. Two batched matmuls and a softmax in fp32, the query heads grouped by their KV head as
-    transformers' `repeat_kv` pairs them. On the CPU this is 3-8x faster than `scaled_dot_product_attention`
-    for decode shapes (its flash kernel tiles for long queries), and at least as exact (fp32 scores)."""
+    transformers' `repeat_kv` pairs them. On the CPU this beats `scaled_dot_product_attention`, whose flash
+    kernel tiles for long queries (SmolLM2, 16 decoding sequences: 39.1 -> 37.1 ms per engine step, best of
+    20 A/B rounds), and is at least as exact (fp32 scores)."""
     bd, h, d = q.shape
     hkv = keys.shape[1]
     qg = q.view(bd, hkv, h // hkv, d).to(torch.float32)                         # [Bd, Hkv, G, D]
