@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from . import sgmv
+
 BASE = "__base__"
 _VERSION = operator.attrgetter("_version")
 
@@ -386,6 +388,11 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         result = (result.to(st.dtype) * mapping.per_token(st.ia3_out, result)).to(result_dtype)
     if st.A is None:
         return result
+    if _fused_decode(st, x, result, mapping):
+        rows_in, rows_out = _rows(x), _rows(result)
+        if rows_in is not None and rows_out is not None:
+            sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.seg_slots)          # result += per-token LoRA
+            return result
     dtype = st.compute_dtype(mapping.tokens_per_segment(x))
     xs = mapping.to_segments(x.to(dtype))                                     # [G, L, in]
     a, b = st.gathered(mapping, dtype)
@@ -408,6 +415,24 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         base = result if bias is None else result - bias
         return (result + (g - 1) * base + g * delta).to(result_dtype)
     return result + delta.to(result_dtype)
+
+
+def _fused_decode(st: LayerStack, x: torch.Tensor, result: torch.Tensor, mapping: BatchMapping) -> bool:
+    """One token per segment on the CPU, plain LoRA deltas (no bias, no DoRA), no gradient wanted, and the
+    fused kernel built: then one kernel call replaces the gather, both `bmm`s and the add."""
+    return (x.device.type == "cpu" and st.bias is None and st.dora is None
+            and mapping.tokens_per_segment(x) == 1 and (mapping.layout == "rows" or mapping.gather is None)
+            and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad))
+            and sgmv.kernel() is not None)
+
+
+def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """t as [rows, features] without a copy and with contiguous features, or None."""
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+    return rows if rows.stride(-1) == 1 else None
 
 
 def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchMapping, *args, **kwargs):

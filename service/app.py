@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from fastapi import FastAPI
 
+from adapters_core import sgmv
 from service.api import admin, errors, health, native, openai
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
@@ -30,6 +31,8 @@ log = logging.getLogger("adapter_serve")
 
 def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> State:
     device = default_device() if settings.device == "auto" else torch.device(settings.device)
+    if device.type == "cpu":
+        sgmv.kernel()          # build (first start only, ~30 s) or load the fused kernel now, not in a step
     dtype = parse_dtype(settings.dtype, device)
     loaded = loaded or load_model(settings.model)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,
