@@ -391,7 +391,7 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
     if _fused_decode(st, x, result, mapping):
         rows_in, rows_out = _rows(x), _rows(result)
         if rows_in is not None and rows_out is not None:
-            sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.seg_slots)          # result += per-token LoRA
+            sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.seg_slots.contiguous())   # result += LoRA
             return result
     dtype = st.compute_dtype(mapping.tokens_per_segment(x))
     xs = mapping.to_segments(x.to(dtype))                                     # [G, L, in]

@@ -84,3 +84,17 @@ def test_decode_batches_equal_the_torch_path(monkeypatch, dtype):
     torch.testing.assert_close(fused_tokens, plain, atol=tol, rtol=tol)
     torch.testing.assert_close(fused_rows, plain, atol=tol, rtol=tol)
     assert (fused_tokens - base).abs().amax(-1)[[0, 1, 3]].min() > 10 * tol      # the adapters did something
+
+
+def test_strided_slot_tensor_is_accepted():
+    model = _model(torch.float32)
+    names = ["a1", "a0", "a2"]
+    slots = torch.tensor([[ac.adapter_slot(model, n), 0] for n in names])[:, 0]       # a strided view
+    assert not slots.is_contiguous()
+    x = torch.randn(len(names), 32)
+    with torch.inference_mode():
+        with ac.token_batch(model, slots):
+            by_slot = model(x)
+        with ac.token_batch(model, names):
+            by_name = model(x)
+    assert torch.equal(by_slot, by_name)
