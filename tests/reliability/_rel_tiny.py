@@ -7,7 +7,6 @@ starts and answers in well under a second. `make_adapter()` writes a PEFT LoRA f
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import os
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 import adapters_core as ac
+from inline_engine import inline_engine_call  # noqa: F401  (re-exported)
 from service.model import LoadedModel, ModelConfig, Tokenizer, expected_shapes
 from service.model.decoder import Decoder
 
@@ -79,11 +79,3 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
-def inline_engine_call(fn) -> concurrent.futures.Future:
-    """`Engine.call_between_steps` without an engine thread: run `fn` now, hand the result in a future."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    try:
-        future.set_result(fn())
-    except BaseException as exc:
-        future.set_exception(exc)
-    return future

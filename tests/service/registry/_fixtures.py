@@ -4,7 +4,6 @@ an event recorder and a fingerprint of the model to prove that a refused adapter
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import functools
 import json
@@ -17,6 +16,7 @@ import torch
 import transformers
 
 import adapters_core as ac
+from inline_engine import inline_engine_call
 from service.model.config import ModelConfig
 from service.model.decoder import Decoder
 from service.registry import AdapterRegistry
@@ -95,16 +95,6 @@ def peft_adapter(kind: str = "lora", seed: int = 0) -> PeftAdapter:
         folder = Path(tmp)
         return PeftAdapter((folder / "adapter_config.json").read_bytes(),
                            (folder / "adapter_model.safetensors").read_bytes(), pm)
-
-
-def inline_engine_call(fn) -> concurrent.futures.Future:
-    """`Engine.call_between_steps` without an engine thread: run `fn` now, hand the result in a future."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    try:
-        future.set_result(fn())
-    except BaseException as exc:
-        future.set_exception(exc)
-    return future
 
 
 class Events:
