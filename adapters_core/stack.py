@@ -213,18 +213,17 @@ class LayerStack:
         regather (the batch changed) allocates nothing: fresh tensors of this size (hundreds of MB over a
         model's layers for 16 rank-16 adapters) pay allocation and first-touch costs every time."""
         src = getattr(self, which)
-        rows = torch.index_select(src, 0, slots, out=self._buffer(which, slots.numel(), src.dtype))
+        shape = (slots.numel(),) + tuple(src.shape[1:])
+        rows = torch.index_select(src, 0, slots, out=self._buffer(which, shape, src.dtype, src.device))
         if src.dtype == dtype:
             return rows
-        return self._buffer(which, slots.numel(), dtype).copy_(rows)
+        return self._buffer(which, shape, dtype, src.device).copy_(rows)
 
-    def _buffer(self, which: str, count: int, dtype: torch.dtype) -> torch.Tensor:
-        src = getattr(self, which)
-        shape = (count,) + tuple(src.shape[1:])
+    def _buffer(self, which: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         out = self._buffers.get((which, dtype))
         # An inference tensor (made under inference_mode) cannot be written outside of it: make a new one then.
         if out is None or out.shape != shape or (out.is_inference() and not torch.is_inference_mode_enabled()):
-            out = self._buffers[(which, dtype)] = torch.empty(shape, dtype=dtype, device=src.device)
+            out = self._buffers[(which, dtype)] = torch.empty(shape, dtype=dtype, device=device)
         return out
 
     @torch.no_grad()

@@ -339,8 +339,9 @@ class AdapterRegistry:
                 self._retire(self._records.pop(name))
                 self._records[name] = self._record(name, summary, meta, tier=STORED)
                 report["changed"].append(name)
-            elif (record.served, record.pinned) != (bool(meta.get("served", True)), bool(meta.get("pinned"))):
-                record.served, record.pinned = bool(meta.get("served", True)), bool(meta.get("pinned"))
+            elif (record.served, record.pinned) != (flags := (bool(meta.get("served", True)),
+                                                              bool(meta.get("pinned", False)))):
+                record.served, record.pinned = flags
                 report["updated"].append(name)
                 if not record.served and not record.in_use:
                     await self._unload(record)
