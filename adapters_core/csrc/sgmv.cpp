@@ -4,6 +4,7 @@
 // output in place (one rounding to its dtype, as `add_` of an fp32 delta does).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -15,9 +16,13 @@ inline float to_float(T v) { return static_cast<float>(v); }
 template <typename wt, typename xt, typename rt>
 void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
                rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank, int64_t out_features) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
+  {
+  std::vector<float> h(rank), acc(out_features);                 // per thread, reused for its rows
+#pragma omp for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
-    std::vector<float> h(rank, 0.f), acc(out_features, 0.f);
+    std::fill(h.begin(), h.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
     const wt* a = a_stack + slots[g] * in * rank;                // [in, R]
     const xt* xg = x + g * x_stride;
     for (int64_t i = 0; i < in; ++i) {
@@ -35,6 +40,7 @@ void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_sta
     }
     rt* rg = result + g * r_stride;
     for (int64_t o = 0; o < out_features; ++o) rg[o] = static_cast<rt>(to_float(rg[o]) + acc[o]);
+  }
   }
 }
 
