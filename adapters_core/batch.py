@@ -58,22 +58,26 @@ def _installed(table: SlotTable, mapping: BatchMapping) -> Iterator[BatchMapping
         table.mapping = previous
 
 
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
-    """Context manager: inside it, row i of the model's input runs with adapter `adapter_names[i]`."""
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], check_edits: bool = True):
+    """Context manager: inside it, row i of the model's input runs with adapter `adapter_names[i]`.
+    `check_edits=False`: see `token_batch`."""
     table = slot_table(model)
     names = list(adapter_names)
     _check_usable(model, table, set(names))
-    table.sync({n for n in names if n != BASE})
+    table.sync({n for n in names if n != BASE}, check_edits)
     slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=_device(model, table))
     return _installed(table, BatchMapping.rows(slots))
 
 
 def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Tensor],
-                segment_len: Optional[int] = None, sync: bool = True):
+                segment_len: Optional[int] = None, sync: bool = True, check_edits: bool = True):
     """Context manager for a flattened batch: token t runs with `token_adapters[t]` (a name, or a slot
     from `adapter_slot`). Inputs of targeted layers must flatten to [num_tokens, features].
     `sync=False` skips the check that the adapters' stacked copies are current: only for a second batch
-    over adapters that an earlier batch of the same step (e.g. the engine's forward) just checked."""
+    over adapters that an earlier batch of the same step (e.g. the engine's forward) just checked.
+    `check_edits=False` trusts that adapter weights change only through adapters_core's functions
+    (`load_adapter`, `set_peft_model_state_dict`, `delete_adapter`, merging, `cast_adapter_dtype`) and
+    skips the per-batch scan that catches in-place edits made any other way (e.g. an optimizer step)."""
     table = slot_table(model)
     if isinstance(token_adapters, torch.Tensor):
         slots = token_adapters.to(device=_device(model, table), dtype=torch.long)
@@ -89,5 +93,5 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
                              device=_device(model, table))
     _check_usable(model, table, names)
     if sync:
-        table.sync(names - {BASE})
+        table.sync(names - {BASE}, check_edits)
     return _installed(table, BatchMapping.tokens(slots, segment_len))

@@ -13,6 +13,8 @@ CPU, decode-shaped work on half-precision stacks is computed in fp32 (faster the
 Stacks are refreshed lazily and incrementally: `SlotTable.sync` rewrites an adapter's slot only when its
 tensors changed since the last copy (tracked by tensor identity and torch's in-place `_version`
 counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
+A caller that changes adapters only through adapters_core's functions (a server's registry) can skip that
+scan (`check_edits=False`): those functions invalidate the adapters they change.
 """
 
 from __future__ import annotations
@@ -90,11 +92,15 @@ class SlotTable:
                                                                    tensors))
 
     @torch.inference_mode(False)
-    def sync(self, names: Iterable[str]) -> None:
+    def sync(self, names: Iterable[str], check_edits: bool = True) -> None:
         """Copy every named adapter whose tensors changed into its slot of each of its layers, and make
-        every stack long enough that any slot of the table indexes it (as identity where absent)."""
+        every stack long enough that any slot of the table indexes it (as identity where absent).
+        `check_edits=False` trusts that the adapters changed only through adapters_core's functions (which
+        invalidate what they touch) and skips the scan of every tensor's version counter: that scan reads
+        hundreds of Python objects per adapter (420 for a rank-16 adapter on SmolLM2's seven projections),
+        ~0.25 ms per adapter per batch measured in a decode step, where caches are cold."""
         for name in names:
-            if self.is_synced(name):
+            if self.is_synced(name) if check_edits else name in self._synced:
                 continue
             slot = self.slot_of[name]
             for layer in self.layers[name]:

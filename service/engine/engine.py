@@ -230,7 +230,9 @@ class Engine:
         # would apply whatever adapter is "active" in the PEFT sense.
         if not getattr(self.model, "peft_config", None):
             return contextlib.nullcontext()
-        return ac.token_batch(self.model, slot_t, sync=sync)
+        # Adapters change only through the registry's adapters_core calls (between steps), which invalidate
+        # the stacked copies they touch: the per-step scan for other in-place edits is skipped.
+        return ac.token_batch(self.model, slot_t, sync=sync, check_edits=False)
 
     def _stop_reason(self, state: RequestState, token: int) -> Optional[FinishReason]:
         params = state.request.params

@@ -149,3 +149,32 @@ def test_gather_buffers_reused_across_mappings_keep_results_exact():
     assert not torch.equal(outs[0], outs[1])
     stack = model.q_proj.stack
     assert ("A", torch.float32) in stack._buffers and stack._gathered[2] is stack._buffers[("A", torch.float32)]
+
+
+def test_check_edits_false_trusts_api_changes_only():
+    """`check_edits=False` (the engine's setting) skips the scan for in-place edits made outside
+    adapters_core, but still picks up every change made through its functions, which invalidate."""
+    model, names = _model()
+    ids = torch.randint(0, 50, (6,), generator=torch.Generator().manual_seed(5))
+    adapters = ["lora"] * 6
+
+    def run(check_edits):
+        with ac.token_batch(model, adapters, check_edits=check_edits):
+            return model(ids)
+
+    first = run(False)
+    torch.testing.assert_close(first, _alone(model, ids, "lora"))
+    lora_b = model.q_proj.lora_B["lora"].weight
+    with torch.no_grad():
+        lora_b.mul_(3)                                          # an edit outside adapters_core
+    assert torch.equal(run(False), first)                       # not scanned for: the stacked copy stays
+    edited = run(True)                                          # the default scan sees it
+    torch.testing.assert_close(edited, _alone(model, ids, "lora"))
+    assert not torch.allclose(edited, first)
+
+    state = ac.get_peft_model_state_dict(model, adapter_name="lora")
+    state = {k: v * 0.5 if "lora_B" in k else v for k, v in state.items()}
+    ac.set_peft_model_state_dict(model, state, adapter_name="lora")   # a change through the API
+    after = run(False)
+    torch.testing.assert_close(after, _alone(model, ids, "lora"))
+    assert not torch.allclose(after, edited)
