@@ -6,13 +6,18 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
+// Portable version: any dtypes, any rank; the compiler vectorises the inner loops.
 template <typename wt, typename xt, typename rt>
 void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
                rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank, int64_t out_features) {
@@ -44,11 +49,107 @@ void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_sta
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SGMV_AVX512 1
+// AVX-512 version (built with -march=native on a CPU that has it): the same sums with 16 fp32 lanes,
+// four independent accumulators per shrink (the dependency chain of one would bound it), output columns in
+// register blocks of 64 across the rank, and software prefetch: each token reads its own adapter's rows,
+// which are cache-cold in a decode step, and the hardware prefetcher stops at every 4 KiB page.
+constexpr int64_t kPrefetchBytes = 512;   // measured best of 0, 512, 1024, 2048, 4096 (5 % over none)
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {       // bf16 -> fp32 is exact: a 16-bit shift
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {  // round to nearest even, NaN -> 0x7FC0: c10's rule
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void prefetch_span(const void* from, int64_t bytes) {
+  const char* p = static_cast<const char*>(from);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+template <typename wt, typename xt, typename rt>
+void sgmv_rows_avx512(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
+                      rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank,
+                      int64_t out_features) {
+  const int64_t rank_padded = (rank + 15) / 16 * 16;
+#pragma omp parallel
+  {
+  std::vector<float> xf(in), h(rank_padded);                     // per thread, reused for its rows
+#pragma omp for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const xt* xg = x + g * x_stride;
+    for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);
+    const wt* a = a_stack + slots[g] * in * rank;                // [in, R]
+    const int64_t row_bytes = rank * static_cast<int64_t>(sizeof(wt));
+    for (int64_t rb = 0; rb < rank; rb += 16) {                  // shrink: h = x @ A
+      const __mmask16 m = lanes(rank - rb);
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      int64_t i = 0;
+      for (; i + 4 <= in; i += 4) {
+        if (rb == 0) prefetch_span(reinterpret_cast<const char*>(a + i * rank) + kPrefetchBytes, 4 * row_bytes);
+        s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
+        s1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 1]), load16(a + (i + 1) * rank + rb, m), s1);
+        s2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 2]), load16(a + (i + 2) * rank + rb, m), s2);
+        s3 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 3]), load16(a + (i + 3) * rank + rb, m), s3);
+      }
+      for (; i < in; ++i) s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
+      _mm512_storeu_ps(h.data() + rb, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    }
+    const wt* b = b_stack + slots[g] * rank * out_features;     // [R, out]
+    rt* rg = result + g * r_stride;
+    for (int64_t o = 0; o < out_features; o += 64) {            // expand: result += h @ B, 64 columns at a time
+      const __mmask16 m0 = lanes(out_features - o), m1 = lanes(out_features - o - 16),
+                      m2 = lanes(out_features - o - 32), m3 = lanes(out_features - o - 48);
+      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t r = 0; r < rank; ++r) {
+        const wt* row = b + r * out_features + o;
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4 + 64, _MM_HINT_T0);
+        const __m512 hr = _mm512_set1_ps(h[r]);
+        c0 = _mm512_fmadd_ps(hr, load16(row, m0), c0);
+        c1 = _mm512_fmadd_ps(hr, load16(row + 16, m1), c1);
+        c2 = _mm512_fmadd_ps(hr, load16(row + 32, m2), c2);
+        c3 = _mm512_fmadd_ps(hr, load16(row + 48, m3), c3);
+      }
+      store16(rg + o, _mm512_add_ps(load16(rg + o, m0), c0), m0);
+      store16(rg + o + 16, _mm512_add_ps(load16(rg + o + 16, m1), c1), m1);
+      store16(rg + o + 32, _mm512_add_ps(load16(rg + o + 32, m2), c2), m2);
+      store16(rg + o + 48, _mm512_add_ps(load16(rg + o + 48, m3), c3), m3);
+    }
+  }
+  }
+}
+#endif
+
 template <typename wt, typename xt>
 void dispatch_result(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
                      const torch::Tensor& slots, torch::Tensor& result) {
   const int64_t groups = x.size(0), in = x.size(1), rank = a.size(2), out_features = b.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, result.scalar_type(), "sgmv_result", [&] {
+    constexpr bool vectorised = !std::is_same<scalar_t, double>::value && !std::is_same<wt, double>::value;
+#ifdef SGMV_AVX512
+    if constexpr (vectorised) {
+      sgmv_rows_avx512<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), a.data_ptr<wt>(), b.data_ptr<wt>(),
+                                         slots.data_ptr<int64_t>(), result.data_ptr<scalar_t>(), result.stride(0),
+                                         groups, in, rank, out_features);
+      return;
+    }
+#endif
     sgmv_rows<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), a.data_ptr<wt>(), b.data_ptr<wt>(),
                                 slots.data_ptr<int64_t>(), result.data_ptr<scalar_t>(), result.stride(0), groups,
                                 in, rank, out_features);
