@@ -253,9 +253,11 @@ class AdapterLayer(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        mapping = self.slot_table.mapping if self.slot_table is not None else None
-        if mapping is not None:
-            return self.stack_forward(x, mapping, *args, **kwargs)
+        table = self.slot_table
+        if table is not None and table.mapping is not None:          # a mixed batch: the stacked path
+            if self.merged_adapters:
+                raise ValueError("mixed batches cannot run while adapters are merged; unmerge first")
+            return stacked_forward(self, x, table.mapping, *args, **kwargs)
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         if self.is_embedding:
@@ -344,11 +346,6 @@ class AdapterLayer(nn.Module):
                 out = out * embed_scale.to(out.dtype)
             result = result + out
         return result.to(result_dtype)
-
-    def stack_forward(self, x: torch.Tensor, mapping, *args, **kwargs) -> torch.Tensor:
-        if self.merged_adapters:
-            raise ValueError("mixed batches cannot run while adapters are merged; unmerge first")
-        return stacked_forward(self, x, mapping, *args, **kwargs)
 
     # ----- merge ----------------------------------------------------------------------------------------
     # Base weights change in place (add_, copy_), never through `.data`, so their version counters move
