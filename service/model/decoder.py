@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention_kernel
 from .packed_linear import PackedGroup, group_linears, pack_linears
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
@@ -135,12 +136,16 @@ class Attention(nn.Module):
         out = torch.empty_like(q)                                       # [N, H, D]
         if plan.decode:
             tokens, slots, last, max_len, mask = plan.decode_tensors(x.device)
-            k_cache[slots, :, last] = k.index_select(0, tokens)         # one write for all decode tokens
-            v_cache[slots, :, last] = v.index_select(0, tokens)
-            keys = k_cache[:, :, :max_len].index_select(0, slots)        # [Bd, Hkv, L, D]
-            values = v_cache[:, :, :max_len].index_select(0, slots)
-            att = decode_attention(q.index_select(0, tokens), keys, values, mask)   # [Bd, H, D]
-            out.index_copy_(0, tokens, att)
+            if attention_kernel.usable(q, k_cache):                     # cache write and attention, one call
+                attention_kernel.decode_attention_(out, q, k, v, k_cache, v_cache, tokens, slots, last,
+                                                   self.head_dim ** -0.5)
+            else:
+                k_cache[slots, :, last] = k.index_select(0, tokens)     # one write for all decode tokens
+                v_cache[slots, :, last] = v.index_select(0, tokens)
+                keys = k_cache[:, :, :max_len].index_select(0, slots)    # [Bd, Hkv, L, D]
+                values = v_cache[:, :, :max_len].index_select(0, slots)
+                att = decode_attention(q.index_select(0, tokens), keys, values, mask)   # [Bd, H, D]
+                out.index_copy_(0, tokens, att)
         for i in plan.prefill:
             seq, off = plan.sequences[i], plan.offsets[i]
             end = seq.start + seq.length

@@ -1,0 +1,62 @@
+"""Optional C++ CPU kernels, compiled on first use with `torch.utils.cpp_extension` for the CPU at hand.
+
+`NativeKernel(name, source, env_switch)` builds `source` once per process (from torch's extension cache,
+`TORCH_EXTENSIONS_DIR`, after the first time; ~30 s to compile) with -O3, OpenMP and -march=native, under a
+name that carries a hash of the CPU's feature flags, so a cache shared by machines with other CPUs (a
+mounted home, a copied volume) never hands one machine another's build. Where the build fails (no C++
+compiler or `ninja`, a sandbox), or its environment switch is "0", `module()` is None and callers use
+their torch path, which computes the same thing to rounding. adapters_core's fused LoRA kernel
+(`sgmv.py`) and the service's decode attention use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from typing import Optional
+
+log = logging.getLogger("adapters_core")
+
+
+def cpu_key() -> str:
+    """A short hash of the CPU's architecture and feature flags."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+class NativeKernel:
+    """One C++ source built lazily into an extension module; `module()` is it, or None when unavailable."""
+
+    def __init__(self, name: str, source: str, env_switch: str):
+        self.name, self.source, self.env_switch = name, source, env_switch
+        self._lock = threading.Lock()
+        self._module = None
+        self._tried = False
+
+    def module(self) -> Optional[object]:
+        if self._tried:
+            return self._module
+        with self._lock:
+            if not self._tried:
+                self._module = self._build()
+                self._tried = True
+        return self._module
+
+    def _build(self) -> Optional[object]:
+        if os.environ.get(self.env_switch, "1") == "0":
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            return load(f"{self.name}_{cpu_key()}", [self.source], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # no compiler, no ninja, a sandbox: the torch path still works
+            log.warning("%s: the C++ kernel is unavailable (%s); using torch ops", self.name, exc)
+            return None

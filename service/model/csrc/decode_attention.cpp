@@ -1,0 +1,124 @@
+// Decode attention on the CPU for the engine's step: every decoding sequence has one new query token. For
+// each sequence the kernel writes the token's key and value into its KV-cache slot, then attends over the
+// slot's first `length` positions in place (no gathered copy of the cache), in fp32: scores = q.k * scale,
+// softmax, weighted sum of values; query heads share KV heads as transformers' `repeat_kv` pairs them
+// (head h reads KV head h / (H / Hkv)). Each (sequence, KV head) is computed alone and in a fixed order, so
+// a sequence's result does not depend on what else is in the batch.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache,
+                 const int64_t* tokens, const int64_t* slots, const int64_t* positions, int64_t seqs,
+                 int64_t heads, int64_t kv_heads, int64_t dim, int64_t max_len, int64_t q_stride,
+                 int64_t k_stride, int64_t v_stride, float scale) {
+  const int64_t group = heads / kv_heads;
+#pragma omp parallel
+  {
+  std::vector<float> qf(group * dim), scores, acc(group * dim);
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < seqs * kv_heads; ++task) {
+    const int64_t b = task / kv_heads, kvh = task % kv_heads;
+    const int64_t token = tokens[b], length = positions[b] + 1;
+    const int64_t row = (slots[b] * kv_heads + kvh) * max_len;          // first cache row of this slot and head
+    T* kc = k_cache + row * dim;
+    T* vc = v_cache + row * dim;
+    std::copy(k_new + token * k_stride + kvh * dim, k_new + token * k_stride + (kvh + 1) * dim,
+              kc + positions[b] * dim);
+    std::copy(v_new + token * v_stride + kvh * dim, v_new + token * v_stride + (kvh + 1) * dim,
+              vc + positions[b] * dim);
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(q[token * q_stride + (kvh * group + g) * dim + d]);
+    scores.resize(group * length);
+    for (int64_t t = 0; t < length; ++t) {
+      const T* kt = kc + t * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qf.data() + g * dim;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < dim; ++d) s += qg[d] * to_float(kt[d]);
+        scores[g * length + t] = s * scale;
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {                               // softmax over the visible positions
+      float* sg = scores.data() + g * length;
+      const float top = *std::max_element(sg, sg + length);
+      float sum = 0.f;
+      for (int64_t t = 0; t < length; ++t) {
+        sg[t] = std::exp(sg[t] - top);
+        sum += sg[t];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t t = 0; t < length; ++t) sg[t] *= inv;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t t = 0; t < length; ++t) {
+      const T* vt = vc + t * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = scores[g * length + t];
+        float* ag = acc.data() + g * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) ag[d] += p * to_float(vt[d]);
+      }
+    }
+    T* o = out + token * heads * dim + kvh * group * dim;
+    for (int64_t i = 0; i < group * dim; ++i) o[i] = static_cast<T>(acc[i]);
+  }
+  }
+}
+
+}  // namespace
+
+// out [N, H, D] (contiguous; rows `tokens` are written), q [N, H, D], k_new / v_new [N, Hkv, D] (rows may be
+// strided, heads and features contiguous), k_cache / v_cache [slots, Hkv, T, D] contiguous; tokens, slots,
+// positions [Bd] int64: decoding sequence b's query row, cache slot and the position of its new token.
+void decode_attention_(torch::Tensor out, torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
+                       torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tokens, torch::Tensor slots,
+                       torch::Tensor positions, double scale) {
+  for (const auto* t : {&out, &q, &k_new, &v_new, &k_cache, &v_cache})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type(), "decode_attention: CPU tensors of one dtype");
+  TORCH_CHECK(out.dim() == 3 && q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && k_cache.dim() == 4 &&
+              v_cache.dim() == 4, "decode_attention: bad ranks");
+  TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && out.sizes() == q.sizes(),
+              "decode_attention: out and caches must be contiguous, out shaped like q");
+  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1);
+  const int64_t max_len = k_cache.size(2), num_slots = k_cache.size(0);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == dim && heads % kv_heads == 0,
+              "decode_attention: cache shapes do not fit q");
+  for (const auto* t : {&q, &k_new, &v_new})
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == dim && t->size(2) == dim, "decode_attention: heads must be contiguous");
+  TORCH_CHECK(k_new.size(0) == n && v_new.size(0) == n && k_new.size(1) == kv_heads && v_new.size(1) == kv_heads,
+              "decode_attention: new keys/values do not fit q");
+  const int64_t seqs = tokens.numel();
+  for (const auto* t : {&tokens, &slots, &positions})
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == seqs,
+                "decode_attention: tokens, slots and positions must be int64 [Bd]");
+  const int64_t *tp = tokens.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
+  std::vector<bool> slot_used(num_slots, false);
+  for (int64_t b = 0; b < seqs; ++b) {
+    TORCH_CHECK(tp[b] >= 0 && tp[b] < n && sp[b] >= 0 && sp[b] < num_slots && pp[b] >= 0 && pp[b] < max_len,
+                "decode_attention: token, slot or position out of range");
+    TORCH_CHECK(!slot_used[sp[b]], "decode_attention: two sequences share a cache slot");
+    slot_used[sp[b]] = true;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    decode_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k_new.data_ptr<scalar_t>(),
+                          v_new.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tp,
+                          sp, pp, seqs, heads, kv_heads, dim, max_len, q.stride(0), k_new.stride(0), v_new.stride(0),
+                          static_cast<float>(scale));
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention_", &decode_attention_, "write decode tokens' K/V into the cache and attend (CPU)");
+}
