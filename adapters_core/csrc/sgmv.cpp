@@ -54,7 +54,9 @@ void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_sta
 // AVX-512 version (built with -march=native on a CPU that has it): the same sums with 16 fp32 lanes,
 // four independent accumulators per shrink (the dependency chain of one would bound it), output columns in
 // register blocks of 64 across the rank, and software prefetch: each token reads its own adapter's rows,
-// which are cache-cold in a decode step, and the hardware prefetcher stops at every 4 KiB page.
+// which are cache-cold in a decode step, and the hardware prefetcher stops at every 4 KiB page. Besides a
+// short look-ahead in the rows being read, the next row's A and B are fetched into L2 while this row
+// computes (measured on SmolLM2's shapes, 16 distinct adapters: 7.4 -> 6.5 ms per step, median of 10).
 constexpr int64_t kPrefetchBytes = 512;   // measured best of 0, 512, 1024, 2048, 4096 (5 % over none)
 
 inline __mmask16 lanes(int64_t n) {
@@ -94,6 +96,12 @@ void sgmv_rows_avx512(const xt* x, int64_t x_stride, const wt* a_stack, const wt
   for (int64_t g = 0; g < groups; ++g) {
     const xt* xg = x + g * x_stride;
     for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);
+    const int64_t gn = g + 1 < groups ? g + 1 : g;
+    const char* a_next = reinterpret_cast<const char*>(a_stack + slots[gn] * in * rank);
+    const char* b_next = reinterpret_cast<const char*>(b_stack + slots[gn] * rank * out_features);
+    const int64_t a_bytes = in * rank * static_cast<int64_t>(sizeof(wt));
+    const int64_t b_bytes = rank * out_features * static_cast<int64_t>(sizeof(wt));
+    int64_t a_pf = 0, b_pf = 0;
     const wt* a = a_stack + slots[g] * in * rank;                // [in, R]
     const int64_t row_bytes = rank * static_cast<int64_t>(sizeof(wt));
     for (int64_t rb = 0; rb < rank; rb += 16) {                  // shrink: h = x @ A
@@ -102,6 +110,7 @@ void sgmv_rows_avx512(const xt* x, int64_t x_stride, const wt* a_stack, const wt
       int64_t i = 0;
       for (; i + 4 <= in; i += 4) {
         if (rb == 0) prefetch_span(reinterpret_cast<const char*>(a + i * rank) + kPrefetchBytes, 4 * row_bytes);
+        if (a_pf < a_bytes) { _mm_prefetch(a_next + a_pf, _MM_HINT_T1); _mm_prefetch(a_next + a_pf + 64, _MM_HINT_T1); a_pf += 128; }
         s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
         s1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 1]), load16(a + (i + 1) * rank + rb, m), s1);
         s2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 2]), load16(a + (i + 2) * rank + rb, m), s2);
@@ -120,6 +129,7 @@ void sgmv_rows_avx512(const xt* x, int64_t x_stride, const wt* a_stack, const wt
         const wt* row = b + r * out_features + o;
         _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4 + 64, _MM_HINT_T0);
+        if (b_pf < b_bytes) { _mm_prefetch(b_next + b_pf, _MM_HINT_T1); _mm_prefetch(b_next + b_pf + 64, _MM_HINT_T1); b_pf += 128; }
         const __m512 hr = _mm512_set1_ps(h[r]);
         c0 = _mm512_fmadd_ps(hr, load16(row, m0), c0);
         c1 = _mm512_fmadd_ps(hr, load16(row + 16, m1), c1);
