@@ -6,8 +6,11 @@
 (d) peft mixed-batch `generate` (`adapter_names=`) with the same 16 adapters;
 (e) peft one request at a time, `set_adapter` before each.
 Prints tokens/s and the ratios the engine issue targets (b/a >= 0.8, a/c >= 1.5, b/d >= 4), plus time to
-first token and inter-token latency (p50, p99) of our engine runs. Usage:
+first token and inter-token latency (p50, p99) of our engine runs. (a), (b) and (c) run `--rounds` times,
+interleaved (a, b, c, a, b, c, ...), and each reports its median round: on a shared 2-core machine a single
+run of any of them can be 10-20 % off for reasons outside the process. (d) and (e) run once. Usage:
     .venv/bin/python bench/engine_bench.py [--dtype auto|float32|bfloat16] [--requests 16] [--new-tokens 64]
+                                           [--rounds 3] [--skip-peft-sequential]
 """
 
 from __future__ import annotations
@@ -129,12 +132,19 @@ def rate(runs: list[tuple[int, float]]) -> dict:
     return dict(tps=sum(n for n, _ in runs) / sum(s for _, s in runs))
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median tokens/s, plus every round's figure (`all`)."""
+    ordered = sorted(rounds, key=lambda r: r["tps"])
+    return dict(ordered[(len(ordered) - 1) // 2], all=[r["tps"] for r in rounds])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of (a), (b), (c); medians reported")
     parser.add_argument("--skip-peft-sequential", action="store_true", help="skip (e), the slowest peer")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -142,6 +152,8 @@ def main(argv=None) -> dict:
     dtype = default_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
     path = default_model_path()
     loaded = load_gguf(path)
+    # Two copies of our model: (a) runs the bare decoder, (b) the one that the adapters are injected into.
+    base = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, max_positions=256)
     ours = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, max_positions=256)
     tok = loaded.tokenizer
     texts = [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(args.requests)]
@@ -155,11 +167,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(hf, args.requests, args.rank, tmp)
         names = [f"a{i}" for i in range(args.requests)]
-        report["a"] = run_engine(ours, prompts, [None] * args.requests, args.new_tokens, eos)
         for name, p in zip(names, paths):
             ac.load_adapter(ours, p, adapter_name=name, autocast_adapter_dtype=False)
-        report["b"] = run_engine(ours, prompts, names, args.new_tokens, eos)
-        report["c"] = rate([run_hf(hf, hf_tok, texts, args.new_tokens)])
+        rounds = {"a": [], "b": [], "c": []}
+        for _ in range(args.rounds):
+            rounds["a"].append(run_engine(base, prompts, [None] * args.requests, args.new_tokens, eos))
+            rounds["b"].append(run_engine(ours, prompts, names, args.new_tokens, eos))
+            rounds["c"].append(rate([run_hf(hf, hf_tok, texts, args.new_tokens)]))
+        report.update({key: median_round(runs) for key, runs in rounds.items()})
         pm = peft.PeftModel.from_pretrained(hf, paths[0], adapter_name=names[0], autocast_adapter_dtype=False)
         for name, p in zip(names[1:], paths[1:]):
             pm.load_adapter(p, adapter_name=name, autocast_adapter_dtype=False)
@@ -173,15 +188,16 @@ def main(argv=None) -> dict:
             report["e"] = rate(runs)
     labels = {"a": "ours, base only", "b": f"ours, {args.requests} LoRA adapters", "c": "transformers generate, base",
               "d": "peft mixed-batch generate", "e": "peft one at a time (set_adapter)"}
-    print(f"\n{'system':<36} {'tokens/s':>9}")
+    print(f"\n{'system':<36} {'tokens/s':>9}   rounds")
     for key, row in report.items():
-        print(f"({key}) {labels[key]:<32} {row['tps']:>9.1f}")
+        spread = " ".join(f"{t:.1f}" for t in row.get("all", []))
+        print(f"({key}) {labels[key]:<32} {row['tps']:>9.1f}   {spread}")
     print(f"\nb/a = {report['b']['tps'] / report['a']['tps']:.2f} (target >= 0.8)   "
           f"a/c = {report['a']['tps'] / report['c']['tps']:.2f} (target >= 1.5)   "
           f"b/d = {report['b']['tps'] / report['d']['tps']:.2f} (target >= 4)")
     if "e" in report:
         print(f"b/e = {report['b']['tps'] / report['e']['tps']:.2f}")
-    print(f"\n{'ours':<24} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9}   (ms)")
+    print(f"\n{'ours (median round)':<24} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9}   (ms)")
     for key in ("a", "b"):
         r = report[key]
         print(f"({key}) {labels[key]:<20} {r['ttft50'] * 1e3:>9.0f} {r['ttft99'] * 1e3:>9.0f} "

@@ -1,6 +1,7 @@
 """The fused CPU kernel (`adapters_core/csrc/sgmv.cpp`) computes what the torch path computes: directly
 against `x @ A[slot] @ B[slot]` for every dtype mix it accepts (strided output rows included), and through
-`token_batch` / `mixed_batch` on decode-shaped batches against the same model with the kernel switched off.
+`token_batch` / `mixed_batch` on decode-shaped and prefill-shaped batches against the same model with the
+kernel switched off (the gathered-rows `bmm` path).
 Under CI the kernel must build (a compiler is there); elsewhere its absence skips these tests."""
 import os
 
@@ -98,3 +99,36 @@ def test_strided_slot_tensor_is_accepted():
         with ac.token_batch(model, names):
             by_name = model(x)
     assert torch.equal(by_slot, by_name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_batches_equal_the_torch_path(monkeypatch, dtype):
+    """Runs of several tokens per adapter (prefill chunks beside decode tokens), and rows of several tokens
+    in a mixed batch, go through the kernel too, with each token's own slot."""
+    model = _model(dtype)
+    token_names = ["a0"] * 5 + ["a2"] + ["__base__"] * 3 + ["a1"] * 7 + ["a0"]
+    row_names = ["a2", "__base__", "a0", "a1"]
+    x = torch.randn(len(token_names), 32).to(dtype)
+    rows = torch.randn(len(row_names), 6, 32).to(dtype)
+    calls = []
+    fused = sgmv.sgmv_add_
+    monkeypatch.setattr(sgmv, "sgmv_add_", lambda *args: calls.append(1) or fused(*args))
+    with torch.inference_mode():
+        with ac.token_batch(model, token_names):
+            fused_tokens = model(x)
+        with ac.mixed_batch(model, row_names):
+            fused_rows = model(rows)
+        assert len(calls) == 4
+        monkeypatch.setattr(sgmv, "kernel", lambda: None)
+        with ac.token_batch(model, token_names):
+            plain_tokens = model(x)
+        with ac.mixed_batch(model, row_names):
+            plain_rows = model(rows)
+        assert len(calls) == 4
+        ac.disable_adapters(model)
+        base_rows = model(rows)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused_tokens, plain_tokens, atol=tol, rtol=tol)
+    torch.testing.assert_close(fused_rows, plain_rows, atol=tol, rtol=tol)
+    assert torch.equal(fused_rows[1], base_rows[1])                              # the base row is untouched
+    assert (fused_rows - base_rows).abs().amax(-1)[[0, 2, 3]].min() > 10 * tol   # the adapters did something
