@@ -7,6 +7,7 @@ gathered computations instead of PEFT's per-adapter loop.
 
 from .batch import adapter_slot, mixed_batch, token_batch
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, config_from_dict, load_config
+from .group import grouped_forward
 from .errors import (AdapterConfigError, AdapterError, AdapterWeightsError, TargetNotFoundError,
                      UnknownAdapterError, UnsupportedFeatureError)
 from .injection import inject_adapter_in_model
@@ -22,7 +23,7 @@ __all__ = [
     "AdaLoraConfig", "AdapterConfig", "AdapterConfigError", "AdapterError", "AdapterLayer", "AdapterWeightsError",
     "IA3Config", "LoraConfig", "ModulesToSaveWrapper", "TargetNotFoundError", "UnknownAdapterError",
     "UnsupportedFeatureError", "active_adapters", "adapter_slot", "add_weighted_adapter", "cast_adapter_dtype",
-    "config_from_dict", "delete_adapter", "disable_adapters", "enable_adapters", "get_peft_model_state_dict",
+    "config_from_dict", "delete_adapter", "disable_adapters", "enable_adapters", "get_peft_model_state_dict", "grouped_forward",
     "inject_adapter_in_model", "load_adapter", "load_config", "merge_adapter", "merge_and_unload", "mixed_batch",
     "read_adapter_weights", "resolve_adapter_dir", "save_adapter", "set_adapter", "set_peft_model_state_dict",
     "token_batch", "unload", "unmerge_adapter",

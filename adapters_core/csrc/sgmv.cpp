@@ -84,114 +84,145 @@ inline void prefetch_span(const void* from, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
-template <typename wt, typename xt, typename rt>
-void sgmv_rows_avx512(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
-                      rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank,
-                      int64_t out_features) {
-  const int64_t rank_padded = (rank + 15) / 16 * 16;
-#pragma omp parallel
-  {
-  std::vector<float> xf(in), h(rank_padded);                     // per thread, reused for its rows
-#pragma omp for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
-    const xt* xg = x + g * x_stride;
-    for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);
-    const int64_t gn = g + 1 < groups ? g + 1 : g;
-    const char* a_next = reinterpret_cast<const char*>(a_stack + slots[gn] * in * rank);
-    const char* b_next = reinterpret_cast<const char*>(b_stack + slots[gn] * rank * out_features);
-    const int64_t a_bytes = in * rank * static_cast<int64_t>(sizeof(wt));
-    const int64_t b_bytes = rank * out_features * static_cast<int64_t>(sizeof(wt));
-    int64_t a_pf = 0, b_pf = 0;
-    const wt* a = a_stack + slots[g] * in * rank;                // [in, R]
-    const int64_t row_bytes = rank * static_cast<int64_t>(sizeof(wt));
-    for (int64_t rb = 0; rb < rank; rb += 16) {                  // shrink: h = x @ A
-      const __mmask16 m = lanes(rank - rb);
-      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      int64_t i = 0;
-      for (; i + 4 <= in; i += 4) {
-        if (rb == 0) prefetch_span(reinterpret_cast<const char*>(a + i * rank) + kPrefetchBytes, 4 * row_bytes);
-        if (a_pf < a_bytes) { _mm_prefetch(a_next + a_pf, _MM_HINT_T1); _mm_prefetch(a_next + a_pf + 64, _MM_HINT_T1); a_pf += 128; }
-        s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
-        s1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 1]), load16(a + (i + 1) * rank + rb, m), s1);
-        s2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 2]), load16(a + (i + 2) * rank + rb, m), s2);
-        s3 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 3]), load16(a + (i + 3) * rank + rb, m), s3);
-      }
-      for (; i < in; ++i) s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
-      _mm512_storeu_ps(h.data() + rb, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+// One token's LoRA for one layer: rg[:out] += (xf @ A) @ B, A [in, R] and B [R, out] of the token's slot.
+// a_next / b_next: the next work item's adapter rows, fetched into L2 while this one computes.
+template <typename wt, typename rt>
+inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, int64_t in, int64_t rank,
+                            int64_t out_features, float* h, const char* a_next, int64_t a_bytes,
+                            const char* b_next, int64_t b_bytes) {
+  int64_t a_pf = 0, b_pf = 0;
+  const int64_t row_bytes = rank * static_cast<int64_t>(sizeof(wt));
+  for (int64_t rb = 0; rb < rank; rb += 16) {                    // shrink: h = x @ A
+    const __mmask16 m = lanes(rank - rb);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 4 <= in; i += 4) {
+      if (rb == 0) prefetch_span(reinterpret_cast<const char*>(a + i * rank) + kPrefetchBytes, 4 * row_bytes);
+      if (a_pf < a_bytes) { _mm_prefetch(a_next + a_pf, _MM_HINT_T1); _mm_prefetch(a_next + a_pf + 64, _MM_HINT_T1); a_pf += 128; }
+      s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
+      s1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 1]), load16(a + (i + 1) * rank + rb, m), s1);
+      s2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 2]), load16(a + (i + 2) * rank + rb, m), s2);
+      s3 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 3]), load16(a + (i + 3) * rank + rb, m), s3);
     }
-    const wt* b = b_stack + slots[g] * rank * out_features;     // [R, out]
-    rt* rg = result + g * r_stride;
-    for (int64_t o = 0; o < out_features; o += 64) {            // expand: result += h @ B, 64 columns at a time
-      const __mmask16 m0 = lanes(out_features - o), m1 = lanes(out_features - o - 16),
-                      m2 = lanes(out_features - o - 32), m3 = lanes(out_features - o - 48);
-      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-      for (int64_t r = 0; r < rank; ++r) {
-        const wt* row = b + r * out_features + o;
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4 + 64, _MM_HINT_T0);
-        if (b_pf < b_bytes) { _mm_prefetch(b_next + b_pf, _MM_HINT_T1); _mm_prefetch(b_next + b_pf + 64, _MM_HINT_T1); b_pf += 128; }
-        const __m512 hr = _mm512_set1_ps(h[r]);
-        c0 = _mm512_fmadd_ps(hr, load16(row, m0), c0);
-        c1 = _mm512_fmadd_ps(hr, load16(row + 16, m1), c1);
-        c2 = _mm512_fmadd_ps(hr, load16(row + 32, m2), c2);
-        c3 = _mm512_fmadd_ps(hr, load16(row + 48, m3), c3);
-      }
-      store16(rg + o, _mm512_add_ps(load16(rg + o, m0), c0), m0);
-      store16(rg + o + 16, _mm512_add_ps(load16(rg + o + 16, m1), c1), m1);
-      store16(rg + o + 32, _mm512_add_ps(load16(rg + o + 32, m2), c2), m2);
-      store16(rg + o + 48, _mm512_add_ps(load16(rg + o + 48, m3), c3), m3);
-    }
+    for (; i < in; ++i) s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
+    _mm512_storeu_ps(h + rb, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
   }
+  for (int64_t o = 0; o < out_features; o += 64) {              // expand: result += h @ B, 64 columns at a time
+    const __mmask16 m0 = lanes(out_features - o), m1 = lanes(out_features - o - 16),
+                    m2 = lanes(out_features - o - 32), m3 = lanes(out_features - o - 48);
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t r = 0; r < rank; ++r) {
+      const wt* row = b + r * out_features + o;
+      _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4 + 64, _MM_HINT_T0);
+      if (b_pf < b_bytes) { _mm_prefetch(b_next + b_pf, _MM_HINT_T1); _mm_prefetch(b_next + b_pf + 64, _MM_HINT_T1); b_pf += 128; }
+      const __m512 hr = _mm512_set1_ps(h[r]);
+      c0 = _mm512_fmadd_ps(hr, load16(row, m0), c0);
+      c1 = _mm512_fmadd_ps(hr, load16(row + 16, m1), c1);
+      c2 = _mm512_fmadd_ps(hr, load16(row + 32, m2), c2);
+      c3 = _mm512_fmadd_ps(hr, load16(row + 48, m3), c3);
+    }
+    store16(rg + o, _mm512_add_ps(load16(rg + o, m0), c0), m0);
+    store16(rg + o + 16, _mm512_add_ps(load16(rg + o + 16, m1), c1), m1);
+    store16(rg + o + 32, _mm512_add_ps(load16(rg + o + 32, m2), c2), m2);
+    store16(rg + o + 48, _mm512_add_ps(load16(rg + o + 48, m3), c3), m3);
   }
 }
 #endif
 
-template <typename wt, typename xt>
-void dispatch_result(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
-                     const torch::Tensor& slots, torch::Tensor& result) {
-  const int64_t groups = x.size(0), in = x.size(1), rank = a.size(2), out_features = b.size(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, result.scalar_type(), "sgmv_result", [&] {
-    constexpr bool vectorised = !std::is_same<scalar_t, double>::value && !std::is_same<wt, double>::value;
+// One layer of a group: its stacks, its output and their sizes. Members share the input and the slots.
+struct Member {
+  const void* a;
+  const void* b;
+  void* result;
+  int64_t r_stride, rank, out_features;
+};
+
+template <typename wt, typename xt, typename rt>
+void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots, int64_t groups,
+                const std::vector<Member>& members) {
 #ifdef SGMV_AVX512
-    if constexpr (vectorised) {
-      sgmv_rows_avx512<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), a.data_ptr<wt>(), b.data_ptr<wt>(),
-                                         slots.data_ptr<int64_t>(), result.data_ptr<scalar_t>(), result.stride(0),
-                                         groups, in, rank, out_features);
-      return;
+  if constexpr (!std::is_same<wt, double>::value && !std::is_same<rt, double>::value) {
+    int64_t max_rank = 0;
+    for (const auto& m : members) max_rank = std::max(max_rank, m.rank);
+    const int64_t n_members = static_cast<int64_t>(members.size());
+#pragma omp parallel
+    {
+    std::vector<float> xf(in), h((max_rank + 15) / 16 * 16);        // per thread, reused for its rows
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const xt* xg = x + g * x_stride;
+      for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);      // converted once for all members
+      for (int64_t k = 0; k < n_members; ++k) {
+        const Member& m = members[k];
+        const Member& mn = members[k + 1 < n_members ? k + 1 : 0];    // the next work item: next member or row
+        const int64_t gn = k + 1 < n_members ? g : std::min(g + 1, groups - 1);
+        const wt* a = static_cast<const wt*>(m.a) + slots[g] * in * m.rank;
+        const wt* b = static_cast<const wt*>(m.b) + slots[g] * m.rank * m.out_features;
+        const char* a_next = reinterpret_cast<const char*>(static_cast<const wt*>(mn.a) + slots[gn] * in * mn.rank);
+        const char* b_next = reinterpret_cast<const char*>(static_cast<const wt*>(mn.b) +
+                                                           slots[gn] * mn.rank * mn.out_features);
+        lora_row_avx512<wt, rt>(xf.data(), a, b, static_cast<rt*>(m.result) + g * m.r_stride, in, m.rank,
+                                m.out_features, h.data(), a_next, in * mn.rank * static_cast<int64_t>(sizeof(wt)),
+                                b_next, mn.rank * mn.out_features * static_cast<int64_t>(sizeof(wt)));
+      }
     }
+    }
+    return;
+  }
 #endif
-    sgmv_rows<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), a.data_ptr<wt>(), b.data_ptr<wt>(),
-                                slots.data_ptr<int64_t>(), result.data_ptr<scalar_t>(), result.stride(0), groups,
-                                in, rank, out_features);
-  });
+  for (const auto& m : members)
+    sgmv_rows<wt, xt, rt>(x, x_stride, static_cast<const wt*>(m.a), static_cast<const wt*>(m.b), slots,
+                          static_cast<rt*>(m.result), m.r_stride, groups, in, m.rank, m.out_features);
 }
 
 }  // namespace
 
-// result [G, out] (rows may be strided, last dim contiguous) += x [G, in] @ A[slots] @ B[slots];
-// A [n, in, R] and B [n, R, out] contiguous with one dtype; x and result any of fp32 / bf16 / fp16.
-void sgmv_add_(torch::Tensor result, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor slots) {
-  TORCH_CHECK(x.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() && result.device().is_cpu(),
-              "sgmv: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && result.dim() == 2 && result.stride(1) == 1,
+// results[k] [G, out_k] (rows may be strided, last dim contiguous) += x [G, in] @ As[k][slots] @ Bs[k][slots]
+// for every member k (layers reading the same input: q/k/v, gate/up): one call and one pass over the rows.
+// As[k] [n, in, R_k] and Bs[k] [n, R_k, out_k] contiguous, one weight dtype for all; x and the results any of
+// fp32 / bf16 / fp16, the results sharing one dtype.
+void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> as,
+                     std::vector<torch::Tensor> bs, torch::Tensor slots) {
+  TORCH_CHECK(!results.empty() && results.size() == as.size() && results.size() == bs.size(),
+              "sgmv: one A and one B stack per result");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
               "sgmv: x and result must be 2-D with contiguous rows");
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous(), "sgmv: stacks must be contiguous");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "sgmv: A and B must share a dtype");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == x.size(0),
               "sgmv: one int64 slot per row");
-  TORCH_CHECK(a.size(1) == x.size(1) && b.size(1) == a.size(2) && result.size(0) == x.size(0) &&
-              result.size(1) == b.size(2), "sgmv: shapes do not chain");
   const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t g = 0; g < x.size(0); ++g)
-    TORCH_CHECK(sp[g] >= 0 && sp[g] < a.size(0) && sp[g] < b.size(0), "sgmv: slot out of range");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sgmv_weights", [&] {
+  std::vector<Member> members;
+  for (size_t k = 0; k < results.size(); ++k) {
+    const auto &result = results[k], &a = as[k], &b = bs[k];
+    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && result.device().is_cpu(), "sgmv: CPU tensors only");
+    TORCH_CHECK(result.dim() == 2 && result.stride(1) == 1, "sgmv: x and result must be 2-D with contiguous rows");
+    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous(), "sgmv: stacks must be contiguous");
+    TORCH_CHECK(a.scalar_type() == as[0].scalar_type() && b.scalar_type() == as[0].scalar_type() &&
+                result.scalar_type() == results[0].scalar_type(),
+                "sgmv: A and B must share a dtype, and so must the results");
+    TORCH_CHECK(a.size(1) == x.size(1) && b.size(1) == a.size(2) && result.size(0) == x.size(0) &&
+                result.size(1) == b.size(2), "sgmv: shapes do not chain");
+    for (int64_t g = 0; g < x.size(0); ++g)
+      TORCH_CHECK(sp[g] >= 0 && sp[g] < a.size(0) && sp[g] < b.size(0), "sgmv: slot out of range");
+    members.push_back(Member{a.data_ptr(), b.data_ptr(), result.data_ptr(), result.stride(0), a.size(2), b.size(2)});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, as[0].scalar_type(), "sgmv_weights", [&] {
     using wt = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sgmv_input", [&] {
-      dispatch_result<wt, scalar_t>(x, a, b, slots, result);
+      using xt = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, results[0].scalar_type(), "sgmv_result", [&] {
+        sgmv_group<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), x.size(1), sp, x.size(0), members);
+      });
     });
   });
 }
 
+// result [G, out] += x [G, in] @ A[slots] @ B[slots]: a group of one.
+void sgmv_add_(torch::Tensor result, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor slots) {
+  sgmv_add_group_({result}, x, {a}, {b}, slots);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgmv_add_", &sgmv_add_, "result += per-token LoRA shrink and expand (CPU, fused)");
+  m.def("sgmv_add_group_", &sgmv_add_group_, "sgmv_add_ for several layers reading the same input, in one pass");
 }

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters_core.group import grouped_forward
+
 from . import attention_kernel
 from .packed_linear import PackedGroup, group_linears, pack_linears
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
@@ -111,9 +113,10 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, cos_sin):
         shape = x.shape[:-1]
         with self.qkv_group.computing(x) if self.qkv_group is not None else nullcontext():
-            q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+            q, k, v = grouped_forward([self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.view(*shape, self.num_heads, self.head_dim)
+        k = k.view(*shape, self.num_kv_heads, self.head_dim)
+        v = v.view(*shape, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, cos_sin)
         return q, k, v
 
@@ -173,7 +176,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.gate_up_group.computing(x) if self.gate_up_group is not None else nullcontext():
-            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = grouped_forward([self.gate_proj, self.up_proj], x)
+        hidden = F.silu(gate) * up
         return self.down_proj(hidden)
 
 

@@ -1,0 +1,71 @@
+"""`grouped_forward`: layers that read the same input (q/k/v, gate/up) with their LoRA deltas in one kernel call.
+
+In a mixed batch every adapted layer adds its per-token LoRA delta with one call of the fused CPU kernel
+(`stack.stacked_forward`). A model whose layers come in groups reading one tensor can call
+`grouped_forward([q_proj, k_proj, v_proj], x)` instead of the three layers: each base layer runs as usual,
+and the group's deltas are added by one `sgmv_add_group_` call that converts each token's input once and
+walks the tokens once for all members. On SmolLM2 this turns 210 kernel calls per step into 120 and skips
+as many wrapper calls (the Python around each call costs more than its arithmetic at 16 tokens). Anything
+the shortcut does not cover (hooks, IA3, DoRA, LoRA bias, gradients, no kernel, another device, layers
+without adapters) falls back to calling each layer, so the result is always `[layer(x) for layer in layers]`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from . import sgmv
+from .layer import AdapterLayer
+from .stack import BatchMapping, _lora_delta, _rows
+
+
+def grouped_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]`, with the LoRA deltas of a mixed batch added in one fused call."""
+    mapping = _shared_mapping(layers, x)
+    rows_in = None if mapping is None else _rows(x)
+    if rows_in is None:
+        return [layer(x) for layer in layers]
+    mapping.check(x, "features")
+    members = [i for i, layer in enumerate(layers) if layer.stack is not None]
+    results = [layer.base_layer(x) for layer in layers]
+    rows_out = [_rows(results[i]) for i in members]
+    if any(r is None for r in rows_out) or len({results[i].dtype for i in members}) > 1:
+        for i in members:         # outputs the one-call kernel does not take: the torch path, member by member
+            results[i] = _lora_delta(layers[i].stack, x, results[i], mapping)
+        return results
+    if members:
+        sgmv.kernel().sgmv_add_group_(rows_out, rows_in, [layers[i].stack.A for i in members],
+                                      [layers[i].stack.B for i in members], mapping.token_slots(rows_in.shape[0]))
+    return results
+
+
+def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[BatchMapping]:
+    """The mixed batch's mapping when the one-call path applies to every layer, else None."""
+    if not x.is_cpu or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return None
+    table, dtypes = None, set()
+    for layer in layers:
+        if type(layer) is not AdapterLayer or layer.disabled or layer.merged_adapters or layer.is_embedding:
+            return None
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        if table is None:
+            table = layer.slot_table
+        if table is None or layer.slot_table is not table:
+            return None
+        st = layer.stack
+        if st is not None:
+            if (st.A is None or st.ia3_in is not None or st.ia3_out is not None or st.bias is not None
+                    or st.dora is not None):
+                return None
+            dtypes.add(st.dtype)
+    mapping = table.mapping
+    if mapping is None or mapping.all_base or len(dtypes) > 1 or sgmv.kernel() is None:
+        return None
+    return mapping
