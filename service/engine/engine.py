@@ -198,8 +198,13 @@ class Engine:
             hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
         logits = None
         if sampled:
-            with self._adapters(torch.tensor([s for _, s in sampled], dtype=torch.long, device=device), sync=False):
-                logits = self.model.lm_head(hidden)
+            head = self.model.lm_head
+            if isinstance(head, (ac.AdapterLayer, ac.ModulesToSaveWrapper)):   # an adapter may change the head
+                with self._adapters(torch.tensor([s for _, s in sampled], dtype=torch.long, device=device),
+                                    sync=False):
+                    logits = head(hidden)
+            else:
+                logits = head(hidden)
         finished = []
         now = time.monotonic()
         greedy = [i for i, (state, _) in enumerate(sampled) if state.sampler.plain_greedy]

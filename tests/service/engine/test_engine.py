@@ -178,3 +178,28 @@ def test_cancelled_stream_frees_its_slot(model):
         assert asyncio.run(main())
     finally:
         eng.stop()
+
+
+def test_adapter_on_lm_head_applies_per_request():
+    """The head runs under the batch's adapter mapping when an adapter wraps it (and without one otherwise)."""
+    model = tiny_decoder(adapters=False)
+    ac.inject_adapter_in_model(ac.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                             init_lora_weights=False), model, "head")
+    model.eval()
+    eng = engine(model)
+    requests = [GenerationRequest(prompt(i, 6), SamplingParams(max_tokens=5, temperature=0), a)
+                for i, a in enumerate(["head", None, "head"])]
+    together = eng.generate(requests)
+    for req, out in zip(requests, together):
+        ids = list(req.prompt_ids)
+        with torch.inference_mode():
+            for _ in range(5):
+                with ac.mixed_batch(model, [req.adapter or "__base__"]):
+                    ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert out.token_ids == ids[len(req.prompt_ids):]
+    with torch.inference_mode(), ac.mixed_batch(model, ["head", "__base__"]):
+        hidden = torch.randn(2, 64)
+        logits = model.lm_head(hidden)
+        base = model.lm_head.base_layer(hidden)
+    assert not torch.allclose(logits[0], base[0])
+    assert torch.equal(logits[1], base[1])
