@@ -4,9 +4,11 @@ PEFT runs a mixed batch by looping in Python over the adapters present and index
 layer. Here every adapter of a model owns one global *slot* (slot 0 is the base model); each AdapterLayer
 keeps its adapters copied into stacked, zero-padded tensors indexed by slot (`LayerStack`), and one
 `BatchMapping` built once per forward says which slot each row (or token) uses. A layer then does the
-same few batched ops whatever the mix: gather the slots' A and B, two `bmm`s (the shrink and expand of
-Punica's SGMV), and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots
-(zeros for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
+same few batched ops whatever the mix: on the CPU with plain LoRA deltas, one call of the fused kernel
+(`sgmv.py`: each token's rows read from the stacks, the shrink and expand of Punica's SGMV in one pass);
+otherwise gather the slots' A and B, two `bmm`s, and per-token gathers for IA3 scales, DoRA factors and
+LoRA biases. Identity slots (zeros for LoRA, ones for IA3) make base rows and adapters absent from a
+layer cost nothing special.
 
 The per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is folded into the stacked A; on the
 CPU, decode-shaped work on half-precision stacks is computed in fp32 (faster there, and more exact).
