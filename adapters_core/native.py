@@ -1,12 +1,13 @@
 """Optional C++ CPU kernels, compiled on first use with `torch.utils.cpp_extension` for the CPU at hand.
 
-`NativeKernel(name, source, env_switch)` builds `source` once per process (from torch's extension cache,
-`TORCH_EXTENSIONS_DIR`, after the first time; ~30 s to compile) with -O3, OpenMP and -march=native, under a
-name that carries a hash of the CPU's feature flags, so a cache shared by machines with other CPUs (a
-mounted home, a copied volume) never hands one machine another's build. Where the build fails (no C++
-compiler or `ninja`, a sandbox), or its environment switch is "0", `module()` is None and callers use
-their torch path, which computes the same thing to rounding. adapters_core's fused LoRA kernel
-(`sgmv.py`) and the service's decode attention use it.
+`NativeKernel(name, sources, env_switch)` builds the sources into one module once per process (from
+torch's extension cache, `TORCH_EXTENSIONS_DIR`, after the first time; ~30 s to compile) with -O3,
+OpenMP and -march=native, under a name that carries a hash of the CPU's feature flags, so a cache shared
+by machines with other CPUs (a mounted home, a copied volume) never hands one machine another's build.
+Where the build fails (no C++ compiler or `ninja`, a sandbox), or its environment switch is "0",
+`module()` is None and callers use their torch path, which computes the same thing to rounding.
+adapters_core's fused LoRA kernel (`sgmv.py`) and the service decoder's kernels (`service/model/cpu_ops.py`)
+use it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def cpu_key() -> str:
 
 
 class NativeKernel:
-    """One C++ source built lazily into an extension module; `module()` is it, or None when unavailable."""
+    """C++ sources built lazily into one extension module; `module()` is it, or None when unavailable."""
 
-    def __init__(self, name: str, source: str, env_switch: str):
-        self.name, self.source, self.env_switch = name, source, env_switch
+    def __init__(self, name: str, sources: str | list[str], env_switch: str, extra_cflags: tuple = ()):
+        self.name, self.env_switch, self.extra_cflags = name, env_switch, list(extra_cflags)
+        self.sources = [sources] if isinstance(sources, str) else list(sources)
         self._lock = threading.Lock()
         self._module = None
         self._tried = False
@@ -55,7 +57,8 @@ class NativeKernel:
             return None
         try:
             from torch.utils.cpp_extension import load
-            return load(f"{self.name}_{cpu_key()}", [self.source], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            return load(f"{self.name}_{cpu_key()}", self.sources,
+                        extra_cflags=["-O3", "-march=native", "-fopenmp"] + self.extra_cflags,
                         extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no ninja, a sandbox: the torch path still works
             log.warning("%s: the C++ kernel is unavailable (%s); using torch ops", self.name, exc)

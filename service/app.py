@@ -20,7 +20,7 @@ from service.api.deps import State
 from service.engine import Engine, EngineConfig
 from service.generation import TextGenerator
 from service.metrics import Metrics
-from service.model import LoadedModel, attention_kernel, load_model
+from service.model import LoadedModel, cpu_ops, load_model
 from service.model.decoder import Decoder
 from service.model.dtype import default_device, parse_dtype
 from service.registry import AdapterRegistry
@@ -33,7 +33,7 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     device = default_device() if settings.device == "auto" else torch.device(settings.device)
     if device.type == "cpu":
         sgmv.kernel()              # build (first start only, ~30 s each) or load the C++ kernels now,
-        attention_kernel.kernel()  # not inside the first engine step
+        cpu_ops.kernel()           # not inside the first engine step
     dtype = parse_dtype(settings.dtype, device)
     loaded = loaded or load_model(settings.model)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,

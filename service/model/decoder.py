@@ -20,7 +20,7 @@ from torch import nn
 
 from adapters_core.group import grouped_forward
 
-from . import attention_kernel
+from . import cpu_ops
 from .packed_linear import PackedGroup, group_linears, pack_linears
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) == 1 and cpu_ops.usable(x, self.weight):
+            return cpu_ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -117,7 +119,10 @@ class Attention(nn.Module):
         q = q.view(*shape, self.num_heads, self.head_dim)
         k = k.view(*shape, self.num_kv_heads, self.head_dim)
         v = v.view(*shape, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
+        if q.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1 and cpu_ops.usable(q, k, *cos_sin):
+            q, k = cpu_ops.rotary(q, k, *cos_sin)          # the step path: [N, H, D], one call for both
+        else:
+            q, k = apply_rotary(q, k, cos_sin)
         return q, k, v
 
     def forward(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
@@ -139,9 +144,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)                                       # [N, H, D]
         if plan.decode:
             tokens, slots, last, max_len, mask = plan.decode_tensors(x.device)
-            if attention_kernel.usable(q, k_cache):                     # cache write and attention, one call
-                attention_kernel.decode_attention_(out, q, k, v, k_cache, v_cache, tokens, slots, last,
-                                                   self.head_dim ** -0.5)
+            if cpu_ops.usable(q, k, v, k_cache):                         # cache write and attention, one call
+                cpu_ops.decode_attention_(out, q, k, v, k_cache, v_cache, tokens, slots, last, self.head_dim ** -0.5)
             else:
                 k_cache[slots, :, last] = k.index_select(0, tokens)     # one write for all decode tokens
                 v_cache[slots, :, last] = v.index_select(0, tokens)
@@ -177,7 +181,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.gate_up_group.computing(x) if self.gate_up_group is not None else nullcontext():
             gate, up = grouped_forward([self.gate_proj, self.up_proj], x)
-        hidden = F.silu(gate) * up
+        if gate.dim() == 2 and gate.stride(-1) == 1 and up.stride(-1) == 1 and cpu_ops.usable(gate, up):
+            hidden = cpu_ops.silu_mul(gate, up)
+        else:
+            hidden = F.silu(gate) * up
         return self.down_proj(hidden)
 
 

@@ -4,7 +4,7 @@
 // softmax, weighted sum of values; query heads share KV heads as transformers' `repeat_kv` pairs them
 // (head h reads KV head h / (H / Hkv)). Each (sequence, KV head) is computed alone and in a fixed order, so
 // a sequence's result does not depend on what else is in the batch.
-#include <torch/extension.h>
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -82,9 +82,9 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
 // out [N, H, D] (contiguous; rows `tokens` are written), q [N, H, D], k_new / v_new [N, Hkv, D] (rows may be
 // strided, heads and features contiguous), k_cache / v_cache [slots, Hkv, T, D] contiguous; tokens, slots,
 // positions [Bd] int64: decoding sequence b's query row, cache slot and the position of its new token.
-void decode_attention_(torch::Tensor out, torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
-                       torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tokens, torch::Tensor slots,
-                       torch::Tensor positions, double scale) {
+void decode_attention_(at::Tensor out, at::Tensor q, at::Tensor k_new, at::Tensor v_new,
+                       at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens, at::Tensor slots,
+                       at::Tensor positions, double scale) {
   for (const auto* t : {&out, &q, &k_new, &v_new, &k_cache, &v_cache})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type(), "decode_attention: CPU tensors of one dtype");
   TORCH_CHECK(out.dim() == 3 && q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && k_cache.dim() == 4 &&
@@ -101,7 +101,7 @@ void decode_attention_(torch::Tensor out, torch::Tensor q, torch::Tensor k_new, 
               "decode_attention: new keys/values do not fit q");
   const int64_t seqs = tokens.numel();
   for (const auto* t : {&tokens, &slots, &positions})
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == seqs,
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == seqs,
                 "decode_attention: tokens, slots and positions must be int64 [Bd]");
   const int64_t *tp = tokens.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *pp = positions.data_ptr<int64_t>();
   std::vector<bool> slot_used(num_slots, false);
@@ -117,8 +117,4 @@ void decode_attention_(torch::Tensor out, torch::Tensor q, torch::Tensor k_new, 
                           sp, pp, seqs, heads, kv_heads, dim, max_len, q.stride(0), k_new.stride(0), v_new.stride(0),
                           static_cast<float>(scale));
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention_", &decode_attention_, "write decode tokens' K/V into the cache and attend (CPU)");
 }

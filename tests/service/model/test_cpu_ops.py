@@ -1,19 +1,21 @@
-"""The C++ decode attention (`service/model/csrc/decode_attention.cpp`) writes the same cache entries and
-computes the same attention as the torch path it replaces (to fp32 rounding; bf16 outputs to one ulp), for
-strided new keys/values, grouped KV heads and sequences of different lengths; it refuses inconsistent
-input; and the decoder's step path uses it with the same logits as without it. Under CI the kernel must
-build (a compiler is there); elsewhere its absence skips these tests."""
+"""The decoder's C++ CPU kernels (`service/model/csrc/`) compute what the torch code they replace computes:
+the decode attention writes the same cache entries and the same attention (to fp32 rounding; bf16 outputs
+to one ulp) for strided new keys/values, grouped KV heads and sequences of different lengths, and refuses
+inconsistent input; rotary is bit-identical; RMSNorm and silu * up agree to fp32 rounding (bf16: one ulp,
+rarely). The decoder's step path uses them with the same logits as without them. Under CI the kernels
+must build (a compiler is there); elsewhere their absence skips these tests."""
 import os
 
 import pytest
 import torch
 
 from service.engine.kv_cache import KVCache
-from service.model import attention_kernel
+from service.model import cpu_ops
 from service.model.config import ModelConfig
-from service.model.decoder import Decoder, StepPlan, StepSequence, decode_attention
+from service.model.decoder import MLP, Decoder, RMSNorm, StepPlan, StepSequence, decode_attention
+from service.model.rope import apply_rotary
 
-if attention_kernel.kernel() is None:
+if cpu_ops.kernel() is None:
     if os.environ.get("CI"):
         raise RuntimeError("the C++ decode attention did not build under CI (see the logged warning)")
     pytest.skip("the C++ decode attention is unavailable here (no compiler or ninja)", allow_module_level=True)
@@ -39,7 +41,7 @@ def test_kernel_equals_torch_path(dtype):
     q, k, v, k_cache, v_cache, tokens, slots, positions = _inputs(dtype)
     kc1, vc1, kc2, vc2 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
     out1, out2 = torch.zeros_like(q), torch.zeros_like(q)
-    attention_kernel.decode_attention_(out1, q, k, v, kc1, vc1, tokens, slots, positions, 64 ** -0.5)
+    cpu_ops.decode_attention_(out1, q, k, v, kc1, vc1, tokens, slots, positions, 64 ** -0.5)
 
     kc2[slots, :, positions] = k.index_select(0, tokens)
     vc2[slots, :, positions] = v.index_select(0, tokens)
@@ -54,26 +56,31 @@ def test_kernel_equals_torch_path(dtype):
     untouched = torch.ones(q.shape[0], dtype=torch.bool)
     untouched[tokens] = False
     assert torch.equal(out1[untouched], torch.zeros_like(out1[untouched]))
-    if dtype == torch.float32:
-        torch.testing.assert_close(out1, out2, atol=2e-6, rtol=0)
-    else:   # fp32 sums in another order: at most one bf16 ulp apart, and almost never
-        ulp = out2.float().abs().clamp_min(2.0 ** -126) * 2.0 ** -7
-        assert ((out1.float() - out2.float()).abs() <= ulp).all()
-        assert (out1 != out2).float().mean() < 0.01
+    _assert_rounding_close(out1, out2, atol=2e-6)
     assert out1[tokens].abs().amax() > 0
+
+
+def _assert_rounding_close(ours, torch_path, atol):
+    """fp32: within `atol`; bf16: at most one ulp apart, and for under 1 % of the elements."""
+    if ours.dtype == torch.float32:
+        torch.testing.assert_close(ours, torch_path, atol=atol, rtol=1e-6)
+    else:
+        ulp = torch_path.float().abs().clamp_min(2.0 ** -126) * 2.0 ** -7
+        assert ((ours.float() - torch_path.float()).abs() <= ulp).all()
+        assert (ours != torch_path).float().mean() < 0.01
 
 
 def test_kernel_refuses_inconsistent_input():
     q, k, v, k_cache, v_cache, tokens, slots, positions = _inputs(torch.float32)
     out = torch.zeros_like(q)
     with pytest.raises(RuntimeError, match="share a cache slot"):
-        attention_kernel.decode_attention_(out, q, k, v, k_cache, v_cache, tokens[:2], torch.tensor([1, 1]),
+        cpu_ops.decode_attention_(out, q, k, v, k_cache, v_cache, tokens[:2], torch.tensor([1, 1]),
                                            positions[:2], 0.125)
     with pytest.raises(RuntimeError, match="out of range"):
-        attention_kernel.decode_attention_(out, q, k, v, k_cache, v_cache, tokens[:1], slots[:1],
+        cpu_ops.decode_attention_(out, q, k, v, k_cache, v_cache, tokens[:1], slots[:1],
                                            torch.tensor([80]), 0.125)
     with pytest.raises(RuntimeError, match="one dtype"):
-        attention_kernel.decode_attention_(out, q, k, v, k_cache.bfloat16(), v_cache, tokens, slots, positions, 0.125)
+        cpu_ops.decode_attention_(out, q, k, v, k_cache.bfloat16(), v_cache, tokens, slots, positions, 0.125)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,11 +104,47 @@ def test_decoder_step_uses_kernel_with_same_logits(monkeypatch, dtype):
             return model.lm_head(model.forward_step(ids[[2, 0, 1], 11], torch.full((3,), 11), plan, cache))
 
     calls = []
-    native = attention_kernel.decode_attention_
-    monkeypatch.setattr(attention_kernel, "decode_attention_", lambda *a: calls.append(1) or native(*a))
+    for name in ("decode_attention_", "rms_norm", "rotary", "silu_mul"):
+        native = getattr(cpu_ops, name)
+        monkeypatch.setattr(cpu_ops, name, lambda *a, name=name, native=native: calls.append(name) or native(*a))
     with_kernel = run()
-    assert len(calls) == config.num_hidden_layers
-    monkeypatch.setattr(attention_kernel, "kernel", lambda: None)
+    layers = config.num_hidden_layers
+    assert sorted(set(calls)) == ["decode_attention_", "rms_norm", "rotary", "silu_mul"]
+    assert calls.count("decode_attention_") == layers and calls.count("rms_norm") == 2 * (2 * layers + 1)
+    monkeypatch.setattr(cpu_ops, "kernel", lambda: None)
     without = run()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(with_kernel, without, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_identical(dtype):
+    g = torch.Generator().manual_seed(3)
+    n, heads, kv_heads, dim = 7, 6, 2, 16
+    packed = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)     # q/k as strided views
+    q = packed[:, :heads * dim].view(n, heads, dim)
+    k = packed[:, heads * dim:(heads + kv_heads) * dim].view(n, kv_heads, dim)
+    angles = torch.rand(n, 1, dim, generator=g) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    q1, k1 = cpu_ops.rotary(q, k, cos, sin)
+    q2, k2 = apply_rotary(q, k, (cos, sin))
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_silu_mul_equal_torch(dtype):
+    g = torch.Generator().manual_seed(4)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g))
+    x = (torch.randn(5, 3, 96, generator=g) * 3).to(dtype)
+    with torch.inference_mode():
+        ours = cpu_ops.rms_norm(x, norm.weight, norm.eps)
+        xf = x.float()
+        expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    assert ours.shape == x.shape
+    _assert_rounding_close(ours, expected, atol=1e-5)
+
+    gate = (torch.randn(9, 40, generator=g) * 4).to(dtype)
+    up = torch.randn(9, 40, generator=g).to(dtype)
+    _assert_rounding_close(cpu_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, atol=1e-6)

@@ -1,0 +1,12 @@
+// The decoder's optional C++ CPU kernels (built together into one extension by service/model/cpu_ops.py).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+void decode_attention_(at::Tensor out, at::Tensor q, at::Tensor k_new, at::Tensor v_new,
+                       at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens, at::Tensor slots,
+                       at::Tensor positions, double scale);
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+std::vector<at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin);
+at::Tensor silu_mul(at::Tensor gate, at::Tensor up);
