@@ -1,15 +1,15 @@
-"""The optional fused CPU kernel for decode-shaped mixed batches (`csrc/sgmv.cpp`), built on first use.
+"""The optional fused CPU kernel for mixed batches (`csrc/sgmv.cpp`), built on first use.
 
-For one token per segment (a decode step), `stacked_forward` can replace its gather + two `bmm`s with one
-call that reads each token's adapter rows straight from the stacks and accumulates in fp32: measured on
-the development CPU for SmolLM2's 210 adapted layers and 16 distinct rank-16 adapters, 6.4 ms per step
-against 12.5 ms for the fp32 `bmm`s on gathered copies (bf16 stacks); with the AVX-512 version (built
-where the compiler targets it), 6.2 ms against 8.5 ms for the portable loops on an AMD EPYC (Zen 4) and
-2.3 ms against 7.7 ms when the adapters' rows are cache-hot: a decode step streams 156 MB of adapter
-rows, so the kernel is bound by memory there. It is compiled by
-`native.NativeKernel` (needs a C++ compiler with OpenMP and the `ninja` package). Where that fails, or
-with `ADAPTERS_CORE_SGMV=0`, the torch path runs instead, with the same results to rounding.
-"""
+`stacked_forward` (and `grouped_forward`, for layers sharing an input) replaces its gather + two `bmm`s
+with one call that reads each token's adapter rows straight from the stacks and accumulates in fp32, for
+decode steps and prefill chunks alike. Measured on the development CPU for SmolLM2's 210 adapted layers
+and 16 distinct rank-16 adapters: 6.4 ms per decode step against 12.5 ms for the fp32 `bmm`s on gathered
+copies (bf16 stacks); the AVX-512 version (built where the compiler targets it) 6.2 ms against 8.5 ms for
+the portable loops on an AMD EPYC (Zen 4), and 2.3 ms against 7.7 ms when the adapters' rows are
+cache-hot. A decode step streams 156 MB of adapter rows; merely reading them in the same pattern takes
+5.9 ms there, so the kernel runs at the memory's pace. Compiled by `native.NativeKernel` (needs a C++
+compiler with OpenMP and the `ninja` package); where that fails, or with `ADAPTERS_CORE_SGMV=0`, the torch
+path runs instead, with the same results to rounding."""
 
 from __future__ import annotations
 

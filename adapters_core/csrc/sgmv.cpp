@@ -1,7 +1,8 @@
-// Fused per-token LoRA for decode-shaped batches on the CPU (the shrink and expand of Punica's SGMV in one
-// pass): result[g] += (x[g] @ A[slot[g]]) @ B[slot[g]], reading each token's adapter rows straight from the
-// stacked tensors (no gathered copies), accumulating in fp32 whatever the dtypes, and adding into the base
-// output in place (one rounding to its dtype, as `add_` of an fp32 delta does).
+// Fused per-token LoRA for CPU token batches, decode steps and prefill chunks alike (the shrink and
+// expand of Punica's SGMV in one pass): result[g] += (x[g] @ A[slot[g]]) @ B[slot[g]], reading each
+// token's adapter rows straight from the stacked tensors (no gathered copies), accumulating in fp32
+// whatever the dtypes, and adding into the base output in place (one rounding to its dtype, as `add_` of
+// an fp32 delta does).
 #include <torch/extension.h>
 
 #include <algorithm>
