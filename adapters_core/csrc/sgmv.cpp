@@ -99,7 +99,11 @@ inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, i
     int64_t i = 0;
     for (; i + 4 <= in; i += 4) {
       if (rb == 0) prefetch_span(reinterpret_cast<const char*>(a + i * rank) + kPrefetchBytes, 4 * row_bytes);
-      if (a_pf < a_bytes) { _mm_prefetch(a_next + a_pf, _MM_HINT_T1); _mm_prefetch(a_next + a_pf + 64, _MM_HINT_T1); a_pf += 128; }
+      if (a_pf < a_bytes) {
+        _mm_prefetch(a_next + a_pf, _MM_HINT_T1);
+        _mm_prefetch(a_next + a_pf + 64, _MM_HINT_T1);
+        a_pf += 128;
+      }
       s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
       s1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 1]), load16(a + (i + 1) * rank + rb, m), s1);
       s2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 2]), load16(a + (i + 2) * rank + rb, m), s2);
@@ -116,7 +120,11 @@ inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, i
       const wt* row = b + r * out_features + o;
       _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4 + 64, _MM_HINT_T0);
-      if (b_pf < b_bytes) { _mm_prefetch(b_next + b_pf, _MM_HINT_T1); _mm_prefetch(b_next + b_pf + 64, _MM_HINT_T1); b_pf += 128; }
+      if (b_pf < b_bytes) {
+        _mm_prefetch(b_next + b_pf, _MM_HINT_T1);
+        _mm_prefetch(b_next + b_pf + 64, _MM_HINT_T1);
+        b_pf += 128;
+      }
       const __m512 hr = _mm512_set1_ps(h[r]);
       c0 = _mm512_fmadd_ps(hr, load16(row, m0), c0);
       c1 = _mm512_fmadd_ps(hr, load16(row + 16, m1), c1);
@@ -197,7 +205,8 @@ void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
     const auto &result = results[k], &a = as[k], &b = bs[k];
     TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && result.device().is_cpu(), "sgmv: CPU tensors only");
     TORCH_CHECK(result.dim() == 2 && result.stride(1) == 1, "sgmv: x and result must be 2-D with contiguous rows");
-    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous(), "sgmv: stacks must be contiguous");
+    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous(),
+                "sgmv: stacks must be contiguous");
     TORCH_CHECK(a.scalar_type() == as[0].scalar_type() && b.scalar_type() == as[0].scalar_type() &&
                 result.scalar_type() == results[0].scalar_type(),
                 "sgmv: A and B must share a dtype, and so must the results");

@@ -86,7 +86,8 @@ void decode_attention_(at::Tensor out, at::Tensor q, at::Tensor k_new, at::Tenso
                        at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens, at::Tensor slots,
                        at::Tensor positions, double scale) {
   for (const auto* t : {&out, &q, &k_new, &v_new, &k_cache, &v_cache})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type(), "decode_attention: CPU tensors of one dtype");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type(),
+                "decode_attention: CPU tensors of one dtype");
   TORCH_CHECK(out.dim() == 3 && q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && k_cache.dim() == 4 &&
               v_cache.dim() == 4, "decode_attention: bad ranks");
   TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && out.sizes() == q.sizes(),
@@ -96,7 +97,8 @@ void decode_attention_(at::Tensor out, at::Tensor q, at::Tensor k_new, at::Tenso
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == dim && heads % kv_heads == 0,
               "decode_attention: cache shapes do not fit q");
   for (const auto* t : {&q, &k_new, &v_new})
-    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == dim && t->size(2) == dim, "decode_attention: heads must be contiguous");
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == dim && t->size(2) == dim,
+                "decode_attention: heads must be contiguous");
   TORCH_CHECK(k_new.size(0) == n && v_new.size(0) == n && k_new.size(1) == kv_heads && v_new.size(1) == kv_heads,
               "decode_attention: new keys/values do not fit q");
   const int64_t seqs = tokens.numel();
