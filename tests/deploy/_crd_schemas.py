@@ -40,28 +40,33 @@ _POD_METRICS_ENDPOINT = {
     },
     "additionalProperties": False,
 }
-POD_MONITOR = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+
+
+def _resource(kind: str, spec: dict) -> dict:
+    """The schema of a prometheus-operator resource of `kind` whose spec has the schema `spec`."""
+    return {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": kind},
+                       "metadata": _METADATA, "spec": spec},
+        "additionalProperties": False,
+    }
+
+
+POD_MONITOR = _resource("PodMonitor", {
+    "type": "object", "required": ["selector"],
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object", "required": ["selector"],
-            "properties": {
-                "jobLabel": {"type": "string"}, "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-                "selector": _LABEL_SELECTOR,
-                "namespaceSelector": {"type": "object", "properties": {
-                    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
-                    "additionalProperties": False},
-                "podMetricsEndpoints": {"type": "array", "items": _POD_METRICS_ENDPOINT},
-                "sampleLimit": {"type": "integer", "minimum": 0}, "targetLimit": {"type": "integer", "minimum": 0},
-                "labelLimit": {"type": "integer", "minimum": 0}, "attachMetadata": {"type": "object"},
-            },
-            "additionalProperties": False,
-        },
+        "jobLabel": {"type": "string"}, "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+        "selector": _LABEL_SELECTOR,
+        "namespaceSelector": {"type": "object", "properties": {
+            "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
+            "additionalProperties": False},
+        "podMetricsEndpoints": {"type": "array", "items": _POD_METRICS_ENDPOINT},
+        "sampleLimit": {"type": "integer", "minimum": 0}, "targetLimit": {"type": "integer", "minimum": 0},
+        "labelLimit": {"type": "integer", "minimum": 0}, "attachMetadata": {"type": "object"},
     },
     "additionalProperties": False,
-}
+})
+
 _RULE = {
     "type": "object", "required": ["expr"],
     "properties": {"record": {"type": "string"}, "alert": {"type": "string"},
@@ -71,20 +76,14 @@ _RULE = {
     "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
     "additionalProperties": False,
 }
-PROMETHEUS_RULE = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
-        "metadata": _METADATA,
-        "spec": {"type": "object", "properties": {"groups": {"type": "array", "items": {
-            "type": "object", "required": ["name"],
-            "properties": {"name": {"type": "string", "minLength": 1},
-                           "interval": {"type": "string", "pattern": DURATION},
-                           "query_offset": {"type": "string", "pattern": DURATION},
-                           "limit": {"type": "integer"}, "partial_response_strategy": {"type": "string"},
-                           "labels": _STRING_MAP, "rules": {"type": "array", "items": _RULE}},
-            "additionalProperties": False}}},
-            "additionalProperties": False},
-    },
+PROMETHEUS_RULE = _resource("PrometheusRule", {
+    "type": "object", "properties": {"groups": {"type": "array", "items": {
+        "type": "object", "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1},
+                       "interval": {"type": "string", "pattern": DURATION},
+                       "query_offset": {"type": "string", "pattern": DURATION},
+                       "limit": {"type": "integer"}, "partial_response_strategy": {"type": "string"},
+                       "labels": _STRING_MAP, "rules": {"type": "array", "items": _RULE}},
+        "additionalProperties": False}}},
     "additionalProperties": False,
-}
+})
