@@ -61,8 +61,7 @@ def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Ba
             return None
         st = layer.stack
         if st is not None:
-            if (st.A is None or st.ia3_in is not None or st.ia3_out is not None or st.bias is not None
-                    or st.dora is not None):
+            if not st.plain_lora or st.ia3_in is not None or st.ia3_out is not None:
                 return None
             dtypes.add(st.dtype)
     mapping = table.mapping

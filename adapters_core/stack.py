@@ -149,6 +149,11 @@ class LayerStack:
     def rank(self) -> int:
         return 0 if self.A is None else self.A.shape[-1]
 
+    @property
+    def plain_lora(self) -> bool:
+        """LoRA deltas the fused kernel adds by itself: A and B stacked, no LoRA bias, no DoRA factors."""
+        return self.A is not None and self.bias is None and self.dora is None
+
     def reserve(self, slot: int) -> None:
         if self.dtype is not None:
             self._reserve(slot, self.dtype)
@@ -406,7 +411,7 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         result = (result.to(st.dtype) * mapping.per_token(st.ia3_out, result)).to(result.dtype)
     if st.A is None:
         return result
-    if st.bias is None and st.dora is None and x.is_cpu:
+    if st.plain_lora and x.is_cpu:
         rows_in = _fused_rows(x)
         rows_out = None if rows_in is None else _rows(result)
         if rows_out is not None and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
