@@ -17,10 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UnsupportedFeatureError
 from .matching import is_conv1d
 from .stack import stacked_forward
 
 LORA_KINDS = ("LORA", "ADALORA")
+
+
+def dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense float tensor: a quantized layer (one that stores its weight in blocks
+    and offers `dequantize()`, like PEFT's bitsandbytes layers) is dequantised; others give `.weight`."""
+    weight = base_layer.weight
+    if weight.dtype.is_floating_point:
+        return weight
+    dequantize = getattr(base_layer, "dequantize", None)
+    if dequantize is None:
+        raise UnsupportedFeatureError(f"{type(base_layer).__name__} stores a {weight.dtype} weight and has no "
+                                      "dequantize()")
+    return dequantize()
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -237,7 +251,7 @@ class AdapterLayer(nn.Module):
 
     def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
         """Norm of W + delta per output feature (DoRA's denominator); `delta` is in the base weight's layout."""
-        total = self.base_layer.weight.to(delta.dtype) + delta
+        total = dense_weight(self.base_layer).to(delta.dtype) + delta
         if self.is_embedding or self.fan_in_fan_out:
             total = total.T
         return torch.linalg.norm(total, dim=1).to(total.dtype)
@@ -311,7 +325,7 @@ class AdapterLayer(nn.Module):
                 base_result = base_result - bias
         else:
             x = dropout(x)
-            base_result = F.linear(x, transpose(self.base_layer.weight.to(x.dtype), self.fan_in_fan_out))
+            base_result = F.linear(x, transpose(dense_weight(self.base_layer).to(x.dtype), self.fan_in_fan_out))
         return (g - 1) * base_result + g * lin_b(lin_a(x)) * scaling
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -353,6 +367,10 @@ class AdapterLayer(nn.Module):
     def merge(self, names: Optional[list[str]] = None) -> None:
         names = [n for n in (names if names is not None else self.active_adapters) if n in self.kind]
         weight = self.base_layer.weight
+        if names and not weight.dtype.is_floating_point:
+            kind = type(self.base_layer).__name__
+            raise UnsupportedFeatureError(f"merging adapters into a quantized base layer ({kind}, {weight.dtype} "
+                                          "storage) is not supported; serve them unmerged")
         for name in names:
             if name in self.merged_adapters:
                 continue

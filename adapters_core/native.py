@@ -36,8 +36,12 @@ def cpu_key() -> str:
 class NativeKernel:
     """C++ sources built lazily into one extension module; `module()` is it, or None when unavailable."""
 
-    def __init__(self, name: str, sources: str | list[str], env_switch: str, extra_cflags: tuple = ()):
+    def __init__(self, name: str, sources: str | list[str], env_switch: str, extra_cflags: tuple = (),
+                 arch: str = "native"):
+        """`arch` is gcc's -march: "native" (the default, this CPU) or a named level such as "x86-64-v3"
+        (AVX2 + FMA) or "x86-64" (SSE2), which tests use to build and check a kernel's other code paths."""
         self.name, self.env_switch, self.extra_cflags = name, env_switch, list(extra_cflags)
+        self.arch = arch
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         self._lock = threading.Lock()
         self._module = None
@@ -57,8 +61,9 @@ class NativeKernel:
             return None
         try:
             from torch.utils.cpp_extension import load
-            return load(f"{self.name}_{cpu_key()}", self.sources,
-                        extra_cflags=["-O3", "-march=native", "-fopenmp"] + self.extra_cflags,
+            suffix = cpu_key() if self.arch == "native" else self.arch.replace("-", "_")
+            return load(f"{self.name}_{suffix}", self.sources,
+                        extra_cflags=["-O3", f"-march={self.arch}", "-fopenmp"] + self.extra_cflags,
                         extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no ninja, a sandbox: the torch path still works
             log.warning("%s: the C++ kernel is unavailable (%s); using torch ops", self.name, exc)

@@ -23,6 +23,8 @@ from service.metrics import Metrics
 from service.model import LoadedModel, cpu_ops, load_model
 from service.model.decoder import Decoder
 from service.model.dtype import default_device, parse_dtype
+from service.model.loader import is_gguf
+from service.model.weight_format import resolve_weight_format, store_weights, stored_bytes
 from service.registry import AdapterRegistry
 from service.settings import Settings, get_settings
 
@@ -34,10 +36,17 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     if device.type == "cpu":
         sgmv.kernel()              # build (first start only, ~30 s each) or load the C++ kernels now,
         cpu_ops.kernel()           # not inside the first engine step
-    dtype = parse_dtype(settings.dtype, device)
-    loaded = loaded or load_model(settings.model)
+    fmt = resolve_weight_format(settings.weight_format, loaded.stored != {} if loaded else is_gguf(settings.model),
+                                device)
+    loaded = loaded or load_model(settings.model, keep_stored=fmt == "gguf")
+    if fmt == "dense" and loaded.stored:
+        raise ValueError("weight_format dense needs a model loaded without stored weights")
+    store_weights(loaded, fmt)
+    dtype = parse_dtype(settings.dtype, device) if fmt == "dense" else torch.float32
+    log.info("serving the base weights as %s (%s)", fmt, f"{stored_bytes(loaded) / 2**20:.0f} MiB stored"
+             if loaded.stored else f"dense {dtype}")
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,
-                                    max_positions=settings.max_seq_len)
+                                    max_positions=settings.max_seq_len, stored=loaded.stored)
     engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                                         max_batch_tokens=settings.max_batch_tokens,
                                         prefill_chunk=settings.prefill_chunk, max_waiting=settings.max_waiting),

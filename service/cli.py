@@ -15,6 +15,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help="GGUF file, HF folder or hub repo id (default: embedded SmolLM2)")
     parser.add_argument("--adapter-dir")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--weight-format", choices=["auto", "dense", "fp32", "bf16", "int8", "gguf"],
+                        help="how the base weights are served (auto: a GGUF as stored on the CPU)")
     parser.add_argument("--device")
     parser.add_argument("--max-batch-size", type=int)
     parser.add_argument("--max-seq-len", type=int)

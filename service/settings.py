@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     model: Optional[str] = Field(None, description="GGUF file, HF folder or hub repo id; default: embedded SmolLM2")
     served_model_name: Optional[str] = Field(None, description="the base model's id in the API")
     device: str = "auto"                       # auto | cpu | cuda
-    dtype: str = "auto"                        # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"                        # auto | float32 | bfloat16 | float16 (weight_format dense)
+    # auto | dense | fp32 | bf16 | int8 | gguf: how the base weights are served (service/model/weight_format.py)
+    weight_format: str = "auto"
 
     # shutdown (SIGTERM): /ready turns 503 at once, the listener closes after shutdown_delay, running
     # requests may finish until shutdown_timeout after the signal (Kubernetes' default grace period)

@@ -21,7 +21,9 @@ from torch import nn
 from adapters_core.group import grouped_forward
 
 from . import cpu_ops
-from .packed_linear import PackedGroup, group_linears, pack_linears
+from .packed_linear import LinearGroup, group_linears, pack_linears
+from .quant_formats import StoredWeight
+from .quant_linear import QuantEmbedding, QuantLinear, group_quant_linears
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
 
@@ -110,7 +112,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        self.qkv_group: Optional[PackedGroup] = None           # set by `Decoder.group_projections`
+        self.qkv_group: Optional[LinearGroup] = None           # set by `Decoder.group_projections`
 
     def _qkv(self, x: torch.Tensor, cos_sin):
         shape = x.shape[:-1]
@@ -176,7 +178,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.gate_up_group: Optional[PackedGroup] = None       # set by `Decoder.group_projections`
+        self.gate_up_group: Optional[LinearGroup] = None       # set by `Decoder.group_projections`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.gate_up_group.computing(x) if self.gate_up_group is not None else nullcontext():
@@ -233,30 +235,57 @@ class Decoder(nn.Module):
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", max_positions: Optional[int] = None,
-                        pack: bool = True) -> "Decoder":
+                        pack: bool = True, stored: Optional[dict[str, StoredWeight]] = None) -> "Decoder":
         """Build from a transformers-named state dict. `pack`: on the CPU in bf16, linears use oneDNN
-        prepacked weights (bit-identical, faster: see packed_linear.py)."""
+        prepacked weights (bit-identical, faster: see packed_linear.py). `stored`: weights kept in a stored
+        format by key (`LoadedModel.stored`); their layers become `QuantLinear` / `QuantEmbedding`, which
+        compute in fp32 on the CPU, so `dtype` must then be float32 and `device` the CPU."""
+        stored = stored or {}
+        if stored and (torch.device(device).type != "cpu" or dtype != torch.float32):
+            raise ValueError("stored-format weights are served on the CPU in float32")
         with torch.device("meta"):
             model = cls(config, max_positions)
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        missing = [k for k in missing if k not in stored
+                   and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        unexpected += [k for k in stored if k not in model.state_dict()]
         if missing or unexpected:
             raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if config.tie_word_embeddings:
+        model._use_stored(stored)
+        if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
             model.lm_head.weight = model.model.embed_tokens.weight
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         if pack:
             pack_linears(model)
+        if pack or stored:
             model.group_projections()
         return model
 
+    def _use_stored(self, stored: dict[str, StoredWeight]) -> None:
+        """Swap the layers whose weights are in `stored` for their QuantLinear / QuantEmbedding."""
+        for key, weight in stored.items():
+            path = key[: -len(".weight")]
+            parent_name, _, attr = path.rpartition(".")
+            parent = self.get_submodule(parent_name) if parent_name else self
+            old = getattr(parent, attr)
+            if isinstance(old, nn.Embedding):
+                setattr(parent, attr, QuantEmbedding(weight, old.padding_idx))
+            else:
+                bias = None if old.bias is None or old.bias.is_meta else old.bias
+                setattr(parent, attr, QuantLinear(weight, bias))
+        embed = self.model.embed_tokens
+        if self.config.tie_word_embeddings and isinstance(embed, QuantEmbedding):
+            self.lm_head = QuantLinear(embed.stored)          # the head reads the same stored rows
+
     def group_projections(self) -> None:
-        """Compute q/k/v and gate/up as one prepacked matmul each where they are packed (see packed_linear.py).
-        Call before injecting adapters: the groups hold the plain linears, which adapters then wrap."""
+        """Compute q/k/v and gate/up as one matmul each where they are packed or stored (see packed_linear.py
+        and quant_linear.py). Call before injecting adapters: the groups hold the plain linears, which
+        adapters then wrap."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_group = group_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_up_group = group_linears([mlp.gate_proj, mlp.up_proj])
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            attn.qkv_group = group_linears(qkv) or group_quant_linears(qkv)
+            mlp.gate_up_group = group_linears(gate_up) or group_quant_linears(gate_up)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens

