@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 RUNTIME_STAMP := $(VENV)/.installed-runtime
+KERNEL_STAMP := $(VENV)/.kernels-built
 STAMP := $(VENV)/.installed
+KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp service/model/csrc/*.cpp service/model/csrc/*.h)
 
 .PHONY: install install-test deploy-tools serve demo test bench clean
 
@@ -27,7 +29,13 @@ $(STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(RUNTIME_STAMP)
+# The C++ CPU kernels, compiled for this CPU into torch's extension cache (~1-2 min on 2 cores, once; again
+# when a kernel source changes). Without a compiler this prints why and the service uses torch ops.
+$(KERNEL_STAMP): $(RUNTIME_STAMP) $(KERNEL_SOURCES)
+	$(PY) -m service.kernels
+	touch $@
+
+install: $(RUNTIME_STAMP) $(KERNEL_STAMP)
 
 install-test: $(STAMP)
 
@@ -47,16 +55,16 @@ deploy-tools:
 	  fi; \
 	fi
 
-serve: $(RUNTIME_STAMP)
+serve: $(RUNTIME_STAMP) $(KERNEL_STAMP)
 	$(PY) -m service
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
 
-test: $(STAMP) deploy-tools
+test: $(STAMP) $(KERNEL_STAMP) deploy-tools
 	$(PY) -m pytest -q -m "not gpu"
 
-bench: $(STAMP)
+bench: $(STAMP) $(KERNEL_STAMP)
 	$(PY) bench/core_bench.py
 	$(PY) bench/engine_bench.py
 

@@ -56,13 +56,27 @@ class NativeKernel:
                 self._tried = True
         return self._module
 
+    @property
+    def full_name(self) -> str:
+        """The module's name in the extension cache: the kernel's name and the CPU (or -march level)."""
+        return f"{self.name}_{cpu_key() if self.arch == 'native' else self.arch.replace('-', '_')}"
+
+    @property
+    def enabled(self) -> bool:
+        return os.environ.get(self.env_switch, "1") != "0"
+
+    def cached(self) -> bool:
+        """A build for this CPU is in the extension cache (loading it takes a moment, not a compile)."""
+        from torch.utils.cpp_extension import _get_build_directory
+        folder = _get_build_directory(self.full_name, verbose=False)
+        return os.path.isfile(os.path.join(folder, f"{self.full_name}.so"))
+
     def _build(self) -> Optional[object]:
-        if os.environ.get(self.env_switch, "1") == "0":
+        if not self.enabled:
             return None
         try:
             from torch.utils.cpp_extension import load
-            suffix = cpu_key() if self.arch == "native" else self.arch.replace("-", "_")
-            return load(f"{self.name}_{suffix}", self.sources,
+            return load(self.full_name, self.sources,
                         extra_cflags=["-O3", f"-march={self.arch}", "-fopenmp"] + self.extra_cflags,
                         extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no ninja, a sandbox: the torch path still works

@@ -26,11 +26,15 @@ def main(argv=None) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     from service.app import create_app
+    from service.kernels import build_all, uncached
     from service.server import GracefulServer
-    print(f"adapter-serve: listening on http://{settings.host}:{settings.port} (model: "
-          f"{settings.model or 'embedded SmolLM2-135M-Instruct'})", flush=True)
+    if settings.device in ("auto", "cpu") and uncached():
+        print(f"adapter-serve: building CPU kernels (once): {', '.join(uncached())}", flush=True)
+        build_all(lambda line: print(f"adapter-serve:   {line}", flush=True))
+    print(f"adapter-serve: loading {settings.model or 'the embedded SmolLM2-135M-Instruct'}", flush=True)
     GracefulServer(create_app(settings), settings.shutdown_delay, settings.shutdown_timeout,
-                   host=settings.host, port=settings.port, log_level="info").run()
+                   host=settings.host, port=settings.port, log_level="info",
+                   announce=f"adapter-serve: listening on http://{settings.host}:{settings.port}").run()
 
 
 if __name__ == "__main__":

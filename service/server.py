@@ -26,13 +26,21 @@ RESPONSE_GRACE = 5.0      # seconds after the deadline for cancelled responses t
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, app: FastAPI, shutdown_delay: float, shutdown_timeout: float, **config):
+    def __init__(self, app: FastAPI, shutdown_delay: float, shutdown_timeout: float, announce: str = "",
+                 **config):
         # uvicorn's own wait starts when the listener closes and is only a backstop behind our deadline
         timeout = max(shutdown_timeout - shutdown_delay, 0) + RESPONSE_GRACE
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=timeout, **config))
         self.fastapi_app, self.shutdown_delay, self.shutdown_timeout = app, shutdown_delay, shutdown_timeout
         self.signalled_at: Optional[float] = None
         self._deadline: Optional[asyncio.TimerHandle] = None
+        self.announce = announce
+
+    async def startup(self, sockets=None) -> None:
+        """uvicorn's startup (the lifespan loads the model, then the socket listens), then `announce`."""
+        await super().startup(sockets=sockets)
+        if self.announce and self.started:
+            print(self.announce, flush=True)
 
     def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
         if self.signalled_at is not None:

@@ -32,11 +32,16 @@ _SWITCH = "ADAPTER_SERVE_QUANT_KERNEL"
 _KERNELS: dict[str, NativeKernel] = {}
 
 
-def kernel(arch: str = "native") -> Optional[object]:
-    """The compiled kernel for gcc's -march=`arch` ("native" is the one the service uses), or None."""
+def native_kernel(arch: str = "native") -> NativeKernel:
+    """The kernel's builder for gcc's -march=`arch` ("native" is the one the service uses)."""
     if arch not in _KERNELS:
         _KERNELS[arch] = NativeKernel("adapter_serve_quant_matmul", _SOURCE, _SWITCH, arch=arch)
-    return _KERNELS[arch].module()
+    return _KERNELS[arch]
+
+
+def kernel(arch: str = "native") -> Optional[object]:
+    """The compiled kernel for gcc's -march=`arch` (built on first use), or None where it cannot be built."""
+    return native_kernel(arch).module()
 
 
 def matmul(x: torch.Tensor, weight: StoredWeight, bias: Optional[torch.Tensor] = None,
