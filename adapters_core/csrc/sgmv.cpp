@@ -232,7 +232,10 @@ void sgmv_add_(torch::Tensor result, torch::Tensor x, torch::Tensor a, torch::Te
   sgmv_add_group_({result}, x, {a}, {b}, slots);
 }
 
+// Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv_add_", &sgmv_add_, "result += per-token LoRA shrink and expand (CPU, fused)");
-  m.def("sgmv_add_group_", &sgmv_add_group_, "sgmv_add_ for several layers reading the same input, in one pass");
+  m.def("sgmv_add_", &sgmv_add_, "result += per-token LoRA shrink and expand (CPU, fused)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sgmv_add_group_", &sgmv_add_group_, "sgmv_add_ for several layers reading the same input, in one pass",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -38,6 +38,7 @@ class _Common(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     logprobs: Optional[Any] = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past end-of-sequence tokens")
     # One choice per request: asking for more is refused (422 naming the field) rather than ignored.
     n: int = Field(1, ge=1, le=1, description="number of choices; only 1 is supported")
 
@@ -75,7 +76,8 @@ def sampling(state: State, req: _Common, max_tokens: Optional[int]) -> SamplingP
         raise HTTPException(400, f"max_tokens {n} exceeds the limit of {s.max_tokens_limit}")
     return SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           seed=req.seed, presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty, logprobs=bool(req.logprobs))
+                          frequency_penalty=req.frequency_penalty, logprobs=bool(req.logprobs),
+                          ignore_eos=req.ignore_eos)
 
 
 def stops(req: _Common) -> list[str]:

@@ -3,9 +3,14 @@
 
 #include "ops.h"
 
+// Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention_", &decode_attention_, "write decode tokens' K/V into the cache and attend (CPU)");
-  m.def("rms_norm", &rms_norm, "RMSNorm as the decoder computes it, one pass per row (CPU)");
-  m.def("rotary", &rotary, "rotary embedding of q and k with the decoder's roundings (CPU)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up with the decoder's roundings (CPU)");
+  m.def("decode_attention_", &decode_attention_, "write decode tokens' K/V into the cache and attend (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm as the decoder computes it, one pass per row (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rotary", &rotary, "rotary embedding of q and k with the decoder's roundings (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up with the decoder's roundings (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }

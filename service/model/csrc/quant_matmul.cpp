@@ -317,8 +317,11 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
 
 std::string isa() { return kIsa; }
 
+// Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_matmul", &quant_matmul, "x @ dequant(W).T on stored weight blocks (CPU)");
-  m.def("dequant_rows", &dequant_rows, "rows of a stored weight dequantised to fp32 (CPU)");
+  m.def("quant_matmul", &quant_matmul, "x @ dequant(W).T on stored weight blocks (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("dequant_rows", &dequant_rows, "rows of a stored weight dequantised to fp32 (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the vector instruction set this build uses");
 }
