@@ -25,7 +25,7 @@ $(RUNTIME_STAMP): pyproject.toml Makefile
 	touch $@
 
 # The runtime plus the `test` extra (pytest, the peft / transformers oracle, the manifest validators).
-$(STAMP): $(RUNTIME_STAMP)
+$(STAMP): $(RUNTIME_STAMP) $(KERNEL_STAMP)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
@@ -61,10 +61,10 @@ serve: $(RUNTIME_STAMP) $(KERNEL_STAMP)
 demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
 
-test: $(STAMP) $(KERNEL_STAMP) deploy-tools
+test: $(STAMP) deploy-tools
 	$(PY) -m pytest -q -m "not gpu"
 
-bench: $(STAMP) $(KERNEL_STAMP)
+bench: $(STAMP)
 	$(PY) bench/core_bench.py
 	$(PY) bench/engine_bench.py
 

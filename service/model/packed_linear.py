@@ -50,17 +50,23 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.T
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def grouped_output(member: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """`member`'s slice of its group's joined matmul when the group just computed it for `x`, else None."""
+    if member._group is None:
+        return None
+    group, index = member._group
+    return group.take(index, x)
+
+
 class PackedLinear(nn.Linear):
     _packed = None
     _packed_key = None
     _group: Optional[tuple["LinearGroup", int]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._group is not None:
-            group, index = self._group
-            out = group.take(index, x)
-            if out is not None:
-                return out
+        out = grouped_output(self, x)
+        if out is not None:
+            return out
         w = self.weight
         if not _packable(x, w):
             return F.linear(x, w, self.bias)
@@ -146,10 +152,13 @@ def pack_linears(model: nn.Module, dtypes: tuple = (torch.bfloat16,)) -> int:
     return count
 
 
+def make_group(members: Sequence[nn.Module], member_type: type, kind, group_type: type) -> Optional[LinearGroup]:
+    """A `group_type` of `members` when all are exactly `member_type` and agree on `kind(member)`, else None."""
+    if not all(type(m) is member_type for m in members) or len({kind(m) for m in members}) != 1:
+        return None
+    return group_type(members)
+
+
 def group_linears(members: Sequence[nn.Module]) -> Optional[PackedGroup]:
     """A `PackedGroup` of `members` when all are `PackedLinear` with one dtype and input size, else None."""
-    if not all(type(m) is PackedLinear for m in members):
-        return None
-    if len({(m.weight.dtype, m.in_features) for m in members}) != 1:
-        return None
-    return PackedGroup(members)
+    return make_group(members, PackedLinear, lambda m: (m.weight.dtype, m.in_features), PackedGroup)

@@ -24,7 +24,7 @@ from torch import nn
 
 from adapters_core.native import NativeKernel
 
-from .packed_linear import LinearGroup
+from .packed_linear import LinearGroup, grouped_output, make_group
 from .quant_formats import StoredWeight, dequantize
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "quant_matmul.cpp")
@@ -86,11 +86,9 @@ class QuantLinear(nn.Linear):
         return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._group is not None:
-            group, index = self._group
-            out = group.take(index, x)
-            if out is not None:
-                return out
+        out = grouped_output(self, x)
+        if out is not None:
+            return out
         if _kernel_usable(x):
             return matmul(x, self.stored, self.bias)
         dense = self.dense_for_fallback().to(device=x.device, dtype=x.dtype)
@@ -158,8 +156,4 @@ class QuantGroup(LinearGroup):
 
 def group_quant_linears(members: Sequence[nn.Module]) -> Optional[QuantGroup]:
     """A `QuantGroup` of `members` when all are QuantLinear of one format and input size, else None."""
-    if not all(type(m) is QuantLinear for m in members):
-        return None
-    if len({(m.stored.format, m.in_features) for m in members}) != 1:
-        return None
-    return QuantGroup(members)
+    return make_group(members, QuantLinear, lambda m: (m.stored.format, m.in_features), QuantGroup)
