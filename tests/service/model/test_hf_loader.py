@@ -275,14 +275,16 @@ def test_load_model_routes_each_spec(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(loader, "default_model_path", lambda: "/default.gguf")
-    monkeypatch.setattr(loader, "load_gguf", lambda path, dtype: calls.append(("gguf", path, dtype)))
+    monkeypatch.setattr(loader, "load_gguf", lambda path, dtype, keep_stored: calls.append(("gguf", path, dtype,
+                                                                                              keep_stored)))
     monkeypatch.setattr(loader, "load_hf_folder", lambda path, dtype: calls.append(("folder", path, dtype)))
     monkeypatch.setattr(loader, "load_hub", lambda repo, revision, dtype: calls.append(("hub", repo, revision)))
     load_model(None)
-    load_model(str(tmp_path / "x.GGUF"), dtype=torch.float16)
+    load_model(str(tmp_path / "x.GGUF"), dtype=torch.float16, keep_stored=True)
     load_model(str(tmp_path))
     load_model("org/name@abc")
-    assert calls == [("gguf", "/default.gguf", torch.float32), ("gguf", str(tmp_path / "x.GGUF"), torch.float16),
+    assert calls == [("gguf", "/default.gguf", torch.float32, False),
+                     ("gguf", str(tmp_path / "x.GGUF"), torch.float16, True),
                      ("folder", str(tmp_path), None), ("hub", "org/name", "abc")]
     with pytest.raises(FileNotFoundError, match="neither"):
         load_model(str(tmp_path / "missing"))
