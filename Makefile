@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 KERNEL_STAMP := $(VENV)/.kernels-built
 STAMP := $(VENV)/.installed
-KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp service/model/csrc/*.cpp service/model/csrc/*.h)
+KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp adapters_core/csrc/*.h service/model/csrc/*.cpp service/model/csrc/*.h)
 
 .PHONY: install install-test deploy-tools serve demo test bench clean
 

@@ -20,6 +20,7 @@ import threading
 from typing import Optional
 
 log = logging.getLogger("adapters_core")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
 def cpu_key() -> str:
@@ -37,11 +38,13 @@ class NativeKernel:
     """C++ sources built lazily into one extension module; `module()` is it, or None when unavailable."""
 
     def __init__(self, name: str, sources: str | list[str], env_switch: str, extra_cflags: tuple = (),
-                 arch: str = "native"):
+                 arch: str = "native", include_dirs: tuple = ()):
         """`arch` is gcc's -march: "native" (the default, this CPU) or a named level such as "x86-64-v3"
         (AVX2 + FMA) or "x86-64" (SSE2), which tests use to build and check a kernel's other code paths."""
         self.name, self.env_switch, self.extra_cflags = name, env_switch, list(extra_cflags)
         self.arch = arch
+        # adapters_core's csrc (spin_pool.h, the kernels' shared worker threads) is always on the path
+        self.include_dirs = [CSRC] + list(include_dirs)
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         self._lock = threading.Lock()
         self._module = None
@@ -78,7 +81,7 @@ class NativeKernel:
             from torch.utils.cpp_extension import load
             return load(self.full_name, self.sources,
                         extra_cflags=["-O3", f"-march={self.arch}", "-fopenmp"] + self.extra_cflags,
-                        extra_ldflags=["-fopenmp"], verbose=False)
+                        extra_ldflags=["-fopenmp"], extra_include_paths=self.include_dirs, verbose=False)
         except Exception as exc:  # no compiler, no ninja, a sandbox: the torch path still works
             log.warning("%s: the C++ kernel is unavailable (%s); using torch ops", self.name, exc)
             return None

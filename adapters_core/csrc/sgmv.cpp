@@ -5,6 +5,8 @@
 // an fp32 delta does).
 #include <torch/extension.h>
 
+#include "spin_pool.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -22,11 +24,9 @@ inline float to_float(T v) { return static_cast<float>(v); }
 template <typename wt, typename xt, typename rt>
 void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
                rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank, int64_t out_features) {
-#pragma omp parallel
-  {
+  spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
   std::vector<float> h(rank), acc(out_features);                 // per thread, reused for its rows
-#pragma omp for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
     std::fill(h.begin(), h.end(), 0.f);
     std::fill(acc.begin(), acc.end(), 0.f);
     const wt* a = a_stack + slots[g] * in * rank;                // [in, R]
@@ -47,7 +47,7 @@ void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_sta
     rt* rg = result + g * r_stride;
     for (int64_t o = 0; o < out_features; ++o) rg[o] = static_cast<rt>(to_float(rg[o]) + acc[o]);
   }
-  }
+  });
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -155,11 +155,9 @@ void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots,
     int64_t max_rank = 0;
     for (const auto& m : members) max_rank = std::max(max_rank, m.rank);
     const int64_t n_members = static_cast<int64_t>(members.size());
-#pragma omp parallel
-    {
+    spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
     std::vector<float> xf(in), h((max_rank + 15) / 16 * 16);        // per thread, reused for its rows
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = g_begin; g < g_end; ++g) {
       const xt* xg = x + g * x_stride;
       for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);      // converted once for all members
       for (int64_t k = 0; k < n_members; ++k) {
@@ -176,7 +174,7 @@ void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots,
                                 b_next, mn.rank * mn.out_features * static_cast<int64_t>(sizeof(wt)));
       }
     }
-    }
+    });
     return;
   }
 #endif

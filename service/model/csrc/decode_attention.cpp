@@ -5,6 +5,7 @@
 // (head h reads KV head h / (H / Hkv)). Each (sequence, KV head) is computed alone and in a fixed order, so
 // a sequence's result does not depend on what else is in the batch.
 #include "ops.h"
+#include "spin_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,11 +24,9 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
                  int64_t heads, int64_t kv_heads, int64_t dim, int64_t max_len, int64_t q_stride,
                  int64_t k_stride, int64_t v_stride, float scale) {
   const int64_t group = heads / kv_heads;
-#pragma omp parallel
-  {
+  spin_parallel(seqs * kv_heads, [&](int64_t task_begin, int64_t task_end) {
   std::vector<float> qf(group * dim), scores, acc(group * dim);
-#pragma omp for schedule(static)
-  for (int64_t task = 0; task < seqs * kv_heads; ++task) {
+  for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / kv_heads, kvh = task % kv_heads;
     const int64_t token = tokens[b], length = positions[b] + 1;
     const int64_t row = (slots[b] * kv_heads + kvh) * max_len;          // first cache row of this slot and head
@@ -74,7 +73,7 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
     T* o = out + token * heads * dim + kvh * group * dim;
     for (int64_t i = 0; i < group * dim; ++i) o[i] = static_cast<T>(acc[i]);
   }
-  }
+  });
 }
 
 }  // namespace

@@ -11,7 +11,10 @@
 // 64-row chunk of x), each dequantised value is used M times from L1. The vector width and register blocking
 // come from the compiler's target (-march=native at install, or a chosen variant): 16 lanes with AVX-512,
 // 8 with AVX2/AVX, 4 otherwise (SSE2 or any other CPU), written once with GCC vector extensions.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "spin_pool.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -215,8 +218,11 @@ void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
   const int64_t groups = (N + NR - 1) / NR;
   const bool direct = fmt == F32;                     // fp32 rows are read in place, no tile
   alignas(64) static const float zeros[KT] = {};
-#pragma omp parallel for schedule(static) if (groups > 1 && M * N * K > (1 << 15))
-  for (int64_t g = 0; g < groups; ++g) {
+  const int threads = groups > 1 && M * N * K > (1 << 15) ? at::get_num_threads() : 1;
+  SpinPool::instance().run(threads, [&](int part) {
+  const int parts = std::min(threads, SpinPool::instance().capacity());
+  const int64_t per = (groups + parts - 1) / parts;
+  for (int64_t g = part * per; g < std::min(groups, (part + 1) * per); ++g) {
     alignas(64) float tile[NR][KT];
     alignas(64) vf acc[MCHUNK * NR];
     const int64_t n0 = g * NR, nr = std::min<int64_t>(NR, N - n0);
@@ -252,6 +258,7 @@ void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
         }
     }
   }
+  });
 }
 
 int64_t row_bytes_for(int64_t fmt, int64_t K) {
@@ -310,8 +317,10 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
     TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "dequant_rows: index ", idx[i], " out of range for ", rows, " rows");
   at::Tensor out = at::empty({n, K}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (n * K > (1 << 16))
-  for (int64_t i = 0; i < n; ++i) dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
+  const int threads = n * K > (1 << 16) ? std::min(at::get_num_threads(), SpinPool::instance().capacity()) : 1;
+  SpinPool::instance().run(threads, [&](int part) {
+    for (int64_t i = part; i < n; i += threads) dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
+  });
   return out;
 }
 
