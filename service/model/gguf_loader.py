@@ -1,5 +1,6 @@
 """Loading a GGUF file (llama.cpp's format) into a `LoadedModel`, and the embedded default model's path.
 
+The file is read by `gguf_file.read_gguf` (metadata and tensor table; the data memory-mapped).
 Hyper-parameters come from the `<arch>.*` metadata (llama and qwen2 architectures), the tokenizer and chat
 template from `tokenizer.*`. Tensors are dequantised with `gguf.quants.dequantize` (F32, F16, BF16, the
 Q4/Q5/Q8 block types and the K-quants), reshaped from ggml's fastest-dimension-first order, renamed from
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, check_rope_scaling
+from .gguf_file import read_gguf
 from .loaded import LoadedModel, check_state_dict, check_vocab
 from .quant_formats import GGUF_FORMATS, StoredWeight
 from .tokenizer import Tokenizer
@@ -56,13 +58,10 @@ def default_model_path() -> str:
 def load_gguf(path: str, dtype: torch.dtype = torch.float32, keep_stored: bool = False) -> LoadedModel:
     """A llama / qwen2 GGUF, every tensor dequantised to `dtype`; with `keep_stored`, the 2-D weights whose
     type the CPU kernel reads (`quant_formats.GGUF_FORMATS`) stay in their stored blocks (`loaded.stored`)."""
-    from gguf import GGUFReader
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
-    reader = GGUFReader(path)
-    metadata = {key: field.contents() for key, field in reader.fields.items()}
-    tensors = {t.name: t for t in reader.tensors}
+    metadata, table = read_gguf(path)
+    tensors = {t.name: t for t in table}
     embedding = tensors.get("token_embd.weight")
     config = config_from_gguf(metadata, set(tensors), int(embedding.shape[-1]) if embedding is not None else None)
     state_dict, stored = {}, {}

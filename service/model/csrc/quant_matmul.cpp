@@ -11,7 +11,6 @@
 // 64-row chunk of x), each dequantised value is used M times from L1. The vector width and register blocking
 // come from the compiler's target (-march=native at install, or a chosen variant): 16 lanes with AVX-512,
 // 8 with AVX2/AVX, 4 otherwise (SSE2 or any other CPU), written once with GCC vector extensions.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "spin_pool.h"
@@ -218,47 +217,46 @@ void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
   const int64_t groups = (N + NR - 1) / NR;
   const bool direct = fmt == F32;                     // fp32 rows are read in place, no tile
   alignas(64) static const float zeros[KT] = {};
-  const int threads = groups > 1 && M * N * K > (1 << 15) ? at::get_num_threads() : 1;
-  SpinPool::instance().run(threads, [&](int part) {
-  const int parts = std::min(threads, SpinPool::instance().capacity());
-  const int64_t per = (groups + parts - 1) / parts;
-  for (int64_t g = part * per; g < std::min(groups, (part + 1) * per); ++g) {
-    alignas(64) float tile[NR][KT];
-    alignas(64) vf acc[MCHUNK * NR];
-    const int64_t n0 = g * NR, nr = std::min<int64_t>(NR, N - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
-      const int64_t mc = std::min<int64_t>(MCHUNK, M - m0);
-      for (int64_t i = 0; i < mc * NR; ++i) acc[i] = vf{};
-      for (int64_t k0 = 0; k0 < K; k0 += KT) {
-        const int64_t kt = std::min<int64_t>(KT, K - k0);
-        const float* wr[NR];
-        for (int j = 0; j < NR; ++j) {
-          if (j >= nr) {
-            wr[j] = zeros;
-          } else if (direct) {
-            wr[j] = reinterpret_cast<const float*>(w + (n0 + j) * row_bytes) + k0;
-          } else {
-            dequant_span(fmt, w + (n0 + j) * row_bytes, k0, kt, tile[j]);
-            wr[j] = tile[j];
+  // small products run inline; otherwise contiguous runs of row groups per worker (csrc/spin_pool.h)
+  const int64_t min_groups = M * N * K > (1 << 15) ? 2 : groups + 1;
+  spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      alignas(64) float tile[NR][KT];
+      alignas(64) vf acc[MCHUNK * NR];
+      const int64_t n0 = g * NR, nr = std::min<int64_t>(NR, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        const int64_t mc = std::min<int64_t>(MCHUNK, M - m0);
+        for (int64_t i = 0; i < mc * NR; ++i) acc[i] = vf{};
+        for (int64_t k0 = 0; k0 < K; k0 += KT) {
+          const int64_t kt = std::min<int64_t>(KT, K - k0);
+          const float* wr[NR];
+          for (int j = 0; j < NR; ++j) {
+            if (j >= nr) {
+              wr[j] = zeros;
+            } else if (direct) {
+              wr[j] = reinterpret_cast<const float*>(w + (n0 + j) * row_bytes) + k0;
+            } else {
+              dequant_span(fmt, w + (n0 + j) * row_bytes, k0, kt, tile[j]);
+              wr[j] = tile[j];
+            }
+          }
+          for (int64_t i = 0; i < mc; i += MR) {
+            const int rows = static_cast<int>(std::min<int64_t>(MR, mc - i));
+            const float* xr[MR];
+            for (int r = 0; r < rows; ++r) xr[r] = x + (m0 + i + r) * ldx + k0;
+            micro_dispatch(rows, xr, wr, kt, acc + i * NR);
           }
         }
-        for (int64_t i = 0; i < mc; i += MR) {
-          const int rows = static_cast<int>(std::min<int64_t>(MR, mc - i));
-          const float* xr[MR];
-          for (int r = 0; r < rows; ++r) xr[r] = x + (m0 + i + r) * ldx + k0;
-          micro_dispatch(rows, xr, wr, kt, acc + i * NR);
-        }
+        for (int64_t i = 0; i < mc; ++i)
+          for (int j = 0; j < nr; ++j) {
+            float s = hsum(acc[i * NR + j]);
+            if (row_scale) s *= row_scale[n0 + j];
+            if (bias) s += bias[n0 + j];
+            out[(m0 + i) * ldo + n0 + j] = s;
+          }
       }
-      for (int64_t i = 0; i < mc; ++i)
-        for (int j = 0; j < nr; ++j) {
-          float s = hsum(acc[i * NR + j]);
-          if (row_scale) s *= row_scale[n0 + j];
-          if (bias) s += bias[n0 + j];
-          out[(m0 + i) * ldo + n0 + j] = s;
-        }
     }
-  }
-  });
+  }, min_groups);
 }
 
 int64_t row_bytes_for(int64_t fmt, int64_t K) {
@@ -317,10 +315,9 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
     TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, "dequant_rows: index ", idx[i], " out of range for ", rows, " rows");
   at::Tensor out = at::empty({n, K}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  const int threads = n * K > (1 << 16) ? std::min(at::get_num_threads(), SpinPool::instance().capacity()) : 1;
-  SpinPool::instance().run(threads, [&](int part) {
-    for (int64_t i = part; i < n; i += threads) dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
-  });
+  spin_parallel(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
+  }, n * K > (1 << 16) ? 2 : n + 1);
   return out;
 }
 

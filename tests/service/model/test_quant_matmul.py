@@ -99,3 +99,39 @@ def test_strided_rows_and_the_service_build_report_their_path():
     x = torch.randn(5, 128)[:, :64]               # rows 128 apart
     torch.testing.assert_close(quant_linear.matmul(x, weight, module=module), x @ dequantize(weight).T,
                                atol=1e-4, rtol=1e-5)
+
+
+def _matmul_in_child(queue, x, weight, ref):
+    queue.put(bool(((quant_linear.matmul(x, weight) - ref).abs() <= 1e-3).all()))
+
+
+def test_worker_threads_serve_concurrent_callers_and_forked_children():
+    """The kernel's own worker pool (csrc/spin_pool.h): callers from several Python threads at once each get
+    their own correct result, and a child forked after the pool started gets a pool of its own."""
+    import multiprocessing
+    import threading
+
+    build("native")
+    weight = stored("Q4_1", 256, 512, seed=4)
+    dense = dequantize(weight)
+    results = {}
+
+    def call(i):
+        x = torch.randn(16, 512, generator=torch.Generator().manual_seed(i))
+        for _ in range(20):
+            out = quant_linear.matmul(x, weight)
+        results[i] = torch.allclose(out, x @ dense.T, atol=1e-3, rtol=1e-4)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {i: True for i in range(4)}
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(9))
+    child = ctx.Process(target=_matmul_in_child, args=(queue, x, weight, x @ dense.T))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and queue.get(timeout=5) is True
