@@ -212,7 +212,10 @@ class DecoderModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # an explicit (uninitialised) table skips nn.Embedding's random init, whose first call imports
+        # torch's compiler stack: ~1.5 s of every start-up, for values the checkpoint replaces anyway
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -229,8 +232,9 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_positions = max_positions or config.max_position_embeddings
         self._rope: Optional[RotaryTable] = None
-        inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
-                            config.max_position_embeddings)      # an unsupported rope type fails here, at load
+        with torch.device("cpu"):    # real (tiny) tensors even under a meta-device build: meta `pow` imports
+            inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,   # torch's compiler
+                                config.max_position_embeddings)  # an unsupported rope type fails here, at load
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype: torch.dtype = torch.float32,
@@ -248,7 +252,8 @@ class Decoder(nn.Module):
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
         missing = [k for k in missing if k not in stored
                    and not (k == "lm_head.weight" and config.tie_word_embeddings)]
-        unexpected += [k for k in stored if k not in model.state_dict()]
+        known = model.state_dict().keys()
+        unexpected += [k for k in stored if k not in known]
         if missing or unexpected:
             raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model._use_stored(stored)
