@@ -6,10 +6,13 @@
 // change it; the workers of a non-initial thread's team wake too late for regions of ~50 us. This pool's
 // workers spin (yielding the core to any other runnable thread) for a short while after each job, then
 // sleep on a condition variable, so back-to-back calls of a step find them awake. One job runs at a time;
-// the calling thread takes part 0. A forked child gets a fresh pool (threads do not survive fork).
+// the calling thread takes part 0. A forked child gets a fresh pool (threads do not survive fork). Called
+// from the process's initial thread (a script stepping the engine itself), the job goes to OpenMP instead.
 #pragma once
 
+#include <omp.h>
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -40,10 +43,18 @@ class SpinPool {
   int capacity() const { return static_cast<int>(workers_.size()) + 1; }
 
   // fn(t) for t in [0, n) on n threads (n capped at the pool's size); returns when every part is done.
+  // On the process's initial thread OpenMP's team does it: there libgomp's workers spin as torch's own do,
+  // and a second set of spinning workers would only take the core from them.
   void run(int n, const std::function<void(int)>& fn) {
     n = std::min(n, capacity());
     if (n <= 1) {
       fn(0);
+      return;
+    }
+    static const pid_t first_pid = getpid();      // libgomp's team does not survive fork: children use the pool
+    if (static_cast<pid_t>(syscall(SYS_gettid)) == getpid() && getpid() == first_pid) {
+#pragma omp parallel num_threads(n)
+      fn(omp_get_thread_num());
       return;
     }
     std::lock_guard<std::mutex> one_job(job_mutex_);
