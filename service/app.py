@@ -13,14 +13,14 @@ from typing import Optional
 import torch
 from fastapi import FastAPI
 
-from adapters_core import sgmv
 from service.api import admin, errors, health, native, openai
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
 from service.engine import Engine, EngineConfig
 from service.generation import TextGenerator
+from service.kernels import native_kernels
 from service.metrics import Metrics
-from service.model import LoadedModel, cpu_ops, load_model
+from service.model import LoadedModel, load_model
 from service.model.decoder import Decoder
 from service.model.dtype import default_device, parse_dtype
 from service.model.loader import is_gguf
@@ -34,8 +34,8 @@ log = logging.getLogger("adapter_serve")
 def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> State:
     device = default_device() if settings.device == "auto" else torch.device(settings.device)
     if device.type == "cpu":
-        sgmv.kernel()              # build (first start only, ~30 s each) or load the C++ kernels now,
-        cpu_ops.kernel()           # not inside the first engine step
+        for kernel in native_kernels():     # load (or, if `make install` did not, build) them now,
+            kernel.module()                 # not inside the first engine step
     fmt = resolve_weight_format(settings.weight_format, loaded.stored != {} if loaded else is_gguf(settings.model),
                                 device)
     loaded = loaded or load_model(settings.model, keep_stored=fmt == "gguf")

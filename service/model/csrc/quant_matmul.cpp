@@ -1,9 +1,9 @@
 // Skinny matmuls on weights kept in their stored format: out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias),
 // with x and out in fp32 and W in one of the formats below. Decode multiplies 1-64 rows by every weight, so
 // the step is bound by the bytes of weights it reads, not by arithmetic: serving the stored blocks (4.5-8.5
-// bits a weight) instead of fp32 copies (32 bits) cuts those bytes 4-7x. Dequantisation is exact (the same
-// products and sums as gguf's `dequantize`, one rounding each, no fused multiply-add), so the result differs
-// from `x @ dequantize(W).T` only in summation order.
+// bits a weight) instead of fp32 copies (32 bits) cuts those bytes 4-7x. Dequantisation is exact (gguf's
+// `dequantize` values: every scale product is exact in fp32, so one rounding whether fused or not), so the
+// result differs from `x @ dequantize(W).T` only in summation order.
 //
 // Scheme (per thread, over groups of NR weight rows): dequantise NR rows x KT columns into an fp32 tile in L1,
 // then an MR x NR register micro-kernel multiplies every MR rows of x by the tile, accumulating whole vectors

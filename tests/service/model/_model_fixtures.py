@@ -209,3 +209,21 @@ def write_tiny_gguf(path: str, arch: str, config, state_dict: dict[str, torch.Te
             restored[permuted_idx] = back
             expected[name] = restored
     return expected
+
+
+def random_peft_lora(hf_model, seed: int = 0, scale: float = 0.05, **config):
+    """A peft LoRA model over a deep copy of `hf_model`, every LoRA parameter random (seeded), in eval mode:
+    an adapter that visibly changes the logits, for comparisons with our decoder."""
+    import copy
+
+    import peft
+    import torch
+
+    pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return pm.eval()
+

@@ -20,7 +20,7 @@ from service.model.decoder import Decoder
 from service.model.quant_linear import QuantEmbedding, QuantGroup, QuantLinear, kernel
 from service.model.weight_format import resolve_weight_format, store_weights
 
-from _model_fixtures import gguf_path, hf_gguf_model, our_gguf_model
+from _model_fixtures import gguf_path, hf_gguf_model, our_gguf_model, random_peft_lora
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(kernel() is None, reason="the C++ kernel cannot be built here (no compiler)")]
@@ -70,16 +70,9 @@ def test_logits_and_greedy_continuations_equal_the_dequantised_model(models):
 
 
 def test_lora_on_the_stored_base_equals_peft_on_the_dequantised_base(models, tmp_path):
-    import peft
     loaded, quant, _ = models
-    pm = peft.get_peft_model(copy.deepcopy(hf_gguf_model()), peft.LoraConfig(r=8, lora_alpha=16,
-                                                                              target_modules=PROJECTIONS))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.eval().save_pretrained(tmp_path / "lora")
+    pm = random_peft_lora(hf_gguf_model(), r=8, lora_alpha=16, target_modules=PROJECTIONS)
+    pm.save_pretrained(tmp_path / "lora")
     mine = copy.deepcopy(quant)
     ac.load_adapter(mine, str(tmp_path / "lora"), adapter_name="sql")
     assert mine.model.layers[0].self_attn.q_proj.lora_A["sql"].weight.dtype == torch.float32

@@ -11,7 +11,7 @@ import adapters_core as ac
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from service.model.decoder import Decoder
 
-from _model_fixtures import hf_gguf_model, our_gguf_model
+from _model_fixtures import hf_gguf_model, our_gguf_model, random_peft_lora
 
 pytestmark = pytest.mark.slow
 
@@ -52,17 +52,9 @@ def test_greedy_continuations_equal_transformers_generate(models):
 
 
 def test_peft_lora_on_transformers_equals_lora_on_our_decoder(models, tmp_path):
-    import peft
     loaded, ours, hf = models
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.eval()
+    pm = random_peft_lora(hf, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"])
     pm.save_pretrained(tmp_path / "lora")
     mine = copy.deepcopy(ours)
     ac.load_adapter(mine, str(tmp_path / "lora"))
