@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -212,18 +212,144 @@ inline float hsum(vf v) {
 #endif
 }
 
+// ---- A few rows of x (M <= MR): each block is dequantised in registers and used at once ----
+// The tile path above stores every dequantised value to L1 and loads it back, which at one row of x costs
+// more than the arithmetic it feeds. Here the formats whose blocks unpack into whole vectors (Q8_0, Q4_0,
+// Q4_1, BF16, I8) go straight from their bytes to vector registers. Each accumulator lane takes the same
+// values in the same order as in the tile path (lane l: columns k = l mod V, increasing), so both paths give
+// bit-identical results; which one runs depends only on M.
+typedef int32_t vi __attribute__((vector_size(V * 4)));
+typedef uint32_t vu __attribute__((vector_size(V * 4)));
+typedef uint16_t vh __attribute__((vector_size(V * 2)));
+
+template <typename T>
+inline T load_bytes(const uint8_t* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
+// V bytes at p widened to V int32 lanes, signed or not (gcc scalarises the generic conversion of a byte
+// vector loaded from memory: one instruction here where the CPU has it)
+template <bool Signed>
+inline vi widen_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vi)(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vi)(Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  vi out;
+  for (int l = 0; l < V; ++l) out[l] = Signed ? static_cast<int8_t>(p[l]) : p[l];
+  return out;
+#endif
+}
+inline vf signed_bytes_to_float(const uint8_t* p) { return __builtin_convertvector(widen_bytes<true>(p), vf); }
+
+constexpr bool register_format(int64_t f) { return f == Q8_0 || f == Q4_0 || f == Q4_1 || f == BF16 || f == I8; }
+// Values and bytes one step of the register path consumes: a 32-value block, or V plain values.
+constexpr int step_values(int64_t f) { return f == BF16 || f == I8 ? V : 32; }
+constexpr int64_t step_bytes(int64_t f) { return f == BF16 ? 2 * V : f == I8 ? V : f == Q8_0 ? 34 : f == Q4_0 ? 18 : 20; }
+
+// One step of format F at p into step_values(F) / V vectors, the values of dequant_block / dequant_span.
+template <int64_t F>
+inline void step_vectors(const uint8_t* p, vf* w) {
+  if constexpr (F == Q8_0) {
+    const float d = load_half(p);
+    for (int h = 0; h < 32 / V; ++h)
+      w[h] = signed_bytes_to_float(p + 2 + h * V) * d;
+  } else if constexpr (F == Q4_0) {
+    const float d = load_half(p);
+    for (int h = 0; h < 16 / V; ++h) {
+      const vi b = widen_bytes<false>(p + 2 + h * V);        // widened, then split
+      w[h] = d * __builtin_convertvector((b & 15) - 8, vf);
+      w[h + 16 / V] = d * __builtin_convertvector((b >> 4) - 8, vf);
+    }
+  } else if constexpr (F == Q4_1) {
+    const float d = load_half(p), m = load_half(p + 2);
+    for (int h = 0; h < 16 / V; ++h) {
+      const vi b = widen_bytes<false>(p + 4 + h * V);
+      w[h] = d * __builtin_convertvector(b & 15, vf) + m;
+      w[h + 16 / V] = d * __builtin_convertvector(b >> 4, vf) + m;
+    }
+  } else if constexpr (F == BF16) {
+    const vu bits = __builtin_convertvector(load_bytes<vh>(p), vu) << 16;
+    std::memcpy(&w[0], &bits, sizeof(vf));
+  } else {                                            // I8 (the row scale is applied to the finished sum)
+    w[0] = signed_bytes_to_float(p);
+  }
+}
+
+// acc[i * NR + j] = partial sums of x row i times weight row rows[j], as in the tile path.
+template <int64_t F, int R>
+inline void register_group(const float* x, int64_t ldx, const uint8_t* const* rows, int64_t K, vf* acc) {
+  constexpr int SV = step_values(F), NV = SV / V;
+  constexpr int64_t SB = step_bytes(F);
+  vf a[R][NR];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) a[i][j] = vf{};
+  for (int64_t s = 0; s < K / SV; ++s) {
+    vf xv[R][NV];
+    for (int i = 0; i < R; ++i)
+      for (int h = 0; h < NV; ++h) xv[i][h] = vload(x + i * ldx + s * SV + h * V);
+    for (int j = 0; j < NR; ++j) {
+      vf wv[NV];
+      step_vectors<F>(rows[j] + s * SB, wv);
+      for (int i = 0; i < R; ++i)
+        for (int h = 0; h < NV; ++h) a[i][j] += xv[i][h] * wv[h];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) acc[i * NR + j] = a[i][j];
+}
+
+template <int64_t F>
+void register_dispatch(int rows, const float* x, int64_t ldx, const uint8_t* const* wr, int64_t K, vf* acc) {
+  switch (rows) {
+    case 1: register_group<F, 1>(x, ldx, wr, K, acc); break;
+    case 2: register_group<F, 2>(x, ldx, wr, K, acc); break;
+    case 3: register_group<F, 3>(x, ldx, wr, K, acc); break;   // reached only where MR > 3
+    default: register_group<F, MR>(x, ldx, wr, K, acc); break;
+  }
+}
+
+void register_rows(int64_t fmt, int rows, const float* x, int64_t ldx, const uint8_t* const* wr, int64_t K,
+                   vf* acc) {
+  switch (fmt) {
+    case Q8_0: register_dispatch<Q8_0>(rows, x, ldx, wr, K, acc); return;
+    case Q4_0: register_dispatch<Q4_0>(rows, x, ldx, wr, K, acc); return;
+    case Q4_1: register_dispatch<Q4_1>(rows, x, ldx, wr, K, acc); return;
+    case BF16: register_dispatch<BF16>(rows, x, ldx, wr, K, acc); return;
+    case I8: register_dispatch<I8>(rows, x, ldx, wr, K, acc); return;
+  }
+}
+
 void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t fmt,
                   int64_t N, int64_t K, const float* row_scale, const float* bias, float* out, int64_t ldo) {
   const int64_t groups = (N + NR - 1) / NR;
   const bool direct = fmt == F32;                     // fp32 rows are read in place, no tile
+  const bool in_registers = M <= MR && register_format(fmt);
   alignas(64) static const float zeros[KT] = {};
   // small products run inline; otherwise contiguous runs of row groups per worker (csrc/spin_pool.h)
   const int64_t min_groups = M * N * K > (1 << 15) ? 2 : groups + 1;
+  // outputs [m0, m0 + mc) x [n0, n0 + nr) from their vector partial sums
+  auto finish = [&](int64_t m0, int64_t mc, int64_t n0, int64_t nr, const vf* acc) {
+    for (int64_t i = 0; i < mc; ++i)
+      for (int j = 0; j < nr; ++j) {
+        float s = hsum(acc[i * NR + j]);
+        if (row_scale) s *= row_scale[n0 + j];
+        if (bias) s += bias[n0 + j];
+        out[(m0 + i) * ldo + n0 + j] = s;
+      }
+  };
   spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
     for (int64_t g = g_begin; g < g_end; ++g) {
       alignas(64) float tile[NR][KT];
       alignas(64) vf acc[MCHUNK * NR];
       const int64_t n0 = g * NR, nr = std::min<int64_t>(NR, N - n0);
+      if (in_registers) {                             // rows past N repeat the last row; their sums are dropped
+        const uint8_t* wr[NR];
+        for (int j = 0; j < NR; ++j) wr[j] = w + std::min<int64_t>(n0 + j, N - 1) * row_bytes;
+        register_rows(fmt, static_cast<int>(M), x, ldx, wr, K, acc);
+        finish(0, M, n0, nr, acc);
+        continue;
+      }
       for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
         const int64_t mc = std::min<int64_t>(MCHUNK, M - m0);
         for (int64_t i = 0; i < mc * NR; ++i) acc[i] = vf{};
@@ -247,13 +373,7 @@ void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
             micro_dispatch(rows, xr, wr, kt, acc + i * NR);
           }
         }
-        for (int64_t i = 0; i < mc; ++i)
-          for (int j = 0; j < nr; ++j) {
-            float s = hsum(acc[i * NR + j]);
-            if (row_scale) s *= row_scale[n0 + j];
-            if (bias) s += bias[n0 + j];
-            out[(m0 + i) * ldo + n0 + j] = s;
-          }
+        finish(m0, mc, n0, nr, acc);
       }
     }
   }, min_groups);

@@ -2,7 +2,8 @@
 path this CPU can run: the service's own build (-march=native: AVX-512 or AVX2 here), the AVX2 + FMA build
 (x86-64-v3) and the portable SSE2 build (x86-64). Each format's rows dequantise to exactly gguf's values,
 and the matmul equals x @ dequantize(W).T up to fp32 summation order, for 1 to 70 rows of x (one decode
-token, a micro-kernel remainder, a decode batch, a prefill chunk past one 64-row pass). A path whose
+token, a micro-kernel remainder, a decode batch, a prefill chunk past one 64-row pass), and 1-4 rows give
+the same bits as the same rows among more (the register path and the tile path agree). A path whose
 instructions the CPU lacks is skipped with that reason."""
 
 import platform
@@ -78,6 +79,23 @@ def test_kernel_equals_dequantised_matmul(arch, fmt):
         bound = 64 * torch.finfo(torch.float32).eps * (x.abs().double() @ dense.abs().double().T).float() + 1e-6
         assert ((out - ref).abs() <= bound).all(), f"{fmt} on {arch}, {m} rows: {(out - ref).abs().max()}"
 
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_few_rows_give_the_same_bits_as_many(arch, fmt):
+    """1-4 rows of x take the register path (blocks dequantised in registers) for the formats it covers, 8
+    rows the L1-tile path; each output row must be bit-identical either way (same values, same order), so a
+    sequence's logits do not depend on how many others share its decode step."""
+    module = build(arch)
+    rows, columns = 37, 256
+    weight = stored(fmt, rows, columns, seed=7 + len(fmt))
+    bias = torch.randn(rows)
+    x = torch.randn(8, columns, generator=torch.Generator().manual_seed(11))
+    many = quant_linear.matmul(x, weight, bias, module=module)                   # [8, rows]
+    for m in (1, 2, 3, 4):
+        few = quant_linear.matmul(x[:m], weight, bias, module=module)
+        assert torch.equal(few, many[:m]), f"{fmt} on {arch}: {m} rows differ from the same rows among 8"
 
 def test_kernel_refuses_a_weight_of_the_wrong_size():
     module = build("native")
