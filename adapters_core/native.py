@@ -21,6 +21,7 @@ from typing import Optional
 
 log = logging.getLogger("adapters_core")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+ARCH_SWITCH = "ADAPTERS_CORE_KERNEL_ARCH"
 
 
 def cpu_key() -> str:
@@ -40,9 +41,11 @@ class NativeKernel:
     def __init__(self, name: str, sources: str | list[str], env_switch: str, extra_cflags: tuple = (),
                  arch: str = "native", include_dirs: tuple = ()):
         """`arch` is gcc's -march: "native" (the default, this CPU) or a named level such as "x86-64-v3"
-        (AVX2 + FMA) or "x86-64" (SSE2), which tests use to build and check a kernel's other code paths."""
+        (AVX2 + FMA) or "x86-64" (SSE2), which tests use to build and check a kernel's other code paths.
+        `ADAPTERS_CORE_KERNEL_ARCH` replaces "native" for every kernel of the process: a fleet that shares
+        one extension cache across CPU types, or a benchmark of the AVX2 path on an AVX-512 machine."""
         self.name, self.env_switch, self.extra_cflags = name, env_switch, list(extra_cflags)
-        self.arch = arch
+        self.arch = (os.environ.get(ARCH_SWITCH) or "native") if arch == "native" else arch
         # adapters_core's csrc (spin_pool.h, the kernels' shared worker threads) is always on the path
         self.include_dirs = [CSRC] + list(include_dirs)
         self.sources = [sources] if isinstance(sources, str) else list(sources)

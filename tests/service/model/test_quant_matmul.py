@@ -153,3 +153,16 @@ def test_worker_threads_serve_concurrent_callers_and_forked_children():
     child.start()
     child.join(60)
     assert child.exitcode == 0 and queue.get(timeout=5) is True
+
+
+def test_kernel_arch_switch_picks_the_build_for_every_kernel(monkeypatch):
+    """ADAPTERS_CORE_KERNEL_ARCH replaces -march=native (a benchmark of the AVX2 path on an AVX-512 CPU, or a
+    cache shared by several CPU types); explicit levels (the tests' builds) keep theirs."""
+    from adapters_core.native import NativeKernel, cpu_key
+
+    monkeypatch.setenv("ADAPTERS_CORE_KERNEL_ARCH", "x86-64-v3")
+    switched = NativeKernel("k", "k.cpp", "K_SWITCH")
+    assert switched.arch == "x86-64-v3" and switched.full_name == "k_x86_64_v3"
+    assert NativeKernel("k", "k.cpp", "K_SWITCH", arch="x86-64").full_name == "k_x86_64"
+    monkeypatch.delenv("ADAPTERS_CORE_KERNEL_ARCH")
+    assert NativeKernel("k", "k.cpp", "K_SWITCH").full_name == f"k_{cpu_key()}"
