@@ -19,7 +19,7 @@ from service.metrics import Metrics
 from service.model.stop_strings import StopStringMatcher
 from service.model.tokenizer import IncrementalDecoder, Tokenizer
 from service.registry import AdapterRegistry
-from service.registry_errors import Invalid, Unavailable
+from service.registry_errors import GenerationFailed, Invalid, Unavailable
 
 
 # The finish reason a client sees: "cancelled" only reaches one still listening, i.e. requests the server
@@ -33,6 +33,7 @@ class Piece:
     token_id: Optional[int] = None
     logprob: Optional[float] = None
     finish_reason: Optional[str] = None
+    error: Optional[str] = None               # with finish_reason "error": what went wrong (this request only)
 
 
 @dataclass
@@ -102,8 +103,10 @@ class TextGenerator:
                         return
                     yield Piece(text, event.token_id, event.logprob)
                 if event.finish_reason is not None:
-                    if event.finish_reason == FinishReason.ERROR:
-                        raise RuntimeError(event.error or "generation failed")
+                    if event.finish_reason == FinishReason.ERROR:    # this request alone failed in the engine:
+                        message = f"generation failed: {event.error or 'engine error'}"   # streams end normally
+                        yield Piece("", finish_reason="error", error=message)
+                        return
                     tail, _ = matcher.feed(decoder.flush())
                     tail += matcher.flush()
                     outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
@@ -127,6 +130,8 @@ class TextGenerator:
             if piece.token_id is not None:
                 ids.append(piece.token_id)
                 logprobs.append(piece.logprob)
+            if piece.finish_reason == "error":
+                raise GenerationFailed(piece.error or "generation failed")
             if piece.finish_reason:
                 reason = piece.finish_reason
         return Completion("".join(text), len(prompt_ids), len(ids), reason, ids, logprobs)

@@ -94,8 +94,11 @@ class Metrics:
 
     # ----- engine and requests ------------------------------------------------------------------------------
     def engine_step(self, sequences: int, tokens: int, running: int, waiting: int, cache_usage: float) -> None:
-        self.batch_size.observe(sequences)
-        self.batch_tokens.inc(tokens)
+        """After every engine step, and with `sequences` 0 after a step that only cancelled requests and on
+        the engine's idle tick: the gauges then settle (to 0 on an idle server) without a step running."""
+        if sequences:
+            self.batch_size.observe(sequences)
+            self.batch_tokens.inc(tokens)
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_cache_usage.set(cache_usage)

@@ -4,7 +4,8 @@ The registry raises these instead of `adapters_core`'s errors so that the API la
 statuses without knowing where a failure came from: `NotFound` (404: unknown or deleted name), `Conflict`
 (409: name taken, adapter deactivated), `TooLarge` (413: weights or archive over a size limit), `Invalid`
 (422: the adapter does not fit the model or breaks a rule; 400 when the input cannot even be parsed) and
-`Unavailable` (503: every device slot is pinned or in use). Messages name the adapter and the limit or
+`Unavailable` (503: every device slot is pinned or in use); `GenerationFailed` (500: one request's own
+generation failed in the engine, e.g. its adapter gave non-finite logits; other requests are unaffected). Messages name the adapter and the limit or
 field at fault, because they are shown to the person who uploaded the adapter.
 """
 
@@ -46,3 +47,7 @@ class Invalid(RegistryError):
 
 class Unavailable(RegistryError):
     status = 503
+
+
+class GenerationFailed(RegistryError):
+    status = 500

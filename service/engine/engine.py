@@ -6,12 +6,17 @@ mapped to its request's adapter slot (`adapters_core.token_batch`), samples each
 its prompt, and emits `TokenEvent`s. `start()` runs steps in a background thread; `stream()` is the
 asyncio view of one request (cancelling the consumer cancels the request, whose slot is freed at the
 next step); `generate()` runs a batch to completion in the calling thread (tests, benchmarks).
+Isolation: a fault on one request's rows (non-finite logits, an exception in its sampling or, found by
+re-running the step's requests one by one, in its part of the forward) finishes that request alone with
+`FinishReason.ERROR`. Step listeners (the metrics' gauges) hear of every step, of a step that only
+cancelled, and of an idle tick every `IDLE_TICK_S` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from concurrent.futures import Future
 import time
@@ -27,6 +32,12 @@ from service.model.decoder import StepPlan, StepSequence
 from .kv_cache import KVCache
 from .request import FinishReason, GenerationRequest, RequestOutput, RequestState, TokenEvent
 from .scheduler import Scheduler
+
+
+log = logging.getLogger(__name__)
+
+# While idle the loop wakes this often to report the gauges (running, waiting, KV use) to the listeners.
+IDLE_TICK_S = 0.5
 
 
 class QueueFullError(RuntimeError):
@@ -162,20 +173,72 @@ class Engine:
         if state.slot is not None:
             self.cache.release(state.slot)
             state.slot = None
-        if state.on_event:
-            state.on_event(TokenEvent(None, None, reason, error))
+        self._emit(state, TokenEvent(None, None, reason, error))
 
     def _slot(self, adapter: Optional[str]) -> int:
         return 0 if adapter in (None, "__base__") else ac.adapter_slot(self.model, adapter)
 
     @torch.inference_mode()
     def step(self) -> list[RequestState]:
-        """Run one step; return the requests that finished in it."""
+        """Run one step; return the requests that finished in it. A failure on one request's rows (an
+        exception in its part of the forward or in its sampling, non-finite logits) finishes that request
+        alone with `FinishReason.ERROR`; every other request gets exactly what a step without it gives."""
         start = time.perf_counter()
         self._take_inbox()
         plan_items = self.scheduler.schedule(self.running, self.waiting, self.cache)
         if not plan_items:
+            self._notify(StepStats())      # cancellations emptied the batch: the gauges must say so now
             return []
+        finished: list[RequestState] = []
+        try:
+            sampled, logits = self._forward(plan_items)
+        except Exception as exc:           # whose rows failed is unknown: run each request alone to find out
+            log.warning("engine step of %d requests failed (%s: %s); running them one by one", len(plan_items),
+                        type(exc).__name__, exc)
+            sampled, logits = self._forward_each(plan_items, finished)
+        now = time.monotonic()
+        finite = torch.isfinite(logits).all(dim=-1).tolist() if sampled else []
+        greedy = [i for i, state in enumerate(sampled) if finite[i] and state.sampler.plain_greedy]
+        greedy_tokens = dict(zip(greedy, logits[greedy].float().argmax(dim=-1).tolist())) if greedy else {}
+        for i, state in enumerate(sampled):
+            if not finite[i]:
+                self._fail(state, "the model produced non-finite logits (NaN or inf) for this request"
+                           + (f" on adapter {state.request.adapter!r}" if state.request.adapter else ""), finished)
+                continue
+            try:
+                token, logprob = ((greedy_tokens[i], None) if i in greedy_tokens
+                                  else state.sampler.sample(logits[i]))
+            except Exception as exc:
+                self._fail(state, f"sampling failed: {type(exc).__name__}: {exc}", finished)
+                continue
+            if state.first_token_time is None:
+                state.first_token_time = now
+            reason = self._stop_reason(state, token)
+            if reason is not FinishReason.STOP:
+                state.output_ids.append(token)
+                state.logprobs.append(logprob)
+                self._emit(state, TokenEvent(token, logprob))
+            if reason is None and state.computed + 1 >= self.config.max_seq_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self._finish(state, reason)
+                finished.append(state)
+        self.last_step = StepStats(len(plan_items), sum(n for _, n in plan_items), time.perf_counter() - start)
+        self._notify(self.last_step)
+        return finished
+
+    def _forward(self, plan_items: list[tuple[RequestState, int]]) -> tuple[list[RequestState], Optional[torch.Tensor]]:
+        """One forward over `plan_items`: (requests to sample, their logits [len, V]). On an exception every
+        request's progress is put back, so the same items can run again (their cache rows are rewritten)."""
+        computed = [state.computed for state, _ in plan_items]
+        try:
+            return self._forward_once(plan_items)
+        except BaseException:
+            for (state, _), c in zip(plan_items, computed):
+                state.computed = c
+            raise
+
+    def _forward_once(self, plan_items):
         tokens, positions, sequences, slots, sample_at, sampled = [], [], [], [], [], []
         for state, n in plan_items:
             ids = state.all_ids[state.computed:state.computed + n]
@@ -205,30 +268,50 @@ class Engine:
                     logits = head(hidden)
             else:
                 logits = head(hidden)
-        finished = []
-        now = time.monotonic()
-        greedy = [i for i, (state, _) in enumerate(sampled) if state.sampler.plain_greedy]
-        greedy_tokens = dict(zip(greedy, logits[greedy].float().argmax(dim=-1).tolist())) if greedy else {}
-        for i, (state, _) in enumerate(sampled):
-            token, logprob = ((greedy_tokens[i], None) if i in greedy_tokens
-                              else state.sampler.sample(logits[i]))
-            if state.first_token_time is None:
-                state.first_token_time = now
-            reason = self._stop_reason(state, token)
-            if reason is not FinishReason.STOP:
-                state.output_ids.append(token)
-                state.logprobs.append(logprob)
-                if state.on_event:
-                    state.on_event(TokenEvent(token, logprob))
-            if reason is None and state.computed + 1 >= self.config.max_seq_len:
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                self._finish(state, reason)
-                finished.append(state)
-        self.last_step = StepStats(len(plan_items), len(tokens), time.perf_counter() - start)
+        return [state for state, _ in sampled], logits
+
+    def _forward_each(self, plan_items, finished: list[RequestState]):
+        """After a failed batched forward: each request alone; those that fail again are finished with ERROR."""
+        sampled, rows = [], []
+        for item in plan_items:
+            try:
+                states, logits = self._forward([item])
+            except Exception as exc:
+                self._fail(item[0], f"{type(exc).__name__}: {exc}", finished)
+                continue
+            sampled += states
+            if logits is not None:
+                rows.append(logits)
+        return sampled, (torch.cat(rows) if rows else None)
+
+    def _fail(self, state: RequestState, message: str, finished: list[RequestState]) -> None:
+        """Finish one request with ERROR. Its cache rows are zeroed: a later request on the slot must never
+        read (even behind an attention mask, where 0 * NaN is NaN) what the failed one left there."""
+        log.warning("request %s failed: %s", state.request.request_id, message)
+        if state.slot is not None:
+            self.cache.clear(state.slot, min(self.cache.max_seq_len, max(state.computed, len(state.all_ids))))
+        self._finish(state, FinishReason.ERROR, message)
+        finished.append(state)
+
+    def _notify(self, stats: StepStats) -> None:
         for listener in self.step_listeners:
-            listener(self.last_step)
-        return finished
+            try:
+                listener(stats)
+            except Exception:             # metrics must never stop the engine
+                log.exception("engine step listener failed")
+
+    def _emit(self, state: RequestState, event: TokenEvent) -> None:
+        """Hand `event` to its consumer; a consumer that cannot take it (its event loop closed) is cancelled
+        rather than failing the step for everyone."""
+        if state.on_event is None:
+            return
+        try:
+            state.on_event(event)
+        except Exception:
+            log.warning("request %s: its consumer cannot take events; cancelling it", state.request.request_id)
+            state.on_event = None
+            with self._lock:
+                self._cancels.add(state.request.request_id)
 
     def _adapters(self, slot_t: torch.Tensor, sync: bool = True):
         # With adapters on the model, base requests need the mapping too (slot 0), or the plain forward
@@ -275,18 +358,26 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            idle = False
             with self._lock:
                 while not self._stop and not (self.running or self.waiting or self._inbox or self._cancels
                                               or self._calls):
-                    self._lock.wait()
+                    if not self._lock.wait(IDLE_TICK_S):
+                        idle = True
+                        break
                 if self._stop:
                     return
+            if idle:
+                self._notify(StepStats())  # an idle tick: the gauges settle even if no step ran since a change
+                continue
             self._run_calls()
             try:
                 self.step()
             except Exception as exc:  # a failed step must not kill the engine: fail its requests instead
+                log.exception("engine step failed")
                 for state in list(self.running):
                     self._finish(state, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+                self._notify(StepStats())
 
     def open_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Submit `request` now (so a full queue or a bad request raises here, before any response is sent)

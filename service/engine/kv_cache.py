@@ -38,6 +38,11 @@ class KVCache:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
+    def clear(self, slot: int, length: int) -> None:
+        """Zero the first `length` positions of `slot` (a failed request's keys and values may be NaN)."""
+        self.k[:, slot, :, :length].zero_()
+        self.v[:, slot, :, :length].zero_()
+
     @property
     def bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
