@@ -13,9 +13,11 @@ from typing import Optional
 import torch
 from fastapi import FastAPI
 
+from service import logs
 from service.api import admin, errors, health, native, openai
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
+from service.api.request_id import RequestContext
 from service.engine import Engine, EngineConfig
 from service.generation import TextGenerator
 from service.kernels import native_kernels
@@ -55,14 +57,15 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     engine.step_listeners.append(lambda stats: metrics.engine_step(
         stats.sequences, stats.tokens, engine.num_running, engine.num_waiting,
         1 - engine.cache.free_slots / engine.cache.num_slots))
+    model_id = settings.served_model_name or loaded.name
     registry = AdapterRegistry(model, engine.call_between_steps, settings.adapter_dir,
                                max_device_adapters=settings.max_device_adapters,
                                max_cpu_adapters=settings.max_cpu_adapters, max_lora_rank=settings.max_lora_rank,
                                max_adapter_bytes=settings.max_adapter_bytes,
                                max_archive_bytes=settings.max_archive_bytes, preload=settings.preload_adapters,
-                               events=metrics)
+                               events=metrics, reserved_names=(model_id,),
+                               hub_timeout=settings.hub_timeout)
     generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)
-    model_id = settings.served_model_name or loaded.name
     return State(settings, loaded, engine, registry, generator, metrics, model_id)
 
 
@@ -105,9 +108,12 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
             state.engine.stop()
             await state.registry.drain()
 
-    app = FastAPI(title="adapter-serving", version="0.1.0", lifespan=lifespan)
+    logs.install()
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="adapter-serving", version="0.1.0", lifespan=lifespan, **docs)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestContext)          # added last: outermost, so every response carries the id
     errors.install(app)
     for module in (openai, native, admin, health):
         app.include_router(module.router)

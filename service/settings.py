@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = 1536
     max_tokens_limit: int = 1024               # largest max_tokens a request may ask for
     default_max_tokens: int = 256
-    max_body_bytes: int = 64 * 2**20           # request bodies (uploads included)
+    max_body_bytes: int = 64 * 2**20           # adapter uploads (POST /admin/adapters)
+    # every other request body (JSON): a prompt within max_prompt_tokens is far smaller, and a JSON body of
+    # tens of MB takes seconds of the event loop just to parse
+    max_request_bytes: int = 2 * 2**20
+    # seconds a request body may take to arrive in full (a slow-loris body gets 408 and the connection closes)
+    body_timeout: float = Field(60.0, gt=0)
 
     # adapters
     adapter_dir: str = "./adapter-store"
@@ -51,6 +56,8 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = 512 * 2**20
     max_archive_bytes: int = 1024 * 2**20
     preload_adapters: list[str] = Field(default_factory=list)
+    # seconds a hub lookup (PUT /admin/adapters/{name} with source "hub") may take before it answers 503
+    hub_timeout: float = Field(10.0, gt=0)
     # replicas sharing one store: re-read it every N seconds (0 = only at start-up and POST /admin/rescan)
     store_rescan_seconds: float = Field(0.0, ge=0)
 
@@ -58,6 +65,11 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)      # inference keys
     admin_key: Optional[str] = None
     key_adapters: dict[str, list[str]] = Field(default_factory=dict)   # key -> adapters it may use
+
+    # `/metrics` needs `Authorization: Bearer <metrics_key>` when set (the admin key works too); without it,
+    # /metrics is open when no keys are configured and needs the admin key when they are
+    metrics_key: Optional[str] = None
+    docs: bool = True                          # /docs, /redoc, /openapi.json (false: 404)
 
     # metrics
     metrics_max_adapter_labels: int = 20       # busiest N adapters get their own label; the rest are "other"

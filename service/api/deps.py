@@ -1,4 +1,10 @@
-"""Dependencies: the app's state (built in the lifespan) and API-key checks as `Annotated` aliases."""
+"""Dependencies: the app's state (built in the lifespan) and API-key checks as `Annotated` aliases.
+
+Keys: inference keys (`api_keys`, optionally limited to some adapters by `key_adapters`), the admin key
+(everything), and the metrics key (`metrics_key`, only `/metrics`; without one, `/metrics` is open when no keys
+are configured and needs the admin key when they are, since adapter names are in its labels). `known_key` is
+the header-only check `BodyLimit` runs before the body is read.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +43,25 @@ class Caller:
         return adapter is None or self.allowed is None or adapter in self.allowed
 
 
+MISSING_KEY = "missing API key (Authorization: Bearer <key>)"
+
+
+def known_key(s: Settings, key: Optional[str]) -> Optional[str]:
+    """None if `key` is an inference or admin key; else why not (a 401 message). Keys configured only."""
+    if key is None:
+        return MISSING_KEY
+    if key == s.admin_key or key in s.api_keys:
+        return None
+    return "invalid API key"
+
+
 def inference_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
     s = state.settings
     if not s.auth_enabled:
         return Caller(None, None)
     key = _bearer(request)
     if key is None:
-        raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
+        raise HTTPException(401, MISSING_KEY)
     if key == s.admin_key:
         return Caller(key, None)
     if key not in s.api_keys:
@@ -66,6 +84,21 @@ def admin_caller(request: Request, state: Annotated[State, Depends(get_state)]) 
     raise HTTPException(401, "invalid API key")
 
 
+def metrics_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> None:
+    s = state.settings
+    if not s.metrics_key and not s.auth_enabled:
+        return
+    key = _bearer(request)
+    if key and key in (s.metrics_key, s.admin_key):
+        return
+    if key is None:
+        raise HTTPException(401, "missing metrics key (Authorization: Bearer <metrics key or admin key>)")
+    if not s.metrics_key and key in s.api_keys:
+        raise HTTPException(403, "/metrics needs the admin key (or set ADAPTER_SERVE_METRICS_KEY)")
+    raise HTTPException(401, "invalid metrics key")
+
+
 StateDep = Annotated[State, Depends(get_state)]
 InferenceCaller = Annotated[Caller, Depends(inference_caller)]
 AdminCaller = Annotated[Caller, Depends(admin_caller)]
+MetricsCaller = Annotated[None, Depends(metrics_caller)]

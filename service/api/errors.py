@@ -1,5 +1,10 @@
 """Error mapping: every failure leaves as OpenAI's shape `{"error": {"message", "type", "code"}}` with its
-HTTP status (registry errors carry theirs; validation 422; engine queue full 429 with Retry-After).
+HTTP status (registry errors carry theirs; validation 422; engine queue full 429 with Retry-After), and the
+request's id (`service/api/request_id.py`) as `request_id`. Exceptions that only bad input raises (an invalid
+regular expression, JSON nested past Python's recursion limit, text that is not valid Unicode, a chat template
+refusing the conversation) are 4xx whatever code raised them; anything else is a server fault (a 500 from the
+request-id middleware). Messages are truncated and their control characters escaped, so a user's string
+echoed back can neither be megabytes long nor look like more than it is.
 
 The OpenAPI document says so too: every API route lists the error statuses with that shape (replacing
 FastAPI's default 422 body, which this service never sends), so clients and schema-driven fuzzers such as
@@ -7,6 +12,10 @@ schemathesis see the responses the service really gives.
 """
 
 from __future__ import annotations
+
+import re
+from contextvars import ContextVar
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,22 +25,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import adapters_core as ac
 from service.engine.engine import QueueFullError
+from service.logs import escape_control
+from service.model.chat_template import ChatTemplateError
 from service.registry_errors import RegistryError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
-         429: "rate_limit_error", 503: "service_unavailable"}
+         404: "not_found_error", 408: "request_timeout", 409: "conflict_error", 413: "request_too_large",
+         422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
-# Routes outside the API proper: liveness and metrics never fail, readiness answers 503 until ready.
-OPERATION_ERRORS = {"/health": (), "/metrics": (), "/ready": (503,)}
-API_ERRORS = (400, 401, 403, 404, 409, 413, 422, 429, 503)
+# Routes outside the API proper: liveness never fails, metrics may need a key, readiness answers 503 until ready.
+OPERATION_ERRORS = {"/health": (), "/metrics": (401, 403), "/ready": (503,)}
+API_ERRORS = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)
+MAX_SHOWN = 256              # characters of a user's string (a model name...) echoed in a message
+MAX_MESSAGE = 4096           # characters of any error message
+
+request_id: ContextVar[Optional[str]] = ContextVar("request_id", default=None)
+
+
+def shown(value: str, limit: int = MAX_SHOWN) -> str:
+    """A user's string for a message: quoted, control characters escaped, cut to `limit` characters."""
+    text = escape_control(value[:limit])
+    return f"'{text}'" if len(value) <= limit else f"'{text}'... ({len(value)} characters)"
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str
     code: int
+    request_id: Optional[str] = None
 
 
 class ErrorResponse(BaseModel):
@@ -39,8 +61,22 @@ class ErrorResponse(BaseModel):
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": TYPES.get(status, "server_error"), "code": status}},
-                        status_code=status, headers=headers)
+    message = escape_control(message[:MAX_MESSAGE])
+    error = {"message": message, "type": TYPES.get(status, "server_error"), "code": status}
+    if request_id.get() is not None:
+        error["request_id"] = request_id.get()
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+# Exceptions only malformed input raises, wherever they come from: (status, what to say).
+INPUT_ERRORS = {
+    re.error: (422, lambda e: f"invalid regular expression {shown(str(e.pattern))}: {e}"
+               if isinstance(getattr(e, "pattern", None), str) else f"invalid regular expression: {e}"),
+    RecursionError: (422, lambda e: "the input nests too deeply (JSON objects or lists inside each other)"),
+    UnicodeError: (400, lambda e: f"the input is not valid Unicode text ({type(e).__name__}: {e.reason})"
+                   if hasattr(e, "reason") else f"the input is not valid Unicode text: {e}"),
+    ChatTemplateError: (400, str),
+}
 
 
 def install(app: FastAPI) -> None:
@@ -65,6 +101,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    for kind, (status, say) in INPUT_ERRORS.items():
+        async def handler(_: Request, exc: Exception, status=status, say=say):
+            return error_response(status, say(exc))
+        app.add_exception_handler(kind, handler)
 
     document(app)
 

@@ -1,12 +1,13 @@
-"""Operations, no key needed: `/health` (the process is alive), `/ready` (model loaded, engine running),
-`/metrics` (Prometheus text format, refreshed gauges)."""
+"""Operations: `/health` (the process is alive) and `/ready` (model loaded, engine running) need no key;
+`/metrics` (Prometheus text format, refreshed gauges) needs the metrics key or the admin key when either is
+configured (see `deps.metrics_caller`)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import StateDep
+from .deps import MetricsCaller, StateDep
 from .errors import error_response
 
 router = APIRouter()
@@ -25,6 +26,6 @@ def ready(state: StateDep):
 
 
 @router.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
-def metrics(state: StateDep):
+def metrics(state: StateDep, _: MetricsCaller):
     state.metrics.set_tiers(state.registry.tier_counts())
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 
 from service.engine import SamplingParams
-from service.model.chat_template import render_chat
+from service.model.stop_strings import check_stops
 
 from .deps import InferenceCaller, State, StateDep
 from .disconnect import cancel_on_disconnect
+from .errors import MAX_SHOWN, shown
+from .prompts import encode_chat, encode_prompt
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
@@ -29,42 +31,70 @@ SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers
 class _Common(BaseModel):
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    # NaN and infinities are refused as "not a finite number" (JSON parsers here accept NaN / Infinity)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)
     seed: Optional[int] = Field(None, ge=-2**63, lt=2**64)     # what torch.Generator.manual_seed takes
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    stop: Optional[Union[str, list[str]]] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    stop: Optional[Union[str, list[str]]] = Field(None, description="at most 16 strings of 256 characters")
     stream: bool = False
-    logprobs: Optional[Any] = None
     ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past end-of-sequence tokens")
     # One choice per request: asking for more is refused (422 naming the field) rather than ignored.
     n: int = Field(1, ge=1, le=1, description="number of choices; only 1 is supported")
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        return check_stops(value)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return False
+
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[StrictInt]]              # strict: `[true, false]` is not a list of token ids
     max_tokens: Optional[int] = Field(16, ge=1)
     best_of: Optional[int] = Field(None, ge=1, le=1, description="only 1 (or null) is supported")
+    # OpenAI's completions: an integer 0..5 (the sampled token's logprob is always returned)
+    logprobs: Optional[int] = Field(None, ge=0, le=5, strict=True)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
 
 class Message(BaseModel):
     role: str
+    # null only where OpenAI allows it (an assistant turn that called tools); it renders as ""
     content: Optional[str] = ""
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Optional[str], info) -> Optional[str]:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("content may be null only in an assistant message")
+        return value
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[StrictBool] = None            # OpenAI's chat: a boolean
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
 
 def resolve_adapter(state: State, caller, model: str) -> Optional[str]:
     """None for the base model; the adapter name otherwise (404 if unknown or not visible to the caller)."""
     if model == state.model_id:
         return None
-    if not caller.may_use(model):
-        raise HTTPException(404, f"model {model!r} does not exist")
+    if len(model) > MAX_SHOWN or not caller.may_use(model):
+        raise HTTPException(404, f"model {shown(model)} does not exist")
     state.registry.get(model)
     return model
 
@@ -76,7 +106,7 @@ def sampling(state: State, req: _Common, max_tokens: Optional[int]) -> SamplingP
         raise HTTPException(400, f"max_tokens {n} exceeds the limit of {s.max_tokens_limit}")
     return SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           seed=req.seed, presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty, logprobs=bool(req.logprobs),
+                          frequency_penalty=req.frequency_penalty, logprobs=req.wants_logprobs,
                           ignore_eos=req.ignore_eos)
 
 
@@ -108,7 +138,7 @@ def list_models(state: StateDep, caller: InferenceCaller):
 async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller, request: Request):
     adapter = resolve_adapter(state, caller, req.model)
     params = sampling(state, req, req.max_tokens)
-    ids = state.generator.encode(req.prompt)
+    ids = await encode_prompt(state, req.prompt)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         pieces = await state.generator.start(ids, adapter, params, stops(req))
@@ -123,27 +153,18 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     if isinstance(out, Response):
         return out
     logprobs = {"tokens": [state.loaded.tokenizer.decode([t], False) for t in out.token_ids],
-                "token_logprobs": out.logprobs} if req.logprobs else None
+                "token_logprobs": out.logprobs} if req.wants_logprobs else None
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}],
             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                       "total_tokens": out.prompt_tokens + out.completion_tokens}}
 
 
-def chat_prompt(state: State, messages: list[Message]) -> list[int]:
-    loaded = state.loaded
-    if not loaded.chat_template:
-        raise HTTPException(400, "the base model has no chat template; use /v1/completions")
-    text = render_chat(loaded.chat_template, [m.model_dump() for m in messages], add_generation_prompt=True,
-                       **loaded.tokenizer.special_tokens)
-    return state.generator.encode(text, add_special_tokens=False)
-
-
 @router.post("/v1/chat/completions", responses=SSE)
 async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller, request: Request):
     adapter = resolve_adapter(state, caller, req.model)
     params = sampling(state, req, req.max_completion_tokens or req.max_tokens)
-    ids = chat_prompt(state, req.messages)
+    ids = await encode_chat(state, [{**m.model_dump(), "content": m.content or ""} for m in req.messages])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         pieces = await state.generator.start(ids, adapter, params, stops(req))

@@ -3,11 +3,31 @@
 `StopStringMatcher.feed(piece)` returns the text that is safe to emit now and whether a stop string was
 hit. Text that could still be the start of a stop string is held back until it either completes one
 (generation stops and the stop string is not emitted, as in OpenAI's API) or can no longer match.
+
+A request may name at most `MAX_STOP_STRINGS` (16) stop strings of at most `MAX_STOP_CHARS` (256)
+characters each (`check_stops`, used by the request models: 422 naming `stop`). OpenAI allows 4; vLLM sets
+no bound, and 500,000 of them made one request's every token cost seconds of the shared event loop. With
+the bound, a token costs at most 16 substring searches over fewer than 512 characters plus, per stop string,
+one suffix comparison per position where it could start.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def check_stops(stop: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+    """`stop` as a request gave it, or ValueError naming the bound it breaks."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    for i, s in enumerate(stops):
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop string {i} has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
+    return stop
 
 
 class StopStringMatcher:
@@ -21,15 +41,24 @@ class StopStringMatcher:
         if self.stopped:
             return "", True
         text = self._held + piece
-        hits = [(text.find(s), s) for s in self.stops if s in text]
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
-            index = min(i for i, _ in hits)
             self.stopped, self._held = True, ""
-            return text[:index], True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
-                    if text.endswith(s[:k])), default=0)
+            return text[:min(hits)], True
+        keep = max((self._partial(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False
+
+    @staticmethod
+    def _partial(text: str, stop: str) -> int:
+        """The longest k < len(stop) such that `text` ends with stop[:k] (0 if none)."""
+        if not text:
+            return 0
+        last = text[-1]
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if stop[k - 1] == last and text.endswith(stop[:k]):
+                return k
+        return 0
 
     def flush(self) -> str:
         """The held-back text, at the end of generation without a stop."""

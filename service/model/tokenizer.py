@@ -167,8 +167,11 @@ class Tokenizer:
                          pad_token=self.pad_token, eos_token_ids=self._eos_token_ids | set(ids))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; special tokens written in `text` (e.g. "<|im_start|>") become their ids."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids; special tokens written in `text` (e.g. "<|im_start|>") become their ids.
+
+        Through `encode_batch`, which releases the GIL while it works (`encode` holds it throughout), so a
+        prompt tokenised in a worker thread does not stop the event loop."""
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # no clean_up_tokenization_spaces: transformers skips it for BPE models, the only kind served here

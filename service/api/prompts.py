@@ -1,0 +1,76 @@
+"""Prompts to token ids, with every limit checked before the work and the work off the event loop.
+
+A prompt's size is checked before it is tokenised: text may have at most `BYTES_PER_TOKEN` (32) UTF-8 bytes
+per token of `max_prompt_tokens` (48 KiB for the default 1,536), a generous bound (English averages about 4
+bytes per token, and a prompt over it could only fit in pathological cases such as long runs of whitespace),
+so a 30 MB prompt is a 400 in microseconds instead of seconds of tokenising and gigabytes of token objects.
+Text must be valid Unicode (a lone surrogate such as `"\\ud800"` is a 400 naming the field). A token-id
+prompt is a list of at most `max_prompt_tokens` integers. Chat messages are checked the same way, their
+contents together, before the template renders them. Rendering and tokenising then run in a worker thread
+(the tokenizer releases the GIL), so `/health` and every other request keep being served meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+from fastapi import HTTPException
+
+from service.model.chat_template import render_chat
+
+BYTES_PER_TOKEN = 32
+
+
+def max_prompt_bytes(state) -> int:
+    return BYTES_PER_TOKEN * state.settings.max_prompt_tokens
+
+
+def text_bytes(text: str, field: str) -> int:
+    """UTF-8 size of `text`; 400 naming `field` if it is not valid Unicode."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise HTTPException(400, f"{field}: not valid Unicode text (a lone surrogate "
+                                 f"{text[exc.start]!a} at character {exc.start})") from None
+
+
+def _check_size(state, size: int, field: str) -> None:
+    limit = max_prompt_bytes(state)
+    if size > limit:
+        raise HTTPException(400, f"{field} is over {limit} bytes ({BYTES_PER_TOKEN} bytes per token of "
+                                 f"max_prompt_tokens={state.settings.max_prompt_tokens})")
+
+
+async def encode_prompt(state, prompt: str | list[int], field: str = "prompt") -> list[int]:
+    """Token ids of a text or token-id prompt (400 naming `field` over a limit)."""
+    if isinstance(prompt, list):
+        if len(prompt) > state.settings.max_prompt_tokens:
+            raise HTTPException(400, f"{field} has {len(prompt)} token ids; the limit is "
+                                     f"{state.settings.max_prompt_tokens} (max_prompt_tokens)")
+        return state.generator.encode(prompt)
+    if len(prompt) > max_prompt_bytes(state):         # a character is at least a byte: no need to encode it
+        _check_size(state, len(prompt), field)
+    _check_size(state, text_bytes(prompt, field), field)
+    return await asyncio.to_thread(state.generator.encode, prompt)
+
+
+async def encode_chat(state, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of the chat template rendered over `messages` (OpenAI-style dicts)."""
+    loaded = state.loaded
+    if not loaded.chat_template:
+        raise HTTPException(400, "the base model has no chat template; use /v1/completions")
+    limit, total = max_prompt_bytes(state), 0
+    for i, message in enumerate(messages):
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += len(value) if len(value) > limit else text_bytes(value, f"messages[{i}].{key}")
+        if total > limit:
+            _check_size(state, total, "messages")
+
+    def render_and_encode() -> list[int]:
+        text = render_chat(loaded.chat_template, list(messages), add_generation_prompt=True,
+                           **loaded.tokenizer.special_tokens)
+        _check_size(state, text_bytes(text, "the rendered chat"), "the rendered chat")
+        return state.generator.encode(text, add_special_tokens=False)
+    return await asyncio.to_thread(render_and_encode)
