@@ -1,6 +1,8 @@
 """Integration: the real service (uvicorn on loopback, the embedded SmolLM2) scraped by a real Prometheus
 server started with the project's scrape config (target rewritten to the test server, 1 s interval) and
-alerting rules. After traffic over several adapters (streaming and not, two device slots for three
+alerting rules. The service runs with a metrics key, which Prometheus sends as the shipped scrape config
+says (`authorization.credentials_file`, a file beside the config), so a scrape without it would fail; a
+request without the key gets 401. After traffic over several adapters (streaming and not, two device slots for three
 adapters so evictions happen, refused requests), every PromQL expression of the Grafana dashboard, with
 Grafana's variables substituted by real values, returns data, and every rule expression evaluates
 without error in Prometheus's rule manager. A metric renamed in service/metrics.py breaks this test. It
@@ -36,16 +38,20 @@ REFUSED = "parked"                               # registered, then deactivated:
 PROMPTS = ("Once upon a time", "The capital of France is", "def fibonacci(n):")
 # Grafana's built-in interval variables: windows long enough to cover the whole test's traffic.
 GRAFANA_INTERVALS = {"__rate_interval": "5m", "__interval": "15s", "__range": "5m"}
+METRICS_KEY = "test-metrics-key"
 
 
-def _scrape_config(port: int) -> dict:
+def _scrape_config(port: int, workdir) -> dict:
     """deploy/prometheus/prometheus.yml with its one target pointed at the test server, a 1 s interval and
-    the rule file by absolute path; everything else (job name, metrics path) as shipped."""
+    the rule file by absolute path; everything else (job name, metrics path, the key's file name) as shipped,
+    the key written to that file beside the config Prometheus reads (as compose does)."""
     config = load_yaml(PROMETHEUS_CONFIG)
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str((PROMETHEUS_CONFIG.parent / f).resolve()) for f in config["rule_files"]]
     (scrape,) = config["scrape_configs"]
     scrape["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    assert scrape["authorization"]["type"] == "Bearer"
+    (workdir / scrape["authorization"]["credentials_file"]).write_text(METRICS_KEY)
     return config
 
 
@@ -81,9 +87,10 @@ def stack(tmp_path_factory):
     folders = {name: save_random_lora(model, root / "src" / name, name, seed)
                for seed, name in enumerate(ADAPTERS + (REFUSED,), start=1)}
     settings = Settings(adapter_dir=str(root / "store"), dtype="float32", max_batch_size=4, max_seq_len=128,
-                        max_device_adapters=2)
+                        max_device_adapters=2, metrics_key=METRICS_KEY)
     with LiveServer(create_app(settings, loaded)) as server, \
-            PrometheusServer(binary, _scrape_config(server.port), root) as prometheus:
+            PrometheusServer(binary, _scrape_config(server.port, root), root) as prometheus:
+        assert httpx.get(f"{server.url}/metrics", timeout=T).status_code == 401
         prometheus.wait_until('up{job="adapter-serve"}', lambda r: bool(r) and r[0]["value"][1] == "1")
         for name, folder in folders.items():
             files = {n: (folder / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
