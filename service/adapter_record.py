@@ -5,11 +5,16 @@ pinned, times, counters) and, apart from that, the runtime state the registry ne
 tensors while the adapter is in the cpu or device tier, the name it has inside the model, and an LRU tick.
 The model-level name is `<name>__<generation>` (with characters adapters_core does not allow replaced),
 distinct per registration, so a name that is deleted or replaced and registered again never collides
-with the old adapter that running requests still use.
+with the old adapter that running requests still use. A stored adapter that cannot be loaded (a config
+or weights that fail today's checks, unreadable metadata) is *quarantined*: its record carries the error,
+is listed with `state` "quarantined" and is never served until it is replaced or deleted. `to_dict` is
+always valid JSON (non-finite numbers become null), so no record can break the admin routes.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -44,6 +49,7 @@ class AdapterRecord:
     last_used_at: Optional[float] = None       # unix seconds of the last acquire
     requests_served: int = 0
     in_use: int = 0                            # leases not yet released
+    error: Optional[str] = None                # set: quarantined (why it cannot be loaded)
     # runtime state, not shown
     config: Any = field(default=None, repr=False)          # adapters_core config while in cpu / device tier
     tensors: Optional[dict] = field(default=None, repr=False)
@@ -55,16 +61,33 @@ class AdapterRecord:
     def model_name(self) -> str:
         return model_adapter_name(self.name, self.generation)
 
+    @property
+    def quarantined(self) -> bool:
+        return self.error is not None
+
     def drop_tensors(self) -> None:
         self.config, self.tensors = None, None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "kind": self.kind, "rank": self.rank, "alpha": self.alpha,
+            "name": self.name, "kind": self.kind, "rank": self.rank, "alpha": _finite(self.alpha),
             "targets": list(self.targets), "size": self.size, "sha256": self.sha256, "source": dict(self.source),
-            "tier": self.tier, "served": self.served, "pinned": self.pinned, "created_at": self.created_at,
-            "last_used_at": self.last_used_at, "requests_served": self.requests_served, "in_use": self.in_use,
+            "tier": self.tier, "served": self.served, "pinned": self.pinned, "created_at": _finite(self.created_at),
+            "last_used_at": _finite(self.last_used_at), "requests_served": self.requests_served,
+            "in_use": self.in_use, "state": "quarantined" if self.quarantined else "ok", "error": self.error,
         }
+
+    def serialisable(self) -> bool:
+        """Whether `to_dict()` is strict JSON (the source dict comes from a file and may hold anything)."""
+        try:
+            json.dumps(self.to_dict(), allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return False
+        return True
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    return value if value is None or math.isfinite(value) else None
 
 
 @dataclass

@@ -1,12 +1,16 @@
 """`AdapterValidator`: everything that must hold before an adapter enters the registry, checked without
 touching the served model.
 
-Rules, in the order they are checked (cheap first): the name matches `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`;
+Rules, in the order they are checked (cheap first): the name matches `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` and
+is no route word (`ROUTE_WORDS`, 422; the base model's id is the registry's 409);
 config + weights are at most `max_adapter_bytes` (413); `adapter_config.json` is JSON (else 400) that
 `adapters_core` accepts (supported kind and features, else 422); the rank is at most `max_lora_rank`
-(422); the weights read as safetensors, or as a `.bin` only through `torch.load(weights_only=True)`, so a
-malicious pickle is refused and never run (422); every tensor is floating point; and the adapter fits the
-base model. The fit check loads the adapter, with the library's own matching and shape rules, into a
+(422); every number in the config is finite (JSON's NaN / Infinity are refused, 422 naming the field) and
+LoRA's scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, over every `alpha_pattern` / `rank_pattern`
+value; AdaLoRA's `lora_alpha`) is at most `MAX_LORA_SCALING` in magnitude; the weights read as
+safetensors, or as a `.bin` only through `torch.load(weights_only=True)`, so a malicious pickle is refused
+and never run (422); every tensor is floating point and finite (422 naming the tensor); and the adapter
+fits the base model. The fit check loads the adapter, with the library's own matching and shape rules, into a
 *meta skeleton* of the base model: a copy of its module tree whose parameters live on the meta device
 (built once, in milliseconds, and cloned per check), with adapters already on the model stripped off.
 That finds targets the model lacks, tensors of the wrong shape, missing tensors and tensors that fit no
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -33,24 +38,105 @@ from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
 from .registry_errors import Invalid, TooLarge
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Largest |scaling| a LoRA may apply to its B·A product. Trained adapters use about 0.1-100 (alpha 16-256
+# over r 1-64); 1e4 leaves room for odd but real choices while a scaling such as -1e308 / 8 is refused.
+MAX_LORA_SCALING = 1e4
+MAX_CONFIG_INT = 2**63                  # a larger JSON integer is no count or size any config field holds
 _MODEL_ATTRS = ("peft_config", "_adapter_slots", "_active_adapters")   # adapters_core's model-level state
+
+
+# The first path segments of the service's routes: an adapter named so could be confused with a route by a
+# gateway that routes on names, by the console or by a person reading logs (compared case-insensitively).
+ROUTE_WORDS = frozenset({"admin", "v1", "generate", "generate_stream", "health", "ready", "metrics", "docs",
+                         "redoc", "openapi.json", "console"})
 
 
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise Invalid(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+        raise Invalid(f"invalid adapter name {_clip(repr(name), 80)}: use 1-64 letters, digits, '.', '_' or '-', "
                       f"starting with a letter or digit")
+    if name.casefold() in ROUTE_WORDS:
+        raise Invalid(f"adapter name {name!r} is reserved: it is one of the service's routes "
+                      f"({', '.join(sorted(ROUTE_WORDS))})")
 
 
 def parse_config(raw: bytes) -> ac.AdapterConfig:
+    """`adapter_config.json` bytes -> config: valid JSON (400), finite numbers, a kind and features
+    `adapters_core` supports and a bounded LoRA scaling (422)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Invalid(f"{CONFIG_NAME} is not valid JSON: {exc}", status=400) from exc
+    except RecursionError:
+        raise Invalid(f"{CONFIG_NAME} is nested too deeply to be an adapter config", status=400) from None
+    check_numbers(data)
     try:
-        return ac.config_from_dict(data)
+        config = ac.config_from_dict(data)
     except ac.AdapterError as exc:
         raise Invalid(f"{CONFIG_NAME}: {exc}") from exc
+    check_scaling(config)
+    return config
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _field(path: tuple) -> str:
+    """A JSON path for messages: `alpha_pattern['q_proj']`, `layers_to_transform[2]` (clipped)."""
+    return _clip("".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if re.fullmatch(r"\w+", p) else
+                                                               f"[{p!r}]") for p in path).lstrip("."))
+
+
+def check_numbers(data) -> None:
+    """Every number in the parsed JSON is finite and every integer in a 64-bit range (422 naming the field).
+    Python's JSON parser takes NaN, Infinity and -Infinity, which no adapter config needs."""
+    stack = [((), data)]
+    while stack:                                   # iterative: the depth is the parser's, not ours
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((path + (str(k),), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise Invalid(f"{CONFIG_NAME}: {_field(path)} is {value}; every number in the config must be finite")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            raise Invalid(f"{CONFIG_NAME}: {_field(path)} is out of range (at most 2**63 in magnitude)")
+
+
+def check_scaling(config: ac.AdapterConfig) -> None:
+    """|scaling| <= MAX_LORA_SCALING for the worst pair of alpha (lora_alpha, alpha_pattern) and rank (r,
+    rank_pattern; AdaLoRA divides by its kept rank, at least 1). IA3 has no scaling."""
+    if not isinstance(config, ac.LoraConfig):
+        return
+    alphas = {"lora_alpha": config.lora_alpha}
+    alphas.update({_field(("alpha_pattern", str(k))): v for k, v in (config.alpha_pattern or {}).items()})
+    ranks = {"r": config.r}
+    if not isinstance(config, ac.AdaLoraConfig):
+        ranks.update({_field(("rank_pattern", str(k))): v for k, v in (config.rank_pattern or {}).items()})
+    try:
+        alpha_name, alpha = max(((n, float(a)) for n, a in alphas.items()), key=lambda x: abs(x[1]))
+        rank_name, rank = (("AdaLoRA's smallest kept rank", 1.0) if isinstance(config, ac.AdaLoraConfig) else
+                           min(((n, float(r)) for n, r in ranks.items()), key=lambda x: x[1]))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise Invalid(f"{CONFIG_NAME}: lora_alpha, r and the alpha/rank patterns must be numbers ({exc})") from exc
+    if not rank > 0:
+        raise Invalid(f"{CONFIG_NAME}: {rank_name} is {rank:g}; ranks must be positive")
+    scaling = alpha / (math.sqrt(rank) if config.use_rslora else rank)
+    if not abs(scaling) <= MAX_LORA_SCALING:
+        raise Invalid(f"{CONFIG_NAME}: {alpha_name}={alpha:g} over {rank_name}={rank:g} gives a LoRA scaling of "
+                      f"{scaling:g}; its magnitude must be at most {MAX_LORA_SCALING:g}")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], weights_name: str) -> None:
+    """Every tensor floating point and finite (422 naming the first tensor at fault)."""
+    for key, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise Invalid(f"{weights_name}: adapter tensors must be floating point; {key!r} is {value.dtype}")
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise Invalid(f"{weights_name}: tensor {key!r} holds {int((~finite).sum())} non-finite values "
+                          f"(NaN or inf) of {value.numel()}")
 
 
 @dataclass
@@ -159,10 +245,7 @@ class AdapterValidator:
             raise Invalid(str(exc)) from exc
         if not tensors:
             raise Invalid(f"{weights_name} holds no tensors")
-        bad = [k for k, v in tensors.items() if not v.dtype.is_floating_point]
-        if bad:
-            raise Invalid(f"{weights_name}: adapter tensors must be floating point; {bad[0]!r} is "
-                          f"{tensors[bad[0]].dtype}")
+        check_tensors(tensors, weights_name)
         self.check_fit(config, tensors)
         return ValidatedAdapter(config, tensors, summary, weights_name)
 

@@ -15,7 +15,10 @@ adapter PEFT-"active" (serving picks adapters per token by slot), so a plain for
 Loads and unloads are serialised by one asyncio lock and run as shielded tasks, so a cancelled request
 never leaves the model and the records disagreeing. File work and validation run in worker threads. A
 registration is validated completely in a staging folder before it changes anything (see
-adapter_validation.py).
+adapter_validation.py). Names equal to the base model's id (`reserved_names`, compared case-insensitively)
+are refused with 409, route words with 422 (`check_name`). A stored adapter that fails today's checks at
+start-up (or when it is read to be loaded) is kept as a *quarantined* record: listed with its error, refused
+with 409 by acquire / activate / deactivate / pin, and gone once it is deleted or replaced.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import copy
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -35,8 +39,10 @@ from adapters_core.io import SAFETENSORS_NAME
 
 from .adapter_record import CPU, DEVICE, STORED, TIERS, AdapterRecord, Lease
 from .adapter_store import AdapterStore
-from .adapter_validation import AdapterSummary, AdapterValidator, ValidatedAdapter, check_name, parse_config
+from .adapter_validation import (AdapterSummary, AdapterValidator, ValidatedAdapter, check_name, check_tensors,
+                                 parse_config)
 from .archive import archive_kind, extract_archive
+from .hub import fetch_adapter
 from .registry_errors import Conflict, Invalid, NotFound, RegistryError, TooLarge, Unavailable
 
 log = logging.getLogger(__name__)
@@ -52,8 +58,11 @@ class _Retry(Exception):
 class AdapterRegistry:
     def __init__(self, model, engine_call: EngineCall, adapter_dir: str, max_device_adapters: int = 8,
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
-                 max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None):
+                 max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
+                 reserved_names: Iterable[str] = (), hub_timeout: float = 10.0):
         self.model = model
+        self.reserved = {n.casefold() for n in reserved_names if n}
+        self.hub_timeout = hub_timeout
         self.engine_call = engine_call
         self.store = AdapterStore(adapter_dir)
         self.validator = AdapterValidator(model, max_lora_rank, max_adapter_bytes)
@@ -75,6 +84,12 @@ class AdapterRegistry:
         record = self._records.get(name)
         if record is None:
             raise NotFound(f"adapter {name!r} not found")
+        return record
+
+    def _usable(self, name: str) -> AdapterRecord:
+        record = self.get(name)
+        if record.quarantined:
+            raise Conflict(f"adapter {name!r} is quarantined: {record.error}; replace or delete it")
         return record
 
     def list(self) -> list[AdapterRecord]:
@@ -105,7 +120,8 @@ class AdapterRegistry:
                            f"(max_archive_bytes)")
         archive_kind(filename)
         return await self._register(name, {"type": "upload", "filename": os.path.basename(filename)}, replace,
-                                    lambda staging: extract_archive(data, filename, staging, self.max_archive_bytes))
+                                    lambda staging: extract_archive(data, filename, staging, self.max_archive_bytes,
+                                                                    self.validator.max_adapter_bytes))
 
     async def register_path(self, name: str, path: str, replace: bool = False) -> AdapterRecord:
         """Copy a local PEFT folder into the store and register it."""
@@ -123,18 +139,12 @@ class AdapterRegistry:
             raise Invalid(f"{repo_id!r} is not a hub repo id such as 'owner/name' (use a local source for folders)")
         source: dict[str, Any] = {"type": "hub", "repo_id": repo_id, "revision": revision}
         limit = self.validator.max_adapter_bytes
-
-        def stage(staging: str) -> None:
-            try:
-                folder = ac.resolve_adapter_dir(repo_id, revision)
-            except ac.AdapterError as exc:
-                raise NotFound(f"hub adapter {repo_id!r} is not available: {exc}") from exc
-            commit = os.path.basename(os.path.normpath(folder))
-            if re.fullmatch(r"[0-9a-f]{40}", commit):
-                source["commit"] = commit
-            self.store.stage_folder(staging, folder, limit)
-
-        return await self._register(name, source, replace, stage)
+        folder = await fetch_adapter(repo_id, revision, self.hub_timeout)     # 404 / 503 within hub_timeout
+        commit = os.path.basename(os.path.normpath(folder))
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            source["commit"] = commit
+        return await self._register(name, source, replace,
+                                    lambda staging: self.store.stage_folder(staging, folder, limit))
 
     async def scan(self) -> list[AdapterRecord]:
         """Start-up: remove leftovers of a crash, register every stored adapter (tier stored), then load
@@ -156,7 +166,7 @@ class AdapterRegistry:
         """A lease on `name` in the device tier; NotFound, Conflict (deactivated) or Unavailable (no slot)."""
         self._bind()
         while True:
-            record = self.get(name)
+            record = self._usable(name)
             if not record.served:
                 raise Conflict(f"adapter {name!r} is deactivated; activate it before sending requests")
             record.in_use += 1
@@ -188,7 +198,7 @@ class AdapterRegistry:
     async def activate(self, name: str) -> AdapterRecord:
         """Serve `name` again and load it to the device tier."""
         self._bind()
-        record = self.get(name)
+        record = self._usable(name)
         if not record.served:
             record.served = True
             self._save_meta(record)
@@ -199,7 +209,7 @@ class AdapterRegistry:
     async def deactivate(self, name: str) -> AdapterRecord:
         """Stop serving `name` (acquire raises Conflict) and free its memory once no request uses it."""
         self._bind()
-        record = self.get(name)
+        record = self._usable(name)
         if record.served:
             record.served = False
             self._save_meta(record)
@@ -210,7 +220,7 @@ class AdapterRegistry:
     async def pin(self, name: str, pinned: bool = True) -> AdapterRecord:
         """A pinned adapter is never evicted from the tier it reaches (it is not loaded by pinning)."""
         self._bind()
-        record = self.get(name)
+        record = self._usable(name)
         record.pinned = bool(pinned)
         self._save_meta(record)
         self._enforce_cpu_limit()
@@ -238,6 +248,9 @@ class AdapterRegistry:
     # ----- registration internals ----------------------------------------------------------------------------
     def _precheck(self, name: str, replace: bool) -> None:
         check_name(name)
+        if name.casefold() in self.reserved:
+            raise Conflict(f"adapter name {name!r} is reserved: it is the base model's id, so requests for it "
+                           f"would reach the base model; choose another name")
         self._bind()
         if not replace and name in self._records:
             raise self._taken(name)
@@ -282,9 +295,11 @@ class AdapterRegistry:
         old = self._records.get(name)
         if old is not None and not replace:
             raise self._taken(name)
-        trash = self.store.commit(name, staging)
         record = self._record(name, validated.summary, meta, tier=CPU, config=validated.config,
                               tensors=validated.tensors)
+        if not record.serialisable():                  # never hold a record the admin routes cannot show
+            raise Invalid(f"adapter {name!r}: its description is not valid JSON (a non-finite number?)")
+        trash = self.store.commit(name, staging)
         self._records[name] = record
         if old is not None:
             self._retire(old)
@@ -292,13 +307,29 @@ class AdapterRegistry:
         self._emit("adapter_uploaded", name)
         return record, trash
 
-    def _record(self, name: str, summary: AdapterSummary, meta: dict, **state: Any) -> AdapterRecord:
-        return AdapterRecord(
-            name=name, kind=summary.kind, rank=summary.rank, alpha=summary.alpha, targets=summary.targets,
-            size=int(meta["size"]), sha256=str(meta["sha256"]), source=dict(meta.get("source") or {}),
-            created_at=float(meta.get("created_at") or time.time()), served=bool(meta.get("served", True)),
-            pinned=bool(meta.get("pinned", False)), generation=next(self._generations), tick=next(self._ticks),
-            **state)
+    def _record(self, name: str, summary: Optional[AdapterSummary], meta: dict, error: Optional[str] = None,
+                **state: Any) -> AdapterRecord:
+        """A record from a summary and `registry.json`; with `error` (or metadata that does not describe a
+        record the admin routes can show) a quarantined one."""
+        try:
+            record = AdapterRecord(
+                name=name, kind=summary.kind if summary else "unknown", rank=summary.rank if summary else None,
+                alpha=summary.alpha if summary else None, targets=summary.targets if summary else [],
+                size=int(meta.get("size") or 0), sha256=str(meta.get("sha256") or ""),
+                source=dict(meta.get("source") or {}), created_at=_time(meta.get("created_at")),
+                served=bool(meta.get("served", True)) and error is None, pinned=bool(meta.get("pinned", False)),
+                generation=next(self._generations), tick=next(self._ticks), error=error, **state)
+        except (TypeError, ValueError, OverflowError) as exc:
+            record = None
+            error = error or f"{self.store.path(name)}/registry.json does not describe an adapter: {exc}"
+        if record is None or not record.serialisable():
+            error = error or f"{self.store.path(name)}/registry.json holds values that are not valid JSON"
+            record = AdapterRecord(name=name, kind="unknown", rank=None, alpha=None, targets=[], size=0, sha256="",
+                                   source={}, created_at=time.time(), served=False, error=error,
+                                   generation=next(self._generations), tick=next(self._ticks))
+        if record.quarantined:
+            log.warning("adapter store: %r is quarantined: %s", name, record.error)
+        return record
 
     def _save_meta(self, record: AdapterRecord) -> None:
         meta = {"source": record.source, "created_at": record.created_at, "pinned": record.pinned,
@@ -306,12 +337,12 @@ class AdapterRegistry:
         self.store.write_meta(self.store.path(record.name), meta)
 
     async def _scan(self) -> list[AdapterRecord]:
-        for name, summary, meta in await asyncio.to_thread(self._read_store):
+        for name, summary, meta, error in await asyncio.to_thread(self._read_store):
             if name not in self._records:
-                self._records[name] = self._record(name, summary, meta, tier=STORED)
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
         for name in self.preload:
             record = self._records.get(name)
-            if record is None or not record.served:
+            if record is None or not record.served or record.quarantined:
                 log.warning("preload: adapter %r is %s", name, "not in the store" if record is None else "deactivated")
                 continue
             try:
@@ -327,18 +358,20 @@ class AdapterRegistry:
         entries = await asyncio.to_thread(self._read_store, False)
         report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": []}
         on_disk = set()
-        for name, summary, meta in entries:
+        for name, summary, meta, error in entries:
             on_disk.add(name)
             record = self._records.get(name)
             if record is None and name not in before:
-                self._records[name] = self._record(name, summary, meta, tier=STORED)
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
                 report["added"].append(name)
             elif record is None or record is not before.get(name):
                 continue                               # deleted or replaced here meanwhile
-            elif record.sha256 != meta.get("sha256"):
+            elif record.sha256 != str(meta.get("sha256") or "") or record.error != error:
                 self._retire(self._records.pop(name))
-                self._records[name] = self._record(name, summary, meta, tier=STORED)
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
                 report["changed"].append(name)
+            elif record.quarantined:
+                continue
             elif (record.served, record.pinned) != (flags := (bool(meta.get("served", True)),
                                                               bool(meta.get("pinned", False)))):
                 record.served, record.pinned = flags
@@ -357,15 +390,16 @@ class AdapterRegistry:
             log.info("adapter store rescan: %s", {k: v for k, v in report.items() if v})
         return report
 
-    def _read_store(self, clean: bool = True) -> list[tuple[str, AdapterSummary, dict]]:
-        """Worker thread: clean leftovers (at start-up), then describe every complete folder (unreadable
-        ones are skipped)."""
+    def _read_store(self, clean: bool = True) -> list[tuple[str, Optional[AdapterSummary], dict, Optional[str]]]:
+        """Worker thread: clean leftovers (at start-up), then describe every complete folder as (name,
+        summary, metadata, error); a folder that fails today's checks comes with its error (quarantined)."""
         removed = self.store.clean() if clean else []
         if removed:
             log.info("adapter store: removed leftovers of an interrupted write: %s", removed)
         entries = []
         for name in self.store.names():
             folder = self.store.path(name)
+            meta = None
             try:
                 check_name(name)
                 meta = self.store.read_meta(folder)
@@ -378,10 +412,10 @@ class AdapterRegistry:
                 if not meta.get("sha256") or meta.get("size") != self.store.size(folder):
                     meta["sha256"], meta["size"] = self.store.digest(folder)
                     self.store.write_meta(folder, meta)
-            except (RegistryError, OSError, ValueError) as exc:
-                log.warning("adapter store: skipping %r: %s", name, exc)
+            except (RegistryError, OSError, ValueError, TypeError) as exc:
+                entries.append((name, None, meta if isinstance(meta, dict) else {}, f"cannot be loaded: {exc}"))
                 continue
-            entries.append((name, summary, meta))
+            entries.append((name, summary, meta, None))
         return entries
 
     # ----- tiers --------------------------------------------------------------------------------------------
@@ -433,6 +467,11 @@ class AdapterRegistry:
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
+                    if isinstance(exc, Invalid):       # fails today's checks: never try it again
+                        record.error, record.served = f"cannot be loaded: {exc}", False
+                        log.warning("adapter %r is quarantined: %s", record.name, exc)
+                        raise Conflict(f"adapter {record.name!r} is quarantined: {record.error}; replace or "
+                                       f"delete it") from exc
                     raise RegistryError(f"stored adapter {record.name!r} cannot be read: {exc}") from exc
                 if record.retired:          # replaced while reading: these may be the new files
                     raise _Retry()
@@ -456,7 +495,9 @@ class AdapterRegistry:
 
     def _read_stored(self, name: str) -> tuple[ac.AdapterConfig, dict]:
         folder = self.store.path(name)
-        return parse_config(self.store.read_config(folder)), self.store.read_tensors(folder)
+        config, tensors = parse_config(self.store.read_config(folder)), self.store.read_tensors(folder)
+        check_tensors(tensors, SAFETENSORS_NAME)
+        return config, tensors
 
     async def _make_device_room(self, record: AdapterRecord) -> None:
         while self._count(DEVICE) >= self.max_device_adapters:
@@ -584,6 +625,12 @@ def _remove(model, model_name: str) -> None:
     """Engine thread; deactivating first also spares delete_adapter's "was active" warning."""
     ac.set_adapter(model, [])
     ac.delete_adapter(model, model_name)
+
+
+def _time(value: Any) -> float:
+    """A stored unix time, or now when it is missing or not a finite number."""
+    value = float(value or 0)
+    return value if math.isfinite(value) and value > 0 else time.time()
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:

@@ -1,6 +1,7 @@
 """Adapter management (admin key required once keys are configured): upload, load by path or hub id, list,
 inspect, activate, deactivate, delete, rescan the shared store, and vLLM's `/v1/load_lora_adapter` /
-`/v1/unload_lora_adapter`."""
+`/v1/unload_lora_adapter`. An upload carries exactly one weights file (safetensors or .bin) or one archive:
+anything else is 422. Listings show quarantined adapters with `state` "quarantined" and their `error`."""
 
 from __future__ import annotations
 
@@ -30,12 +31,19 @@ async def upload(request: Request, state: StateDep, _: AdminCaller, replace: boo
         raise HTTPException(422, "form field 'name' is required")
     archive = form.get("archive")
     config = form.get("adapter_config.json")
-    weights = form.get("adapter_model.safetensors") or form.get("adapter_model.bin")
+    safetensors, pickled = form.get("adapter_model.safetensors"), form.get("adapter_model.bin")
+    if safetensors is not None and pickled is not None:
+        raise HTTPException(422, "send one weights file: 'adapter_model.safetensors' or 'adapter_model.bin', "
+                                 "not both")
+    weights = safetensors if safetensors is not None else pickled
+    if archive is not None and (config is not None or weights is not None):
+        raise HTTPException(422, "send either the file 'archive' or the files 'adapter_config.json' and "
+                                 "'adapter_model.safetensors', not both")
     if archive is not None and hasattr(archive, "read"):
         record = await state.registry.register_archive(name, await archive.read(), archive.filename or "",
                                                        replace=replace)
     elif config is not None and weights is not None and hasattr(config, "read") and hasattr(weights, "read"):
-        weights_name = "adapter_model.bin" if form.get("adapter_model.bin") is not None else "adapter_model.safetensors"
+        weights_name = "adapter_model.bin" if weights is pickled else "adapter_model.safetensors"
         record = await state.registry.register_files(name, await config.read(), await weights.read(),
                                                      weights_filename=weights_name, replace=replace)
     else:

@@ -79,7 +79,10 @@ def test_scan_validates_hand_copied_folders(tmp_path):
         return registry
 
     registry = run(main())
-    assert [r.name for r in registry.list()] == ["dropped-in"]
+    assert [r.name for r in registry.list()] == ["bad", "dropped-in"]
+    quarantined = registry.get("bad")                          # listed with its error, never served
+    assert quarantined.quarantined and not quarantined.served and "matched no module" in quarantined.error
+    assert quarantined.to_dict()["state"] == "quarantined"
     record = registry.get("dropped-in")
     assert record.source == {"type": "local", "path": str(good)}
     assert (good / "registry.json").is_file()                  # described once, not validated at every start
