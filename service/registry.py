@@ -366,7 +366,8 @@ class AdapterRegistry:
                 report["added"].append(name)
             elif record is None or record is not before.get(name):
                 continue                               # deleted or replaced here meanwhile
-            elif record.sha256 != str(meta.get("sha256") or "") or record.error != error:
+            elif (record.sha256 != str(meta.get("sha256") or "") or (error is not None and error != record.error)
+                  or (error is None and record.quarantined and record.kind == "unknown")):   # fixed on disk
                 self._retire(self._records.pop(name))
                 self._records[name] = self._record(name, summary, meta, error, tier=STORED)
                 report["changed"].append(name)
