@@ -19,7 +19,7 @@ import httpx
 import torch
 from safetensors.torch import load_file, save_file
 
-from _rel_live import CONFIG, T, WEIGHTS, settings, still_serving, upload_folder
+from _rel_live import T, WEIGHTS, settings, still_serving, upload_folder
 from _rel_tiny import make_adapter, tiny_loaded
 from _server import LiveServer
 from service.app import create_app

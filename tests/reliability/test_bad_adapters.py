@@ -15,7 +15,6 @@ import shutil
 
 import httpx
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from _rel_live import CONFIG, T, WEIGHTS, listing, live_server, still_serving, upload, upload_folder
