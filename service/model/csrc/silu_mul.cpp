@@ -1,24 +1,64 @@
 // SwiGLU's silu(gate) * up in one pass, with the roundings of the decoder's torch code: s = T(silu(gate))
-// computed in fp32, out = T(s * up). (torch's vectorised exp may differ from std::exp in the last fp32 bit,
-// so a bf16 output can rarely differ in its last bit.)
+// computed in fp32, out = T(s * up). e^x is computed V lanes at a time by Cephes' expf (range reduction by
+// ln 2 and a degree-5 polynomial; silu's relative error stays within ~4 fp32 ulps of the exact value over
+// [-120, 120], torch's own vectorised silu within ~2), the same function for every element, so a row's
+// values never depend on how many rows share the call. 4x faster than std::exp at 16 rows of SmolLM2.
 #include "ops.h"
 
 #include <cmath>
+#include <cstdint>
 
 namespace {
+
+#if defined(__AVX512F__)
+constexpr int V = 16;
+#elif defined(__AVX__)
+constexpr int V = 8;
+#else
+constexpr int V = 4;
+#endif
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef int32_t vi __attribute__((vector_size(V * 4)));
+
+// e^x in every lane (Cephes expf). NaN stays NaN; beyond +-88.38 the argument is clamped (e^-88.38 is
+// 4e-39 and e^88.38 3.4e38: silu's result is then x or -0 to fp32 precision either way).
+inline vf vexp(vf x) {
+  const vf hi = vf{} + 88.3762626647949f, lo = vf{} - 88.3762626647949f;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const vf fx = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);                 // truncated toward zero, then down to floor(fx)
+  n += (vi)(__builtin_convertvector(n, vf) > fx);         // a true comparison lane is -1
+  const vf nf = __builtin_convertvector(n, vf);
+  x = x - nf * 0.693359375f - nf * -2.12194440e-4f;       // x - n ln 2, in two parts for precision
+  const vf z = x * x;
+  vf y = x * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.f;
+  const vi bits = (n + 127) << 23;                        // 2^n
+  vf scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
 
 template <typename T>
 void silu_mul_rows(const T* gate, const T* up, int64_t g_stride, int64_t u_stride, T* out, int64_t rows,
                    int64_t n) {
-#pragma omp parallel for schedule(static) if (rows * n > (1 << 16))
+#pragma omp parallel for schedule(static) if (rows * n > (1 << 18))
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = gate + r * g_stride;
     const T* u = up + r * u_stride;
     T* o = out + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = static_cast<float>(g[i]);
-      const T s = static_cast<T>(x / (1.f + std::exp(-x)));
-      o[i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(u[i]));
+    for (int64_t i = 0; i < n; i += V) {
+      const int lanes = n - i < V ? static_cast<int>(n - i) : V;
+      vf x = vf{};
+      for (int l = 0; l < lanes; ++l) x[l] = static_cast<float>(g[i + l]);
+      const vf s = x / (1.f + vexp(-x));                  // [V] silu(gate) in fp32
+      for (int l = 0; l < lanes; ++l)
+        o[i + l] = static_cast<T>(static_cast<float>(static_cast<T>(s[l])) * static_cast<float>(u[i + l]));
     }
   }
 }
