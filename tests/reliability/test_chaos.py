@@ -201,4 +201,8 @@ def test_good_streams_keep_their_text_under_hostile_traffic(tmp_path):
             time.sleep(0.2)
         assert gauges and set(gauges.values()) == {0.0}, gauges
         rss_after = rss_mib(pid)
+        print(f"\nchaos: {len(good_results)} good streams equal to their reference; {len(hostile)} hostile "
+              f"requests, all 4xx; {len(overflow)} overflowing-adapter requests failed alone; {len(dropped)} "
+              f"dropped streams; /health {len(health)} probes, slowest {slowest * 1e3:.0f} ms; "
+              f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
         assert rss_after <= 1.10 * rss_before, f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
