@@ -1,11 +1,41 @@
 """`adapter-serve` (also `python -m service`): start uvicorn with the app; flags override `ADAPTER_SERVE_*`.
-SIGTERM drains gracefully (see `service/server.py`) and the process exits 0."""
+SIGTERM drains gracefully (see `service/server.py`) and the process exits 0. A malformed setting (a flag or
+an `ADAPTER_SERVE_*` variable) stops start-up with one line naming it and exit status 2, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
-from service.settings import Settings
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from service.settings import Settings, parse_keys
+
+
+def _variable(field: str) -> str:
+    return f"ADAPTER_SERVE_{field.upper()}"
+
+
+def settings_problem(exc: Exception) -> str:
+    """One line naming the setting that `Settings(...)` refused, and why."""
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        return " ".join(f"{_variable(field)}: {message}".split())
+    found = re.search(r'field "([^"]+)"', str(exc))
+    cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+    return " ".join((f"{_variable(found.group(1))}: not valid JSON{cause}" if found else str(exc)).split())
+
+
+def load_settings(overrides: dict) -> Settings:
+    try:
+        return Settings(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        print(f"adapter-serve: {settings_problem(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def main(argv=None) -> None:
@@ -22,9 +52,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--max-device-adapters", type=int)
     parser.add_argument("--shutdown-timeout", type=float, help="seconds running requests get after SIGTERM")
+    parser.add_argument("--api-key", dest="api_keys", action="extend", nargs="+", metavar="KEY",
+                        help="inference key(s), as vLLM's --api-key (each value: one key or a comma-separated list)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    if args.api_keys is not None:
+        try:
+            overrides["api_keys"] = [key for value in args.api_keys for key in parse_keys(value)]
+        except ValueError as exc:
+            print(f"adapter-serve: --api-key: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+    settings = load_settings(overrides)
     from service.app import create_app
     from service.kernels import build_all, uncached
     from service.server import GracefulServer

@@ -7,10 +7,44 @@ Every limit a user may need to change is here with the default a vLLM / LoRAX us
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import json
+from typing import Annotated, Any, Optional
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+KEYS_FORMS = "one key, a comma-separated list or a JSON list of keys"
+
+
+def parse_keys(value: Any) -> list[str]:
+    """API keys as `ADAPTER_SERVE_API_KEYS` or `--api-key` give them: one key, a comma-separated list or a JSON
+    list. ValueError (one line) if malformed: bad JSON, a key that is empty or holds whitespace or control
+    characters (it could never match an `Authorization: Bearer` header)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not a valid JSON list ({exc}); expected {KEYS_FORMS}") from None
+        else:
+            value = [part.strip() for part in text.split(",")]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected {KEYS_FORMS}")
+    keys = []
+    for i, key in enumerate(value, 1):
+        if not isinstance(key, str):
+            raise ValueError(f"key {i} is not a string ({type(key).__name__}); expected {KEYS_FORMS}")
+        if not key.strip():
+            raise ValueError(f"key {i} is empty; expected {KEYS_FORMS}")
+        if any(c.isspace() or not c.isprintable() for c in key.strip()):
+            raise ValueError(f"key {i} contains whitespace or control characters")
+        keys.append(key.strip())
+    return keys
 
 
 class Settings(BaseSettings):
@@ -62,7 +96,8 @@ class Settings(BaseSettings):
     store_rescan_seconds: float = Field(0.0, ge=0)
 
     # security
-    api_keys: list[str] = Field(default_factory=list)      # inference keys
+    # inference keys: one key, a comma-separated list or a JSON list (`--api-key`, as vLLM's)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_key: Optional[str] = None
     key_adapters: dict[str, list[str]] = Field(default_factory=dict)   # key -> adapters it may use
 
@@ -73,6 +108,11 @@ class Settings(BaseSettings):
 
     # metrics
     metrics_max_adapter_labels: int = 20       # busiest N adapters get their own label; the rest are "other"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: Any) -> list[str]:
+        return parse_keys(value)
 
     @property
     def auth_enabled(self) -> bool:
