@@ -244,3 +244,9 @@ def load_config(path: str) -> AdapterConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterConfigError(f"{file} is not valid JSON: {exc}") from exc
     return config_from_dict(data)
+
+
+# The prompt-learning configs subclass AdapterConfig, so they are defined after it and registered here.
+from .prompt_config import PROMPT_CONFIG_CLASSES  # noqa: E402
+
+CONFIG_CLASSES.update(PROMPT_CONFIG_CLASSES)

@@ -20,6 +20,7 @@ from .errors import AdapterError, TargetNotFoundError, UnsupportedFeatureError
 from .layer import AdapterLayer
 from .matching import expand_all_linear, is_feedforward, is_supported_base, is_target, pattern_value
 from .modules_to_save import ModulesToSaveWrapper
+from .prompt_config import PromptLearningConfig
 from .stack import BASE, SlotTable
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
@@ -122,6 +123,9 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
     """Add adapter `adapter_name` described by `config` to `model` in place; return `model`."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a LoraConfig, IA3Config or AdaLoraConfig, got {type(config).__name__}")
+    if isinstance(config, PromptLearningConfig):
+        raise UnsupportedFeatureError(f"{config.peft_type} adapters are not injectable into a torch module: they add "
+                                      f"virtual tokens; load them with load_adapter")
     if adapter_name == BASE or not NAME_RE.match(adapter_name or ""):
         raise AdapterError(f"invalid adapter name {adapter_name!r}: use letters, digits, '_' and '-'")
     configs = peft_configs(model)

@@ -3,6 +3,8 @@
 A folder holds `adapter_config.json` and `adapter_model.safetensors` (or, read only through
 `torch.load(weights_only=True)`, `adapter_model.bin`). Everything is read and checked before the model is
 touched, and a load that fails half way removes what it added, so the model is never left changed.
+Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) inject nothing: `load_adapter` hands them to
+`prompt_learning.py`, and `save_adapter` writes their one `prompt_embeddings` tensor as PEFT does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .config import CONFIG_NAME, AdapterConfig, load_config
 from .errors import AdapterConfigError, AdapterError, AdapterWeightsError
 from .injection import inject_adapter_in_model, peft_configs, slot_table, unwrap_modules_since
 from .management import active_adapters, cast_adapter_dtype, delete_adapter, set_adapter
+from .prompt_config import PromptLearningConfig
+from .prompt_learning import load_prompt_adapter, prompt_adapters
 from .state_dict import PEFT_PREFIX, IncompatibleKeys, get_peft_model_state_dict, set_peft_model_state_dict
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -80,6 +84,11 @@ def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "de
         config = load_config(directory) if config is None else config
         state_dict = read_adapter_weights(directory) if state_dict is None else state_dict
     config.inference_mode = not is_trainable
+    if isinstance(config, PromptLearningConfig):
+        if is_trainable:
+            raise AdapterError("prompt-learning adapters load for inference only, as in PEFT (is_trainable=True)")
+        load_prompt_adapter(model, adapter_name, config, state_dict)
+        return IncompatibleKeys([], [])
     previous_active = active_adapters(model)
     wrapped_before = len(slot_table(model).modules)
     inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -112,7 +121,8 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or \
             getattr(model, "name_or_path", None)
-    tensors = {PEFT_PREFIX + k: v.detach().clone().contiguous().cpu()
+    prefix = "" if adapter_name in prompt_adapters(model) else PEFT_PREFIX    # PEFT saves `prompt_embeddings` bare
+    tensors = {prefix + k: v.detach().clone().contiguous().cpu()
                for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})

@@ -16,6 +16,7 @@ from torch import nn
 from .errors import UnknownAdapterError
 from .injection import adapter_layers, peft_configs, slot_table, wrappers
 from .layer import AdapterLayer
+from .prompt_learning import remove_prompt_adapter
 
 _LOW_PRECISION = tuple(getattr(torch, n) for n in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
                        if hasattr(torch, n))
@@ -92,6 +93,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> list[str]:
     for _, wrapper in wrappers(model):
         wrapper.remove(adapter_name)
     slot_table(model).release(adapter_name)
+    remove_prompt_adapter(model, adapter_name)
     del peft_configs(model)[adapter_name]
     active = [a for a in active_adapters(model) if a != adapter_name]
     model.__dict__["_active_adapters"] = new_active if new_active is not None else active

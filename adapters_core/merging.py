@@ -44,7 +44,7 @@ def _strip(model: nn.Module, merge: bool, adapter_names: Optional[list[str]]) ->
     for attr in ("peft_config",):
         if hasattr(model, attr):
             delattr(model, attr)
-    for attr in ("_adapter_slots", "_active_adapters"):
+    for attr in ("_adapter_slots", "_active_adapters", "_prompt_adapters"):
         model.__dict__.pop(attr, None)
     return model
 

@@ -24,6 +24,7 @@ from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .management import _check_known
 from .matching import EMBEDDING_LAYER_NAMES
+from .prompt_learning import PROMPT_KEY
 
 PEFT_PREFIX = "base_model.model."
 
@@ -63,6 +64,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
                               adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys (no `base_model.model.` prefix, no adapter name)."""
     _check_known(model, [adapter_name])
+    prompt = model.__dict__.get("_prompt_adapters", {}).get(adapter_name)
+    if prompt is not None:                  # prompt learning: PEFT saves the one encoder output
+        return {PROMPT_KEY: prompt.prompt_embeddings}
     config = peft_configs(model)[adapter_name]
     model_state = model.state_dict() if state_dict is None else state_dict
     out: dict[str, torch.Tensor] = {}

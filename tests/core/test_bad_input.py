@@ -145,7 +145,7 @@ UNSUPPORTED = {
 BAD = {
     "no_config": (make_no_config, r"adapter_config"),
     "not_json": (make_not_json, r"(?i)json"),
-    "prefix_tuning": (make_peft_type("PREFIX_TUNING"), r"PREFIX_TUNING"),
+    "loha": (make_peft_type("LOHA"), r"LOHA"),
     "bogus_type": (make_peft_type("BOGUS"), r"BOGUS"),
     "no_targets": (make_no_targets, r"(?i)nonexistent_proj|target"),
     "wrong_shape": (make_wrong_shape, r"(?i)shape|size"),
@@ -186,7 +186,7 @@ def test_missing_folder_raises(base, tmp_path):
         ac.load_adapter(copy.deepcopy(base), str(tmp_path / "does_not_exist"))
 
 
-@pytest.mark.parametrize("value", ["PREFIX_TUNING", "BOGUS"])
+@pytest.mark.parametrize("value", ["LOHA", "BOGUS"])
 def test_load_config_unknown_peft_type(valid_dir, tmp_path, value):
     d = make_peft_type(value)(valid_dir, tmp_path)
     with pytest.raises(Exception, match=value):
