@@ -10,6 +10,8 @@ Isolation: a fault on one request's rows (non-finite logits, an exception in its
 re-running the step's requests one by one, in its part of the forward) finishes that request alone with
 `FinishReason.ERROR`. Step listeners (the metrics' gauges) hear of every step, of a step that only
 cancelled, and of an idle tick every `IDLE_TICK_S` seconds.
+A request on a prompt-learning adapter starts with the adapter's virtual tokens in its cache slot, its prompt
+right after them (virtual_tokens.py); they count against `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from service.model.decoder import StepPlan, StepSequence
 from .kv_cache import KVCache
 from .request import FinishReason, GenerationRequest, RequestOutput, RequestState, TokenEvent
 from .scheduler import Scheduler
+from .virtual_tokens import VirtualTokens
 
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ class Engine:
         self.cache = KVCache.for_model(model.config, config.max_batch_size, config.max_seq_len, self.dtype,
                                        self.device)
         self.scheduler = Scheduler(config.max_batch_tokens, config.prefill_chunk)
+        self.virtual_tokens = VirtualTokens(model, self.dtype, self.device, self._adapters)
         self.running: list[RequestState] = []
         self.waiting: deque[RequestState] = deque()
         self._inbox: deque[RequestState] = deque()
@@ -89,12 +93,14 @@ class Engine:
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if n + request.params.max_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
+        virtual = self.virtual_tokens.count(request.adapter)      # a prompt-learning adapter's, before the prompt
+        if n + virtual + request.params.max_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({n} tokens)" + (f" + the adapter's {virtual} virtual tokens" if virtual else "")
+                             + f" + max_tokens ({request.params.max_tokens}) exceeds the "
                              f"context limit of {self.config.max_seq_len} tokens")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if request.adapter not in (None, "__base__"):
+        if request.adapter not in (None, "__base__") and not virtual:
             ac.adapter_slot(self.model, request.adapter)
 
     def submit(self, request: GenerationRequest, on_event: Optional[Callable[[TokenEvent], None]] = None) -> None:
@@ -176,7 +182,9 @@ class Engine:
         self._emit(state, TokenEvent(None, None, reason, error))
 
     def _slot(self, adapter: Optional[str]) -> int:
-        return 0 if adapter in (None, "__base__") else ac.adapter_slot(self.model, adapter)
+        if adapter in (None, "__base__") or self.virtual_tokens.count(adapter):     # prompt learning: base weights
+            return 0
+        return ac.adapter_slot(self.model, adapter)
 
     @torch.inference_mode()
     def step(self) -> list[RequestState]:
@@ -218,7 +226,7 @@ class Engine:
                 state.output_ids.append(token)
                 state.logprobs.append(logprob)
                 self._emit(state, TokenEvent(token, logprob))
-            if reason is None and state.computed + 1 >= self.config.max_seq_len:
+            if reason is None and state.virtual + state.computed + 1 >= self.config.max_seq_len:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 self._finish(state, reason)
@@ -244,8 +252,13 @@ class Engine:
             ids = state.all_ids[state.computed:state.computed + n]
             offset = len(tokens)
             tokens.extend(ids)
-            positions.extend(range(state.computed, state.computed + n))
-            sequences.append(StepSequence(state.slot, state.computed, n))
+            if state.computed == 0:          # admission: a prompt-learning adapter's virtual tokens come first
+                state.virtual = self.virtual_tokens.count(state.request.adapter)
+                if state.virtual:
+                    self.virtual_tokens.write(self.cache, state.slot, state.request.adapter)
+            start = state.virtual + state.computed          # cache position of the first new token
+            positions.extend(range(start, start + n))
+            sequences.append(StepSequence(state.slot, start, n))
             slot = self._slot(state.request.adapter)
             slots.extend([slot] * n)
             if state.computed + n == len(state.all_ids):       # everything known is computed: sample next
@@ -289,7 +302,8 @@ class Engine:
         read (even behind an attention mask, where 0 * NaN is NaN) what the failed one left there."""
         log.warning("request %s failed: %s", state.request.request_id, message)
         if state.slot is not None:
-            self.cache.clear(state.slot, min(self.cache.max_seq_len, max(state.computed, len(state.all_ids))))
+            length = state.virtual + max(state.computed, len(state.all_ids))     # virtual tokens included
+            self.cache.clear(state.slot, min(self.cache.max_seq_len, length))
         self._finish(state, FinishReason.ERROR, message)
         finished.append(state)
 

@@ -56,6 +56,7 @@ class RequestState:
         self.sampler = RequestSampler(request.params, vocab_size)
         self.slot: Optional[int] = None
         self.computed = 0                         # tokens whose keys/values are in the cache
+        self.virtual = 0                          # prompt-learning virtual tokens before them (cache 0..virtual-1)
         self.output_ids: list[int] = []
         self.logprobs: list[Optional[float]] = []
         self.finish_reason: Optional[FinishReason] = None

@@ -316,12 +316,14 @@ class Decoder(nn.Module):
             x = layer(x, cos_sin)
         return self.lm_head(self.model.norm(x))
 
-    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, plan: StepPlan, cache) -> torch.Tensor:
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, plan: StepPlan, cache,
+                     embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens, positions [N] (flattened over sequences) -> final hidden states [len(plan.logit_index), d]
         of the tokens the engine samples from; `lm_head(...)` of them gives the logits. The head is left to
-        the caller because an adapter on `lm_head` needs a token mapping for the selected tokens only."""
+        the caller because an adapter on `lm_head` needs a token mapping for the selected tokens only. `embeds`
+        [N, d], when given, replaces the token embeddings (prompt-learning virtual tokens)."""
         cos_sin = self.rope().at(positions)
-        x = self.model.embed_tokens(tokens)                              # [N, d]
+        x = self.model.embed_tokens(tokens) if embeds is None else embeds         # [N, d]
         for layer in self.model.layers:
             x = layer(x, cos_sin, plan, cache)
         return self.model.norm(x.index_select(0, plan.logit_index))
