@@ -89,7 +89,7 @@ class Engine:
     # ----- submitting -----------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
         """Raise ValueError (bad request) or ac.UnknownAdapterError before anything is queued."""
-        request.params.validate()
+        request.params.validate(self.vocab_size)
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -108,7 +108,7 @@ class Engine:
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFullError(f"the queue holds {self.config.max_waiting} waiting requests")
-            self._inbox.append(RequestState(request, self.vocab_size, time.monotonic(), on_event))
+            self._inbox.append(RequestState(request, self.vocab_size, time.monotonic(), on_event, self.eos_token_ids))
             self._lock.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -214,8 +214,8 @@ class Engine:
                            + (f" on adapter {state.request.adapter!r}" if state.request.adapter else ""), finished)
                 continue
             try:
-                token, logprob = ((greedy_tokens[i], None) if i in greedy_tokens
-                                  else state.sampler.sample(logits[i]))
+                token, logprob, top = ((greedy_tokens[i], None, None) if i in greedy_tokens
+                                       else state.sampler.sample(logits[i]))
             except Exception as exc:
                 self._fail(state, f"sampling failed: {type(exc).__name__}: {exc}", finished)
                 continue
@@ -225,7 +225,7 @@ class Engine:
             if reason is not FinishReason.STOP:
                 state.output_ids.append(token)
                 state.logprobs.append(logprob)
-                self._emit(state, TokenEvent(token, logprob))
+                self._emit(state, TokenEvent(token, logprob, top_logprobs=top))
             if reason is None and state.virtual + state.computed + 1 >= self.config.max_seq_len:
                 reason = FinishReason.LENGTH
             if reason is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
-from .sampling import RequestSampler, SamplingParams
+from .sampling import RequestSampler, SamplingParams, TopLogprobs
 
 _ids = itertools.count()
 
@@ -33,6 +33,7 @@ class TokenEvent:
     logprob: Optional[float] = None
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
+    top_logprobs: Optional[TopLogprobs] = None     # (id, log-probability) of the most likely tokens, if asked
 
 
 @dataclass
@@ -51,9 +52,9 @@ class RequestState:
     """Where a request stands: prompt tokens computed so far, generated tokens, its cache slot."""
 
     def __init__(self, request: GenerationRequest, vocab_size: int, arrival: float,
-                 on_event: Optional[Callable[[TokenEvent], None]] = None):
+                 on_event: Optional[Callable[[TokenEvent], None]] = None, eos_token_ids: Iterable[int] = ()):
         self.request = request
-        self.sampler = RequestSampler(request.params, vocab_size)
+        self.sampler = RequestSampler(request.params, vocab_size, request.prompt_ids, eos_token_ids)
         self.slot: Optional[int] = None
         self.computed = 0                         # tokens whose keys/values are in the cache
         self.virtual = 0                          # prompt-learning virtual tokens before them (cache 0..virtual-1)

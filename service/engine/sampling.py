@@ -1,15 +1,21 @@
 """Sampling: turning a request's logits into its next token, reproducibly per request.
 
 Each request has its own `torch.Generator` (seeded from `seed`, else from the global RNG), so the same
-seed gives the same tokens whatever else shares the batch. Order of processing follows vLLM / OpenAI:
-presence and frequency penalties over the tokens generated so far, temperature (0 = greedy), top-k,
-top-p. The log-probability reported for a chosen token is taken from the model's raw distribution.
+seed gives the same tokens whatever else shares the batch. Order of processing follows vLLM: `min_tokens`
+(end-of-sequence and stop token ids masked until that many tokens exist), `logit_bias`, the repetition
+penalty (Hugging Face's and vLLM's: over prompt and generated tokens, positive logits divided by it, negative
+ones multiplied), presence and frequency penalties over the generated tokens, temperature (0 = greedy),
+top-k, top-p, min-p. Every feature is per request and costs nothing to requests that do not use it; those
+that use none and are greedy never reach `sample` (the engine takes one batched argmax for them). The
+log-probability reported for a chosen token, and the `top_logprobs` most likely alternatives, are taken from
+the model's raw distribution (vLLM's default), before any of the above.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -17,6 +23,10 @@ import torch
 # Temperatures this small sample the argmax anyway, and dividing by them overflows the logits to inf
 # (softmax then gives NaN): treat them as greedy, as vLLM does with its 1e-5 epsilon.
 GREEDY_BELOW = 1e-5
+MAX_TOP_LOGPROBS = 20          # OpenAI's chat limit (completions: 5)
+MAX_LOGIT_BIAS = 100.0         # OpenAI's range for a bias, either sign
+
+TopLogprobs = list[tuple[int, float]]
 
 
 @dataclass
@@ -25,14 +35,19 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                     # 0 = no top-k
+    min_p: float = 0.0                 # 0 = no min-p
     seed: Optional[int] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0    # 1 = none
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    min_tokens: int = 0                # EOS and stop_token_ids are masked until this many tokens exist
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False             # the chosen token's log-probability
+    top_logprobs: int = 0              # and this many most likely tokens with theirs (needs logprobs)
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: Optional[int] = None) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:
@@ -41,54 +56,113 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError("repetition_penalty must be a finite number > 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be in [0, max_tokens ({self.max_tokens})]")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        for token, bias in self.logit_bias.items():
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias for token {token} must be in [-100, 100]")
+        if vocab_size is not None:
+            for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+                bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+                if bad is not None:
+                    raise ValueError(f"{name}: token id {bad} is not in [0, {vocab_size})")
 
 
 class RequestSampler:
-    """Per-request sampling state: its generator and the counts of tokens it generated."""
+    """Per-request sampling state: its generator, the tokens it has seen and the counts of those it generated."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int):
-        self.params = params
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Iterable[int] = (),
+                 eos_token_ids: Iterable[int] = ()):
+        self.params = p = params
         self.generator = torch.Generator()
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator.manual_seed(seed)
+        self.generated = 0
         self.counts: Optional[torch.Tensor] = None
-        if params.presence_penalty or params.frequency_penalty:
+        if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.seen: Optional[torch.Tensor] = None                 # [V] bool: in the prompt or generated
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+            self.seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
+        self.bias: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if p.logit_bias:
+            self.bias = (torch.tensor(list(p.logit_bias), dtype=torch.long),
+                         torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
+        self.ends: Optional[torch.Tensor] = None                 # ids masked while under min_tokens
+        if p.min_tokens:
+            ends = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            self.ends = torch.tensor(sorted(t for t in ends if 0 <= t < vocab_size), dtype=torch.long)
 
     @property
     def plain_greedy(self) -> bool:
-        """The token is the argmax of the raw logits (no penalties, no logprob): the engine then takes it
-        for all such requests of a step with one batched argmax instead of calling `sample`."""
+        """The token is the argmax of the raw logits (no penalties, biases, masks or logprobs): the engine
+        then takes it for all such requests of a step with one batched argmax instead of calling `sample`."""
         p = self.params
-        return p.temperature < GREEDY_BELOW and self.counts is None and not p.logprobs
+        return (p.temperature < GREEDY_BELOW and self.counts is None and self.seen is None and self.bias is None
+                and not p.logprobs and (self.ends is None or self.generated >= p.min_tokens))
 
-    def sample(self, logits: torch.Tensor) -> tuple[int, Optional[float]]:
-        """logits [V] (any dtype, any device) -> (token id, its raw log-probability if asked)."""
+    def sample(self, logits: torch.Tensor) -> tuple[int, Optional[float], Optional[TopLogprobs]]:
+        """logits [V] (any dtype, any device) -> (token id, its raw log-probability if asked, the
+        `top_logprobs` most likely (id, log-probability) pairs if asked)."""
         p = self.params
-        logits = raw = logits.float().cpu()
-        logprob = None
-        if self.counts is not None:
-            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        raw = logits.float().cpu()
+        logits = self.processed(raw)
         if p.temperature < GREEDY_BELOW:
             token = int(torch.argmax(logits))
         else:
-            scaled = logits / p.temperature
-            if p.top_k and p.top_k < scaled.numel():
-                kth = torch.topk(scaled, p.top_k).values[-1]
-                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_logits, order = torch.sort(scaled, descending=True)
-                cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-                remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
-                remove[0] = False      # the most likely token stays even when top_p rounds to 0 in float32
-                scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
-            probs = torch.softmax(scaled, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            token = int(torch.multinomial(self._probs(logits / p.temperature), 1, generator=self.generator))
+        logprob = top = None
         if p.logprobs:
-            logprob = float(torch.log_softmax(raw, dim=-1)[token])
+            logprobs = torch.log_softmax(raw, dim=-1)
+            logprob = float(logprobs[token])
+            if p.top_logprobs:
+                values, ids = torch.topk(logprobs, min(p.top_logprobs, logprobs.numel()))
+                top = list(zip(ids.tolist(), values.tolist()))
+        self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1
-        return token, logprob
+        if self.seen is not None:
+            self.seen[token] = True
+        return token, logprob, top
+
+    def processed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw float logits [V] -> after min_tokens, logit_bias and the penalties (a new tensor if any apply)."""
+        p = self.params
+        if self.ends is not None and self.generated < p.min_tokens:
+            logits = logits.index_fill(0, self.ends, float("-inf"))
+        if self.bias is not None:
+            logits = logits.index_add(0, *self.bias)
+        if self.seen is not None:
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.counts is not None:
+            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        return logits
+
+    def _probs(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Top-k, top-p and min-p over temperature-scaled logits [V] -> probabilities [V]."""
+        p = self.params
+        if p.top_k and p.top_k < scaled.numel():
+            kth = torch.topk(scaled, p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
+            remove[0] = False      # the most likely token stays even when top_p rounds to 0 in float32
+            scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
+        probs = torch.softmax(scaled, dim=-1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return probs
