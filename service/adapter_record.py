@@ -1,8 +1,9 @@
 """`AdapterRecord`, the registry's one entry per adapter, and `Lease`, one request's hold on it.
 
-A record carries what the admin API shows (kind, rank, alpha, targets, size, sha256, source, tier, served,
-pinned, times, counters) and, apart from that, the runtime state the registry needs: the parsed config and
-tensors while the adapter is in the cpu or device tier, the name it has inside the model, and an LRU tick.
+A record carries what the admin API shows (kind, rank, alpha, targets, virtual tokens, size, sha256, source,
+tier, served, pinned, times, counters) and, apart from that, the runtime state the registry needs: the parsed
+config and tensors while the adapter is in the cpu or device tier, the name it has inside the model, and an LRU
+tick.
 The model-level name is `<name>__<generation>` (with characters adapters_core does not allow replaced),
 distinct per registration, so a name that is deleted or replaced and registered again never collides
 with the old adapter that running requests still use. A stored adapter that cannot be loaded (a config
@@ -34,9 +35,9 @@ def model_adapter_name(name: str, generation: int) -> str:
 @dataclass
 class AdapterRecord:
     name: str
-    kind: str                                  # "LORA" | "IA3" | "ADALORA"
-    rank: Optional[int]                        # None for IA3
-    alpha: Optional[float]                     # None for IA3
+    kind: str                                  # peft_type: LORA, IA3, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING
+    rank: Optional[int]                        # None for IA3 and prompt learning
+    alpha: Optional[float]                     # None for IA3 and prompt learning
     targets: list[str]
     size: int                                  # bytes of the stored config + weights
     sha256: str                                # of the stored weights file
@@ -50,6 +51,7 @@ class AdapterRecord:
     requests_served: int = 0
     in_use: int = 0                            # leases not yet released
     error: Optional[str] = None                # set: quarantined (why it cannot be loaded)
+    virtual_tokens: Optional[int] = None       # prompt learning: virtual tokens before every prompt
     # runtime state, not shown
     config: Any = field(default=None, repr=False)          # adapters_core config while in cpu / device tier
     tensors: Optional[dict] = field(default=None, repr=False)
@@ -75,6 +77,7 @@ class AdapterRecord:
             "tier": self.tier, "served": self.served, "pinned": self.pinned, "created_at": _finite(self.created_at),
             "last_used_at": _finite(self.last_used_at), "requests_served": self.requests_served,
             "in_use": self.in_use, "state": "quarantined" if self.quarantined else "ok", "error": self.error,
+            "virtual_tokens": self.virtual_tokens,
         }
 
     def serialisable(self) -> bool:

@@ -4,8 +4,9 @@ touching the served model.
 Rules, in the order they are checked (cheap first): the name matches `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` and
 is no route word (`ROUTE_WORDS`, 422; the base model's id is the registry's 409);
 config + weights are at most `max_adapter_bytes` (413); `adapter_config.json` is JSON (else 400) that
-`adapters_core` accepts (supported kind and features, else 422); the rank is at most `max_lora_rank`
-(422); every number in the config is finite (JSON's NaN / Infinity are refused, 422 naming the field) and
+`adapters_core` accepts (supported kind and features, else 422); the rank is at most `max_lora_rank`, and a
+prompt-learning adapter's `num_virtual_tokens` leaves room for a prompt under the context limit (422); every
+number in the config is finite (JSON's NaN / Infinity are refused, 422 naming the field) and
 LoRA's scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, over every `alpha_pattern` / `rank_pattern`
 value; AdaLoRA's `lora_alpha`) is at most `MAX_LORA_SCALING` in magnitude; the weights read as
 safetensors, or as a `.bin` only through `torch.load(weights_only=True)`, so a malicious pickle is refused
@@ -15,7 +16,8 @@ fits the base model. The fit check loads the adapter, with the library's own mat
 (built once, in milliseconds, and cloned per check), with adapters already on the model stripped off.
 That finds targets the model lacks, tensors of the wrong shape, missing tensors and tensors that fit no
 module (refused rather than silently ignored) exactly as a real load would, for any model, at no memory
-cost and without racing the engine.
+cost and without racing the engine; for prompt-learning adapters, a token_dim, layer count or key/value
+head count that the base model does not have.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # over r 1-64); 1e4 leaves room for odd but real choices while a scaling such as -1e308 / 8 is refused.
 MAX_LORA_SCALING = 1e4
 MAX_CONFIG_INT = 2**63                  # a larger JSON integer is no count or size any config field holds
-_MODEL_ATTRS = ("peft_config", "_adapter_slots", "_active_adapters")   # adapters_core's model-level state
+_MODEL_ATTRS = ("peft_config", "_adapter_slots", "_active_adapters", "_prompt_adapters")   # adapters_core state
 
 
 # The first path segments of the service's routes: an adapter named so could be confused with a route by a
@@ -147,10 +149,13 @@ class AdapterSummary:
     rank: Optional[int]
     alpha: Optional[float]
     targets: list[str]
+    virtual_tokens: Optional[int] = None        # prompt learning: virtual tokens before every prompt
 
     @classmethod
     def of(cls, config: ac.AdapterConfig) -> "AdapterSummary":
         """Rank is the largest any module gets: LoRA's `r` or a `rank_pattern` value, AdaLoRA's `init_r`."""
+        if isinstance(config, ac.PromptLearningConfig):
+            return cls(config.peft_type, None, None, [], config.num_virtual_tokens)
         targets = config.target_modules
         if targets is not None and not isinstance(targets, str) and not (
                 isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) for t in targets)):
@@ -225,6 +230,14 @@ class AdapterValidator:
         if summary.rank is not None and summary.rank > self.max_lora_rank:
             raise Invalid(f"rank {summary.rank} is above the limit max_lora_rank={self.max_lora_rank}")
 
+    def check_virtual_tokens(self, summary: AdapterSummary) -> None:
+        """A prompt-learning adapter must leave room for a prompt within the served context (`max_positions`,
+        which the app sets to `max_seq_len`)."""
+        limit = getattr(self._skeleton, "max_positions", None)
+        if summary.virtual_tokens is not None and isinstance(limit, int) and summary.virtual_tokens >= limit:
+            raise Invalid(f"{CONFIG_NAME}: num_virtual_tokens={summary.virtual_tokens} leaves no room for a prompt: "
+                          f"the context limit (max_seq_len) is {limit} tokens")
+
     def validate(self, folder: str) -> ValidatedAdapter:
         """Check the PEFT folder `folder` (config + one weights file); raise RegistryError naming the fault."""
         config_path = os.path.join(folder, CONFIG_NAME)
@@ -239,6 +252,7 @@ class AdapterValidator:
             config = parse_config(fh.read())
         summary = AdapterSummary.of(config)
         self.check_rank(summary)
+        self.check_virtual_tokens(summary)
         try:
             tensors = ac.read_adapter_weights(folder)
         except ac.AdapterError as exc:

@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from service import logs
-from service.api import admin, errors, health, native, openai
+from service.api import admin, errors, health, native, openai, tokens
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
 from service.api.request_id import RequestContext
@@ -115,6 +115,6 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestContext)          # added last: outermost, so every response carries the id
     errors.install(app)
-    for module in (openai, native, admin, health):
+    for module in (openai, tokens, native, admin, health):
         app.include_router(module.router)
     return app

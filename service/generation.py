@@ -2,8 +2,10 @@
 
 `TextGenerator.start` takes a prompt (text or token ids), an adapter name and sampling settings, holds a
 registry lease on the adapter for the request's whole life, streams `Piece`s of detokenised text
-(stop strings applied where the text is known), and records the request's metrics at the end. The API
-layer never touches tensors; the engine never sees text.
+(stop strings applied where the text is known, after `min_tokens`), and records the request's metrics at
+the end. `start_all` submits several sequences (a request's choices or prompts) all or none, so they share
+the engine's batch; `merged` interleaves their pieces as they come. The API layer never touches tensors;
+the engine never sees text.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Optional, Sequence, TypeVar
 
 from service.engine import Engine, FinishReason, GenerationRequest, SamplingParams
 from service.engine.engine import QueueFullError
@@ -21,6 +23,7 @@ from service.model.tokenizer import IncrementalDecoder, Tokenizer
 from service.registry import AdapterRegistry
 from service.registry_errors import GenerationFailed, Invalid, Unavailable
 
+T = TypeVar("T")
 
 # The finish reason a client sees: "cancelled" only reaches one still listening, i.e. requests the server
 # stopped itself (a shutdown past its deadline).
@@ -34,7 +37,7 @@ class Piece:
     logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     error: Optional[str] = None               # with finish_reason "error": what went wrong (this request only)
-
+    top_logprobs: Optional[list[tuple[int, float]]] = None
 
 @dataclass
 class Completion:
@@ -44,6 +47,16 @@ class Completion:
     finish_reason: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Optional[float]] = field(default_factory=list)
+    top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
+
+
+@dataclass
+class TextOptions:
+    """How generated ids become text: stop strings, and vLLM's `include_stop_str_in_output` and
+    `skip_special_tokens`."""
+    stop: Sequence[str] = ()
+    include_stop: bool = False
+    skip_special_tokens: bool = True
 
 
 class TextGenerator:
@@ -60,12 +73,9 @@ class TextGenerator:
             raise Invalid(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", status=400)
         return ids
 
-    async def start(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
-                    stop: Sequence[str] = ()) -> AsyncIterator[Piece]:
-        """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
-        limits, full queue or no free device slot: 429) raises here, before a streaming response has
-        started. Returns the pieces."""
-        lease, arrival = None, time.monotonic()
+    async def _submit(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams):
+        """Lease the adapter and submit the request: (lease, request, its events). Every refusal raises here."""
+        lease = None
         try:
             try:
                 lease = await self.registry.acquire(adapter) if adapter else None
@@ -78,30 +88,59 @@ class TextGenerator:
                 self.engine.validate(request)
             except ValueError as exc:
                 raise Invalid(str(exc), status=400) from exc
-            events = self.engine.open_stream(request)
+            return lease, request, self.engine.open_stream(request)
         except BaseException:
             if lease is not None:
                 self.registry.release(lease)
             self.metrics.request_rejected(adapter, "rejected")
             raise
-        return self._pieces(events, lease, adapter, len(prompt_ids), stop, arrival)
 
-    async def _pieces(self, events, lease, adapter: Optional[str], prompt_tokens: int, stop: Sequence[str],
-                      arrival: float) -> AsyncIterator[Piece]:
+    async def start(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
+                    stop: Sequence[str] = (), options: Optional[TextOptions] = None) -> AsyncIterator[Piece]:
+        """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
+        limits, full queue or no free device slot: 429) raises here, before a streaming response has
+        started. Returns the pieces."""
+        arrival = time.monotonic()
+        lease, request, events = await self._submit(prompt_ids, adapter, params)
+        return self._pieces(events, lease, adapter, prompt_ids, params, options or TextOptions(stop), arrival)
+
+    async def start_all(self, jobs: Sequence[tuple[list[int], Optional[str], SamplingParams]],
+                        options: TextOptions) -> list[AsyncIterator[Piece]]:
+        """Submit every (prompt ids, adapter, params) job or none: if one is refused, those already
+        submitted are cancelled and their leases released before the refusal propagates."""
+        arrival, submitted, streams = time.monotonic(), [], []
+        try:
+            for ids, adapter, params in jobs:
+                lease, request, events = await self._submit(ids, adapter, params)
+                submitted.append((lease, request, adapter))
+                streams.append(self._pieces(events, lease, adapter, ids, params, options, arrival))
+        except BaseException:
+            for lease, request, adapter in submitted:     # their piece generators never started
+                self.engine.cancel(request.request_id)
+                if lease is not None:
+                    self.registry.release(lease)
+                self.metrics.request_rejected(adapter, "rejected")
+            raise
+        return streams
+
+    async def _pieces(self, events, lease, adapter: Optional[str], prompt_ids: list[int], params: SamplingParams,
+                      options: TextOptions, arrival: float) -> AsyncIterator[Piece]:
         times: list[float] = []
         outcome = "error"
-        decoder = IncrementalDecoder(self.tokenizer)
-        matcher = StopStringMatcher(stop)
+        decoder = IncrementalDecoder(self.tokenizer, options.skip_special_tokens)
+        matcher = StopStringMatcher(options.stop, options.include_stop)
         try:
             async for event in events:
                 if event.token_id is not None:
                     times.append(time.monotonic())
-                    text, stopped = matcher.feed(decoder.push(event.token_id))
+                    text = decoder.push(event.token_id)
+                    # vLLM: no stop string ends a sequence before min_tokens
+                    text, stopped = matcher.feed(text) if len(times) > params.min_tokens else (text, False)
                     if stopped:
                         outcome = "success"
-                        yield Piece(text, event.token_id, event.logprob, "stop")
+                        yield Piece(text, event.token_id, event.logprob, "stop", top_logprobs=event.top_logprobs)
                         return
-                    yield Piece(text, event.token_id, event.logprob)
+                    yield Piece(text, event.token_id, event.logprob, top_logprobs=event.top_logprobs)
                 if event.finish_reason is not None:
                     if event.finish_reason == FinishReason.ERROR:    # this request alone failed in the engine:
                         message = f"generation failed: {event.error or 'engine error'}"   # streams end normally
@@ -120,18 +159,72 @@ class TextGenerator:
             await events.aclose()             # cancels the request in the engine if it is still running
             if lease is not None:
                 self.registry.release(lease)
-            self.metrics.request_finished(adapter, outcome, prompt_tokens, times, arrival, time.monotonic())
+            self.metrics.request_finished(adapter, outcome, len(prompt_ids), times, arrival, time.monotonic())
 
     async def complete(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
-                       stop: list[str] = ()) -> Completion:
-        text, ids, logprobs, reason = [], [], [], "stop"
-        async for piece in await self.start(prompt_ids, adapter, params, stop):
+                       stop: Sequence[str] = (), options: Optional[TextOptions] = None) -> Completion:
+        return await collect(await self.start(prompt_ids, adapter, params, stop, options), len(prompt_ids))
+
+
+async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completion:
+    """A whole completion from its pieces (GenerationFailed if the engine failed it)."""
+    text, ids, logprobs, tops, reason = [], [], [], [], "stop"
+    try:
+        async for piece in pieces:
             text.append(piece.text)
             if piece.token_id is not None:
                 ids.append(piece.token_id)
                 logprobs.append(piece.logprob)
+                tops.append(piece.top_logprobs)
             if piece.finish_reason == "error":
                 raise GenerationFailed(piece.error or "generation failed")
             if piece.finish_reason:
                 reason = piece.finish_reason
-        return Completion("".join(text), len(prompt_ids), len(ids), reason, ids, logprobs)
+    finally:
+        await pieces.aclose()
+    return Completion("".join(text), prompt_tokens, len(ids), reason, ids, logprobs, tops)
+
+
+async def gather_all(works: Sequence[Awaitable[T]]) -> list[T]:
+    """Every result, or the first failure with the others cancelled (their engine requests and leases freed)."""
+    tasks = [asyncio.ensure_future(work) for work in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def merged(streams: Sequence[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(stream index, piece) from every stream as the pieces come; closing this closes them all."""
+    if len(streams) == 1:
+        try:
+            async for piece in streams[0]:
+                yield 0, piece
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                await queue.put((index, piece))
+        finally:
+            await stream.aclose()
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, piece = await queue.get()
+            if piece is None:
+                remaining -= 1
+            else:
+                yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -315,6 +315,7 @@ class AdapterRegistry:
             record = AdapterRecord(
                 name=name, kind=summary.kind if summary else "unknown", rank=summary.rank if summary else None,
                 alpha=summary.alpha if summary else None, targets=summary.targets if summary else [],
+                virtual_tokens=summary.virtual_tokens if summary else None,
                 size=int(meta.get("size") or 0), sha256=str(meta.get("sha256") or ""),
                 source=dict(meta.get("source") or {}), created_at=_time(meta.get("created_at")),
                 served=bool(meta.get("served", True)) and error is None, pinned=bool(meta.get("pinned", False)),

@@ -1,92 +1,38 @@
 """OpenAI-compatible inference: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (with `stream`).
 
-`model` is the base model's id or an adapter's name, as in vLLM. Streaming answers are server-sent events
-ending with `data: [DONE]`; if the client goes away, streaming or not, the request is cancelled and its batch
-slot freed at the next engine step.
+`model` is the base model's id or an adapter's name, as in vLLM. Each choice (`n`, `best_of`) and each prompt
+of a completions list is its own sequence in the engine's batch, submitted all or none; choice `i` of a
+request with `seed` uses `seed + i`. Choices are indexed as OpenAI does (prompt `p`, choice `j`: `p * n + j`);
+`best_of` keeps the `n` sequences of highest mean log-probability per token. Streaming answers are server-sent
+events ending with `data: [DONE]` (with `stream_options.include_usage`, a last chunk with empty `choices`
+carries the usage); if the client goes away, streaming or not, every sequence is cancelled and its batch slot
+freed at the next engine step. Request bodies and their checks are in `openai_requests.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
-from typing import Optional, Union
+from typing import Optional
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 
-from service.engine import SamplingParams
-from service.model.stop_strings import check_stops
+from service.generation import TextOptions, gather_all, merged
+from service.model.chat_template import uses_variable
 
 from .deps import InferenceCaller, State, StateDep
 from .disconnect import cancel_on_disconnect
 from .errors import MAX_SHOWN, shown
+from .logprobs import TokenText
+from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Common, check_chat, check_completion,
+                              choice_seed, content_text, sampling_params)
 from .prompts import encode_chat, encode_prompt
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
-
-
-class _Common(BaseModel):
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    # NaN and infinities are refused as "not a finite number" (JSON parsers here accept NaN / Infinity)
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0)
-    seed: Optional[int] = Field(None, ge=-2**63, lt=2**64)     # what torch.Generator.manual_seed takes
-    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    stop: Optional[Union[str, list[str]]] = Field(None, description="at most 16 strings of 256 characters")
-    stream: bool = False
-    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past end-of-sequence tokens")
-    # One choice per request: asking for more is refused (422 naming the field) rather than ignored.
-    n: int = Field(1, ge=1, le=1, description="number of choices; only 1 is supported")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        return check_stops(value)
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return False
-
-
-class CompletionRequest(_Common):
-    prompt: Union[str, list[StrictInt]]              # strict: `[true, false]` is not a list of token ids
-    max_tokens: Optional[int] = Field(16, ge=1)
-    best_of: Optional[int] = Field(None, ge=1, le=1, description="only 1 (or null) is supported")
-    # OpenAI's completions: an integer 0..5 (the sampled token's logprob is always returned)
-    logprobs: Optional[int] = Field(None, ge=0, le=5, strict=True)
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not None
-
-
-class Message(BaseModel):
-    role: str
-    # null only where OpenAI allows it (an assistant turn that called tools); it renders as ""
-    content: Optional[str] = ""
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, value: Optional[str], info) -> Optional[str]:
-        if value is None and info.data.get("role") != "assistant":
-            raise ValueError("content may be null only in an assistant message")
-        return value
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[StrictBool] = None            # OpenAI's chat: a boolean
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return bool(self.logprobs)
 
 
 def resolve_adapter(state: State, caller, model: str) -> Optional[str]:
@@ -99,19 +45,22 @@ def resolve_adapter(state: State, caller, model: str) -> Optional[str]:
     return model
 
 
-def sampling(state: State, req: _Common, max_tokens: Optional[int]) -> SamplingParams:
+def max_tokens(state: State, requested: Optional[int], field: str = "max_tokens") -> int:
     s = state.settings
-    n = max_tokens or s.default_max_tokens
+    n = requested or s.default_max_tokens
     if n > s.max_tokens_limit:
-        raise HTTPException(400, f"max_tokens {n} exceeds the limit of {s.max_tokens_limit}")
-    return SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                          seed=req.seed, presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty, logprobs=req.wants_logprobs,
-                          ignore_eos=req.ignore_eos)
+        raise HTTPException(400, f"{field} {n} exceeds the limit of {s.max_tokens_limit}")
+    return n
 
 
-def stops(req: _Common) -> list[str]:
-    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+def text_options(req: _Common) -> TextOptions:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return TextOptions(stops, req.include_stop_str_in_output, req.skip_special_tokens)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(chunks) -> StreamingResponse:
@@ -120,6 +69,13 @@ def sse(chunks) -> StreamingResponse:
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def best(outs: list, n: int) -> list:
+    """The `n` completions of highest mean log-probability per token (all of them when there are `n`)."""
+    if len(outs) == n:
+        return outs
+    return sorted(outs, key=lambda o: -sum(o.logprobs) / max(len(o.logprobs), 1))[:n]
 
 
 @router.get("/v1/models")
@@ -136,52 +92,102 @@ def list_models(state: StateDep, caller: InferenceCaller):
 
 @router.post("/v1/completions", responses=SSE)
 async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller, request: Request):
+    check_completion(req)
     adapter = resolve_adapter(state, caller, req.model)
-    params = sampling(state, req, req.max_tokens)
-    ids = await encode_prompt(state, req.prompt)
+    prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+        else [req.prompt]
+    n, best_of = req.n, req.best_of or req.n
+    if len(prompts) * best_of > MAX_SEQUENCES:
+        raise HTTPException(400, f"prompt: {len(prompts)} prompts x {best_of} choices is over {MAX_SEQUENCES} "
+                                 "sequences per request")
+    params = sampling_params(req, max_tokens(state, req.max_tokens), req.logprobs is not None or best_of > n,
+                             req.logprobs or 0)
+    ids = [await encode_prompt(state, p, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
+           for i, p in enumerate(prompts)]
+    tokenizer = state.loaded.tokenizer
+    echoes = [(p if isinstance(p, str) else tokenizer.decode(p, False)) if req.echo else "" for p in prompts]
+    jobs = [(prompt_ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
+            for prompt_ids in ids for j in range(best_of)]
+    prompt_tokens, options, tokens = sum(len(i) for i in ids), text_options(req), TokenText(tokenizer)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
-        pieces = await state.generator.start(ids, adapter, params, stops(req))
+        streams = await state.generator.start_all(jobs, options)
 
         async def chunks():
-            async for piece in pieces:
-                yield {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                       "choices": [{"index": 0, "text": piece.text, "logprobs": None,
-                                    "finish_reason": piece.finish_reason}]}
+            offsets, generated = [len(echoes[k // n]) for k in range(len(jobs))], 0
+            started = set()
+            async for k, piece in merged(streams):
+                text = piece.text if k in started else echoes[k // n] + piece.text
+                started.add(k)
+                logprobs = None
+                if req.logprobs is not None and piece.token_id is not None:
+                    logprobs = tokens.completion([piece.token_id], [piece.logprob], [piece.top_logprobs], offsets[k])
+                    offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                generated += piece.token_id is not None
+                yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
+                                            "finish_reason": piece.finish_reason}],
+                       **({"usage": None} if req.include_usage else {})}
+            if req.include_usage:
+                yield {**head, "choices": [], "usage": usage(prompt_tokens, generated)}
         return sse(chunks())
-    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, stops(req)))
-    if isinstance(out, Response):
-        return out
-    logprobs = {"tokens": [state.loaded.tokenizer.decode([t], False) for t in out.token_ids],
-                "token_logprobs": out.logprobs} if req.wants_logprobs else None
-    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}],
-            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                      "total_tokens": out.prompt_tokens + out.completion_tokens}}
+    outs = await cancel_on_disconnect(request, gather_all(
+        [state.generator.complete(prompt_ids, a, p, options=options) for prompt_ids, a, p in jobs]))
+    if isinstance(outs, Response):
+        return outs
+    choices = []
+    for p in range(len(prompts)):
+        for j, out in enumerate(best(outs[p * best_of:(p + 1) * best_of], n)):
+            logprobs = (tokens.completion(out.token_ids, out.logprobs, out.top_logprobs, len(echoes[p]))
+                        if req.logprobs is not None else None)
+            choices.append({"index": p * n + j, "text": echoes[p] + out.text, "logprobs": logprobs,
+                            "finish_reason": out.finish_reason})
+    return {**head, "choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs))}
 
 
 @router.post("/v1/chat/completions", responses=SSE)
 async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller, request: Request):
+    check_chat(req)
     adapter = resolve_adapter(state, caller, req.model)
-    params = sampling(state, req, req.max_completion_tokens or req.max_tokens)
-    ids = await encode_chat(state, [{**m.model_dump(), "content": m.content or ""} for m in req.messages])
+    field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    params = sampling_params(req, max_tokens(state, req.max_completion_tokens or req.max_tokens, field),
+                             bool(req.logprobs), req.top_logprobs or 0)
+    if req.tools and not uses_variable(state.loaded.chat_template, "tools"):
+        raise HTTPException(400, "tools: this model's chat template does not support tools")
+    messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
+                for i, m in enumerate(req.messages)]
+    ids = await encode_chat(state, messages, tools=req.tools if req.tool_choice != "none" else None,
+                            add_generation_prompt=req.add_generation_prompt)
+    jobs = [(ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
+            for j in range(req.n)]
+    options, tokens = text_options(req), TokenText(state.loaded.tokenizer)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    extra = {"usage": None} if req.include_usage else {}
     if req.stream:
-        pieces = await state.generator.start(ids, adapter, params, stops(req))
+        streams = await state.generator.start_all(jobs, options)
 
         async def chunks():
-            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-            async for piece in pieces:
-                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                       "choices": [{"index": 0, "delta": {"content": piece.text} if piece.text else {},
-                                    "finish_reason": piece.finish_reason}]}
+            for k in range(req.n):
+                yield {**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], **extra}
+            generated = 0
+            async for k, piece in merged(streams):
+                logprobs = None
+                if req.logprobs and piece.token_id is not None:
+                    logprobs = tokens.chat([piece.token_id], [piece.logprob], [piece.top_logprobs])
+                generated += piece.token_id is not None
+                yield {**head, "choices": [{"index": k, "delta": {"content": piece.text} if piece.text else {},
+                                            "logprobs": logprobs, "finish_reason": piece.finish_reason}], **extra}
+            if req.include_usage:
+                yield {**head, "choices": [], "usage": usage(len(ids), generated)}
         return sse(chunks())
-    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, stops(req)))
-    if isinstance(out, Response):
-        return out
-    return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "finish_reason": out.finish_reason}],
-            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                      "total_tokens": out.prompt_tokens + out.completion_tokens}}
+    outs = await cancel_on_disconnect(request, gather_all(
+        [state.generator.complete(prompt_ids, a, p, options=options) for prompt_ids, a, p in jobs]))
+    if isinstance(outs, Response):
+        return outs
+    choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
+                "logprobs": tokens.chat(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None,
+                "finish_reason": out.finish_reason} for k, out in enumerate(outs)]
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": usage(len(ids), sum(o.completion_tokens for o in outs))}

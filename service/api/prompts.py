@@ -13,7 +13,8 @@ contents together, before the template renders them. Rendering and tokenising th
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+import json
+from typing import Any, Optional, Sequence
 
 from fastapi import HTTPException
 
@@ -55,8 +56,10 @@ async def encode_prompt(state, prompt: str | list[int], field: str = "prompt") -
     return await asyncio.to_thread(state.generator.encode, prompt)
 
 
-async def encode_chat(state, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """Token ids of the chat template rendered over `messages` (OpenAI-style dicts)."""
+async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
+                      add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the chat template rendered over `messages` (OpenAI-style dicts) and `tools` (JSON-schema
+    dicts, counted against the size limit with the messages)."""
     loaded = state.loaded
     if not loaded.chat_template:
         raise HTTPException(400, "the base model has no chat template; use /v1/completions")
@@ -67,10 +70,12 @@ async def encode_chat(state, messages: Sequence[dict[str, Any]]) -> list[int]:
                 total += len(value) if len(value) > limit else text_bytes(value, f"messages[{i}].{key}")
         if total > limit:
             _check_size(state, total, "messages")
+    if tools:
+        _check_size(state, total + len(json.dumps(tools)), "messages and tools")
 
     def render_and_encode() -> list[int]:
-        text = render_chat(loaded.chat_template, list(messages), add_generation_prompt=True,
-                           **loaded.tokenizer.special_tokens)
+        text = render_chat(loaded.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
+                           tools=tools, **loaded.tokenizer.special_tokens)
         _check_size(state, text_bytes(text, "the rendered chat"), "the rendered chat")
         return state.generator.encode(text, add_special_tokens=False)
     return await asyncio.to_thread(render_and_encode)

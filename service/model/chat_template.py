@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -52,6 +53,16 @@ def render_chat(template: Optional[str], messages: list[dict[str, Any]], add_gen
                                          **variables)
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"chat template error: {exc}") from exc
+
+
+def uses_variable(template: Optional[str], name: str) -> bool:
+    """Whether `template` reads the variable `name` (e.g. `tools`: the template can show tools to the model)."""
+    if not template:
+        return False
+    try:
+        return name in jinja2.meta.find_undeclared_variables(_compile(template).environment.parse(template))
+    except jinja2.TemplateError:
+        return False
 
 
 def _raise_exception(message: str) -> None:

@@ -2,7 +2,8 @@
 
 `StopStringMatcher.feed(piece)` returns the text that is safe to emit now and whether a stop string was
 hit. Text that could still be the start of a stop string is held back until it either completes one
-(generation stops and the stop string is not emitted, as in OpenAI's API) or can no longer match.
+(generation stops and the stop string is not emitted, as in OpenAI's API; with `include`, vLLM's
+`include_stop_str_in_output`, the text ends with it) or can no longer match.
 
 A request may name at most `MAX_STOP_STRINGS` (16) stop strings of at most `MAX_STOP_CHARS` (256)
 characters each (`check_stops`, used by the request models: 422 naming `stop`). OpenAI allows 4; vLLM sets
@@ -31,8 +32,9 @@ def check_stops(stop: Optional[Union[str, list[str]]]) -> Optional[Union[str, li
 
 
 class StopStringMatcher:
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include: bool = False):
         self.stops = [s for s in stops if s]
+        self.include = include
         self._held = ""
         self.stopped = False
 
@@ -41,10 +43,11 @@ class StopStringMatcher:
         if self.stopped:
             return "", True
         text = self._held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self._held = True, ""
-            return text[:min(hits)], True
+            start, length = min(hits)
+            return text[:start + length if self.include else start], True
         keep = max((self._partial(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False

@@ -106,7 +106,7 @@ CASES = {
     "duplicate name": (files(name="existing"), 409, ["'existing'", "already exists"]),
     "config not JSON": (files(config=b"{not json"), 400, ["adapter_config.json", "not valid JSON"]),
     "config not an object": (files(config=b"[1, 2]"), 422, ["JSON object"]),
-    "unknown peft_type": (files(config=_config(peft_type="PREFIX_TUNING")), 422, ["PREFIX_TUNING", "not supported"]),
+    "unknown peft_type": (files(config=_config(peft_type="LOHA")), 422, ["LOHA", "not supported"]),
     "unsupported feature": (files(config=_config(layer_replication=[[0, 1]])), 422, ["layer_replication"]),
     "rank too high": (files(config=_config(r=128)), 422, ["rank 128", "max_lora_rank=64"]),
     "rank_pattern too high": (files(config=_config(rank_pattern={"v_proj": 96})), 422, ["rank 96"]),

@@ -1,0 +1,70 @@
+"""Log-probabilities in OpenAI's two response shapes, from the ids and log-probabilities the engine reports.
+
+Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}],
+"refusal": null}`. Completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}],
+"text_offset"}`, where a position's `top_logprobs` holds the sampled token and the `logprobs` most likely
+ones, and `text_offset` is where each token's text starts (vLLM's running sum of the token strings' lengths).
+A token's text is its own decoding (a piece of a UTF-8 character shows as U+FFFD); `bytes` are its exact
+bytes for byte-level BPE vocabularies. Log-probabilities of -inf become -9999.0, as vLLM writes them, since
+JSON has no infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional, Sequence
+
+from service.model.tokenizer import Tokenizer, bytes_to_unicode
+
+FLOOR = -9999.0
+Top = Optional[Sequence[tuple[int, float]]]
+
+
+@lru_cache(maxsize=1)
+def _byte_of() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def finite(logprob: Optional[float]) -> Optional[float]:
+    return None if logprob is None else (max(logprob, FLOOR) if not math.isnan(logprob) else FLOOR)
+
+
+class TokenText:
+    """Text and bytes of single tokens for one tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def bytes(self, token_id: int) -> list[int]:
+        piece, table = self.tokenizer.id_to_token(token_id), _byte_of()
+        if piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(self.text(token_id).encode("utf-8"))
+
+    def chat_entry(self, token_id: int, logprob: Optional[float], top: Top) -> dict:
+        return {"token": self.text(token_id), "logprob": finite(logprob), "bytes": self.bytes(token_id),
+                "top_logprobs": [{"token": self.text(t), "logprob": finite(lp), "bytes": self.bytes(t)}
+                                 for t, lp in (top or ())]}
+
+    def chat(self, ids: Sequence[int], logprobs: Sequence[Optional[float]], tops: Sequence[Top]) -> dict:
+        return {"content": [self.chat_entry(t, lp, top) for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
+
+    def completion(self, ids: Sequence[int], logprobs: Sequence[Optional[float]], tops: Sequence[Top],
+                   offset: int = 0) -> dict:
+        """The completions shape for `ids`, the first starting at character `offset` of the choice's text."""
+        tokens, offsets, top_dicts = [], [], []
+        for t, lp, top in zip(ids, logprobs, tops):
+            text = self.text(t)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            entry = {text: finite(lp)}
+            for other, other_lp in top or ():
+                entry.setdefault(self.text(other), finite(other_lp))
+            top_dicts.append(entry)
+        return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs[:len(tokens)]],
+                "top_logprobs": top_dicts, "text_offset": offsets}
