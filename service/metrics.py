@@ -5,13 +5,22 @@ their own name as label value, every later one is counted under `"other"`, and t
 `"__base__"`, so a thousand adapters never become a thousand series per metric. (A label, once given, is
 never taken back: re-ranking by traffic would create new series forever.) The registry calls the
 `adapter_*` hooks; the API layer calls `request_*`; the engine's step listener feeds batch metrics.
+Beside them, the gauges of the Kubernetes Gateway API Inference Extension's model-server protocol under
+vLLM's names (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+`vllm:lora_requests_info`), fed by the same engine steps and registry events and also kept in
+`gateway_registry` alone, which `/metrics/gateway` serves to the endpoint picker.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any, Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from service.adapter_record import DEVICE
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "other"
@@ -37,6 +46,37 @@ class AdapterLabels:
                 self._given.add(name)
                 return name
         return OTHER_LABEL
+
+
+class LoraRequestsInfo:
+    """`vllm:lora_requests_info`, what the endpoint picker routes adapters by: one series whose labels are
+    `max_lora` (device slots), `running_lora_adapters` (the adapters resident on the device tier, idle ones
+    included, so affinity routing sees every adapter a replica can serve without a load) and
+    `waiting_lora_adapters` (adapters that requests wait on while they load), comma-separated as vLLM writes
+    them; its value is the unix time of the last update. The one series is replaced whole at each update (the
+    picker reads the newest), so old label sets never pile up and a scrape never sees half an update."""
+
+    NAME = "vllm:lora_requests_info"
+    LABELS = ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
+
+    def __init__(self):
+        self._values: tuple[str, str, str] = ("0", "", "")
+        self._time = time.time()
+
+    def set(self, max_lora: int, running: Iterable[str], waiting: Iterable[str]) -> None:
+        self._values, self._time = (str(max_lora), ",".join(running), ",".join(waiting)), time.time()
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.NAME, "LoRA adapters running (resident on the device) and waiting to load; "
+                                 "value: unix time of the last update", labels=self.LABELS)
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        family = self._family()
+        family.add_metric(list(self._values), self._time)
+        yield family
 
 
 class Metrics:
@@ -71,19 +111,52 @@ class Metrics:
                                  ["from_tier"], registry=r)
         self.uploads = Counter("adapter_serve_adapter_uploads", "Adapters registered", registry=r)
         self.deletes = Counter("adapter_serve_adapter_deletes", "Adapters deleted", registry=r)
+        # The Gateway API Inference Extension's model-server protocol, with vLLM's names and meanings.
+        g = self.gateway_registry = CollectorRegistry()
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests queued for a batch slot", registry=None)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the running batch", registry=None)
+        self.vllm_kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", registry=None)
+        self.lora_info = LoraRequestsInfo()
+        for collector in (self.vllm_waiting, self.vllm_running, self.vllm_kv_cache, self.lora_info):
+            r.register(collector)
+            g.register(collector)
+        self._max_lora = 0
+        self._records: Optional[Callable[[], Iterable[Any]]] = None
 
     # ----- registry hooks (AdapterRegistry(events=metrics)) -------------------------------------------------
+    def watch_adapters(self, max_lora: int, records: Callable[[], Iterable[Any]]) -> None:
+        """Where `vllm:lora_requests_info` comes from: the device slots and a callable listing the registry's
+        records (`AdapterRegistry.list`). Call `refresh_adapters` on the registry's event loop only."""
+        self._max_lora, self._records = max_lora, records
+        self.refresh_adapters()
+
+    def refresh_adapters(self) -> None:
+        """Recompute `vllm:lora_requests_info`: resident adapters run, adapters with leases not yet on the
+        device wait (their requests wait for the load)."""
+        if self._records is None:
+            return
+        running, waiting = [], []
+        for record in self._records():
+            if record.tier == DEVICE:
+                running.append(record.name)
+            elif record.in_use:
+                waiting.append(record.name)
+        self.lora_info.set(self._max_lora, running, waiting)
+
     def adapter_loaded(self, name: str, seconds: float, from_tier: str) -> None:
         self.adapter_load.labels(from_tier).observe(seconds)
+        self.refresh_adapters()
 
     def adapter_evicted(self, name: str, from_tier: str) -> None:
         self.evictions.labels(from_tier).inc()
+        self.refresh_adapters()
 
     def adapter_uploaded(self, name: str) -> None:
         self.uploads.inc()
 
     def adapter_deleted(self, name: str) -> None:
         self.deletes.inc()
+        self.refresh_adapters()
 
     def adapter_load_failed(self, name: str) -> None:
         self.adapter_load_failures.inc()
@@ -99,9 +172,10 @@ class Metrics:
         if sequences:
             self.batch_size.observe(sequences)
             self.batch_tokens.inc(tokens)
-        self.running.set(running)
-        self.waiting.set(waiting)
-        self.kv_cache_usage.set(cache_usage)
+        for gauge, value in ((self.running, running), (self.waiting, waiting), (self.kv_cache_usage, cache_usage),
+                             (self.vllm_running, running), (self.vllm_waiting, waiting),
+                             (self.vllm_kv_cache, cache_usage)):
+            gauge.set(value)
 
     def request_finished(self, adapter: str | None, outcome: str, prompt_tokens: int, token_times: list[float],
                          arrival: float, end: float) -> None:

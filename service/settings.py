@@ -108,6 +108,9 @@ class Settings(BaseSettings):
 
     # metrics
     metrics_max_adapter_labels: int = 20       # busiest N adapters get their own label; the rest are "other"
+    # `/metrics/gateway` (the vllm:* gauges the Gateway API Inference Extension's endpoint picker scrapes, and
+    # it sends no key) needs no key; false: it needs what /metrics needs
+    gateway_metrics_open: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

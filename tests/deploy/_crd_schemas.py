@@ -1,8 +1,9 @@
-"""JSON Schemas for the two Prometheus Operator objects (monitoring.coreos.com/v1) that the Kubernetes
-schemas cannot check, because they are custom resources. Written from the fields the operator's API
-reference documents for PodMonitor and PrometheusRule, strict (unknown fields refused) at the levels we
-use; nested objects we do not use (TLS, auth, relabelings) are only type-checked. This checks structure and
-field names, not what the operator would do with them."""
+"""JSON Schemas for the custom resources the Kubernetes schemas cannot check: the two Prometheus Operator
+objects (monitoring.coreos.com/v1), the Gateway API Inference Extension's InferencePool and the Gateway
+API's HTTPRoute. Each is written from the fields its API reference documents (for the extension, its
+Go types), strict (unknown fields refused) at the levels we use; nested objects we do not use (TLS, auth,
+relabelings, filters) are only type-checked. This checks structure and field names, not what the operator
+or the gateway would do with them."""
 from __future__ import annotations
 
 DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
@@ -85,5 +86,81 @@ PROMETHEUS_RULE = _resource("PrometheusRule", {
                        "limit": {"type": "integer"}, "partial_response_strategy": {"type": "string"},
                        "labels": _STRING_MAP, "rules": {"type": "array", "items": _RULE}},
         "additionalProperties": False}}},
+    "additionalProperties": False,
+})
+
+# Gateway API Inference Extension (inference.networking.k8s.io/v1, api/v1/inferencepool_types.go) and the
+# Gateway API's HTTPRoute (gateway.networking.k8s.io/v1), at the fields their references document.
+_NAME = {"type": "string", "minLength": 1, "maxLength": 253}
+_PORT_NUMBER = {"type": "integer", "minimum": 1, "maximum": 65535}
+_GROUP = {"type": "string", "maxLength": 253, "pattern": r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
+_KIND = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"}
+_LABEL_VALUE = {"type": "string", "maxLength": 63, "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}
+
+
+def _object(api_version: str, kind: str, spec: dict) -> dict:
+    return {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _METADATA,
+                       "spec": spec},
+        "additionalProperties": False,
+    }
+
+
+INFERENCE_POOL = _object("inference.networking.k8s.io/v1", "InferencePool", {
+    "type": "object", "required": ["selector", "targetPorts", "endpointPickerRef"],
+    "properties": {
+        "selector": {"type": "object", "required": ["matchLabels"],
+                     "properties": {"matchLabels": {"type": "object", "minProperties": 1, "maxProperties": 64,
+                                                    "additionalProperties": _LABEL_VALUE}},
+                     "additionalProperties": False},
+        "targetPorts": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["number"], "properties": {"number": _PORT_NUMBER},
+            "additionalProperties": False}},
+        "endpointPickerRef": {
+            "type": "object", "required": ["name"],
+            "properties": {"group": _GROUP, "kind": _KIND, "name": _NAME,
+                           "port": {"type": "object", "required": ["number"], "properties": {"number": _PORT_NUMBER},
+                                    "additionalProperties": False},
+                           "failureMode": {"enum": ["FailOpen", "FailClose"]}},
+            # the CRD's rule: "port is required when kind is 'Service'" (the default kind)
+            "if": {"not": {"required": ["kind"]}}, "then": {"required": ["port"]},
+            "else": {"if": {"properties": {"kind": {"const": "Service"}}}, "then": {"required": ["port"]}},
+            "additionalProperties": False},
+    },
+    "additionalProperties": False,
+})
+
+_PARENT_REF = {"type": "object", "required": ["name"],
+               "properties": {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": {"type": "string"},
+                              "sectionName": {"type": "string"}, "port": _PORT_NUMBER},
+               "additionalProperties": False}
+_BACKEND_REF = {"type": "object", "required": ["name"],
+                "properties": {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": {"type": "string"},
+                               "port": _PORT_NUMBER, "weight": {"type": "integer", "minimum": 0},
+                               "filters": {"type": "array"}},
+                "additionalProperties": False}
+_MATCH = {"type": "object", "properties": {
+    "path": {"type": "object", "properties": {"type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+                                              "value": {"type": "string", "pattern": "^/"}},
+             "additionalProperties": False},
+    "headers": {"type": "array"}, "queryParams": {"type": "array"}, "method": {"type": "string"}},
+    "additionalProperties": False}
+HTTP_ROUTE = _object("gateway.networking.k8s.io/v1", "HTTPRoute", {
+    "type": "object",
+    "properties": {
+        "parentRefs": {"type": "array", "maxItems": 32, "items": _PARENT_REF},
+        "hostnames": {"type": "array", "items": {"type": "string"}},
+        "rules": {"type": "array", "maxItems": 16, "items": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "matches": {"type": "array", "maxItems": 64, "items": _MATCH},
+                           "filters": {"type": "array"}, "backendRefs": {"type": "array", "items": _BACKEND_REF},
+                           "timeouts": {"type": "object",
+                                        "properties": {"request": {"type": "string", "pattern": DURATION},
+                                                       "backendRequest": {"type": "string", "pattern": DURATION}},
+                                        "additionalProperties": False},
+                           "retry": {"type": "object"}, "sessionPersistence": {"type": "object"}},
+            "additionalProperties": False}},
+    },
     "additionalProperties": False,
 })

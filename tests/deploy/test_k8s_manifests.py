@@ -17,9 +17,12 @@ from _deploy_files import ALERTS, K8S, PROMETHEUS_CONFIG, REPO, alert_rules, loa
 from service.settings import Settings
 
 K8S_VERSION = kubernetes_validate.latest_version()
-CRD_GROUP = "monitoring.coreos.com/"
+# custom resources, checked against tests/deploy/_crd_schemas.py instead
+CRD_GROUPS = ("monitoring.coreos.com/", "inference.networking.k8s.io/", "gateway.networking.k8s.io/")
 MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
 KUSTOMIZATIONS = sorted(K8S.rglob("kustomization.yaml"))
+GATEWAY_KINDS = ("InferencePool", "HTTPRoute", "Deployment", "Service", "ServiceAccount", "Role", "RoleBinding",
+                 "ClusterRole", "ClusterRoleBinding")
 
 
 def _objects() -> dict[str, dict]:
@@ -45,11 +48,12 @@ def _env(container: dict) -> dict[str, dict]:
 
 def test_the_manifests_cover_the_deployment():
     assert set(OBJECTS) == {"cpu/Deployment", "gpu/Deployment", "base/Service", "base/PersistentVolumeClaim",
-                            "base/Secret", "base/HorizontalPodAutoscaler", "monitoring/PodMonitor"}
+                            "base/Secret", "base/HorizontalPodAutoscaler", "monitoring/PodMonitor",
+                            *(f"gateway/{kind}" for kind in GATEWAY_KINDS)}
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if not any(
-    d["apiVersion"].startswith(CRD_GROUP) for d in load_yaml_docs(p))], ids=lambda p: str(p.relative_to(K8S)))
+    d["apiVersion"].startswith(CRD_GROUPS) for d in load_yaml_docs(p))], ids=lambda p: str(p.relative_to(K8S)))
 def test_manifest_validates_against_the_kubernetes_schemas(path):
     for doc in load_yaml_docs(path):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)     # raises ValidationError

@@ -1,6 +1,13 @@
-"""Metrics: per-adapter label values stay bounded however many adapters serve traffic."""
-from prometheus_client import generate_latest
+"""Metrics: per-adapter label values stay bounded however many adapters serve traffic; the Gateway API
+Inference Extension's gauges carry vLLM's names, and `vllm:lora_requests_info` is one series listing the
+adapters resident on the device as running."""
+import time
+from types import SimpleNamespace
 
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.adapter_record import DEVICE
 from service.metrics import BASE_LABEL, OTHER_LABEL, Metrics
 
 
@@ -17,3 +24,32 @@ def test_label_cardinality_is_bounded_with_200_adapters():
     other = [line for line in text.splitlines()
              if line.startswith(f'adapter_serve_requests_total{{adapter="{OTHER_LABEL}"')]
     assert other and float(other[0].split()[-1]) == 180.0
+
+
+def _families(registry) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+
+
+def test_gateway_gauges_have_vllm_names_and_one_lora_series():
+    m = Metrics()
+    records = [SimpleNamespace(name="a", tier=DEVICE, in_use=0), SimpleNamespace(name="b", tier=DEVICE, in_use=2),
+               SimpleNamespace(name="c", tier="cpu", in_use=1), SimpleNamespace(name="d", tier="stored", in_use=0)]
+    m.watch_adapters(4, lambda: records)
+    m.engine_step(3, 40, running=3, waiting=5, cache_usage=0.25)
+    gateway = _families(m.gateway_registry)
+    assert set(gateway) == {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                            "vllm:lora_requests_info"}
+    assert {name: gateway[name].samples[0].value for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                                                              "vllm:kv_cache_usage_perc")} == {
+        "vllm:num_requests_waiting": 5, "vllm:num_requests_running": 3, "vllm:kv_cache_usage_perc": 0.25}
+    (sample,) = gateway["vllm:lora_requests_info"].samples
+    # idle resident adapters are running (affinity routing must see them); a leased one not yet loaded waits
+    assert sample.labels == {"max_lora": "4", "running_lora_adapters": "a,b", "waiting_lora_adapters": "c"}
+    assert abs(sample.value - time.time()) < 60
+    records[2].tier = DEVICE                         # its load finished: the registry's event refreshes the series
+    m.adapter_loaded("c", 0.1, "cpu")
+    (sample,) = _families(m.gateway_registry)["vllm:lora_requests_info"].samples
+    assert sample.labels["running_lora_adapters"] == "a,b,c" and sample.labels["waiting_lora_adapters"] == ""
+    # the full registry has them too, beside our own families
+    everything = _families(m.registry)
+    assert set(gateway) <= set(everything) and "adapter_serve_requests_running" in everything
