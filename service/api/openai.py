@@ -6,7 +6,8 @@ request with `seed` uses `seed + i`. Choices are indexed as OpenAI does (prompt 
 `best_of` keeps the `n` sequences of highest mean log-probability per token. Streaming answers are server-sent
 events ending with `data: [DONE]` (with `stream_options.include_usage`, a last chunk with empty `choices`
 carries the usage); if the client goes away, streaming or not, every sequence is cancelled and its batch slot
-freed at the next engine step. Request bodies and their checks are in `openai_requests.py`.
+freed at the next engine step. Request bodies and their checks are in `openai_requests.py`; `tools` go to
+chat templates that read them, and calls come back parsed for the formats `tool_calls.py` knows.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .logprobs import TokenText
 from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Common, check_chat, check_completion,
                               choice_seed, content_text, sampling_params)
 from .prompts import encode_chat, encode_prompt
+from .tool_calls import parses_tool_calls, tool_calls
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
@@ -76,6 +78,17 @@ def best(outs: list, n: int) -> list:
     if len(outs) == n:
         return outs
     return sorted(outs, key=lambda o: -sum(o.logprobs) / max(len(o.logprobs), 1))[:n]
+
+
+def tool_call_message(text: str, reason: str, streaming: bool = False) -> tuple[dict, str]:
+    """(the message or last delta, the finish reason) of a choice whose tool calls are parsed."""
+    content, calls = tool_calls(text)
+    message = {} if streaming else {"role": "assistant"}
+    if content or not streaming:
+        message["content"] = content
+    if calls:
+        message["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)] if streaming else calls
+    return message, "tool_calls" if calls else reason
 
 
 @router.get("/v1/models")
@@ -161,6 +174,8 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     jobs = [(ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
             for j in range(req.n)]
     options, tokens = text_options(req), TokenText(state.loaded.tokenizer)
+    # tool calls come back parsed when the template's format is known (tool_calls.py); held to the end then
+    parse = bool(req.tools) and req.tool_choice != "none" and parses_tool_calls(state.loaded.chat_template)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     extra = {"usage": None} if req.include_usage else {}
@@ -171,14 +186,20 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
             for k in range(req.n):
                 yield {**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], **extra}
-            generated = 0
+            generated, held = 0, [""] * req.n
             async for k, piece in merged(streams):
                 logprobs = None
                 if req.logprobs and piece.token_id is not None:
                     logprobs = tokens.chat([piece.token_id], [piece.logprob], [piece.top_logprobs])
                 generated += piece.token_id is not None
-                yield {**head, "choices": [{"index": k, "delta": {"content": piece.text} if piece.text else {},
-                                            "logprobs": logprobs, "finish_reason": piece.finish_reason}], **extra}
+                delta, reason = {"content": piece.text} if piece.text else {}, piece.finish_reason
+                if parse:
+                    held[k] += piece.text
+                    delta = {}
+                    if reason is not None:
+                        delta, reason = tool_call_message(held[k], reason, streaming=True)
+                yield {**head, "choices": [{"index": k, "delta": delta, "logprobs": logprobs,
+                                            "finish_reason": reason}], **extra}
             if req.include_usage:
                 yield {**head, "choices": [], "usage": usage(len(ids), generated)}
         return sse(chunks())
@@ -186,8 +207,11 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
         [state.generator.complete(prompt_ids, a, p, options=options) for prompt_ids, a, p in jobs]))
     if isinstance(outs, Response):
         return outs
-    choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
-                "logprobs": tokens.chat(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None,
-                "finish_reason": out.finish_reason} for k, out in enumerate(outs)]
+    choices = []
+    for k, out in enumerate(outs):
+        message, reason = ({"role": "assistant", "content": out.text}, out.finish_reason) if not parse \
+            else tool_call_message(out.text, out.finish_reason)
+        choices.append({"index": k, "message": message, "finish_reason": reason,
+                        "logprobs": tokens.chat(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None})
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": usage(len(ids), sum(o.completion_tokens for o in outs))}

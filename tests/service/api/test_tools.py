@@ -1,0 +1,94 @@
+"""`tools` and `tool_choice` through a real server and the `openai` client: tools reach a chat template that
+reads them (and are refused, naming the field, by one that does not: test_openai_depth), and Hermes-format
+`<tool_call>` blocks come back as OpenAI `tool_calls`, streaming and not."""
+import dataclasses
+import json
+
+import openai
+import pytest
+
+from _server import LiveServer
+from service.api.tool_calls import tool_calls
+from service.app import create_app
+from service.generation import Completion, Piece
+from service.model import load_model
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call these functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}Call one as <tool_call>{"name": <name>, "arguments": <args>}</tool_call><|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+CALL = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_hermes_blocks_parse_into_openai_tool_calls():
+    content, calls = tool_calls(CALL)
+    assert content == "Checking." and len(calls) == 1
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
+    assert tool_calls('<tool_call>{"name": "f", "arguments": "{}"}</tool_call>')[0] is None
+    for text in ("no call here", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
+                 '<tool_call>{"name": "f"'):
+        assert tool_calls(text) == (text, [])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    loaded = dataclasses.replace(load_model(None), chat_template=TEMPLATE)
+    settings = Settings(adapter_dir=str(tmp_path_factory.mktemp("store")), dtype="float32", max_batch_size=4,
+                        max_seq_len=384, max_tokens_limit=32)
+    with LiveServer(create_app(settings, loaded)) as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_tools_reach_a_template_that_reads_them(client, server):
+    model = server.server.config.app.state.serving.model_id
+    plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=4, temperature=0)
+    tools = client.chat.completions.create(model=model, messages=ASK, max_tokens=4, temperature=0, tools=TOOLS)
+    none = client.chat.completions.create(model=model, messages=ASK, max_tokens=4, temperature=0, tools=TOOLS,
+                                          tool_choice="none")
+    assert tools.usage.prompt_tokens > plain.usage.prompt_tokens == none.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model=model, messages=ASK, max_tokens=4, tools=TOOLS, tool_choice="required")
+
+
+def test_tool_calls_come_back_parsed(client, server, monkeypatch):
+    state = server.server.config.app.state.serving
+
+    async def complete(ids, adapter, params, stop=(), options=None):
+        return Completion(CALL, len(ids), 20, "stop")
+
+    async def start_all(jobs, options):
+        async def pieces():
+            for part in (CALL[:20], CALL[20:]):
+                yield Piece(part, token_id=1)
+            yield Piece("", finish_reason="stop")
+        return [pieces() for _ in jobs]
+
+    monkeypatch.setattr(state.generator, "complete", complete)
+    monkeypatch.setattr(state.generator, "start_all", start_all)
+    out = client.chat.completions.create(model=state.model_id, messages=ASK, max_tokens=20, tools=TOOLS)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model=state.model_id, messages=ASK, max_tokens=20, tools=TOOLS,
+                                                 stream=True))
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "tool_calls" and last.delta.content == "Checking."
+    assert last.delta.tool_calls[0].function.name == "get_weather" and last.delta.tool_calls[0].index == 0
+    assert all(not c.choices[0].delta.content for c in chunks[:-1])
