@@ -135,7 +135,7 @@ class TextGenerator:
                     times.append(time.monotonic())
                     text = decoder.push(event.token_id)
                     # vLLM: no stop string ends a sequence before min_tokens
-                    text, stopped = matcher.feed(text) if len(times) > params.min_tokens else (text, False)
+                    text, stopped = matcher.feed(text) if len(times) >= params.min_tokens else (text, False)
                     if stopped:
                         outcome = "success"
                         yield Piece(text, event.token_id, event.logprob, "stop", top_logprobs=event.top_logprobs)

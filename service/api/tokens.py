@@ -25,7 +25,7 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[Message]] = Field(None, min_length=1)
-    add_special_tokens: bool = True
+    add_special_tokens: Optional[bool] = None     # prompt: default true; messages: the template places them
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
@@ -45,8 +45,11 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
     tokenizer = state.loaded.tokenizer
     if req.prompt is not None:
         _check_size(state, text_bytes(req.prompt, "prompt"), "prompt")
-        ids = await asyncio.to_thread(tokenizer.encode, req.prompt, req.add_special_tokens)
+        ids = await asyncio.to_thread(tokenizer.encode, req.prompt, req.add_special_tokens is not False)
     else:
+        if req.add_special_tokens:
+            raise HTTPException(400, "add_special_tokens: not supported with messages (the chat template "
+                                     "writes the special tokens)")
         messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
                     for i, m in enumerate(req.messages)]
         ids = await encode_chat(state, messages, add_generation_prompt=req.add_generation_prompt)

@@ -194,6 +194,7 @@ def test_vllm_sampling_extras(client, model, loaded):
     word = plain.text.strip().split()[0]
     assert complete(stop=[word], include_stop_str_in_output=True).text.endswith(word)
     assert word not in complete(stop=[word]).text
+    assert word in complete(stop=[word], min_tokens=8).text          # no stop string before min_tokens
     eos = loaded.tokenizer.eos_token
     special = client.completions.create(model=model, prompt=[first], max_tokens=3, temperature=0,
                                         logit_bias={str(loaded.tokenizer.eos_token_id): 100},
@@ -209,6 +210,8 @@ def test_tokenize_detokenize_version(server, loaded):
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 384 and len(body["token_strs"]) == body["count"]
     chat = httpx.post(f"{url}/tokenize", json={"messages": HELLO}).json()
     assert chat["count"] > body["count"] and chat["token_strs"] is None
+    r = httpx.post(f"{url}/tokenize", json={"messages": HELLO, "add_special_tokens": True})
+    assert r.status_code == 400 and "add_special_tokens" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/detokenize", json={"tokens": body["tokens"]})
     assert r.status_code == 200 and r.json() == {"prompt": loaded.tokenizer.decode(body["tokens"], False)}
     assert httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}).status_code == 400
