@@ -49,6 +49,10 @@ async def encode_prompt(state, prompt: str | list[int], field: str = "prompt") -
         if len(prompt) > state.settings.max_prompt_tokens:
             raise HTTPException(400, f"{field} has {len(prompt)} token ids; the limit is "
                                      f"{state.settings.max_prompt_tokens} (max_prompt_tokens)")
+        vocab = state.engine.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:        # checked here too: `echo` decodes the prompt before the engine sees it
+            raise HTTPException(400, f"{field}: token id {bad} is not in [0, {vocab})")
         return state.generator.encode(prompt)
     if len(prompt) > max_prompt_bytes(state):         # a character is at least a byte: no need to encode it
         _check_size(state, len(prompt), field)

@@ -234,6 +234,7 @@ def test_tokenize_detokenize_version(server, loaded):
     ("completions", {"logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("completions", {"min_tokens": 50, "max_tokens": 4}, 400, "min_tokens"),
     ("completions", {"n": 17}, 422, "n"),
+    ("completions", {"prompt": [[1, 2], [10**30]], "echo": True}, 400, "prompt[1]"),
     ("completions", {"prompt": ["a"] * 40, "n": 2}, 400, "prompt"),
     ("completions", {"stream_options": {"include_usage": True, "other": 1}, "stream": True}, 422, "other"),
 ])
