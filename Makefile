@@ -25,8 +25,12 @@ $(RUNTIME_STAMP): pyproject.toml Makefile
 	touch $@
 
 # The runtime plus the `test` extra (pytest, the peft / transformers oracle, the manifest validators).
+# Then TGI's and LoRAX's Python clients for the end-to-end tests: their metadata caps huggingface-hub below 1.0,
+# which transformers 5 (the oracle) rules out, so they come without their dependencies (aiohttp is in the test
+# extra); they run unchanged on the newer hub.
 $(STAMP): $(RUNTIME_STAMP) $(KERNEL_STAMP)
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps text-generation==0.7.0 lorax-client==0.6.3
 	touch $@
 
 # The C++ CPU kernels, compiled for this CPU into torch's extension cache (~1-2 min on 2 cores, once; again

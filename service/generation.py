@@ -38,6 +38,8 @@ class Piece:
     finish_reason: Optional[str] = None
     error: Optional[str] = None               # with finish_reason "error": what went wrong (this request only)
     top_logprobs: Optional[list[tuple[int, float]]] = None
+    stop_token: Optional[tuple[int, Optional[float]]] = None   # the engine's: the EOS / stop token that ended it
+
 
 @dataclass
 class Completion:
@@ -150,7 +152,7 @@ class TextGenerator:
                     tail += matcher.flush()
                     outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
                     reason = _REASONS.get(event.finish_reason, "stop")
-                    yield Piece(tail, finish_reason=reason)
+                    yield Piece(tail, finish_reason=reason, stop_token=event.stop_token)
                     return
         except (GeneratorExit, asyncio.CancelledError):    # the consumer closed us or its task was cancelled
             outcome = "cancelled"

@@ -1,10 +1,12 @@
 """Error mapping: every failure leaves as OpenAI's shape `{"error": {"message", "type", "code"}}` with its
 HTTP status (registry errors carry theirs; validation 422; engine queue full 429 with Retry-After), and the
-request's id (`service/api/request_id.py`) as `request_id`. Exceptions that only bad input raises (an invalid
-regular expression, JSON nested past Python's recursion limit, text that is not valid Unicode, a chat template
-refusing the conversation) are 4xx whatever code raised them; anything else is a server fault (a 500 from the
-request-id middleware). Messages are truncated and their control characters escaped, so a user's string
-echoed back can neither be megabytes long nor look like more than it is.
+request's id (`service/api/request_id.py`) as `request_id`. On the TGI / LoRAX routes an `error_type`
+(`validation`, `overloaded`, `generation`) stands beside `error`, as TGI writes it, so their clients raise
+the matching error. Exceptions that only bad input raises (an invalid regular expression, JSON nested past
+Python's recursion limit, text that is not valid Unicode, a chat template refusing the conversation) are 4xx
+whatever code raised them; anything else is a server fault (a 500 from the request-id middleware).
+Messages are truncated and their control characters escaped, so a user's string echoed back can neither be
+megabytes long nor look like more than it is.
 
 The OpenAPI document says so too: every API route lists the error statuses with that shape (replacing
 FastAPI's default 422 body, which this service never sends), so clients and schema-driven fuzzers such as
@@ -35,7 +37,8 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 
 # Routes outside the API proper: liveness never fails, metrics may need a key, readiness answers 503 until ready.
-OPERATION_ERRORS = {"/health": (), "/metrics": (401, 403), "/metrics/gateway": (401, 403), "/ready": (503,)}
+OPERATION_ERRORS = {"/health": (), "/metrics": (401, 403), "/metrics/gateway": (401, 403), "/ready": (503,),
+                    "/info": ()}
 API_ERRORS = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)
 MAX_SHOWN = 256              # characters of a user's string (a model name...) echoed in a message
 MAX_MESSAGE = 4096           # characters of any error message
@@ -60,12 +63,24 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict | None = None,
+                   error_type: str | None = None) -> JSONResponse:
     message = escape_control(message[:MAX_MESSAGE])
     error = {"message": message, "type": TYPES.get(status, "server_error"), "code": status}
     if request_id.get() is not None:
         error["request_id"] = request_id.get()
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+    body = {"error": error} if error_type is None else {"error": error, "error_type": error_type}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# TGI's and LoRAX's clients choose their exception from an `error_type` beside `error`: their routes add it.
+TGI_PATHS = ("/", "/generate", "/generate_stream")
+TGI_ERROR_TYPES = {400: "validation", 413: "validation", 422: "validation", 429: "overloaded", 500: "generation"}
+
+
+def _respond(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    kind = TGI_ERROR_TYPES.get(status) if request.url.path in TGI_PATHS else None
+    return error_response(status, message, headers, kind)
 
 
 # Exceptions only malformed input raises, wherever they come from: (status, what to say).
@@ -81,30 +96,30 @@ INPUT_ERRORS = {
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
-    async def registry_error(_: Request, exc: RegistryError):
-        return error_response(exc.status, str(exc))
+    async def registry_error(request: Request, exc: RegistryError):
+        return _respond(request, exc.status, str(exc))
 
     @app.exception_handler(ac.AdapterError)
-    async def adapter_error(_: Request, exc: ac.AdapterError):
-        return error_response(404 if isinstance(exc, ac.UnknownAdapterError) else 422, str(exc))
+    async def adapter_error(request: Request, exc: ac.AdapterError):
+        return _respond(request, 404 if isinstance(exc, ac.UnknownAdapterError) else 422, str(exc))
 
     @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, exc: QueueFullError):
-        return error_response(429, f"the server is busy: {exc}", {"Retry-After": "1"})
+    async def queue_full(request: Request, exc: QueueFullError):
+        return _respond(request, 429, f"the server is busy: {exc}", {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
-    async def validation(_: Request, exc: RequestValidationError):
+    async def validation(request: Request, exc: RequestValidationError):
         parts = [("the request body is not valid JSON" if e.get("type") == "json_invalid" else
                   f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}") for e in exc.errors()]
-        return error_response(422, "; ".join(parts) or "invalid request")
+        return _respond(request, 422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _respond(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     for kind, (status, say) in INPUT_ERRORS.items():
-        async def handler(_: Request, exc: Exception, status=status, say=say):
-            return error_response(status, say(exc))
+        async def handler(request: Request, exc: Exception, status=status, say=say):
+            return _respond(request, status, say(exc))
         app.add_exception_handler(kind, handler)
 
     document(app)

@@ -1,79 +1,58 @@
-"""TGI / LoRAX-shaped inference: `POST /generate`, `POST /generate_stream` and TGI's `POST /` with
-`{"inputs", "parameters": {"adapter_id", "max_new_tokens", ...}}`. Numbers must be finite (TGI's router
-refuses a temperature that is not strictly positive; NaN and Infinity are 422 here), stop strings are bounded
-as on the OpenAI routes, and `inputs` is checked and tokenised as a completion prompt is
-(`service/api/prompts.py`)."""
+"""TGI / LoRAX-shaped inference: `POST /generate`, `POST /generate_stream`, TGI's `POST /` (what
+`huggingface_hub.InferenceClient(base_url=...)` and `lorax-client` call) and `GET /info`. The request fields
+and what each means (honoured, or a 422 naming it) are in `tgi_params.py`, the response shapes in
+`tgi_output.py`. `inputs` is checked and tokenised as a completion prompt is (`prompts.py`); with `truncate`
+only its last tokens are kept, as in TGI. A stream's last event carries the generated text and the details;
+a sequence that fails in the engine ends its stream with TGI's error event `{"error", "error_type"}`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Optional
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, field_validator
 
-from service.engine import SamplingParams
-from service.model.stop_strings import check_stops
+from service.generation import TextOptions
+from service.registry_errors import GenerationFailed
 
 from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect
-from .errors import MAX_SHOWN, shown
-from .prompts import encode_prompt
+from .prompts import encode_prompt, max_prompt_bytes, text_bytes
+from .tgi_output import Output, info as info_body
+from .tgi_params import GenerateRequest, refuse_unsupported, resolve_adapter, sampling
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # streaming routes answer with server-sent events
+STOPPED = "the server stopped this request (it is shutting down); retry"
 
 
-class Parameters(BaseModel):
-    adapter_id: Optional[str] = None
-    max_new_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
-    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: Optional[int] = Field(None, ge=0)
-    seed: Optional[int] = Field(None, ge=-2**63, lt=2**64)     # what torch.Generator.manual_seed takes
-    repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    stop: list[str] = Field(default_factory=list, description="at most 16 strings of 256 characters")
-    do_sample: bool = False
-    details: bool = False
-    decoder_input_details: bool = False
-    return_full_text: Optional[bool] = False
-    watermark: Optional[bool] = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        return check_stops(value)
+async def encode_inputs(state, inputs: str, truncate: Optional[int]) -> list[int]:
+    if truncate is None:
+        return await encode_prompt(state, inputs, "inputs")
+    limit = max_prompt_bytes(state)      # the byte bound comes first, as for any prompt; then TGI keeps the end
+    if len(inputs) > limit or text_bytes(inputs, "inputs") > limit:
+        raise HTTPException(400, f"inputs is over {limit} bytes (32 bytes per token of max_prompt_tokens="
+                                 f"{state.settings.max_prompt_tokens})")
+    ids = await asyncio.to_thread(state.loaded.tokenizer.encode, inputs)
+    return state.generator.encode(ids[-truncate:])
 
 
-class GenerateRequest(BaseModel):
-    inputs: str = Field(min_length=1)
-    parameters: Parameters = Field(default_factory=Parameters)
-    stream: bool = False
-
-
-async def _prepare(req: GenerateRequest, state, caller):
+async def _start(req: GenerateRequest, state, caller, stream: bool):
     p = req.parameters
-    adapter = p.adapter_id if p.adapter_id not in (None, "", state.model_id) else None
-    if adapter is not None:
-        if len(adapter) > MAX_SHOWN or not caller.may_use(adapter):
-            raise HTTPException(404, f"adapter {shown(adapter)} does not exist")
-        state.registry.get(adapter)
-    s = state.settings
-    n = p.max_new_tokens or s.default_max_tokens
-    if n > s.max_tokens_limit:
-        raise HTTPException(400, f"max_new_tokens {n} exceeds the limit of {s.max_tokens_limit}")
-    sample = p.do_sample or (p.temperature not in (None, 0))
-    params = SamplingParams(max_tokens=n, temperature=(p.temperature or 1.0) if sample else 0.0,
-                            top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed,
-                            frequency_penalty=p.frequency_penalty or 0.0, logprobs=p.details)
-    return adapter, params, await encode_prompt(state, req.inputs, "inputs")
+    refuse_unsupported(p, stream)
+    adapter = resolve_adapter(p, state, caller)
+    params, seed = sampling(p, state.settings, stream)
+    ids = await encode_inputs(state, req.inputs, p.truncate)
+    # TGI ends the text with the stop sequence that stopped it
+    pieces = await state.generator.start(ids, adapter, params, options=TextOptions(p.stop or [], include_stop=True))
+    return pieces, params, Output(state, p, req.inputs, len(ids), seed)
 
 
 @router.post("/", responses=SSE)
 async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
-    """TGI's compatibility route (what `huggingface_hub.InferenceClient(base_url=...)` calls)."""
+    """TGI's compatibility route: a list of one answer, or the stream."""
     if req.stream:
         return await generate_stream(req, state, caller)
     out = await generate(req, state, caller, request)
@@ -82,35 +61,51 @@ async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, r
 
 @router.post("/generate")
 async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
-    adapter, params, ids = await _prepare(req, state, caller)
-    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, req.parameters.stop))
-    if isinstance(out, Response):
-        return out
-    body = {"generated_text": out.text}
-    if req.parameters.details:
-        body["details"] = {"finish_reason": out.finish_reason, "generated_tokens": out.completion_tokens,
-                           "seed": req.parameters.seed, "prefill": [],
-                           "tokens": [{"id": t, "text": state.loaded.tokenizer.decode([t], False), "logprob": lp,
-                                       "special": False} for t, lp in zip(out.token_ids, out.logprobs)]}
-    return body
+    pieces, _, out = await _start(req, state, caller, stream=False)
+
+    async def run() -> dict:
+        async for piece in pieces:
+            if piece.finish_reason == "error":
+                raise GenerationFailed(piece.error or "generation failed")
+            if piece.finish_reason == "cancelled":
+                raise HTTPException(503, STOPPED)
+            out.add(piece)
+        body = {"generated_text": out.generated_text}
+        if req.parameters.details:
+            body["details"] = out.details()
+        return body
+    return await cancel_on_disconnect(request, run())
 
 
 @router.post("/generate_stream", responses=SSE)
 async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
-    adapter, params, ids = await _prepare(req, state, caller)
-    pieces = await state.generator.start(ids, adapter, params, req.parameters.stop)
+    pieces, params, out = await _start(req, state, caller, stream=True)
 
     async def body():
-        text, count = [], 0
+        held = None                     # the token that reached max_new_tokens: its finish piece comes next
         async for piece in pieces:
-            text.append(piece.text)
-            count += piece.token_id is not None
-            event = {"index": count, "token": {"id": piece.token_id if piece.token_id is not None else -1,
-                                               "text": piece.text, "logprob": piece.logprob, "special": False},
-                     "generated_text": None, "details": None}
-            if piece.finish_reason:
-                event["generated_text"] = "".join(text)
-                event["details"] = {"finish_reason": piece.finish_reason, "generated_tokens": count,
-                                    "seed": req.parameters.seed}
-            yield f"data:{json.dumps(event)}\n\n"
+            if piece.finish_reason in ("error", "cancelled"):
+                message = piece.error or STOPPED
+                yield _sse({"error": message, "error_type": "generation"})
+                return
+            token = out.add(piece) or held
+            final = piece.finish_reason is not None
+            if token is None:
+                continue
+            if not final and len(out.tokens) == params.max_tokens:
+                held = token
+                continue
+            yield _sse(out.event(token, final))
+            if final:
+                return
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _sse(event: dict) -> str:
+    return f"data:{json.dumps(event)}\n\n"
+
+
+@router.get("/info")
+def info(state: StateDep):
+    """The model and the server's limits in TGI's and LoRAX's shape (no key needed, as `/health`)."""
+    return info_body(state)

@@ -169,7 +169,8 @@ class Engine:
                 if state.request.request_id in cancels:
                     self._finish(state, FinishReason.CANCELLED)
 
-    def _finish(self, state: RequestState, reason: FinishReason, error: Optional[str] = None) -> None:
+    def _finish(self, state: RequestState, reason: FinishReason, error: Optional[str] = None,
+                stop_token: Optional[tuple[int, Optional[float]]] = None) -> None:
         state.finish_reason = reason
         state.finish_time = time.monotonic()
         if state in self.running:
@@ -179,7 +180,7 @@ class Engine:
         if state.slot is not None:
             self.cache.release(state.slot)
             state.slot = None
-        self._emit(state, TokenEvent(None, None, reason, error))
+        self._emit(state, TokenEvent(None, None, reason, error, stop_token=stop_token))
 
     def _slot(self, adapter: Optional[str]) -> int:
         if adapter in (None, "__base__") or self.virtual_tokens.count(adapter):     # prompt learning: base weights
@@ -229,7 +230,7 @@ class Engine:
             if reason is None and state.virtual + state.computed + 1 >= self.config.max_seq_len:
                 reason = FinishReason.LENGTH
             if reason is not None:
-                self._finish(state, reason)
+                self._finish(state, reason, stop_token=(token, logprob) if reason is FinishReason.STOP else None)
                 finished.append(state)
         self.last_step = StepStats(len(plan_items), sum(n for _, n in plan_items), time.perf_counter() - start)
         self._notify(self.last_step)

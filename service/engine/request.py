@@ -34,6 +34,9 @@ class TokenEvent:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
     top_logprobs: Optional[TopLogprobs] = None     # (id, log-probability) of the most likely tokens, if asked
+    # with finish_reason STOP: the EOS or stop token that ended the request (it is not one of its tokens) and
+    # its log-probability when logprobs were asked
+    stop_token: Optional[tuple[int, Optional[float]]] = None
 
 
 @dataclass

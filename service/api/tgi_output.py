@@ -1,0 +1,101 @@
+"""TGI / LoRAX response shapes, as `text-generation`, `lorax-client` and `huggingface_hub.InferenceClient` parse
+them: tokens `{id, text, logprob, special}` (plus LoRAX's `skipped` and, when asked, `alternative_tokens`),
+`details` with `finish_reason` (`length`, `eos_token`, `stop_sequence`), `generated_tokens`, `prompt_tokens`,
+`skipped_tokens`, `seed`, `prefill` and `tokens` (and `top_tokens` when `top_n_tokens` asks), stream events
+`{index, token, top_tokens, generated_text, details}` whose last one carries the text and the details, and
+`/info`. The EOS token that ends a sequence is its last token, marked special, as in TGI; its text is not part
+of `generated_text`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from service.generation import Piece
+
+from .tgi_params import Parameters
+
+VERSION = "0.1.0"
+
+
+class Output:
+    """One sequence's tokens as they come, and its details at the end."""
+
+    def __init__(self, state, p: Parameters, inputs: str, prompt_tokens: int, seed: Optional[int]):
+        self.tokenizer, self.p, self.inputs = state.loaded.tokenizer, p, inputs
+        self.prompt_tokens, self.seed = prompt_tokens, seed
+        self.tokens: list[dict[str, Any]] = []
+        self.top_tokens: list[list[dict[str, Any]]] = []
+        self.text: list[str] = []
+        self.finish_reason: Optional[str] = None
+
+    def _token(self, token_id: int, text: str, logprob: Optional[float], special: bool = False) -> dict[str, Any]:
+        return {"id": token_id, "text": text, "logprob": logprob, "special": special, "skipped": False}
+
+    def _alternatives(self, top) -> list[dict[str, Any]]:
+        return [self._token(i, self.tokenizer.decode([i], False), lp, i in self.tokenizer.eos_token_ids)
+                for i, lp in top or []]
+
+    def add(self, piece: Piece) -> Optional[dict[str, Any]]:
+        """Take a piece; the token it adds (or None: it only ends the sequence or carries held-back text)."""
+        self.text.append(piece.text)
+        token = None
+        if piece.token_id is not None:
+            token = self._token(piece.token_id, piece.text, piece.logprob)
+        elif piece.text and self.tokens:             # text the decoder held until the end: its last token's
+            self.tokens[-1]["text"] += piece.text
+        if piece.token_id is None and piece.stop_token is not None:     # the EOS (or stop) token that ended it
+            token_id, logprob = piece.stop_token
+            token = self._token(token_id, self.tokenizer.decode([token_id], False), logprob, special=True)
+        if piece.finish_reason:
+            self.finish_reason = ("length" if piece.finish_reason == "length" else
+                                  "eos_token" if piece.stop_token is not None else "stop_sequence")
+        if token is not None:
+            if self.p.return_k_alternatives:
+                token["alternative_tokens"] = self._alternatives(piece.top_logprobs)
+            if self.p.top_n_tokens:
+                self.top_tokens.append(self._alternatives(piece.top_logprobs))
+            self.tokens.append(token)
+        return token
+
+    @property
+    def generated_text(self) -> str:
+        text = "".join(self.text)
+        return self.inputs + text if self.p.return_full_text else text
+
+    def details(self, stream: bool = False) -> dict[str, Any]:
+        out = {"finish_reason": self.finish_reason, "generated_tokens": len(self.tokens), "seed": self.seed,
+               "prompt_tokens": self.prompt_tokens, "input_length": self.prompt_tokens}
+        if not stream:
+            out.update(skipped_tokens=0, prefill=[], tokens=self.tokens)
+            if self.p.top_n_tokens:
+                out["top_tokens"] = self.top_tokens
+        return out
+
+    def event(self, token: dict[str, Any], final: bool) -> dict[str, Any]:
+        """A stream event for `token` (the last one carries the text and the details)."""
+        return {"index": len(self.tokens), "token": token,
+                "top_tokens": self.top_tokens[-1] if self.p.top_n_tokens and self.top_tokens else None,
+                "generated_text": self.generated_text if final else None,
+                "details": self.details(stream=True) if final else None}
+
+
+def info(state) -> dict[str, Any]:
+    """`GET /info` with TGI's fields and LoRAX's, from this server's settings."""
+    s, model = state.settings, state.engine.model
+    param = next(model.parameters(), None)
+    return {
+        "model_id": state.model_id, "model_sha": None,
+        "model_dtype": str(param.dtype) if param is not None else "unknown",
+        "model_device_type": param.device.type if param is not None else "cpu",
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": s.max_batch_size + s.max_waiting, "max_best_of": 1, "max_stop_sequences": 16,
+        "max_input_length": s.max_prompt_tokens, "max_input_tokens": s.max_prompt_tokens,
+        "max_total_tokens": s.max_seq_len, "max_batch_total_tokens": s.max_batch_size * s.max_seq_len,
+        "max_batch_prefill_tokens": s.max_batch_tokens, "max_batch_size": s.max_batch_size,
+        "max_waiting_tokens": 0, "waiting_served_ratio": 0.0, "validation_workers": 1, "max_client_batch_size": 1,
+        "router": "adapter-serving", "version": VERSION, "sha": None, "docker_label": None,
+        # LoRAX
+        "max_active_adapters": s.max_device_adapters, "adapter_sources": ["hub", "local"],
+        "preloaded_adapters": list(s.preload_adapters), "eager_prefill": False, "request_logger_url": None,
+        "supports_generation": True, "supports_embeddings": False, "supports_classification": False,
+    }

@@ -1,0 +1,143 @@
+"""TGI / LoRAX request bodies, `{"inputs", "parameters", "stream"}`, and what they mean for the engine.
+
+Every `parameters` field that TGI's and LoRAX's routers define, and that `text-generation`, `lorax-client` and
+`huggingface_hub.InferenceClient` send, is declared here and is either honoured or refused with a 422 naming
+it; any other field is a 422 too (`extra="forbid"`), so nothing is silently ignored. The clients send every
+field, most as null, false or their default, so a field is refused only when it asks for something
+(`watermark: true`, `typical_p` below 1, `best_of` above 1, ...). `sampling` turns the honoured ones into
+the engine's `SamplingParams` following TGI's rules (sampling when `do_sample` or a warper is set; a seed chosen
+and reported when sampling without one); `resolve_adapter` maps LoRAX's `adapter_id` + `adapter_source` onto
+the registry."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Optional
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.engine import SamplingParams
+from service.engine.sampling import MAX_TOP_LOGPROBS
+from service.model.stop_strings import check_stops
+from service.registry_errors import NotFound
+
+from .errors import MAX_SHOWN, shown
+
+# LoRAX's adapter sources that this server's registry holds adapters from (`PUT /admin/adapters/{name}`).
+SOURCES = ("hub", "local")
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: Optional[str] = None
+    adapter_source: Optional[str] = None
+    merged_adapters: Optional[dict[str, Any]] = None
+    api_token: Optional[str] = None
+    do_sample: Optional[bool] = False
+    max_new_tokens: Optional[int] = Field(None, ge=1)
+    ignore_eos_token: Optional[bool] = False
+    repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    return_full_text: Optional[bool] = False
+    stop: Optional[list[str]] = Field(None, description="at most 16 strings of 256 characters")
+    seed: Optional[int] = Field(None, ge=0, lt=2**64)          # TGI's u64
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    truncate: Optional[int] = Field(None, ge=1)
+    typical_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    best_of: Optional[int] = Field(None, ge=1)
+    watermark: Optional[bool] = False
+    details: Optional[bool] = False
+    decoder_input_details: Optional[bool] = False
+    top_n_tokens: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    return_k_alternatives: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)   # LoRAX's top_n_tokens
+    grammar: Optional[dict[str, Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        return check_stops(value or [])
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False
+
+
+def _refusals(p: Parameters, stream: bool) -> dict[str, tuple[bool, str]]:
+    """field -> (does this request ask for it, why it is refused)."""
+    return {
+        "watermark": (bool(p.watermark), "watermarking is not implemented"),
+        "typical_p": (p.typical_p is not None and p.typical_p < 1, "typical decoding is not implemented; leave "
+                      "it unset"),
+        "decoder_input_details": (bool(p.decoder_input_details), "the engine does not compute the prompt "
+                                  "tokens' log-probabilities"),
+        "best_of": (bool(p.best_of and p.best_of > 1), "one sequence per request (best_of 1)"),
+        "grammar": (p.grammar is not None, "constrained decoding is not supported yet"),
+        "response_format": (p.response_format is not None, "constrained decoding is not supported yet"),
+        "merged_adapters": (p.merged_adapters is not None, "merging adapters per request is not supported yet; "
+                            "name one adapter in adapter_id"),
+        "api_token": (p.api_token is not None, "adapters are not fetched per request: an admin registers them "
+                      "(PUT /admin/adapters/{name}); send this server's key as Authorization: Bearer"),
+        "top_n_tokens": (bool(p.top_n_tokens) and not p.details and not stream, "it needs details: true"),
+        "return_k_alternatives": (bool(p.return_k_alternatives) and not p.details and not stream,
+                                  "it needs details: true"),
+    }
+
+
+def refuse_unsupported(p: Parameters, stream: bool) -> None:
+    """422 naming the first field this request asks for that the server does not do."""
+    for field, (asked, why) in _refusals(p, stream).items():
+        if asked:
+            raise HTTPException(422, f"parameters.{field} is not supported: {why}")
+
+
+def resolve_adapter(p: Parameters, state, caller) -> Optional[str]:
+    """The registered adapter `adapter_id` names (None: the base model). With LoRAX's `adapter_source`
+    (`hub`, the default, or `local`) it may also be the hub repo id or the folder an adapter was registered
+    from; other sources are 422, unknown adapters 404."""
+    source, name = p.adapter_source, p.adapter_id
+    if source is not None and source not in SOURCES:
+        raise HTTPException(422, f"parameters.adapter_source {shown(source)} is not supported: this server serves "
+                                 f"adapters registered from {' or '.join(SOURCES)} (PUT /admin/adapters/{{name}})")
+    if name in (None, "", state.model_id):
+        return None
+    if len(name) > MAX_SHOWN:
+        raise HTTPException(404, f"adapter {shown(name)} does not exist")
+    try:
+        found: Optional[str] = state.registry.get(name).name
+    except NotFound:
+        kind = source or "hub"                    # LoRAX's default source
+        key, wanted = ("repo_id", name) if kind == "hub" else ("path", os.path.abspath(name))
+        found = next((r.name for r in state.registry.list()
+                      if r.source.get("type") == kind and r.source.get(key) == wanted), None)
+    if found is None or not caller.may_use(found):
+        raise HTTPException(404, f"adapter {shown(name)} does not exist")
+    return found
+
+
+def sampling(p: Parameters, settings, stream: bool) -> tuple[SamplingParams, Optional[int]]:
+    """The engine's parameters and the seed to report (None when greedy)."""
+    n = p.max_new_tokens or settings.default_max_tokens
+    if n > settings.max_tokens_limit:
+        raise HTTPException(400, f"parameters.max_new_tokens {n} exceeds the limit of {settings.max_tokens_limit}")
+    # TGI: sampling when asked or when a warper is set; temperature 0 (which TGI refuses) is greedy here
+    sample = p.temperature != 0 and (p.do_sample or p.temperature not in (None, 1.0) or bool(p.top_k)
+                                     or p.top_p not in (None, 1.0))
+    seed = (p.seed if p.seed is not None else secrets.randbits(63)) if sample else None
+    top = p.top_n_tokens or p.return_k_alternatives or 0
+    params = SamplingParams(max_tokens=n, temperature=(p.temperature or 1.0) if sample else 0.0,
+                            top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=seed,
+                            frequency_penalty=p.frequency_penalty or 0.0,
+                            repetition_penalty=p.repetition_penalty or 1.0, ignore_eos=bool(p.ignore_eos_token),
+                            # TGI's tokens always carry their log-probability, streamed or in details
+                            logprobs=bool(p.details) or stream, top_logprobs=top)
+    return params, seed

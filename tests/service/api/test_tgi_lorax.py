@@ -1,0 +1,188 @@
+"""TGI / LoRAX routes end to end through a real uvicorn server on the embedded model, with the real, unmodified
+clients from PyPI: `huggingface_hub.InferenceClient` (`text_generation` with details, streaming,
+`get_endpoint_info`), `text-generation` (TGI's client) and `lorax-client` (`generate`, `generate_stream`
+with `adapter_id` and `adapter_source`). The clients parse every answer with their own types, so a field
+they need (LoRAX's `details.prompt_tokens`, a float `logprob` on every streamed token) cannot be missing;
+streamed and whole answers agree token by token; every field the server does not do is a 422 naming it."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from lora_folders import save_random_lora
+from _server import LiveServer
+from service.app import create_app
+from service.model import load_model
+from service.model.decoder import Decoder
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+T = 120
+PROMPT = "Water boils at"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(None)
+
+
+@pytest.fixture(scope="module")
+def folder(loaded, tmp_path_factory):
+    model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
+    return save_random_lora(model, tmp_path_factory.mktemp("adapters") / "sql", "sql", seed=1, r=8,
+                            targets=("q_proj", "v_proj", "down_proj"))
+
+
+@pytest.fixture(scope="module")
+def server(loaded, folder, tmp_path_factory):
+    settings = Settings(adapter_dir=str(tmp_path_factory.mktemp("store")), dtype="float32", max_batch_size=4,
+                        max_seq_len=512, max_prompt_tokens=400, max_tokens_limit=64)
+    with LiveServer(create_app(settings, loaded)) as live:
+        files = {n: (folder / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+        assert httpx.post(f"{live.url}/admin/adapters", data={"name": "sql"}, files=files, timeout=T).status_code == 201
+        r = httpx.put(f"{live.url}/admin/adapters/from-folder", json={"source": "local", "path": str(folder)},
+                      timeout=T)
+        assert r.status_code in (200, 201), r.text
+        yield live
+
+
+@pytest.fixture
+def hf(server, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+    # Offline mode (set for the whole suite) also blocks loopback; this client talks only to our server.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return InferenceClient(base_url=server.url)
+
+
+def generate(server, **parameters) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", json={"inputs": PROMPT, "parameters": parameters}, timeout=T)
+
+
+def test_huggingface_hub_details_stream_top_tokens_and_info(hf, server, loaded):
+    out = hf.text_generation(PROMPT, max_new_tokens=8, details=True, adapter_id="sql")
+    d = out.details
+    assert d.finish_reason in ("length", "eos_token") and d.generated_tokens == len(d.tokens) and d.prefill == []
+    assert all(isinstance(t.logprob, float) and t.logprob <= 0 for t in d.tokens)
+    assert "".join(t.text for t in d.tokens if not t.special) == out.generated_text
+    events = list(hf.text_generation(PROMPT, max_new_tokens=8, details=True, stream=True, adapter_id="sql"))
+    assert [e.token.id for e in events] == [t.id for t in d.tokens]
+    assert [e.token.logprob for e in events] == pytest.approx([t.logprob for t in d.tokens], abs=1e-4)
+    assert [e.index for e in events] == list(range(1, len(events) + 1))
+    assert all(e.details is None and e.generated_text is None for e in events[:-1])
+    last = events[-1]
+    assert last.generated_text == out.generated_text
+    assert (last.details.finish_reason, last.details.generated_tokens) == (d.finish_reason, d.generated_tokens)
+    assert last.details.input_length == len(loaded.tokenizer.encode(PROMPT))
+
+    top = hf.text_generation(PROMPT, max_new_tokens=4, details=True, top_n_tokens=3).details
+    assert len(top.top_tokens) == len(top.tokens)
+    for chosen, alternatives in zip(top.tokens, top.top_tokens):
+        if chosen.special:                      # an EOS that ended it: the engine reports no alternatives
+            continue
+        # huggingface_hub leaves the nested lists' tokens as dicts
+        assert len(alternatives) == 3 and alternatives[0]["id"] == chosen.id      # greedy: the most likely one
+        assert [a["logprob"] for a in alternatives] == sorted((a["logprob"] for a in alternatives), reverse=True)
+    full = hf.text_generation(PROMPT, max_new_tokens=4, return_full_text=True)
+    assert full.startswith(PROMPT) and len(full) > len(PROMPT)
+
+    from huggingface_hub import InferenceClient
+    info = InferenceClient(server.url, provider="hf-inference").get_endpoint_info()
+    assert info["model_id"] == loaded.name and info["max_total_tokens"] == 512
+    assert info["max_input_length"] == info["max_input_tokens"] == 400
+
+
+def test_text_generation_client(server, loaded):
+    from text_generation import Client
+    from text_generation.errors import ValidationError
+    from text_generation.types import FinishReason
+
+    client = Client(server.url, timeout=T)
+    whole = client.generate(PROMPT, max_new_tokens=8)
+    assert whole.details.generated_tokens == len(whole.details.tokens)
+    assert whole.generated_text == generate(server, max_new_tokens=8).json()["generated_text"]
+    events = list(client.generate_stream(PROMPT, max_new_tokens=8))
+    assert "".join(e.token.text for e in events if not e.token.special) == whole.generated_text
+    assert events[-1].details.finish_reason == whole.details.finish_reason
+
+    # a stop sequence ends the text with it, as in TGI
+    stop = whole.generated_text.split()[1]
+    stopped = client.generate(PROMPT, max_new_tokens=8, stop_sequences=[stop])
+    assert stopped.details.finish_reason == FinishReason.StopSequence and stopped.generated_text.endswith(stop)
+
+    # sampling: the seed is reported, and the same seed gives the same text
+    a = client.generate(PROMPT, max_new_tokens=8, do_sample=True, temperature=0.9, seed=7)
+    b = client.generate(PROMPT, max_new_tokens=8, do_sample=True, temperature=0.9, seed=7)
+    assert a.details.seed == 7 and a.generated_text == b.generated_text
+    assert isinstance(client.generate(PROMPT, max_new_tokens=2, do_sample=True).details.seed, int)
+    penalised = client.generate(PROMPT, max_new_tokens=8, repetition_penalty=1.5)
+    assert penalised.details.generated_tokens >= 1
+
+    for kwargs, field in (({"watermark": True}, "watermark"), ({"typical_p": 0.5}, "typical_p"),
+                          ({"decoder_input_details": True}, "decoder_input_details"),
+                          ({"best_of": 2, "do_sample": True}, "best_of")):
+        with pytest.raises(ValidationError, match=field):
+            client.generate(PROMPT, max_new_tokens=2, **kwargs)
+
+
+def test_lorax_client_adapter_id_and_source(server, loaded, folder):
+    from lorax import Client
+    from lorax.errors import ValidationError
+
+    client = Client(server.url, timeout=T)
+    whole = client.generate(PROMPT, adapter_id="sql", max_new_tokens=8)
+    assert whole.details.prompt_tokens == len(loaded.tokenizer.encode(PROMPT))
+    assert whole.details.generated_tokens == len(whole.details.tokens)
+    assert whole.generated_text == generate(server, adapter_id="sql", max_new_tokens=8).json()["generated_text"]
+    assert whole.generated_text != client.generate(PROMPT, max_new_tokens=8).generated_text
+    events = list(client.generate_stream(PROMPT, adapter_id="sql", max_new_tokens=8))
+    assert "".join(e.token.text for e in events if not e.token.special) == whole.generated_text
+    assert events[-1].details.prompt_tokens == whole.details.prompt_tokens
+    # the folder an adapter was registered from names it, with LoRAX's adapter_source "local"
+    local = client.generate(PROMPT, adapter_id=str(folder), adapter_source="local", max_new_tokens=8)
+    assert local.generated_text == whole.generated_text
+    with pytest.raises(ValidationError, match="adapter_source"):
+        client.generate(PROMPT, adapter_id="sql", adapter_source="s3", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("parameters,field", [
+    ({"watermark": True}, "watermark"),
+    ({"typical_p": 0.5}, "typical_p"),
+    ({"decoder_input_details": True, "details": True}, "decoder_input_details"),
+    ({"best_of": 2, "do_sample": True}, "best_of"),
+    ({"grammar": {"type": "json", "value": {"type": "object"}}}, "grammar"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"merged_adapters": {"ids": ["sql", "from-folder"], "weights": [0.5, 0.5], "merge_strategy": "linear"}},
+     "merged_adapters"),
+    ({"api_token": "hf_x"}, "api_token"),
+    ({"adapter_id": "sql", "adapter_source": "pbase"}, "adapter_source"),
+    ({"top_n_tokens": 2}, "top_n_tokens"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+])
+def test_refused_fields_are_422_naming_them(server, parameters, field):
+    r = generate(server, max_new_tokens=2, **parameters)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["error"]["message"]
+    if field == "top_n_tokens":                     # a stream has no details to need: it is served there
+        return
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, **parameters}}
+    assert httpx.post(f"{server.url}/generate_stream", json=body, timeout=T).status_code == 422
+
+
+def test_truncate_ignore_eos_and_defaults_that_ask_for_nothing(server):
+    r = generate(server, max_new_tokens=2, details=True, truncate=2)
+    assert r.status_code == 200 and r.json()["details"]["prompt_tokens"] == 2
+    long = {"inputs": "word " * 600, "parameters": {"max_new_tokens": 2, "details": True}}
+    assert httpx.post(f"{server.url}/generate", json=long, timeout=T).status_code == 400
+    long["parameters"]["truncate"] = 8                     # TGI keeps the input's last tokens
+    r = httpx.post(f"{server.url}/generate", json=long, timeout=T)
+    assert r.status_code == 200 and r.json()["details"]["prompt_tokens"] == 8
+    r = generate(server, max_new_tokens=12, details=True, ignore_eos_token=True)
+    assert r.json()["details"]["generated_tokens"] == 12 and r.json()["details"]["finish_reason"] == "length"
+    # what the clients send when a feature is off
+    off = {"watermark": False, "typical_p": None, "decoder_input_details": False, "best_of": 1, "grammar": None,
+           "merged_adapters": None, "api_token": None, "adapter_source": None, "top_n_tokens": None,
+           "return_k_alternatives": None, "response_format": None, "stop": [], "repetition_penalty": None}
+    assert generate(server, max_new_tokens=2, **off).status_code == 200
