@@ -2,8 +2,8 @@
 against their CRDs' documented structure (the core objects are validated with the other manifests by
 test_k8s_manifests.py), and the objects agree with each other and with the service: the pool selects the
 adapter-serve pods on their HTTP port and names the picker's Service and port, the picker watches that pool
-and scrapes the route and the metric names the service serves (the names are checked against a live
-`/metrics/gateway` in tests/service/api/test_gateway_metrics.py), the kustomization opens that route on the
+and scrapes `/metrics/gateway`, whose families are the picker's default metric names (the manifest sets no
+metric flag; tests/service/api/test_gateway_metrics.py reads them live), the kustomization opens that route on the
 Deployment it includes, and the HTTPRoute sends its traffic to the pool."""
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import copy
 import jsonschema
 import pytest
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from _crd_schemas import HTTP_ROUTE, INFERENCE_POOL
 from _deploy_files import K8S, load_yaml, load_yaml_docs
+from service.metrics import Metrics
 from service.settings import Settings
 
 GATEWAY = K8S / "gateway"
@@ -22,11 +25,12 @@ OBJECTS = {doc["kind"]: doc for path in sorted(GATEWAY.glob("*.yaml")) if path.n
            for doc in load_yaml_docs(path)}
 SERVING = {doc["kind"]: doc for folder in ("cpu", "base") for path in sorted((K8S / folder).glob("*.yaml"))
            if path.name != "kustomization.yaml" for doc in load_yaml_docs(path)}
-# What the picker reads (its flags' values), in the names service/metrics.py exports.
-PICKER_METRICS = {"--total-queued-requests-metric": "vllm:num_requests_waiting",
-                  "--total-running-requests-metric": "vllm:num_requests_running",
-                  "--kv-cache-usage-percentage-metric": "vllm:kv_cache_usage_perc",
-                  "--lora-info-metric": "vllm:lora_requests_info"}
+# The picker's metric flags and their defaults (vLLM's names), which the service exports: the manifest sets
+# none of them (newer pickers refuse them in favour of their config file).
+PICKER_DEFAULTS = {"--total-queued-requests-metric": "vllm:num_requests_waiting",
+                   "--total-running-requests-metric": "vllm:num_requests_running",
+                   "--kv-cache-usage-percentage-metric": "vllm:kv_cache_usage_perc",
+                   "--lora-info-metric": "vllm:lora_requests_info"}
 
 
 def _args(container: dict) -> dict[str, str]:
@@ -78,7 +82,9 @@ def test_the_picker_watches_the_pool_and_scrapes_the_gateway_metrics():
     args = _args(_picker())
     assert args["--pool-name"] == OBJECTS["InferencePool"]["metadata"]["name"]
     assert args["--model-server-metrics-path"] == "/metrics/gateway"
-    assert {flag: args[flag] for flag in PICKER_METRICS} == PICKER_METRICS
+    assert not set(PICKER_DEFAULTS) & set(_picker()["args"])
+    served = {f.name for f in text_string_to_metric_families(generate_latest(Metrics().gateway_registry).decode())}
+    assert served == set(PICKER_DEFAULTS.values())
     pod = OBJECTS["Deployment"]["spec"]["template"]["spec"]
     account = pod["serviceAccountName"]
     assert account == OBJECTS["ServiceAccount"]["metadata"]["name"]
