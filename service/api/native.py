@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+from dataclasses import replace
 from typing import Optional
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.generation import TextOptions
+from service.generation import TextOptions, merged
 from service.registry_errors import GenerationFailed
 
 from .deps import InferenceCaller, StateDep
@@ -39,15 +41,16 @@ async def encode_inputs(state, inputs: str, truncate: Optional[int]) -> list[int
     return state.generator.encode(ids[-truncate:])
 
 
-async def _start(req: GenerateRequest, state, caller, stream: bool):
+async def _prepare(req: GenerateRequest, state, caller, stream: bool):
     p = req.parameters
     refuse_unsupported(p, stream)
     adapter = resolve_adapter(p, state, caller)
     params, seed = sampling(p, state.settings, stream)
-    ids = await encode_inputs(state, req.inputs, p.truncate)
-    # TGI ends the text with the stop sequence that stopped it
-    pieces = await state.generator.start(ids, adapter, params, options=TextOptions(p.stop or [], include_stop=True))
-    return pieces, params, Output(state, p, req.inputs, len(ids), seed)
+    return adapter, params, seed, await encode_inputs(state, req.inputs, p.truncate)
+
+
+def _options(p) -> TextOptions:
+    return TextOptions(p.stop or [], include_stop=True)      # TGI ends the text with the stop sequence
 
 
 @router.post("/", responses=SSE)
@@ -61,25 +64,40 @@ async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, r
 
 @router.post("/generate")
 async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
-    pieces, _, out = await _start(req, state, caller, stream=False)
+    """One sequence, or with `best_of` several sharing the batch (each with its own seed): the one whose
+    tokens have the highest mean log-probability answers, the others are `details.best_of_sequences`."""
+    p = req.parameters
+    adapter, params, seed, ids = await _prepare(req, state, caller, stream=False)
+    seeds = [seed] + [secrets.randbits(63) for _ in range((p.best_of or 1) - 1)]
+    streams = await state.generator.start_all([(ids, adapter, replace(params, seed=s)) for s in seeds], _options(p))
+    outs = [Output(state, p, req.inputs, len(ids), s) for s in seeds]
 
     async def run() -> dict:
-        async for piece in pieces:
-            if piece.finish_reason == "error":
-                raise GenerationFailed(piece.error or "generation failed")
-            if piece.finish_reason == "cancelled":
-                raise HTTPException(503, STOPPED)
-            out.add(piece)
-        body = {"generated_text": out.generated_text}
-        if req.parameters.details:
-            body["details"] = out.details()
+        pieces = merged(streams)
+        try:
+            async for i, piece in pieces:
+                if piece.finish_reason == "error":
+                    raise GenerationFailed(piece.error or "generation failed")
+                if piece.finish_reason == "cancelled":
+                    raise HTTPException(503, STOPPED)
+                outs[i].add(piece)
+        finally:
+            await pieces.aclose()
+        best = max(outs, key=lambda out: out.mean_logprob)
+        body = {"generated_text": best.generated_text}
+        if p.details:
+            body["details"] = best.details()
+            if len(outs) > 1:
+                body["details"]["best_of_sequences"] = [out.best_of_sequence() for out in outs if out is not best]
         return body
     return await cancel_on_disconnect(request, run())
 
 
 @router.post("/generate_stream", responses=SSE)
 async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
-    pieces, params, out = await _start(req, state, caller, stream=True)
+    adapter, params, seed, ids = await _prepare(req, state, caller, stream=True)
+    pieces = await state.generator.start(ids, adapter, params, options=_options(req.parameters))
+    out = Output(state, req.parameters, req.inputs, len(ids), seed)
 
     async def body():
         held = None                     # the token that reached max_new_tokens: its finish piece comes next

@@ -2,9 +2,9 @@
 them: tokens `{id, text, logprob, special}` (plus LoRAX's `skipped` and, when asked, `alternative_tokens`),
 `details` with `finish_reason` (`length`, `eos_token`, `stop_sequence`), `generated_tokens`, `prompt_tokens`,
 `skipped_tokens`, `seed`, `prefill` and `tokens` (and `top_tokens` when `top_n_tokens` asks), stream events
-`{index, token, top_tokens, generated_text, details}` whose last one carries the text and the details, and
-`/info`. The EOS token that ends a sequence is its last token, marked special, as in TGI; its text is not part
-of `generated_text`."""
+`{index, token, top_tokens, generated_text, details}` whose last one carries the text and the details,
+`best_of_sequences` for the sequences `best_of` did not choose, and `/info`. The EOS token that ends a
+sequence is its last token, marked special, as in TGI; its text is not part of `generated_text`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from service.generation import Piece
 
-from .tgi_params import Parameters
+from .tgi_params import MAX_BEST_OF, Parameters
 
 VERSION = "0.1.0"
 
@@ -71,6 +71,20 @@ class Output:
                 out["top_tokens"] = self.top_tokens
         return out
 
+    @property
+    def mean_logprob(self) -> float:
+        """What best_of ranks sequences by, as TGI: their tokens' mean log-probability."""
+        logprobs = [t["logprob"] for t in self.tokens if t["logprob"] is not None]
+        return sum(logprobs) / len(logprobs) if logprobs else float("-inf")
+
+    def best_of_sequence(self) -> dict[str, Any]:
+        """This sequence as one of `details.best_of_sequences`."""
+        out = {"generated_text": self.generated_text, "finish_reason": self.finish_reason,
+               "generated_tokens": len(self.tokens), "seed": self.seed, "prefill": [], "tokens": self.tokens}
+        if self.p.top_n_tokens:
+            out["top_tokens"] = self.top_tokens
+        return out
+
     def event(self, token: dict[str, Any], final: bool) -> dict[str, Any]:
         """A stream event for `token` (the last one carries the text and the details)."""
         return {"index": len(self.tokens), "token": token,
@@ -88,7 +102,8 @@ def info(state) -> dict[str, Any]:
         "model_dtype": str(param.dtype) if param is not None else "unknown",
         "model_device_type": param.device.type if param is not None else "cpu",
         "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": s.max_batch_size + s.max_waiting, "max_best_of": 1, "max_stop_sequences": 16,
+        "max_concurrent_requests": s.max_batch_size + s.max_waiting, "max_best_of": MAX_BEST_OF,
+        "max_stop_sequences": 16,
         "max_input_length": s.max_prompt_tokens, "max_input_tokens": s.max_prompt_tokens,
         "max_total_tokens": s.max_seq_len, "max_batch_total_tokens": s.max_batch_size * s.max_seq_len,
         "max_batch_prefill_tokens": s.max_batch_tokens, "max_batch_size": s.max_batch_size,

@@ -4,7 +4,7 @@ Every `parameters` field that TGI's and LoRAX's routers define, and that `text-g
 `huggingface_hub.InferenceClient` send, is declared here and is either honoured or refused with a 422 naming
 it; any other field is a 422 too (`extra="forbid"`), so nothing is silently ignored. The clients send every
 field, most as null, false or their default, so a field is refused only when it asks for something
-(`watermark: true`, `typical_p` below 1, `best_of` above 1, ...). `sampling` turns the honoured ones into
+(`watermark: true`, `typical_p` below 1, `decoder_input_details`, ...). `sampling` turns the honoured ones into
 the engine's `SamplingParams` following TGI's rules (sampling when `do_sample` or a warper is set; a seed chosen
 and reported when sampling without one); `resolve_adapter` maps LoRAX's `adapter_id` + `adapter_source` onto
 the registry."""
@@ -25,6 +25,7 @@ from service.registry_errors import NotFound
 
 from .errors import MAX_SHOWN, shown
 
+MAX_BEST_OF = 4            # sequences one best_of request may run (they share the engine's batch)
 # LoRAX's adapter sources that this server's registry holds adapters from (`PUT /admin/adapters/{name}`).
 SOURCES = ("hub", "local")
 
@@ -72,32 +73,43 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
-def _refusals(p: Parameters, stream: bool) -> dict[str, tuple[bool, str]]:
-    """field -> (does this request ask for it, why it is refused)."""
-    return {
-        "watermark": (bool(p.watermark), "watermarking is not implemented"),
-        "typical_p": (p.typical_p is not None and p.typical_p < 1, "typical decoding is not implemented; leave "
-                      "it unset"),
-        "decoder_input_details": (bool(p.decoder_input_details), "the engine does not compute the prompt "
-                                  "tokens' log-probabilities"),
-        "best_of": (bool(p.best_of and p.best_of > 1), "one sequence per request (best_of 1)"),
-        "grammar": (p.grammar is not None, "constrained decoding is not supported yet"),
-        "response_format": (p.response_format is not None, "constrained decoding is not supported yet"),
-        "merged_adapters": (p.merged_adapters is not None, "merging adapters per request is not supported yet; "
-                            "name one adapter in adapter_id"),
-        "api_token": (p.api_token is not None, "adapters are not fetched per request: an admin registers them "
-                      "(PUT /admin/adapters/{name}); send this server's key as Authorization: Bearer"),
-        "top_n_tokens": (bool(p.top_n_tokens) and not p.details and not stream, "it needs details: true"),
-        "return_k_alternatives": (bool(p.return_k_alternatives) and not p.details and not stream,
-                                  "it needs details: true"),
-    }
+def _refusals(p: Parameters, stream: bool) -> list[tuple[str, bool, str]]:
+    """(field, does this request ask for it, why it is refused)."""
+    best_of = p.best_of or 1
+    return [
+        ("watermark", bool(p.watermark), "is not supported: watermarking is not implemented"),
+        ("typical_p", p.typical_p is not None and p.typical_p < 1,
+         "is not supported: typical decoding is not implemented; leave it unset"),
+        ("decoder_input_details", bool(p.decoder_input_details),
+         "is not supported: the engine does not compute the prompt tokens' log-probabilities"),
+        ("best_of", best_of > MAX_BEST_OF, f"may be at most {MAX_BEST_OF}"),
+        ("best_of", best_of > 1 and stream, "above 1 is not supported with a stream (as in TGI)"),
+        ("best_of", best_of > 1 and not sampled(p),
+         "above 1 needs sampling: do_sample, or a temperature, top_k or top_p (as in TGI)"),
+        ("seed", best_of > 1 and p.seed is not None, "must not be set when best_of is above 1 (as in TGI)"),
+        ("grammar", p.grammar is not None, "is not supported yet (constrained decoding)"),
+        ("response_format", p.response_format is not None, "is not supported yet (constrained decoding)"),
+        ("merged_adapters", p.merged_adapters is not None,
+         "is not supported yet: merging adapters per request; name one adapter in adapter_id"),
+        ("api_token", p.api_token is not None, "is not supported: adapters are not fetched per request, an admin "
+         "registers them (PUT /admin/adapters/{name}); send this server's key as Authorization: Bearer"),
+        ("top_n_tokens", bool(p.top_n_tokens) and not p.details and not stream, "needs details: true"),
+        ("return_k_alternatives", bool(p.return_k_alternatives) and not p.details and not stream,
+         "needs details: true"),
+    ]
 
 
 def refuse_unsupported(p: Parameters, stream: bool) -> None:
     """422 naming the first field this request asks for that the server does not do."""
-    for field, (asked, why) in _refusals(p, stream).items():
+    for field, asked, why in _refusals(p, stream):
         if asked:
-            raise HTTPException(422, f"parameters.{field} is not supported: {why}")
+            raise HTTPException(422, f"parameters.{field} {why}")
+
+
+def sampled(p: Parameters) -> bool:
+    """TGI's rule: sampling when asked or when a warper is set (temperature 0, which TGI refuses, is greedy)."""
+    return p.temperature != 0 and bool(p.do_sample or p.temperature not in (None, 1.0) or p.top_k
+                                       or p.top_p not in (None, 1.0))
 
 
 def resolve_adapter(p: Parameters, state, caller) -> Optional[str]:
@@ -129,15 +141,14 @@ def sampling(p: Parameters, settings, stream: bool) -> tuple[SamplingParams, Opt
     n = p.max_new_tokens or settings.default_max_tokens
     if n > settings.max_tokens_limit:
         raise HTTPException(400, f"parameters.max_new_tokens {n} exceeds the limit of {settings.max_tokens_limit}")
-    # TGI: sampling when asked or when a warper is set; temperature 0 (which TGI refuses) is greedy here
-    sample = p.temperature != 0 and (p.do_sample or p.temperature not in (None, 1.0) or bool(p.top_k)
-                                     or p.top_p not in (None, 1.0))
+    sample = sampled(p)
     seed = (p.seed if p.seed is not None else secrets.randbits(63)) if sample else None
     top = p.top_n_tokens or p.return_k_alternatives or 0
     params = SamplingParams(max_tokens=n, temperature=(p.temperature or 1.0) if sample else 0.0,
                             top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=seed,
                             frequency_penalty=p.frequency_penalty or 0.0,
                             repetition_penalty=p.repetition_penalty or 1.0, ignore_eos=bool(p.ignore_eos_token),
-                            # TGI's tokens always carry their log-probability, streamed or in details
-                            logprobs=bool(p.details) or stream, top_logprobs=top)
+                            # TGI's tokens always carry their log-probability, streamed or in details, and
+                            # best_of picks a sequence by them
+                            logprobs=bool(p.details) or stream or (p.best_of or 1) > 1, top_logprobs=top)
     return params, seed

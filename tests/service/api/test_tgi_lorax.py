@@ -119,9 +119,18 @@ def test_text_generation_client(server, loaded):
     penalised = client.generate(PROMPT, max_new_tokens=8, repetition_penalty=1.5)
     assert penalised.details.generated_tokens >= 1
 
+    # best_of: sequences with their own seeds in one batch; the highest mean log-probability answers
+    best = client.generate(PROMPT, max_new_tokens=6, best_of=3, do_sample=True, temperature=1.5)
+    others = best.details.best_of_sequences
+    assert len(others) == 2 and len({best.details.seed, *(o.seed for o in others)}) == 3
+
+    def mean(tokens):
+        return sum(t.logprob for t in tokens) / len(tokens)
+    assert all(mean(best.details.tokens) >= mean(o.tokens) for o in others)
+
     for kwargs, field in (({"watermark": True}, "watermark"), ({"typical_p": 0.5}, "typical_p"),
                           ({"decoder_input_details": True}, "decoder_input_details"),
-                          ({"best_of": 2, "do_sample": True}, "best_of")):
+                          ({"best_of": 2}, "best_of")):
         with pytest.raises(ValidationError, match=field):
             client.generate(PROMPT, max_new_tokens=2, **kwargs)
 
@@ -150,7 +159,9 @@ def test_lorax_client_adapter_id_and_source(server, loaded, folder):
     ({"watermark": True}, "watermark"),
     ({"typical_p": 0.5}, "typical_p"),
     ({"decoder_input_details": True, "details": True}, "decoder_input_details"),
-    ({"best_of": 2, "do_sample": True}, "best_of"),
+    ({"best_of": 2}, "best_of"),                                   # needs sampling
+    ({"best_of": 5, "do_sample": True}, "best_of"),                 # over the limit
+    ({"best_of": 2, "do_sample": True, "seed": 1}, "seed"),         # one seed cannot seed several sequences
     ({"grammar": {"type": "json", "value": {"type": "object"}}}, "grammar"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"merged_adapters": {"ids": ["sql", "from-folder"], "weights": [0.5, 0.5], "merge_strategy": "linear"}},
