@@ -4,7 +4,7 @@ Every `parameters` field that TGI's and LoRAX's routers define, and that `text-g
 `huggingface_hub.InferenceClient` send, is declared here and is either honoured or refused with a 422 naming
 it; any other field is a 422 too (`extra="forbid"`), so nothing is silently ignored. The clients send every
 field, most as null, false or their default, so a field is refused only when it asks for something
-(`watermark: true`, `typical_p` below 1, `decoder_input_details`, ...). `sampling` turns the honoured ones into
+(`watermark: true`, `decoder_input_details`, `grammar`, ...). `sampling` turns the honoured ones into
 the engine's `SamplingParams` following TGI's rules (sampling when `do_sample` or a warper is set; a seed chosen
 and reported when sampling without one); `resolve_adapter` maps LoRAX's `adapter_id` + `adapter_source` onto
 the registry."""
@@ -78,14 +78,12 @@ def _refusals(p: Parameters, stream: bool) -> list[tuple[str, bool, str]]:
     best_of = p.best_of or 1
     return [
         ("watermark", bool(p.watermark), "is not supported: watermarking is not implemented"),
-        ("typical_p", p.typical_p is not None and p.typical_p < 1,
-         "is not supported: typical decoding is not implemented; leave it unset"),
         ("decoder_input_details", bool(p.decoder_input_details),
          "is not supported: the engine does not compute the prompt tokens' log-probabilities"),
         ("best_of", best_of > MAX_BEST_OF, f"may be at most {MAX_BEST_OF}"),
         ("best_of", best_of > 1 and stream, "above 1 is not supported with a stream (as in TGI)"),
         ("best_of", best_of > 1 and not sampled(p),
-         "above 1 needs sampling: do_sample, or a temperature, top_k or top_p (as in TGI)"),
+         "above 1 needs sampling: do_sample, or a temperature, top_k, top_p or typical_p (as in TGI)"),
         ("seed", best_of > 1 and p.seed is not None, "must not be set when best_of is above 1 (as in TGI)"),
         ("grammar", p.grammar is not None, "is not supported yet (constrained decoding)"),
         ("response_format", p.response_format is not None, "is not supported yet (constrained decoding)"),
@@ -109,7 +107,7 @@ def refuse_unsupported(p: Parameters, stream: bool) -> None:
 def sampled(p: Parameters) -> bool:
     """TGI's rule: sampling when asked or when a warper is set (temperature 0, which TGI refuses, is greedy)."""
     return p.temperature != 0 and bool(p.do_sample or p.temperature not in (None, 1.0) or p.top_k
-                                       or p.top_p not in (None, 1.0))
+                                       or p.top_p not in (None, 1.0) or p.typical_p not in (None, 1.0))
 
 
 def resolve_adapter(p: Parameters, state, caller) -> Optional[str]:
@@ -145,7 +143,7 @@ def sampling(p: Parameters, settings, stream: bool) -> tuple[SamplingParams, Opt
     seed = (p.seed if p.seed is not None else secrets.randbits(63)) if sample else None
     top = p.top_n_tokens or p.return_k_alternatives or 0
     params = SamplingParams(max_tokens=n, temperature=(p.temperature or 1.0) if sample else 0.0,
-                            top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=seed,
+                            top_p=p.top_p or 1.0, top_k=p.top_k or 0, typical_p=p.typical_p or 1.0, seed=seed,
                             frequency_penalty=p.frequency_penalty or 0.0,
                             repetition_penalty=p.repetition_penalty or 1.0, ignore_eos=bool(p.ignore_eos_token),
                             # TGI's tokens always carry their log-probability, streamed or in details, and

@@ -5,10 +5,10 @@ seed gives the same tokens whatever else shares the batch. Order of processing f
 (end-of-sequence and stop token ids masked until that many tokens exist), `logit_bias`, the repetition
 penalty (Hugging Face's and vLLM's: over prompt and generated tokens, positive logits divided by it, negative
 ones multiplied), presence and frequency penalties over the generated tokens, temperature (0 = greedy),
-top-k, top-p, min-p. Every feature is per request and costs nothing to requests that do not use it; those
-that use none and are greedy never reach `sample` (the engine takes one batched argmax for them). The
-log-probability reported for a chosen token, and the `top_logprobs` most likely alternatives, are taken from
-the model's raw distribution (vLLM's default), before any of the above.
+top-k, top-p, typical-p (TGI's `typical_p`), min-p. Every feature is per request and costs nothing to
+requests that do not use it; those that use none and are greedy never reach `sample` (the engine takes one
+batched argmax for them). The log-probability reported for a chosen token, and the `top_logprobs` most likely
+alternatives, are taken from the model's raw distribution (vLLM's default), before any of the above.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0                     # 0 = no top-k
     min_p: float = 0.0                 # 0 = no min-p
+    typical_p: float = 1.0             # typical decoding's probability mass (TGI's); 1 = none
     seed: Optional[int] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -58,6 +59,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError("typical_p must be in (0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
@@ -151,7 +154,7 @@ class RequestSampler:
         return logits
 
     def _probs(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Top-k, top-p and min-p over temperature-scaled logits [V] -> probabilities [V]."""
+        """Top-k, top-p, typical-p and min-p over temperature-scaled logits [V] -> probabilities [V]."""
         p = self.params
         if p.top_k and p.top_k < scaled.numel():
             kth = torch.topk(scaled, p.top_k).values[-1]
@@ -162,7 +165,23 @@ class RequestSampler:
             remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
             remove[0] = False      # the most likely token stays even when top_p rounds to 0 in float32
             scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
+        if p.typical_p < 1.0:
+            scaled = _typical(scaled, p.typical_p)
         probs = torch.softmax(scaled, dim=-1)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return probs
+
+
+def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Typical decoding (Meister et al. 2022; transformers' TypicalLogitsWarper, which TGI applies after top-p):
+    keep the tokens whose surprisal is closest to the distribution's entropy until they hold `mass` of its
+    probability (at least one token). scores [V] -> scores [V] with the rest at -inf."""
+    logp = torch.log_softmax(scores, dim=-1)
+    entropy = -(logp * logp.exp()).nansum()
+    shifted, order = torch.sort((-logp - entropy).abs())
+    cumulative = torch.softmax(scores[order], dim=-1).cumsum(-1)
+    last = min(int((cumulative < mass).sum()), scores.numel() - 1)
+    remove = shifted > shifted[last]
+    remove[0] = False
+    return scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))

@@ -128,7 +128,10 @@ def test_text_generation_client(server, loaded):
         return sum(t.logprob for t in tokens) / len(tokens)
     assert all(mean(best.details.tokens) >= mean(o.tokens) for o in others)
 
-    for kwargs, field in (({"watermark": True}, "watermark"), ({"typical_p": 0.5}, "typical_p"),
+    typical = client.generate(PROMPT, max_new_tokens=6, typical_p=0.5)        # a warper: sampling, TGI's rule
+    assert isinstance(typical.details.seed, int) and typical.details.generated_tokens >= 1
+
+    for kwargs, field in (({"watermark": True}, "watermark"),
                           ({"decoder_input_details": True}, "decoder_input_details"),
                           ({"best_of": 2}, "best_of")):
         with pytest.raises(ValidationError, match=field):
@@ -157,7 +160,7 @@ def test_lorax_client_adapter_id_and_source(server, loaded, folder):
 
 @pytest.mark.parametrize("parameters,field", [
     ({"watermark": True}, "watermark"),
-    ({"typical_p": 0.5}, "typical_p"),
+    ({"typical_p": 0}, "typical_p"),
     ({"decoder_input_details": True, "details": True}, "decoder_input_details"),
     ({"best_of": 2}, "best_of"),                                   # needs sampling
     ({"best_of": 5, "do_sample": True}, "best_of"),                 # over the limit
