@@ -43,6 +43,9 @@ API_ERRORS = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)
 MAX_SHOWN = 256              # characters of a user's string (a model name...) echoed in a message
 MAX_MESSAGE = 4096           # characters of any error message
 
+# Validation errors said in this service's words: a field no request model declares is refused, never ignored.
+_MESSAGES = {"extra_forbidden": "not supported by this server (an unknown field, or one it does not implement)"}
+
 request_id: ContextVar[Optional[str]] = ContextVar("request_id", default=None)
 
 
@@ -110,7 +113,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
         parts = [("the request body is not valid JSON" if e.get("type") == "json_invalid" else
-                  f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}") for e in exc.errors()]
+                  f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {_MESSAGES.get(e.get('type'), e['msg'])}")
+                 for e in exc.errors()]
         return _respond(request, 422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)

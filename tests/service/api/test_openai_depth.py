@@ -220,7 +220,7 @@ def test_tokenize_detokenize_version(server, loaded):
 
 
 @pytest.mark.parametrize("route,extra,status,named", [
-    ("chat", {"audio": {"voice": "alloy"}}, 422, "audio"),
+    ("chat", {"audio": {"voice": "alloy"}}, 422, "audio: not supported by this server"),
     ("chat", {"unknown_field": 1}, 422, "unknown_field"),
     ("chat", {"response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
