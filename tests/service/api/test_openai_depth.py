@@ -2,6 +2,8 @@
 on the base model and an adapter: content parts, `stream_options.include_usage`, `max_completion_tokens`,
 `user`, `seed`, chat and completions logprobs in OpenAI's shapes, `n` / `best_of`, lists of prompts, `echo`,
 vLLM's sampling extras, `/tokenize` / `/detokenize` / `/version`, and fields refused with a 4xx naming them."""
+import time
+
 import httpx
 import openai
 import pytest
@@ -244,3 +246,18 @@ def test_fields_not_honoured_are_refused_naming_them(server, loaded, route, extr
     path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
     r = httpx.post(f"{server.url}{path}", json={**body, **extra}, timeout=60)
     assert r.status_code == status and named in r.json()["error"]["message"], r.text
+
+
+def test_a_dropped_stream_of_several_choices_frees_every_sequence(server, loaded):
+    engine = server.server.config.app.state.serving.engine
+    body = {"model": loaded.name, "prompt": [PROMPT, "Water boils at"], "n": 3, "max_tokens": 64, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+        assert engine.num_running + engine.num_waiting == 6
+    deadline = time.monotonic() + 10
+    while engine.num_running + engine.num_waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_running + engine.num_waiting == 0
