@@ -84,6 +84,8 @@ def test_huggingface_hub_details_stream_top_tokens_and_info(hf, server, loaded):
         # huggingface_hub leaves the nested lists' tokens as dicts
         assert len(alternatives) == 3 and alternatives[0]["id"] == chosen.id      # greedy: the most likely one
         assert [a["logprob"] for a in alternatives] == sorted((a["logprob"] for a in alternatives), reverse=True)
+    streamed = list(hf.text_generation(PROMPT, max_new_tokens=4, details=True, stream=True, top_n_tokens=2))
+    assert all(len(e.top_tokens) == 2 for e in streamed if not e.token.special)
     full = hf.text_generation(PROMPT, max_new_tokens=4, return_full_text=True)
     assert full.startswith(PROMPT) and len(full) > len(PROMPT)
 
@@ -151,6 +153,10 @@ def test_lorax_client_adapter_id_and_source(server, loaded, folder):
     events = list(client.generate_stream(PROMPT, adapter_id="sql", max_new_tokens=8))
     assert "".join(e.token.text for e in events if not e.token.special) == whole.generated_text
     assert events[-1].details.prompt_tokens == whole.details.prompt_tokens
+    alternatives = client.generate(PROMPT, adapter_id="sql", max_new_tokens=4, return_k_alternatives=2)
+    for token in alternatives.details.tokens:
+        if not token.special:
+            assert [a.id for a in token.alternative_tokens][0] == token.id and len(token.alternative_tokens) == 2
     # the folder an adapter was registered from names it, with LoRAX's adapter_source "local"
     local = client.generate(PROMPT, adapter_id=str(folder), adapter_source="local", max_new_tokens=8)
     assert local.generated_text == whole.generated_text
