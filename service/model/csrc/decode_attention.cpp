@@ -1,12 +1,11 @@
 // Decode attention on the CPU for the engine's step: every decoding sequence has one new query token. For
 // each sequence the kernel writes the token's key and value into its KV-cache slot, then attends over the
 // slot's first `length` positions in place (no gathered copy of the cache), in fp32: scores = q.k * scale,
-// softmax (e^x V lanes at a time, vec_math.h), weighted sum of values; query heads share KV heads as
-// transformers' `repeat_kv` pairs them (head h reads KV head h / (H / Hkv)). Each (sequence, KV head) is computed alone and in a fixed order, so
+// softmax, weighted sum of values; query heads share KV heads as transformers' `repeat_kv` pairs them
+// (head h reads KV head h / (H / Hkv)). Each (sequence, KV head) is computed alone and in a fixed order, so
 // a sequence's result does not depend on what else is in the batch.
 #include "ops.h"
 #include "spin_pool.h"
-#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -15,10 +14,6 @@
 #include <vector>
 
 namespace {
-
-using vec_math::V;
-using vec_math::vexp;
-using vec_math::vf;
 
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
@@ -57,19 +52,12 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
     for (int64_t g = 0; g < group; ++g) {                               // softmax over the visible positions
       float* sg = scores.data() + g * length;
       const float top = *std::max_element(sg, sg + length);
-      vf sums = vf{};                                                   // V lanes of partial sums
-      for (int64_t t = 0; t < length; t += V) {
-        const int lanes = static_cast<int>(std::min<int64_t>(V, length - t));
-        vf x = vf{};
-        for (int l = 0; l < lanes; ++l) x[l] = sg[t + l] - top;
-        vf e = vexp(x);                                                 // [V] e^(s - max)
-        for (int l = 0; l < V; ++l) {
-          if (l < lanes) sg[t + l] = e[l];
-          else e[l] = 0.f;                                              // lanes past the end add nothing
-        }
-        sums += e;
+      float sum = 0.f;
+      for (int64_t t = 0; t < length; ++t) {
+        sg[t] = std::exp(sg[t] - top);
+        sum += sg[t];
       }
-      const float inv = 1.f / vec_math::hsum(sums);
+      const float inv = 1.f / sum;
       for (int64_t t = 0; t < length; ++t) sg[t] *= inv;
     }
     std::fill(acc.begin(), acc.end(), 0.f);

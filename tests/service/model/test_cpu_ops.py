@@ -151,10 +151,9 @@ def test_rms_norm_and_silu_mul_equal_torch(dtype):
 
 
 def test_silu_mul_is_accurate_over_the_whole_range():
-    """The kernel's vectorised e^x: silu within 8 fp32 ulps (relative) of the fp64 value where e^-x is finite
-    in fp32 (|x| <= 88), beyond it x itself or a negligible |s| < 1e-36 (torch's silu gives -0 there), NaN
-    stays NaN (a failing request's rows must stay non-finite), and a row's values do not depend on how many
-    rows share the call."""
+    """silu within 8 fp32 ulps (relative) of the fp64 value where e^-x is finite in fp32 (|x| <= 88), beyond
+    it x itself or a negligible |s| < 1e-36 (torch's silu gives -0 there), NaN stays NaN (a failing request's
+    rows must stay non-finite), and a row's values do not depend on how many rows share the call."""
     x = torch.linspace(-120, 120, 200_000)
     gate = torch.cat([x, torch.tensor([float("nan"), 0.0, -0.0])]).view(1, -1)
     up = torch.ones_like(gate)
