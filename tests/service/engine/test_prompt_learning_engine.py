@@ -1,7 +1,7 @@
-"""Prompt-learning requests in the engine: prompt tuning, P-tuning and prefix tuning adapters (made and saved by
-peft) share engine steps with LoRA, IA3 and base requests; each request's greedy tokens equal the same request
-run alone and a greedy loop over `PeftModelForCausalLM.forward` on the transformers twin of the decoder, with
-chunked prefill, one-token prompts and the context limit counting the virtual tokens."""
+"""Prompt-learning requests in the engine: prompt tuning, P-tuning and prefix tuning adapters (made and saved
+by peft) share engine steps with LoRA, IA3, AdaLoRA and base requests; each request's greedy tokens equal the
+same request run alone and a greedy loop over `PeftModelForCausalLM.forward` on the transformers twin of the
+decoder, with chunked prefill, one-token prompts and the context limit counting the virtual tokens."""
 import pytest
 import torch
 import transformers
@@ -31,6 +31,14 @@ def tiny_hf(seed: int = 0) -> transformers.LlamaForCausalLM:
 def setup(tmp_path_factory):
     hf, model = tiny_hf(0), tiny_decoder(0)
     torch.testing.assert_close(model.lm_head.weight, hf.lm_head.weight)
+    ac.inject_adapter_in_model(ac.AdaLoraConfig(init_r=4, total_step=10, target_modules=["q_proj", "up_proj"]),
+                               model, "ada")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():            # E starts at zero: give the AdaLoRA triplets values that matter
+        for name, p in model.named_parameters():
+            if ".adalora_" in name and name.endswith(".ada"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    ac.set_adapter(model, [])
     refs = {}
     for i, (name, (kind, nvt)) in enumerate(PROMPT_ADAPTERS.items()):
         folder = tmp_path_factory.mktemp(name)
@@ -41,7 +49,7 @@ def setup(tmp_path_factory):
 
 
 def engine(model, **kw):
-    cfg = dict(max_batch_size=8, max_seq_len=128, max_batch_tokens=48, prefill_chunk=16)
+    cfg = dict(max_batch_size=9, max_seq_len=128, max_batch_tokens=48, prefill_chunk=16)
     cfg.update(kw)
     return Engine(model, EngineConfig(**cfg))
 
@@ -58,7 +66,7 @@ def oracle(refs, hf, adapter, ids, steps=STEPS):
 
 def test_mixed_step_equals_alone_and_peft(setup):
     model, hf, refs = setup
-    adapters = ["pt", "ptune", "lora0", "prefix", "ia3", None, "ptune_mlp", "prefix_plain"]
+    adapters = ["pt", "ptune", "lora0", "prefix", "ia3", None, "ptune_mlp", "prefix_plain", "ada"]
     reqs = [request(prompt(i, 6 + 3 * i), a) for i, a in enumerate(adapters)]
     eng = engine(model)
     together = eng.generate(reqs)
@@ -68,7 +76,7 @@ def test_mixed_step_equals_alone_and_peft(setup):
         if r.adapter in PROMPT_ADAPTERS or r.adapter is None:
             assert t.token_ids == oracle(refs, hf, r.adapter, r.prompt_ids), r.adapter
     same = prompt(99, 9)              # the adapters really change the continuation of one prompt
-    outs = eng.generate([request(same, a) for a in [None, *PROMPT_ADAPTERS]])
+    outs = eng.generate([request(same, a) for a in [None, *PROMPT_ADAPTERS, "ada"]])
     assert all(o.token_ids != outs[0].token_ids for o in outs[1:])
 
 
