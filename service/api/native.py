@@ -54,18 +54,21 @@ def _options(p) -> TextOptions:
 
 
 @router.post("/", responses=SSE)
-async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
+async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request,
+               response: Response):
     """TGI's compatibility route: a list of one answer, or the stream."""
     if req.stream:
         return await generate_stream(req, state, caller)
-    out = await generate(req, state, caller, request)
+    out = await generate(req, state, caller, request, response)
     return out if isinstance(out, Response) else [out]
 
 
 @router.post("/generate")
-async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
+async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request,
+                   response: Response):
     """One sequence, or with `best_of` several sharing the batch (each with its own seed): the one whose
-    tokens have the highest mean log-probability answers, the others are `details.best_of_sequences`."""
+    tokens have the highest mean log-probability answers, the others are `details.best_of_sequences`.
+    LoRAX's headers say which model and adapter answered and the token counts."""
     p = req.parameters
     adapter, params, seed, ids = await _prepare(req, state, caller, stream=False)
     seeds = [seed] + [secrets.randbits(63) for _ in range((p.best_of or 1) - 1)]
@@ -84,6 +87,11 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
         finally:
             await pieces.aclose()
         best = max(outs, key=lambda out: out.mean_logprob)
+        generated = sum(len(out.tokens) for out in outs)
+        response.headers.update({"x-model-id": state.model_id, "x-prompt-tokens": str(len(ids)),
+                                 "x-generated-tokens": str(generated), "x-total-tokens": str(len(ids) + generated)})
+        if adapter is not None:
+            response.headers["x-adapter-id"] = adapter
         body = {"generated_text": best.generated_text}
         if p.details:
             body["details"] = best.details()

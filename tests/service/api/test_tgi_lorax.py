@@ -191,9 +191,14 @@ def test_refused_fields_are_422_naming_them(server, parameters, field):
     assert httpx.post(f"{server.url}/generate_stream", json=body, timeout=T).status_code == 422
 
 
-def test_truncate_ignore_eos_and_defaults_that_ask_for_nothing(server):
+def test_truncate_ignore_eos_headers_and_defaults_that_ask_for_nothing(server, loaded):
     r = generate(server, max_new_tokens=2, details=True, truncate=2)
     assert r.status_code == 200 and r.json()["details"]["prompt_tokens"] == 2
+    r = generate(server, max_new_tokens=3, adapter_id="sql", details=True)          # LoRAX's headers
+    generated = r.json()["details"]["generated_tokens"]
+    assert (r.headers["x-model-id"], r.headers["x-adapter-id"]) == (loaded.name, "sql")
+    assert (int(r.headers["x-prompt-tokens"]), int(r.headers["x-generated-tokens"]), int(r.headers["x-total-tokens"])
+            ) == (len(loaded.tokenizer.encode(PROMPT)), generated, len(loaded.tokenizer.encode(PROMPT)) + generated)
     long = {"inputs": "word " * 600, "parameters": {"max_new_tokens": 2, "details": True}}
     assert httpx.post(f"{server.url}/generate", json=long, timeout=T).status_code == 400
     long["parameters"]["truncate"] = 8                     # TGI keeps the input's last tokens
