@@ -49,9 +49,10 @@ class VirtualTokens:
 
     def key_values(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         found = ac.prompt_adapter(self.model, adapter)
+        if len(self._entries) > len(self.model.__dict__.get("_prompt_adapters", {})):
+            self._drop_stale()                       # removed adapters' entries go before they pile up
         entry = self._entries.get(adapter)
         if entry is None or entry[0] is not found:
-            self._drop_stale()
             keys, values = found.key_values(self.dtype) if found.is_prefix else self._run(found)
             entry = (found, keys.to(self.device), values.to(self.device))
             self._entries[adapter] = entry
