@@ -38,4 +38,3 @@ def test_typical_p_one_changes_nothing_and_sampling_stays_in_the_kept_set():
     assert all(kept[sampler.sample(logits)[0]] for _ in range(50))
     with pytest.raises(ValueError, match="typical_p"):
         SamplingParams(typical_p=0).validate()
-
