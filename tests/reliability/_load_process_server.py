@@ -1,5 +1,6 @@
 """`ServerProcess`: `python -m service` in a child process on a free loopback port, configured by
-`ADAPTER_SERVE_*` variables, as an operator would run it; its output goes to a log file for failure reports."""
+`ADAPTER_SERVE_*` variables (and command-line flags), as an operator would run it; its output goes to a log
+file for failure reports."""
 from __future__ import annotations
 
 import os
@@ -13,16 +14,21 @@ import httpx
 from _load_live_server import free_port
 
 
+def service_env(**settings) -> dict:
+    """This process's environment without its `ADAPTER_SERVE_*` variables, plus `settings` as such variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTER_SERVE_")}
+    env.update({f"ADAPTER_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
 class ServerProcess:
-    def __init__(self, workdir: Path, **settings):
+    def __init__(self, workdir: Path, args=(), **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"server-{self.port}.log"
-        env = {**os.environ, "ADAPTER_SERVE_PORT": str(self.port), "ADAPTER_SERVE_HOST": "127.0.0.1",
-               "ADAPTER_SERVE_ADAPTER_DIR": str(workdir / "store")}
-        env.update({f"ADAPTER_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        env = service_env(**{"port": self.port, "host": "127.0.0.1", "adapter_dir": workdir / "store", **settings})
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=log,
+            self.process = subprocess.Popen([sys.executable, "-m", "service", *args], env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> "ServerProcess":

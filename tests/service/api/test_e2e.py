@@ -6,13 +6,12 @@ import tarfile
 
 import httpx
 import pytest
-import torch
 
 import adapters_core as ac
 from _server import LiveServer
+from lora_folders import save_random_lora
 from service.app import create_app
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
-from service.model import load_model
 from service.model.decoder import Decoder
 from service.settings import Settings
 
@@ -20,24 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
-
-
-@pytest.fixture(scope="module")
 def adapter_dir(loaded, tmp_path_factory):
     """A LoRA adapter in PEFT's format, made by adapters_core on our decoder (random non-zero weights)."""
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    torch.manual_seed(0)
-    ac.inject_adapter_in_model(ac.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                             init_lora_weights=False), model, "sql")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(0.5)
-    path = tmp_path_factory.mktemp("adapter") / "sql"
-    ac.save_adapter(model, str(path), "sql")
-    return path
+    return save_random_lora(model, tmp_path_factory.mktemp("adapter") / "sql", "sql", seed=0, r=8,
+                            targets=("q_proj", "v_proj", "down_proj"))
 
 
 @pytest.fixture(scope="module")

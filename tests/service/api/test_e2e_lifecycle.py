@@ -28,7 +28,6 @@ from lora_folders import save_random_lora
 from _server import LiveServer
 from service.app import create_app
 from service.metrics import BASE_LABEL, Metrics
-from service.model import load_model
 from service.model.decoder import Decoder
 from service.settings import Settings
 
@@ -44,11 +43,6 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", 
 
 
 # ----- fixtures: the model, adapter folders, a shared server -----------------------------------------------------
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
-
-
 @pytest.fixture(scope="module")
 def folders(loaded, tmp_path_factory):
     """PEFT folders: `one` and `two` (rank 4, distinct weights) and `r8` (rank 8, over the shared server's limit)."""

@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from lora_folders import save_random_lora
 from _server import LiveServer
 from service.app import create_app
-from service.model import load_model
 from service.model.decoder import Decoder
 from service.settings import Settings
 
@@ -26,11 +25,6 @@ T = 120
 KEY = "metrics-secret"
 GATEWAY_FAMILIES = {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                     "vllm:lora_requests_info"}
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
 
 
 @pytest.fixture(scope="module")

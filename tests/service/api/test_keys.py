@@ -1,10 +1,9 @@
 """API keys as an operator gives them: `ADAPTER_SERVE_API_KEYS` as one key, a comma-separated list or a JSON
 list, and vLLM's `--api-key` flag, through a real `python -m service` process; a malformed value stops
 start-up with one line naming the variable (exit status 2), not a traceback."""
-import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +11,9 @@ import pytest
 from _server import free_port
 from service.cli import settings_problem
 from service.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "reliability"))
+from _load_process_server import ServerProcess, service_env  # noqa: E402
 
 VARIABLE = "ADAPTER_SERVE_API_KEYS"
 
@@ -45,40 +47,11 @@ def test_a_malformed_value_is_one_line_naming_the_variable(monkeypatch, value, w
     assert line.startswith(f"{VARIABLE}: ") and why in line and "\n" not in line, line
 
 
-def _env(**settings) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTER_SERVE_")}
-    env.update({f"ADAPTER_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
-    return env
-
-
-class Process:
-    """`python -m service` on a free port; killed on exit."""
+class Process(ServerProcess):
+    """`python -m service` on a free port with two running slots; killed on exit."""
 
     def __init__(self, tmp_path, args=(), **settings):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = _env(port=self.port, host="127.0.0.1", adapter_dir=tmp_path / "store", max_batch_size=2,
-                   max_seq_len=256, **settings)
-        self.log = tmp_path / f"server-{self.port}.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "service", *args], env=env, stdout=log,
-                                            stderr=subprocess.STDOUT)
-
-    def __enter__(self):
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"not ready:\n{self.log.read_text()}")
-
-    def __exit__(self, *exc):
-        self.process.kill()
-        self.process.wait(30)
+        super().__init__(tmp_path, args, max_batch_size=2, max_seq_len=256, **settings)
 
     def models(self, key=None) -> int:
         headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -107,7 +80,7 @@ def test_api_key_flag_as_vllm(tmp_path):
     (("--api-key", "a b"), {}, "--api-key: key 1 contains whitespace"),
 ])
 def test_a_malformed_setting_stops_start_up_with_one_line(tmp_path, args, settings, expected):
-    env = _env(port=free_port(), adapter_dir=tmp_path / "store", **settings)
+    env = service_env(port=free_port(), adapter_dir=tmp_path / "store", **settings)
     done = subprocess.run([sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2, done.stderr

@@ -7,12 +7,10 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-import adapters_core as ac
 from _server import LiveServer
+from lora_folders import save_random_lora
 from service.app import create_app
-from service.model import load_model
 from service.model.decoder import Decoder
 from service.settings import Settings
 
@@ -22,22 +20,9 @@ PROMPT = "The three primary colours are"
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
-
-
-@pytest.fixture(scope="module")
 def server(loaded, tmp_path_factory):
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    torch.manual_seed(0)
-    ac.inject_adapter_in_model(ac.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False), model, "tuned")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(0.5)
-    folder = tmp_path_factory.mktemp("adapter") / "tuned"
-    ac.save_adapter(model, str(folder), "tuned")
+    folder = save_random_lora(model, tmp_path_factory.mktemp("adapter") / "tuned", "tuned", seed=0, r=8)
     settings = Settings(adapter_dir=str(tmp_path_factory.mktemp("store")), dtype="float32", max_batch_size=8,
                         max_seq_len=384, max_prompt_tokens=256, max_tokens_limit=64)
     with LiveServer(create_app(settings, loaded)) as live:

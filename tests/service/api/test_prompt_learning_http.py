@@ -14,7 +14,6 @@ import adapters_core as ac
 from _server import LiveServer
 from service.app import create_app
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
-from service.model import load_model
 from service.model.decoder import Decoder
 from service.settings import Settings
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.slow
 
 MAX_SEQ_LEN = 128
 PROMPT = "The three primary colours are"
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
 
 
 def write_folder(folder, config: ac.PromptLearningConfig, embeddings: torch.Tensor):

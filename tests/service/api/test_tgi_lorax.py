@@ -12,7 +12,6 @@ import pytest
 from lora_folders import save_random_lora
 from _server import LiveServer
 from service.app import create_app
-from service.model import load_model
 from service.model.decoder import Decoder
 from service.settings import Settings
 
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.slow
 
 T = 120
 PROMPT = "Water boils at"
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(None)
 
 
 @pytest.fixture(scope="module")
