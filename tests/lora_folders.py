@@ -23,3 +23,11 @@ def save_random_lora(model, folder: Path, name: str, seed: int, r: int = 4,
     ac.save_adapter(model, str(folder), name)
     ac.delete_adapter(model, name)
     return folder
+
+
+def save_random_lora_of(loaded, folder: Path, name: str, seed: int, r: int = 8,
+                        targets=("q_proj", "v_proj", "down_proj")) -> Path:
+    """`save_random_lora` on a fresh decoder of `loaded` (a `LoadedModel`, e.g. the default model)."""
+    from service.model.decoder import Decoder
+
+    return save_random_lora(Decoder.from_state_dict(loaded.config, loaded.state_dict), folder, name, seed, r, targets)

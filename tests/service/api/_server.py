@@ -36,3 +36,14 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(60)
+
+
+def chat_stream_equals_whole(client, model: str) -> str:
+    """A greedy chat answer streamed with the openai client equals the same answer whole; returns it."""
+    messages = [{"role": "user", "content": "Say hello."}]
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    assert streamed == whole.choices[0].message.content and streamed
+    return streamed

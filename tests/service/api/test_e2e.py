@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 import adapters_core as ac
-from _server import LiveServer
-from lora_folders import save_random_lora
+from _server import LiveServer, chat_stream_equals_whole
+from lora_folders import save_random_lora_of
 from service.app import create_app
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from service.model.decoder import Decoder
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def adapter_dir(loaded, tmp_path_factory):
     """A LoRA adapter in PEFT's format, made by adapters_core on our decoder (random non-zero weights)."""
-    model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    return save_random_lora(model, tmp_path_factory.mktemp("adapter") / "sql", "sql", seed=0, r=8,
-                            targets=("q_proj", "v_proj", "down_proj"))
+    return save_random_lora_of(loaded, tmp_path_factory.mktemp("adapter") / "sql", "sql", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +61,7 @@ def test_openai_client_models_completions_and_streaming_chat(server, loaded, ada
     assert base.choices[0].text == engine_text(loaded, adapter_dir, prompt_ids, 12, False)
     assert tuned.choices[0].text == engine_text(loaded, adapter_dir, prompt_ids, 12, True)
     assert tuned.choices[0].text != base.choices[0].text
-    stream = client.chat.completions.create(model="sql", messages=[{"role": "user", "content": "Say hello."}],
-                                            max_tokens=10, temperature=0, stream=True)
-    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    whole = client.chat.completions.create(model="sql", messages=[{"role": "user", "content": "Say hello."}],
-                                           max_tokens=10, temperature=0)
-    assert streamed == whole.choices[0].message.content and streamed
+    chat_stream_equals_whole(client, "sql")
 
 
 def test_huggingface_inference_client_text_generation(server, loaded, adapter_dir, monkeypatch):

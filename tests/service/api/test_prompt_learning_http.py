@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import adapters_core as ac
-from _server import LiveServer
+from _server import LiveServer, chat_stream_equals_whole
 from service.app import create_app
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from service.model.decoder import Decoder
@@ -99,12 +99,7 @@ def test_upload_serve_and_delete_each_kind(server, loaded, folders):
         assert out.choices[0].text != expected[None], f"{name} must change the continuation"
         listed = httpx.get(f"{server.url}/admin/adapters/{name}", timeout=60).json()
         assert listed["kind"] == kinds[name] and listed["tier"] == "device"
-    stream = client.chat.completions.create(model="prefix", messages=[{"role": "user", "content": "Say hello."}],
-                                            max_tokens=10, temperature=0, stream=True)
-    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    whole = client.chat.completions.create(model="prefix", messages=[{"role": "user", "content": "Say hello."}],
-                                           max_tokens=10, temperature=0)
-    assert streamed == whole.choices[0].message.content and streamed
+    chat_stream_equals_whole(client, "prefix")
     body = {"model": "ptune", "prompt": "Hi", "max_tokens": 2}
     assert httpx.post(f"{server.url}/admin/adapters/ptune/deactivate", timeout=60).status_code == 200
     assert httpx.get(f"{server.url}/admin/adapters/ptune", timeout=60).json()["tier"] == "stored"

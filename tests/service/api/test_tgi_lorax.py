@@ -9,10 +9,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from lora_folders import save_random_lora
+from lora_folders import save_random_lora_of
 from _server import LiveServer
 from service.app import create_app
-from service.model.decoder import Decoder
 from service.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -23,9 +22,7 @@ PROMPT = "Water boils at"
 
 @pytest.fixture(scope="module")
 def folder(loaded, tmp_path_factory):
-    model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    return save_random_lora(model, tmp_path_factory.mktemp("adapters") / "sql", "sql", seed=1, r=8,
-                            targets=("q_proj", "v_proj", "down_proj"))
+    return save_random_lora_of(loaded, tmp_path_factory.mktemp("adapters") / "sql", "sql", seed=1)
 
 
 @pytest.fixture(scope="module")
