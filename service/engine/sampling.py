@@ -168,11 +168,10 @@ class RequestSampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return probs
 
-
     def _draw(self, probs: torch.Tensor) -> int:
         """One token from probabilities [V] (zeros for removed tokens; they need not sum to 1) by inverting
         their cumulative sum at one uniform draw of the request's generator: the distribution of
-        `torch.multinomial` (which builds the same cumulative sum), without its ~1.8 ms on a 49k vocabulary."""
+        `torch.multinomial` (which builds the same cumulative sum), without its ~1 ms on a 49k vocabulary."""
         cumulative = probs.cumsum(0)                                           # [V], non-decreasing
         u = torch.rand(1, generator=self.generator) * cumulative[-1]           # in [0, total)
         token = int(torch.searchsorted(cumulative, u, right=True))             # first index with cum > u
@@ -186,8 +185,8 @@ def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus sampling's filter (transformers' TopPLogitsWarper, vLLM's): keep the most likely tokens while
     the probability before them is under `top_p` (at least one); scores [V] -> scores [V], the rest -inf.
     The nucleus is usually a few dozen tokens: it is found among the `TOP_P_CANDIDATES` most likely (one
-    top-k instead of sorting the whole vocabulary, ~5 ms on 49k tokens), with the full sort only when the
-    candidates hold less than `top_p` of the probability."""
+    top-k instead of sorting the whole vocabulary), with the full sort only when the candidates hold less than
+    `top_p` of the probability."""
     probs = torch.softmax(scores, dim=-1)                                      # [V]
     k = min(TOP_P_CANDIDATES, scores.numel())
     top, ids = torch.topk(probs, k)                                            # [k], descending
