@@ -1,0 +1,207 @@
+"""The registry's registration internals (`RegistrationMixin` of `AdapterRegistry`, service/registry.py):
+a registration is prechecked (name, replace), staged and validated in a worker thread, committed to the store
+and recorded; start-up scans and rescans read the store back into records, quarantining what fails today's
+checks. The mixin uses the registry's state (records, store, lock, engine calls) and its plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+from adapters_core.io import SAFETENSORS_NAME
+
+from .adapter_record import CPU, STORED, AdapterRecord
+from .adapter_validation import AdapterSummary, ValidatedAdapter, check_name, parse_config
+from .registry_errors import Conflict, Invalid, RegistryError
+from .registry_tiers import _Retry
+
+log = logging.getLogger("service.registry")
+
+
+class RegistrationMixin:
+    """Registration, scans and records for `AdapterRegistry` (whose state and plumbing it uses)."""
+
+    # ----- registration internals ----------------------------------------------------------------------------
+    def _precheck(self, name: str, replace: bool) -> None:
+        check_name(name)
+        if name.casefold() in self.reserved:
+            raise Conflict(f"adapter name {name!r} is reserved: it is the base model's id, so requests for it "
+                           f"would reach the base model; choose another name")
+        self._bind()
+        if not replace and name in self._records:
+            raise self._taken(name)
+
+    @staticmethod
+    def _taken(name: str) -> Conflict:
+        return Conflict(f"adapter {name!r} already exists; delete it first or replace it")
+
+    async def _register(self, name: str, source: dict, replace: bool,
+                        stage: Callable[[str], Any]) -> AdapterRecord:
+        return await self._shielded(self._build_and_commit(name, source, replace, stage))
+
+    async def _build_and_commit(self, name: str, source: dict, replace: bool,
+                                stage: Callable[[str], Any]) -> AdapterRecord:
+        staging = self.store.new_staging()
+        try:
+            validated, meta = await asyncio.to_thread(self._prepare, staging, stage, source)
+            record, trash = self._commit(name, staging, validated, meta, replace)
+        except BaseException:
+            await asyncio.to_thread(self.store.remove, staging)
+            raise
+        await asyncio.to_thread(self.store.remove, trash)
+        return record
+
+    def _prepare(self, staging: str, stage: Callable[[str], Any], source: dict) -> tuple[ValidatedAdapter, dict]:
+        """Worker thread: write the files to `staging`, validate, normalise to safetensors, write metadata, seal."""
+        stage(staging)
+        validated = self.validator.validate(staging)
+        if validated.weights_name != SAFETENSORS_NAME:
+            self.store.to_safetensors(staging, validated.tensors)
+        sha256, size = self.store.digest(staging)
+        meta = {"source": source, "created_at": time.time(), "pinned": False, "served": True,
+                "sha256": sha256, "size": size}
+        self.store.write_meta(staging, meta)
+        self.store.seal(staging)
+        return validated, meta
+
+    def _commit(self, name: str, staging: str, validated: ValidatedAdapter, meta: dict,
+                replace: bool) -> tuple[AdapterRecord, Optional[str]]:
+        """Event loop, no await: swap the folder and the record in one step; return the record and the
+        replaced folder's trash path."""
+        old = self._records.get(name)
+        if old is not None and not replace:
+            raise self._taken(name)
+        record = self._record(name, validated.summary, meta, tier=CPU, config=validated.config,
+                              tensors=validated.tensors)
+        if not record.serialisable():                  # never hold a record the admin routes cannot show
+            raise Invalid(f"adapter {name!r}: its description is not valid JSON (a non-finite number?)")
+        trash = self.store.commit(name, staging)
+        self._records[name] = record
+        if old is not None:
+            self._retire(old)
+        self._enforce_cpu_limit()
+        self._emit("adapter_uploaded", name)
+        return record, trash
+
+    def _record(self, name: str, summary: Optional[AdapterSummary], meta: dict, error: Optional[str] = None,
+                **state: Any) -> AdapterRecord:
+        """A record from a summary and `registry.json`; with `error` (or metadata that does not describe a
+        record the admin routes can show) a quarantined one."""
+        try:
+            record = AdapterRecord(
+                name=name, kind=summary.kind if summary else "unknown", rank=summary.rank if summary else None,
+                alpha=summary.alpha if summary else None, targets=summary.targets if summary else [],
+                virtual_tokens=summary.virtual_tokens if summary else None,
+                size=int(meta.get("size") or 0), sha256=str(meta.get("sha256") or ""),
+                source=dict(meta.get("source") or {}), created_at=_time(meta.get("created_at")),
+                served=bool(meta.get("served", True)) and error is None, pinned=bool(meta.get("pinned", False)),
+                generation=next(self._generations), tick=next(self._ticks), error=error, **state)
+        except (TypeError, ValueError, OverflowError) as exc:
+            record = None
+            error = error or f"{self.store.path(name)}/registry.json does not describe an adapter: {exc}"
+        if record is None or not record.serialisable():
+            error = error or f"{self.store.path(name)}/registry.json holds values that are not valid JSON"
+            record = AdapterRecord(name=name, kind="unknown", rank=None, alpha=None, targets=[], size=0, sha256="",
+                                   source={}, created_at=time.time(), served=False, error=error,
+                                   generation=next(self._generations), tick=next(self._ticks))
+        if record.quarantined:
+            log.warning("adapter store: %r is quarantined: %s", name, record.error)
+        return record
+
+    def _save_meta(self, record: AdapterRecord) -> None:
+        meta = {"source": record.source, "created_at": record.created_at, "pinned": record.pinned,
+                "served": record.served, "sha256": record.sha256, "size": record.size}
+        self.store.write_meta(self.store.path(record.name), meta)
+
+    async def _scan(self) -> list[AdapterRecord]:
+        for name, summary, meta, error in await asyncio.to_thread(self._read_store):
+            if name not in self._records:
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+        for name in self.preload:
+            record = self._records.get(name)
+            if record is None or not record.served or record.quarantined:
+                log.warning("preload: adapter %r is %s", name, "not in the store" if record is None else "deactivated")
+                continue
+            try:
+                await self._load(record)
+            except (RegistryError, _Retry) as exc:
+                log.warning("preload: adapter %r cannot be loaded: %s", name, exc)
+        return self.list()
+
+    async def _rescan(self) -> dict[str, list[str]]:
+        # Registrations commit on the event loop without the lock, so one may land while the store is read
+        # in the worker thread: only names whose record is the one seen before the read are changed here.
+        before = dict(self._records)
+        entries = await asyncio.to_thread(self._read_store, False)
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": []}
+        on_disk = set()
+        for name, summary, meta, error in entries:
+            on_disk.add(name)
+            record = self._records.get(name)
+            if record is None and name not in before:
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+                report["added"].append(name)
+            elif record is None or record is not before.get(name):
+                continue                               # deleted or replaced here meanwhile
+            elif (record.sha256 != str(meta.get("sha256") or "") or (error is not None and error != record.error)
+                  or (error is None and record.quarantined and record.kind == "unknown")):   # fixed on disk
+                self._retire(self._records.pop(name))
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+                report["changed"].append(name)
+            elif record.quarantined:
+                continue
+            elif (record.served, record.pinned) != (flags := (bool(meta.get("served", True)),
+                                                              bool(meta.get("pinned", False)))):
+                record.served, record.pinned = flags
+                report["updated"].append(name)
+                if not record.served and not record.in_use:
+                    await self._unload(record)
+        for name, record in before.items():
+            if (name not in on_disk and self._records.get(name) is record
+                    and not os.path.isdir(self.store.path(name))):
+                del self._records[name]
+                self._retire(record)
+                self._emit("adapter_deleted", name)
+                report["removed"].append(name)
+        self._enforce_cpu_limit()
+        if any(report.values()):
+            log.info("adapter store rescan: %s", {k: v for k, v in report.items() if v})
+        return report
+
+    def _read_store(self, clean: bool = True) -> list[tuple[str, Optional[AdapterSummary], dict, Optional[str]]]:
+        """Worker thread: clean leftovers (at start-up), then describe every complete folder as (name,
+        summary, metadata, error); a folder that fails today's checks comes with its error (quarantined)."""
+        removed = self.store.clean() if clean else []
+        if removed:
+            log.info("adapter store: removed leftovers of an interrupted write: %s", removed)
+        entries = []
+        for name in self.store.names():
+            folder = self.store.path(name)
+            meta = None
+            try:
+                check_name(name)
+                meta = self.store.read_meta(folder)
+                if meta is None:          # a PEFT folder copied in by hand: check it like an upload
+                    summary = self.validator.validate(folder).summary
+                    meta = {"source": {"type": "local", "path": folder}, "created_at": time.time(),
+                            "pinned": False, "served": True}
+                else:
+                    summary = AdapterSummary.of(parse_config(self.store.read_config(folder)))
+                if not meta.get("sha256") or meta.get("size") != self.store.size(folder):
+                    meta["sha256"], meta["size"] = self.store.digest(folder)
+                    self.store.write_meta(folder, meta)
+            except (RegistryError, OSError, ValueError, TypeError) as exc:
+                entries.append((name, None, meta if isinstance(meta, dict) else {}, f"cannot be loaded: {exc}"))
+                continue
+            entries.append((name, summary, meta, None))
+        return entries
+
+
+def _time(value: Any) -> float:
+    """A stored unix time, or now when it is missing or not a finite number."""
+    value = float(value or 0)
+    return value if math.isfinite(value) and value > 0 else time.time()
