@@ -48,7 +48,7 @@ enum Format : int64_t { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, Q8_0 = 4, Q4_0 = 5, 
 
 // Values per block and bytes per block (1-value blocks for the plain formats).
 inline int64_t block_values(int64_t f) { return f >= Q8_0 ? (f >= Q4_K ? 256 : 32) : 1; }
-inline int64_t block_bytes(int64_t f) {
+constexpr int64_t block_bytes(int64_t f) {
   switch (f) {
     case F32: return 4;
     case BF16: case F16: return 2;
@@ -245,7 +245,7 @@ inline vf signed_bytes_to_float(const uint8_t* p) { return __builtin_convertvect
 constexpr bool register_format(int64_t f) { return f == Q8_0 || f == Q4_0 || f == Q4_1 || f == BF16 || f == I8; }
 // Values and bytes one step of the register path consumes: a 32-value block, or V plain values.
 constexpr int step_values(int64_t f) { return f == BF16 || f == I8 ? V : 32; }
-constexpr int64_t step_bytes(int64_t f) { return f == BF16 ? 2 * V : f == I8 ? V : f == Q8_0 ? 34 : f == Q4_0 ? 18 : 20; }
+constexpr int64_t step_bytes(int64_t f) { return f == BF16 ? 2 * V : f == I8 ? V : block_bytes(f); }
 
 // One step of format F at p into step_values(F) / V vectors, the values of dequant_block / dequant_span.
 template <int64_t F>
