@@ -37,10 +37,18 @@ def grouped_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.
         for i in members:         # outputs the one-call kernel does not take: the torch path, member by member
             results[i] = _lora_delta(layers[i].stack, x, results[i], mapping)
         return results
-    if members:
-        sgmv.kernel().sgmv_add_group_(rows_out, rows_in, [layers[i].stack.A for i in members],
-                                      [layers[i].stack.B for i in members], mapping.token_slots(rows_in.shape[0]))
+    add_lora_deltas_([layers[i] for i in members], rows_in, rows_out, mapping)
     return results
+
+
+def add_lora_deltas_(layers: Sequence[AdapterLayer], rows_in: torch.Tensor, rows_out: Sequence[torch.Tensor],
+                     mapping: BatchMapping) -> None:
+    """rows_out[k] [T, out_k] += each token's LoRA delta of layers[k] for rows_in [T, in], in one kernel call.
+    The layers hold plain LoRA stacks of one dtype (what `_shared_mapping` checks); rows have contiguous
+    features (strided rows, such as column slices of a joined matmul's output, are fine)."""
+    if layers:
+        sgmv.kernel().sgmv_add_group_(list(rows_out), rows_in, [layer.stack.A for layer in layers],
+                                      [layer.stack.B for layer in layers], mapping.token_slots(rows_in.shape[0]))
 
 
 def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[BatchMapping]:
