@@ -18,7 +18,7 @@ from service.api import admin, errors, health, native, openai, tokens
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
 from service.api.request_id import RequestContext
-from service.engine import Engine, EngineConfig
+from service.engine import Engine, EngineConfig, Grammars
 from service.generation import TextGenerator
 from service.kernels import native_kernels
 from service.metrics import Metrics
@@ -52,7 +52,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                                         max_batch_tokens=settings.max_batch_tokens,
                                         prefill_chunk=settings.prefill_chunk, max_waiting=settings.max_waiting),
-                    eos_token_ids=loaded.tokenizer.eos_token_ids)
+                    eos_token_ids=loaded.tokenizer.eos_token_ids,
+                    grammars=Grammars(loaded.tokenizer, loaded.config.vocab_size, loaded.tokenizer.eos_token_ids))
     metrics = Metrics(settings.metrics_max_adapter_labels)
     engine.step_listeners.append(lambda stats: metrics.engine_step(
         stats.sequences, stats.tokens, engine.num_running, engine.num_waiting,

@@ -3,6 +3,7 @@
 from .engine import Engine, EngineConfig
 from .request import FinishReason, GenerationRequest, RequestOutput, TokenEvent
 from .sampling import SamplingParams
+from .structured import Constraint, Grammars
 
-__all__ = ["Engine", "EngineConfig", "FinishReason", "GenerationRequest", "RequestOutput", "SamplingParams",
-           "TokenEvent"]
+__all__ = ["Constraint", "Engine", "EngineConfig", "FinishReason", "GenerationRequest", "Grammars", "RequestOutput",
+           "SamplingParams", "TokenEvent"]

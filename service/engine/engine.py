@@ -11,7 +11,9 @@ re-running the step's requests one by one, in its part of the forward) finishes 
 `FinishReason.ERROR`. Step listeners (the metrics' gauges) hear of every step, of a step that only
 cancelled, and of an idle tick every `IDLE_TICK_S` seconds.
 A request on a prompt-learning adapter starts with the adapter's virtual tokens in its cache slot, its prompt
-right after them (virtual_tokens.py); they count against `max_seq_len`.
+right after them (virtual_tokens.py); they count against `max_seq_len`. With `grammars` (structured.py) a
+request may carry a grammar constraint: its grammar is checked at `validate`, and each step computes the masks
+of the constrained requests it samples in one batched call before sampling.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from service.model.decoder import StepPlan, StepSequence
 from .kv_cache import KVCache
 from .request import FinishReason, GenerationRequest, RequestOutput, RequestState, TokenEvent
 from .scheduler import Scheduler
+from .structured import Grammars, check_constraint, guide_for
 from .virtual_tokens import VirtualTokens
 
 
@@ -64,8 +67,10 @@ class StepStats:
 
 
 class Engine:
-    def __init__(self, model, config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = ()):
+    def __init__(self, model, config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = (),
+                 grammars: Optional[Grammars] = None):
         self.model = model
+        self.grammars = grammars                  # structured output; None: constrained requests are refused
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
         weight = model.model.norm.weight
@@ -102,13 +107,16 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if request.adapter not in (None, "__base__") and not virtual:
             ac.adapter_slot(self.model, request.adapter)
+        check_constraint(self.grammars, request.params.constraint)
 
     def submit(self, request: GenerationRequest, on_event: Optional[Callable[[TokenEvent], None]] = None) -> None:
         self.validate(request)
+        guide = guide_for(self.grammars, request.params.constraint)
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFullError(f"the queue holds {self.config.max_waiting} waiting requests")
-            self._inbox.append(RequestState(request, self.vocab_size, time.monotonic(), on_event, self.eos_token_ids))
+            self._inbox.append(RequestState(request, self.vocab_size, time.monotonic(), on_event, self.eos_token_ids,
+                                            guide))
             self._lock.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -207,6 +215,8 @@ class Engine:
             sampled, logits = self._forward_each(plan_items, finished)
         now = time.monotonic()
         finite = torch.isfinite(logits).all(dim=-1).tolist() if sampled else []
+        if self.grammars is not None:          # the constrained requests' masks, in one call
+            self.grammars.fill(state.sampler.guide for state in sampled)
         greedy = [i for i, state in enumerate(sampled) if finite[i] and state.sampler.plain_greedy]
         greedy_tokens = dict(zip(greedy, logits[greedy].float().argmax(dim=-1).tolist())) if greedy else {}
         for i, state in enumerate(sampled):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from .sampling import RequestSampler, SamplingParams, TopLogprobs
+from .structured import Guide
 
 _ids = itertools.count()
 
@@ -55,9 +56,10 @@ class RequestState:
     """Where a request stands: prompt tokens computed so far, generated tokens, its cache slot."""
 
     def __init__(self, request: GenerationRequest, vocab_size: int, arrival: float,
-                 on_event: Optional[Callable[[TokenEvent], None]] = None, eos_token_ids: Iterable[int] = ()):
+                 on_event: Optional[Callable[[TokenEvent], None]] = None, eos_token_ids: Iterable[int] = (),
+                 guide: Optional[Guide] = None):
         self.request = request
-        self.sampler = RequestSampler(request.params, vocab_size, request.prompt_ids, eos_token_ids)
+        self.sampler = RequestSampler(request.params, vocab_size, request.prompt_ids, eos_token_ids, guide)
         self.slot: Optional[int] = None
         self.computed = 0                         # tokens whose keys/values are in the cache
         self.virtual = 0                          # prompt-learning virtual tokens before them (cache 0..virtual-1)

@@ -9,6 +9,8 @@ top-k, top-p, typical-p (TGI's `typical_p`), min-p. Every feature is per request
 requests that do not use it; those that use none and are greedy never reach `sample` (the engine takes one
 batched argmax for them). The log-probability reported for a chosen token, and the `top_logprobs` most likely
 alternatives, are taken from the model's raw distribution (vLLM's default), before any of the above.
+A request with a grammar `constraint` (structured.py) has a `Guide` whose mask is applied before everything
+else, and which the chosen token advances.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
+
+from .structured import Constraint, Guide
 
 
 # Temperatures this small sample the argmax anyway, and dividing by them overflows the logits to inf
@@ -47,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False             # the chosen token's log-probability
     top_logprobs: int = 0              # and this many most likely tokens with theirs (needs logprobs)
+    constraint: Optional[Constraint] = None    # structured output: a grammar the tokens must follow
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
         if self.max_tokens < 1:
@@ -68,6 +73,9 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be a finite number > 0")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be in [0, max_tokens ({self.max_tokens})]")
+        if self.constraint is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError(f"{'ignore_eos' if self.ignore_eos else 'min_tokens'}: cannot be combined with "
+                             f"structured output ({self.constraint.field}): the grammar decides where it ends")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         for token, bias in self.logit_bias.items():
@@ -84,8 +92,9 @@ class RequestSampler:
     """Per-request sampling state: its generator, the tokens it has seen and the counts of those it generated."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Iterable[int] = (),
-                 eos_token_ids: Iterable[int] = ()):
+                 eos_token_ids: Iterable[int] = (), guide: Optional[Guide] = None):
         self.params = p = params
+        self.guide = guide                                       # the grammar's matcher, if constrained
         self.generator = torch.Generator()
         seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator.manual_seed(seed)
@@ -113,7 +122,7 @@ class RequestSampler:
         then takes it for all such requests of a step with one batched argmax instead of calling `sample`."""
         p = self.params
         return (p.temperature < GREEDY_BELOW and self.counts is None and self.seen is None and self.bias is None
-                and not p.logprobs and (self.ends is None or self.generated >= p.min_tokens))
+                and self.guide is None and not p.logprobs and (self.ends is None or self.generated >= p.min_tokens))
 
     def sample(self, logits: torch.Tensor) -> tuple[int, Optional[float], Optional[TopLogprobs]]:
         """logits [V] (any dtype, any device) -> (token id, its raw log-probability if asked, the
@@ -132,6 +141,8 @@ class RequestSampler:
             if p.top_logprobs:
                 values, ids = torch.topk(logprobs, min(p.top_logprobs, logprobs.numel()))
                 top = list(zip(ids.tolist(), values.tolist()))
+        if self.guide is not None:
+            self.guide.advance(token)
         self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1
@@ -140,8 +151,11 @@ class RequestSampler:
         return token, logprob, top
 
     def processed(self, logits: torch.Tensor) -> torch.Tensor:
-        """Raw float logits [V] -> after min_tokens, logit_bias and the penalties (a new tensor if any apply)."""
+        """Raw float logits [V] -> after the grammar's mask, min_tokens, logit_bias and the penalties (a new
+        tensor if any apply)."""
         p = self.params
+        if self.guide is not None:
+            logits = self.guide.apply(logits)
         if self.ends is not None and self.generated < p.min_tokens:
             logits = logits.index_fill(0, self.ends, float("-inf"))
         if self.bias is not None:
