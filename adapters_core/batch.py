@@ -3,7 +3,9 @@
 Both resolve names to slots once, bring the stacks of the adapters involved up to date, and install one
 `BatchMapping` on the model for the duration of the `with` block; every AdapterLayer then runs the stacked
 path of `stack.py`. `token_batch` is the engine's form: a flattened token batch (prefill chunks and decode
-tokens of many requests side by side) with an adapter slot per token.
+tokens of many requests side by side) with an adapter slot per token. Both take optional `scales`, one
+multiplier per row / token of its LoRA delta (PEFT's `scaling` times the scale); all-ones scales are
+dropped, so the batch computes exactly what it computes without them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from torch import nn
 
 from .errors import UnknownAdapterError
 from .injection import slot_table
+from .batch_mapping import BatchMapping
 from .layer import AdapterLayer
-from .stack import BASE, BatchMapping, SlotTable
+from .stack import BASE, SlotTable
 
 
 def adapter_slot(model: nn.Module, adapter_name: str) -> int:
@@ -58,21 +61,38 @@ def _installed(table: SlotTable, mapping: BatchMapping) -> Iterator[BatchMapping
         table.mapping = previous
 
 
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str], check_edits: bool = True):
-    """Context manager: inside it, row i of the model's input runs with adapter `adapter_names[i]`.
-    `check_edits=False`: see `token_batch`."""
+def _scales(scales, count: int, device: torch.device) -> Optional[torch.Tensor]:
+    """`scales` as an fp32 tensor of `count` values, or None when absent or all 1 (nothing to multiply)."""
+    if scales is None:
+        return None
+    t = torch.as_tensor(scales, dtype=torch.float32).to(device).flatten()
+    if t.numel() != count:
+        raise ValueError(f"{count} rows / tokens but {t.numel()} scales")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("adapter scales must be finite numbers")
+    return None if bool((t == 1).all()) else t
+
+
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], check_edits: bool = True,
+                scales: Optional[Sequence[float]] = None):
+    """Context manager: inside it, row i of the model's input runs with adapter `adapter_names[i]`, its
+    LoRA delta multiplied by `scales[i]` when given (IA3 vectors are not scaled). `check_edits=False`: see
+    `token_batch`."""
     table = slot_table(model)
     names = list(adapter_names)
     _check_usable(model, table, set(names))
     table.sync({n for n in names if n != BASE}, check_edits)
-    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=_device(model, table))
-    return _installed(table, BatchMapping.rows(slots))
+    device = _device(model, table)
+    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=device)
+    return _installed(table, BatchMapping.rows(slots, _scales(scales, len(names), device)))
 
 
 def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Tensor],
-                segment_len: Optional[int] = None, sync: bool = True, check_edits: bool = True):
+                segment_len: Optional[int] = None, sync: bool = True, check_edits: bool = True,
+                scales: Union[Sequence[float], torch.Tensor, None] = None):
     """Context manager for a flattened batch: token t runs with `token_adapters[t]` (a name, or a slot
-    from `adapter_slot`). Inputs of targeted layers must flatten to [num_tokens, features].
+    from `adapter_slot`), its LoRA delta multiplied by `scales[t]` when given. Inputs of targeted layers
+    must flatten to [num_tokens, features].
     `sync=False` skips the check that the adapters' stacked copies are current: only for a second batch
     over adapters that an earlier batch of the same step (e.g. the engine's forward) just checked.
     `check_edits=False` trusts that adapter weights change only through adapters_core's functions
@@ -94,4 +114,4 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
     _check_usable(model, table, names)
     if sync:
         table.sync(names - {BASE}, check_edits)
-    return _installed(table, BatchMapping.tokens(slots, segment_len))
+    return _installed(table, BatchMapping.tokens(slots, segment_len, _scales(scales, slots.numel(), slots.device)))

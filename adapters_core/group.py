@@ -20,7 +20,8 @@ from torch.nn.modules import module as _module
 
 from . import sgmv
 from .layer import AdapterLayer
-from .stack import BatchMapping, _lora_delta, _rows
+from .batch_mapping import BatchMapping
+from .stack import _lora_delta, _rows
 
 
 def grouped_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
@@ -45,10 +46,13 @@ def add_lora_deltas_(layers: Sequence[AdapterLayer], rows_in: torch.Tensor, rows
                      mapping: BatchMapping) -> None:
     """rows_out[k] [T, out_k] += each token's LoRA delta of layers[k] for rows_in [T, in], in one kernel call.
     The layers hold plain LoRA stacks of one dtype (what `_shared_mapping` checks); rows have contiguous
-    features (strided rows, such as column slices of a joined matmul's output, are fine)."""
+    features (strided rows, such as column slices of a joined matmul's output, are fine). The mapping's
+    per-token scales (a request's adapter_scale), if any, multiply each delta."""
     if layers:
+        tokens = rows_in.shape[0]
         sgmv.kernel().sgmv_add_group_(list(rows_out), rows_in, [layer.stack.A for layer in layers],
-                                      [layer.stack.B for layer in layers], mapping.token_slots(rows_in.shape[0]))
+                                      [layer.stack.B for layer in layers], mapping.token_slots(tokens),
+                                      mapping.token_scales(tokens))
 
 
 def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[BatchMapping]:

@@ -2,13 +2,13 @@
 
 `merge_adapter` folds adapters into the base layers' weights (W += delta, IA3 W *= l, DoRA rescaled);
 `unmerge_adapter` subtracts them again; `merge_and_unload` / `unload` return the plain model without
-wrappers; `add_weighted_adapter` builds a new LoRA adapter from existing ones ("linear", "cat", "svd").
+wrappers; `add_weighted_adapter` builds a new LoRA adapter from existing ones ("linear", "cat", "svd", and
+PEFT's task-arithmetic family "ties", "dare_linear", "dare_ties", "magnitude_prune" of task_arithmetic.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -19,6 +19,7 @@ from .errors import AdapterError
 from .injection import (_set_submodule, adapter_layers, inject_adapter_in_model, peft_configs, slot_table,
                         wrappers)
 from .management import _check_known, active_adapters, set_adapter
+from .task_arithmetic import FACTOR_STRATEGIES, check_strategy, combine_factors
 
 
 def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None) -> None:
@@ -60,8 +61,13 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
-    """Create LoRA adapter `adapter_name` as a weighted combination of existing LoRA adapters."""
+                         combination_type: str = "svd", svd_rank: Optional[int] = None,
+                         density: Optional[float] = None, majority_sign_method: str = "total",
+                         generator: Optional[torch.Generator] = None) -> None:
+    """Create LoRA adapter `adapter_name` as a weighted combination of existing LoRA adapters, as PEFT's
+    `add_weighted_adapter` does. `density` (ties, dare_*, magnitude_prune) is the fraction of each factor's
+    entries kept; `majority_sign_method` (ties, dare_ties) elects signs by `total` or `frequency`; DARE's
+    random drops come from `generator` (torch's global generator when None, as in PEFT)."""
     configs = peft_configs(model)
     _check_known(model, adapters)
     if len(adapters) != len(weights):
@@ -75,16 +81,19 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     combination_type = "linear" if len(adapters) == 1 else combination_type
     ranks = [c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values())
              for c in (configs[a] for a in adapters)]
-    if combination_type == "linear":
+    if combination_type in FACTOR_STRATEGIES:
         if len(set(ranks)) != 1:
-            raise AdapterError("all adapters must have the same r for combination_type linear")
+            raise AdapterError(f"all adapters must have the same r for combination_type {combination_type} "
+                               f"(got ranks {ranks})")
+        check_strategy(combination_type, density, majority_sign_method)
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
     elif combination_type == "svd":
         new_rank = svd_rank or max(ranks)
     else:
-        raise AdapterError(f"combination_type {combination_type!r} is not supported (linear, cat, svd)")
+        raise AdapterError(f"combination_type {combination_type!r} is not supported "
+                           f"({', '.join(FACTOR_STRATEGIES + ('cat', 'svd'))})")
     kinds = {type(configs[a].target_modules) for a in adapters}
     if len(kinds) > 1:
         raise AdapterError("all adapters must give target_modules the same way (all lists or all strings)")
@@ -113,16 +122,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                 b_new.zero_()
                 a_new[: a_cat.shape[0]] = a_cat
                 b_new[:, : b_cat.shape[1]] = b_cat
-            elif combination_type == "linear":
-                a_sum = torch.zeros_like(a_new)
-                b_sum = torch.zeros_like(b_new)
-                for a, w in present:
-                    ws = w * layer.scaling[a]
-                    sign = 1 if ws >= 0 else -1
-                    a_sum += layer.lora_factors(a)[0] * (math.sqrt(abs(ws)) * sign)
-                    b_sum += layer.lora_factors(a)[1] * math.sqrt(abs(ws))
-                a_new.copy_(a_sum)
-                b_new.copy_(b_sum)
+            elif combination_type in FACTOR_STRATEGIES:
+                factors = [layer.lora_factors(a)[:2] + (layer.scaling[a],) for a, _ in present]
+                a_merged, b_merged = combine_factors(combination_type, factors, [w for _, w in present], density,
+                                                     majority_sign_method, generator)
+                a_new.copy_(a_merged)
+                b_new.copy_(b_merged)
             else:
                 delta = sum(layer.get_delta_weight(a) * w for a, w in present)
                 if layer.fan_in_fan_out or layer.is_embedding:

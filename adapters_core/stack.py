@@ -1,9 +1,10 @@
-"""Stacked adapter weights and the per-call batch mapping: the mixed-batch hot path.
+"""Stacked adapter weights and the mixed-batch forward: the hot path.
 
 PEFT runs a mixed batch by looping in Python over the adapters present and indexing sub-batches in every
 layer. Here every adapter of a model owns one global *slot* (slot 0 is the base model); each AdapterLayer
 keeps its adapters copied into stacked, zero-padded tensors indexed by slot (`LayerStack`), and one
-`BatchMapping` built once per forward says which slot each row (or token) uses. A layer then does the
+`BatchMapping` (`batch_mapping.py`) built once per forward says which slot each row (or token) uses, and
+optionally a scale for its LoRA delta (applied to the shrink's output). A layer then does the
 same few batched ops whatever the mix: on the CPU with plain LoRA deltas, one call of the fused kernel
 (`sgmv.py`: each token's rows read from the stacks, the shrink and expand of Punica's SGMV in one pass);
 otherwise gather the slots' A and B, two `bmm`s, and per-token gathers for IA3 scales, DoRA factors and
@@ -27,6 +28,7 @@ from typing import Iterable, Optional
 import torch
 
 from . import sgmv
+from .batch_mapping import BatchMapping
 
 BASE = "__base__"
 _VERSION = operator.attrgetter("_version")
@@ -267,131 +269,6 @@ class LayerStack:
         self.slot_names[slot] = name
 
 
-class BatchMapping:
-    """Which slot each row (`rows` layout, x is [B, ..., F]) or token (`tokens` layout, x flattens to
-    [N, F]) of the next forward uses. Built once per forward; layers only gather with it."""
-
-    def __init__(self, slots: torch.Tensor, layout: str, segment_len: Optional[int] = None) -> None:
-        self.layout = layout
-        self.slots = slots                            # [B] or [N]
-        self.seg_slots = slots                        # [G]
-        self.gather: Optional[torch.Tensor] = None    # [G, L] token index per segment position
-        self.scatter: Optional[torch.Tensor] = None   # [N] flat position of each token in [G * L]
-        self.seg_len = 1
-        # Every row/token on the base model (slot 0): layers skip the adapter work, which for identity
-        # slots would add zeros at the full cost of gathering and multiplying them.
-        self.all_base = not bool(slots.any())
-        if layout == "tokens":
-            self._build_segments(segment_len)
-        # Identifies the gather pattern, so layers can reuse gathered adapter rows across steps.
-        self.key = (self.layout, tuple(self.seg_slots.tolist()))
-        self._token_slots: dict[int, torch.Tensor] = {}
-
-    @classmethod
-    def rows(cls, slots: torch.Tensor) -> "BatchMapping":
-        return cls(slots, "rows")
-
-    @classmethod
-    def tokens(cls, slots: torch.Tensor, segment_len: Optional[int] = None) -> "BatchMapping":
-        return cls(slots, "tokens", segment_len)
-
-    def _build_segments(self, segment_len: Optional[int]) -> None:
-        """Split runs of equal slots into segments of at most `L` tokens, L picked to keep padding low."""
-        slots = self.slots
-        n = slots.numel()
-        if n == 0:
-            return
-        change = torch.ones(n, dtype=torch.bool, device=slots.device)
-        change[1:] = slots[1:] != slots[:-1]
-        starts = torch.nonzero(change).flatten()
-        lengths = torch.diff(torch.cat([starts, torch.tensor([n], device=slots.device)]))
-        if segment_len is None:
-            segment_len = _best_segment_len(lengths)
-        if int(lengths.max()) == 1 and segment_len == 1:
-            self.seg_len = 1                              # one token per segment: x.unsqueeze(1) suffices
-            return
-        pieces = (lengths + segment_len - 1) // segment_len          # segments per run
-        seg_run = torch.repeat_interleave(torch.arange(len(lengths), device=slots.device), pieces)
-        first_piece = torch.cumsum(pieces, 0) - pieces
-        piece_idx = torch.arange(int(pieces.sum()), device=slots.device) - first_piece[seg_run]
-        seg_start = starts[seg_run] + piece_idx * segment_len                      # [G]
-        seg_end = torch.minimum(starts[seg_run] + lengths[seg_run], seg_start + segment_len)
-        offs = torch.arange(segment_len, device=slots.device)
-        self.gather = torch.minimum(seg_start[:, None] + offs, seg_end[:, None] - 1)  # [G, L]
-        self.seg_slots = slots[seg_start]
-        self.seg_len = segment_len
-        token_seg = torch.repeat_interleave(torch.arange(len(seg_start), device=slots.device),
-                                            seg_end - seg_start)
-        self.scatter = token_seg * segment_len + (torch.arange(n, device=slots.device) - seg_start[token_seg])
-
-    # --- used by layers -----------------------------------------------------------------------------------
-    def check(self, x: torch.Tensor, what: str) -> None:
-        n = self.slots.numel()
-        if self.layout == "rows" and (x.dim() < 2 and what != "ids" or x.shape[0] != n):
-            raise ValueError(f"mixed batch of {n} rows, but a targeted layer got input of shape "
-                             f"{tuple(x.shape)}; the batch dimension must come first")
-        if self.layout == "tokens":
-            tokens = x.numel() if what == "ids" else x.numel() // x.shape[-1]
-            if tokens != n:
-                raise ValueError(f"token batch of {n} tokens, but a targeted layer got input of shape "
-                                 f"{tuple(x.shape)}")
-
-    def token_slots(self, tokens: int) -> torch.Tensor:
-        """The slot of every token of an input flattened to [tokens, F] (rows layout: each row's slot repeated
-        for its tokens), contiguous: the fused kernel's form, made once per mapping and token count."""
-        out = self._token_slots.get(tokens)
-        if out is None:
-            per_row = tokens // max(1, self.slots.numel())
-            out = self.slots.repeat_interleave(per_row) if self.layout == "rows" and per_row > 1 else self.slots
-            out = self._token_slots[tokens] = out.contiguous()
-        return out
-
-    def tokens_per_segment(self, x: torch.Tensor) -> int:
-        if self.layout == "rows":
-            return x.numel() // max(1, x.shape[0] * x.shape[-1])
-        return self.seg_len
-
-    def per_token(self, table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """table [n_slots, F] -> each row/token's entry, broadcastable against `like` [..., F]."""
-        picked = table.index_select(0, self.slots)                   # [B, F] or [N, F]
-        if self.layout == "rows":
-            return picked.view((picked.shape[0],) + (1,) * (like.dim() - 2) + (picked.shape[-1],))
-        return picked.view(like.shape[:-1] + (picked.shape[-1],))
-
-    def to_segments(self, t: torch.Tensor) -> torch.Tensor:
-        """[..., F] in x's layout -> [G, L, F]."""
-        f = t.shape[-1]
-        if self.layout == "rows":
-            return t.reshape(t.shape[0], -1, f)
-        flat = t.reshape(-1, f)
-        if self.gather is None:
-            return flat.unsqueeze(1)
-        return flat[self.gather]
-
-    def from_segments(self, d: torch.Tensor, like_shape: torch.Size) -> torch.Tensor:
-        """[G, L, F] -> x's layout with feature size F."""
-        f = d.shape[-1]
-        if self.layout == "tokens" and self.scatter is not None:
-            d = d.reshape(-1, f)[self.scatter]
-        return d.reshape(tuple(like_shape[:-1]) + (f,))
-
-
-def _best_segment_len(lengths: torch.Tensor) -> int:
-    """Segment length minimising padded tokens plus a per-segment overhead worth ~8 tokens."""
-    longest = int(lengths.max())
-    best, best_cost = 1, None
-    cand = 1
-    while True:
-        pieces = (lengths + cand - 1) // cand
-        cost = int(pieces.sum()) * (cand + 8)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = cand, cost
-        if cand >= longest:
-            break
-        cand = min(cand * 2, longest)
-    return best
-
-
 def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwargs) -> torch.Tensor:
     """A layer's forward for a mixed batch: every row/token with its own slot, in a fixed number of ops.
     This runs for every adapted layer of every engine step (210 calls per SmolLM2 step), so it reads few
@@ -415,7 +292,9 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         rows_in = _fused_rows(x)
         rows_out = None if rows_in is None else _rows(result)
         if rows_out is not None and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
-            sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.token_slots(rows_in.shape[0]))  # result += LoRA
+            tokens = rows_in.shape[0]
+            sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.token_slots(tokens),   # result += LoRA
+                           mapping.token_scales(tokens))
             return result
     return _lora_delta(st, x, result, mapping)
 
@@ -427,6 +306,8 @@ def _lora_delta(st: LayerStack, x: torch.Tensor, result: torch.Tensor, mapping: 
     xs = mapping.to_segments(x.to(dtype))                                     # [G, L, in]
     a, b = st.gathered(mapping, dtype)
     h = torch.bmm(xs, a)                                                      # [G, L, R]
+    if mapping.scales is not None:
+        h.mul_(mapping.segment_scales(h))                                     # [G, L, R]: each token's scale
     in_place = st.bias is None and st.dora is None and (mapping.layout == "rows" or mapping.scatter is None)
     if in_place and result.dtype == dtype:
         # In place into the base output: no [B, S, out] temporary (the base output is ours to change).
@@ -438,7 +319,10 @@ def _lora_delta(st: LayerStack, x: torch.Tensor, result: torch.Tensor, mapping: 
         return result
     delta = mapping.from_segments(d, result.shape)                            # like result
     if st.bias is not None:
-        delta = delta + mapping.per_token(st.bias, delta)
+        bias = mapping.per_token(st.bias, delta)                              # like delta
+        if mapping.scales is not None:                                        # lora_B's bias is in the delta
+            bias = bias * mapping.scales_like(delta)
+        delta = delta + bias
     if st.dora is not None:
         g = mapping.per_token(st.dora, delta)
         bias = getattr(st.layer.base_layer, "bias", None)
@@ -473,11 +357,11 @@ def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchM
     result = layer.base_layer(ids, *args, **kwargs)
     if st.A is None or mapping.all_base:
         return result
-    if mapping.layout == "rows":
-        tok_slots = mapping.slots.view((-1,) + (1,) * (ids.dim() - 1)).expand_as(ids)
-    else:
-        tok_slots = mapping.slots.view(ids.shape)
+    per_id = (-1,) + (1,) * (ids.dim() - 1) if mapping.layout == "rows" else ids.shape
+    tok_slots = mapping.slots.view(per_id).expand_as(ids)
     h = st.A[tok_slots, ids]                                                   # [..., R]
+    if mapping.scales is not None:
+        h.mul_(mapping.scales.view(per_id).unsqueeze(-1))                      # [..., R]: each token's scale
     d = torch.bmm(mapping.to_segments(h), st.B.index_select(0, mapping.seg_slots))  # [G, L, d] (stack dtype)
     delta = mapping.from_segments(d, result.shape)
     if st.dora is not None:

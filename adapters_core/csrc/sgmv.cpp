@@ -2,7 +2,8 @@
 // expand of Punica's SGMV in one pass): result[g] += (x[g] @ A[slot[g]]) @ B[slot[g]], reading each
 // token's adapter rows straight from the stacked tensors (no gathered copies), accumulating in fp32
 // whatever the dtypes, and adding into the base output in place (one rounding to its dtype, as `add_` of
-// an fp32 delta does).
+// an fp32 delta does). An optional fp32 scale per token multiplies the shrink's output h (a request's
+// adapter_scale); without scales no multiply runs, so unscaled batches compute exactly what they did before.
 #include <torch/extension.h>
 
 #include "spin_pool.h"
@@ -23,7 +24,8 @@ inline float to_float(T v) { return static_cast<float>(v); }
 // Portable version: any dtypes, any rank; the compiler vectorises the inner loops.
 template <typename wt, typename xt, typename rt>
 void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
-               rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank, int64_t out_features) {
+               const float* scales, rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank,
+               int64_t out_features) {
   spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
   std::vector<float> h(rank), acc(out_features);                 // per thread, reused for its rows
   for (int64_t g = g_begin; g < g_end; ++g) {
@@ -37,6 +39,8 @@ void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_sta
 #pragma omp simd
       for (int64_t r = 0; r < rank; ++r) h[r] += xi * to_float(row[r]);
     }
+    if (scales != nullptr)
+      for (int64_t r = 0; r < rank; ++r) h[r] *= scales[g];
     const wt* b = b_stack + slots[g] * rank * out_features;     // [R, out]
     for (int64_t r = 0; r < rank; ++r) {
       const float hr = h[r];
@@ -86,11 +90,12 @@ inline void prefetch_span(const void* from, int64_t bytes) {
 }
 
 // One token's LoRA for one layer: rg[:out] += (xf @ A) @ B, A [in, R] and B [R, out] of the token's slot.
-// a_next / b_next: the next work item's adapter rows, fetched into L2 while this one computes.
+// a_next / b_next: the next work item's adapter rows, fetched into L2 while this one computes;
+// scale: multiplies h (nullptr: no multiply).
 template <typename wt, typename rt>
 inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, int64_t in, int64_t rank,
                             int64_t out_features, float* h, const char* a_next, int64_t a_bytes,
-                            const char* b_next, int64_t b_bytes) {
+                            const char* b_next, int64_t b_bytes, const float* scale) {
   int64_t a_pf = 0, b_pf = 0;
   const int64_t row_bytes = rank * static_cast<int64_t>(sizeof(wt));
   for (int64_t rb = 0; rb < rank; rb += 16) {                    // shrink: h = x @ A
@@ -110,7 +115,9 @@ inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, i
       s3 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 3]), load16(a + (i + 3) * rank + rb, m), s3);
     }
     for (; i < in; ++i) s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
-    _mm512_storeu_ps(h + rb, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    __m512 sum = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+    if (scale != nullptr) sum = _mm512_mul_ps(sum, _mm512_set1_ps(*scale));
+    _mm512_storeu_ps(h + rb, sum);
   }
   for (int64_t o = 0; o < out_features; o += 64) {              // expand: result += h @ B, 64 columns at a time
     const __mmask16 m0 = lanes(out_features - o), m1 = lanes(out_features - o - 16),
@@ -148,8 +155,8 @@ struct Member {
 };
 
 template <typename wt, typename xt, typename rt>
-void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots, int64_t groups,
-                const std::vector<Member>& members) {
+void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots, const float* scales,
+                int64_t groups, const std::vector<Member>& members) {
 #ifdef SGMV_AVX512
   if constexpr (!std::is_same<wt, double>::value && !std::is_same<rt, double>::value) {
     int64_t max_rank = 0;
@@ -171,7 +178,8 @@ void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots,
                                                            slots[gn] * mn.rank * mn.out_features);
         lora_row_avx512<wt, rt>(xf.data(), a, b, static_cast<rt*>(m.result) + g * m.r_stride, in, m.rank,
                                 m.out_features, h.data(), a_next, in * mn.rank * static_cast<int64_t>(sizeof(wt)),
-                                b_next, mn.rank * mn.out_features * static_cast<int64_t>(sizeof(wt)));
+                                b_next, mn.rank * mn.out_features * static_cast<int64_t>(sizeof(wt)),
+                                scales != nullptr ? scales + g : nullptr);
       }
     }
     });
@@ -179,7 +187,7 @@ void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots,
   }
 #endif
   for (const auto& m : members)
-    sgmv_rows<wt, xt, rt>(x, x_stride, static_cast<const wt*>(m.a), static_cast<const wt*>(m.b), slots,
+    sgmv_rows<wt, xt, rt>(x, x_stride, static_cast<const wt*>(m.a), static_cast<const wt*>(m.b), slots, scales,
                           static_cast<rt*>(m.result), m.r_stride, groups, in, m.rank, m.out_features);
 }
 
@@ -188,9 +196,10 @@ void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots,
 // results[k] [G, out_k] (rows may be strided, last dim contiguous) += x [G, in] @ As[k][slots] @ Bs[k][slots]
 // for every member k (layers reading the same input: q/k/v, gate/up): one call and one pass over the rows.
 // As[k] [n, in, R_k] and Bs[k] [n, R_k, out_k] contiguous, one weight dtype for all; x and the results any of
-// fp32 / bf16 / fp16, the results sharing one dtype.
+// fp32 / bf16 / fp16, the results sharing one dtype. scales: None, or [G] fp32 contiguous multiplying each
+// row's h = x @ A (every member alike).
 void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> as,
-                     std::vector<torch::Tensor> bs, torch::Tensor slots) {
+                     std::vector<torch::Tensor> bs, torch::Tensor slots, c10::optional<torch::Tensor> scales) {
   TORCH_CHECK(!results.empty() && results.size() == as.size() && results.size() == bs.size(),
               "sgmv: one A and one B stack per result");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
@@ -198,6 +207,12 @@ void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == x.size(0),
               "sgmv: one int64 slot per row");
   const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* scale_p = nullptr;
+  if (scales.has_value() && scales->defined()) {
+    TORCH_CHECK(scales->device().is_cpu() && scales->scalar_type() == torch::kFloat32 && scales->is_contiguous() &&
+                scales->numel() == x.size(0), "sgmv: scales must be one contiguous fp32 value per row");
+    scale_p = scales->data_ptr<float>();
+  }
   std::vector<Member> members;
   for (size_t k = 0; k < results.size(); ++k) {
     const auto &result = results[k], &a = as[k], &b = bs[k];
@@ -219,21 +234,24 @@ void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sgmv_input", [&] {
       using xt = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, results[0].scalar_type(), "sgmv_result", [&] {
-        sgmv_group<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), x.size(1), sp, x.size(0), members);
+        sgmv_group<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), x.size(1), sp, scale_p, x.size(0), members);
       });
     });
   });
 }
 
-// result [G, out] += x [G, in] @ A[slots] @ B[slots]: a group of one.
-void sgmv_add_(torch::Tensor result, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor slots) {
-  sgmv_add_group_({result}, x, {a}, {b}, slots);
+// result [G, out] += (x [G, in] @ A[slots]) * scales @ B[slots]: a group of one.
+void sgmv_add_(torch::Tensor result, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor slots,
+               c10::optional<torch::Tensor> scales) {
+  sgmv_add_group_({result}, x, {a}, {b}, slots, scales);
 }
 
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv_add_", &sgmv_add_, "result += per-token LoRA shrink and expand (CPU, fused)",
+  m.def("sgmv_add_", &sgmv_add_, "result += per-token LoRA shrink and expand (CPU, fused)", py::arg("result"),
+        py::arg("x"), py::arg("a"), py::arg("b"), py::arg("slots"), py::arg("scales") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("sgmv_add_group_", &sgmv_add_group_, "sgmv_add_ for several layers reading the same input, in one pass",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("results"), py::arg("x"), py::arg("a_stacks"), py::arg("b_stacks"), py::arg("slots"),
+        py::arg("scales") = py::none(), py::call_guard<py::gil_scoped_release>());
 }

@@ -1,5 +1,6 @@
 """Tiny models and adapter folders for the core tests: a deterministic tiny Llama built from a config
-(no hub access) and helpers that write a valid PEFT adapter folder to corrupt in controlled ways."""
+(no hub access), helpers that write a valid PEFT adapter folder to corrupt in controlled ways, and a per-token
+model for the mixed-batch tests."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tiny_llama import LLAMA_KW, VOCAB, tiny_llama  # noqa: F401  (re-exported to the core tests)
 
@@ -45,3 +47,21 @@ def read_config(directory: Path) -> dict:
 
 def write_config(directory: Path, data: dict) -> None:
     (Path(directory) / CONFIG_NAME).write_text(json.dumps(data, indent=2))
+
+
+class PerTokenModel(nn.Module):
+    """A per-token model (no attention): a token's output depends only on its id and its adapter."""
+
+    def __init__(self, vocab=50, d=16, hidden=24):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.q_proj = nn.Linear(d, d)
+        self.up_proj = nn.Linear(d, hidden)
+        self.down_proj = nn.Linear(hidden, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        x = x + torch.tanh(self.q_proj(x))
+        x = x + self.down_proj(torch.relu(self.up_proj(x)))
+        return self.lm_head(x)

@@ -6,26 +6,10 @@ lets a flattened batch mixing prefill-like runs and single decode tokens be chec
 
 import pytest
 import torch
-from torch import nn
 
 import adapters_core as ac
 from adapters_core.stack import BatchMapping
-
-
-class PerTokenModel(nn.Module):
-    def __init__(self, vocab=50, d=16, hidden=24):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, d)
-        self.q_proj = nn.Linear(d, d)
-        self.up_proj = nn.Linear(d, hidden)
-        self.down_proj = nn.Linear(hidden, d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.embed_tokens(ids)
-        x = x + torch.tanh(self.q_proj(x))
-        x = x + self.down_proj(torch.relu(self.up_proj(x)))
-        return self.lm_head(x)
+from _models import PerTokenModel
 
 
 def _model():
