@@ -77,8 +77,8 @@ class SlotTable:
                 owner, key = layer.parameter_owner(name, suffix)
                 owners.append(owner._parameters)
                 keys.append(key)
-            if name in layer.lora_magnitude_vector:
-                owners.append(layer.base_layer._parameters)
+            if name in layer.lora_magnitude_vector and "weight" in layer.base_layer._parameters:
+                owners.append(layer.base_layer._parameters)     # (a stored-format base has no weight parameter)
                 keys.append("weight")
         tensors = list(map(dict.get, owners, keys))
         if any(t.is_inference() for t in tensors):

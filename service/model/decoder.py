@@ -21,6 +21,7 @@ from torch import nn
 from adapters_core.group import grouped_forward
 
 from . import cpu_ops
+from .direct_step import direct_decode
 from .packed_linear import LinearGroup, group_linears, pack_linears
 from .quant_formats import StoredWeight
 from .quant_linear import QuantEmbedding, QuantLinear, group_quant_linears
@@ -324,6 +325,10 @@ class Decoder(nn.Module):
         [N, d], when given, replaces the token embeddings (prompt-learning virtual tokens)."""
         cos_sin = self.rope().at(positions)
         x = self.model.embed_tokens(tokens) if embeds is None else embeds         # [N, d]
-        for layer in self.model.layers:
-            x = layer(x, cos_sin, plan, cache)
+        direct = direct_decode(self, x, cos_sin, plan, cache)      # decode-only steps: the kernels in a row
+        if direct is not None:
+            x = direct
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos_sin, plan, cache)
         return self.model.norm(x.index_select(0, plan.logit_index))

@@ -1,0 +1,130 @@
+"""The decode step's direct path (service/model/direct_step.py) against the general path of the decoder layers:
+bit-identical hidden states on stored weights (int8 and fp32 storage, q/k/v biases), bare and with LoRA adapters
+mixed per token (all projections, some of them only, base rows among them), and the cases it must leave to the
+general path (IA3, DoRA, prefill rows, hooks) taken by the general path."""
+
+import pytest
+import torch
+
+import adapters_core as ac
+from service.model import direct_step
+from service.model.config import ModelConfig
+from service.model.decoder import Decoder, StepPlan, StepSequence
+from service.model.quant_linear import QuantGroup, kernel
+from service.model.quant_formats import from_dense
+
+from _model_fixtures import random_model, tiny_qwen2_config
+
+pytestmark = pytest.mark.skipif(kernel() is None, reason="the C++ kernel cannot be built here (no compiler)")
+
+ROWS = 4
+
+
+def stored_model(fmt: str) -> Decoder:
+    config = tiny_qwen2_config(hidden_size=64, intermediate_size=128, vocab_size=512)      # q/k/v with biases
+    hf = random_model(config)
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    stored = {k: from_dense(state.pop(k), fmt) for k in list(state) if k.endswith("_proj.weight")}
+    return Decoder.from_state_dict(ModelConfig.from_hf_dict(config.to_dict()), state, max_positions=64, stored=stored)
+
+
+def lora(targets, seed: int, **extra) -> ac.LoraConfig:
+    return ac.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra)
+
+
+def add(model, name, config, seed):
+    torch.manual_seed(seed)
+    ac.inject_adapter_in_model(config, model, adapter_name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".{name}" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+
+
+def decode_step(model, slots, start=5, calls=None):
+    """Hidden states of one decode step of ROWS sequences (each with `start` earlier cache positions)."""
+    c = model.config
+    cache = type("Cache", (), {})()
+    torch.manual_seed(1)
+    cache.k = torch.randn(c.num_hidden_layers, ROWS, c.num_key_value_heads, 16, c.head_dim)
+    cache.v = torch.randn_like(cache.k)
+    plan = StepPlan([StepSequence(r, start + r, 1) for r in range(ROWS)], torch.arange(ROWS))
+    tokens, positions = torch.arange(3, 3 + ROWS), torch.tensor([start + r for r in range(ROWS)])
+    with torch.inference_mode():
+        if getattr(model, "peft_config", None):
+            with ac.token_batch(model, torch.tensor(slots)):
+                return model.forward_step(tokens, positions, plan, cache), cache.k.clone()
+        return model.forward_step(tokens, positions, plan, cache), cache.k.clone()
+
+
+def both_paths(model, slots, monkeypatch):
+    """(general, direct) results of the same step, and how many steps took the direct path."""
+    taken = []
+    real = direct_step.direct_decode
+
+    def counting(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr("service.model.decoder.direct_decode", counting)
+    monkeypatch.setattr(direct_step, "ENABLED", False)
+    general = decode_step(model, slots)
+    monkeypatch.setattr(direct_step, "ENABLED", True)
+    direct = decode_step(model, slots)
+    return general, direct, taken[-1]
+
+
+@pytest.mark.parametrize("fmt", ["I8", "F32"])
+def test_bare_stored_model_is_bit_identical(fmt, monkeypatch):
+    model = stored_model(fmt)
+    assert isinstance(model.model.layers[0].self_attn.qkv_group, QuantGroup)
+    general, direct, took_direct = both_paths(model, None, monkeypatch)
+    assert took_direct
+    assert torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])   # outputs and cache writes
+
+
+def test_mixed_lora_adapters_are_bit_identical(monkeypatch):
+    model = stored_model("I8")
+    add(model, "all", lora("all-linear", 0), 0)
+    add(model, "qv", lora(["q_proj", "v_proj", "down_proj"], 1), 1)
+    all_slot, qv_slot = ac.adapter_slot(model, "all"), ac.adapter_slot(model, "qv")
+    for slots in ([all_slot, 0, qv_slot, all_slot], [0, 0, 0, 0], [qv_slot] * ROWS):
+        general, direct, took_direct = both_paths(model, slots, monkeypatch)
+        assert took_direct
+        assert torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])
+    base = decode_step(model, [0] * ROWS)[0]
+    assert not torch.equal(base, decode_step(model, [all_slot] * ROWS)[0]), "the adapters change the output"
+
+
+@pytest.mark.parametrize("kind", ["ia3", "dora"])
+def test_adapters_the_direct_path_does_not_compute_take_the_general_path(kind, monkeypatch):
+    model = stored_model("F32")
+    config = (ac.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                           init_ia3_weights=False) if kind == "ia3" else lora(["q_proj", "o_proj"], 2, use_dora=True))
+    add(model, "x", config, 2)
+    slot = ac.adapter_slot(model, "x")
+    general, direct, took_direct = both_paths(model, [slot, 0, slot, 0], monkeypatch)
+    assert not took_direct
+    assert torch.equal(general[0], direct[0])
+    _, _, took_direct = both_paths(model, [0] * ROWS, monkeypatch)
+    assert took_direct, "a step whose rows are all on the base model does not use the adapter"
+
+
+def test_prefill_steps_and_hooks_take_the_general_path(monkeypatch):
+    model = stored_model("F32")
+    cache = type("Cache", (), {})()
+    c = model.config
+    cache.k = torch.zeros(c.num_hidden_layers, 1, c.num_key_value_heads, 16, c.head_dim)
+    cache.v = torch.zeros_like(cache.k)
+    plan = StepPlan([StepSequence(0, 0, 3)], torch.tensor([2]))
+    with torch.inference_mode():
+        assert direct_step.direct_decode(model, torch.zeros(3, c.hidden_size), model.rope().at(torch.arange(3)),
+                                         plan, cache) is None
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: None)
+    try:
+        _, _, took_direct = both_paths(model, None, monkeypatch)
+        assert not took_direct
+    finally:
+        handle.remove()
+    _, _, took_direct = both_paths(model, None, monkeypatch)
+    assert took_direct
