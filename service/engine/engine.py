@@ -33,7 +33,9 @@ import torch
 import adapters_core as ac
 from service.model.decoder import StepPlan, StepSequence
 
+from .adapter_scale import check_adapter_scale, step_scales
 from .kv_cache import KVCache
+from .prompt_logprobs import PromptLogprobRows, check_prompt_logprobs
 from .request import FinishReason, GenerationRequest, RequestOutput, RequestState, TokenEvent
 from .scheduler import Scheduler
 from .structured import Grammars, check_constraint, guide_for
@@ -107,6 +109,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if request.adapter not in (None, "__base__") and not virtual:
             ac.adapter_slot(self.model, request.adapter)
+        check_adapter_scale(self.model, request.adapter, request.adapter_scale)
+        check_prompt_logprobs(request.prompt_logprobs)
         check_constraint(self.grammars, request.params.constraint)
 
     def submit(self, request: GenerationRequest, on_event: Optional[Callable[[TokenEvent], None]] = None) -> None:
@@ -259,6 +263,7 @@ class Engine:
 
     def _forward_once(self, plan_items):
         tokens, positions, sequences, slots, sample_at, sampled = [], [], [], [], [], []
+        scales, prompt_rows = [], PromptLogprobRows()         # adapter_scale per item; rows of prompt logprobs
         for state, n in plan_items:
             ids = state.all_ids[state.computed:state.computed + n]
             offset = len(tokens)
@@ -272,26 +277,35 @@ class Engine:
             sequences.append(StepSequence(state.slot, start, n))
             slot = self._slot(state.request.adapter)
             slots.extend([slot] * n)
+            scales.append((state.request.adapter_scale, n))
+            if state.request.prompt_logprobs is not None and state.prefilling:
+                prompt_rows.add(state, offset, n, slot)
             if state.computed + n == len(state.all_ids):       # everything known is computed: sample next
                 sample_at.append(offset + n - 1)
                 sampled.append((state, slot))
             state.computed += n
         device = self.device
-        plan = StepPlan(sequences, torch.tensor(sample_at, dtype=torch.long, device=device))
+        plan = StepPlan(sequences, torch.tensor(sample_at + prompt_rows.rows, dtype=torch.long, device=device))
         token_t = torch.tensor(tokens, dtype=torch.long, device=device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=device)
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        with self._adapters(slot_t):
+        with self._adapters(slot_t, scales=step_scales(scales, device)):
             hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
         logits = None
-        if sampled:
+        if sampled or prompt_rows:
             head = self.model.lm_head
             if isinstance(head, (ac.AdapterLayer, ac.ModulesToSaveWrapper)):   # an adapter may change the head
-                with self._adapters(torch.tensor([s for _, s in sampled], dtype=torch.long, device=device),
-                                    sync=False):
+                head_slots = [s for _, s in sampled] + prompt_rows.slots
+                head_scales = [(state.request.adapter_scale, 1) for state, _ in sampled] + \
+                    [(scale, 1) for scale in prompt_rows.scales]
+                with self._adapters(torch.tensor(head_slots, dtype=torch.long, device=device), sync=False,
+                                    scales=step_scales(head_scales, device)):
                     logits = head(hidden)
             else:
                 logits = head(hidden)
+            if prompt_rows:
+                prompt_rows.record(logits[len(sampled):])
+                logits = logits[:len(sampled)]
         return [state for state, _ in sampled], logits
 
     def _forward_each(self, plan_items, finished: list[RequestState]):
@@ -328,6 +342,8 @@ class Engine:
     def _emit(self, state: RequestState, event: TokenEvent) -> None:
         """Hand `event` to its consumer; a consumer that cannot take it (its event loop closed) is cancelled
         rather than failing the step for everyone."""
+        if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:   # with the first event
+            event.prompt_logprobs, state.prompt_logprobs_sent = state.prompt_logprobs, True
         if state.on_event is None:
             return
         try:
@@ -338,14 +354,14 @@ class Engine:
             with self._lock:
                 self._cancels.add(state.request.request_id)
 
-    def _adapters(self, slot_t: torch.Tensor, sync: bool = True):
+    def _adapters(self, slot_t: torch.Tensor, sync: bool = True, scales: Optional[torch.Tensor] = None):
         # With adapters on the model, base requests need the mapping too (slot 0), or the plain forward
         # would apply whatever adapter is "active" in the PEFT sense.
         if not getattr(self.model, "peft_config", None):
             return contextlib.nullcontext()
         # Adapters change only through the registry's adapters_core calls (between steps), which invalidate
         # the stacked copies they touch: the per-step scan for other in-place edits is skipped.
-        return ac.token_batch(self.model, slot_t, sync=sync, check_edits=False)
+        return ac.token_batch(self.model, slot_t, sync=sync, check_edits=False, scales=scales)
 
     def _stop_reason(self, state: RequestState, token: int) -> Optional[FinishReason]:
         params = state.request.params

@@ -26,6 +26,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: Optional[str] = None            # None or "__base__": the base model
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    adapter_scale: float = 1.0               # multiplies the adapter's LoRA delta (adapter_scale.py)
+    prompt_logprobs: Optional[int] = None    # None: off; k: each prompt token's log-probability and k likeliest
 
 
 @dataclass
@@ -38,6 +40,9 @@ class TokenEvent:
     # with finish_reason STOP: the EOS or stop token that ended the request (it is not one of its tokens) and
     # its log-probability when logprobs were asked
     stop_token: Optional[tuple[int, Optional[float]]] = None
+    # on a request's first event, when it asked for them: per prompt token (its log-probability, the most
+    # likely tokens there), None for the first token
+    prompt_logprobs: Optional[list[Optional[tuple[float, TopLogprobs]]]] = None
 
 
 @dataclass
@@ -50,6 +55,7 @@ class RequestOutput:
     first_token_time: Optional[float] = None
     arrival_time: float = 0.0
     finish_time: Optional[float] = None
+    prompt_logprobs: Optional[list[Optional[tuple[float, TopLogprobs]]]] = None
 
 
 class RequestState:
@@ -71,6 +77,9 @@ class RequestState:
         self.arrival_time = arrival
         self.first_token_time: Optional[float] = None
         self.finish_time: Optional[float] = None
+        # filled chunk by chunk while the prompt is computed (prompt_logprobs.py); sent with the first event
+        self.prompt_logprobs: Optional[list] = [None] if request.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
 
     @property
     def all_ids(self) -> list[int]:
@@ -83,4 +92,5 @@ class RequestState:
     def output(self) -> RequestOutput:
         r = self.request
         return RequestOutput(r.request_id, r.prompt_ids, list(self.output_ids), list(self.logprobs),
-                             self.finish_reason, self.first_token_time, self.arrival_time, self.finish_time)
+                             self.finish_reason, self.first_token_time, self.arrival_time, self.finish_time,
+                             self.prompt_logprobs)
