@@ -14,6 +14,8 @@ A request on a prompt-learning adapter starts with the adapter's virtual tokens 
 right after them (virtual_tokens.py); they count against `max_seq_len`. With `grammars` (structured.py) a
 request may carry a grammar constraint: its grammar is checked at `validate`, and each step computes the masks
 of the constrained requests it samples in one batched call before sampling.
+A request's `adapter_scale` multiplies its tokens' LoRA deltas (adapter_scale.py; no work when all are 1),
+and a request asking for prompt log-probabilities gets its prompt rows through the head (prompt_logprobs.py).
 """
 
 from __future__ import annotations
