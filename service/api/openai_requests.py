@@ -2,8 +2,9 @@
 
 Every field OpenAI's API and vLLM's extensions define that this server honours is declared here; any other
 field is refused (422 naming it, pydantic's `extra="forbid"`) rather than silently ignored, and fields
-declared with values this server cannot honour (`suffix`, `response_format` other than text, `tools` on a
-template without them, image or audio content parts...) are refused with a 400 naming them. Limits: at most
+declared with values this server cannot honour (`suffix`, `tools` on a template without them, image or audio
+content parts...) are refused with a 400 naming them. Structured output (`response_format`, vLLM's `guided_*`
+and `structured_outputs`) becomes the engine's grammar constraint in `structured_output.py`. Limits: at most
 `MAX_CHOICES` (16) choices (`n`, `best_of`), `MAX_SEQUENCES` (64) sequences per request (prompts x best_of),
 logprobs 0..5 on completions and `top_logprobs` 0..20 on chat, `logit_bias` values in [-100, 100].
 """
@@ -20,6 +21,7 @@ from service.engine.sampling import MAX_TOP_LOGPROBS
 from service.model.stop_strings import check_stops
 
 from .errors import shown
+from .structured_output import StructuredOutputs, openai_constraint
 
 MAX_CHOICES = 16
 MAX_SEQUENCES = 64
@@ -58,6 +60,13 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = Field(None, max_length=256, description="accepted (an end-user id); not stored")
+    # structured output (structured_output.py): OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any], bool]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = Field(None, description="a Lark grammar (llguidance's dialect)")
+    structured_outputs: Optional[StructuredOutputs] = None
 
     @field_validator("stop")
     @classmethod
@@ -104,7 +113,6 @@ class ChatRequest(_Common):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any], str]] = None
-    response_format: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = Field(True, description="vLLM's extension")
 
 
@@ -148,9 +156,6 @@ def check_chat(req: ChatRequest) -> None:
     check_common(req)
     if req.top_logprobs and not req.logprobs:
         raise HTTPException(400, "top_logprobs: needs logprobs: true")
-    kind = (req.response_format or {}).get("type", "text")
-    if req.response_format is not None and kind != "text":
-        raise HTTPException(400, f"response_format: type {shown(str(kind))} is not supported (only text)")
     choice = req.tool_choice
     if choice is not None and not req.tools and choice != "none":
         raise HTTPException(400, "tool_choice: needs tools")
@@ -175,7 +180,8 @@ def sampling_params(req: _Common, max_tokens: int, logprobs: bool, top_logprobs:
                           presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                           repetition_penalty=req.repetition_penalty, logit_bias=logit_bias(req),
                           min_tokens=req.min_tokens, stop_token_ids=list(req.stop_token_ids or []),
-                          ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
+                          ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+                          constraint=openai_constraint(req))
 
 
 def choice_seed(seed: Optional[int], index: int) -> Optional[int]:

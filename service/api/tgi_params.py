@@ -4,7 +4,8 @@ Every `parameters` field that TGI's and LoRAX's routers define, and that `text-g
 `huggingface_hub.InferenceClient` send, is declared here and is either honoured or refused with a 422 naming
 it; any other field is a 422 too (`extra="forbid"`), so nothing is silently ignored. The clients send every
 field, most as null, false or their default, so a field is refused only when it asks for something
-(`watermark: true`, `decoder_input_details`, `grammar`, ...). `sampling` turns the honoured ones into
+(`watermark: true`, `decoder_input_details`, ...). `grammar` (TGI) and `response_format` (LoRAX) constrain the
+output (structured_output.py). `sampling` turns the honoured ones into
 the engine's `SamplingParams` following TGI's rules (sampling when `do_sample` or a warper is set; a seed chosen
 and reported when sampling without one); `resolve_adapter` maps LoRAX's `adapter_id` + `adapter_source` onto
 the registry."""
@@ -24,6 +25,7 @@ from service.model.stop_strings import check_stops
 from service.registry_errors import NotFound
 
 from .errors import MAX_SHOWN, shown
+from .structured_output import tgi_constraint
 
 MAX_BEST_OF = 4            # sequences one best_of request may run (they share the engine's batch)
 # LoRAX's adapter sources that this server's registry holds adapters from (`PUT /admin/adapters/{name}`).
@@ -85,8 +87,6 @@ def _refusals(p: Parameters, stream: bool) -> list[tuple[str, bool, str]]:
         ("best_of", best_of > 1 and not sampled(p),
          "above 1 needs sampling: do_sample, or a temperature, top_k, top_p or typical_p (as in TGI)"),
         ("seed", best_of > 1 and p.seed is not None, "must not be set when best_of is above 1 (as in TGI)"),
-        ("grammar", p.grammar is not None, "is not supported yet (constrained decoding)"),
-        ("response_format", p.response_format is not None, "is not supported yet (constrained decoding)"),
         ("merged_adapters", p.merged_adapters is not None,
          "is not supported yet: merging adapters per request; name one adapter in adapter_id"),
         ("api_token", p.api_token is not None, "is not supported: adapters are not fetched per request, an admin "
@@ -148,5 +148,6 @@ def sampling(p: Parameters, settings, stream: bool) -> tuple[SamplingParams, Opt
                             repetition_penalty=p.repetition_penalty or 1.0, ignore_eos=bool(p.ignore_eos_token),
                             # TGI's tokens always carry their log-probability, streamed or in details, and
                             # best_of picks a sequence by them
-                            logprobs=bool(p.details) or stream or (p.best_of or 1) > 1, top_logprobs=top)
+                            logprobs=bool(p.details) or stream or (p.best_of or 1) > 1, top_logprobs=top,
+                            constraint=tgi_constraint(p.grammar, p.response_format))
     return params, seed

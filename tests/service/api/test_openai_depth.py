@@ -209,7 +209,7 @@ def test_tokenize_detokenize_version(server, loaded):
 @pytest.mark.parametrize("route,extra,status,named", [
     ("chat", {"audio": {"voice": "alloy"}}, 422, "audio: not supported by this server"),
     ("chat", {"unknown_field": 1}, 422, "unknown_field"),
-    ("chat", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat", {"response_format": {"type": "structural_tag"}}, 400, "response_format.type"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     ("chat", {"tool_choice": "required"}, 400, "tool_choice"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),

@@ -162,8 +162,8 @@ def test_lorax_client_adapter_id_and_source(server, loaded, folder):
     ({"best_of": 2}, "best_of"),                                   # needs sampling
     ({"best_of": 5, "do_sample": True}, "best_of"),                 # over the limit
     ({"best_of": 2, "do_sample": True, "seed": 1}, "seed"),         # one seed cannot seed several sequences
-    ({"grammar": {"type": "json", "value": {"type": "object"}}}, "grammar"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"grammar": {"type": "lark", "value": "start: /a/"}}, "parameters.grammar.type"),   # json, regex, json_schema
+    ({"response_format": {"type": "text"}}, "parameters.response_format.type"),           # json_object only
     ({"merged_adapters": {"ids": ["sql", "from-folder"], "weights": [0.5, 0.5], "merge_strategy": "linear"}},
      "merged_adapters"),
     ({"api_token": "hf_x"}, "api_token"),

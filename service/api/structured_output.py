@@ -1,0 +1,127 @@
+"""The request fields that ask for structured output, and the engine `Constraint` each one becomes.
+
+OpenAI's `response_format` (`text`, `json_object`, `json_schema` with `json_schema.schema`), vLLM's
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` (Lark, llguidance's dialect) and its newer
+`structured_outputs` object (`json`, `regex`, `choice`, `grammar`, `json_object`), and TGI's `grammar`
+(`{"type": "json" | "regex" | "json_schema", "value": ...}`) and LoRAX's `response_format` (`{"type":
+"json_object", "schema"?}`). A request may ask for one of them; two are a 400 naming both, a malformed value
+a 400 naming its field (the schema's or grammar's own errors come from the engine's check, also naming the
+field). OpenAI's `strict` is accepted either way: the output always follows the schema exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.engine import Constraint
+
+from .errors import shown
+
+ANY_JSON_OBJECT = {"type": "object"}
+JSON_SCHEMA_KEYS = ("name", "description", "schema", "strict")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`; its other keys (whitespace and backend options) are refused as unknown."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: Optional[Union[str, dict[str, Any], bool]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+
+def _one(found: list[tuple[str, Constraint]]) -> Optional[Constraint]:
+    if len(found) > 1:
+        raise HTTPException(400, f"{found[0][0]} and {found[1][0]}: ask for one kind of structured output")
+    return found[0][1] if found else None
+
+
+def _build(field: str, make, value) -> Constraint:
+    try:
+        return make(value, field)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response_format") -> Optional[Constraint]:
+    """OpenAI's (and vLLM's) `response_format`: None for text."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _build(field, Constraint.json_schema, ANY_JSON_OBJECT)
+    if kind != "json_schema":
+        raise HTTPException(400, f"{field}.type: {shown(str(kind))} is not supported (text, json_object, "
+                                 "json_schema)")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise HTTPException(400, f"{field}.json_schema: required with type json_schema (an object with `schema`)")
+    unknown = next((k for k in spec if k not in JSON_SCHEMA_KEYS), None)
+    if unknown is not None:
+        raise HTTPException(400, f"{field}.json_schema.{shown(unknown)}: not supported (name, description, "
+                                 "schema, strict)")
+    return _build(f"{field}.json_schema.schema", Constraint.json_schema, spec.get("schema", ANY_JSON_OBJECT))
+
+
+def openai_constraint(req) -> Optional[Constraint]:
+    """The constraint of an OpenAI-route request (`_Common`), from whichever field asks for one."""
+    found = []
+    fmt = openai_response_format(req.response_format)
+    if fmt is not None:
+        found.append(("response_format", fmt))
+    for field, make in (("guided_json", Constraint.json_schema), ("guided_regex", Constraint.regex),
+                        ("guided_choice", Constraint.choice), ("guided_grammar", Constraint.grammar)):
+        value = getattr(req, field)
+        if value is not None:
+            found.append((field, _build(field, make, value)))
+    outputs: Optional[StructuredOutputs] = req.structured_outputs
+    if outputs is not None:
+        for key, make in (("json_", Constraint.json_schema), ("regex", Constraint.regex),
+                          ("choice", Constraint.choice), ("grammar", Constraint.grammar)):
+            value = getattr(outputs, key)
+            field = f"structured_outputs.{key.rstrip('_')}"
+            if value is not None:
+                found.append((field, _build(field, make, value)))
+        if outputs.json_object:
+            found.append(("structured_outputs.json_object",
+                          _build("structured_outputs.json_object", Constraint.json_schema, ANY_JSON_OBJECT)))
+    return _one(found)
+
+
+def tgi_constraint(grammar: Optional[dict[str, Any]], response_format: Optional[dict[str, Any]]) -> Optional[Constraint]:
+    """TGI's `parameters.grammar` and LoRAX's `parameters.response_format` (statuses are TGI's 422)."""
+    found = []
+    if grammar is not None:
+        kind, value = grammar.get("type"), grammar.get("value")
+        field = "parameters.grammar.value"
+        unknown = next((k for k in grammar if k not in ("type", "value")), None)
+        if unknown is not None:
+            raise HTTPException(422, f"parameters.grammar.{shown(unknown)}: not supported (type, value)")
+        if kind == "json":
+            found.append(("parameters.grammar", _build(field, Constraint.json_schema, value)))
+        elif kind == "regex":
+            found.append(("parameters.grammar", _build(field, Constraint.regex, value)))
+        elif kind == "json_schema":         # TGI 3's OpenAI-style variant: value {"name"?, "schema"}
+            schema = value.get("schema") if isinstance(value, dict) else None
+            found.append(("parameters.grammar", _build(f"{field}.schema", Constraint.json_schema, schema)))
+        else:
+            raise HTTPException(422, f"parameters.grammar.type: {shown(str(kind))} is not supported "
+                                     "(json, regex, json_schema)")
+    if response_format is not None:
+        kind = response_format.get("type")
+        unknown = next((k for k in response_format if k not in ("type", "schema")), None)
+        if unknown is not None:
+            raise HTTPException(422, f"parameters.response_format.{shown(unknown)}: not supported (type, schema)")
+        if kind != "json_object":
+            raise HTTPException(422, f"parameters.response_format.type: {shown(str(kind))} is not supported "
+                                     "(json_object)")
+        found.append(("parameters.response_format",
+                      _build("parameters.response_format.schema", Constraint.json_schema,
+                             response_format.get("schema") or ANY_JSON_OBJECT)))
+    return _one(found)
