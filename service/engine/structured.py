@@ -3,8 +3,8 @@
 A request's `SamplingParams.constraint` (a `Constraint`: a JSON schema, a regular expression, a list of choices
 or a Lark grammar, with the request field it came from) becomes an llguidance grammar, compiled and checked
 when the request is validated (an invalid one is a `ValueError` naming the field, before anything is queued;
-compiled grammars are cached by their text). Each running constrained request holds a `Guide` (an
-`LLMatcher`). Once per engine step `Grammars.fill` computes the token masks of every constrained request that
+a matcher per grammar text is cached as a template). Each running constrained request holds a `Guide` (a copy
+of the template's `LLMatcher`). Once per engine step `Grammars.fill` computes the token masks of every constrained request that
 samples in that step together (llguidance's `LLExecutor`, which releases the GIL and spreads the matchers over
 threads), and the request's sampler applies its mask (disallowed tokens to -inf) before its other processors
 and advances the matcher with the chosen token. Requests without a constraint never reach this code, so they
@@ -99,7 +99,7 @@ class Guide:
         allowed = self.allowed
         if not bool(allowed.any()):
             raise RuntimeError("the grammar allows no next token" + _error(self.matcher))
-        return logits.masked_fill(~allowed, float("-inf"))
+        return torch.where(allowed, logits, float("-inf"))
 
     def advance(self, token: int) -> None:
         self.allowed = None
@@ -114,7 +114,7 @@ def _error(matcher: llguidance.LLMatcher) -> str:
 
 class Grammars:
     """The grammar side of an engine: llguidance's view of the model's tokenizer (one tokenizer.json, the
-    model's vocabulary size, its end-of-sequence ids), compiled grammars, and the batched mask computation."""
+    model's vocabulary size, its end-of-sequence ids), template matchers per grammar, and the batched mask computation."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
         eos = sorted(eos_token_ids)
@@ -124,34 +124,35 @@ class Grammars:
         self.words = (vocab_size + 31) // 32                     # int32 words of one bitmask row
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=eos)
         self.executor = llguidance.LLExecutor()
-        self._compiled: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
 
-    def compile(self, constraint: Constraint) -> str:
-        """The checked llguidance grammar of `constraint` (cached); ValueError naming its field if invalid."""
+    def compile(self, constraint: Constraint) -> llguidance.LLMatcher:
+        """A fresh matcher of `constraint`'s checked grammar, kept (up to `MAX_CACHED_GRAMMARS`) as the template
+        that requests copy; ValueError naming the constraint's field if the grammar is invalid."""
         key = (constraint.kind, constraint.value)
-        grammar = self._compiled.get(key)
-        if grammar is not None:
-            self._compiled.move_to_end(key)
-            return grammar
+        template = self._templates.get(key)
+        if template is not None:
+            self._templates.move_to_end(key)
+            return template
         try:
             grammar = constraint.llguidance_grammar()
         except ValueError as exc:
             raise ValueError(f"{constraint.field}: {exc}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
+        template = None if error else llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if template is None or template.is_error():
             what = {"json_schema": "JSON schema", "regex": "regular expression", "choice": "choice list",
                     "grammar": "grammar"}[constraint.kind]
-            raise ValueError(f"{constraint.field}: invalid or unsupported {what}: {error.strip()}")
-        self._compiled[key] = grammar
-        if len(self._compiled) > MAX_CACHED_GRAMMARS:
-            self._compiled.popitem(last=False)
-        return grammar
+            detail = (error or template.get_error()).strip()
+            raise ValueError(f"{constraint.field}: invalid or unsupported {what}: {detail}")
+        self._templates[key] = template
+        if len(self._templates) > MAX_CACHED_GRAMMARS:
+            self._templates.popitem(last=False)
+        return template
 
     def guide(self, constraint: Constraint) -> Guide:
-        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(constraint), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"{constraint.field}: {matcher.get_error()}")
-        return Guide(matcher, self)
+        """A new request's guide: a copy of the template (cheaper than a new matcher, and its first masks too)."""
+        return Guide(self.compile(constraint).deep_copy(), self)
 
     def fill(self, guides: Iterable[Optional[Guide]]) -> None:
         """Compute the next-token masks of `guides` (None entries skipped) in one batched call."""
@@ -165,7 +166,7 @@ class Grammars:
             self.executor.unsafe_compute_mask_ptr([(g.matcher, i) for i, g in enumerate(guides)],
                                                   bitmask.ctypes.data, self.words * 4, len(guides))
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
-        allowed = torch.from_numpy(bits).bool()                                 # [G, V]
+        allowed = torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_))   # [G, V], 0/1 bytes as bools
         for i, guide in enumerate(guides):
             guide.allowed = allowed[i]
 
