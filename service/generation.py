@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Optional, Sequence, TypeVar
 
+from service.adapter_target import AdapterTarget, as_target
 from service.engine import Engine, FinishReason, GenerationRequest, SamplingParams
 from service.engine.engine import QueueFullError
 from service.metrics import Metrics
@@ -39,6 +40,7 @@ class Piece:
     error: Optional[str] = None               # with finish_reason "error": what went wrong (this request only)
     top_logprobs: Optional[list[tuple[int, float]]] = None
     stop_token: Optional[tuple[int, Optional[float]]] = None   # the engine's: the EOS / stop token that ended it
+    prompt_logprobs: Optional[list] = None    # on the first piece, when asked: the engine's per prompt token
 
 
 @dataclass
@@ -50,15 +52,18 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Optional[float]] = field(default_factory=list)
     top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclass
 class TextOptions:
     """How generated ids become text: stop strings, and vLLM's `include_stop_str_in_output` and
-    `skip_special_tokens`."""
+    `skip_special_tokens`; and whether the prompt tokens' log-probabilities come back (None: no; k: with the
+    k likeliest tokens at each position)."""
     stop: Sequence[str] = ()
     include_stop: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: Optional[int] = None
 
 
 class TextGenerator:
@@ -75,17 +80,24 @@ class TextGenerator:
             raise Invalid(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", status=400)
         return ids
 
-    async def _submit(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams):
+    async def _lease(self, target: AdapterTarget):
+        if target.merge is not None:
+            return await self.registry.acquire_merged(target.merge)
+        return await self.registry.acquire(target.name) if target.name else None
+
+    async def _submit(self, prompt_ids: list[int], adapter: AdapterTarget, params: SamplingParams,
+                      options: TextOptions):
         """Lease the adapter and submit the request: (lease, request, its events). Every refusal raises here."""
         lease = None
         try:
             try:
-                lease = await self.registry.acquire(adapter) if adapter else None
+                lease = await self._lease(adapter)
             except Unavailable as exc:
                 # every device slot holds an adapter of a request in flight: for this request that is the
                 # same back-pressure as a full queue, so it gets 429 with Retry-After, not a server error
                 raise QueueFullError(str(exc)) from exc
-            request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None)
+            request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None,
+                                        adapter_scale=adapter.scale, prompt_logprobs=options.prompt_logprobs)
             try:
                 self.engine.validate(request)
             except ValueError as exc:
@@ -94,28 +106,29 @@ class TextGenerator:
         except BaseException:
             if lease is not None:
                 self.registry.release(lease)
-            self.metrics.request_rejected(adapter, "rejected")
+            self.metrics.request_rejected(adapter.label, "rejected")
             raise
 
-    async def start(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
+    async def start(self, prompt_ids: list[int], adapter: AdapterTarget | str | None, params: SamplingParams,
                     stop: Sequence[str] = (), options: Optional[TextOptions] = None) -> AsyncIterator[Piece]:
         """Lease the adapter and submit the request; every refusal (unknown or deactivated adapter, bad
         limits, full queue or no free device slot: 429) raises here, before a streaming response has
         started. Returns the pieces."""
-        arrival = time.monotonic()
-        lease, request, events = await self._submit(prompt_ids, adapter, params)
-        return self._pieces(events, lease, adapter, prompt_ids, params, options or TextOptions(stop), arrival)
+        arrival, target, options = time.monotonic(), as_target(adapter), options or TextOptions(stop)
+        lease, request, events = await self._submit(prompt_ids, target, params, options)
+        return self._pieces(events, lease, target.label, prompt_ids, params, options, arrival)
 
-    async def start_all(self, jobs: Sequence[tuple[list[int], Optional[str], SamplingParams]],
+    async def start_all(self, jobs: Sequence[tuple[list[int], AdapterTarget | str | None, SamplingParams]],
                         options: TextOptions) -> list[AsyncIterator[Piece]]:
         """Submit every (prompt ids, adapter, params) job or none: if one is refused, those already
         submitted are cancelled and their leases released before the refusal propagates."""
         arrival, submitted, streams = time.monotonic(), [], []
         try:
             for ids, adapter, params in jobs:
-                lease, request, events = await self._submit(ids, adapter, params)
-                submitted.append((lease, request, adapter))
-                streams.append(self._pieces(events, lease, adapter, ids, params, options, arrival))
+                target = as_target(adapter)
+                lease, request, events = await self._submit(ids, target, params, options)
+                submitted.append((lease, request, target.label))
+                streams.append(self._pieces(events, lease, target.label, ids, params, options, arrival))
         except BaseException:
             for lease, request, adapter in submitted:     # their piece generators never started
                 self.engine.cancel(request.request_id)
@@ -131,8 +144,11 @@ class TextGenerator:
         outcome = "error"
         decoder = IncrementalDecoder(self.tokenizer, options.skip_special_tokens)
         matcher = StopStringMatcher(options.stop, options.include_stop)
+        prompt_logprobs = None              # the engine sends them with the first event; on the first piece here
         try:
             async for event in events:
+                if event.prompt_logprobs is not None:
+                    prompt_logprobs = event.prompt_logprobs
                 if event.token_id is not None:
                     times.append(time.monotonic())
                     text = decoder.push(event.token_id)
@@ -140,9 +156,12 @@ class TextGenerator:
                     text, stopped = matcher.feed(text) if len(times) >= params.min_tokens else (text, False)
                     if stopped:
                         outcome = "success"
-                        yield Piece(text, event.token_id, event.logprob, "stop", top_logprobs=event.top_logprobs)
+                        yield Piece(text, event.token_id, event.logprob, "stop", top_logprobs=event.top_logprobs,
+                                    prompt_logprobs=prompt_logprobs)
                         return
-                    yield Piece(text, event.token_id, event.logprob, top_logprobs=event.top_logprobs)
+                    yield Piece(text, event.token_id, event.logprob, top_logprobs=event.top_logprobs,
+                                prompt_logprobs=prompt_logprobs)
+                    prompt_logprobs = None
                 if event.finish_reason is not None:
                     if event.finish_reason == FinishReason.ERROR:    # this request alone failed in the engine:
                         message = f"generation failed: {event.error or 'engine error'}"   # streams end normally
@@ -152,7 +171,7 @@ class TextGenerator:
                     tail += matcher.flush()
                     outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
                     reason = _REASONS.get(event.finish_reason, "stop")
-                    yield Piece(tail, finish_reason=reason, stop_token=event.stop_token)
+                    yield Piece(tail, finish_reason=reason, stop_token=event.stop_token, prompt_logprobs=prompt_logprobs)
                     return
         except (GeneratorExit, asyncio.CancelledError):    # the consumer closed us or its task was cancelled
             outcome = "cancelled"
@@ -163,17 +182,18 @@ class TextGenerator:
                 self.registry.release(lease)
             self.metrics.request_finished(adapter, outcome, len(prompt_ids), times, arrival, time.monotonic())
 
-    async def complete(self, prompt_ids: list[int], adapter: Optional[str], params: SamplingParams,
+    async def complete(self, prompt_ids: list[int], adapter: AdapterTarget | str | None, params: SamplingParams,
                        stop: Sequence[str] = (), options: Optional[TextOptions] = None) -> Completion:
         return await collect(await self.start(prompt_ids, adapter, params, stop, options), len(prompt_ids))
 
 
 async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completion:
     """A whole completion from its pieces (GenerationFailed if the engine failed it)."""
-    text, ids, logprobs, tops, reason = [], [], [], [], "stop"
+    text, ids, logprobs, tops, reason, prompt_logprobs = [], [], [], [], "stop", None
     try:
         async for piece in pieces:
             text.append(piece.text)
+            prompt_logprobs = prompt_logprobs or piece.prompt_logprobs
             if piece.token_id is not None:
                 ids.append(piece.token_id)
                 logprobs.append(piece.logprob)
@@ -184,7 +204,7 @@ async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completio
                 reason = piece.finish_reason
     finally:
         await pieces.aclose()
-    return Completion("".join(text), prompt_tokens, len(ids), reason, ids, logprobs, tops)
+    return Completion("".join(text), prompt_tokens, len(ids), reason, ids, logprobs, tops, prompt_logprobs)
 
 
 async def gather_all(works: Sequence[Awaitable[T]]) -> list[T]:

@@ -20,7 +20,8 @@ are refused with 409, route words with 422 (`check_name`). A stored adapter that
 start-up (or when it is read to be loaded) is kept as a *quarantined* record: listed with its error, refused
 with 409 by acquire / activate / deactivate / pin, and gone once it is deleted or replaced.
 This module has the public verbs, look-ups and plumbing; the registration internals are in
-registry_registration.py and the tier and lease internals in registry_tiers.py (mixins of the one class).
+registry_registration.py, the tier and lease internals in registry_tiers.py and LoRAX's merged adapters
+(`acquire_merged`) in registry_merged.py (mixins of the one class).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .adapter_validation import AdapterValidator
 from .archive import archive_kind, extract_archive
 from .hub import fetch_adapter
 from .registry_errors import Conflict, Invalid, NotFound, TooLarge
+from .registry_merged import MergedMixin
 from .registry_registration import RegistrationMixin
 from .registry_tiers import TierMixin, _Retry, _running_loop
 
@@ -51,11 +53,11 @@ EngineCall = Callable[[Callable[[], Any]], Future]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class AdapterRegistry(RegistrationMixin, TierMixin):
+class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
     def __init__(self, model, engine_call: EngineCall, adapter_dir: str, max_device_adapters: int = 8,
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
-                 reserved_names: Iterable[str] = (), hub_timeout: float = 10.0):
+                 reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8):
         self.model = model
         self.reserved = {n.casefold() for n in reserved_names if n}
         self.hub_timeout = hub_timeout
@@ -69,6 +71,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin):
         self.events = events
         self._records: dict[str, AdapterRecord] = {}
         self._retired: list[AdapterRecord] = []        # deleted / replaced, memory not yet freed
+        self._merged: dict[tuple, AdapterRecord] = {}  # merge spec key -> merged adapter (registry_merged.py)
+        self.max_merged_adapters = max_merged_adapters
         self._generations = itertools.count(1)
         self._ticks = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -165,22 +169,29 @@ class AdapterRegistry(RegistrationMixin, TierMixin):
             record = self._usable(name)
             if not record.served:
                 raise Conflict(f"adapter {name!r} is deactivated; activate it before sending requests")
-            record.in_use += 1
-            record.tick, record.last_used_at = next(self._ticks), time.time()
-            if record.tier != DEVICE:
-                try:
-                    await self._shielded(self._locked(self._load_for_lease, record))
-                except _Retry:
-                    self._unuse(record)
-                    continue
-                except BaseException:
-                    self._unuse(record)
-                    raise
-                if record.retired:         # deleted or replaced while loading: serve what the name is now
-                    self._unuse(record)
-                    continue
-            record.requests_served += 1
-            return Lease(record.name, record.model_name, record)
+            lease = await self._lease_loaded(record)
+            if lease is not None:
+                return lease
+
+    async def _lease_loaded(self, record: AdapterRecord) -> Optional[Lease]:
+        """A lease on `record`, loading it to the device tier first; None when it was deleted, replaced or
+        forgotten while loading (the caller looks its name up again)."""
+        record.in_use += 1
+        record.tick, record.last_used_at = next(self._ticks), time.time()
+        if record.tier != DEVICE:
+            try:
+                await self._shielded(self._locked(self._load_for_lease, record))
+            except _Retry:
+                self._unuse(record)
+                return None
+            except BaseException:
+                self._unuse(record)
+                raise
+            if record.retired:
+                self._unuse(record)
+                return None
+        record.requests_served += 1
+        return Lease(record.name, record.model_name, record)
 
     def release(self, lease: Lease) -> None:
         """Give a lease back (idempotent; any thread)."""

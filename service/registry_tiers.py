@@ -31,7 +31,7 @@ class TierMixin:
 
     # ----- tiers --------------------------------------------------------------------------------------------
     def _residents(self) -> Iterator[AdapterRecord]:
-        return itertools.chain(self._records.values(), self._retired)
+        return itertools.chain(self._records.values(), self._retired, self._merged.values())
 
     def _count(self, tier: str) -> int:
         return sum(1 for r in self._residents() if r.tier == tier)
@@ -49,6 +49,9 @@ class TierMixin:
                 return
             victim.drop_tensors()
             victim.tier = STORED
+            if victim.source.get("type") == "merged":     # derived: nothing stored to load it from again
+                self._forget_merged(victim)
+                continue
             if not victim.retired:
                 self._emit("adapter_evicted", victim.name, CPU)
 
@@ -165,6 +168,7 @@ class TierMixin:
             self._spawn(self._locked(self._unload, record), background=True)
 
     def _retire(self, record: AdapterRecord) -> Optional[asyncio.Task]:
+        self._retire_merged_of(record)         # merged adapters built from it go with it
         record.retired = True
         self._retired.append(record)
         return self._free_later(record) if record.in_use == 0 else None

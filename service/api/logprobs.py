@@ -3,7 +3,8 @@
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}],
 "refusal": null}`. Completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}],
 "text_offset"}`, where a position's `top_logprobs` holds the sampled token and the `logprobs` most likely
-ones, and `text_offset` is where each token's text starts (vLLM's running sum of the token strings' lengths).
+ones, and `text_offset` is where each token's text starts (vLLM's running sum of the token strings' lengths);
+with `echo`, the prompt's tokens come first (the first one's log-probability null).
 A token's text is its own decoding (a piece of a UTF-8 character shows as U+FFFD); `bytes` are its exact
 bytes for byte-level BPE vocabularies. Log-probabilities of -inf become -9999.0, as vLLM writes them, since
 JSON has no infinity.
@@ -68,3 +69,16 @@ class TokenText:
             top_dicts.append(entry)
         return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs[:len(tokens)]],
                 "top_logprobs": top_dicts, "text_offset": offsets}
+
+    def prompt_completion(self, ids: Sequence[int], entries: Sequence[Optional[tuple[float, Top]]]) -> dict:
+        """The completions shape of an echoed prompt from the engine's prompt log-probabilities: offsets from 0,
+        the first token's log-probability and top entry null (OpenAI's and vLLM's `echo` with `logprobs`)."""
+        first = self.text(ids[0])
+        rest = self.completion(ids[1:], [e[0] for e in entries[1:]], [e[1] for e in entries[1:]], len(first))
+        return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+                "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+
+
+def joined(first: dict, second: dict) -> dict:
+    """Two completions-shaped logprobs objects one after the other (the echoed prompt, then the completion)."""
+    return {key: first[key] + second[key] for key in first}

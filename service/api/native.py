@@ -23,7 +23,8 @@ from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect
 from .prompts import encode_prompt, max_prompt_bytes, text_bytes
 from .tgi_output import Output, info as info_body
-from .tgi_params import GenerateRequest, refuse_unsupported, resolve_adapter, sampling
+from .tgi_adapters import resolve_target
+from .tgi_params import GenerateRequest, refuse_unsupported, sampling
 
 router = APIRouter()
 SSE = {200: {"content": {"text/event-stream": {}}}}     # streaming routes answer with server-sent events
@@ -44,13 +45,14 @@ async def encode_inputs(state, inputs: str, truncate: Optional[int]) -> list[int
 async def _prepare(req: GenerateRequest, state, caller, stream: bool):
     p = req.parameters
     refuse_unsupported(p, stream)
-    adapter = resolve_adapter(p, state, caller)
+    adapter = resolve_target(p, state, caller)          # adapter_id or merged_adapters, and adapter_scale
     params, seed = sampling(p, state.settings, stream)
     return adapter, params, seed, await encode_inputs(state, req.inputs, p.truncate)
 
 
 def _options(p) -> TextOptions:
-    return TextOptions(p.stop or [], include_stop=True)      # TGI ends the text with the stop sequence
+    # TGI ends the text with the stop sequence; decoder_input_details: the prompt tokens' log-probabilities
+    return TextOptions(p.stop or [], include_stop=True, prompt_logprobs=0 if p.decoder_input_details else None)
 
 
 @router.post("/", responses=SSE)
@@ -73,7 +75,7 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
     adapter, params, seed, ids = await _prepare(req, state, caller, stream=False)
     seeds = [seed] + [secrets.randbits(63) for _ in range((p.best_of or 1) - 1)]
     streams = await state.generator.start_all([(ids, adapter, replace(params, seed=s)) for s in seeds], _options(p))
-    outs = [Output(state, p, req.inputs, len(ids), s) for s in seeds]
+    outs = [Output(state, p, req.inputs, len(ids), s, ids) for s in seeds]
 
     async def run() -> dict:
         pieces = merged(streams)
@@ -90,8 +92,8 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
         generated = sum(len(out.tokens) for out in outs)
         response.headers.update({"x-model-id": state.model_id, "x-prompt-tokens": str(len(ids)),
                                  "x-generated-tokens": str(generated), "x-total-tokens": str(len(ids) + generated)})
-        if adapter is not None:
-            response.headers["x-adapter-id"] = adapter
+        if not adapter.is_base:
+            response.headers["x-adapter-id"] = adapter.name or ",".join(adapter.merge.ids)
         body = {"generated_text": best.generated_text}
         if p.details:
             body["details"] = best.details()
@@ -105,7 +107,7 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
 async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
     adapter, params, seed, ids = await _prepare(req, state, caller, stream=True)
     pieces = await state.generator.start(ids, adapter, params, options=_options(req.parameters))
-    out = Output(state, req.parameters, req.inputs, len(ids), seed)
+    out = Output(state, req.parameters, req.inputs, len(ids), seed, ids)
 
     async def body():
         held = None                     # the token that reached max_new_tokens: its finish piece comes next

@@ -21,13 +21,14 @@ from typing import Optional
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.adapter_target import AdapterTarget
 from service.generation import TextOptions, gather_all, merged
 from service.model.chat_template import uses_variable
 
 from .deps import InferenceCaller, State, StateDep
 from .disconnect import cancel_on_disconnect
 from .errors import MAX_SHOWN, shown
-from .logprobs import TokenText
+from .logprobs import TokenText, joined
 from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Common, check_chat, check_completion,
                               choice_seed, content_text, sampling_params)
 from .prompts import encode_chat, encode_prompt
@@ -106,7 +107,7 @@ def list_models(state: StateDep, caller: InferenceCaller):
 @router.post("/v1/completions", responses=SSE)
 async def completions(req: CompletionRequest, state: StateDep, caller: InferenceCaller, request: Request):
     check_completion(req)
-    adapter = resolve_adapter(state, caller, req.model)
+    adapter = AdapterTarget(resolve_adapter(state, caller, req.model), scale=req.adapter_scale)
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
         else [req.prompt]
     n, best_of = req.n, req.best_of or req.n
@@ -122,6 +123,8 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     jobs = [(prompt_ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
             for prompt_ids in ids for j in range(best_of)]
     prompt_tokens, options, tokens = sum(len(i) for i in ids), text_options(req), TokenText(tokenizer)
+    echo_logprobs = req.echo and req.logprobs is not None       # the prompt's tokens with their log-probabilities
+    options.prompt_logprobs = req.logprobs if echo_logprobs else None
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
@@ -137,6 +140,9 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
                 if req.logprobs is not None and piece.token_id is not None:
                     logprobs = tokens.completion([piece.token_id], [piece.logprob], [piece.top_logprobs], offsets[k])
                     offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                if echo_logprobs and piece.prompt_logprobs is not None:
+                    echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs)
+                    logprobs = echoed if logprobs is None else joined(echoed, logprobs)
                 generated += piece.token_id is not None
                 yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
                                             "finish_reason": piece.finish_reason}],
@@ -153,6 +159,8 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
         for j, out in enumerate(best(outs[p * best_of:(p + 1) * best_of], n)):
             logprobs = (tokens.completion(out.token_ids, out.logprobs, out.top_logprobs, len(echoes[p]))
                         if req.logprobs is not None else None)
+            if echo_logprobs:
+                logprobs = joined(tokens.prompt_completion(ids[p], out.prompt_logprobs), logprobs)
             choices.append({"index": p * n + j, "text": echoes[p] + out.text, "logprobs": logprobs,
                             "finish_reason": out.finish_reason})
     return {**head, "choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs))}
@@ -161,7 +169,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
 @router.post("/v1/chat/completions", responses=SSE)
 async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceCaller, request: Request):
     check_chat(req)
-    adapter = resolve_adapter(state, caller, req.model)
+    adapter = AdapterTarget(resolve_adapter(state, caller, req.model), scale=req.adapter_scale)
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = sampling_params(req, max_tokens(state, req.max_completion_tokens or req.max_tokens, field),
                              bool(req.logprobs), req.top_logprobs or 0)

@@ -60,6 +60,8 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = Field(None, max_length=256, description="accepted (an end-user id); not stored")
+    adapter_scale: float = Field(1.0, allow_inf_nan=False, description="this server's extension: multiplies the "
+                                 "adapter's LoRA delta (1 = as trained, 0 = the base model)")
     # structured output (structured_output.py): OpenAI's response_format, vLLM's guided_* and structured_outputs
     response_format: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any], bool]] = None
@@ -148,8 +150,6 @@ def check_completion(req: CompletionRequest) -> None:
         raise HTTPException(400, f"best_of ({req.best_of}) must be at least n ({req.n})")
     if req.stream and (req.best_of or req.n) != req.n:
         raise HTTPException(400, "best_of: must equal n when streaming")
-    if req.echo and req.logprobs is not None:
-        raise HTTPException(400, "echo with logprobs: prompt logprobs are not supported")
 
 
 def check_chat(req: ChatRequest) -> None:

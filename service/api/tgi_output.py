@@ -1,17 +1,19 @@
 """TGI / LoRAX response shapes, as `text-generation`, `lorax-client` and `huggingface_hub.InferenceClient` parse
 them: tokens `{id, text, logprob, special}` (plus LoRAX's `skipped` and, when asked, `alternative_tokens`),
 `details` with `finish_reason` (`length`, `eos_token`, `stop_sequence`), `generated_tokens`, `prompt_tokens`,
-`skipped_tokens`, `seed`, `prefill` and `tokens` (and `top_tokens` when `top_n_tokens` asks), stream events
+`skipped_tokens`, `seed`, `prefill` (with `decoder_input_details`, each prompt token `{id, text, logprob}`, the
+first one's logprob null, as TGI) and `tokens` (and `top_tokens` when `top_n_tokens` asks), stream events
 `{index, token, top_tokens, generated_text, details}` whose last one carries the text and the details,
 `best_of_sequences` for the sequences `best_of` did not choose, and `/info`. The EOS token that ends a
 sequence is its last token, marked special, as in TGI; its text is not part of `generated_text`."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from service.generation import Piece
 
+from .logprobs import finite
 from .tgi_params import MAX_BEST_OF, Parameters
 
 VERSION = "0.1.0"
@@ -20,9 +22,11 @@ VERSION = "0.1.0"
 class Output:
     """One sequence's tokens as they come, and its details at the end."""
 
-    def __init__(self, state, p: Parameters, inputs: str, prompt_tokens: int, seed: Optional[int]):
+    def __init__(self, state, p: Parameters, inputs: str, prompt_tokens: int, seed: Optional[int],
+                 prompt_ids: Sequence[int] = ()):
         self.tokenizer, self.p, self.inputs = state.loaded.tokenizer, p, inputs
-        self.prompt_tokens, self.seed = prompt_tokens, seed
+        self.prompt_tokens, self.seed, self.prompt_ids = prompt_tokens, seed, prompt_ids
+        self.prefill: list[dict[str, Any]] = []       # decoder_input_details: the prompt tokens
         self.tokens: list[dict[str, Any]] = []
         self.top_tokens: list[list[dict[str, Any]]] = []
         self.text: list[str] = []
@@ -38,6 +42,9 @@ class Output:
     def add(self, piece: Piece) -> Optional[dict[str, Any]]:
         """Take a piece; the token it adds (or None: it only ends the sequence or carries held-back text)."""
         self.text.append(piece.text)
+        if piece.prompt_logprobs is not None:
+            self.prefill = [{"id": i, "text": self.tokenizer.decode([i], False), "logprob": finite(entry[0]) if entry else None}
+                            for i, entry in zip(self.prompt_ids, piece.prompt_logprobs)]
         token = None
         if piece.token_id is not None:
             token = self._token(piece.token_id, piece.text, piece.logprob)
@@ -66,7 +73,7 @@ class Output:
         out = {"finish_reason": self.finish_reason, "generated_tokens": len(self.tokens), "seed": self.seed,
                "prompt_tokens": self.prompt_tokens, "input_length": self.prompt_tokens}
         if not stream:
-            out.update(skipped_tokens=0, prefill=[], tokens=self.tokens)
+            out.update(skipped_tokens=0, prefill=self.prefill, tokens=self.tokens)
             if self.p.top_n_tokens:
                 out["top_tokens"] = self.top_tokens
         return out
@@ -80,7 +87,7 @@ class Output:
     def best_of_sequence(self) -> dict[str, Any]:
         """This sequence as one of `details.best_of_sequences`."""
         out = {"generated_text": self.generated_text, "finish_reason": self.finish_reason,
-               "generated_tokens": len(self.tokens), "seed": self.seed, "prefill": [], "tokens": self.tokens}
+               "generated_tokens": len(self.tokens), "seed": self.seed, "prefill": self.prefill, "tokens": self.tokens}
         if self.p.top_n_tokens:
             out["top_tokens"] = self.top_tokens
         return out

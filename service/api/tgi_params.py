@@ -4,17 +4,17 @@ Every `parameters` field that TGI's and LoRAX's routers define, and that `text-g
 `huggingface_hub.InferenceClient` send, is declared here and is either honoured or refused with a 422 naming
 it; any other field is a 422 too (`extra="forbid"`), so nothing is silently ignored. The clients send every
 field, most as null, false or their default, so a field is refused only when it asks for something
-(`watermark: true`, `decoder_input_details`, ...). `grammar` (TGI) and `response_format` (LoRAX) constrain the
+(`watermark: true`, `decoder_input_details` with a stream, ...). `grammar` (TGI) and `response_format` (LoRAX) constrain the
 output (structured_output.py). `sampling` turns the honoured ones into
 the engine's `SamplingParams` following TGI's rules (sampling when `do_sample` or a warper is set; a seed chosen
 and reported when sampling without one); `resolve_adapter` maps LoRAX's `adapter_id` + `adapter_source` onto
-the registry."""
+the registry (`merged_adapters` and `adapter_scale` become the request's target in tgi_adapters.py)."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,8 +28,21 @@ from .errors import MAX_SHOWN, shown
 from .structured_output import tgi_constraint
 
 MAX_BEST_OF = 4            # sequences one best_of request may run (they share the engine's batch)
+MAX_MERGED_IDS = 8         # adapters one merged_adapters request may merge
 # LoRAX's adapter sources that this server's registry holds adapters from (`PUT /admin/adapters/{name}`).
 SOURCES = ("hub", "local")
+
+
+class MergedAdapters(BaseModel):
+    """LoRAX's `merged_adapters`: registered LoRA adapters merged as PEFT's `add_weighted_adapter` merges them
+    (service/registry_merged.py); `merge_strategy` null is linear, `majority_sign_method` null is total."""
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=1, max_length=MAX_MERGED_IDS)
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1, max_length=MAX_MERGED_IDS)
+    merge_strategy: Optional[str] = None
+    density: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
+    majority_sign_method: Optional[str] = None
 
 
 class Parameters(BaseModel):
@@ -37,7 +50,9 @@ class Parameters(BaseModel):
 
     adapter_id: Optional[str] = None
     adapter_source: Optional[str] = None
-    merged_adapters: Optional[dict[str, Any]] = None
+    merged_adapters: Optional[MergedAdapters] = None
+    adapter_scale: Optional[float] = Field(None, allow_inf_nan=False, description="this server's: multiplies the "
+                                           "adapter's LoRA delta (1 = as trained)")
     api_token: Optional[str] = None
     do_sample: Optional[bool] = False
     max_new_tokens: Optional[int] = Field(None, ge=1)
@@ -80,15 +95,16 @@ def _refusals(p: Parameters, stream: bool) -> list[tuple[str, bool, str]]:
     best_of = p.best_of or 1
     return [
         ("watermark", bool(p.watermark), "is not supported: watermarking is not implemented"),
-        ("decoder_input_details", bool(p.decoder_input_details),
-         "is not supported: the engine does not compute the prompt tokens' log-probabilities"),
+        ("decoder_input_details", bool(p.decoder_input_details) and stream,
+         "is not supported with a stream (as in TGI)"),
+        ("decoder_input_details", bool(p.decoder_input_details) and not p.details, "needs details: true"),
         ("best_of", best_of > MAX_BEST_OF, f"may be at most {MAX_BEST_OF}"),
         ("best_of", best_of > 1 and stream, "above 1 is not supported with a stream (as in TGI)"),
         ("best_of", best_of > 1 and not sampled(p),
          "above 1 needs sampling: do_sample, or a temperature, top_k, top_p or typical_p (as in TGI)"),
         ("seed", best_of > 1 and p.seed is not None, "must not be set when best_of is above 1 (as in TGI)"),
-        ("merged_adapters", p.merged_adapters is not None,
-         "is not supported yet: merging adapters per request; name one adapter in adapter_id"),
+        ("merged_adapters", p.merged_adapters is not None and p.adapter_id not in (None, ""),
+         "and adapter_id are exclusive: name one adapter, or the adapters to merge (as in LoRAX)"),
         ("api_token", p.api_token is not None, "is not supported: adapters are not fetched per request, an admin "
          "registers them (PUT /admin/adapters/{name}); send this server's key as Authorization: Bearer"),
         ("top_n_tokens", bool(p.top_n_tokens) and not p.details and not stream, "needs details: true"),

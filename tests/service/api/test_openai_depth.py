@@ -215,7 +215,8 @@ def test_tokenize_detokenize_version(server, loaded):
     ("chat", {"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
     ("completions", {"suffix": "end"}, 400, "suffix"),
     ("completions", {"best_of": 1, "n": 2}, 400, "best_of"),
-    ("completions", {"echo": True, "logprobs": 1}, 400, "echo"),
+    ("completions", {"adapter_scale": 0.5}, 400, "adapter_scale"),            # the base model has no adapter
+    ("chat", {"adapter_scale": 11}, 400, "adapter_scale"),
     ("completions", {"logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("completions", {"logit_bias": {"1": 101}}, 422, "logit_bias"),
     ("completions", {"logit_bias": {"99999999": 1}}, 400, "logit_bias"),
