@@ -94,18 +94,20 @@ def settle() -> None:
     gc.freeze()
 
 
-def run_engine(model, prompts, adapters, new_tokens, eos) -> dict:
+def run_engine(model, prompts, adapters, new_tokens, eos, scales=None) -> dict:
+    """One timed run of every prompt on its adapter (and `adapter_scale`, 1 when `scales` is None)."""
+    scales = scales or [1.0] * len(prompts)
     engine = Engine(model, EngineConfig(max_batch_size=len(prompts), max_seq_len=256, max_batch_tokens=1024,
                                         prefill_chunk=256), eos_token_ids=eos)
     stamps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     # A warm server: every adapter has served once (its stacked copy exists), the KV cache is allocated.
-    engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)
-                     for p, a in zip(prompts, adapters)])
+    engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a, adapter_scale=s)
+                     for p, a, s in zip(prompts, adapters, scales)])
     settle()
     start = time.perf_counter()
-    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
-        engine.submit(GenerationRequest(ids, params, adapter),
+    for i, (ids, adapter, scale) in enumerate(zip(prompts, adapters, scales)):
+        engine.submit(GenerationRequest(ids, params, adapter, adapter_scale=scale),
                       lambda ev, i=i: stamps[i].append(time.perf_counter()) if ev.token_id is not None else None)
     while engine.has_work():
         engine.step()
