@@ -87,6 +87,8 @@ class _LayerWork:
                 or _stored_base(m["gate_proj"], self.gate_up, self.gate_up_loras) is None
                 or _stored_base(m["up_proj"], self.gate_up, self.gate_up_loras) is None):
             return False
+        if len({w.stack.dtype for w in self.qkv_loras}) > 1 or len({w.stack.dtype for w in self.gate_up_loras}) > 1:
+            return False                       # one fused call takes stacks of one dtype (as grouped_forward)
         self.o = _stored_base(a["o_proj"], None, self.o_loras)
         self.down = _stored_base(m["down_proj"], None, self.down_loras)
         return self.o is not None and self.down is not None
