@@ -24,7 +24,7 @@ from . import cpu_ops
 from .direct_step import direct_decode
 from .packed_linear import LinearGroup, group_linears, pack_linears
 from .quant_formats import StoredWeight
-from .quant_linear import QuantEmbedding, QuantLinear, group_quant_linears
+from .quant_linear import QuantEmbedding, QuantLinear, group_quant_linears, interleaved
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
 
@@ -268,8 +268,10 @@ class Decoder(nn.Module):
         return model
 
     def _use_stored(self, stored: dict[str, StoredWeight]) -> None:
-        """Swap the layers whose weights are in `stored` for their QuantLinear / QuantEmbedding."""
-        for key, weight in stored.items():
+        """Swap the layers whose weights are in `stored` for their QuantLinear / QuantEmbedding. Block formats
+        the kernel reads faster interleaved are interleaved here, in `stored` too (so the rows are held once)."""
+        for key in list(stored):
+            weight = stored[key] = interleaved(stored[key])
             path = key[: -len(".weight")]
             parent_name, _, attr = path.rpartition(".")
             parent = self.get_submodule(parent_name) if parent_name else self

@@ -6,7 +6,9 @@ llama.cpp's GGUF block types served without dequantising (Q8_0, Q4_0, Q4_1, Q4_K
 and two we make from dense weights at load: BF16 (halves fp32's bytes; bf16 -> fp32 is a shift) and weight-
 only INT8 with one fp32 scale per output row (absmax / 127; a quarter of fp32's bytes). `dequantize` is the
 reference: gguf's own numpy dequantiser for the block types, torch for the rest; the kernel computes the same
-values (csrc/quant_matmul.cpp).
+values (csrc/quant_matmul.cpp). Q8_0, Q4_0 and Q4_1 weights may be held with 16 rows' blocks interleaved
+(`interleaved=True`, made by the kernel's `interleave`: same bytes, another order, see csrc/quant_x16.h);
+`dequantize` and `deinterleave` read that layout too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import torch
 FORMATS = {"F32": (0, 1, 4), "BF16": (1, 1, 2), "F16": (2, 1, 2), "I8": (3, 1, 1), "Q8_0": (4, 32, 34),
            "Q4_0": (5, 32, 18), "Q4_1": (6, 32, 20), "Q4_K": (7, 256, 144), "Q6_K": (8, 256, 210)}
 KERNEL_COLUMN_MULTIPLE = 16   # the kernel reads rows in 16-value vectors (csrc/quant_matmul.cpp checks K % 16)
+INTERLEAVED_FORMATS = ("Q8_0", "Q4_0", "Q4_1")    # can be held with 16 rows interleaved (csrc/quant_x16.h)
+INTERLEAVE_ROWS = 16
+X16_KERNEL_OFFSET = 5         # kernel id of an interleaved format: the format's + this (csrc/quant_matmul.cpp)
 GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")   # GGUF types served as stored
 
 
@@ -32,6 +37,7 @@ class StoredWeight:
     format: str
     columns: int
     row_scale: Optional[torch.Tensor] = None        # [rows] fp32, INT8 only
+    interleaved: bool = False                       # 16 rows' blocks woven together (Q8_0 / Q4_0 / Q4_1)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -45,7 +51,7 @@ class StoredWeight:
 
     @property
     def kernel_id(self) -> int:
-        return FORMATS[self.format][0]
+        return FORMATS[self.format][0] + (X16_KERNEL_OFFSET if self.interleaved else 0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,12 +64,16 @@ class StoredWeight:
 
     def rows(self, order: torch.Tensor) -> "StoredWeight":
         """The same weight with its rows reordered (rows are independent blocks, so no value changes)."""
+        if self.interleaved:
+            raise ValueError("rows of an interleaved weight cannot be reordered")
         scale = None if self.row_scale is None else self.row_scale[order].contiguous()
         return StoredWeight(self.data[order].contiguous(), self.format, self.columns, scale)
 
 
 def dequantize(weight: StoredWeight) -> torch.Tensor:
     """The dense fp32 weight [rows, columns] (the reference the kernel is checked against)."""
+    if weight.interleaved:
+        weight = deinterleave(weight)
     fmt, data = weight.format, weight.data
     if fmt == "F32":
         return data.view(torch.float32)
@@ -93,3 +103,19 @@ def from_dense(weight: torch.Tensor, fmt: str) -> StoredWeight:
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [rows, columns]
         return StoredWeight(q, "I8", w.shape[1], scale.contiguous())
     raise ValueError(f"cannot convert a dense weight to {fmt!r}; choose F32, BF16 or I8")
+
+
+def deinterleave(weight: StoredWeight) -> StoredWeight:
+    """An interleaved weight back in GGUF's row layout (the inverse of the kernel's `interleave`)."""
+    if not weight.interleaved:
+        return weight
+    _, values, bb = FORMATS[weight.format]
+    head = 4 if weight.format == "Q4_1" else 2                    # scale bytes per row block: d (and m)
+    rows, blocks, n = weight.data.shape[0], weight.columns // values, INTERLEAVE_ROWS
+    chunks = weight.data.view(torch.uint8).reshape(rows // n, blocks, n * bb)      # [groups, blocks, 16 x bb]
+    scales = chunks[..., : n * head].reshape(rows // n, blocks, head // 2, n, 2)   # [g, b, d/m, row, 2 bytes]
+    quants = chunks[..., n * head:].reshape(rows // n, blocks, bb - head, n)       # [g, b, byte, row]
+    scales = scales.permute(0, 3, 1, 2, 4).reshape(rows // n, n, blocks, head)     # [g, row, b, head]
+    quants = quants.permute(0, 3, 1, 2)                                            # [g, row, b, byte]
+    data = torch.cat([scales, quants], dim=-1).reshape(rows, blocks * bb).contiguous()
+    return StoredWeight(data, weight.format, weight.columns)

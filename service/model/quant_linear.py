@@ -25,7 +25,7 @@ from torch import nn
 from adapters_core.native import NativeKernel
 
 from .packed_linear import LinearGroup, grouped_output, make_group
-from .quant_formats import StoredWeight, dequantize
+from .quant_formats import INTERLEAVE_ROWS, INTERLEAVED_FORMATS, StoredWeight, dequantize
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "quant_matmul.cpp")
 _SWITCH = "ADAPTER_SERVE_QUANT_KERNEL"
@@ -53,6 +53,17 @@ def matmul(x: torch.Tensor, weight: StoredWeight, bias: Optional[torch.Tensor] =
         rows = rows.contiguous()
     out = module.quant_matmul(rows, weight.data, weight.kernel_id, weight.row_scale, bias)    # [M, N]
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def interleaved(weight: StoredWeight) -> StoredWeight:
+    """`weight` in the kernel's interleaved layout where that applies (Q8_0 / Q4_0 / Q4_1 with rows in whole
+    groups of 16, the kernel built, `ADAPTER_SERVE_INTERLEAVE` not 0), else `weight` itself."""
+    module = kernel()
+    if (module is None or weight.interleaved or weight.format not in INTERLEAVED_FORMATS
+            or weight.shape[0] % INTERLEAVE_ROWS or os.environ.get("ADAPTER_SERVE_INTERLEAVE", "1") == "0"):
+        return weight
+    data = module.interleave(weight.data.contiguous(), weight.kernel_id, weight.columns)
+    return StoredWeight(data, weight.format, weight.columns, None, interleaved=True)
 
 
 def _kernel_usable(x: torch.Tensor) -> bool:
@@ -136,12 +147,14 @@ class QuantGroup(LinearGroup):
         first = members[0].stored
         self.stored = StoredWeight(torch.cat([m.stored.data for m in members]), first.format, first.columns,
                                    None if first.row_scale is None else torch.cat([m.stored.row_scale
-                                                                                   for m in members]))
+                                                                                   for m in members]),
+                                   first.interleaved)   # interleaved members hold whole 16-row groups
         start = 0
         for m in members:             # members keep views of the joined rows: the weights are held once
             end = start + m.out_features
             scale = None if first.row_scale is None else self.stored.row_scale[start:end]
-            m.stored = StoredWeight(self.stored.data[start:end], first.format, first.columns, scale)
+            m.stored = StoredWeight(self.stored.data[start:end], first.format, first.columns, scale,
+                                    first.interleaved)
             start = end
         biases = [m.bias for m in members]
         self.bias = None if all(b is None for b in biases) else torch.cat([
@@ -156,4 +169,5 @@ class QuantGroup(LinearGroup):
 
 def group_quant_linears(members: Sequence[nn.Module]) -> Optional[QuantGroup]:
     """A `QuantGroup` of `members` when all are QuantLinear of one format and input size, else None."""
-    return make_group(members, QuantLinear, lambda m: (m.stored.format, m.in_features), QuantGroup)
+    return make_group(members, QuantLinear, lambda m: (m.stored.format, m.stored.interleaved, m.in_features),
+                      QuantGroup)

@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -45,6 +45,8 @@ constexpr int MCHUNK = 64;     // rows of x per pass over the weights (accumulat
 
 // The formats; the values are the `FORMATS` table of service/model/quant_formats.py.
 enum Format : int64_t { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, Q8_0 = 4, Q4_0 = 5, Q4_1 = 6, Q4_K = 7, Q6_K = 8 };
+// The same three block formats with 16 rows interleaved (quant_x16.h): kernel id = the format's + kX16Offset
+constexpr int64_t kX16Offset = 5, kLastFormat = Q4_1 + kX16Offset;
 
 // Values per block and bytes per block (1-value blocks for the plain formats).
 inline int64_t block_values(int64_t f) { return f >= Q8_0 ? (f >= Q4_K ? 256 : 32) : 1; }
@@ -173,7 +175,17 @@ void dequant_span(int64_t f, const uint8_t* row, int64_t k0, int64_t n, float* _
 
 inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf vbroadcast(float s) { return vf{} + s; }
+inline vf vbroadcast(float s) {         // (vf{} + s would cost an add: 0 + s is not s for s = -0)
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(s);
+#elif defined(__AVX__)
+  return (vf)_mm256_set1_ps(s);
+#else
+  vf v;
+  for (int l = 0; l < V; ++l) v[l] = s;
+  return v;
+#endif
+}
 
 // acc[i][j] += sum over k of x[i][k] * w[j][k], as vectors of V partial sums; kt is a multiple of V.
 template <int R>
@@ -379,8 +391,11 @@ void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
   }, min_groups);
 }
 
+#include "quant_x16.h"
+
 int64_t row_bytes_for(int64_t fmt, int64_t K) {
-  TORCH_CHECK(fmt >= F32 && fmt <= Q6_K, "quant_matmul: unknown weight format ", fmt);
+  TORCH_CHECK(fmt >= F32 && fmt <= kLastFormat, "quant_matmul: unknown weight format ", fmt);
+  if (fmt > Q6_K) fmt -= kX16Offset;
   const int64_t bv = block_values(fmt);
   TORCH_CHECK(K % bv == 0, "quant_matmul: ", K, " columns are not whole blocks of ", bv);
   return K / bv * block_bytes(fmt);
@@ -417,6 +432,12 @@ at::Tensor quant_matmul(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<a
     b = bias->data_ptr<float>();
   }
   at::Tensor out = at::empty({M, N}, x.options());
+  if (fmt > Q6_K) {                                   // interleaved rows (quant_x16.h)
+    TORCH_CHECK(N % kX16Rows == 0 && scale == nullptr, "quant_matmul: interleaved weights have rows in "
+                "groups of 16 and no row scales");
+    if (M > 0) x16_matmul(fmt - kX16Offset, x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N);
+    return out;
+  }
   if (M > 0 && N > 0)
     qmatmul_impl(x.data_ptr<float>(), x.stride(0), M, wb, w.size(1) * w.element_size(), fmt, N, K, scale, b,
                  out.data_ptr<float>(), N);
@@ -436,7 +457,12 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
   at::Tensor out = at::empty({n, K}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   spin_parallel(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
+    for (int64_t i = begin; i < end; ++i) {
+      if (fmt > Q6_K)
+        x16_dequant_row(fmt - kX16Offset, wb, idx[i], K, o + i * K);
+      else
+        dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
+    }
   }, n * K > (1 << 16) ? 2 : n + 1);
   return out;
 }
@@ -448,6 +474,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_matmul", &quant_matmul, "x @ dequant(W).T on stored weight blocks (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("dequant_rows", &dequant_rows, "rows of a stored weight dequantised to fp32 (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("interleave", &x16_interleave, "Q8_0 / Q4_0 / Q4_1 rows -> the 16-row interleaved layout (quant_x16.h)",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the vector instruction set this build uses");
 }

@@ -55,6 +55,7 @@ def test_gguf_layers_stay_stored(models):
     assert isinstance(layer.self_attn.qkv_group, QuantGroup) and isinstance(layer.mlp.gate_up_group, QuantGroup)
     assert type(quant.model.embed_tokens) is QuantEmbedding and quant.lm_head.stored is quant.model.embed_tokens.stored
     assert quant.lm_head.stored.format == "Q8_0"
+    assert layer.self_attn.qkv_group.stored.interleaved and quant.lm_head.stored.interleaved   # csrc/quant_x16.h
     stored = sum(w.nbytes for w in loaded.stored.values())
     assert stored < 100 * 2**20, "the stored model is the file's size, not fp32's ~540 MB"
     assert not any(p.numel() > 1e5 for p in quant.parameters()), "no dense copy of a weight matrix"

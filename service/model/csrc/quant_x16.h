@@ -1,0 +1,256 @@
+// Interleaved block formats: Q8_0, Q4_0 and Q4_1 weights with 16 rows' blocks woven together, so that one
+// vector holds the same column of 16 output rows. Included by quant_matmul.cpp after its vector types.
+//
+// Why: with the rows' own layout (GGUF's), each 32-value block is dequantised on its own, with two scalar
+// fp16 loads and broadcasts per block, and every output ends in a horizontal sum; at one row of x the
+// kernel spent more time unpacking than reading (Q4_1 at ~12 GB/s on a machine that reads 27 GB/s). Here
+// a vector of lane r = row 16g + r takes byte j of each row's block at once, so unpacking is one widening,
+// a mask or a shift and a conversion per 16 values, scales come as 16-lane fp16 vectors, x is broadcast,
+// and the 16 outputs are the lanes themselves (no horizontal sum). llama.cpp repacks Q4_0 the same way
+// for its AVX2/AVX-512 kernels; the bytes per weight do not change.
+//
+// Layout of row group g (rows 16g..16g+15) and block b: one chunk of 16 x block_bytes bytes at
+// (g * blocks + b) * 16 * block_bytes, holding the 16 rows' fp16 d (Q4_1: then their fp16 m), then the
+// quants transposed: byte r of the 16 at offset j is byte j of row r's quants (Q4_x: 16 bytes, low nibble
+// value j, high nibble value j + 16; Q8_0: 32 int8 values).
+//
+// Arithmetic, per output row and block, the same whatever the number of rows of x (so a sequence's result
+// does not depend on its batch): lo = sum_{j<16} q_j x_j and hi = sum_{j>=16} q_j x_j in increasing j (fused
+// multiply-adds where the CPU has them), block = lo + hi, then acc += d * block and (Q4_1) acc += m * xsum,
+// xsum being the block's sum of x. The result differs from x @ dequantize(W).T only in rounding order:
+// d * sum(q x) + m * sum(x) is the same sum as sum((d q + m) x) regrouped.
+#pragma once
+
+constexpr int64_t kX16Rows = 16;
+// Register rows of x per pass: accumulators are 2 x (16 / V) vectors per row
+constexpr int MRX = V == 16 ? 8 : (V == 8 ? 2 : 1);
+constexpr int PX = 16 / V;                 // vectors per 16 rows
+
+constexpr bool x16_format(int64_t f) { return f == Q8_0 || f == Q4_0 || f == Q4_1; }
+constexpr int64_t x16_scale_bytes(int64_t f) { return f == Q4_1 ? 64 : 32; }
+
+inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf out;
+  for (int l = 0; l < V; ++l) out[l] = load_half(p + 2 * l);
+  return out;
+#endif
+}
+
+// Column values of V rows from V bytes at p: Q4_x low / high nibble (Q4_0 minus 8), or Q8_0's int8.
+template <int64_t F, bool High>
+inline vf x16_values(const uint8_t* p) {
+  if constexpr (F == Q8_0) {
+    return signed_bytes_to_float(p);
+  } else {
+    const vi b = widen_bytes<false>(p);
+    vi q = High ? (b >> 4) : (b & 15);
+    if constexpr (F == Q4_0) q = q - 8;
+    return __builtin_convertvector(q, vf);
+  }
+}
+
+// out[i][16g + r] for the R rows of x at x (row stride ldx), rows 16g.. of w; xsum[i * blocks + b] per row.
+template <int64_t F, int R>
+inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, int64_t blocks,
+                      const float* xsum, vf* acc) {
+  constexpr int64_t BB = block_bytes(F), CH = kX16Rows * BB, SB = x16_scale_bytes(F);
+  for (int i = 0; i < R * PX; ++i) acc[i] = vf{};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* chunk = w + (g * blocks + b) * CH;
+    const uint8_t* qs = chunk + SB;
+    vf lo[R][PX], hi[R][PX];
+    for (int i = 0; i < R; ++i)
+      for (int p = 0; p < PX; ++p) lo[i][p] = hi[i][p] = vf{};
+    const float* xb = x + b * 32;
+    for (int j = 0; j < 16; ++j) {                // value j into lo, value j + 16 into hi
+      for (int p = 0; p < PX; ++p) {
+        vf wl, wh;
+        if constexpr (F == Q8_0) {
+          wl = x16_values<F, false>(qs + j * 16 + p * V);
+          wh = x16_values<F, false>(qs + (j + 16) * 16 + p * V);
+        } else {
+          wl = x16_values<F, false>(qs + j * 16 + p * V);
+          wh = x16_values<F, true>(qs + j * 16 + p * V);
+        }
+        for (int i = 0; i < R; ++i) {
+          lo[i][p] += wl * vbroadcast(xb[i * ldx + j]);
+          hi[i][p] += wh * vbroadcast(xb[i * ldx + j + 16]);
+        }
+      }
+    }
+    for (int p = 0; p < PX; ++p) {
+      const vf d = load_halves(chunk + p * V * 2);
+      vf m{};
+      if constexpr (F == Q4_1) m = load_halves(chunk + 32 + p * V * 2);
+      for (int i = 0; i < R; ++i) {
+        acc[i * PX + p] += d * (lo[i][p] + hi[i][p]);
+        if constexpr (F == Q4_1) acc[i * PX + p] += m * vbroadcast(xsum[i * blocks + b]);
+      }
+    }
+  }
+}
+
+// R rows of x times one unpacked tile (x16_group_tiled), accumulated into acc[R x PX] as x16_group does.
+template <int64_t F, int R>
+inline void x16_tile_rows(const vf (*tile)[PX], const vf* d, const vf* m, const float* xb, int64_t ldx,
+                          const float* xsum, int64_t blocks, vf* acc) {
+  vf lo[R][PX], hi[R][PX];
+  for (int i = 0; i < R; ++i)
+    for (int p = 0; p < PX; ++p) lo[i][p] = hi[i][p] = vf{};
+  for (int j = 0; j < 16; ++j)
+    for (int p = 0; p < PX; ++p)
+      for (int i = 0; i < R; ++i) {
+        lo[i][p] += tile[j][p] * vbroadcast(xb[i * ldx + j]);
+        hi[i][p] += tile[j + 16][p] * vbroadcast(xb[i * ldx + j + 16]);
+      }
+  for (int i = 0; i < R; ++i)
+    for (int p = 0; p < PX; ++p) {
+      acc[i * PX + p] += d[p] * (lo[i][p] + hi[i][p]);
+      if constexpr (F == Q4_1) acc[i * PX + p] += m[p] * vbroadcast(xsum[i * blocks]);
+    }
+}
+
+// More rows of x than registers hold: each block's 16 x 32 values are unpacked once into an L1 tile and every
+// chunk of R rows multiplies the tile, with the arithmetic of x16_group (same values, same order: a row's
+// result is the same bits whichever function computes it). acc holds M x PX vectors.
+template <int64_t F>
+inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
+                            const float* xsum, vf* acc) {
+  constexpr int64_t BB = block_bytes(F), CH = kX16Rows * BB, SB = x16_scale_bytes(F);
+  alignas(64) vf tile[32][PX];
+  for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* chunk = w + (g * blocks + b) * CH;
+    const uint8_t* qs = chunk + SB;
+    for (int j = 0; j < 16; ++j)
+      for (int p = 0; p < PX; ++p) {
+        if constexpr (F == Q8_0) {
+          tile[j][p] = x16_values<F, false>(qs + j * 16 + p * V);
+          tile[j + 16][p] = x16_values<F, false>(qs + (j + 16) * 16 + p * V);
+        } else {
+          tile[j][p] = x16_values<F, false>(qs + j * 16 + p * V);
+          tile[j + 16][p] = x16_values<F, true>(qs + j * 16 + p * V);
+        }
+      }
+    vf d[PX], m[PX];
+    for (int p = 0; p < PX; ++p) {
+      d[p] = load_halves(chunk + p * V * 2);
+      m[p] = F == Q4_1 ? load_halves(chunk + 32 + p * V * 2) : vf{};
+    }
+    const float* xb = x + b * 32;
+    for (int64_t i0 = 0; i0 < M; i0 += MRX) {
+      const int64_t R = std::min<int64_t>(MRX, M - i0);
+      const float* xs = F == Q4_1 ? xsum + i0 * blocks + b : nullptr;
+      if (R == MRX)
+        x16_tile_rows<F, MRX>(tile, d, m, xb + i0 * ldx, ldx, xs, blocks, acc + i0 * PX);
+      else
+        for (int64_t i = 0; i < R; ++i)
+          x16_tile_rows<F, 1>(tile, d, m, xb + (i0 + i) * ldx, ldx, xs ? xs + i * blocks : nullptr, blocks,
+                              acc + (i0 + i) * PX);
+    }
+  }
+}
+
+template <int64_t F>
+void x16_rows(int rows, const float* x, int64_t ldx, const uint8_t* w, int64_t g, int64_t blocks,
+              const float* xsum, vf* acc) {
+  switch (rows) {
+    case 1: x16_group<F, 1>(x, ldx, w, g, blocks, xsum, acc); break;
+    case 2: x16_group<F, 2>(x, ldx, w, g, blocks, xsum, acc); break;
+    case 3: x16_group<F, 3>(x, ldx, w, g, blocks, xsum, acc); break;     // the cases past MRX never run
+    case 4: x16_group<F, 4>(x, ldx, w, g, blocks, xsum, acc); break;
+    default: x16_group<F, MRX>(x, ldx, w, g, blocks, xsum, acc); break;
+  }
+}
+
+// out [M, N] = x [M, K] @ W^T (+ bias) for an interleaved weight (N a multiple of 16, K of 32).
+void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K,
+                const float* bias, float* out, int64_t ldo) {
+  const int64_t blocks = K / 32, groups = N / kX16Rows;
+  std::vector<float> xsum(fmt == Q4_1 ? M * blocks : 0);      // Q4_1's m multiplies each block's sum of x
+  for (int64_t i = 0; fmt == Q4_1 && i < M; ++i)
+    for (int64_t b = 0; b < blocks; ++b) {
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += x[i * ldx + b * 32 + j];
+      xsum[i * blocks + b] = s;
+    }
+  const int64_t min_groups = M * N * K > (1 << 15) ? 2 : groups + 1;
+  spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
+    alignas(64) vf acc[MCHUNK * PX];
+    for (int64_t g = g_begin; g < g_end; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        const int rows = static_cast<int>(std::min<int64_t>(MCHUNK, M - m0));
+        const float* xs = xsum.empty() ? nullptr : xsum.data() + m0 * blocks;
+        const float* xm = x + m0 * ldx;
+        if (rows <= MRX) {
+          switch (fmt) {
+            case Q8_0: x16_rows<Q8_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
+            case Q4_0: x16_rows<Q4_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
+            default: x16_rows<Q4_1>(rows, xm, ldx, w, g, blocks, xs, acc); break;
+          }
+        } else {
+          switch (fmt) {
+            case Q8_0: x16_group_tiled<Q8_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
+            case Q4_0: x16_group_tiled<Q4_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
+            default: x16_group_tiled<Q4_1>(xm, ldx, rows, w, g, blocks, xs, acc); break;
+          }
+        }
+        for (int i = 0; i < rows; ++i)
+          for (int p = 0; p < PX; ++p) {
+            float* o = out + (m0 + i) * ldo + g * kX16Rows + p * V;
+            vf v = acc[i * PX + p];
+            if (bias) v += vload(bias + g * kX16Rows + p * V);
+            vstore(o, v);
+          }
+      }
+  }, min_groups);
+}
+
+// Row n of an interleaved weight dequantised to out[K] (embedding look-ups, `dequantize` through the kernel):
+// the values of dequant_block on the row's own blocks.
+void x16_dequant_row(int64_t fmt, const uint8_t* w, int64_t n, int64_t K, float* out) {
+  const int64_t blocks = K / 32, bb = block_bytes(fmt), g = n / kX16Rows, r = n % kX16Rows;
+  alignas(64) uint8_t blk[34];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* chunk = w + (g * blocks + b) * kX16Rows * bb;
+    const int64_t sb = x16_scale_bytes(fmt), qbytes = bb - sb / 16;       // quant bytes per row block
+    std::memcpy(blk, chunk + 2 * r, 2);                                   // d
+    if (fmt == Q4_1) std::memcpy(blk + 2, chunk + 32 + 2 * r, 2);         // m
+    const int64_t head = sb / 16;
+    for (int64_t j = 0; j < qbytes; ++j) blk[head + j] = chunk[sb + j * kX16Rows + r];
+    switch (fmt) {
+      case Q8_0: dequant_block<Q8_0>(blk, out + b * 32); break;
+      case Q4_0: dequant_block<Q4_0>(blk, out + b * 32); break;
+      default: dequant_block<Q4_1>(blk, out + b * 32); break;
+    }
+  }
+}
+
+// w [N, row_bytes] (GGUF rows) -> the interleaved layout, same shape and bytes.
+at::Tensor x16_interleave(at::Tensor w, int64_t fmt, int64_t K) {
+  TORCH_CHECK(x16_format(fmt), "interleave: Q8_0, Q4_0 or Q4_1 only, got format ", fmt);
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) % kX16Rows == 0,
+              "interleave: a contiguous [N, row_bytes] CPU weight with N a multiple of 16");
+  const int64_t bb = block_bytes(fmt), blocks = K / 32, rb = w.size(1) * w.element_size();
+  TORCH_CHECK(K % 32 == 0 && rb == blocks * bb, "interleave: rows of ", rb, " bytes do not hold ", K, " values");
+  at::Tensor out = at::empty_like(w);
+  const uint8_t* src = static_cast<const uint8_t*>(w.data_ptr());
+  uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
+  const int64_t sb = x16_scale_bytes(fmt), head = sb / 16, qbytes = bb - head;
+  for (int64_t g = 0; g < w.size(0) / kX16Rows; ++g)
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* chunk = dst + (g * blocks + b) * kX16Rows * bb;
+      for (int64_t r = 0; r < kX16Rows; ++r) {
+        const uint8_t* blk = src + (g * kX16Rows + r) * rb + b * bb;
+        std::memcpy(chunk + 2 * r, blk, 2);
+        if (fmt == Q4_1) std::memcpy(chunk + 32 + 2 * r, blk + 2, 2);
+        for (int64_t j = 0; j < qbytes; ++j) chunk[sb + j * kX16Rows + r] = blk[head + j];
+      }
+    }
+  return out;
+}

@@ -1,0 +1,95 @@
+"""The interleaved block layout (csrc/quant_x16.h: Q8_0, Q4_0 and Q4_1 with 16 rows' blocks woven together)
+on every code path this CPU can run (the native build, AVX2 + FMA, SSE2; see test_quant_matmul.py).
+
+The layout holds the same bytes (interleaving and back is the identity), dequantises to gguf's values, and
+its matmul equals x @ dequantize(W).T up to rounding order: the kernel sums d * sum(q x) + m * sum(x) per
+block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0 and
+Q8_0 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives the same bits
+whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row pass): a
+sequence's logits do not depend on its batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from service.model import quant_linear
+from service.model.quant_formats import StoredWeight, deinterleave, dequantize
+from service.model.quant_linear import QuantLinear, group_quant_linears
+
+from test_quant_matmul import ARCHES, build, stored
+
+pytestmark = pytest.mark.slow          # shares test_quant_matmul's extra builds
+FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+def interleave(weight: StoredWeight, module) -> StoredWeight:
+    data = module.interleave(weight.data, weight.kernel_id, weight.columns)
+    return StoredWeight(data, weight.format, weight.columns, interleaved=True)
+
+
+def magnitudes(weight: StoredWeight) -> torch.Tensor:
+    """|d q| + |m| per value (Q4_1: the weight with its scales' sign bits cleared), |w| otherwise."""
+    if weight.format != "Q4_1":
+        return dequantize(weight).abs()
+    blocks = weight.data.numpy().reshape(weight.shape[0], -1, 20).copy()
+    blocks[..., 1] &= 0x7F                                             # d's sign bit (fp16, little-endian)
+    blocks[..., 3] &= 0x7F                                             # m's
+    return dequantize(StoredWeight(torch.from_numpy(blocks.reshape(weight.shape[0], -1)), "Q4_1", weight.columns))
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_interleaved_layout_holds_the_same_weight(arch, fmt):
+    module = build(arch)
+    weight = stored(fmt, 48, 256, seed=3 + len(fmt))
+    woven = interleave(weight, module)
+    assert woven.kernel_id != weight.kernel_id and not torch.equal(woven.data, weight.data)
+    assert torch.equal(deinterleave(woven).data, weight.data)
+    dense = dequantize(weight)
+    assert torch.equal(dequantize(woven), dense)
+    rows = torch.tensor([0, 17, 47, 5, 17])
+    assert torch.equal(module.dequant_rows(woven.data, woven.kernel_id, 256, rows), dense[rows])
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_interleaved_matmul_equals_the_dequantised_one_and_ignores_the_batch(arch, fmt):
+    module = build(arch)
+    rows, columns = 64, 512
+    weight = stored(fmt, rows, columns, seed=len(fmt))
+    woven = interleave(weight, module)
+    dense, size = dequantize(weight), magnitudes(weight)
+    bias = torch.randn(rows)
+    x = torch.randn(70, columns, generator=torch.Generator().manual_seed(5))
+    many = quant_linear.matmul(x, woven, bias, module=module)                       # [70, rows]
+    ref = (x.double() @ dense.double().T + bias.double()).float()
+    bound = 64 * torch.finfo(torch.float32).eps * (x.abs().double() @ size.double().T).float() + 1e-6
+    assert ((many - ref).abs() <= bound).all(), f"{fmt} on {arch}: {(many - ref).abs().max()}"
+    for m in (1, 3, 8, 9, 16):
+        assert torch.equal(quant_linear.matmul(x[:m], woven, bias, module=module), many[:m]), \
+            f"{fmt} on {arch}: {m} rows differ from the same rows among 70"
+    assert torch.equal(quant_linear.matmul(x[64:67], woven, bias, module=module), many[64:67])
+
+
+def test_service_weights_are_interleaved_where_the_layout_applies(monkeypatch):
+    module = build("native")
+    q, k, v = (QuantLinear(quant_linear.interleaved(stored("Q4_1", n, 128, seed=n))) for n in (64, 32, 32))
+    assert q.stored.interleaved and k.stored.interleaved
+    group = group_quant_linears([q, k, v])
+    assert group is not None and group.stored.interleaved
+    x = torch.randn(5, 128)
+    joined = group.compute(x)                                                        # [5, 128]
+    alone = torch.cat([quant_linear.matmul(x, m.stored, module=module) for m in (q, k, v)], dim=1)
+    assert torch.equal(joined, alone)
+    odd = stored("Q4_1", 40, 128, seed=1)                       # rows not in whole groups of 16: left as is
+    assert quant_linear.interleaved(odd) is odd
+    plain = stored("I8", 32, 128, seed=2)
+    assert quant_linear.interleaved(plain) is plain
+    monkeypatch.setenv("ADAPTER_SERVE_INTERLEAVE", "0")
+    weight = stored("Q8_0", 32, 128, seed=4)
+    assert quant_linear.interleaved(weight) is weight
+    with pytest.raises(ValueError, match="interleaved"):
+        q.stored.rows(torch.arange(64))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        module.interleave(odd.data, odd.kernel_id, 128)
+    assert np.array_equal(deinterleave(weight).data.numpy(), weight.data.numpy())
