@@ -24,7 +24,7 @@ from adapters_core.native import NativeKernel
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _KERNEL = NativeKernel("adapter_serve_cpu_ops", [os.path.join(_CSRC, name) for name in (
-    "bindings.cpp", "decode_attention.cpp", "rms_norm.cpp", "rotary.cpp", "silu_mul.cpp")],
+    "bindings.cpp", "decode_attention.cpp", "decode_layers.cpp", "rms_norm.cpp", "rotary.cpp", "silu_mul.cpp")],
     "ADAPTER_SERVE_CPU_KERNELS", extra_cflags=("-ffp-contract=off",))   # no FMA where torch rounds a product
 
 

@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding of q and k with the decoder's roundings (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_layers", &decode_layers, "every decoder layer of a decode-only step without LoRA (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up with the decoder's roundings (CPU)",
         py::call_guard<py::gil_scoped_release>());
 }

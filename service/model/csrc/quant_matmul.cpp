@@ -469,6 +469,9 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
 
 std::string isa() { return kIsa; }
 
+// quant_matmul's address, for the decoder's C++ layer loop (csrc/decode_layers.cpp) in the other extension
+int64_t quant_matmul_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_matmul)); }
+
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_matmul", &quant_matmul, "x @ dequant(W).T on stored weight blocks (CPU)",
@@ -477,5 +480,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("interleave", &x16_interleave, "Q8_0 / Q4_0 / Q4_1 rows -> the 16-row interleaved layout (quant_x16.h)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("quant_matmul_entry", &quant_matmul_entry, "quant_matmul's address (for csrc/decode_layers.cpp)");
   m.def("isa", &isa, "the vector instruction set this build uses");
 }

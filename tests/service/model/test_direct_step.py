@@ -76,11 +76,19 @@ def both_paths(model, slots, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["I8", "F32"])
 def test_bare_stored_model_is_bit_identical(fmt, monkeypatch):
+    """Without LoRA deltas the whole loop is one C++ call (csrc/decode_layers.cpp); without that table, the
+    same kernels from Python: both bit-identical to the layer modules."""
     model = stored_model(fmt)
     assert isinstance(model.model.layers[0].self_attn.qkv_group, QuantGroup)
+    native = []
+    real = direct_step._native_tables
+    monkeypatch.setattr(direct_step, "_native_tables", lambda *a: native.append(real(*a)) or native[-1])
     general, direct, took_direct = both_paths(model, None, monkeypatch)
-    assert took_direct
+    assert took_direct and native[-1] is not None
     assert torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])   # outputs and cache writes
+    monkeypatch.setattr(direct_step, "_native_tables", lambda *a: None)
+    _, from_python, took_direct = both_paths(model, None, monkeypatch)
+    assert took_direct and torch.equal(from_python[0], direct[0]) and torch.equal(from_python[1], direct[1])
 
 
 def test_mixed_lora_adapters_are_bit_identical(monkeypatch):
