@@ -33,6 +33,7 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 import torch
 
 import adapters_core as ac
+from service.model import cpu_ops
 from service.model.decoder import StepPlan, StepSequence
 
 from .adapter_scale import check_adapter_scale, step_scales
@@ -220,11 +221,10 @@ class Engine:
                         type(exc).__name__, exc)
             sampled, logits = self._forward_each(plan_items, finished)
         now = time.monotonic()
-        finite = torch.isfinite(logits).all(dim=-1).tolist() if sampled else []
+        finite, argmax = cpu_ops.finite_rows_and_argmax(logits) if sampled else ([], [])
         if self.grammars is not None:          # the constrained requests' masks, in one call
             self.grammars.fill(state.sampler.guide for state in sampled)
-        greedy = [i for i, state in enumerate(sampled) if finite[i] and state.sampler.plain_greedy]
-        greedy_tokens = dict(zip(greedy, logits[greedy].float().argmax(dim=-1).tolist())) if greedy else {}
+        greedy_tokens = {i: argmax[i] for i, state in enumerate(sampled) if finite[i] and state.sampler.plain_greedy}
         for i, state in enumerate(sampled):
             if not finite[i]:
                 self._fail(state, "the model produced non-finite logits (NaN or inf) for this request"

@@ -24,7 +24,7 @@ from adapters_core.native import NativeKernel
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _KERNEL = NativeKernel("adapter_serve_cpu_ops", [os.path.join(_CSRC, name) for name in (
-    "bindings.cpp", "decode_attention.cpp", "decode_layers.cpp", "rms_norm.cpp", "rotary.cpp", "silu_mul.cpp")],
+    "bindings.cpp", "decode_attention.cpp", "decode_layers.cpp", "rms_norm.cpp", "rotary.cpp", "row_argmax.cpp", "silu_mul.cpp")],
     "ADAPTER_SERVE_CPU_KERNELS", extra_cflags=("-ffp-contract=off",))   # no FMA where torch rounds a product
 
 
@@ -62,3 +62,12 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for 2-D tensors with contiguous rows, as `F.silu(gate) * up` rounds."""
     return kernel().silu_mul(gate, up)
+
+
+def finite_rows_and_argmax(logits: torch.Tensor) -> tuple[list[bool], list[int]]:
+    """For logits [R, V]: whether each row is all finite, and each row's argmax (first maximal index, as
+    torch.argmax; meaningful for finite rows). One kernel pass on the CPU, torch ops elsewhere."""
+    if logits.is_cpu and logits.dim() == 2 and logits.stride(-1) == 1 and kernel() is not None:
+        index, finite = kernel().row_argmax(logits)
+        return finite.tolist(), index.tolist()
+    return torch.isfinite(logits).all(dim=-1).tolist(), logits.float().argmax(dim=-1).tolist()

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_layers", &decode_layers, "every decoder layer of a decode-only step without LoRA (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("row_argmax", &row_argmax, "each row's argmax and whether it is all finite (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up with the decoder's roundings (CPU)",
         py::call_guard<py::gil_scoped_release>());
 }

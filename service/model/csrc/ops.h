@@ -10,6 +10,7 @@ void decode_attention_(at::Tensor out, at::Tensor q, at::Tensor k_new, at::Tenso
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 std::vector<at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate, at::Tensor up);
+std::vector<at::Tensor> row_argmax(at::Tensor logits);
 at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,

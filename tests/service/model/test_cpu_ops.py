@@ -169,3 +169,22 @@ def test_silu_mul_is_accurate_over_the_whole_range():
     together = cpu_ops.silu_mul(rows, torch.ones_like(rows))
     alone = torch.cat([cpu_ops.silu_mul(rows[i:i + 1], torch.ones_like(rows[i:i + 1])) for i in range(16)])
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_rows_and_argmax_equal_torch(dtype):
+    """The engine's greedy pick and its non-finite check: each row's first maximal index (ties included)
+    and whether the row is all finite, as torch.isfinite(...).all(-1) and argmax(-1) give them."""
+    torch.manual_seed(0)
+    logits = torch.randn(9, 4099).to(dtype)
+    logits[1, 7] = float("nan")
+    logits[2, 11] = float("inf")
+    logits[3, 5] = logits[3, 900] = 50.0                        # a tie: the first index wins
+    logits[4, -1] = float("-inf")
+    finite, argmax = cpu_ops.finite_rows_and_argmax(logits)
+    assert finite == torch.isfinite(logits).all(dim=-1).tolist() == [True, False, False, True, False] + [True] * 4
+    ref = logits.float().argmax(dim=-1).tolist()
+    assert [a for a, ok in zip(argmax, finite) if ok] == [r for r, ok in zip(ref, finite) if ok]
+    assert argmax[3] == 5
+    strided = torch.randn(4, 64).to(dtype)[:, ::2]              # not contiguous rows: torch's ops answer
+    assert cpu_ops.finite_rows_and_argmax(strided) == ([True] * 4, strided.float().argmax(dim=-1).tolist())
