@@ -120,14 +120,23 @@ class RequestSampler:
     def plain_greedy(self) -> bool:
         """The token is the argmax of the raw logits (no penalties, biases, masks or logprobs): the engine
         then takes it for all such requests of a step with one batched argmax instead of calling `sample`."""
+        return self.guide is None and self._only_greedy
+
+    @property
+    def _only_greedy(self) -> bool:
         p = self.params
         return (p.temperature < GREEDY_BELOW and self.counts is None and self.seen is None and self.bias is None
-                and self.guide is None and not p.logprobs and (self.ends is None or self.generated >= p.min_tokens))
+                and not p.logprobs and (self.ends is None or self.generated >= p.min_tokens))
 
     def sample(self, logits: torch.Tensor) -> tuple[int, Optional[float], Optional[TopLogprobs]]:
         """logits [V] (any dtype, any device) -> (token id, its raw log-probability if asked, the
         `top_logprobs` most likely (id, log-probability) pairs if asked)."""
         p = self.params
+        if self.guide is not None and self._only_greedy:       # the grammar's argmax, without torch ops
+            token = self.guide.greedy(logits)
+            self.guide.advance(token)
+            self.generated += 1
+            return token, None, None
         raw = logits.float().cpu()
         logits = self.processed(raw)
         if p.temperature < GREEDY_BELOW:

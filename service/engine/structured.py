@@ -92,21 +92,40 @@ class Guide:
 
     def __init__(self, matcher: llguidance.LLMatcher, grammars: "Grammars"):
         self.matcher, self.grammars = matcher, grammars
-        self.allowed: Optional[torch.Tensor] = None            # [V] bool
+        self.allowed: Optional[np.ndarray] = None              # [V] bool
+        self.any_allowed = False
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits [V] -> a copy with the tokens the grammar forbids at -inf."""
+    def _mask(self) -> np.ndarray:
         if self.allowed is None:                 # not filled by the engine's step (a sampler used on its own)
             self.grammars.fill([self])
-        allowed = self.allowed
-        if not bool(allowed.any()):
+        if not self.any_allowed:
             raise RuntimeError("the grammar allows no next token" + _error(self.matcher))
-        return torch.where(allowed, logits, float("-inf"))
+        return self.allowed
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float logits [V] -> a copy with the tokens the grammar forbids at -inf."""
+        return torch.where(torch.from_numpy(self._mask()), logits, float("-inf"))
+
+    def greedy(self, logits: torch.Tensor) -> int:
+        """The likeliest allowed token of logits [V], in numpy: torch's ops on a whole vocabulary run as
+        parallel regions, each of which waits for both cores, and a 2-core machine that also runs the forward's
+        threads made three of them per request and step cost more than the masks."""
+        return int(np.where(self._mask(), _float32(logits), -np.inf).argmax())
 
     def advance(self, token: int) -> None:
         self.allowed = None
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} does not fit the grammar" + _error(self.matcher))
+
+
+def _float32(logits: torch.Tensor) -> np.ndarray:
+    """A logits row as float32 numpy (bfloat16 widened bit by bit, exactly)."""
+    logits = logits.detach().cpu()
+    if logits.dtype == torch.float32:
+        return logits.numpy()
+    if logits.dtype == torch.bfloat16:
+        return (logits.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return logits.float().numpy()
 
 
 def _error(matcher: llguidance.LLMatcher) -> str:
@@ -164,9 +183,10 @@ class Grammars:
         for i, guide in enumerate(guides):      # one thread: see the module docstring for why not LLExecutor
             guide.matcher.unsafe_compute_mask_ptr(bitmask[i].ctypes.data, self.words * 4)
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
-        allowed = torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_))   # [G, V], 0/1 bytes as bools
+        allowed = np.ascontiguousarray(bits).view(np.bool_)                    # [G, V], 0/1 bytes as bools
+        nonempty = bitmask.any(axis=1)
         for i, guide in enumerate(guides):
-            guide.allowed = allowed[i]
+            guide.allowed, guide.any_allowed = allowed[i], bool(nonempty[i])
 
 
 def check_constraint(grammars: Optional[Grammars], constraint: Optional[Constraint]) -> None:

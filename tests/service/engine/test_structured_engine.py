@@ -11,6 +11,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -143,3 +144,19 @@ def test_constraint_values_and_conflicts_are_checked(engine, tokenizer):
     bare = Engine(tiny_decoder(adapters=False), EngineConfig(max_batch_size=2, max_seq_len=64), eos_token_ids=[EOS])
     with pytest.raises(ValueError, match="response_format: structured output is not available"):
         bare.validate(request(tokenizer, schema, max_tokens=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_under_a_grammar_is_the_argmax_over_the_allowed_tokens(engine, tokenizer, dtype):
+    grammars = engine.grammars
+    guide = grammars.guide(Constraint.regex("[a-f]+", "guided_regex"))
+    grammars.fill([guide])
+    allowed = torch.from_numpy(guide.allowed)
+    assert tokenizer.decode(allowed.nonzero().flatten().tolist()) == "abcdef"
+    masked_away = 0
+    for seed in range(5):
+        logits = (3 * torch.randn(HF_KW["vocab_size"], generator=torch.Generator().manual_seed(seed))).to(dtype)
+        expected = int(torch.where(allowed, logits.float(), float("-inf")).argmax())
+        assert guide.greedy(logits) == expected
+        masked_away += int(logits.float().argmax()) != expected        # the mask changed the choice
+    assert masked_away >= 3
