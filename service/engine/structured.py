@@ -46,13 +46,17 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: Any, field: str) -> "Constraint":
-        """A JSON schema given as an object (or `true`), or as JSON text (TGI and vLLM accept both)."""
+        """A JSON schema given as an object (or `true`, any value), or as JSON text (TGI and vLLM accept both)."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except ValueError as exc:
                 raise ValueError(f"{field}: not valid JSON ({exc})") from None
-        if not isinstance(schema, (dict, bool)):
+        if schema is True:                     # JSON Schema's `true`: any value, as the empty schema
+            schema = {}
+        if schema is False:
+            raise ValueError(f"{field}: the schema `false` matches nothing")
+        if not isinstance(schema, dict):
             raise ValueError(f"{field}: a JSON schema must be an object")
         return cls("json_schema", json.dumps(schema, sort_keys=False, separators=(",", ":")), field)
 

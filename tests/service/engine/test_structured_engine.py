@@ -136,6 +136,13 @@ def test_constraint_values_and_conflicts_are_checked(engine, tokenizer):
         Constraint.json_schema("{nope", "guided_json")
     with pytest.raises(ValueError, match="guided_choice: must be a non-empty list"):
         Constraint.choice([], "guided_choice")
+    with pytest.raises(ValueError, match="guided_json: the schema `false` matches nothing"):
+        Constraint.json_schema(False, "guided_json")
+    anything = engine.generate([request(tokenizer, Constraint.json_schema(True, "guided_json"), seed=s, max_tokens=40)
+                                for s in range(3)])                   # JSON Schema's `true`: any JSON value
+    assert all(o.finish_reason is FinishReason.STOP for o in anything)
+    for out in anything:
+        json.loads(tokenizer.decode(out.token_ids))                    # raises unless it is one JSON value
     schema = Constraint.json_schema({"type": "object"}, "response_format")
     with pytest.raises(ValueError, match="ignore_eos: cannot be combined with structured output"):
         engine.validate(request(tokenizer, schema, ignore_eos=True))
