@@ -156,14 +156,19 @@ inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_
   }
 }
 
+static_assert(MRX <= 8, "x16_rows has cases for 1..8 rows");
+
 template <int64_t F>
 void x16_rows(int rows, const float* x, int64_t ldx, const uint8_t* w, int64_t g, int64_t blocks,
               const float* xsum, vf* acc) {
   switch (rows) {
     case 1: x16_group<F, 1>(x, ldx, w, g, blocks, xsum, acc); break;
     case 2: x16_group<F, 2>(x, ldx, w, g, blocks, xsum, acc); break;
-    case 3: x16_group<F, 3>(x, ldx, w, g, blocks, xsum, acc); break;     // the cases past MRX never run
-    case 4: x16_group<F, 4>(x, ldx, w, g, blocks, xsum, acc); break;
+    case 3: x16_group<F, 3>(x, ldx, w, g, blocks, xsum, acc); break;     // the cases past MRX never run:
+    case 4: x16_group<F, 4>(x, ldx, w, g, blocks, xsum, acc); break;     // every count up to MRX has its
+    case 5: x16_group<F, 5>(x, ldx, w, g, blocks, xsum, acc); break;     // own case (a larger R would read
+    case 6: x16_group<F, 6>(x, ldx, w, g, blocks, xsum, acc); break;     // rows of x past the last one)
+    case 7: x16_group<F, 7>(x, ldx, w, g, blocks, xsum, acc); break;
     default: x16_group<F, MRX>(x, ldx, w, g, blocks, xsum, acc); break;
   }
 }

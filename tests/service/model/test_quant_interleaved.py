@@ -6,7 +6,11 @@ its matmul equals x @ dequantize(W).T up to rounding order: the kernel sums d * 
 block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0 and
 Q8_0 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives the same bits
 whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row pass): a
-sequence's logits do not depend on its batch."""
+sequence's logits do not depend on its batch. And no path reads a row of x past the last (x placed just before
+a page the process may not read)."""
+
+import ctypes
+import mmap
 
 import numpy as np
 import pytest
@@ -65,7 +69,7 @@ def test_interleaved_matmul_equals_the_dequantised_one_and_ignores_the_batch(arc
     ref = (x.double() @ dense.double().T + bias.double()).float()
     bound = 64 * torch.finfo(torch.float32).eps * (x.abs().double() @ size.double().T).float() + 1e-6
     assert ((many - ref).abs() <= bound).all(), f"{fmt} on {arch}: {(many - ref).abs().max()}"
-    for m in (1, 3, 8, 9, 16):
+    for m in (1, 3, 5, 6, 7, 8, 9, 16):
         assert torch.equal(quant_linear.matmul(x[:m], woven, bias, module=module), many[:m]), \
             f"{fmt} on {arch}: {m} rows differ from the same rows among 70"
     assert torch.equal(quant_linear.matmul(x[64:67], woven, bias, module=module), many[64:67])
@@ -93,3 +97,35 @@ def test_service_weights_are_interleaved_where_the_layout_applies(monkeypatch):
     with pytest.raises(RuntimeError, match="multiple of 16"):
         module.interleave(odd.data, odd.kernel_id, 128)
     assert np.array_equal(deinterleave(weight).data.numpy(), weight.data.numpy())
+
+
+def guarded_rows(rows: int, columns: int):
+    """x [rows, columns] fp32 ending exactly where a page the process may not read begins: a kernel that
+    reads past x's last row faults at once (a test failure) instead of reading someone else's memory."""
+    page = mmap.PAGESIZE
+    size = rows * columns * 4
+    assert size <= page
+    buf = mmap.mmap(-1, 2 * page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + page), page, 0) == 0          # PROT_NONE
+    values = torch.frombuffer(buf, dtype=torch.float32, count=page // 4)
+    x = values[page // 4 - rows * columns:].view(rows, columns)
+    x.copy_(torch.randn(rows, columns))
+    return x, buf
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "F32", "BF16", "I8", "Q4_K"])
+def test_no_row_of_x_is_read_past_the_last(arch, fmt):
+    module = build(arch)
+    columns = 256 if fmt == "Q4_K" else 128
+    weight = stored(fmt, 32, columns, seed=9)
+    weights = [weight] + ([interleave(weight, module)] if fmt in FORMATS else [])
+    for rows in range(1, mmap.PAGESIZE // (columns * 4) + 1):
+        x, buf = guarded_rows(rows, columns)
+        for w in weights:
+            out = quant_linear.matmul(x, w, module=module)
+            torch.testing.assert_close(out, x @ dequantize(w).T, atol=1e-3, rtol=1e-4)
+        del x
+        ctypes.CDLL(None).mprotect(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + mmap.PAGESIZE),
+                                   mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
