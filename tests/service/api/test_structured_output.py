@@ -105,6 +105,10 @@ def test_vllm_guided_choice_regex_and_structured_outputs(client, loaded):
     out = client.completions.create(model=loaded.name, prompt="Today's date is", max_tokens=16, temperature=1.0,
                                     seed=2, extra_body={"guided_regex": date})
     assert re.fullmatch(date, out.choices[0].text) and out.choices[0].finish_reason == "stop"
+    out = client.completions.create(model="tuned", prompt="A person as JSON:", max_tokens=160, temperature=0,
+                                    extra_body={"response_format": person_format()})     # vLLM: on completions too
+    assert out.choices[0].finish_reason == "stop"
+    assert_valid(out.choices[0].text)
     chat = client.chat.completions.create(model="tuned", messages=ASK, max_tokens=160, temperature=0.7, seed=4,
                                           extra_body={"structured_outputs": {"json": PERSON}})
     assert_valid(chat.choices[0].message.content)
