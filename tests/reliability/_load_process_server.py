@@ -48,7 +48,11 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def __enter__(self) -> "ServerProcess":
-        return self.wait_ready()
+        try:
+            return self.wait_ready()
+        except BaseException:              # not ready: the process must not outlive the test
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc) -> None:
         if self.process.poll() is None:
