@@ -88,6 +88,10 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
                  int64_t heads, int64_t kv_heads, int64_t dim, int64_t max_len, int64_t q_stride,
                  int64_t k_stride, int64_t v_stride, float scale) {
   const int64_t group = heads / kv_heads;
+  // Small steps (one sequence of a few hundred positions: ~10 us) run on the calling thread: waking this
+  // extension's worker would leave it spinning beside the next matmul's workers, three threads on two cores.
+  int64_t work = 0;
+  for (int64_t b = 0; b < seqs; ++b) work += (positions[b] + 1) * heads * dim;
   spin_parallel(seqs * kv_heads, [&](int64_t task_begin, int64_t task_end) {
   std::vector<float> qf(group * dim), scores, acc(group * dim);
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -140,7 +144,7 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
     T* o = out + token * heads * dim + kvh * group * dim;
     for (int64_t i = 0; i < group * dim; ++i) o[i] = static_cast<T>(acc[i]);
   }
-  });
+  }, work < (1 << 16) ? seqs * kv_heads + 1 : 2);
 }
 
 }  // namespace
