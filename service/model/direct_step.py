@@ -77,6 +77,10 @@ class _LayerWork:
     def applies(self) -> bool:
         modules = self.layer._modules              # plain dict look-ups: this runs for every layer of every step
         attn, mlp = modules["self_attn"], modules["mlp"]
+        kinds = _decoder_kinds()
+        if (type(attn) is not kinds[0] or type(mlp) is not kinds[1] or type(modules["input_layernorm"]) is not kinds[2]
+                or type(modules["post_attention_layernorm"]) is not kinds[2]):
+            return False                       # e.g. a norm wrapped by an adapter's modules_to_save
         self.qkv, self.gate_up = attn.qkv_group, mlp.gate_up_group         # regrouping replaces them
         for loras in (self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras):
             loras.clear()
@@ -165,6 +169,12 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
             add_lora_deltas_(w.down_loras, hidden, [down], mapping)
         x = x + down
     return x
+
+
+def _decoder_kinds() -> tuple:
+    """(Attention, MLP, RMSNorm) of decoder.py, which imports this module."""
+    from .decoder import MLP, Attention, RMSNorm
+    return Attention, MLP, RMSNorm
 
 
 def _member(group: QuantGroup, module: AdapterLayer) -> int:

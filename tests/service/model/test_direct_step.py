@@ -104,18 +104,23 @@ def test_mixed_lora_adapters_are_bit_identical(monkeypatch):
     assert not torch.equal(base, decode_step(model, [all_slot] * ROWS)[0]), "the adapters change the output"
 
 
-@pytest.mark.parametrize("kind", ["ia3", "dora"])
+@pytest.mark.parametrize("kind", ["ia3", "dora", "modules_to_save"])
 def test_adapters_the_direct_path_does_not_compute_take_the_general_path(kind, monkeypatch):
     model = stored_model("F32")
-    config = (ac.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
-                           init_ia3_weights=False) if kind == "ia3" else lora(["q_proj", "o_proj"], 2, use_dora=True))
+    config = {"ia3": lambda: ac.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                          init_ia3_weights=False),
+              "dora": lambda: lora(["q_proj", "o_proj"], 2, use_dora=True),
+              "modules_to_save": lambda: lora(["q_proj"], 2, modules_to_save=["post_attention_layernorm"])}[kind]()
     add(model, "x", config, 2)
     slot = ac.adapter_slot(model, "x")
     general, direct, took_direct = both_paths(model, [slot, 0, slot, 0], monkeypatch)
     assert not took_direct
     assert torch.equal(general[0], direct[0])
     _, _, took_direct = both_paths(model, [0] * ROWS, monkeypatch)
-    assert took_direct, "a step whose rows are all on the base model does not use the adapter"
+    if kind == "modules_to_save":            # the norm stays wrapped: the layer modules route every step
+        assert not took_direct
+    else:
+        assert took_direct, "a step whose rows are all on the base model does not use the adapter"
 
 
 def test_prefill_steps_and_hooks_take_the_general_path(monkeypatch):
