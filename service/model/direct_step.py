@@ -74,10 +74,10 @@ class _LayerWork:
         self.qkv = self.gate_up = self.o = self.down = None
         self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras = [], [], [], []
 
-    def applies(self) -> bool:
+    def applies(self, kinds: tuple) -> bool:
+        """`kinds`: `_decoder_kinds()`, looked up once per step."""
         modules = self.layer._modules              # plain dict look-ups: this runs for every layer of every step
         attn, mlp = modules["self_attn"], modules["mlp"]
-        kinds = _decoder_kinds()
         if (type(attn) is not kinds[0] or type(mlp) is not kinds[1] or type(modules["input_layernorm"]) is not kinds[2]
                 or type(modules["post_attention_layernorm"]) is not kinds[2]):
             return False                       # e.g. a norm wrapped by an adapter's modules_to_save
@@ -120,7 +120,8 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
     if works is None or len(works) != len(model.model.layers) or any(
             w.layer is not layer for w, layer in zip(works, model.model.layers)):
         works = model._direct_work = [_LayerWork(layer) for layer in model.model.layers]
-    if not all(w.applies() for w in works):
+    kinds = _decoder_kinds()
+    if not all(w.applies(kinds) for w in works):
         return None
     mapping = next((m for m in map(_LayerWork.mapping, works) if m is not None), None)
     cos, sin = cos_sin
@@ -186,20 +187,18 @@ def _native_tables(model, works) -> Optional[tuple]:
     one shape and one norm epsilon, each attention reading its own cache layer; else None."""
     c = model.config
     head_dim, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    tensors, formats, eps = [], [], None
+    inter, eps = works[0].gate_up.sizes[0], works[0].layer.input_layernorm.eps
+    tensors, formats = [], []
     for index, w in enumerate(works):
         layer = w.layer
         attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-        inter = w.gate_up.sizes[0]
         if (attn.layer_index != index or attn.num_heads != heads or attn.num_kv_heads != kv_heads
                 or attn.head_dim != head_dim or w.qkv.sizes != [heads * head_dim] + [kv_heads * head_dim] * 2
-                or w.gate_up.sizes != [inter, inter] or any(norm.eps != norms[0].eps for norm in norms)
-                or (eps is not None and norms[0].eps != eps) or (index and inter != shape[3])):
+                or w.gate_up.sizes != [inter, inter] or any(norm.eps != eps for norm in norms)):
             return None
-        eps, shape = norms[0].eps, [heads, kv_heads, head_dim, inter]
         tensors += [norms[0].weight, norms[1].weight]
         for stored, bias in ((w.qkv.stored, w.qkv.bias), (w.o.stored, w.o.bias), (w.gate_up.stored, w.gate_up.bias),
                              (w.down.stored, w.down.bias)):
             tensors += [stored.data, stored.row_scale, bias]
             formats.append(stored.kernel_id)
-    return tensors, formats, shape, eps
+    return tensors, formats, [heads, kv_heads, head_dim, inter], eps

@@ -28,7 +28,7 @@ def stored_model(fmt: str) -> Decoder:
     return Decoder.from_state_dict(ModelConfig.from_hf_dict(config.to_dict()), state, max_positions=64, stored=stored)
 
 
-def lora(targets, seed: int, **extra) -> ac.LoraConfig:
+def lora(targets, **extra) -> ac.LoraConfig:
     return ac.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **extra)
 
 
@@ -93,8 +93,8 @@ def test_bare_stored_model_is_bit_identical(fmt, monkeypatch):
 
 def test_mixed_lora_adapters_are_bit_identical(monkeypatch):
     model = stored_model("I8")
-    add(model, "all", lora("all-linear", 0), 0)
-    add(model, "qv", lora(["q_proj", "v_proj", "down_proj"], 1), 1)
+    add(model, "all", lora("all-linear"), 0)
+    add(model, "qv", lora(["q_proj", "v_proj", "down_proj"]), 1)
     all_slot, qv_slot = ac.adapter_slot(model, "all"), ac.adapter_slot(model, "qv")
     for slots in ([all_slot, 0, qv_slot, all_slot], [0, 0, 0, 0], [qv_slot] * ROWS):
         general, direct, took_direct = both_paths(model, slots, monkeypatch)
@@ -109,8 +109,8 @@ def test_adapters_the_direct_path_does_not_compute_take_the_general_path(kind, m
     model = stored_model("F32")
     config = {"ia3": lambda: ac.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                                           init_ia3_weights=False),
-              "dora": lambda: lora(["q_proj", "o_proj"], 2, use_dora=True),
-              "modules_to_save": lambda: lora(["q_proj"], 2, modules_to_save=["post_attention_layernorm"])}[kind]()
+              "dora": lambda: lora(["q_proj", "o_proj"], use_dora=True),
+              "modules_to_save": lambda: lora(["q_proj"], modules_to_save=["post_attention_layernorm"])}[kind]()
     add(model, "x", config, 2)
     slot = ac.adapter_slot(model, "x")
     general, direct, took_direct = both_paths(model, [slot, 0, slot, 0], monkeypatch)
