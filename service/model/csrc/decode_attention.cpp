@@ -129,16 +129,16 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
         else
           weighted_values<T, 8>(scores.data() + g * length, vc, length, acc.data() + g * dim);
       }
-    } else {
+    } else {                                                            // other head sizes: the plain loop
       std::fill(acc.begin(), acc.end(), 0.f);
-    }
-    for (int64_t t = 0; dim != 64 && dim != 128 && t < length; ++t) {
-      const T* vt = vc + t * dim;
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * length + t];
-        float* ag = acc.data() + g * dim;
+      for (int64_t t = 0; t < length; ++t) {
+        const T* vt = vc + t * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * length + t];
+          float* ag = acc.data() + g * dim;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) ag[d] += p * to_float(vt[d]);
+          for (int64_t d = 0; d < dim; ++d) ag[d] += p * to_float(vt[d]);
+        }
       }
     }
     T* o = out + token * heads * dim + kvh * group * dim;

@@ -21,9 +21,9 @@ if cpu_ops.kernel() is None:
     pytest.skip("the C++ decode attention is unavailable here (no compiler or ninja)", allow_module_level=True)
 
 
-def _inputs(dtype, seed=0):
+def _inputs(dtype, seed=0, dim=64):
     g = torch.Generator().manual_seed(seed)
-    n, heads, kv_heads, dim, slots, max_len = 20, 9, 3, 64, 12, 80
+    n, heads, kv_heads, slots, max_len = 20, 9, 3, 12, 80
     q = torch.randn(n, heads, dim, generator=g).to(dtype)
     packed = torch.randn(n, 2 * kv_heads * dim + 7, generator=g).to(dtype)    # k and v as strided views
     k = packed[:, :kv_heads * dim].view(n, kv_heads, dim)
@@ -36,12 +36,13 @@ def _inputs(dtype, seed=0):
     return q, k, v, k_cache, v_cache, tokens, cache_slots, positions
 
 
+@pytest.mark.parametrize("dim", [64, 128, 40])        # values in registers for 64 / 128, the plain loop else
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_torch_path(dtype):
-    q, k, v, k_cache, v_cache, tokens, slots, positions = _inputs(dtype)
+def test_kernel_equals_torch_path(dtype, dim):
+    q, k, v, k_cache, v_cache, tokens, slots, positions = _inputs(dtype, dim=dim)
     kc1, vc1, kc2, vc2 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
     out1, out2 = torch.zeros_like(q), torch.zeros_like(q)
-    cpu_ops.decode_attention_(out1, q, k, v, kc1, vc1, tokens, slots, positions, 64 ** -0.5)
+    cpu_ops.decode_attention_(out1, q, k, v, kc1, vc1, tokens, slots, positions, dim ** -0.5)
 
     kc2[slots, :, positions] = k.index_select(0, tokens)
     vc2[slots, :, positions] = v.index_select(0, tokens)
