@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .errors import UnknownAdapterError
-from .injection import slot_table
 from .batch_mapping import BatchMapping
 from .layer import AdapterLayer
+from .model_tree import slot_table
 from .stack import BASE, SlotTable
 
 

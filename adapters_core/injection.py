@@ -9,7 +9,6 @@ in the model changes until every target has been checked, so a bad config leaves
 from __future__ import annotations
 
 import copy
-import re
 from typing import Optional
 
 import torch
@@ -18,12 +17,12 @@ from torch import nn
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from .errors import AdapterError, TargetNotFoundError, UnsupportedFeatureError
 from .layer import AdapterLayer
+from .management import set_adapter
 from .matching import expand_all_linear, is_feedforward, is_supported_base, is_target, pattern_value
+from .model_tree import NAME_RE, peft_configs, set_submodule, slot_table, walk, wrappers
 from .modules_to_save import ModulesToSaveWrapper
 from .prompt_config import PromptLearningConfig
 from .stack import BASE, SlotTable
-
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
 # PEFT's defaults when a config names no target_modules (a subset of its per-model_type tables).
 DEFAULT_TARGETS = {
@@ -35,55 +34,6 @@ DEFAULT_TARGETS = {
             "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])},
 }
 STATE_DICT_PREFIX = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_"}
-
-
-def slot_table(model: nn.Module) -> SlotTable:
-    table = model.__dict__.get("_adapter_slots")
-    if table is None:
-        table = SlotTable()
-        model.__dict__["_adapter_slots"] = table
-    return table
-
-
-def peft_configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    configs = getattr(model, "peft_config", None)
-    if configs is None:
-        configs = {}
-        model.peft_config = configs
-    return configs
-
-
-def walk(model: nn.Module):
-    """`named_modules()` that does not descend into adapter wrappers: their children are adapter internals,
-    and walking them would make every model-level call (and so every load) slower with each adapter."""
-    seen = set()
-
-    def visit(prefix: str, module: nn.Module):
-        if id(module) in seen:
-            return
-        seen.add(id(module))
-        yield prefix, module
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            return
-        for name, child in module._modules.items():
-            if child is not None:
-                yield from visit(f"{prefix}.{name}" if prefix else name, child)
-
-    yield from visit("", model)
-
-
-def adapter_layers(model: nn.Module):
-    return [(n, m) for n, m in walk(model) if isinstance(m, AdapterLayer)]
-
-
-def wrappers(model: nn.Module):
-    return [(n, m) for n, m in walk(model) if isinstance(m, ModulesToSaveWrapper)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _fill_default_targets(config: AdapterConfig, model: nn.Module) -> None:
@@ -173,7 +123,7 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
             done.append((key, module, layer))
             if layer is not module:
                 layer.slot_table = table
-                _set_submodule(model, key, layer)
+                set_submodule(model, key, layer)
                 table.modules.append(layer)
             layers.append(layer)
         for target in config.modules_to_save or ():
@@ -185,7 +135,6 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
     configs[adapter_name] = config
     table.assign(adapter_name, layers)
     _freeze_base(modules)
-    from .management import set_adapter
     set_adapter(model, adapter_name, inference_mode=config.inference_mode)
     return model
 
@@ -196,13 +145,13 @@ def _roll_back(model: nn.Module, adapter_name: str, done: list) -> None:
     for key, module, layer in done:
         layer.remove_adapter(adapter_name)
         if layer is not module:
-            _set_submodule(model, key, module)
+            set_submodule(model, key, module)
             table.modules = [m for m in table.modules if m is not layer]
     for key, wrapper in wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             wrapper.remove(adapter_name)
             if not len(wrapper.modules_to_save):
-                _set_submodule(model, key, wrapper.original_module)
+                set_submodule(model, key, wrapper.original_module)
                 table.modules = [m for m in table.modules if m is not wrapper]
 
 
@@ -217,7 +166,7 @@ def unwrap_modules_since(model: nn.Module, count: int) -> None:
     for module in new:
         original = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
         if id(module) in paths:
-            _set_submodule(model, paths[id(module)], original)
+            set_submodule(model, paths[id(module)], original)
     del table.modules[count:]
 
 
@@ -262,7 +211,7 @@ def _wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str, tabl
         else:
             wrapper = ModulesToSaveWrapper(module, adapter_name)
             wrapper.slot_table = table
-            _set_submodule(model, key, wrapper)
+            set_submodule(model, key, wrapper)
             table.modules.append(wrapper)
     if not found:
         raise TargetNotFoundError(f"modules_to_save entry {target!r} matches no module of the model")

@@ -20,8 +20,9 @@ from torch import nn
 
 from .config import CONFIG_NAME, AdapterConfig, load_config
 from .errors import AdapterConfigError, AdapterError, AdapterWeightsError
-from .injection import inject_adapter_in_model, peft_configs, slot_table, unwrap_modules_since
+from .injection import inject_adapter_in_model, unwrap_modules_since
 from .management import active_adapters, cast_adapter_dtype, delete_adapter, set_adapter
+from .model_tree import peft_configs, slot_table
 from .prompt_config import PromptLearningConfig
 from .prompt_learning import load_prompt_adapter, prompt_adapters
 from .state_dict import PEFT_PREFIX, IncompatibleKeys, get_peft_model_state_dict, set_peft_model_state_dict

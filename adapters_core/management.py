@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .errors import UnknownAdapterError
-from .injection import adapter_layers, peft_configs, slot_table, wrappers
 from .layer import AdapterLayer
+from .model_tree import adapter_layers, peft_configs, slot_table, wrappers
 from .prompt_learning import remove_prompt_adapter
 
 _LOW_PRECISION = tuple(getattr(torch, n) for n in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")

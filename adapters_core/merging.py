@@ -16,9 +16,9 @@ from torch import nn
 
 from .config import AdaLoraConfig, LoraConfig
 from .errors import AdapterError
-from .injection import (_set_submodule, adapter_layers, inject_adapter_in_model, peft_configs, slot_table,
-                        wrappers)
+from .injection import inject_adapter_in_model
 from .management import _check_known, active_adapters, set_adapter
+from .model_tree import adapter_layers, peft_configs, set_submodule, slot_table, wrappers
 from .task_arithmetic import FACTOR_STRATEGIES, check_strategy, combine_factors
 
 
@@ -38,10 +38,10 @@ def _strip(model: nn.Module, merge: bool, adapter_names: Optional[list[str]]) ->
     if merge:
         merge_adapter(model, adapter_names)
     for key, layer in adapter_layers(model):
-        _set_submodule(model, key, layer.base_layer)
+        set_submodule(model, key, layer.base_layer)
     for key, wrapper in wrappers(model):
         keep = wrapper.modules_to_save[wrapper.active_adapter] if (merge and wrapper.active_adapter) else None
-        _set_submodule(model, key, keep if keep is not None else wrapper.original_module)
+        set_submodule(model, key, keep if keep is not None else wrapper.original_module)
     for attr in ("peft_config",):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .errors import AdapterConfigError, AdapterError, AdapterWeightsError, UnknownAdapterError, UnsupportedFeatureError
-from .injection import BASE, NAME_RE, peft_configs
+from .model_tree import NAME_RE, peft_configs
+from .stack import BASE
 from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig
 
 PROMPT_KEY = "prompt_embeddings"

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .errors import AdapterWeightsError
-from .injection import adapter_layers, peft_configs, slot_table, walk
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .management import _check_known
 from .matching import EMBEDDING_LAYER_NAMES
+from .model_tree import adapter_layers, peft_configs, slot_table, walk
 from .prompt_learning import PROMPT_KEY
 
 PEFT_PREFIX = "base_model.model."

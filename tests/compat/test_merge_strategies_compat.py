@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adapters_core as ac
-from adapters_core.injection import adapter_layers
+from adapters_core.model_tree import adapter_layers
 from adapters_core.task_arithmetic import combine_factors
 from _oracle import assert_differs, close, input_ids, logits, make_peft_adapter, tiny_llama
 

@@ -45,7 +45,7 @@ def _scaled_alone(model, ids, name, scale):
         ac.disable_adapters(copy_)
         return copy_(ids)
     copy_ = copy.deepcopy(model)
-    for _, layer in ac.injection.adapter_layers(copy_):
+    for _, layer in ac.model_tree.adapter_layers(copy_):
         if name in layer.scaling:
             layer.scaling[name] *= scale
     ac.set_adapter(copy_, name)

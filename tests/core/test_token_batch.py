@@ -103,7 +103,7 @@ def test_all_base_batch_skips_adapter_work_and_equals_base(layout):
     with torch.inference_mode():
         with ac.mixed_batch(model, names):                  # stacks exist and hold every adapter
             model(torch.zeros(len(names), 1, dtype=torch.long))
-        stacks = [m.stack for m in ac.injection.slot_table(model).modules if getattr(m, "stack", None)]
+        stacks = [m.stack for m in ac.model_tree.slot_table(model).modules if getattr(m, "stack", None)]
         versions = [(s.version, s._gathered[0]) for s in stacks]
         batch = (ac.mixed_batch(model, ["__base__"] * 4) if layout == "rows"
                  else ac.token_batch(model, ["__base__"] * ids.numel()))
