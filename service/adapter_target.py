@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .registry_merged import MergeSpec
+from .registry import MergeSpec
 
 MERGED_LABEL = "__merged__"        # the metrics label of every merged-adapter request (bounded cardinality)
 

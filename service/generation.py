@@ -21,8 +21,7 @@ from service.engine.engine import QueueFullError
 from service.metrics import Metrics
 from service.model.stop_strings import StopStringMatcher
 from service.model.tokenizer import IncrementalDecoder, Tokenizer
-from service.registry import AdapterRegistry
-from service.registry_errors import GenerationFailed, Invalid, Unavailable
+from service.registry import AdapterRegistry, GenerationFailed, Invalid, Unavailable
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from service.adapter_record import DEVICE
+from service.registry import DEVICE
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "other"

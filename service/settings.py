@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     adapter_dir: str = "./adapter-store"
     max_device_adapters: int = 16
     max_cpu_adapters: int = 128
-    max_merged_adapters: int = Field(8, ge=1)      # LoRAX merged_adapters kept at once (registry_merged.py)
+    max_merged_adapters: int = Field(8, ge=1)      # LoRAX merged_adapters kept at once (registry/merged.py)
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 * 2**20
     max_archive_bytes: int = 1024 * 2**20

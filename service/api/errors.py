@@ -29,7 +29,7 @@ import adapters_core as ac
 from service.engine.engine import QueueFullError
 from service.logs import escape_control
 from service.model.chat_template import ChatTemplateError
-from service.registry_errors import RegistryError
+from service.registry import RegistryError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 408: "request_timeout", 409: "conflict_error", 413: "request_too_large",

@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.generation import TextOptions, merged
-from service.registry_errors import GenerationFailed
+from service.registry import GenerationFailed
 
 from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect

@@ -5,14 +5,14 @@ Each id of `merged_adapters` is resolved as `adapter_id` is (a registered name, 
 repo id or folder it was registered from; the caller's allow-list applies), then the spec is checked before
 the registry merges anything: 404 naming the id for an unknown adapter, 422 naming the field for mismatched
 lengths, strategies this server does not do, a missing density. The merge itself (and its cache) is
-service/registry_merged.py."""
+service/registry/merged.py."""
 
 from __future__ import annotations
 
 from fastapi import HTTPException
 
 from service.adapter_target import AdapterTarget
-from service.registry_merged import MergeSpec
+from service.registry import MergeSpec
 
 from .tgi_params import Parameters, resolve_adapter
 

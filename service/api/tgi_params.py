@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.engine import SamplingParams
 from service.engine.sampling import MAX_TOP_LOGPROBS
 from service.model.stop_strings import check_stops
-from service.registry_errors import NotFound
+from service.registry import NotFound
 
 from .errors import MAX_SHOWN, shown
 from .structured_output import tgi_constraint
@@ -35,7 +35,7 @@ SOURCES = ("hub", "local")
 
 class MergedAdapters(BaseModel):
     """LoRAX's `merged_adapters`: registered LoRA adapters merged as PEFT's `add_weighted_adapter` merges them
-    (service/registry_merged.py); `merge_strategy` null is linear, `majority_sign_method` null is total."""
+    (service/registry/merged.py); `merge_strategy` null is linear, `majority_sign_method` null is total."""
     model_config = ConfigDict(extra="forbid")
 
     ids: list[str] = Field(min_length=1, max_length=MAX_MERGED_IDS)

@@ -16,7 +16,7 @@ import zipfile
 import httpx
 import pytest
 
-import service.archive as archive_mod
+import service.registry.archive as archive_mod
 from _rel_live import CONFIG, T, WEIGHTS, listing, live_server
 from _rel_tiny import make_adapter, tree
 

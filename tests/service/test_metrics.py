@@ -7,8 +7,8 @@ from types import SimpleNamespace
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.adapter_record import DEVICE
 from service.metrics import BASE_LABEL, OTHER_LABEL, Metrics
+from service.registry import DEVICE
 
 
 def test_label_cardinality_is_bounded_with_200_adapters():

@@ -130,7 +130,7 @@ def make_registry(root: Path, model=None, engine_call=inline_engine_call, **kw) 
 def fingerprint(model: torch.nn.Module) -> tuple:
     """Everything a load could change: state-dict keys and values, adapter names, slot table."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, sorted(getattr(model, "peft_config", {}) or {}), dict(ac.injection.slot_table(model).slot_of)
+    return state, sorted(getattr(model, "peft_config", {}) or {}), dict(ac.model_tree.slot_table(model).slot_of)
 
 
 def assert_same_model(before: tuple, model: torch.nn.Module) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_bytes
 
-from service.archive import extract_archive, member_parts
-from service.registry_errors import Invalid
+from service.registry import Invalid
+from service.registry.archive import extract_archive, member_parts
 
 from _fixtures import make_registry, peft_adapter, run
 

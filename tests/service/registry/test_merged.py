@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import adapters_core as ac
-from service.registry_errors import Conflict, Invalid, Unavailable
-from service.registry_merged import MergeSpec
+from service.registry import Conflict, Invalid, MergeSpec, Unavailable
 
 from _fixtures import assert_same_model, fingerprint, hf_base, input_ids, make_registry, peft_adapter, run
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.registry_errors import Conflict
+from service.registry import Conflict
 
 from _fixtures import make_registry, peft_adapter, run
 

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from service.registry_errors import Conflict, NotFound
+from service.registry import Conflict, NotFound
 
 from _fixtures import (decoder_logits, hf_base, hf_logits, input_ids, make_registry, peft_adapter, run,
                        store_files, Events)

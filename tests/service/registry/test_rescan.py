@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
-from service.registry_errors import Conflict, NotFound
+from service.registry import Conflict, NotFound
 
 
 def test_rescan_follows_another_replicas_changes(tmp_path):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from service.registry_errors import Unavailable
+from service.registry import Unavailable
 
 from _fixtures import assert_same_model, fingerprint, make_registry, peft_adapter, run, Events
 

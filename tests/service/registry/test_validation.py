@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_bytes, save as save_bytes
 
-from service.registry_errors import RegistryError
+from service.registry import RegistryError
 
 from _fixtures import assert_same_model, fingerprint, make_registry, peft_adapter, run, store_files, Events
 

@@ -1,6 +1,6 @@
-"""The registry's tiers and leases (`TierMixin` of `AdapterRegistry`, service/registry.py): counting and
-LRU choice per tier, loading an adapter up to the device tier (making room by evicting unpinned, unused ones),
-unloading it down again, and retiring replaced or deleted registrations at their last lease. Model changes go
+"""Tiers and eviction (`TierMixin` of `AdapterRegistry`, registry.py): counting and LRU choice per tier,
+loading an adapter up to the device tier (making room by evicting unpinned, unused ones), unloading it down
+again, and the engine-thread functions that inject an adapter into the model and remove it. Model changes go
 through the registry's engine calls; the mixin uses the registry's state and plumbing."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Iterator, Optional
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
 
-from .adapter_record import CPU, DEVICE, STORED, AdapterRecord, Lease
-from .adapter_validation import check_tensors, parse_config
-from .registry_errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
+from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
+from .record import CPU, DEVICE, STORED, AdapterRecord
+from .validation import check_tensors, parse_config
 
 log = logging.getLogger("service.registry")
 
@@ -27,7 +27,7 @@ class _Retry(Exception):
 
 
 class TierMixin:
-    """Tiers, loads, evictions and leases for `AdapterRegistry` (whose state and plumbing it uses)."""
+    """Tiers, loads and evictions for `AdapterRegistry` (whose state and plumbing it uses)."""
 
     # ----- tiers --------------------------------------------------------------------------------------------
     def _residents(self) -> Iterator[AdapterRecord]:
@@ -148,44 +148,6 @@ class TierMixin:
         record.tier = STORED
         self._emit("adapter_evicted", record.name, from_tier)
 
-    # ----- leases, retirement ----------------------------------------------------------------------------------
-    def _release(self, lease: Lease) -> None:
-        if lease.released:
-            return
-        lease.released = True
-        self._unuse(lease.record)
-
-    def _unuse(self, record: AdapterRecord) -> None:
-        record.in_use -= 1
-        if record.in_use > 0:
-            return
-        self._enforce_cpu_limit()
-        if _running_loop() is None:
-            return
-        if record.retired:
-            self._free_later(record)
-        elif not record.served and record.tier != STORED:
-            self._spawn(self._locked(self._unload, record), background=True)
-
-    def _retire(self, record: AdapterRecord) -> Optional[asyncio.Task]:
-        self._retire_merged_of(record)         # merged adapters built from it go with it
-        record.retired = True
-        self._retired.append(record)
-        return self._free_later(record) if record.in_use == 0 else None
-
-    def _free_later(self, record: AdapterRecord) -> asyncio.Task:
-        return self._spawn(self._locked(self._free, record), background=True)
-
-    async def _free(self, record: AdapterRecord) -> None:
-        """A retired adapter's last lease is gone: remove it from the model and drop its tensors (lock held)."""
-        if record.in_use or record not in self._retired:
-            return
-        if record.tier == DEVICE:
-            await self._unload_from_model(record)
-        record.drop_tensors()
-        record.tier = STORED
-        self._retired.remove(record)
-
 
 def _inject(model, model_name: str, config: ac.AdapterConfig, tensors: dict) -> None:
     """Engine thread. Serving selects adapters per token through slot mappings, so no adapter is left
@@ -199,10 +161,3 @@ def _remove(model, model_name: str) -> None:
     """Engine thread; deactivating first also spares delete_adapter's "was active" warning."""
     ac.set_adapter(model, [])
     ac.delete_adapter(model, model_name)
-
-
-def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

@@ -15,13 +15,14 @@ adapter PEFT-"active" (serving picks adapters per token by slot), so a plain for
 Loads and unloads are serialised by one asyncio lock and run as shielded tasks, so a cancelled request
 never leaves the model and the records disagreeing. File work and validation run in worker threads. A
 registration is validated completely in a staging folder before it changes anything (see
-adapter_validation.py). Names equal to the base model's id (`reserved_names`, compared case-insensitively)
+validation.py). Names equal to the base model's id (`reserved_names`, compared case-insensitively)
 are refused with 409, route words with 422 (`check_name`). A stored adapter that fails today's checks at
 start-up (or when it is read to be loaded) is kept as a *quarantined* record: listed with its error, refused
 with 409 by acquire / activate / deactivate / pin, and gone once it is deleted or replaced.
-This module has the public verbs, look-ups and plumbing; the registration internals are in
-registry_registration.py, the tier and lease internals in registry_tiers.py and LoRAX's merged adapters
-(`acquire_merged`) in registry_merged.py (mixins of the one class).
+This module has the look-ups, leases (acquire, release, retirement of deleted or replaced registrations at
+their last release), the admin verbs and the plumbing; registration and store scans are in registration.py,
+tiers and eviction in tiers.py and LoRAX's merged adapters (`acquire_merged`) in merged.py (mixins of the one
+class).
 """
 
 from __future__ import annotations
@@ -29,28 +30,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import re
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Optional
 
-from adapters_core.io import SAFETENSORS_NAME
+from .errors import Conflict, NotFound
+from .merged import MergedMixin
+from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
+from .registration import RegistrationMixin
+from .store import AdapterStore
+from .tiers import TierMixin, _Retry
+from .validation import AdapterValidator
 
-from .adapter_record import DEVICE, TIERS, AdapterRecord, Lease
-from .adapter_store import AdapterStore
-from .adapter_validation import AdapterValidator
-from .archive import archive_kind, extract_archive
-from .hub import fetch_adapter
-from .registry_errors import Conflict, Invalid, NotFound, TooLarge
-from .registry_merged import MergedMixin
-from .registry_registration import RegistrationMixin
-from .registry_tiers import TierMixin, _Retry, _running_loop
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.registry")
 
 EngineCall = Callable[[Callable[[], Any]], Future]
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
@@ -71,7 +65,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         self.events = events
         self._records: dict[str, AdapterRecord] = {}
         self._retired: list[AdapterRecord] = []        # deleted / replaced, memory not yet freed
-        self._merged: dict[tuple, AdapterRecord] = {}  # merge spec key -> merged adapter (registry_merged.py)
+        self._merged: dict[tuple, AdapterRecord] = {}  # merge spec key -> merged adapter (merged.py)
         self.max_merged_adapters = max_merged_adapters
         self._generations = itertools.count(1)
         self._ticks = itertools.count(1)
@@ -101,65 +95,6 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         for record in self._residents():
             counts[record.tier] += 1
         return counts
-
-    # ----- registering ----------------------------------------------------------------------------------------
-    async def register_files(self, name: str, config_bytes: bytes, weights_bytes: bytes,
-                             weights_filename: str = SAFETENSORS_NAME, replace: bool = False) -> AdapterRecord:
-        """Register an uploaded `adapter_config.json` and weights file (.safetensors, or .bin loaded safely)."""
-        self._precheck(name, replace)
-        self.validator.check_size(len(config_bytes) + len(weights_bytes))
-        limit = self.validator.max_adapter_bytes
-        return await self._register(name, {"type": "upload"}, replace, lambda staging: self.store.stage_bytes(
-            staging, config_bytes, weights_bytes, weights_filename, limit))
-
-    async def register_archive(self, name: str, data: bytes, filename: str, replace: bool = False) -> AdapterRecord:
-        """Register a PEFT folder uploaded as a .zip / .tar.gz / .tgz archive (checked before extraction)."""
-        self._precheck(name, replace)
-        if len(data) > self.max_archive_bytes:
-            raise TooLarge(f"the archive is {len(data)} bytes; the limit is {self.max_archive_bytes} "
-                           f"(max_archive_bytes)")
-        archive_kind(filename)
-        return await self._register(name, {"type": "upload", "filename": os.path.basename(filename)}, replace,
-                                    lambda staging: extract_archive(data, filename, staging, self.max_archive_bytes,
-                                                                    self.validator.max_adapter_bytes))
-
-    async def register_path(self, name: str, path: str, replace: bool = False) -> AdapterRecord:
-        """Copy a local PEFT folder into the store and register it."""
-        self._precheck(name, replace)
-        path = os.path.abspath(path)
-        limit = self.validator.max_adapter_bytes
-        return await self._register(name, {"type": "local", "path": path}, replace,
-                                    lambda staging: self.store.stage_folder(staging, path, limit))
-
-    async def register_hub(self, name: str, repo_id: str, revision: Optional[str] = None,
-                           replace: bool = False) -> AdapterRecord:
-        """Fetch a PEFT adapter from the Hugging Face hub (or its local cache) and register it."""
-        self._precheck(name, replace)
-        if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or os.path.exists(repo_id):
-            raise Invalid(f"{repo_id!r} is not a hub repo id such as 'owner/name' (use a local source for folders)")
-        source: dict[str, Any] = {"type": "hub", "repo_id": repo_id, "revision": revision}
-        limit = self.validator.max_adapter_bytes
-        folder = await fetch_adapter(repo_id, revision, self.hub_timeout)     # 404 / 503 within hub_timeout
-        commit = os.path.basename(os.path.normpath(folder))
-        if re.fullmatch(r"[0-9a-f]{40}", commit):
-            source["commit"] = commit
-        return await self._register(name, source, replace,
-                                    lambda staging: self.store.stage_folder(staging, folder, limit))
-
-    async def scan(self) -> list[AdapterRecord]:
-        """Start-up: remove leftovers of a crash, register every stored adapter (tier stored), then load
-        the `preload` names to the device tier."""
-        self._bind()
-        return await self._shielded(self._locked(self._scan))
-
-    async def rescan(self) -> dict[str, list[str]]:
-        """Bring the registry in line with the store as other replicas sharing it left it: register folders
-        it does not know (tier stored), forget names whose folder is gone (freed at their last release, as a
-        delete), reload a name whose weights changed (a replace elsewhere), and take `served` / `pinned` from
-        each folder's metadata. Temp folders are left alone: another replica may be writing one right now.
-        Returns the names added, removed, changed and updated."""
-        self._bind()
-        return await self._shielded(self._locked(self._rescan))
 
     # ----- serving -----------------------------------------------------------------------------------------
     async def acquire(self, name: str) -> Lease:
@@ -252,6 +187,44 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    # ----- leases, retirement ----------------------------------------------------------------------------------
+    def _release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        self._unuse(lease.record)
+
+    def _unuse(self, record: AdapterRecord) -> None:
+        record.in_use -= 1
+        if record.in_use > 0:
+            return
+        self._enforce_cpu_limit()
+        if _running_loop() is None:
+            return
+        if record.retired:
+            self._free_later(record)
+        elif not record.served and record.tier != STORED:
+            self._spawn(self._locked(self._unload, record), background=True)
+
+    def _retire(self, record: AdapterRecord) -> Optional[asyncio.Task]:
+        self._retire_merged_of(record)         # merged adapters built from it go with it
+        record.retired = True
+        self._retired.append(record)
+        return self._free_later(record) if record.in_use == 0 else None
+
+    def _free_later(self, record: AdapterRecord) -> asyncio.Task:
+        return self._spawn(self._locked(self._free, record), background=True)
+
+    async def _free(self, record: AdapterRecord) -> None:
+        """A retired adapter's last lease is gone: remove it from the model and drop its tensors (lock held)."""
+        if record.in_use or record not in self._retired:
+            return
+        if record.tier == DEVICE:
+            await self._unload_from_model(record)
+        record.drop_tensors()
+        record.tier = STORED
+        self._retired.remove(record)
+
     # ----- plumbing --------------------------------------------------------------------------------------------
     def _bind(self) -> None:
         loop = asyncio.get_running_loop()
@@ -293,3 +266,9 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
             except Exception:             # metrics must never break the registry
                 log.exception("adapter registry event hook %s failed", event)
 
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

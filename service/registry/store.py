@@ -29,7 +29,7 @@ import adapters_core as ac
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
 
-from .registry_errors import Invalid, NotFound, TooLarge
+from .errors import Invalid, NotFound, TooLarge
 
 META_NAME = "registry.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"

@@ -29,8 +29,8 @@ import torch
 import adapters_core as ac
 from adapters_core.task_arithmetic import FACTOR_STRATEGIES, NEEDS_DENSITY, SIGN_METHODS
 
-from .adapter_record import DEVICE, AdapterRecord, Lease
-from .registry_errors import Conflict, Invalid, Unavailable
+from .record import DEVICE, AdapterRecord, Lease
+from .errors import Conflict, Invalid, Unavailable
 
 MERGED_PREFIX = "merged-"           # a merged record's name: this and a hash of its spec
 DARE_SEED = 0

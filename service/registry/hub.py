@@ -18,7 +18,7 @@ from typing import Optional
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
 
-from .registry_errors import NotFound, Unavailable
+from .errors import NotFound, Unavailable
 
 PATTERNS = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]
 _COMMIT = re.compile(r"[0-9a-f]{40}")

@@ -37,7 +37,7 @@ import adapters_core as ac
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
 
-from .registry_errors import Invalid, TooLarge
+from .errors import Invalid, TooLarge
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Largest |scaling| a LoRA may apply to its B·A product. Trained adapters use about 0.1-100 (alpha 16-256

@@ -1,7 +1,8 @@
-"""The registry's registration internals (`RegistrationMixin` of `AdapterRegistry`, service/registry.py):
-a registration is prechecked (name, replace), staged and validated in a worker thread, committed to the store
-and recorded; start-up scans and rescans read the store back into records, quarantining what fails today's
-checks. The mixin uses the registry's state (records, store, lock, engine calls) and its plumbing."""
+"""Registration and store scans (`RegistrationMixin` of `AdapterRegistry`, registry.py): the public
+`register_files` / `register_archive` / `register_path` / `register_hub`, `scan` and `rescan`. A registration is
+prechecked (name, replace), staged and validated in a worker thread, committed to the store and recorded;
+start-up scans and rescans read the store back into records, quarantining what fails today's checks. The mixin
+uses the registry's state (records, store, lock, engine calls) and its plumbing."""
 
 from __future__ import annotations
 
@@ -9,21 +10,85 @@ import asyncio
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Optional
 
 from adapters_core.io import SAFETENSORS_NAME
 
-from .adapter_record import CPU, STORED, AdapterRecord
-from .adapter_validation import AdapterSummary, ValidatedAdapter, check_name, parse_config
-from .registry_errors import Conflict, Invalid, RegistryError
-from .registry_tiers import _Retry
+from .archive import archive_kind, extract_archive
+from .errors import Conflict, Invalid, RegistryError, TooLarge
+from .hub import fetch_adapter
+from .record import CPU, STORED, AdapterRecord
+from .tiers import _Retry
+from .validation import AdapterSummary, ValidatedAdapter, check_name, parse_config
 
 log = logging.getLogger("service.registry")
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class RegistrationMixin:
     """Registration, scans and records for `AdapterRegistry` (whose state and plumbing it uses)."""
+
+    # ----- registering ----------------------------------------------------------------------------------------
+    async def register_files(self, name: str, config_bytes: bytes, weights_bytes: bytes,
+                             weights_filename: str = SAFETENSORS_NAME, replace: bool = False) -> AdapterRecord:
+        """Register an uploaded `adapter_config.json` and weights file (.safetensors, or .bin loaded safely)."""
+        self._precheck(name, replace)
+        self.validator.check_size(len(config_bytes) + len(weights_bytes))
+        limit = self.validator.max_adapter_bytes
+        return await self._register(name, {"type": "upload"}, replace, lambda staging: self.store.stage_bytes(
+            staging, config_bytes, weights_bytes, weights_filename, limit))
+
+    async def register_archive(self, name: str, data: bytes, filename: str, replace: bool = False) -> AdapterRecord:
+        """Register a PEFT folder uploaded as a .zip / .tar.gz / .tgz archive (checked before extraction)."""
+        self._precheck(name, replace)
+        if len(data) > self.max_archive_bytes:
+            raise TooLarge(f"the archive is {len(data)} bytes; the limit is {self.max_archive_bytes} "
+                           f"(max_archive_bytes)")
+        archive_kind(filename)
+        return await self._register(name, {"type": "upload", "filename": os.path.basename(filename)}, replace,
+                                    lambda staging: extract_archive(data, filename, staging, self.max_archive_bytes,
+                                                                    self.validator.max_adapter_bytes))
+
+    async def register_path(self, name: str, path: str, replace: bool = False) -> AdapterRecord:
+        """Copy a local PEFT folder into the store and register it."""
+        self._precheck(name, replace)
+        path = os.path.abspath(path)
+        limit = self.validator.max_adapter_bytes
+        return await self._register(name, {"type": "local", "path": path}, replace,
+                                    lambda staging: self.store.stage_folder(staging, path, limit))
+
+    async def register_hub(self, name: str, repo_id: str, revision: Optional[str] = None,
+                           replace: bool = False) -> AdapterRecord:
+        """Fetch a PEFT adapter from the Hugging Face hub (or its local cache) and register it."""
+        self._precheck(name, replace)
+        if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or os.path.exists(repo_id):
+            raise Invalid(f"{repo_id!r} is not a hub repo id such as 'owner/name' (use a local source for folders)")
+        source: dict[str, Any] = {"type": "hub", "repo_id": repo_id, "revision": revision}
+        limit = self.validator.max_adapter_bytes
+        folder = await fetch_adapter(repo_id, revision, self.hub_timeout)     # 404 / 503 within hub_timeout
+        commit = os.path.basename(os.path.normpath(folder))
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            source["commit"] = commit
+        return await self._register(name, source, replace,
+                                    lambda staging: self.store.stage_folder(staging, folder, limit))
+
+    async def scan(self) -> list[AdapterRecord]:
+        """Start-up: remove leftovers of a crash, register every stored adapter (tier stored), then load
+        the `preload` names to the device tier."""
+        self._bind()
+        return await self._shielded(self._locked(self._scan))
+
+    async def rescan(self) -> dict[str, list[str]]:
+        """Bring the registry in line with the store as other replicas sharing it left it: register folders
+        it does not know (tier stored), forget names whose folder is gone (freed at their last release, as a
+        delete), reload a name whose weights changed (a replace elsewhere), and take `served` / `pinned` from
+        each folder's metadata. Temp folders are left alone: another replica may be writing one right now.
+        Returns the names added, removed, changed and updated."""
+        self._bind()
+        return await self._shielded(self._locked(self._rescan))
 
     # ----- registration internals ----------------------------------------------------------------------------
     def _precheck(self, name: str, replace: bool) -> None:
