@@ -7,9 +7,9 @@ keeps its adapters copied into stacked, zero-padded tensors indexed by slot (`La
 optionally a scale for its LoRA delta (applied to the shrink's output). A layer then does the
 same few batched ops whatever the mix: on the CPU with plain LoRA deltas, one call of the fused kernel
 (`sgmv.py`: each token's rows read from the stacks, the shrink and expand of Punica's SGMV in one pass);
-otherwise gather the slots' A and B, two `bmm`s, and per-token gathers for IA3 scales, DoRA factors and
-LoRA biases. Identity slots (zeros for LoRA, ones for IA3) make base rows and adapters absent from a
-layer cost nothing special.
+on CUDA the same with Triton kernels (`cuda_lora.py`, `triton_sgmv.py`); otherwise gather the slots' A
+and B, two `bmm`s, and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots
+(zeros for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
 
 The per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is folded into the stacked A; on the
 CPU, decode-shaped work on half-precision stacks is computed in fp32 (faster there, and more exact).
@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from . import sgmv
+from . import cuda_lora, sgmv
 from .batch_mapping import BatchMapping
 
 BASE = "__base__"
@@ -296,6 +296,8 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
             sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.token_slots(tokens),   # result += LoRA
                            mapping.token_scales(tokens))
             return result
+    if st.plain_lora and cuda_lora.add_(st, x, result, mapping):       # on CUDA: the Triton SGMV kernels
+        return result
     return _lora_delta(st, x, result, mapping)
 
 

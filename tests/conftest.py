@@ -6,6 +6,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU, Triton's kernels (the CUDA path) run only under Triton's interpreter, which must be chosen
+# before anything imports triton (transformers and peft may): tests/core/test_triton_sgmv.py and
+# tests/service/model/test_triton_attention.py run them so. With a GPU, tests/gpu checks them on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

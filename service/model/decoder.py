@@ -20,7 +20,7 @@ from torch import nn
 
 from adapters_core.group import grouped_forward
 
-from . import cpu_ops
+from . import cpu_ops, cuda_ops
 from .direct_step import direct_decode
 from .packed_linear import LinearGroup, group_linears, pack_linears
 from .quant_formats import StoredWeight
@@ -77,7 +77,7 @@ class StepPlan:
             tokens = torch.tensor([self.offsets[i] for i in self.decode], dtype=torch.long, device=device)
             slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)
             lengths = torch.tensor([s.start + 1 for s in seqs], dtype=torch.long, device=device)
-            max_len = int(lengths.max())
+            max_len = max(s.start for s in seqs) + 1       # from the plan: no wait for a GPU's copy
             visible = torch.arange(max_len, device=device)[None, :] < lengths[:, None]     # [Bd, L]
             mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible,
                                                                                               float("-inf"))
@@ -152,10 +152,13 @@ class Attention(nn.Module):
             else:
                 k_cache[slots, :, last] = k.index_select(0, tokens)     # one write for all decode tokens
                 v_cache[slots, :, last] = v.index_select(0, tokens)
-                keys = k_cache[:, :, :max_len].index_select(0, slots)    # [Bd, Hkv, L, D]
-                values = v_cache[:, :, :max_len].index_select(0, slots)
-                att = decode_attention(q.index_select(0, tokens), keys, values, mask)   # [Bd, H, D]
-                out.index_copy_(0, tokens, att)
+                if cuda_ops.usable(q, k_cache, v_cache, out):          # CUDA: the cache read in place
+                    cuda_ops.decode_attention_(out, q, k_cache, v_cache, tokens, slots, last, self.head_dim ** -0.5)
+                else:
+                    keys = k_cache[:, :, :max_len].index_select(0, slots)    # [Bd, Hkv, L, D]
+                    values = v_cache[:, :, :max_len].index_select(0, slots)
+                    att = decode_attention(q.index_select(0, tokens), keys, values, mask)   # [Bd, H, D]
+                    out.index_copy_(0, tokens, att)
         for i in plan.prefill:
             seq, off = plan.sequences[i], plan.offsets[i]
             end = seq.start + seq.length

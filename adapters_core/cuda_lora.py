@@ -1,0 +1,81 @@
+"""Which mixed batches take the Triton SGMV kernels (`triton_sgmv.py`), and their segments.
+
+`stack.stacked_forward` asks `add_(layer_stack, x, result, mapping)` before it falls back to the torch path
+(`stack._lora_delta`: gathered rows and two `bmm`s, which serves every adapter kind on every device). It
+returns True when it added the plain LoRA deltas itself: tensors on a CUDA device (or, for tests and
+`bench/gpu_check.py --dry-run`, CPU tensors under Triton's interpreter when asked for), Triton importable,
+no gradient wanted, inputs and outputs that view as rows with contiguous features. The segments are the
+`BatchMapping`'s own (tokens layout: `seg_slots` and `gather`; rows layout: one segment per row), so
+nothing here copies a tensor to the host or waits for the GPU.
+`ADAPTERS_CORE_TRITON`: `auto` (default) uses the kernels for CUDA tensors when Triton imports, `0` never
+(the torch path everywhere, e.g. to compare both), `1` also for CPU tensors when `TRITON_INTERPRET=1` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+_MODE = os.environ.get("ADAPTERS_CORE_TRITON", "auto")
+_kernels = None          # the imported triton_sgmv module, False once its import failed
+
+
+def kernels() -> Optional[object]:
+    """`triton_sgmv` (imported on first use), or None when Triton cannot be imported or `_MODE` is "0"."""
+    global _kernels
+    if _MODE == "0":
+        return None
+    if _kernels is None:
+        try:
+            from . import triton_sgmv
+            _kernels = triton_sgmv
+        except ImportError:
+            _kernels = False
+    return _kernels or None
+
+
+def applies(x: torch.Tensor) -> bool:
+    """The Triton kernels serve this input's device (see the module docstring)."""
+    if x.is_cuda:
+        return _MODE != "0" and kernels() is not None
+    return (x.is_cpu and _MODE == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+            and kernels() is not None)
+
+
+def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """t as [rows, features] without a copy and with contiguous features, or None."""
+    if t.dim() != 2:
+        try:
+            t = t.view(-1, t.shape[-1])
+        except RuntimeError:
+            return None
+    return t if t.stride(-1) == 1 else None
+
+
+def add_(st, x: torch.Tensor, result: torch.Tensor, mapping) -> bool:
+    """result += the plain LoRA delta of every token of x under `mapping`, with the Triton kernels, when they
+    apply (True); else False and nothing changed. `st` is the layer's `LayerStack` with `plain_lora`."""
+    if not applies(x) or (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
+        return False
+    rows_in, rows_out = _rows(x), _rows(result)
+    if rows_in is None or rows_out is None or st.A.stride(-1) != 1 or st.B.stride(-1) != 1:
+        return False
+    tokens = rows_in.shape[0]
+    if mapping.layout == "rows":
+        seg_slots, gather, seg_len = mapping.slots, None, tokens // max(1, mapping.slots.numel())
+    else:
+        seg_slots, gather, seg_len = mapping.seg_slots, mapping.gather, mapping.seg_len
+    with on_device(x):
+        kernels().add_lora_(rows_out, rows_in, st.A, st.B, seg_slots, gather, seg_len, mapping.token_scales(tokens))
+    return True
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the thread's current CUDA device: make it `t`'s (the engine steps in its own thread,
+    whose current device is cuda:0 whatever device the model was put on)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
