@@ -24,7 +24,8 @@ from service.kernels import native_kernels
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
 from service.model.decoder import Decoder
-from service.model.dtype import default_device, parse_dtype
+from service.model.device import resolve_device
+from service.model.dtype import parse_dtype
 from service.model.loader import is_gguf
 from service.model.weight_format import resolve_weight_format, store_weights, stored_bytes
 from service.registry import AdapterRegistry
@@ -34,7 +35,7 @@ log = logging.getLogger("adapter_serve")
 
 
 def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> State:
-    device = default_device() if settings.device == "auto" else torch.device(settings.device)
+    device = resolve_device(settings.device)
     if device.type == "cpu":
         for kernel in native_kernels():     # load (or, if `make install` did not, build) them now,
             kernel.module()                 # not inside the first engine step
@@ -45,8 +46,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
         raise ValueError("weight_format dense needs a model loaded without stored weights")
     store_weights(loaded, fmt)
     dtype = parse_dtype(settings.dtype, device) if fmt == "dense" else torch.float32
-    log.info("serving the base weights as %s (%s)", fmt, f"{stored_bytes(loaded) / 2**20:.0f} MiB stored"
-             if loaded.stored else f"dense {dtype}")
+    log.info("serving the base weights as %s (%s) on %s", fmt, f"{stored_bytes(loaded) / 2**20:.0f} MiB stored"
+             if loaded.stored else f"dense {dtype}", device)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,
                                     max_positions=settings.max_seq_len, stored=loaded.stored)
     engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,

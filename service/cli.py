@@ -65,8 +65,14 @@ def main(argv=None) -> None:
     settings = load_settings(overrides)
     from service.app import create_app
     from service.kernels import build_all, uncached
+    from service.model.device import resolve_device
     from service.server import GracefulServer
-    if settings.device in ("auto", "cpu") and uncached():
+    try:
+        device = resolve_device(settings.device)
+    except ValueError as exc:
+        print(f"adapter-serve: --device: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if device.type == "cpu" and uncached():         # on a GPU the CPU kernels are never called: no build
         print(f"adapter-serve: building CPU kernels (once): {', '.join(uncached())}", flush=True)
         build_all(lambda line: print(f"adapter-serve:   {line}", flush=True))
     print(f"adapter-serve: loading {settings.model or 'the embedded SmolLM2-135M-Instruct'}", flush=True)
