@@ -13,7 +13,7 @@ KERNEL_STAMP := $(VENV)/.kernels-built
 STAMP := $(VENV)/.installed
 KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp adapters_core/csrc/*.h service/model/csrc/*.cpp service/model/csrc/*.h)
 
-.PHONY: install install-test deploy-tools serve demo test bench clean
+.PHONY: install install-test deploy-tools serve demo test bench gpu-check gpu-check-dry-run gpu-wheels clean
 
 # What the service needs to run (and all the Docker image gets).
 $(RUNTIME_STAMP): pyproject.toml Makefile
@@ -71,6 +71,20 @@ test: $(STAMP) deploy-tools
 bench: $(STAMP)
 	$(PY) bench/core_bench.py
 	$(PY) bench/engine_bench.py
+
+# The CUDA path checked and measured on a GPU machine (bench/gpu_check.py): the `gpu` tests and the engine
+# benchmark, results under $OUT (else bench/out/gpu_check). It runs with that machine's own python3 and
+# packages (no venv, no network): what it lacks travels as wheels in .whl/, which `make gpu-wheels` fills
+# here (the device tool carries it: carry [".whl"]). `gpu-check-dry-run` runs the same phases on this CPU.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
+
+gpu-check-dry-run: $(STAMP)
+	$(PY) bench/gpu_check.py --dry-run
+
+gpu-wheels: $(RUNTIME_STAMP)
+	$(PY) bench/gpu_check.py --download-wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache
