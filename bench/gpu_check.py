@@ -40,6 +40,7 @@ WHEELS = {
     "typing_inspection": "typing-inspection==0.4.5", "annotated_types": "annotated-types==0.8.0",
     "opentelemetry": "opentelemetry-api==1.45.2", "multipart": "python-multipart==0.0.34",
     "gguf": "gguf==0.19.0", "llguidance": "llguidance==1.9.1", "anyio": "anyio==4.16.0",
+    "typing_extensions": "typing-extensions==4.16.0",          # pydantic 2.14 needs >= 4.16; older ones ship widely
 }
 PLATFORMS = ["manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
