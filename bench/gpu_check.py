@@ -11,7 +11,7 @@ bench.log, bench.json, summary.md. Each phase has a time limit so that the whole
 the exit status is non-zero when a test or the benchmark failed.
 `--dry-run` runs the same phases on the CPU (tests with ADAPTER_SERVE_TEST_DEVICE=cpu, the benchmark's tiny
 model) with the C++ CPU kernels off and the Triton kernels forced under Triton's interpreter: the code paths
-of the GPU run, checked end to end on a machine without GPU (~8 minutes on 2 cores).
+of the GPU run, checked end to end on a machine without GPU (5.5 minutes on 2 cores).
 `--download-wheels` fills `.whl/` (pip download for the device's Python 3.12 on x86-64; needs PyPI).
 """
 

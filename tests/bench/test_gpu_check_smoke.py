@@ -1,6 +1,6 @@
 """`make gpu-check`'s pieces run on the CPU, so they cannot rot unnoticed between GPU runs: the GPU benchmark's
 dry run (tiny model, every system, every figure the summary reads) and the summary's target check. The full
-dry run (`make gpu-check-dry-run`: the `gpu` tests too, the Triton kernels under the interpreter) takes ~8
+dry run (`make gpu-check-dry-run`: the `gpu` tests too, the Triton kernels under the interpreter) takes ~6
 minutes and is run by hand; numbers are not checked here."""
 
 import importlib.util
