@@ -61,15 +61,16 @@ def add_(st, x: torch.Tensor, result: torch.Tensor, mapping) -> bool:
     if not applies(x) or (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
         return False
     rows_in, rows_out = _rows(x), _rows(result)
-    if rows_in is None or rows_out is None or st.A.stride(-1) != 1 or st.B.stride(-1) != 1:
+    if rows_in is None or rows_out is None:
         return False
+    a, b = st.padded()                                   # [n, in, R] scale-folded, [n, R, out]
     tokens = rows_in.shape[0]
     if mapping.layout == "rows":
         seg_slots, gather, seg_len = mapping.slots, None, tokens // max(1, mapping.slots.numel())
     else:
         seg_slots, gather, seg_len = mapping.seg_slots, mapping.gather, mapping.seg_len
     with on_device(x):
-        kernels().add_lora_(rows_out, rows_in, st.A, st.B, seg_slots, gather, seg_len, mapping.token_scales(tokens))
+        kernels().add_lora_(rows_out, rows_in, a, b, seg_slots, gather, seg_len, mapping.token_scales(tokens))
     return True
 
 

@@ -3,7 +3,7 @@
 In a mixed batch every adapted layer adds its per-token LoRA delta with one call of the fused CPU kernel
 (`stack.stacked_forward`). A model whose layers come in groups reading one tensor can call
 `grouped_forward([q_proj, k_proj, v_proj], x)` instead of the three layers: each base layer runs as usual,
-and the group's deltas are added by one `sgmv_add_group_` call that converts each token's input once and
+and the group's deltas are added by one `lora_add_group_` call that converts each token's input once and
 walks the tokens once for all members. On SmolLM2 this turns 210 kernel calls per step into 120 and skips
 as many wrapper calls (the Python around each call costs more than its arithmetic at 16 tokens). Anything
 the shortcut does not cover (hooks, IA3, DoRA, LoRA bias, gradients, no kernel, another device, layers
@@ -45,14 +45,13 @@ def grouped_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.
 def add_lora_deltas_(layers: Sequence[AdapterLayer], rows_in: torch.Tensor, rows_out: Sequence[torch.Tensor],
                      mapping: BatchMapping) -> None:
     """rows_out[k] [T, out_k] += each token's LoRA delta of layers[k] for rows_in [T, in], in one kernel call.
-    The layers hold plain LoRA stacks of one dtype (what `_shared_mapping` checks); rows have contiguous
+    The layers hold plain LoRA stacks (what `_shared_mapping` checks); rows have contiguous
     features (strided rows, such as column slices of a joined matmul's output, are fine). The mapping's
     per-token scales (a request's adapter_scale), if any, multiply each delta."""
     if layers:
         tokens = rows_in.shape[0]
-        sgmv.kernel().sgmv_add_group_(list(rows_out), rows_in, [layer.stack.A for layer in layers],
-                                      [layer.stack.B for layer in layers], mapping.token_slots(tokens),
-                                      mapping.token_scales(tokens))
+        sgmv.lora_add_group_(list(rows_out), rows_in, [layer.stack.table for layer in layers],
+                             mapping.token_slots(tokens), mapping.token_scales(tokens))
 
 
 def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[BatchMapping]:
@@ -61,7 +60,7 @@ def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Ba
         return None
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return None
-    table, dtypes = None, set()
+    table = None
     for layer in layers:
         if type(layer) is not AdapterLayer or layer.disabled or layer.merged_adapters or layer.is_embedding:
             return None
@@ -73,10 +72,9 @@ def _shared_mapping(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[Ba
             return None
         st = layer.stack
         if st is not None:
-            if not st.plain_lora or st.ia3_in is not None or st.ia3_out is not None:
+            if not st.fused_lora or st.ia3_in is not None or st.ia3_out is not None:
                 return None
-            dtypes.add(st.dtype)
     mapping = table.mapping
-    if mapping is None or mapping.all_base or len(dtypes) > 1 or sgmv.kernel() is None:
+    if mapping is None or mapping.all_base or sgmv.kernel() is None:
         return None
     return mapping

@@ -41,6 +41,18 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
+                 dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear with uninitialised parameters on the meta device (the state dict brings the values):
+    nn.Linear's own constructor runs reset_parameters even there, ~0.3 ms per layer of every adapter load."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = in_features, out_features
+    lin.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    lin.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    return lin
+
+
 class DoraMagnitude(nn.Module):
     """Holds DoRA's magnitude vector `m` as `.weight`, so its key is `lora_magnitude_vector.<name>.weight`."""
 
@@ -115,8 +127,9 @@ class AdapterLayer(nn.Module):
             self.lora_embedding_A[name] = nn.Parameter(a)
             self.lora_embedding_B[name] = nn.Parameter(b)
         else:
-            lin_a = nn.Linear(self.in_features, r, bias=False, device=create, dtype=dtype)
-            lin_b = nn.Linear(r, self.out_features, bias=lora_bias, device=create, dtype=dtype)
+            make = _meta_linear if meta else nn.Linear
+            lin_a = make(self.in_features, r, bias=False, device=create, dtype=dtype)
+            lin_b = make(r, self.out_features, bias=lora_bias, device=create, dtype=dtype)
             if not meta and init is not False:
                 if init == "gaussian":
                     nn.init.normal_(lin_a.weight, std=1 / r)

@@ -1,16 +1,16 @@
 """The optional fused CPU kernel for mixed batches (`csrc/sgmv.cpp`), built on first use.
 
-`stacked_forward` (and `grouped_forward`, for layers sharing an input) replaces its gather + two `bmm`s
-with one call that reads each token's adapter rows straight from the stacks and accumulates in fp32, for
-decode steps and prefill chunks alike. Measured on the development CPU for SmolLM2's 210 adapted layers
-and 16 distinct rank-16 adapters: 6.4 ms per decode step against 12.5 ms for the fp32 `bmm`s on gathered
-copies (bf16 stacks); the AVX-512 version (built where the compiler targets it) 6.2 ms against 8.5 ms for
-the portable loops on an AMD EPYC (Zen 4), and 2.3 ms against 7.7 ms when the adapters' rows are
-cache-hot. A decode step streams 156 MB of adapter rows; merely reading them in the same pattern takes
-5.9 ms there, so the kernel runs at the memory's pace. Compiled by `native.NativeKernel` (needs a C++
-compiler with OpenMP and the `ninja` package); where that fails, or with `ADAPTERS_CORE_SGMV=0`, the torch
-path runs instead, with the same results to rounding. An optional fp32 scale per token multiplies the
-shrink's output (a request's `adapter_scale`); without one the kernel does exactly what it did before."""
+`stacked_forward` (and `grouped_forward`, for layers sharing an input) replaces gathered copies + two
+`bmm`s with one call that reads each token's adapter factors in place and accumulates in fp32, for decode
+steps and prefill chunks alike. A layer's adapters reach the kernel through its slot *table* (`table_row`
+per slot: the addresses of A [r, in], Bt [r, out] and the per-rank fp32 scale, the rank, the dtype code and
+the sizes), so adapters of any rank and of fp32 / bf16 / fp16 sit side by side without padding. Measured on
+the development CPU for SmolLM2's 210 adapted layers and 16 distinct rank-16 adapters (padded stacks then):
+6.4 ms per decode step against 12.5 ms for the fp32 `bmm`s on gathered copies; the step streams the adapters'
+rows at about the memory's pace. Compiled by `native.NativeKernel` (needs a C++ compiler with OpenMP and the
+`ninja` package); where that fails, or with `ADAPTERS_CORE_SGMV=0`, the torch path runs instead, with the
+same results to rounding. An optional fp32 scale per token multiplies the shrink's output (a request's
+`adapter_scale`)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,27 @@ def kernel(arch: str = "native") -> Optional[object]:
     return _KERNELS[arch].module()
 
 
-def sgmv_add_(result: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-              slots: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """result[g] += ((x[g] @ A[slots[g]]) * scales[g]) @ B[slots[g]] in place (fp32 accumulation): result
-    [G, out] and x [G, in] with contiguous rows, stacks A [n, in, R] / B [n, R, out], slots [G] int64,
-    scales [G] fp32 or None (no multiply at all: the unscaled kernel, bit for bit)."""
-    kernel().sgmv_add_(result, x, a_stack, b_stack, slots, scales)
-    return result
+TABLE_COLUMNS = 7
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def table_row(a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> Optional[list[int]]:
+    """One slot's row of a layer table: A [r, in] and Bt [r, out] contiguous in one of fp32 / bf16 / fp16,
+    scale [r] contiguous fp32. The caller keeps the three tensors alive as long as the row is in use. None
+    for factors the kernel does not read (another dtype, another device): such a slot takes the torch path."""
+    if a.dtype not in _DTYPE_CODES or bt.dtype != a.dtype or not (a.is_cpu and bt.is_cpu and scale.is_cpu):
+        return None
+    if not (a.is_contiguous() and bt.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32):
+        raise ValueError("table rows need contiguous factors and an fp32 scale")
+    r = a.shape[0]
+    if bt.shape[0] != r or scale.numel() != r:
+        raise ValueError(f"factors of rank {r} with Bt {tuple(bt.shape)} and {scale.numel()} scales")
+    return [a.data_ptr(), bt.data_ptr(), scale.data_ptr(), r, _DTYPE_CODES[a.dtype], a.shape[1], bt.shape[1]]
+
+
+def lora_add_group_(results: list[torch.Tensor], x: torch.Tensor, tables: list[torch.Tensor],
+                    slots: torch.Tensor, scales: Optional[torch.Tensor] = None) -> None:
+    """results[k][t] += ((A x[t]) * rank_scale * scales[t]) @ Bt for the factors of tables[k][slots[t]], in
+    place with fp32 accumulation: x [T, in] and results [T, out_k] with contiguous rows, tables [n, 7] int64
+    (rank 0 rows: nothing added), slots [T] int64, scales [T] fp32 or None."""
+    kernel().lora_add_group_(results, x, tables, slots, scales)

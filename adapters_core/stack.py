@@ -1,20 +1,24 @@
-"""Stacked adapter weights and the mixed-batch forward: the hot path.
+"""Per-slot adapter weights and the mixed-batch forward: the hot path.
 
 PEFT runs a mixed batch by looping in Python over the adapters present and indexing sub-batches in every
 layer. Here every adapter of a model owns one global *slot* (slot 0 is the base model); each AdapterLayer
-keeps its adapters copied into stacked, zero-padded tensors indexed by slot (`LayerStack`), and one
-`BatchMapping` (`batch_mapping.py`) built once per forward says which slot each row (or token) uses, and
-optionally a scale for its LoRA delta (applied to the shrink's output). A layer then does the
-same few batched ops whatever the mix: on the CPU with plain LoRA deltas, one call of the fused kernel
-(`sgmv.py`: each token's rows read from the stacks, the shrink and expand of Punica's SGMV in one pass);
-on CUDA the same with Triton kernels (`cuda_lora.py`, `triton_sgmv.py`); otherwise gather the slots' A
-and B, two `bmm`s, and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots
-(zeros for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
+keeps a `LayerStack` indexed by slot, and one `BatchMapping` (`batch_mapping.py`) built once per forward
+says which slot each row (or token) uses, and optionally a scale for its LoRA delta (applied to the shrink's
+output). A layer then does the same few batched ops whatever the mix: on the CPU with plain LoRA deltas, one
+call of the fused kernel (`sgmv.py`: each token's factors read in place through the layer's slot table, the
+shrink and expand of Punica's SGMV in one pass); on CUDA Triton's SGMV kernels on padded stacks kept for
+them (`cuda_lora.py`, `triton_sgmv.py`, `LayerStack.padded`); otherwise the segments' factors gathered into
+padded copies, two `bmm`s, and per-token gathers for IA3 scales, DoRA factors and LoRA biases. Identity slots (no
+factors for LoRA, ones for IA3) make base rows and adapters absent from a layer cost nothing special.
 
-The per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is folded into the stacked A; on the
-CPU, decode-shaped work on half-precision stacks is computed in fp32 (faster there, and more exact).
+LoRA factors are not copied into the stack: it holds the adapter's own A [r, in] and B's storage laid out
+as Bt [r, out] (lora_B's weight becomes a transposed view of it), in their own dtype and rank, so an adapter
+takes its weight bytes once whatever its rank next to others (S-LoRA's unified memory: no padding to the
+largest rank, no second copy); the per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is an fp32
+vector applied to the shrink's output. On the CPU, decode-shaped torch-path work on half-precision factors
+is computed in fp32 (faster there, and more exact).
 Stacks are refreshed lazily and incrementally: `SlotTable.sync` rewrites an adapter's slot only when its
-tensors changed since the last copy (tracked by tensor identity and torch's in-place `_version`
+tensors changed since the last write (tracked by tensor identity and torch's in-place `_version`
 counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
 A caller that changes adapters only through adapters_core's functions (a server's registry) can skip that
 scan (`check_edits=False`): those functions invalidate the adapters they change.
@@ -97,7 +101,7 @@ class SlotTable:
 
     @torch.inference_mode(False)
     def sync(self, names: Iterable[str], check_edits: bool = True) -> None:
-        """Copy every named adapter whose tensors changed into its slot of each of its layers, and make
+        """Write every named adapter whose tensors changed into its slot of each of its layers, and make
         every stack long enough that any slot of the table indexes it (as identity where absent).
         `check_edits=False` trusts that the adapters changed only through adapters_core's functions (which
         invalidate what they touch) and skips the scan of every tensor's version counter: that scan reads
@@ -128,20 +132,22 @@ def _grow(t: Optional[torch.Tensor], shape: tuple, fill: float, dtype, device) -
 
 
 class LayerStack:
-    """One layer's adapters stacked by slot: LoRA A/B padded to the largest rank, IA3 vectors, DoRA factors."""
+    """One layer's adapters by slot: LoRA factors in place (through a table), IA3 vectors, DoRA factors."""
 
     def __init__(self, layer) -> None:
         self.layer = layer
         self.slot_names: dict[int, str] = {}
-        self.n = 0                                      # slots allocated
-        self.version = 0                                # bumped on every change of the stacked tensors
-        self._gathered: tuple = (None, -1, None, None)  # (mapping key, version, A rows, B rows)
-        self._buffers: dict[tuple, torch.Tensor] = {}    # (which, dtype) -> reused gather destination
-        self.dtype: Optional[torch.dtype] = None
+        self.n = 0                                      # slots allocated in the table and the vectors
+        self.version = 0                                # bumped on every change of what the stack holds
+        self._gathered: tuple = (None, -1, None)        # (mapping key, version, gathered tensors)
+        self._padded: tuple = (-1, None)                # (version, padded stacks) for `padded()`
+        self.dtype: Optional[torch.dtype] = None        # the per-slot vectors' dtype
         self.device = layer.base_layer.weight.device
-        # Stored transposed, so a gathered slice feeds bmm directly: x [G, L, in] @ A [G, in, R] @ B [G, R, out].
-        self.A: Optional[torch.Tensor] = None          # [n, in, R], scale-folded (Embedding: [n, V, R])
-        self.B: Optional[torch.Tensor] = None          # [n, R, out]
+        # slot -> (A [r, in], Bt [r, out], per-rank fp32 scale [r]): the adapter's own tensors, no copies, no
+        # padding (Bt is the storage of lora_B's weight, which becomes its transposed view at the first write)
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.table: Optional[torch.Tensor] = None       # [n, 7] int64: what the fused kernel reads (sgmv.py)
+        self.off_table: set[int] = set()                # slots whose factors the kernel cannot read (dtype)
         self.bias: Optional[torch.Tensor] = None       # [n, out]: lora_B.bias * scaling
         self.dora: Optional[torch.Tensor] = None       # [n, out]: m / ||W + sBA||, 1 for other slots
         self.ia3_in: Optional[torch.Tensor] = None     # [n, in]
@@ -149,32 +155,62 @@ class LayerStack:
 
     @property
     def rank(self) -> int:
-        return 0 if self.A is None else self.A.shape[-1]
+        """The largest LoRA rank held (0 without LoRA)."""
+        return max((a.shape[0] for a, _, _ in self.lora.values()), default=0)
+
+    @property
+    def lora_dtype(self) -> Optional[torch.dtype]:
+        dtypes = {a.dtype for a, _, _ in self.lora.values()}
+        if not dtypes:
+            return None
+        out = dtypes.pop()
+        for d in dtypes:
+            out = torch.promote_types(out, d)
+        return out
 
     @property
     def plain_lora(self) -> bool:
-        """LoRA deltas the fused kernel adds by itself: A and B stacked, no LoRA bias, no DoRA factors."""
-        return self.A is not None and self.bias is None and self.dora is None
+        """LoRA deltas a fused kernel adds by itself: LoRA factors held, no LoRA bias, no DoRA factors."""
+        return bool(self.lora) and self.bias is None and self.dora is None
+
+    @property
+    def fused_lora(self) -> bool:
+        """Plain LoRA deltas whose every factor the CPU kernel reads through the table."""
+        return self.plain_lora and not self.off_table
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [n, in, R] (per-rank scale folded in) and B [n, R, out]: every slot's factors zero-padded to the
+        largest rank, in the factors' promoted dtype, for kernels that index stacks by slot (Triton's, on
+        CUDA). A copy of every adapter, rebuilt after each change: the CPU paths never ask for it."""
+        key, held = self._padded
+        if key == self.version:
+            return held
+        lay, dtype, rank = self.layer, self.lora_dtype, self.rank
+        a = torch.zeros(self.n, lay.in_features, rank, dtype=dtype, device=self.device)   # [n, in, R]
+        b = torch.zeros(self.n, rank, lay.out_features, dtype=dtype, device=self.device)  # [n, R, out]
+        for slot, (fa, fbt, scale) in self.lora.items():
+            r = fa.shape[0]
+            a[slot, :, :r] = (fa.float() * scale[:, None]).T.to(dtype)
+            b[slot, :r] = fbt
+        self._padded = (self.version, (a, b))
+        return a, b
 
     def reserve(self, slot: int) -> None:
-        if self.dtype is not None:
-            self._reserve(slot, self.dtype)
+        self._reserve(slot, self.dtype)
 
-    def _reserve(self, slot: int, dtype: torch.dtype, rank: int = 0) -> None:
-        """Grow the slot count (doubling), the padded rank or the dtype of the stacks so `slot` fits."""
+    def _reserve(self, slot: int, dtype: Optional[torch.dtype]) -> None:
+        """Grow the slot count (doubling: the table and vectors are small) or the vectors' dtype so `slot` fits."""
         n = max(self.n, 1)
         while n <= slot:
             n *= 2
-        new_dtype = dtype if self.dtype is None else torch.promote_types(self.dtype, dtype)
-        new_rank = max(rank, self.rank)
-        if n == self.n and new_dtype == self.dtype and new_rank == self.rank:
+        new_dtype = dtype if self.dtype is None or dtype is None else torch.promote_types(self.dtype, dtype)
+        if n == self.n and new_dtype == self.dtype:
             return
-        self.n, self.dtype = n, new_dtype
         self.version += 1
+        if n != self.n:
+            self.table = _grow(self.table, (n, sgmv.TABLE_COLUMNS), 0, torch.int64, torch.device("cpu"))
+        self.n, self.dtype = n, new_dtype
         lay, dev = self.layer, self.device
-        if new_rank:
-            self.A = _grow(self.A, (n, lay.in_features, new_rank), 0.0, new_dtype, dev)
-            self.B = _grow(self.B, (n, new_rank, lay.out_features), 0.0, new_dtype, dev)
         for attr, width, fill in (("bias", lay.out_features, 0.0), ("dora", lay.out_features, 1.0),
                                   ("ia3_in", lay.in_features, 1.0), ("ia3_out", lay.out_features, 1.0)):
             t = getattr(self, attr)
@@ -188,12 +224,13 @@ class LayerStack:
 
     def clear(self, slot: int) -> None:
         self.version += 1
-        self._gathered = (None, -1, None, None)
-        self._buffers.clear()
+        self._gathered = (None, -1, None)
+        self.lora.pop(slot, None)
+        self.off_table.discard(slot)
         if slot >= self.n:
             return
-        for attr, fill in (("A", 0.0), ("B", 0.0), ("bias", 0.0), ("dora", 1.0),
-                           ("ia3_in", 1.0), ("ia3_out", 1.0)):
+        self.table[slot] = 0
+        for attr, fill in (("bias", 0.0), ("dora", 1.0), ("ia3_in", 1.0), ("ia3_out", 1.0)):
             t = getattr(self, attr)
             if t is not None:
                 t[slot] = fill
@@ -205,41 +242,38 @@ class LayerStack:
                 del self.slot_names[slot]
 
     def compute_dtype(self, tokens_per_segment: int) -> torch.dtype:
-        """fp32 for decode-shaped work on the CPU when the stack is half precision: CPU kernels for small
+        """fp32 for decode-shaped work on the CPU when the factors are half precision: CPU kernels for small
         batched half-precision matmuls are slower than fp32 ones (measured 2x for bf16 `bmm` at rank 16
         and one token per row), while for long segments the half-precision kernels win."""
-        if (self.device.type == "cpu" and self.dtype in (torch.float16, torch.bfloat16)
-                and tokens_per_segment <= 4):
+        dtype = self.lora_dtype
+        if self.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and tokens_per_segment <= 4:
             return torch.float32
-        return self.dtype
+        return dtype
 
-    def gathered(self, mapping: "BatchMapping", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B rows of the mapping's segments in `dtype`. Kept while the mapping's slots and the stack
-        stay the same: consecutive decode steps of the same requests then skip the gathers and casts."""
-        key, version, a, b = self._gathered
-        if key != (mapping.key, dtype) or version != self.version:
-            a = self._gather_into("A", mapping.seg_slots, dtype)          # [G, in, R]
-            b = self._gather_into("B", mapping.seg_slots, dtype)          # [G, R, out]
-            self._gathered = ((mapping.key, dtype), self.version, a, b)
-        return a, b
-
-    def _gather_into(self, which: str, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`stack[slots]` in `dtype`, written into buffers kept from the last gather of the same shape, so a
-        regather (the batch changed) allocates nothing: fresh tensors of this size (hundreds of MB over a
-        model's layers for 16 rank-16 adapters) pay allocation and first-touch costs every time."""
-        src = getattr(self, which)
-        shape = (slots.numel(),) + tuple(src.shape[1:])
-        rows = torch.index_select(src, 0, slots, out=self._buffer(which, shape, src.dtype, src.device))
-        if src.dtype == dtype:
-            return rows
-        return self._buffer(which, shape, dtype, src.device).copy_(rows)
-
-    def _buffer(self, which: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        out = self._buffers.get((which, dtype))
-        # An inference tensor (made under inference_mode) cannot be written outside of it: make a new one then.
-        if out is None or out.shape != shape or (out.is_inference() and not torch.is_inference_mode_enabled()):
-            out = self._buffers[(which, dtype)] = torch.empty(shape, dtype=dtype, device=device)
-        return out
+    def gathered(self, mapping: "BatchMapping", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+        """The mapping's segments' A^T [G, in, R], Bt [G, R, out] and per-rank scales [G, 1, R], zero-padded
+        to the largest rank among them, in `dtype` (the scales in fp32): the torch path's operands. Kept while
+        the mapping's slots and the stack stay the same, so consecutive decode steps skip the copies."""
+        key, version, held = self._gathered
+        if key == (mapping.key, dtype) and version == self.version:
+            return held
+        slots = mapping.seg_slots.tolist()
+        rank = max((self.lora[s][0].shape[0] for s in slots if s in self.lora), default=0)
+        lay, g = self.layer, len(slots)
+        a = torch.zeros(g, lay.in_features, rank, dtype=dtype, device=self.device)       # [G, in, R]
+        b = torch.zeros(g, rank, lay.out_features, dtype=dtype, device=self.device)      # [G, R, out]
+        scale = torch.zeros(g, 1, rank, dtype=torch.float32, device=self.device)         # [G, 1, R]
+        for i, s in enumerate(slots):
+            if s in self.lora:
+                fa, fbt, fs = self.lora[s]
+                r = fa.shape[0]
+                a[i, :, :r] = fa.T
+                b[i, :r] = fbt
+                scale[i, 0, :r] = fs
+        held = (a, b, scale)
+        self._gathered = ((mapping.key, dtype), self.version, held)
+        return held
 
     @torch.no_grad()
     def write(self, slot: int, name: str) -> None:
@@ -254,19 +288,50 @@ class LayerStack:
             width = lay.in_features if lay.ia3_feedforward[name] else lay.out_features
             self._ensure(target, width, 1.0)[slot] = vec.detach().flatten().to(self.dtype)
         else:
-            a, b, scale = lay.lora_factors(name)
-            r = a.shape[0]
-            self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype, rank=r)
+            a, b, scale = _lora_rows(lay, name)
+            self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype)
             self.clear(slot)
-            scaled = a.detach() * scale.detach()[:, None]            # diag(scale) @ A: one op less per call
-            self.A[slot, :, :r] = scaled.T.to(self.dtype)
-            self.B[slot, :r, :] = b.detach().T.to(self.dtype)
+            self.lora[slot] = (a, b, scale)
+            row = sgmv.table_row(a, b, scale)
+            if row is None:
+                self.off_table.add(slot)
+            else:
+                self.table[slot] = torch.tensor(row)
             if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
                 self._ensure("bias", lay.out_features, 0.0)[slot] = (
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
             if name in lay.lora_magnitude_vector:
                 self._ensure("dora", lay.out_features, 1.0)[slot] = lay.dora_scale(name, self.dtype).detach()
         self.slot_names[slot] = name
+
+
+def _lora_rows(lay, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A [r, in], Bt [r, out], per-rank fp32 scale [r]) of a LoRA / AdaLoRA adapter, both factors contiguous
+    and sharing the parameters' storage: a B weight [out, r] whose storage is not already transposed (a loader
+    can prepare it so, `transposed_b`) is copied once, and the parameter becomes a view of the copy, so the
+    adapter is held once whatever the path."""
+    a, b, _ = lay.lora_factors(name)
+    for which, tensor in (("A", a), ("B", b)):
+        rows = tensor.detach() if which == "A" else tensor.detach().T            # [r, in] / [r, out]
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+            tensor.data = rows if which == "A" else rows.T
+        if which == "A":
+            a = rows
+        else:
+            b = rows
+    r = a.shape[0]
+    if lay.kind[name] == "ADALORA":
+        scale = lay.adalora_E[name].detach().reshape(-1).float() * (lay.scaling[name] / (lay.ranknum[name] + 1e-5))
+    else:
+        scale = torch.full((r,), lay.scaling[name], dtype=torch.float32, device=a.device)
+    return a, b, scale.contiguous()
+
+
+def transposed_b(b: torch.Tensor) -> torch.Tensor:
+    """B [out, r] with its storage laid out as B^T [r, out] (same values): what the stacks read in place, so
+    a loader that prepares it so off the serving thread spares the first mixed batch a copy."""
+    return b.T.contiguous().T
 
 
 def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwargs) -> torch.Tensor:
@@ -286,15 +351,15 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
     result = base_layer(x_base, *args, **kwargs)
     if st.ia3_out is not None:
         result = (result.to(st.dtype) * mapping.per_token(st.ia3_out, result)).to(result.dtype)
-    if st.A is None:
+    if not st.lora:
         return result
-    if st.plain_lora and x.is_cpu:
+    if st.fused_lora and x.is_cpu:
         rows_in = _fused_rows(x)
         rows_out = None if rows_in is None else _rows(result)
         if rows_out is not None and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
             tokens = rows_in.shape[0]
-            sgmv.sgmv_add_(rows_out, rows_in, st.A, st.B, mapping.token_slots(tokens),   # result += LoRA
-                           mapping.token_scales(tokens))
+            sgmv.lora_add_group_([rows_out], rows_in, [st.table], mapping.token_slots(tokens),   # result += LoRA
+                                 mapping.token_scales(tokens))
             return result
     if st.plain_lora and cuda_lora.add_(st, x, result, mapping):       # on CUDA: the Triton SGMV kernels
         return result
@@ -306,8 +371,9 @@ def _lora_delta(st: LayerStack, x: torch.Tensor, result: torch.Tensor, mapping: 
     result_dtype = result.dtype
     dtype = st.compute_dtype(mapping.tokens_per_segment(x))
     xs = mapping.to_segments(x.to(dtype))                                     # [G, L, in]
-    a, b = st.gathered(mapping, dtype)
+    a, b, rank_scale = st.gathered(mapping, dtype)
     h = torch.bmm(xs, a)                                                      # [G, L, R]
+    h.mul_(rank_scale if h.dtype == torch.float32 else rank_scale.to(h.dtype))  # [G, L, R]: alpha / r and such
     if mapping.scales is not None:
         h.mul_(mapping.segment_scales(h))                                     # [G, L, R]: each token's scale
     in_place = st.bias is None and st.dora is None and (mapping.layout == "rows" or mapping.scatter is None)
@@ -357,14 +423,21 @@ def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
 def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchMapping, *args, **kwargs):
     mapping.check(ids, "ids")
     result = layer.base_layer(ids, *args, **kwargs)
-    if st.A is None or mapping.all_base:
+    if not st.lora or mapping.all_base:
         return result
     per_id = (-1,) + (1,) * (ids.dim() - 1) if mapping.layout == "rows" else ids.shape
     tok_slots = mapping.slots.view(per_id).expand_as(ids)
-    h = st.A[tok_slots, ids]                                                   # [..., R]
+    dtype = st.lora_dtype
+    _, b, _ = st.gathered(mapping, dtype)                                      # [G, R, d]
+    h = torch.zeros(ids.shape + (b.shape[1],), dtype=dtype, device=result.device)  # [..., R]
+    for slot in mapping.seg_slots.unique().tolist():                          # each adapter's rows of its ids
+        if slot in st.lora:
+            a, _, scale = st.lora[slot]                                        # A [r, V], scale [r]
+            take = tok_slots == slot
+            h[take, :a.shape[0]] = (a[:, ids[take]].T.float() * scale).to(dtype)
     if mapping.scales is not None:
         h.mul_(mapping.scales.view(per_id).unsqueeze(-1))                      # [..., R]: each token's scale
-    d = torch.bmm(mapping.to_segments(h), st.B.index_select(0, mapping.seg_slots))  # [G, L, d] (stack dtype)
+    d = torch.bmm(mapping.to_segments(h), b)                                   # [G, L, d]
     delta = mapping.from_segments(d, result.shape)
     if st.dora is not None:
         g = mapping.per_token(st.dora, delta)

@@ -36,11 +36,13 @@ class IncompatibleKeys(NamedTuple):
 
 def _adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, str, torch.Tensor, tuple]]:
     """On-disk key (no prefix) -> (owner module, attribute, current tensor, (device, dtype) of the base it
-    adapts) for every tensor of the adapter."""
+    adapts; dtype None where the base stores a non-float weight, a quantized one) for every tensor of the
+    adapter."""
     slots = {}
     for path, module in walk(model):
         if isinstance(module, AdapterLayer) and adapter_name in module.kind:
-            target = module._device_dtype()
+            weight = module.base_layer.weight
+            target = (weight.device, weight.dtype if weight.dtype.is_floating_point else None)
             for suffix, tensor in module.adapter_parameters(adapter_name).items():
                 owner, attr = module.parameter_owner(adapter_name, suffix)
                 slots[f"{path}.{suffix}"] = (owner, attr, tensor, target)
@@ -169,6 +171,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
     with torch.no_grad():
         for key, owner, attr, current, value, (device, dtype) in plan:
             if current.device.type == "meta" or low_cpu_mem_usage and key in slots:
+                # As PEFT (`load_state_dict(assign=True)`, then `_move_adapter_to_device_of_base_layer`):
+                # cast to a float base weight's dtype, but over a quantized base keep the checkpoint's (a bf16
+                # adapter stays bf16); a tensor already right is taken as it is, without a copy.
+                if dtype is None:
+                    dtype = value.dtype if low_cpu_mem_usage else current.dtype
                 if not (dtype.is_floating_point and value.dtype.is_floating_point):
                     dtype = value.dtype
                 new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=current.requires_grad)

@@ -1,9 +1,12 @@
 // Fused per-token LoRA for CPU token batches, decode steps and prefill chunks alike (the shrink and
-// expand of Punica's SGMV in one pass): result[g] += (x[g] @ A[slot[g]]) @ B[slot[g]], reading each
-// token's adapter rows straight from the stacked tensors (no gathered copies), accumulating in fp32
-// whatever the dtypes, and adding into the base output in place (one rounding to its dtype, as `add_` of
-// an fp32 delta does). An optional fp32 scale per token multiplies the shrink's output h (a request's
-// adapter_scale); without scales no multiply runs, so unscaled batches compute exactly what they did before.
+// expand of Punica's SGMV in one pass): result[g] += ((x[g] @ A[s]^T) * scale[s]) @ Bt[s] for s = slot[g],
+// reading each token's adapter straight from the adapter's own tensors, wherever they are: a layer's
+// *table* holds, per slot, the addresses of A [r, in] and Bt [r, out] (row-major, in their own dtype), of
+// the fp32 scale per rank row [r] (LoRA's alpha/r, AdaLoRA's E * alpha / ranknum), and r. Adapters of any
+// rank and dtype sit side by side without padding or copies (S-LoRA's point: a rank-8 adapter does not pay
+// for a rank-64 one). Accumulation is in fp32 whatever the dtypes, and the delta is added into the base
+// output in place (one rounding to its dtype, as `add_` of an fp32 delta does). An optional fp32 scale per
+// token also multiplies the shrink's output h (a request's adapter_scale).
 #include <torch/extension.h>
 
 #include "spin_pool.h"
@@ -18,52 +21,43 @@
 
 namespace {
 
+// The columns of a table row (int64 each); a row of zeros is "no adapter in this slot".
+enum Column : int64_t { kA = 0, kB, kScale, kRank, kDtype, kIn, kOut, kColumns };
+enum Dtype : int64_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
-// Portable version: any dtypes, any rank; the compiler vectorises the inner loops.
-template <typename wt, typename xt, typename rt>
-void sgmv_rows(const xt* x, int64_t x_stride, const wt* a_stack, const wt* b_stack, const int64_t* slots,
-               const float* scales, rt* result, int64_t r_stride, int64_t groups, int64_t in, int64_t rank,
-               int64_t out_features) {
-  spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
-  std::vector<float> h(rank), acc(out_features);                 // per thread, reused for its rows
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    std::fill(h.begin(), h.end(), 0.f);
-    std::fill(acc.begin(), acc.end(), 0.f);
-    const wt* a = a_stack + slots[g] * in * rank;                // [in, R]
-    const xt* xg = x + g * x_stride;
-    for (int64_t i = 0; i < in; ++i) {
-      const float xi = to_float(xg[i]);
-      const wt* row = a + i * rank;
-#pragma omp simd
-      for (int64_t r = 0; r < rank; ++r) h[r] += xi * to_float(row[r]);
-    }
-    if (scales != nullptr)
-      for (int64_t r = 0; r < rank; ++r) h[r] *= scales[g];
-    const wt* b = b_stack + slots[g] * rank * out_features;     // [R, out]
-    for (int64_t r = 0; r < rank; ++r) {
-      const float hr = h[r];
-      const wt* row = b + r * out_features;
-#pragma omp simd
-      for (int64_t o = 0; o < out_features; ++o) acc[o] += hr * to_float(row[o]);
-    }
-    rt* rg = result + g * r_stride;
-    for (int64_t o = 0; o < out_features; ++o) rg[o] = static_cast<rt>(to_float(rg[o]) + acc[o]);
+// Portable version: any dtypes; the compiler vectorises the inner loops. h: [r] scratch, acc: [out].
+template <typename wt, typename rt>
+void lora_row_portable(const float* xf, const wt* a, const wt* bt, const float* rank_scale, const float* tok_scale,
+                       rt* rg, int64_t in, int64_t rank, int64_t out_features, float* h, float* acc) {
+  for (int64_t r = 0; r < rank; ++r) {                           // shrink: h = A x
+    const wt* row = a + r * in;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < in; ++i) s += xf[i] * to_float(row[i]);
+    h[r] = s * rank_scale[r];
+    if (tok_scale != nullptr) h[r] *= *tok_scale;
   }
-  });
+  std::fill(acc, acc + out_features, 0.f);
+  for (int64_t r = 0; r < rank; ++r) {                           // expand: acc = h Bt
+    const float hr = h[r];
+    const wt* row = bt + r * out_features;
+#pragma omp simd
+    for (int64_t o = 0; o < out_features; ++o) acc[o] += hr * to_float(row[o]);
+  }
+  for (int64_t o = 0; o < out_features; ++o) rg[o] = static_cast<rt>(to_float(rg[o]) + acc[o]);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SGMV_AVX512 1
-// AVX-512 version (built with -march=native on a CPU that has it): the same sums with 16 fp32 lanes,
-// four independent accumulators per shrink (the dependency chain of one would bound it), output columns in
-// register blocks of 64 across the rank, and software prefetch: each token reads its own adapter's rows,
-// which are cache-cold in a decode step, and the hardware prefetcher stops at every 4 KiB page. Besides a
-// short look-ahead in the rows being read, the next row's A and B are fetched into L2 while this row
-// computes (measured on SmolLM2's shapes, 16 distinct adapters: 7.4 -> 6.5 ms per step, median of 10).
-constexpr int64_t kPrefetchBytes = 512;   // measured best of 0, 512, 1024, 2048, 4096 (5 % over none)
-
+// AVX-512 version (built with -march=native on a CPU that has it): 16 fp32 lanes, four rank rows per pass
+// of the shrink (four independent accumulators: the dependency chain of one would bound it), output columns
+// in register blocks of 64 across the rank in the expand, and software prefetch of the next work item's
+// rows into L2 while this one computes: each token reads its own adapter's rows, cache-cold in a decode step,
+// and the hardware prefetcher stops at every 4 KiB page (measured on SmolLM2's shapes with padded stacks,
+// 16 distinct adapters: 7.4 -> 6.5 ms per step).
 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
@@ -84,55 +78,64 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {  // round to near
 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-inline void prefetch_span(const void* from, int64_t bytes) {
-  const char* p = static_cast<const char*>(from);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-}
 
-// One token's LoRA for one layer: rg[:out] += (xf @ A) @ B, A [in, R] and B [R, out] of the token's slot.
-// a_next / b_next: the next work item's adapter rows, fetched into L2 while this one computes;
-// scale: multiplies h (nullptr: no multiply).
-template <typename wt, typename rt>
-inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, int64_t in, int64_t rank,
-                            int64_t out_features, float* h, const char* a_next, int64_t a_bytes,
-                            const char* b_next, int64_t b_bytes, const float* scale) {
-  int64_t a_pf = 0, b_pf = 0;
-  const int64_t row_bytes = rank * static_cast<int64_t>(sizeof(wt));
-  for (int64_t rb = 0; rb < rank; rb += 16) {                    // shrink: h = x @ A
-    const __mmask16 m = lanes(rank - rb);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 4 <= in; i += 4) {
-      if (rb == 0) prefetch_span(reinterpret_cast<const char*>(a + i * rank) + kPrefetchBytes, 4 * row_bytes);
-      if (a_pf < a_bytes) {
-        _mm_prefetch(a_next + a_pf, _MM_HINT_T1);
-        _mm_prefetch(a_next + a_pf + 64, _MM_HINT_T1);
-        a_pf += 128;
-      }
-      s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
-      s1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 1]), load16(a + (i + 1) * rank + rb, m), s1);
-      s2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 2]), load16(a + (i + 2) * rank + rb, m), s2);
-      s3 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i + 3]), load16(a + (i + 3) * rank + rb, m), s3);
+// Spreads the prefetch of the next work item's A and Bt rows over this item's loop steps, 128 bytes a step.
+struct Prefetcher {
+  const char* a;
+  int64_t a_bytes;
+  const char* b;
+  int64_t b_bytes, done = 0;
+  inline void step() {
+    if (done < a_bytes) {
+      _mm_prefetch(a + done, _MM_HINT_T1);
+      _mm_prefetch(a + done + 64, _MM_HINT_T1);
+    } else if (done < a_bytes + b_bytes) {
+      _mm_prefetch(b + (done - a_bytes), _MM_HINT_T1);
+      _mm_prefetch(b + (done - a_bytes) + 64, _MM_HINT_T1);
+    } else {
+      return;
     }
-    for (; i < in; ++i) s0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[i]), load16(a + i * rank + rb, m), s0);
-    __m512 sum = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-    if (scale != nullptr) sum = _mm512_mul_ps(sum, _mm512_set1_ps(*scale));
-    _mm512_storeu_ps(h + rb, sum);
+    done += 128;
   }
-  for (int64_t o = 0; o < out_features; o += 64) {              // expand: result += h @ B, 64 columns at a time
+};
+
+template <typename wt, typename rt>
+inline void lora_row_avx512(const float* xf, const wt* a, const wt* bt, const float* rank_scale,
+                            const float* tok_scale, rt* rg, int64_t in, int64_t rank, int64_t out_features,
+                            float* h, Prefetcher& pf) {
+  int64_t r = 0;
+  for (; r < rank; r += 4) {                                     // shrink: h[r..r+3] = A[r..r+3] x
+    const int64_t rows = std::min<int64_t>(4, rank - r);
+    const wt* a0 = a + r * in;
+    const wt* a1 = rows > 1 ? a0 + in : a0;                      // short last pass: repeat a row, drop its sum
+    const wt* a2 = rows > 2 ? a0 + 2 * in : a0;
+    const wt* a3 = rows > 3 ? a0 + 3 * in : a0;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = 0; i < in; i += 16) {
+      const __mmask16 m = lanes(in - i);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xf + i);
+      s0 = _mm512_fmadd_ps(xv, load16(a0 + i, m), s0);
+      s1 = _mm512_fmadd_ps(xv, load16(a1 + i, m), s1);
+      s2 = _mm512_fmadd_ps(xv, load16(a2 + i, m), s2);
+      s3 = _mm512_fmadd_ps(xv, load16(a3 + i, m), s3);
+      pf.step();
+    }
+    const float sums[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2),
+                           _mm512_reduce_add_ps(s3)};
+    for (int64_t k = 0; k < rows; ++k) {
+      h[r + k] = sums[k] * rank_scale[r + k];
+      if (tok_scale != nullptr) h[r + k] *= *tok_scale;
+    }
+  }
+  for (int64_t o = 0; o < out_features; o += 64) {              // expand: result += h Bt, 64 columns at a time
     const __mmask16 m0 = lanes(out_features - o), m1 = lanes(out_features - o - 16),
                     m2 = lanes(out_features - o - 32), m3 = lanes(out_features - o - 48);
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-    for (int64_t r = 0; r < rank; ++r) {
-      const wt* row = b + r * out_features + o;
-      _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes / 4 + 64, _MM_HINT_T0);
-      if (b_pf < b_bytes) {
-        _mm_prefetch(b_next + b_pf, _MM_HINT_T1);
-        _mm_prefetch(b_next + b_pf + 64, _MM_HINT_T1);
-        b_pf += 128;
-      }
-      const __m512 hr = _mm512_set1_ps(h[r]);
+    for (int64_t k = 0; k < rank; ++k) {
+      const wt* row = bt + k * out_features + o;
+      _mm_prefetch(reinterpret_cast<const char*>(row + out_features), _MM_HINT_T0);
+      pf.step();
+      const __m512 hr = _mm512_set1_ps(h[k]);
       c0 = _mm512_fmadd_ps(hr, load16(row, m0), c0);
       c1 = _mm512_fmadd_ps(hr, load16(row + 16, m1), c1);
       c2 = _mm512_fmadd_ps(hr, load16(row + 32, m2), c2);
@@ -146,62 +149,73 @@ inline void lora_row_avx512(const float* xf, const wt* a, const wt* b, rt* rg, i
 }
 #endif
 
-// One layer of a group: its stacks, its output and their sizes. Members share the input and the slots.
+// One layer of a group: its table and output. Members share the input and the slots.
 struct Member {
-  const void* a;
-  const void* b;
+  const int64_t* table;      // [n, kColumns]
   void* result;
-  int64_t r_stride, rank, out_features;
+  int64_t r_stride, out_features;
 };
 
-template <typename wt, typename xt, typename rt>
-void sgmv_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots, const float* scales,
-                int64_t groups, const std::vector<Member>& members) {
+template <typename wt, typename rt>
+inline void lora_row(const float* xf, const int64_t* row, const float* tok_scale, rt* rg, int64_t in,
+                     int64_t out_features, float* h, float* acc, const int64_t* next_row) {
+  const wt* a = reinterpret_cast<const wt*>(row[kA]);
+  const wt* bt = reinterpret_cast<const wt*>(row[kB]);
+  const float* rank_scale = reinterpret_cast<const float*>(row[kScale]);
 #ifdef SGMV_AVX512
   if constexpr (!std::is_same<wt, double>::value && !std::is_same<rt, double>::value) {
-    int64_t max_rank = 0;
-    for (const auto& m : members) max_rank = std::max(max_rank, m.rank);
-    const int64_t n_members = static_cast<int64_t>(members.size());
-    spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
-    std::vector<float> xf(in), h((max_rank + 15) / 16 * 16);        // per thread, reused for its rows
-    for (int64_t g = g_begin; g < g_end; ++g) {
-      const xt* xg = x + g * x_stride;
-      for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);      // converted once for all members
-      for (int64_t k = 0; k < n_members; ++k) {
-        const Member& m = members[k];
-        const Member& mn = members[k + 1 < n_members ? k + 1 : 0];    // the next work item: next member or row
-        const int64_t gn = k + 1 < n_members ? g : std::min(g + 1, groups - 1);
-        const wt* a = static_cast<const wt*>(m.a) + slots[g] * in * m.rank;
-        const wt* b = static_cast<const wt*>(m.b) + slots[g] * m.rank * m.out_features;
-        const char* a_next = reinterpret_cast<const char*>(static_cast<const wt*>(mn.a) + slots[gn] * in * mn.rank);
-        const char* b_next = reinterpret_cast<const char*>(static_cast<const wt*>(mn.b) +
-                                                           slots[gn] * mn.rank * mn.out_features);
-        lora_row_avx512<wt, rt>(xf.data(), a, b, static_cast<rt*>(m.result) + g * m.r_stride, in, m.rank,
-                                m.out_features, h.data(), a_next, in * mn.rank * static_cast<int64_t>(sizeof(wt)),
-                                b_next, mn.rank * mn.out_features * static_cast<int64_t>(sizeof(wt)),
-                                scales != nullptr ? scales + g : nullptr);
-      }
-    }
-    });
+    const int64_t elem = next_row[kDtype] == kFloat ? 4 : 2;
+    Prefetcher pf{reinterpret_cast<const char*>(next_row[kA]), next_row[kRank] * next_row[kIn] * elem,
+                  reinterpret_cast<const char*>(next_row[kB]), next_row[kRank] * next_row[kOut] * elem};
+    lora_row_avx512<wt, rt>(xf, a, bt, rank_scale, tok_scale, rg, in, row[kRank], out_features, h, pf);
     return;
   }
 #endif
-  for (const auto& m : members)
-    sgmv_rows<wt, xt, rt>(x, x_stride, static_cast<const wt*>(m.a), static_cast<const wt*>(m.b), slots, scales,
-                          static_cast<rt*>(m.result), m.r_stride, groups, in, m.rank, m.out_features);
+  (void)next_row;
+  lora_row_portable<wt, rt>(xf, a, bt, rank_scale, tok_scale, rg, in, row[kRank], out_features, h, acc);
+}
+
+template <typename xt, typename rt>
+void lora_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots, const float* scales,
+                int64_t tokens, const std::vector<Member>& members, int64_t max_rank, int64_t max_out) {
+  static const int64_t kEmpty[kColumns] = {0, 0, 0, 0, 0, 0, 0};
+  const int64_t n_members = static_cast<int64_t>(members.size());
+  spin_parallel(tokens, [&](int64_t g_begin, int64_t g_end) {
+    std::vector<float> xf(in), h(max_rank + 4), acc(max_out);  // per thread, reused for its tokens
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const xt* xg = x + g * x_stride;
+      for (int64_t i = 0; i < in; ++i) xf[i] = to_float(xg[i]);  // converted once for all members
+      for (int64_t k = 0; k < n_members; ++k) {
+        const Member& m = members[k];
+        const int64_t* row = m.table + slots[g] * kColumns;
+        const int64_t rank = row[kRank];
+        // the next work item, whose rows are fetched while this one computes: next member, or next token
+        const int64_t gn = k + 1 < n_members ? g : std::min(g + 1, tokens - 1);
+        const int64_t* next_row = members[k + 1 < n_members ? k + 1 : 0].table + slots[gn] * kColumns;
+        if (next_row[kRank] == 0) next_row = kEmpty;
+        if (rank == 0) continue;                                 // no adapter of this layer in that slot
+        rt* rg = static_cast<rt*>(m.result) + g * m.r_stride;
+        const float* ts = scales != nullptr ? scales + g : nullptr;
+        switch (row[kDtype]) {
+          case kFloat: lora_row<float, rt>(xf.data(), row, ts, rg, in, m.out_features, h.data(), acc.data(), next_row); break;
+          case kBFloat16: lora_row<c10::BFloat16, rt>(xf.data(), row, ts, rg, in, m.out_features, h.data(), acc.data(), next_row); break;
+          default: lora_row<c10::Half, rt>(xf.data(), row, ts, rg, in, m.out_features, h.data(), acc.data(), next_row); break;
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
 
-// results[k] [G, out_k] (rows may be strided, last dim contiguous) += x [G, in] @ As[k][slots] @ Bs[k][slots]
-// for every member k (layers reading the same input: q/k/v, gate/up): one call and one pass over the rows.
-// As[k] [n, in, R_k] and Bs[k] [n, R_k, out_k] contiguous, one weight dtype for all; x and the results any of
-// fp32 / bf16 / fp16, the results sharing one dtype. scales: None, or [G] fp32 contiguous multiplying each
-// row's h = x @ A (every member alike).
-void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> as,
-                     std::vector<torch::Tensor> bs, torch::Tensor slots, c10::optional<torch::Tensor> scales) {
-  TORCH_CHECK(!results.empty() && results.size() == as.size() && results.size() == bs.size(),
-              "sgmv: one A and one B stack per result");
+// results[k] [T, out_k] (rows may be strided, last dim contiguous) += each token's LoRA delta of member k,
+// read through tables[k] [n, 7] int64 (see Column) at row slots[t], for every member k (layers reading the
+// same input: q/k/v, gate/up): one call and one pass over the tokens. x and the results any of fp32 / bf16 /
+// fp16, the results sharing one dtype. scales: None, or [T] fp32 contiguous multiplying each token's h. The
+// tables' addresses are trusted (adapters_core's stacks keep the tensors alive); their sizes are checked.
+void lora_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> tables,
+                     torch::Tensor slots, c10::optional<torch::Tensor> scales) {
+  TORCH_CHECK(!results.empty() && results.size() == tables.size(), "sgmv: one table per result");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
               "sgmv: x and result must be 2-D with contiguous rows");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == x.size(0),
@@ -214,44 +228,40 @@ void sgmv_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
     scale_p = scales->data_ptr<float>();
   }
   std::vector<Member> members;
+  int64_t max_rank = 0, max_out = 0;
   for (size_t k = 0; k < results.size(); ++k) {
-    const auto &result = results[k], &a = as[k], &b = bs[k];
-    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && result.device().is_cpu(), "sgmv: CPU tensors only");
+    const auto &result = results[k], &table = tables[k];
+    TORCH_CHECK(result.device().is_cpu() && table.device().is_cpu(), "sgmv: CPU tensors only");
     TORCH_CHECK(result.dim() == 2 && result.stride(1) == 1, "sgmv: x and result must be 2-D with contiguous rows");
-    TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous(),
-                "sgmv: stacks must be contiguous");
-    TORCH_CHECK(a.scalar_type() == as[0].scalar_type() && b.scalar_type() == as[0].scalar_type() &&
-                result.scalar_type() == results[0].scalar_type(),
-                "sgmv: A and B must share a dtype, and so must the results");
-    TORCH_CHECK(a.size(1) == x.size(1) && b.size(1) == a.size(2) && result.size(0) == x.size(0) &&
-                result.size(1) == b.size(2), "sgmv: shapes do not chain");
-    for (int64_t g = 0; g < x.size(0); ++g)
-      TORCH_CHECK(sp[g] >= 0 && sp[g] < a.size(0) && sp[g] < b.size(0), "sgmv: slot out of range");
-    members.push_back(Member{a.data_ptr(), b.data_ptr(), result.data_ptr(), result.stride(0), a.size(2), b.size(2)});
+    TORCH_CHECK(result.scalar_type() == results[0].scalar_type(), "sgmv: the results must share a dtype");
+    TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 2 && table.size(1) == kColumns &&
+                table.is_contiguous(), "sgmv: a table is a contiguous int64 [n, 7] tensor");
+    TORCH_CHECK(result.size(0) == x.size(0), "sgmv: shapes do not chain");
+    const int64_t* tp = table.data_ptr<int64_t>();
+    for (int64_t g = 0; g < x.size(0); ++g) {
+      TORCH_CHECK(sp[g] >= 0 && sp[g] < table.size(0), "sgmv: slot out of range");
+      const int64_t* row = tp + sp[g] * kColumns;
+      if (row[kRank] == 0) continue;
+      TORCH_CHECK(row[kRank] > 0 && row[kA] != 0 && row[kB] != 0 && row[kScale] != 0 && row[kDtype] >= kFloat &&
+                  row[kDtype] <= kHalf, "sgmv: a table row is malformed");
+      TORCH_CHECK(row[kIn] == x.size(1) && row[kOut] == result.size(1), "sgmv: shapes do not chain");
+      max_rank = std::max(max_rank, row[kRank]);
+    }
+    max_out = std::max(max_out, result.size(1));
+    members.push_back(Member{tp, result.data_ptr(), result.stride(0), result.size(1)});
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, as[0].scalar_type(), "sgmv_weights", [&] {
-    using wt = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sgmv_input", [&] {
-      using xt = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, results[0].scalar_type(), "sgmv_result", [&] {
-        sgmv_group<wt, xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), x.size(1), sp, scale_p, x.size(0), members);
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sgmv_input", [&] {
+    using xt = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, results[0].scalar_type(), "sgmv_result", [&] {
+      lora_group<xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), x.size(1), sp, scale_p, x.size(0), members, max_rank,
+                               max_out);
     });
   });
 }
 
-// result [G, out] += (x [G, in] @ A[slots]) * scales @ B[slots]: a group of one.
-void sgmv_add_(torch::Tensor result, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor slots,
-               c10::optional<torch::Tensor> scales) {
-  sgmv_add_group_({result}, x, {a}, {b}, slots, scales);
-}
-
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv_add_", &sgmv_add_, "result += per-token LoRA shrink and expand (CPU, fused)", py::arg("result"),
-        py::arg("x"), py::arg("a"), py::arg("b"), py::arg("slots"), py::arg("scales") = py::none(),
+  m.def("lora_add_group_", &lora_add_group_, "results[k] += per-token LoRA shrink and expand read through tables",
+        py::arg("results"), py::arg("x"), py::arg("tables"), py::arg("slots"), py::arg("scales") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  m.def("sgmv_add_group_", &sgmv_add_group_, "sgmv_add_ for several layers reading the same input, in one pass",
-        py::arg("results"), py::arg("x"), py::arg("a_stacks"), py::arg("b_stacks"), py::arg("slots"),
-        py::arg("scales") = py::none(), py::call_guard<py::gil_scoped_release>());
 }

@@ -56,9 +56,9 @@ def _stored_base(module, group: Optional[QuantGroup], loras: list) -> Optional[Q
     st = wrapper.stack
     if st is None or mapping.all_base:
         return base
-    if st.ia3_in is not None or st.ia3_out is not None or (st.A is not None and not st.plain_lora):
+    if st.ia3_in is not None or st.ia3_out is not None or (st.lora and not st.fused_lora):
         return None
-    if st.A is not None:
+    if st.lora:
         loras.append(wrapper)
     return base
 
@@ -93,8 +93,6 @@ class _LayerWork:
                 or _stored_base(m["gate_proj"], self.gate_up, self.gate_up_loras) is None
                 or _stored_base(m["up_proj"], self.gate_up, self.gate_up_loras) is None):
             return False
-        if len({w.stack.dtype for w in self.qkv_loras}) > 1 or len({w.stack.dtype for w in self.gate_up_loras}) > 1:
-            return False                       # one fused call takes stacks of one dtype (as grouped_forward)
         self.o = _stored_base(a["o_proj"], None, self.o_loras)
         self.down = _stored_base(m["down_proj"], None, self.down_loras)
         return self.o is not None and self.down is not None

@@ -13,6 +13,7 @@ import torch
 import adapters_core as ac
 from adapters_core import sgmv
 from _models import PerTokenModel
+from sgmv_tables import Slots
 
 
 CONFIGS = {
@@ -67,32 +68,32 @@ def _arch_kernel(arch):
 @pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
 def test_kernel_scales_the_shrink_and_keeps_unscaled_bits(arch, wdt):
     module = _arch_kernel(arch)
+    fin, fout, rows = 40, 70, 9                          # rank > 16 and out not a multiple of 64: the tails
+    wide = Slots(fin, fout, [0, 20, 7, 20], [wdt] * 4)
+    narrow = Slots(fin, 30, [0, 5, 5, 3], [wdt] * 4, seed=1)
     g = torch.Generator().manual_seed(0)
-    n, rows, fin, rank, fout = 4, 9, 40, 20, 70          # rank > 16 and out not a multiple of 64: the tails
-    a = (torch.randn(n, fin, rank, generator=g) * 0.3).to(wdt)
-    b = (torch.randn(n, rank, fout, generator=g) * 0.3).to(wdt)
     x = torch.randn(rows, fin, generator=g)
     slots = torch.tensor([3, 0, 1, 3, 1, 2, 2, 3, 1])
     scales = torch.tensor([0.5, 1.0, -2.0, 1.0, 0.0, 3.0, 1.0, 0.25, 1.0])
     base = torch.randn(rows, fout, generator=g)
     plain, scaled, ones = base.clone(), base.clone(), base.clone()
-    module.sgmv_add_(plain, x, a, b, slots)
-    module.sgmv_add_(scaled, x, a, b, slots, scales)
-    module.sgmv_add_(ones, x, a, b, slots, torch.ones(rows))
-    h = torch.bmm(x.unsqueeze(1), a[slots].float()) * scales.view(-1, 1, 1)          # [rows, 1, R]
-    expected = base + torch.bmm(h, b[slots].float())[:, 0]
+    module.lora_add_group_([plain], x, [wide.table], slots)
+    module.lora_add_group_([scaled], x, [wide.table], slots, scales)
+    module.lora_add_group_([ones], x, [wide.table], slots, torch.ones(rows))
+    expected = (base.double() + wide.delta(x, slots, scales)).float()
     torch.testing.assert_close(scaled, expected, atol=1e-5, rtol=1e-5)
     at_one = scales == 1
     assert torch.equal(scaled[at_one], plain[at_one]) and torch.equal(ones, plain)
     assert torch.equal(scaled[4], base[4])                                              # scale 0: no delta
     group_plain, group_scaled = [base.clone(), base[:, :30].clone()], [base.clone(), base[:, :30].clone()]
-    module.sgmv_add_group_(group_plain, x, [a, a[:, :, :5].contiguous()], [b, b[:, :5, :30].contiguous()], slots)
-    module.sgmv_add_group_(group_scaled, x, [a, a[:, :, :5].contiguous()], [b, b[:, :5, :30].contiguous()], slots,
-                           scales)
+    module.lora_add_group_(group_plain, x, [wide.table, narrow.table], slots)
+    module.lora_add_group_(group_scaled, x, [wide.table, narrow.table], slots, scales)
     torch.testing.assert_close(group_scaled[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(group_scaled[1], (base[:, :30].double() + narrow.delta(x, slots, scales)).float(),
+                               atol=1e-5, rtol=1e-5)
     assert torch.equal(group_scaled[1][at_one], group_plain[1][at_one])
     with pytest.raises(RuntimeError, match="scales"):
-        module.sgmv_add_(plain, x, a, b, slots, torch.ones(rows - 1))
+        module.lora_add_group_([plain], x, [wide.table], slots, torch.ones(rows - 1))
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])

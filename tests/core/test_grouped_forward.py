@@ -55,7 +55,7 @@ def test_grouped_equals_each_layer(monkeypatch, dtype, names):
     monkeypatch.setattr(sgmv, "kernel", lambda: Spy())
     with torch.inference_mode(), ac.token_batch(model, names):
         grouped = ac.grouped_forward(_layers(model), x)
-        assert calls == ["sgmv_add_group_"]
+        assert calls == ["lora_add_group_"]
         alone = [layer(x) for layer in _layers(model)]
     for g, a in zip(grouped, alone):
         assert torch.equal(g, a)      # same kernel, same sums: bit-identical

@@ -1,5 +1,6 @@
 """The fused CPU kernel (`adapters_core/csrc/sgmv.cpp`) computes what the torch path computes: directly
-against `x @ A[slot] @ B[slot]` for every dtype mix it accepts (strided output rows included), and through
+against each slot's `((A x) * scale) @ Bt` for mixed ranks and dtypes side by side (strided output rows
+included), and through
 `token_batch` / `mixed_batch` on decode-shaped and prefill-shaped batches against the same model with the
 kernel switched off (the gathered-rows `bmm` path).
 Under CI the kernel must build (a compiler is there); elsewhere its absence skips these tests."""
@@ -11,6 +12,8 @@ import torch
 import adapters_core as ac
 from adapters_core import sgmv
 
+from sgmv_tables import Slots
+
 
 if sgmv.kernel() is None:
     if os.environ.get("CI"):
@@ -20,34 +23,46 @@ if sgmv.kernel() is None:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("wdt", DTYPES)
 @pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
-def test_kernel_equals_gathered_matmuls(wdt, xdt):
-    g = torch.Generator().manual_seed(0)
-    n, rows, fin, rank, fout = 5, 7, 40, 6, 24
-    a = (torch.randn(n, fin, rank, generator=g) * 0.3).to(wdt)
-    b = (torch.randn(n, rank, fout, generator=g) * 0.3).to(wdt)
-    x = torch.randn(rows, fin, generator=g).to(xdt)
-    slots = torch.tensor([3, 0, 4, 3, 1, 2, 4])
-    wide = torch.randn(rows, fout + 10, generator=g).to(xdt)         # output rows strided inside a wider tensor
+def test_kernel_equals_torch_for_mixed_ranks_and_dtypes(xdt):
+    """Slots of ranks 1-37 (below, at and past the 4-row and 16-lane steps) and of every dtype side by side,
+    an empty slot, strided output rows inside a wider tensor."""
+    n_in, fout = 40, 70                                    # out not a multiple of 64: the masked tail
+    ranks = [0, 6, 1, 16, 37, 3]
+    slots_def = Slots(n_in, fout, ranks, [torch.float32, torch.float32, torch.bfloat16, torch.float16,
+                                          torch.bfloat16, torch.float32])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, n_in, generator=g).to(xdt)
+    slots = torch.tensor([3, 0, 4, 3, 1, 2, 4, 5, 0])
+    wide = torch.randn(9, fout + 10, generator=g).to(xdt)
     result = wide[:, 5:5 + fout]
-    wide_before = wide.clone()
-    before = result.clone()
-    sgmv.sgmv_add_(result, x, a, b, slots)
-    delta = torch.bmm(torch.bmm(x.float().unsqueeze(1), a[slots].float()), b[slots].float())[:, 0]
-    expected = (before.float() + delta).to(xdt)
+    wide_before, before = wide.clone(), result.clone()
+    sgmv.lora_add_group_([result], x, [slots_def.table], slots)
+    expected = (before.double() + slots_def.delta(x, slots)).to(xdt)
     tol = 1e-5 if xdt == torch.float32 else 1e-2
     torch.testing.assert_close(result, expected, atol=tol, rtol=tol)
     assert torch.equal(wide[:, :5], wide_before[:, :5]) and torch.equal(wide[:, 5 + fout:], wide_before[:, 5 + fout:])
+    assert torch.equal(result[1], before[1]) and torch.equal(result[8], before[8])     # slot 0: nothing added
     assert not torch.equal(result, before)
 
 
 def test_kernel_refuses_bad_input():
-    a, b = torch.zeros(2, 4, 3), torch.zeros(2, 3, 5)
+    slots_def = Slots(4, 5, [0, 3], [torch.float32, torch.float32])
     with pytest.raises(RuntimeError, match="slot out of range"):
-        sgmv.sgmv_add_(torch.zeros(1, 5), torch.zeros(1, 4), a, b, torch.tensor([2]))
+        sgmv.lora_add_group_([torch.zeros(1, 5)], torch.zeros(1, 4), [slots_def.table], torch.tensor([2]))
     with pytest.raises(RuntimeError, match="do not chain"):
-        sgmv.sgmv_add_(torch.zeros(1, 5), torch.zeros(1, 3), a, b, torch.tensor([1]))
+        sgmv.lora_add_group_([torch.zeros(1, 5)], torch.zeros(1, 3), [slots_def.table], torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="do not chain"):
+        sgmv.lora_add_group_([torch.zeros(1, 6)], torch.zeros(1, 4), [slots_def.table], torch.tensor([1]))
+    bad = slots_def.table.clone()
+    bad[1, 4] = 7                                          # an unknown dtype code
+    with pytest.raises(RuntimeError, match="malformed"):
+        sgmv.lora_add_group_([torch.zeros(1, 5)], torch.zeros(1, 4), [bad], torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="int64"):
+        sgmv.lora_add_group_([torch.zeros(1, 5)], torch.zeros(1, 4), [slots_def.table.int()], torch.tensor([1]))
+    empty = torch.zeros(1, 5)                              # a slot with no adapter needs no matching sizes
+    sgmv.lora_add_group_([empty], torch.zeros(1, 3), [slots_def.table], torch.tensor([0]))
+    assert torch.equal(empty, torch.zeros(1, 5))
 
 
 def _model(dtype):
@@ -93,8 +108,8 @@ def test_batches_equal_the_torch_path(monkeypatch, dtype, batch):
     x = torch.randn(len(token_names), 32).to(dtype)
     rows = torch.randn(len(row_names), row_len, 32).to(dtype)
     calls = []
-    fused = sgmv.sgmv_add_
-    monkeypatch.setattr(sgmv, "sgmv_add_", lambda *args: calls.append(1) or fused(*args))
+    fused = sgmv.lora_add_group_
+    monkeypatch.setattr(sgmv, "lora_add_group_", lambda *args: calls.append(1) or fused(*args))
     with torch.inference_mode():
         with ac.token_batch(model, token_names):
             fused_tokens = model(x)
