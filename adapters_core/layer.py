@@ -41,6 +41,11 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+# Every adapter without dropout shares this one stateless module: an adapter load then builds two modules per
+# layer instead of three (a module costs ~2 KB and ~20 us to construct).
+_NO_DROPOUT = nn.Identity()
+
+
 def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
                  dtype: torch.dtype) -> nn.Linear:
     """An nn.Linear with uninitialised parameters on the meta device (the state dict brings the values):
@@ -113,7 +118,7 @@ class AdapterLayer(nn.Module):
         self.kind[name] = "LORA"
         self.r[name] = r
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        self.lora_dropout[name] = nn.Dropout(dropout).train(self.training) if dropout > 0 else _NO_DROPOUT
         if self.is_embedding:
             a = torch.empty(r, self.in_features, device=create, dtype=dtype)
             b = torch.empty(self.out_features, r, device=create, dtype=dtype)
@@ -154,7 +159,7 @@ class AdapterLayer(nn.Module):
         self.r[name] = r
         self.scaling[name] = alpha if alpha > 0 else float(r)
         self.ranknum[name] = float(init_r) if r > 0 else 0.0
-        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        self.lora_dropout[name] = nn.Dropout(dropout).train(self.training) if dropout > 0 else _NO_DROPOUT
         a = torch.empty(r, self.in_features, device=create, dtype=dtype)
         e = torch.empty(r, 1, device=create, dtype=dtype)
         b = torch.empty(self.out_features, r, device=create, dtype=dtype)

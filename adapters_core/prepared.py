@@ -1,0 +1,116 @@
+"""`prepare_adapter` / `attach_prepared`: a LoRA load split into the part that leaves the model alone and the
+part that changes it, so a server does the first in a worker thread and only the second between two steps.
+
+`load_adapter` on a serving model runs on the serving thread (it changes the module tree): it walks the
+model several times, matches targets, builds two `nn.Linear` per layer on the meta device and assigns the
+state dict, ~5-10 ms for a SmolLM2 adapter on q/v, during which no step runs. `prepare_adapter` does all of
+that without changing the model: it reads the tree (its targets must already be wrapped `AdapterLayer`s,
+as they are once any adapter has targeted them), checks every key and shape, and builds each layer's
+`lora_A` / `lora_B` modules around the given tensors (no copy: pass `packing.pack_adapter_tensors`'s
+output and the stacks read them in place). `attach_prepared` then inserts them: a few dict writes per layer
+and the slot table's bookkeeping. It covers plain LoRA (any rank, alpha and rank patterns, rsLoRA) without
+DoRA, LoRA bias, embeddings or `modules_to_save`; for anything else, or when the tree changed in between,
+`prepare_adapter` returns None and the caller uses `load_adapter`. The adapter is attached inactive and
+frozen (requires_grad False), as a server's registry wants it; `set_adapter` activates it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterError, AdapterWeightsError
+from .layer import AdapterLayer, _NO_DROPOUT
+from .matching import pattern_value
+from .model_tree import NAME_RE, peft_configs, slot_table, walk
+from .state_dict import PEFT_PREFIX
+
+
+@dataclass
+class PreparedAdapter:
+    name: str
+    config: LoraConfig
+    layers: list[tuple[AdapterLayer, int, float, nn.Linear, nn.Linear]]   # layer, r, scaling, lora_A, lora_B
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """nn.Linear holding `weight` [out, in] as is (its own constructor would allocate and initialise one)."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.bias = None
+    return lin
+
+
+def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str) -> Optional[PreparedAdapter]:
+    """Everything of loading `state_dict` (PEFT's keys) as `adapter_name` that leaves `model` unchanged; None
+    where this path does not apply (see the module docstring). Raises AdapterError for keys or shapes that
+    do not fit. Safe to call in another thread than the one stepping the model."""
+    if (not isinstance(config, LoraConfig) or config.use_dora or config.lora_bias or config.modules_to_save
+            or config.bias != "none" or not NAME_RE.match(adapter_name)):
+        return None
+    try:
+        modules = {key: module for key, module in walk(model)}
+    except RuntimeError:                  # the tree changed under the walk (another thread wrapped a layer)
+        return None
+    prefix = PEFT_PREFIX if not any(k.startswith(PEFT_PREFIX) for k in modules) else ""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        path = key.removeprefix(prefix) if prefix else key
+        for suffix in (".lora_A.weight", ".lora_B.weight"):
+            if path.endswith(suffix):
+                factors.setdefault(path[: -len(suffix)], {})[suffix[1:7]] = value
+                break
+        else:
+            return None                   # bias, magnitude, embedding or other keys: the general path
+    layers = []
+    for path, pair in factors.items():
+        layer = modules.get(path)
+        if type(layer) is not AdapterLayer or layer.is_embedding or set(pair) != {"lora_A", "lora_B"}:
+            return None
+        a, b = pair["lora_A"], pair["lora_B"]
+        r = pattern_value(config.rank_pattern, path, config.r)
+        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (
+                layer.out_features, r):
+            raise AdapterWeightsError(f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                                      f"rank {r} and the layer's {layer.in_features} -> {layer.out_features}")
+        device = layer.base_layer.weight.device
+        weight_dtype = layer.base_layer.weight.dtype
+        dtype = weight_dtype if weight_dtype.is_floating_point else a.dtype   # as set_peft_model_state_dict
+        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        layers.append((layer, r, scaling, _linear(a.to(device=device, dtype=dtype)),
+                       _linear(b.to(device=device, dtype=dtype))))
+    if not layers:
+        return None
+    return PreparedAdapter(adapter_name, copy.deepcopy(config), layers)
+
+
+def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:
+    """Insert a prepared adapter (inactive, frozen); False, with the model unchanged, when its layers are no
+    longer all in the model (the caller loads it the general way). Raises when the name is taken."""
+    configs = peft_configs(model)
+    if prepared.name in configs:
+        raise AdapterError(f"adapter {prepared.name!r} already exists; delete it first")
+    table = slot_table(model)
+    present = {id(m) for m in table.modules}
+    if any(id(layer) not in present or layer.slot_table is not table for layer, *_ in prepared.layers):
+        return False
+    for layer, r, scaling, lin_a, lin_b in prepared.layers:
+        layer.kind[prepared.name] = "LORA"
+        layer.r[prepared.name] = r
+        layer.scaling[prepared.name] = scaling
+        layer.lora_dropout[prepared.name] = (nn.Dropout(prepared.config.lora_dropout).train(layer.training)
+                                             if prepared.config.lora_dropout > 0 else _NO_DROPOUT)
+        layer.lora_A[prepared.name] = lin_a
+        layer.lora_B[prepared.name] = lin_b
+    configs[prepared.name] = prepared.config
+    table.assign(prepared.name, [layer for layer, *_ in prepared.layers])
+    return True
