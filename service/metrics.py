@@ -25,6 +25,8 @@ from service.registry import DEVICE
 BASE_LABEL = "__base__"
 OTHER_LABEL = "other"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LOAD_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+APPLY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 
@@ -104,7 +106,12 @@ class Metrics:
                                     registry=r)
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
         self.adapter_load = Histogram("adapter_serve_adapter_load_seconds", "Time to bring an adapter to the device",
-                                      ["from_tier"], buckets=LATENCY_BUCKETS, registry=r)
+                                      ["from_tier"], buckets=LOAD_BUCKETS, registry=r)
+        self.adapter_apply = Histogram("adapter_serve_adapter_load_apply_seconds",
+                                       "Engine-thread part of an adapter load (between two steps: evictions and "
+                                       "the injection)", buckets=APPLY_BUCKETS, registry=r)
+        self.adapter_bytes = Gauge("adapter_serve_adapter_bytes", "Stored weight bytes of the adapters per tier",
+                                   ["tier"], registry=r)
         self.adapter_load_failures = Counter("adapter_serve_adapter_load_failures", "Adapter loads that failed",
                                              registry=r)
         self.evictions = Counter("adapter_serve_adapter_evictions", "Adapters moved down a tier",
@@ -147,6 +154,9 @@ class Metrics:
         self.adapter_load.labels(from_tier).observe(seconds)
         self.refresh_adapters()
 
+    def adapter_applied(self, name: str, seconds: float) -> None:
+        self.adapter_apply.observe(seconds)
+
     def adapter_evicted(self, name: str, from_tier: str) -> None:
         self.evictions.labels(from_tier).inc()
         self.refresh_adapters()
@@ -161,9 +171,11 @@ class Metrics:
     def adapter_load_failed(self, name: str) -> None:
         self.adapter_load_failures.inc()
 
-    def set_tiers(self, counts: dict[str, int]) -> None:
+    def set_tiers(self, counts: dict[str, int], sizes: Optional[dict[str, int]] = None) -> None:
         for tier, count in counts.items():
             self.adapters.labels(tier).set(count)
+        for tier, size in (sizes or {}).items():
+            self.adapter_bytes.labels(tier).set(size)
 
     # ----- engine and requests ------------------------------------------------------------------------------
     def engine_step(self, sequences: int, tokens: int, running: int, waiting: int, cache_usage: float) -> None:

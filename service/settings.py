@@ -84,7 +84,11 @@ class Settings(BaseSettings):
 
     # adapters
     adapter_dir: str = "./adapter-store"
-    max_device_adapters: int = 16
+    # the device tier: at most this many adapters (vLLM's max_loras, LoRAX's max_active_adapters) and at most
+    # adapter_memory_budget bytes of their stored weights (0: no byte limit); on the CPU the cpu tier is
+    # the same memory, so an adapter in the device tier is not also kept in it
+    max_device_adapters: int = Field(128, ge=1)
+    adapter_memory_budget: int = Field(2 * 2**30, ge=0)
     max_cpu_adapters: int = 128
     max_merged_adapters: int = Field(8, ge=1)      # LoRAX merged_adapters kept at once (registry/merged.py)
     max_lora_rank: int = 64

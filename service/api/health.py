@@ -32,7 +32,7 @@ def ready(state: StateDep):
 
 @router.get("/metrics", responses=PROMETHEUS)
 async def metrics(state: StateDep, _: MetricsCaller):
-    state.metrics.set_tiers(state.registry.tier_counts())
+    state.metrics.set_tiers(state.registry.tier_counts(), state.registry.tier_bytes())
     state.metrics.refresh_adapters()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

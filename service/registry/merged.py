@@ -129,7 +129,7 @@ class MergedMixin:
                                        "majority_sign_method": spec.majority_sign_method},
                                created_at=time.time(), generation=next(self._generations), busy=True)
         try:
-            await self._make_device_room(record)
+            await self._evict(self._take_device_room(record))
             names = [lease.model_name for lease in leases]
             config, tensors = await self._on_engine(lambda: _merge(self.model, names, spec, record.model_name))
         except ac.AdapterError as exc:

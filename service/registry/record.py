@@ -57,6 +57,7 @@ class AdapterRecord:
     tensors: Optional[dict] = field(default=None, repr=False)
     tick: int = field(default=0, repr=False)                # LRU order: larger = used more recently
     busy: bool = field(default=False, repr=False)           # a load or unload is under way: never evict
+    pending: Any = field(default=None, repr=False)          # asyncio future of the load under way, if any
     retired: bool = field(default=False, repr=False)        # deleted or replaced: freed at the last release
 
     @property

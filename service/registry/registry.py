@@ -34,6 +34,8 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Optional
 
+import torch
+
 from .errors import Conflict, NotFound
 from .merged import MergedMixin
 from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
@@ -51,7 +53,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
     def __init__(self, model, engine_call: EngineCall, adapter_dir: str, max_device_adapters: int = 8,
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
-                 reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8):
+                 reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
+                 memory_budget: int = 0, single_memory: Optional[bool] = None):
         self.model = model
         self.reserved = {n.casefold() for n in reserved_names if n}
         self.hub_timeout = hub_timeout
@@ -59,6 +62,10 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         self.store = AdapterStore(adapter_dir)
         self.validator = AdapterValidator(model, max_lora_rank, max_adapter_bytes)
         self.max_device_adapters = max_device_adapters
+        self.memory_budget = memory_budget or 2**62        # bytes of device-tier adapters (0: no byte limit)
+        # on the CPU the device and cpu tiers are the same memory: an adapter in the model is not kept twice,
+        # and one leaving the device goes back to the store (None: decided by the model's device)
+        self.single_memory = _device_of(model).type == "cpu" if single_memory is None else single_memory
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
         self.preload = list(preload)
@@ -89,6 +96,13 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
     def list(self) -> list[AdapterRecord]:
         return [self._records[n] for n in sorted(self._records)]
 
+    def tier_bytes(self) -> dict[str, int]:
+        """Stored weight bytes of the adapters per tier (deleted ones still held by requests included)."""
+        sizes = {tier: 0 for tier in TIERS}
+        for record in self._residents():
+            sizes[record.tier] += record.size
+        return sizes
+
     def tier_counts(self) -> dict[str, int]:
         """Adapters per tier, counting deleted ones whose memory is still held by running requests."""
         counts = {tier: 0 for tier in TIERS}
@@ -113,7 +127,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         forgotten while loading (the caller looks its name up again)."""
         record.in_use += 1
         record.tick, record.last_used_at = next(self._ticks), time.time()
-        if record.tier != DEVICE:
+        if record.tier != DEVICE or record.pending is not None:     # (counted on the device while it loads)
             try:
                 await self._shielded(self._locked(self._load_for_lease, record))
             except _Retry:
@@ -265,6 +279,12 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                 hook(*args)
             except Exception:             # metrics must never break the registry
                 log.exception("adapter registry event hook %s failed", event)
+
+
+def _device_of(model) -> "torch.device":
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:

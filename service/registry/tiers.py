@@ -14,6 +14,8 @@ from typing import Iterator, Optional
 
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
+from adapters_core.packing import pack_adapter_tensors
+from adapters_core.prepared import PreparedAdapter, attach_prepared, prepare_adapter
 
 from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
 from .record import CPU, DEVICE, STORED, AdapterRecord
@@ -69,15 +71,29 @@ class TierMixin:
             raise NotFound(f"adapter {record.name!r} was deleted") from None
 
     async def _load(self, record: AdapterRecord) -> None:
-        """Bring `record` to the device tier (lock held)."""
+        """Bring `record` to the device tier. The lock is held on entry and on return, but released while
+        the files are read and while the engine applies the change: loads of other adapters go on meanwhile
+        (and their engine calls share a step boundary); a second caller for the same record waits for the
+        first one's load and then looks again."""
+        while record.pending is not None:
+            await self._unlocked(asyncio.shield(record.pending))
         if record.tier == DEVICE:
             return
+        record.pending = asyncio.get_running_loop().create_future()
+        try:
+            await self._bring_up(record)
+        finally:
+            record.pending.set_result(None)
+            record.pending = None
+
+    async def _bring_up(self, record: AdapterRecord) -> None:
         started, from_tier = time.perf_counter(), record.tier
         record.busy = True
         try:
             if record.tensors is None:
                 try:
-                    config, tensors = await asyncio.to_thread(self._read_stored, record.name)
+                    config, tensors, prepared = await self._unlocked(
+                        asyncio.to_thread(self._read_stored, record.name, record.model_name))
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
@@ -90,10 +106,35 @@ class TierMixin:
                 if record.retired:          # replaced while reading: these may be the new files
                     raise _Retry()
                 record.config, record.tensors, record.tier = config, tensors, CPU
-            await self._make_device_room(record)
+            else:                           # in the cpu tier (an upload, an eviction): pack and prepare it
+                record.tensors, prepared = await self._unlocked(asyncio.to_thread(
+                    self._prepare_load, record.config, record.tensors, record.model_name))
+                if record.retired:
+                    raise _Retry()
+            try:
+                victims = self._take_device_room(record)
+            except Unavailable:
+                if from_tier == STORED and self.single_memory:
+                    record.drop_tensors()       # a refusal leaves it where it was
+                    record.tier = STORED
+                raise
             config, tensors, model_name = copy.deepcopy(record.config), record.tensors, record.model_name
-            await self._on_engine(lambda: _inject(self.model, model_name, config, tensors))
-            record.tier = DEVICE
+            record.tier = DEVICE            # counted from now, so concurrent loads make room around it
+            failed, applied, error = [v.model_name for v in victims], 0.0, None   # if the call never ran
+            try:
+                failed, applied, error = await self._unlocked(self._on_engine(
+                    lambda: _swap(self.model, [v.model_name for v in victims], model_name, config, tensors,
+                                  prepared)))
+            finally:
+                self._settle_victims(victims, failed)
+                if error is not None or applied == 0.0:
+                    if record.tier == DEVICE:
+                        record.tier = CPU
+            if error is not None:
+                raise error
+            self._emit("adapter_applied", record.name, applied)
+            if record.tier == DEVICE and self.single_memory and record.source.get("type") != "merged":
+                record.tensors = None       # CPU serving: the model holds the only copy; the store has the files
         except _Retry:
             raise
         except ac.AdapterError as exc:
@@ -107,22 +148,80 @@ class TierMixin:
             self._enforce_cpu_limit()
         self._emit("adapter_loaded", record.name, time.perf_counter() - started, from_tier)
 
-    def _read_stored(self, name: str) -> tuple[ac.AdapterConfig, dict]:
+    def _read_stored(self, name: str, model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter]]:
+        """Worker thread: the stored config and tensors, checked, packed as the stacks read them, and the
+        adapter prepared for `attach_prepared` where that path applies (else None: the engine thread loads it
+        the general way)."""
         folder = self.store.path(name)
         config, tensors = parse_config(self.store.read_config(folder)), self.store.read_tensors(folder)
         check_tensors(tensors, SAFETENSORS_NAME)
-        return config, tensors
+        return (config,) + self._prepare_load(config, tensors, model_name)
 
-    async def _make_device_room(self, record: AdapterRecord) -> None:
-        while self._count(DEVICE) >= self.max_device_adapters:
+    def _prepare_load(self, config, tensors: dict, model_name: str) -> tuple[dict, Optional[PreparedAdapter]]:
+        """Worker thread: the tensors packed as the stacks read them, and the prepared adapter (or None)."""
+        tensors = pack_adapter_tensors(tensors)
+        try:
+            prepared = prepare_adapter(self.model, config, tensors, model_name)
+        except ac.AdapterError:
+            prepared = None               # the general path raises it again, with its own rollback
+        return tensors, prepared
+
+    def _device_bytes(self) -> int:
+        return sum(r.size for r in self._residents() if r.tier == DEVICE)
+
+    def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
+        """The device-tier adapters to remove so that `record` fits both `max_device_adapters` and
+        `adapter_memory_budget` (least recently used first, never pinned or in use); their tier drops at
+        once, the engine removes them in the same call that adds `record`. Unavailable when not enough can go."""
+        victims: list[AdapterRecord] = []
+        count, used = self._count(DEVICE), self._device_bytes()
+        # (an adapter larger than the whole budget still loads once the device tier is empty)
+        while count >= self.max_device_adapters or (count > 0 and used + record.size > self.memory_budget):
             victim = self._lru(DEVICE, exclude=record)
             if victim is None:
+                for v in victims:
+                    v.tier, v.busy = DEVICE, False
+                if count >= self.max_device_adapters:
+                    raise Unavailable(
+                        f"cannot load adapter {record.name!r}: all {self.max_device_adapters} device slots "
+                        f"(max_device_adapters={self.max_device_adapters}) hold pinned or in-use adapters; retry later")
                 raise Unavailable(
-                    f"cannot load adapter {record.name!r}: all {self.max_device_adapters} device slots "
-                    f"(max_device_adapters={self.max_device_adapters}) hold pinned or in-use adapters; retry later")
-            await self._unload_from_model(victim)
+                    f"cannot load adapter {record.name!r} ({record.size} bytes): the device tier's memory "
+                    f"(adapter_memory_budget={self.memory_budget} bytes, {used} in use) holds pinned or in-use "
+                    f"adapters; retry later")
+            victim.tier, victim.busy = CPU, True
+            victims.append(victim)
+            count, used = count - 1, used - victim.size
+        return victims
+
+    def _settle_victims(self, victims: list[AdapterRecord], failed: list[str]) -> None:
+        """After the engine call: removed victims end in the cpu tier (or stored, when the model held their
+        only copy); one whose removal failed stays on the device."""
+        for victim in victims:
+            victim.busy = False
+            if victim.model_name in failed:
+                victim.tier = DEVICE
+                continue
+            if victim.tensors is None:
+                victim.tier = STORED
             if not victim.retired:
                 self._emit("adapter_evicted", victim.name, DEVICE)
+
+    async def _evict(self, victims: list[AdapterRecord]) -> None:
+        """Remove `_take_device_room`'s victims from the model in one engine call."""
+        failed = [v.model_name for v in victims]
+        try:
+            failed = await self._on_engine(lambda: _remove_all(self.model, [v.model_name for v in victims]))
+        finally:
+            self._settle_victims(victims, failed)
+
+    async def _unlocked(self, awaitable):
+        """Await `awaitable` with the registry lock released (the caller holds it, and holds it again after)."""
+        self._lock.release()
+        try:
+            return await awaitable
+        finally:
+            await self._lock.acquire()
 
     async def _unload_from_model(self, record: AdapterRecord) -> None:
         """device -> cpu. The tier changes before the engine call so that no acquire takes a lease on an
@@ -147,6 +246,34 @@ class TierMixin:
         record.drop_tensors()
         record.tier = STORED
         self._emit("adapter_evicted", record.name, from_tier)
+
+
+def _remove_all(model, names: list[str]) -> list[str]:
+    """Engine thread: remove every named adapter; returns those whose removal failed (a bug, not an input
+    error: it is logged, and the adapter stays listed on the device)."""
+    failed = []
+    for name in names:
+        try:
+            _remove(model, name)
+        except Exception:
+            log.exception("removing adapter %r from the model failed", name)
+            failed.append(name)
+    return failed
+
+
+def _swap(model, remove: list[str], model_name: str, config: ac.AdapterConfig, tensors: dict,
+          prepared: Optional[PreparedAdapter] = None) -> tuple[list, float, Optional[BaseException]]:
+    """Engine thread: remove the evicted adapters, then add `model_name` (attaching what a worker thread
+    prepared when it can, else loading it in full). Returns the names whose removal failed, the seconds
+    spent (> 0) and the load's error, if any. One call, so an eviction and its load share a step boundary."""
+    started, error = time.perf_counter(), None
+    failed = _remove_all(model, remove)
+    try:
+        if prepared is None or not attach_prepared(model, prepared):
+            _inject(model, model_name, config, tensors)
+    except Exception as exc:
+        error = exc
+    return failed, max(time.perf_counter() - started, 1e-9), error
 
 
 def _inject(model, model_name: str, config: ac.AdapterConfig, tensors: dict) -> None:

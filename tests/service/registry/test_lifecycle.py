@@ -31,7 +31,7 @@ def test_delete_while_leased_refuses_at_once_and_frees_after_release(tmp_path):
         lease = await registry.acquire("a")
         model = registry.model
         param_ref = weakref.ref(_adapter_param(model, lease.model_name))
-        tensor_ref = weakref.ref(next(iter(registry.get("a").tensors.values())))
+        assert registry.get("a").tensors is None          # on the CPU the model holds the only copy
         before = decoder_logits(model, lease.model_name, ids)
 
         await registry.delete("a")
@@ -51,7 +51,7 @@ def test_delete_while_leased_refuses_at_once_and_frees_after_release(tmp_path):
         assert lease.model_name not in model.peft_config
         assert registry.tier_counts() == {"stored": 0, "cpu": 0, "device": 0}
         gc.collect()
-        assert param_ref() is None and tensor_ref() is None
+        assert param_ref() is None
         with pytest.raises(NotFound):
             await registry.delete("a")
 

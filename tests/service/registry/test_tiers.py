@@ -1,6 +1,8 @@
-"""Tiers: least-recently-used adapters move device -> cpu -> stored; pinned and in-use adapters never move;
-when every device slot is pinned or in use the load fails with 503 naming the limit; the model holds
-exactly the device-tier adapters; thousands registered, a few hot."""
+"""Tiers: least-recently-used adapters move device -> cpu -> stored (the three tiers of a GPU server, asked
+for with `single_memory=False`; on the CPU, where the two upper tiers are one memory, device -> stored and
+no second copy is kept); pinned and in-use adapters never move; when every device slot is pinned or in use,
+or the memory budget is full of them, the load fails with 503 naming the limit; the model holds exactly the
+device-tier adapters; thousands registered, a few hot."""
 import asyncio
 import random
 import shutil
@@ -39,7 +41,7 @@ def in_model(registry):
 
 def test_lru_eviction_order_across_tiers(tmp_path):
     async def main():
-        registry, events = await _registry(tmp_path, max_device_adapters=2, max_cpu_adapters=2)
+        registry, events = await _registry(tmp_path, max_device_adapters=2, max_cpu_adapters=2, single_memory=False)
         # uploads land in the cpu tier; the two most recent stay, older ones are pushed to stored
         assert tiers(registry) == {"a": "stored", "b": "stored", "c": "stored", "d": "cpu", "e": "cpu"}
         await _use(registry, "a", "b")
@@ -88,7 +90,8 @@ def test_pinned_and_in_use_adapters_are_never_evicted(tmp_path):
 
 def test_pinned_adapter_stays_in_the_cpu_tier(tmp_path):
     async def main():
-        registry, events = await _registry(tmp_path, max_device_adapters=1, max_cpu_adapters=1)
+        registry, events = await _registry(tmp_path, max_device_adapters=1, max_cpu_adapters=1,
+                                           single_memory=False)
         assert tiers(registry)["e"] == "cpu"
         await registry.pin("e")
         await _use(registry, "a", "b", "c")             # each one evicted from the device passes through cpu
@@ -104,7 +107,7 @@ def test_pinned_adapter_stays_in_the_cpu_tier(tmp_path):
 
 def test_all_slots_pinned_or_in_use_is_503(tmp_path):
     async def main():
-        registry, events = await _registry(tmp_path, max_device_adapters=2)
+        registry, events = await _registry(tmp_path, max_device_adapters=2, single_memory=False)
         await _use(registry, "a")
         await registry.pin("a")
         held = await registry.acquire("b")
@@ -175,7 +178,7 @@ def test_thousand_registered_few_hot(tmp_path):
         # copies of a registered folder, as a previous run would have left them: scanning is the fast way to 1000
         for name in names[1:]:
             shutil.copytree(tmp_path / "store" / names[0], tmp_path / "store" / name)
-        registry = make_registry(tmp_path / "store", max_device_adapters=4, max_cpu_adapters=8)
+        registry = make_registry(tmp_path / "store", max_device_adapters=4, max_cpu_adapters=8, single_memory=False)
         await registry.scan()
         assert registry.tier_counts() == {"stored": 1000, "cpu": 0, "device": 0}
         rng = random.Random(1)
@@ -185,5 +188,44 @@ def test_thousand_registered_few_hot(tmp_path):
         assert counts == {"stored": 1000 - 12, "cpu": 8, "device": 4}
         assert len(registry.model.peft_config) == 4
         assert len({r.sha256 for r in registry.list()}) == 1
+
+    run(main())
+
+
+def test_cpu_serving_keeps_one_copy_and_evicts_to_the_store(tmp_path):
+    """On the CPU (the default there): an adapter in the model is held once (the record keeps no tensors, the
+    stacks read the loaded parameters), and eviction from the device sends it back to the store."""
+    async def main():
+        registry, events = await _registry(tmp_path, max_device_adapters=2)
+        assert registry.single_memory
+        await _use(registry, "a", "c")
+        assert registry.get("a").tensors is None and registry.get("c").tensors is None
+        events.calls.clear()
+        await _use(registry, "e")                      # a (LRU) leaves the model for the store
+        assert tiers(registry)["a"] == "stored" and in_model(registry) == ["c", "e"]
+        assert events.of("evicted") == [("a", "device")]
+        await _use(registry, "a")                      # and loads again from it
+        assert in_model(registry) == ["a", "e"]
+
+    run(main())
+
+
+def test_memory_budget_limits_the_device_tier(tmp_path):
+    """`memory_budget` (bytes of stored weights) evicts like the count limit, and a budget full of adapters in
+    use refuses with 503 naming it."""
+    async def main():
+        registry, events = await _registry(tmp_path, names=["a", "c", "e"])
+        budget = registry.get("c").size + registry.get("e").size             # room for two of the three
+        registry.memory_budget = budget
+        await _use(registry, "a", "c", "e")
+        assert in_model(registry) == ["c", "e"] and tiers(registry)["a"] == "stored"
+        held = [await registry.acquire("c"), await registry.acquire("e")]
+        with pytest.raises(Unavailable) as err:
+            await registry.acquire("a")
+        assert f"adapter_memory_budget={budget}" in str(err.value)
+        for lease in held:
+            registry.release(lease)
+        await _use(registry, "a")
+        assert registry.tier_bytes()["device"] <= budget
 
     run(main())

@@ -1,0 +1,79 @@
+"""Loads off the serving path: an adapter is read, checked and prepared in a worker thread and the registry's
+lock is not held while the engine applies it, so loads of different adapters overlap (their engine calls
+share one step boundary) and a second request for an adapter being loaded waits for that load instead of
+starting another; after the first adapter has wrapped its layers, the engine thread only attaches what the
+worker prepared. The served adapters are the same either way (decoder_logits against PEFT)."""
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+from service.registry import tiers
+
+import torch
+
+from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
+
+STEP = 0.3          # seconds an engine "step" takes before the calls queued meanwhile run, all together
+
+
+class SteppingEngine:
+    """`Engine.call_between_steps` of a busy engine: calls queue and run together at the next boundary."""
+
+    def __init__(self):
+        self.queue, self.lock, self.boundaries = [], threading.Lock(), 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def __call__(self, fn):
+        future = concurrent.futures.Future()
+        with self.lock:
+            self.queue.append((fn, future))
+        return future
+
+    def _loop(self):
+        while not self.stop.wait(STEP):
+            with self.lock:
+                calls, self.queue = self.queue, []
+            if calls:
+                self.boundaries += 1
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+
+def test_loads_of_different_adapters_share_a_step_boundary(tmp_path, monkeypatch):
+    adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["w", "a", "b", "c"])}
+    engine = SteppingEngine()
+    full_loads = []
+    inject = tiers._inject
+    monkeypatch.setattr(tiers, "_inject", lambda *args: full_loads.append(args[1]) or inject(*args))
+
+    async def main():
+        registry = make_registry(tmp_path / "store", engine_call=engine, max_device_adapters=8)
+        for name, adapter in adapters.items():
+            await registry.register_files(name, adapter.config, adapter.weights)
+        registry.release(await registry.acquire("w"))          # wraps the layers: the general path
+        assert [n.rsplit("__", 1)[0] for n in full_loads] == ["w"]
+        before, started = engine.boundaries, time.monotonic()
+        leases = await asyncio.gather(*(registry.acquire(n) for n in ["a", "b", "c", "a", "b"]))
+        elapsed = time.monotonic() - started
+        assert engine.boundaries - before == 1, "three loads took more than one step boundary"
+        assert elapsed < 2.5 * STEP
+        assert [n.rsplit("__", 1)[0] for n in full_loads] == ["w"]           # a, b, c were attached
+        assert [lease.model_name for lease in leases[3:]] == [lease.model_name for lease in leases[:2]]
+        assert len(registry.model.peft_config) == 4
+        ids = input_ids()
+        for lease in leases[:3]:                                # what PEFT computes with each adapter
+            torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
+                                       hf_logits(adapters[lease.name].model, ids), atol=1e-4, rtol=1e-4)
+        for lease in leases:
+            registry.release(lease)
+
+    try:
+        run(main())
+    finally:
+        engine.stop.set()
