@@ -101,12 +101,11 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
     table = slot_table(model)
     if isinstance(token_adapters, torch.Tensor):
         slots = token_adapters.to(device=_device(model, table), dtype=torch.long)
-        by_slot = {s: n for n, s in table.slot_of.items()}
         used = {int(s) for s in torch.unique(slots).tolist()} - {0}
-        missing = sorted(s for s in used if s not in by_slot)
-        if missing:
-            raise UnknownAdapterError(f"unknown adapter slot(s) {missing}")
-        names = {by_slot[s] for s in used}
+        # look-ups only (no iteration over the table's dicts): another thread may add an adapter meanwhile
+        names = {table.name_of.get(s) for s in used}
+        if None in names:
+            raise UnknownAdapterError(f"unknown adapter slot(s) {sorted(s for s in used if s not in table.name_of)}")
     else:
         names = set(token_adapters)
         slots = torch.tensor([adapter_slot(model, n) for n in token_adapters], dtype=torch.long,

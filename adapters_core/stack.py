@@ -43,6 +43,7 @@ class SlotTable:
 
     def __init__(self) -> None:
         self.slot_of: dict[str, int] = {}
+        self.name_of: dict[int, str] = {}      # the reverse of slot_of, kept so a step never iterates slot_of
         self.layers: dict[str, list] = {}
         self._free: list[int] = []
         self._next = 1
@@ -53,9 +54,11 @@ class SlotTable:
 
     def assign(self, name: str, layers: list) -> int:
         if name not in self.slot_of:
-            self.slot_of[name] = self._free.pop() if self._free else self._next
-            if self.slot_of[name] == self._next:
+            slot = self._free.pop() if self._free else self._next
+            if slot == self._next:
                 self._next += 1
+            self.name_of[slot] = name
+            self.slot_of[name] = slot
         self.layers[name] = layers
         self._synced.pop(name, None)
         return self.slot_of[name]
@@ -65,6 +68,7 @@ class SlotTable:
         self.layers.pop(name, None)
         self._synced.pop(name, None)
         if slot is not None:
+            self.name_of.pop(slot, None)
             self._free.append(slot)
 
     def invalidate(self, name: str) -> None:

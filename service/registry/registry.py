@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Optional
@@ -66,6 +67,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         # on the CPU the device and cpu tiers are the same memory: an adapter in the model is not kept twice,
         # and one leaving the device goes back to the store (None: decided by the model's device)
         self.single_memory = _device_of(model).type == "cpu" if single_memory is None else single_memory
+        self._model_lock = threading.Lock()     # model changes: the engine thread's, and `_attach_now`'s
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
         self.preload = list(preload)
@@ -270,7 +272,11 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         return await asyncio.shield(self._spawn(coro))
 
     async def _on_engine(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self.engine_call(fn))
+        """`fn` on the engine thread between two steps, holding the model lock (see `_attach_now`)."""
+        def locked():
+            with self._model_lock:
+                return fn()
+        return await asyncio.wrap_future(self.engine_call(locked))
 
     def _emit(self, event: str, *args: Any) -> None:
         hook = getattr(self.events, event, None)

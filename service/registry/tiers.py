@@ -120,18 +120,20 @@ class TierMixin:
                 raise
             config, tensors, model_name = copy.deepcopy(record.config), record.tensors, record.model_name
             record.tier = DEVICE            # counted from now, so concurrent loads make room around it
-            failed, applied, error = [v.model_name for v in victims], 0.0, None   # if the call never ran
-            try:
-                failed, applied, error = await self._unlocked(self._on_engine(
-                    lambda: _swap(self.model, [v.model_name for v in victims], model_name, config, tensors,
-                                  prepared)))
-            finally:
-                self._settle_victims(victims, failed)
-                if error is not None or applied == 0.0:
-                    if record.tier == DEVICE:
-                        record.tier = CPU
-            if error is not None:
-                raise error
+            applied = self._attach_now(record, prepared, victims)
+            if applied is None:             # between two steps, on the engine thread
+                failed, applied, error = [v.model_name for v in victims], 0.0, None   # if the call never ran
+                try:
+                    failed, applied, error = await self._unlocked(self._on_engine(
+                        lambda: _swap(self.model, [v.model_name for v in victims], model_name, config, tensors,
+                                      prepared)))
+                finally:
+                    self._settle_victims(victims, failed)
+                    if error is not None or applied == 0.0:
+                        if record.tier == DEVICE:
+                            record.tier = CPU
+                if error is not None:
+                    raise error
             self._emit("adapter_applied", record.name, applied)
             if record.tier == DEVICE and self.single_memory and record.source.get("type") != "merged":
                 record.tensors = None       # CPU serving: the model holds the only copy; the store has the files
@@ -147,6 +149,42 @@ class TierMixin:
             record.busy = False
             self._enforce_cpu_limit()
         self._emit("adapter_loaded", record.name, time.perf_counter() - started, from_tier)
+
+    def _attach_now(self, record: AdapterRecord, prepared: Optional[PreparedAdapter],
+                    victims: list[AdapterRecord]) -> Optional[float]:
+        """On the CPU, a prepared adapter is attached at once, beside the step that may be running: it only
+        adds entries the step does not read (its requests wait for this load), with single dict writes, and
+        the engine's look-ups never iterate those dicts (`SlotTable.name_of`). Its slot is written at the
+        next step that uses it. The victims leave the model at the next step boundary (each one's `pending`
+        holds off a new load of it until then). Returns the seconds spent, or None when this path does not
+        apply (the caller goes through the engine)."""
+        if prepared is None or not self.single_memory:
+            return None
+        started = time.perf_counter()
+        try:
+            with self._model_lock:
+                attached = attach_prepared(self.model, prepared)
+        except BaseException:
+            self._settle_victims(victims, [v.model_name for v in victims])      # nothing was removed
+            if record.tier == DEVICE:
+                record.tier = CPU
+            raise
+        if not attached:
+            return None
+        if victims:
+            loop = asyncio.get_running_loop()
+            for victim in victims:          # set before this returns: a load of a victim waits from now on
+                victim.pending = loop.create_future()
+            self._spawn(self._evict_later(victims), background=True)
+        return max(time.perf_counter() - started, 1e-9)
+
+    async def _evict_later(self, victims: list[AdapterRecord]) -> None:
+        try:
+            await self._evict(victims)
+        finally:
+            for victim in victims:
+                victim.pending.set_result(None)
+                victim.pending = None
 
     def _read_stored(self, name: str, model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter]]:
         """Worker thread: the stored config and tensors, checked, packed as the stacks read them, and the
@@ -179,8 +217,7 @@ class TierMixin:
         while count >= self.max_device_adapters or (count > 0 and used + record.size > self.memory_budget):
             victim = self._lru(DEVICE, exclude=record)
             if victim is None:
-                for v in victims:
-                    v.tier, v.busy = DEVICE, False
+                self._settle_victims(victims, [v.model_name for v in victims])     # none of them leaves
                 if count >= self.max_device_adapters:
                     raise Unavailable(
                         f"cannot load adapter {record.name!r}: all {self.max_device_adapters} device slots "
@@ -189,23 +226,22 @@ class TierMixin:
                     f"cannot load adapter {record.name!r} ({record.size} bytes): the device tier's memory "
                     f"(adapter_memory_budget={self.memory_budget} bytes, {used} in use) holds pinned or in-use "
                     f"adapters; retry later")
-            victim.tier, victim.busy = CPU, True
+            # its tier drops now (an adapter whose only copy is the model's goes back to the store); it
+            # leaves the model in the engine call that follows
+            victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
             victims.append(victim)
             count, used = count - 1, used - victim.size
+        for victim in victims:
+            if not victim.retired:
+                self._emit("adapter_evicted", victim.name, DEVICE)
         return victims
 
     def _settle_victims(self, victims: list[AdapterRecord], failed: list[str]) -> None:
-        """After the engine call: removed victims end in the cpu tier (or stored, when the model held their
-        only copy); one whose removal failed stays on the device."""
+        """After the engine call: a victim whose removal failed (or never ran) is on the device again."""
         for victim in victims:
             victim.busy = False
             if victim.model_name in failed:
                 victim.tier = DEVICE
-                continue
-            if victim.tensors is None:
-                victim.tier = STORED
-            if not victim.retired:
-                self._emit("adapter_evicted", victim.name, DEVICE)
 
     async def _evict(self, victims: list[AdapterRecord]) -> None:
         """Remove `_take_device_room`'s victims from the model in one engine call."""

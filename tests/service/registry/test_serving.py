@@ -65,7 +65,8 @@ def test_requests_through_a_running_engine_with_evictions(tmp_path):
                 async with gate:
                     return name, await generate(name, _prompt(list(ADAPTERS).index(name)))
 
-            order = [random.Random(3).choice(list(ADAPTERS)) for _ in range(16)]
+            rng = random.Random(3)
+            order = [rng.choice(list(ADAPTERS)) for _ in range(16)]
             together = await asyncio.gather(*(limited(n) for n in order))
             await registry.drain()
             return registry, alone, together
@@ -105,3 +106,55 @@ def test_device_tier_on_cuda(tmp_path):
         return got
 
     torch.testing.assert_close(run(main()), hf_logits(adapter.model, ids), atol=1e-4, rtol=0)
+
+
+def test_attach_beside_running_steps_with_evictions(tmp_path):
+    """On the CPU a prepared LoRA adapter is attached while the engine steps other requests and evictions
+    leave at the next boundary: under a churn of 8 adapters through 3 device slots, every request's tokens
+    equal those it gets alone, and most loads took the attach path."""
+    names = [f"l{i}" for i in range(8)]
+    model = decoder()
+    engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=64, max_batch_tokens=32, prefill_chunk=16))
+    engine.start()
+    try:
+        async def main():
+            registry = AdapterRegistry(model, engine.call_between_steps, str(tmp_path / "store"),
+                                       max_device_adapters=3, max_cpu_adapters=1)
+            assert registry.single_memory
+            for i, name in enumerate(names):
+                adapter = peft_adapter("lora", seed=10 + i)
+                await registry.register_files(name, adapter.config, adapter.weights)
+            applied = []
+            registry.events = type("Events", (), {"adapter_applied": lambda self, n, s: applied.append(n)})()
+
+            async def generate(name, prompt):
+                lease = await registry.acquire(name)
+                try:
+                    request = GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                                                lease.model_name)
+                    return [ev.token_id async for ev in engine.stream(request) if ev.token_id is not None]
+                finally:
+                    registry.release(lease)
+
+            alone = {name: await generate(name, _prompt(i)) for i, name in enumerate(names)}
+            gate = asyncio.Semaphore(3)
+
+            async def limited(name):
+                async with gate:
+                    return name, await generate(name, _prompt(names.index(name)))
+
+            rng = random.Random(5)
+            order = [rng.choice(names) for _ in range(40)]
+            together = await asyncio.gather(*(limited(n) for n in order))
+            await registry.drain()
+            held = sorted(n.rsplit("__", 1)[0] for n in model.peft_config)
+            return registry, alone, together, applied, held
+
+        registry, alone, together, applied, held = run(main())
+    finally:
+        engine.stop()
+    for name, tokens in together:
+        assert tokens == alone[name], name
+    assert len({tuple(t) for t in alone.values()}) == len(names)
+    assert held == sorted(r.name for r in registry.list() if r.tier == "device") and len(held) <= 3
+    assert len(applied) >= 20                                 # the churn really loaded adapters again and again

@@ -29,6 +29,7 @@ async def _registry(tmp_path, names=NAMES, **kw):
 async def _use(registry, *names):
     for name in names:
         registry.release(await registry.acquire(name))
+        await registry.drain()           # evictions leave the model at the next step boundary: wait for it
 
 
 def tiers(registry):
