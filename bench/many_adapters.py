@@ -1,0 +1,297 @@
+"""Many adapters over HTTP: throughput, latency, load time and memory with 16 to 1,000 registered adapters.
+
+For each K in --counts (default 16, 128, 1000) and each traffic shape in --distributions (uniform, and
+Zipf(1.1) over the K names), it starts `python -m service` on a store holding K LoRA adapters (random rank
+in [--rank-min, --rank-max], q_proj and v_proj of every layer, PEFT's format, --adapter-dtype), so every
+server starts cold, then runs --streams concurrent streaming clients, each sending greedy completions of
+--max-tokens tokens (`ignore_eos`) on an adapter drawn from the shape, for --cold seconds (measured as
+"cold": adapters load as traffic arrives) and then --steady seconds (measured as "steady"). Per window:
+completed tokens/s, inter-token latency p50/p99 (gaps between streamed chunks), time to first token p50, and
+the adapter loads of the window read from the server's metrics (count, and p50 of the whole load and of its
+engine-thread part). Rows are printed as they finish; the last lines give the issue's ratios (steady K=max
+uniform / K=min uniform tokens/s, ITL p99 / p50 per run).
+
+With --memory N it also measures resident memory per adapter: a server with room for N adapters, RSS after
+one base request, then after one request on each of N adapters, (difference / N) / the adapters' mean weight
+bytes.
+
+    .venv/bin/python bench/many_adapters.py                  # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python bench/many_adapters.py --counts 16,1000 --distributions uniform --steady 30
+The adapters are written once under --workdir (default: a temporary folder) and linked into each store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import adapters_core as ac  # noqa: E402
+from adapters_core.state_dict import PEFT_PREFIX  # noqa: E402
+from load_test import Server, base_config, percentile  # noqa: E402
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle gear works.",
+           "List three facts about the moon.", "Describe the taste of a ripe peach."]
+
+
+def write_pool(folder: Path, count: int, args) -> list[int]:
+    """`count` adapters a0..a{count-1} under `folder` (kept between runs); returns their weight bytes."""
+    config = base_config(args.model)
+    dtype = getattr(torch, args.adapter_dtype)
+    out = {"q_proj": config.num_attention_heads * config.head_dim,
+           "v_proj": config.num_key_value_heads * config.head_dim}
+    rng, sizes = random.Random(0), []
+    for i in range(count):
+        r = rng.randint(args.rank_min, args.rank_max)
+        target = folder / f"a{i}"
+        weights = target / "adapter_model.safetensors"
+        if not weights.exists():
+            g = torch.Generator().manual_seed(i)
+            tensors = {}
+            for layer in range(config.num_hidden_layers):
+                for proj, rows in out.items():
+                    key = f"{PEFT_PREFIX}model.layers.{layer}.self_attn.{proj}"
+                    tensors[f"{key}.lora_A.weight"] = (torch.randn(r, config.hidden_size, generator=g)
+                                                       / config.hidden_size ** 0.5).to(dtype)
+                    tensors[f"{key}.lora_B.weight"] = (torch.randn(rows, r, generator=g) * 0.05).to(dtype)
+            target.mkdir(parents=True, exist_ok=True)
+            ac.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(out)).save(str(target))
+            save_file(tensors, str(weights), metadata={"format": "pt"})
+        sizes.append(r * config.num_hidden_layers * (2 * config.hidden_size + sum(out.values()))
+                     * dtype.itemsize)
+    return sizes
+
+
+def make_store(workdir: Path, pool: Path, count: int, tag: str) -> Path:
+    store = workdir / f"store-{tag}"
+    store.mkdir()
+    for i in range(count):
+        target = store / f"a{i}"
+        target.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.symlink(pool / f"a{i}" / name, target / name)
+    return store
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    """Cumulative histogram buckets of `name` (summed over labels): le -> count."""
+    buckets: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_p50(before: dict, after: dict) -> tuple[int, Optional[str]]:
+    """(count, the smallest bucket bound holding half of the window's observations)."""
+    delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = delta.get("+Inf", 0)
+    if not total:
+        return 0, None
+    for le in sorted((k for k in delta if k != "+Inf"), key=float):
+        if delta[le] >= total / 2:
+            return int(total), f"<= {float(le) * 1e3:g} ms"
+    return int(total), "> last bucket"
+
+
+class Window:
+    def __init__(self, start: float, end: float):
+        self.start, self.end, self.tokens, self.itl, self.ttft = start, end, 0, [], []
+
+
+async def run_traffic(url: str, names: list[str], args, distribution: str) -> tuple[Window, Window, dict]:
+    """--streams clients for --cold + --steady seconds; returns the two windows and the load metrics."""
+    rng = random.Random(1)
+    weights = [1 / (k + 1) ** args.zipf_s for k in range(len(names))] if distribution == "zipf" else None
+    start = time.monotonic()
+    cold = Window(start, start + args.cold)
+    steady = Window(cold.end, cold.end + args.steady)
+    errors: dict[str, int] = {}
+    scraped: dict[str, dict] = {}
+
+    def account(stamp: float, previous: Optional[float], first: bool, sent: float) -> None:
+        for w in (cold, steady):
+            if w.start <= stamp < w.end:
+                w.tokens += 1
+                if first:
+                    w.ttft.append(stamp - sent)
+                elif previous is not None:
+                    w.itl.append(stamp - previous)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < steady.end:
+            body = {"model": rng.choices(names, weights)[0], "prompt": rng.choice(PROMPTS), "stream": True,
+                    "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+            sent, previous = time.monotonic(), None
+            try:
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        key = f"HTTP {r.status_code}"
+                        errors[key] = errors.get(key, 0) + 1
+                        await r.aread()
+                        await asyncio.sleep(float(r.headers.get("retry-after", 1)) if r.status_code == 429 else 1)
+                        continue
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            now = time.monotonic()
+                            account(now, previous, previous is None, sent)
+                            previous = now
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    async def scrape_at(http: httpx.AsyncClient, when: float, key: str) -> None:
+        await asyncio.sleep(max(0.0, when - time.monotonic()))
+        text = (await http.get("/metrics")).text
+        scraped[key] = {m: metric_samples(text, m) for m in
+                        ("adapter_serve_adapter_load_seconds", "adapter_serve_adapter_load_apply_seconds")}
+
+    limits = httpx.Limits(max_connections=args.streams + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await asyncio.gather(scrape_at(http, start, "start"), scrape_at(http, cold.end, "cold"),
+                             scrape_at(http, steady.end, "steady"),
+                             *(client(http) for _ in range(args.streams)))
+    loads = {}
+    for window, (a, b) in (("cold", ("start", "cold")), ("steady", ("cold", "steady"))):
+        loads[window] = {m: bucket_p50(scraped[a][m], scraped[b][m]) for m in scraped[b]}
+    return cold, steady, {"loads": loads, "errors": errors}
+
+
+def serve(args, workdir: Path, store: Path, room: int, tag: str) -> Server:
+    os.environ.update({"ADAPTER_SERVE_MAX_DEVICE_ADAPTERS": str(room),
+                       "ADAPTER_SERVE_MAX_CPU_ADAPTERS": str(max(room, 16)),
+                       "ADAPTER_SERVE_MAX_LORA_RANK": str(args.rank_max)})
+    run = argparse.Namespace(url=None, dtype=args.dtype, max_batch_size=args.streams, max_waiting=4 * args.streams,
+                             model=args.model)
+    (workdir / tag).mkdir()
+    os.rename(store, workdir / tag / "store")           # the Server's adapter_dir
+    server = Server(run, workdir / tag)
+    server.wait_ready(timeout=900)
+    return server
+
+
+def row(k: int, distribution: str, window: str, w: Window, loads: dict) -> dict:
+    seconds = w.end - w.start
+    total = loads["adapter_serve_adapter_load_seconds"]
+    apply = loads["adapter_serve_adapter_load_apply_seconds"]
+    return {"K": k, "traffic": distribution, "window": window, "tokens_s": w.tokens / seconds,
+            "itl_p50_ms": 1e3 * (percentile(w.itl, 50) or 0), "itl_p99_ms": 1e3 * (percentile(w.itl, 99) or 0),
+            "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "loads": total[0], "load_p50": total[1],
+            "apply_p50": apply[1]}
+
+
+def print_row(r: dict) -> None:
+    print(f"K={r['K']:<5} {r['traffic']:<8} {r['window']:<7} {r['tokens_s']:8.1f} tok/s  ITL p50 "
+          f"{r['itl_p50_ms']:6.0f} p99 {r['itl_p99_ms']:6.0f} ms  TTFT p50 {r['ttft_p50_ms']:6.0f} ms  loads "
+          f"{r['loads']:5d} (whole p50 {r['load_p50']}, engine-thread p50 {r['apply_p50']})", flush=True)
+
+
+async def memory_probe(args, workdir: Path, pool: Path, sizes: list[int]) -> dict:
+    n = args.memory
+    store = make_store(workdir, pool, n, "mem")
+    server = serve(args, workdir, store, n, "mem-server")
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+            async def one(model: str) -> None:
+                r = await http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1})
+                r.raise_for_status()
+            await one((await http.get("/v1/models")).json()["data"][0]["id"])
+            await asyncio.sleep(1)
+            before = server.rss_mib()
+            for i in range(n):
+                await one(f"a{i}")
+            await asyncio.sleep(1)
+            after = server.rss_mib()
+    finally:
+        server.stop()
+    weight_mib = statistics.mean(sizes[:n]) / 2**20
+    per = (after - before) / n
+    return {"adapters": n, "rss_before_mib": before, "rss_after_mib": after, "per_adapter_mib": per,
+            "weight_mib": weight_mib, "ratio": per / weight_mib}
+
+
+async def main_async(args, workdir: Path) -> dict:
+    counts = [int(c) for c in args.counts.split(",")]
+    pool = Path(args.pool or workdir / "pool")
+    pool.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    sizes = write_pool(pool, max(counts + [args.memory]), args)
+    print(f"{max(counts + [args.memory])} adapters in {pool} ({time.monotonic() - started:.0f} s), mean "
+          f"{statistics.mean(sizes) / 2**20:.2f} MiB, ranks {args.rank_min}-{args.rank_max}, {args.adapter_dtype}; "
+          f"{args.streams} streams x {args.max_tokens} tokens, device room {args.room}", flush=True)
+    rows = []
+    for k in counts:
+        for distribution in args.distributions.split(","):
+            tag = f"{k}-{distribution}"
+            server = serve(args, workdir, make_store(workdir, pool, k, tag), args.room, f"server-{tag}")
+            try:
+                cold, steady, extra = await run_traffic(server.url, [f"a{i}" for i in range(k)], args, distribution)
+            finally:
+                server.stop()
+            for window, w in (("cold", cold), ("steady", steady)):
+                rows.append(row(k, distribution, window, w, extra["loads"][window]))
+                print_row(rows[-1])
+            if extra["errors"]:
+                print(f"  errors: {extra['errors']}", flush=True)
+    report = {"rows": rows}
+    steady_uniform = {r["K"]: r["tokens_s"] for r in rows if r["window"] == "steady" and r["traffic"] == "uniform"}
+    if len(steady_uniform) > 1:
+        lo, hi = min(steady_uniform), max(steady_uniform)
+        report["ratio"] = steady_uniform[hi] / steady_uniform[lo]
+        print(f"\nsteady uniform tokens/s K={hi} / K={lo}: {report['ratio']:.2f} (target >= 0.8)")
+    for r in rows:
+        if r["itl_p50_ms"]:
+            print(f"ITL p99/p50 K={r['K']} {r['traffic']} {r['window']}: {r['itl_p99_ms'] / r['itl_p50_ms']:.2f}")
+    if args.memory:
+        report["memory"] = await memory_probe(args, workdir, pool, sizes)
+        m = report["memory"]
+        print(f"\nmemory: {m['adapters']} resident adapters: RSS {m['rss_before_mib']:.0f} -> {m['rss_after_mib']:.0f} "
+              f"MiB, {m['per_adapter_mib']:.2f} MiB each for {m['weight_mib']:.2f} MiB of weights: "
+              f"{m['ratio']:.2f}x (target <= 1.15)")
+    return report
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--counts", default="16,128,1000")
+    p.add_argument("--distributions", default="uniform,zipf")
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--cold", type=float, default=15.0, help="seconds measured from a cold start")
+    p.add_argument("--steady", type=float, default=40.0, help="seconds measured after the cold window")
+    p.add_argument("--room", type=int, default=128, help="max_device_adapters of the servers")
+    p.add_argument("--rank-min", type=int, default=8)
+    p.add_argument("--rank-max", type=int, default=64)
+    p.add_argument("--adapter-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--memory", type=int, default=128, help="adapters of the memory probe (0: skip it)")
+    p.add_argument("--dtype", default="auto", help="ADAPTER_SERVE_DTYPE of the servers")
+    p.add_argument("--model", default=None, help="ADAPTER_SERVE_MODEL (default: the embedded model)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--pool", default=None, help="folder of the written adapters, kept between runs")
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        report = asyncio.run(main_async(args, Path(tmp)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
