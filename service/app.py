@@ -117,7 +117,8 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
     app = FastAPI(title="adapter-serving", version="0.1.0", lifespan=lifespan, **docs)
 
     app.add_middleware(BodyLimit, settings=settings)
-    app.add_middleware(RequestContext)          # added last: outermost, so every response carries the id
+    # added last: outermost, so every response carries the request id and the replica's name
+    app.add_middleware(RequestContext, replica=settings.replica)
     errors.install(app)
     for module in (openai, tokens, native, admin, health):
         app.include_router(module.router)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 from typing import Annotated, Any, Optional
 
 from pydantic import Field, field_validator
@@ -99,6 +100,8 @@ class Settings(BaseSettings):
     hub_timeout: float = Field(10.0, gt=0)
     # replicas sharing one store: re-read it every N seconds (0 = only at start-up and POST /admin/rescan)
     store_rescan_seconds: float = Field(0.0, ge=0)
+    # the `X-Replica` response header (printable ASCII); empty: this host's name (a pod's name in Kubernetes)
+    replica_name: str = Field("", pattern=r"^[\x21-\x7e]{0,128}$")
 
     # security
     # inference keys: one key, a comma-separated list or a JSON list (`--api-key`, as vLLM's)
@@ -121,6 +124,10 @@ class Settings(BaseSettings):
     @classmethod
     def _api_keys(cls, value: Any) -> list[str]:
         return parse_keys(value)
+
+    @property
+    def replica(self) -> str:
+        return self.replica_name or socket.gethostname()
 
     @property
     def auth_enabled(self) -> bool:

@@ -1,9 +1,10 @@
-"""Two replicas (two real servers) sharing one adapter store: an upload to one is unknown to the other
-until `POST /admin/rescan`, after which both serve it with the same greedy output; a delete on one is
-followed by the other at its next rescan; with `store_rescan_seconds` set, each follows the other by itself
+"""Two replicas (two real servers) sharing one adapter store, each named in `X-Replica`: an upload to one is
+unknown to the other until `POST /admin/rescan`, after which both serve it with the same greedy output; a
+delete on one is followed by the other at its next rescan; with `store_rescan_seconds` set, each follows the other by itself
 (an upload, then a deactivation)."""
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
@@ -22,13 +23,16 @@ def _complete(url: str, model: str) -> httpx.Response:
 
 def test_rescan_makes_an_upload_on_one_replica_servable_on_the_other(tmp_path):
     store = tmp_path / "store"
-    with live_server(store) as one, live_server(store) as two:
+    with live_server(store, replica_name="one") as one, live_server(store) as two:
         assert upload_folder(one.url, "shared", make_adapter(tmp_path / "src", seed=4)).status_code == 201
         assert _complete(two.url, "shared").status_code == 404
         r = httpx.post(f"{two.url}/admin/rescan", timeout=T)
         assert r.status_code == 200 and r.json()["added"] == ["shared"], r.text
         on_one, on_two = _complete(one.url, "shared"), _complete(two.url, "shared")
         assert on_one.status_code == on_two.status_code == 200, on_two.text
+        # X-Replica names the replica: the configured name, else the host's (a pod's name in Kubernetes)
+        assert (on_one.headers["x-replica"], on_two.headers["x-replica"]) == ("one", socket.gethostname())
+        assert httpx.get(f"{one.url}/nope", timeout=T).headers["x-replica"] == "one"      # errors too
         assert on_one.json()["choices"][0]["text"] == on_two.json()["choices"][0]["text"]
         base = _complete(two.url, "tiny-llama").json()["choices"][0]["text"]
         assert on_two.json()["choices"][0]["text"] != base              # the adapter really is applied
