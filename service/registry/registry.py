@@ -175,6 +175,25 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
             await self._shielded(self._locked(self._unload, record))
         return record
 
+    async def load(self, name: str) -> AdapterRecord:
+        """Bring `name` to the device tier now, without a lease and without changing what the store says (a
+        replica-local warm-up: Ray Serve's multiplexed loader). NotFound, Conflict (deactivated, quarantined),
+        Unavailable (every device slot pinned or in use)."""
+        self._bind()
+        record = self._usable(name)
+        if not record.served:
+            raise Conflict(f"adapter {name!r} is deactivated; activate it before sending requests")
+        record.tick = next(self._ticks)
+        await self._shielded(self._locked(self._load_live, record))
+        return record
+
+    async def evict(self, name: str) -> bool:
+        """Take `name` out of the device tier now, as LRU eviction would, unless it is pinned or a request uses
+        it, without changing what the store says; the counterpart of `load`. Whether it left the device tier."""
+        self._bind()
+        record = self.get(name)
+        return await self._shielded(self._locked(self._evict_one, record))
+
     async def pin(self, name: str, pinned: bool = True) -> AdapterRecord:
         """A pinned adapter is never evicted from the tier it reaches (it is not loaded by pinning)."""
         self._bind()

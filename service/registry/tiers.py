@@ -272,6 +272,17 @@ class TierMixin:
         finally:
             record.busy = False
 
+    async def _evict_one(self, record: AdapterRecord) -> bool:
+        """Out of the device tier on request (lock held), as an LRU victim leaves it (to the cpu tier, or to the
+        store when the model held its only copy); never pinned, used or busy. Whether it left."""
+        if record.tier != DEVICE or record.in_use or record.busy or record.pinned or record.retired:
+            return False
+        record.tier, record.busy = (STORED if record.tensors is None else CPU), True
+        self._emit("adapter_evicted", record.name, DEVICE)
+        await self._evict([record])
+        self._enforce_cpu_limit()
+        return record.tier != DEVICE
+
     async def _unload(self, record: AdapterRecord) -> None:
         """A deactivated adapter nobody uses: out of the model and out of RAM (lock held)."""
         if record.in_use or record.served or record.retired or record.tier == STORED:

@@ -230,3 +230,36 @@ def test_memory_budget_limits_the_device_tier(tmp_path):
         assert registry.tier_bytes()["device"] <= budget
 
     run(main())
+
+
+def test_load_and_evict_move_one_adapter_without_touching_the_store(tmp_path):
+    """The replica-local verbs Ray Serve's multiplexed loader uses: `load` brings an adapter to the device tier
+    without a lease, `evict` takes it out as LRU eviction would; neither writes the store (other replicas keep
+    serving it), a pinned or in-use adapter stays, and a deactivated one is refused."""
+    from service.registry import Conflict, NotFound
+
+    async def main():
+        registry, events = await _registry(tmp_path, names=["a", "b"], max_device_adapters=2)
+        meta = (tmp_path / "store" / "a" / "registry.json").read_bytes()
+        assert (await registry.load("a")).tier == "device" and in_model(registry) == ["a"]
+        assert registry.get("a").in_use == 0 and [name for name, _ in events.of("loaded")] == ["a"]
+        assert await registry.evict("a") is True
+        assert tiers(registry)["a"] != "device" and in_model(registry) == []
+        assert events.of("evicted") == [("a", "device")]
+        assert await registry.evict("a") is False                     # not on the device: nothing to do
+        lease = await registry.acquire("b")
+        assert await registry.evict("b") is False and tiers(registry)["b"] == "device"   # in use: stays
+        registry.release(lease)
+        await registry.pin("b")
+        assert await registry.evict("b") is False and tiers(registry)["b"] == "device"   # pinned: stays
+        await registry.deactivate("a")
+        with pytest.raises(Conflict, match="deactivated"):
+            await registry.load("a")
+        with pytest.raises(NotFound):
+            await registry.load("nope")
+        with pytest.raises(NotFound):
+            await registry.evict("nope")
+        await registry.activate("a")
+        assert (tmp_path / "store" / "a" / "registry.json").read_bytes() == meta   # load / evict wrote nothing
+
+    run(main())
