@@ -30,6 +30,9 @@ class GracefulServer(uvicorn.Server):
                  **config):
         # uvicorn's own wait starts when the listener closes and is only a backstop behind our deadline
         timeout = max(shutdown_timeout - shutdown_delay, 0) + RESPONSE_GRACE
+        # asyncio and h11 even where uvloop / httptools are installed (the `ray` extra brings them): the
+        # drain, disconnect and body-limit behaviour is tested and measured on these two
+        config = {"loop": "asyncio", "http": "h11", **config}
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=timeout, **config))
         self.fastapi_app, self.shutdown_delay, self.shutdown_timeout = app, shutdown_delay, shutdown_timeout
         self.signalled_at: Optional[float] = None

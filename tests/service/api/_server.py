@@ -17,7 +17,9 @@ def free_port() -> int:
 class LiveServer:
     def __init__(self, app):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        # the loop and HTTP parser GracefulServer (the real server) pins, whatever else is installed
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    loop="asyncio", http="h11"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
