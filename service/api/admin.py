@@ -1,5 +1,5 @@
 """Adapter management (admin key required once keys are configured): upload, load by path or hub id, list,
-inspect, activate, deactivate, delete, rescan the shared store, and vLLM's `/v1/load_lora_adapter` /
+inspect, activate, deactivate, pin, unpin, delete, rescan the shared store, and vLLM's `/v1/load_lora_adapter` /
 `/v1/unload_lora_adapter`. An upload carries exactly one weights file (safetensors or .bin) or one archive:
 anything else is 422. Listings show quarantined adapters with `state` "quarantined" and their `error`."""
 
@@ -104,6 +104,17 @@ async def activate(name: str, state: StateDep, _: AdminCaller):
 @router.post("/admin/adapters/{name}/deactivate")
 async def deactivate(name: str, state: StateDep, _: AdminCaller):
     return (await state.registry.deactivate(name)).to_dict()
+
+
+@router.post("/admin/adapters/{name}/pin")
+async def pin(name: str, state: StateDep, _: AdminCaller):
+    """Never evict it from the tier it reaches (pinning does not load it)."""
+    return (await state.registry.pin(name, True)).to_dict()
+
+
+@router.post("/admin/adapters/{name}/unpin")
+async def unpin(name: str, state: StateDep, _: AdminCaller):
+    return (await state.registry.pin(name, False)).to_dict()
 
 
 class LoadLora(BaseModel):

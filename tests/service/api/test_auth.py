@@ -15,7 +15,8 @@ ADMIN, FULL, LIMITED = "admin-key", "full-key", "limited-key"
 
 ADMIN_ROUTES = [("GET", "/admin/adapters", None), ("GET", "/admin/adapters/a", None),
                 ("DELETE", "/admin/adapters/zz", None), ("POST", "/admin/adapters/a/activate", None),
-                ("POST", "/admin/adapters/a/deactivate", None), ("POST", "/admin/adapters", None),
+                ("POST", "/admin/adapters/a/deactivate", None), ("POST", "/admin/adapters/a/pin", None),
+                ("POST", "/admin/adapters/a/unpin", None), ("POST", "/admin/adapters", None),
                 ("PUT", "/admin/adapters/b", {"source": "local", "path": "/nonexistent"}),
                 ("POST", "/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "/nonexistent"}),
                 ("POST", "/v1/unload_lora_adapter", {"lora_name": "zz"})]
