@@ -150,6 +150,7 @@ class TextGenerator:
                     prompt_logprobs = event.prompt_logprobs
                 if event.token_id is not None:
                     times.append(time.monotonic())
+                    self.metrics.token_generated()
                     text = decoder.push(event.token_id)
                     # vLLM: no stop string ends a sequence before min_tokens
                     text, stopped = matcher.feed(text) if len(times) >= params.min_tokens else (text, False)
@@ -164,6 +165,7 @@ class TextGenerator:
                 if event.finish_reason is not None:
                     if event.finish_reason == FinishReason.ERROR:    # this request alone failed in the engine:
                         message = f"generation failed: {event.error or 'engine error'}"   # streams end normally
+                        self.metrics.generation_failed(adapter, message)
                         yield Piece("", finish_reason="error", error=message)
                         return
                     tail, _ = matcher.feed(decoder.flush())

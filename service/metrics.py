@@ -8,7 +8,9 @@ never taken back: re-ranking by traffic would create new series forever.) The re
 Beside them, the gauges of the Kubernetes Gateway API Inference Extension's model-server protocol under
 vLLM's names (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
 `vllm:lora_requests_info`), fed by the same engine steps and registry events and also kept in
-`gateway_registry` alone, which `/metrics/gateway` serves to the endpoint picker.
+`gateway_registry` alone, which `/metrics/gateway` serves to the endpoint picker. `recent_errors` keeps the
+last failures for the console's live view (`service/recent_errors.py`), and `totals()` sums the counters it
+shows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from service.registry import DEVICE
+from service.recent_errors import RecentErrors
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "other"
@@ -129,6 +132,8 @@ class Metrics:
             g.register(collector)
         self._max_lora = 0
         self._records: Optional[Callable[[], Iterable[Any]]] = None
+        self.recent_errors = RecentErrors()
+        self.tokens_streamed = 0                # generated tokens as they are produced (the counters count at the end)
 
     # ----- registry hooks (AdapterRegistry(events=metrics)) -------------------------------------------------
     def watch_adapters(self, max_lora: int, records: Callable[[], Iterable[Any]]) -> None:
@@ -203,3 +208,31 @@ class Metrics:
 
     def request_rejected(self, adapter: str | None, outcome: str) -> None:
         self.requests.labels(self.label(adapter), outcome).inc()
+
+    def token_generated(self) -> None:
+        """One generated token reached its request's stream (event loop thread): the live view's tokens/s,
+        which must move during a long generation, not only when it ends."""
+        self.tokens_streamed += 1
+
+    def generation_failed(self, adapter: str | None, message: str) -> None:
+        """A request failed inside the engine after its response had started (its stream ends with an error)."""
+        self.recent_errors.add(None, f"{adapter or BASE_LABEL}: {message}")
+
+    def totals(self) -> dict[str, Any]:
+        """Running totals the console turns into rates between two reads: tokens generated so far (counted as
+        they stream), tokens computed by engine steps (prompt chunks and decode rows, counted per step), and
+        requests finished by outcome with their prompt tokens (counted when each request ends)."""
+        outcomes: dict[str, float] = {}
+        for sample in _samples(self.requests, "_total"):
+            outcomes[sample.labels["outcome"]] = outcomes.get(sample.labels["outcome"], 0) + sample.value
+        return {"generated_tokens": self.tokens_streamed,
+                "computed_tokens": sum(s.value for s in _samples(self.batch_tokens, "_total")),
+                "prompt_tokens": sum(s.value for s in _samples(self.prompt_tokens, "_total")),
+                "requests": outcomes}
+
+
+def _samples(counter: Counter, suffix: str):
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith(suffix):
+                yield sample

@@ -1,0 +1,42 @@
+"""`GET /stats`: one small JSON snapshot of the service's load for the operator console's live view, which
+reads it every second or two: requests running and waiting (and the engine's limits), cumulative tokens and
+finished requests by outcome (the console turns two reads into tokens/s), KV cache use, adapters per tier with
+the tiers' limits, deactivated and quarantined counts, and the latest failures (`RecentErrors`). It needs what
+`/metrics` needs (the metrics key or the admin key once keys are configured), since the errors name adapters
+and paths; it reads the registry, so it runs on the event loop like `/metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+
+from .deps import MetricsCaller, StateDep
+
+router = APIRouter()
+RECENT_ERRORS = 20
+
+
+@router.get("/stats")
+async def stats(state: StateDep, _: MetricsCaller):
+    engine, registry, s = state.engine, state.registry, state.settings
+    records = registry.list()
+    cache = engine.cache
+    return {
+        "time": time.time(),
+        "model": state.model_id,
+        "ready": state.ready,
+        "requests": {"running": engine.num_running, "waiting": engine.num_waiting,
+                     "max_running": s.max_batch_size, "max_waiting": s.max_waiting},
+        "totals": state.metrics.totals(),
+        "kv_cache": {"usage": 1 - cache.free_slots / cache.num_slots, "slots": cache.num_slots,
+                     "free_slots": cache.free_slots},
+        "adapters": {"tiers": registry.tier_counts(), "total": len(records),
+                     "limits": {"device": registry.max_device_adapters, "cpu": s.max_cpu_adapters},
+                     "deactivated": sum(not r.served for r in records),
+                     "quarantined": sum(r.quarantined for r in records),
+                     "pinned": sum(r.pinned for r in records)},
+        "errors": {"total": state.metrics.recent_errors.total,
+                   "recent": state.metrics.recent_errors.latest(RECENT_ERRORS)},
+    }
