@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp adapters_core/csrc/*.h ser
 
 RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: install install-test deploy-tools serve serve-ray demo test bench gpu-check gpu-check-dry-run gpu-wheels clean
+.PHONY: install install-test deploy-tools browser-tools serve serve-ray demo test bench gpu-check gpu-check-dry-run gpu-wheels clean
 
 # What the service needs to run (and all the Docker image gets).
 $(RUNTIME_STAMP): pyproject.toml Makefile
@@ -62,6 +62,20 @@ deploy-tools:
 	  fi; \
 	fi
 
+# The browser tests/console drives: Debian's `chromium`, through Playwright for Python (the `test` extra) with
+# executable_path, so no browser is downloaded. Installed when missing and we are root with apt-get; otherwise
+# those tests skip with the reason (and fail under CI=true).
+browser-tools:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Debian's chromium for tests/console"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium >/dev/null; \
+	  else \
+	    echo "make: chromium is missing and cannot be apt-get installed: tests/console will skip"; \
+	  fi; \
+	fi
+
 serve: $(RUNTIME_STAMP) $(KERNEL_STAMP)
 	$(PY) -m service
 
@@ -76,7 +90,7 @@ serve-ray: $(RAY_STAMP) $(KERNEL_STAMP)
 demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
 
-test: $(STAMP) deploy-tools
+test: $(STAMP) deploy-tools browser-tools
 	$(PY) -m pytest -q -m "not gpu"
 
 bench: $(STAMP)

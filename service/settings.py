@@ -113,6 +113,7 @@ class Settings(BaseSettings):
     # /metrics is open when no keys are configured and needs the admin key when they are
     metrics_key: Optional[str] = None
     docs: bool = True                          # /docs, /redoc, /openapi.json (false: 404)
+    console: bool = True                       # the operator console at /console (false: 404)
 
     # metrics
     metrics_max_adapter_labels: int = 20       # busiest N adapters get their own label; the rest are "other"

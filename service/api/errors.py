@@ -38,7 +38,7 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 # Routes outside the API proper: liveness never fails, metrics may need a key, readiness answers 503 until ready.
 OPERATION_ERRORS = {"/health": (), "/metrics": (401, 403), "/metrics/gateway": (401, 403), "/ready": (503,),
-                    "/info": (), "/stats": (401, 403)}
+                    "/info": (), "/stats": (401, 403), "/console/session": (401,)}
 API_ERRORS = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)
 MAX_SHOWN = 256              # characters of a user's string (a model name...) echoed in a message
 MAX_MESSAGE = 4096           # characters of any error message
