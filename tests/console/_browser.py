@@ -1,6 +1,7 @@
 """Shared by tests/console: the real headless Chromium (Debian's `chromium`, driven by Playwright for Python
 through `executable_path`; `make test` installs both, never `playwright install`), the API tests' live uvicorn
-server, `Console` (one browser context on the page, which records every URL it requests), the keys and HTTP
+server, `Console` (one browser context on the page, which records every URL it requests, its uncaught errors
+and what its Content-Security-Policy blocked), the keys and HTTP
 helpers, and where screenshots go. Without chromium or playwright the tests skip with the reason, except
 under CI (the env var CI set), where that is a failure, so CI cannot pass by skipping the browser."""
 from __future__ import annotations
@@ -66,6 +67,10 @@ class Console:
         self.page.set_default_timeout(60_000)
         self.urls: list[str] = []
         self.page.on("request", lambda request: self.urls.append(request.url))
+        # uncaught exceptions in the page, and anything the Content-Security-Policy blocked
+        self.faults: list[str] = []
+        self.page.on("pageerror", lambda error: self.faults.append(str(error)))
+        self.page.on("console", lambda m: self.faults.append(m.text) if "Content Security Policy" in m.text else None)
 
     def open(self, key: str | None = None):
         response = self.page.goto(f"{self.server.url}/console")
@@ -90,6 +95,7 @@ class Console:
         foreign = [u for u in self.urls if not (u.startswith(self.server.url + "/") or u.startswith("data:"))]
         self.context.close()
         assert foreign == [], f"the console contacted other hosts: {foreign}"
+        assert self.faults == [], f"the page failed: {self.faults}"
 
 
 def api(server, method: str, path: str, key: str = ADMIN, **kw) -> httpx.Response:

@@ -1,12 +1,13 @@
 """The operator console (`GET /console`) in a real headless Chromium against a live uvicorn server on the
-embedded SmolLM2 model: the key form, an upload through the form (files, then an archive dropped on the page)
-with its progress bar and the server's validation error shown verbatim, the playground streaming the base and
-the uploaded adapters side by side (the texts equal the API's greedy answers), the live view under load, what
-an inference key sees, the row actions with their confirmations, and the table with 1,000 adapters (timed).
+embedded SmolLM2 model: the key form; uploads through the form (two files refused with the server's message
+verbatim, a folder, an archive dropped on the page) with the progress bar; the playground streaming the base
+and the uploaded adapters side by side (the texts equal the API's greedy answers); the live view under load;
+what an inference key sees; the row actions with their confirmations; the table with 1,000 adapters (timed).
 
 One server and one browser serve the whole module, and the tests run in file order as one story: the adapters
 uploaded by the upload test are the ones the playground, the inference-key and the actions tests use. Every
-test checks that the page asked nothing of any other host, and writes screenshots to tests/console/screenshots/.
+test checks that the page asked nothing of any other host and threw no error, and writes screenshots to
+tests/console/screenshots/.
 """
 from __future__ import annotations
 
@@ -67,8 +68,10 @@ def test_upload_through_the_form_with_progress_and_the_servers_error(console, se
     assert "console-bad" not in names(server)
     console.shot("02-upload-refused")
 
-    page.fill("#upload-name", "console-a")
-    page.set_input_files("#upload-files", [str(files["good"] / CONFIG), str(files["good"] / WEIGHTS)])
+    # a folder chosen whole (the name comes from the folder's)
+    page.fill("#upload-name", "")
+    page.set_input_files("#upload-folder", str(files["good"]))
+    assert page.input_value("#upload-name") == "console-a"
     page.click("#upload-submit")
     row = page.wait_for_selector('#adapter-table tr[data-name="console-a"]')
     progress = page.evaluate("() => { const p = document.getElementById('upload-progress');"
