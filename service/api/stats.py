@@ -1,9 +1,9 @@
 """`GET /stats`: one small JSON snapshot of the service's load for the operator console's live view, which
 reads it every second or two: requests running and waiting (and the engine's limits), cumulative tokens and
-finished requests by outcome (the console turns two reads into tokens/s), KV cache use, adapters per tier with
-the tiers' limits, deactivated and quarantined counts, and the latest failures (`RecentErrors`). It needs what
-`/metrics` needs (the metrics key or the admin key once keys are configured), since the errors name adapters
-and paths; it reads the registry, so it runs on the event loop like `/metrics`.
+finished requests by outcome (the console turns two reads into tokens/s), KV cache use, adapters and their
+stored bytes per tier with the tiers' limits, deactivated and quarantined counts, and the latest failures
+(`RecentErrors`). It needs what `/metrics` needs (the metrics key or the admin key once keys are configured),
+since the errors name adapters and paths; it reads the registry, so it runs on the event loop like `/metrics`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ async def stats(state: StateDep, _: MetricsCaller):
         "totals": state.metrics.totals(),
         "kv_cache": {"usage": 1 - cache.free_slots / cache.num_slots, "slots": cache.num_slots,
                      "free_slots": cache.free_slots},
-        "adapters": {"tiers": registry.tier_counts(), "total": len(records),
-                     "limits": {"device": registry.max_device_adapters, "cpu": s.max_cpu_adapters},
+        "adapters": {"tiers": registry.tier_counts(), "bytes": registry.tier_bytes(), "total": len(records),
+                     "limits": {"device": registry.max_device_adapters, "cpu": registry.max_cpu_adapters,
+                                "device_bytes": s.adapter_memory_budget or None},
                      "deactivated": sum(not r.served for r in records),
                      "quarantined": sum(r.quarantined for r in records),
                      "pinned": sum(r.pinned for r in records)},

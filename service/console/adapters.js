@@ -6,6 +6,7 @@ import { confirmAction, formatBytes, formatTime, show } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const ARCHIVE = /\.(zip|tar\.gz|tgz)$/i;
+const CONFIG = "adapter_config.json";
 const WEIGHTS = ["adapter_model.safetensors", "adapter_model.bin"];
 const table = { rows: [], sortKey: "name", sortDir: 1, chosen: [] };
 
@@ -107,7 +108,8 @@ export function render() {
 }
 
 const CONFIRM = {
-  deactivate: (n) => `Deactivate ${n}? It stops being served (requests for it get 409) and its memory is freed; it stays stored.`,
+  deactivate: (n) => `Deactivate ${n}? It stops being served (requests for it get 409) and its memory is freed; `
+    + "it stays stored.",
   delete: (n) => `Delete ${n}? Its files are removed from the store; this cannot be undone.`,
 };
 
@@ -133,7 +135,7 @@ function formFor(name, files) {
   const ignored = [];
   for (const file of files) {
     if (ARCHIVE.test(file.name)) form.append("archive", file, file.name);
-    else if (file.name === "adapter_config.json" || WEIGHTS.includes(file.name)) form.append(file.name, file, file.name);
+    else if (file.name === CONFIG || WEIGHTS.includes(file.name)) form.append(file.name, file, file.name);
     else ignored.push(file.name);
   }
   return { form, ignored };

@@ -1,10 +1,10 @@
 // The Live tab: reads `GET /stats` every 1.5 s while the tab is shown and draws requests running / waiting,
 // tokens per second (the difference of the running token totals between two reads: generated tokens, and the
-// tokens the engine computed, prompt chunks and decode rows), KV cache use, adapters per tier against the tiers'
-// limits, and the server's recent errors.
+// tokens the engine computed, prompt chunks and decode rows), KV cache use, adapters and their stored bytes per
+// tier against the tiers' limits, and the server's recent errors.
 import { api } from "./api.js";
 import { Sparkline } from "./charts.js";
-import { formatRate, formatTime } from "./ui.js";
+import { formatBytes, formatRate, formatTime } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 export const INTERVAL_MS = 1500;
@@ -42,11 +42,16 @@ function tierBars(adapters) {
     line.dataset.count = String(count);
     const label = document.createElement("span");
     label.textContent = `${tier} ${count}${limit === null ? "" : ` / ${limit}`}`;
+    const bytes = document.createElement("span");
+    bytes.className = "muted";
+    const budget = tier === "device" && adapters.limits.device_bytes
+      ? ` of ${formatBytes(adapters.limits.device_bytes)}` : "";
+    bytes.textContent = `${formatBytes((adapters.bytes || {})[tier] ?? 0)}${budget}`;
     const bar = document.createElement("meter");
     bar.min = 0;
     bar.max = limit ?? Math.max(adapters.total, 1);
     bar.value = count;
-    line.append(label, bar);
+    line.append(label, bar, bytes);
     return line;
   }));
   $("live-adapter-states").textContent = `${adapters.total} registered · ${adapters.deactivated} deactivated · `
@@ -80,7 +85,8 @@ function draw(stats) {
   $("live-totals").textContent = `${stats.totals.generated_tokens} tokens generated, `
     + `${stats.totals.prompt_tokens} prompt tokens; requests finished: ${outcomes || "none yet"}`;
   $("live-kv").textContent = `${(stats.kv_cache.usage * 100).toFixed(0)}%`;
-  $("live-kv-slots").textContent = `${stats.kv_cache.slots - stats.kv_cache.free_slots} of ${stats.kv_cache.slots} slots`;
+  const kv = stats.kv_cache;
+  $("live-kv-slots").textContent = `${kv.slots - kv.free_slots} of ${kv.slots} slots`;
   c.kv.push(stats.kv_cache.usage);
   tierBars(stats.adapters);
   errorRows(stats.errors);

@@ -103,7 +103,8 @@ def test_upload_through_the_form_with_progress_and_the_servers_error(console, se
 def _reference(server, mode: str, model: str, max_tokens: int) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
     if mode == "chat":
-        r = api(server, "POST", "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": PROMPT}]})
+        messages = [{"role": "user", "content": PROMPT}]
+        r = api(server, "POST", "/v1/chat/completions", json={**body, "messages": messages})
         assert r.status_code == 200, r.text
         return {"text": r.json()["choices"][0]["message"]["content"], **r.json()["usage"]}
     r = api(server, "POST", "/v1/completions", json={**body, "prompt": PROMPT})
@@ -179,7 +180,8 @@ def test_live_view_shows_load_cache_tiers_and_errors(console, server):
     assert int(device) >= 1                                   # the adapters the playground used are resident
     assert api(server, "GET", "/stats").json()["adapters"]["tiers"]["device"] >= 1
     message = missing.json()["error"]["message"]
-    page.wait_for_function("(m) => [...document.querySelectorAll('#error-table td')].some((td) => td.textContent === m)",
+    page.wait_for_function("(m) => [...document.querySelectorAll('#error-table td')]"
+                           ".some((td) => td.textContent === m)",
                            arg=message)
     row = page.locator("#error-table tr", has_text=message).first
     assert "POST /v1/completions" in row.text_content() and "404" in row.text_content()

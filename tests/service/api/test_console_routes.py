@@ -105,7 +105,10 @@ def test_stats_needs_the_metrics_or_admin_key(keyed):
     assert stats["requests"]["running"] == 0 and stats["requests"]["max_running"] == 2
     assert stats["kv_cache"] == {"usage": 0.0, "slots": 2, "free_slots": 2}
     assert set(stats["adapters"]["tiers"]) == {"stored", "cpu", "device"}
-    assert stats["adapters"]["limits"] == {"device": 16, "cpu": 128}
+    default = {name: field.default for name, field in Settings.model_fields.items()}     # the fixture keeps them
+    assert stats["adapters"]["limits"] == {"device": default["max_device_adapters"], "cpu": default["max_cpu_adapters"],
+                                           "device_bytes": default["adapter_memory_budget"]}
+    assert set(stats["adapters"]["bytes"]) == {"stored", "cpu", "device"}
 
 
 def test_stats_totals_move_with_generation_and_errors_name_the_request(keyed, loaded, tmp_path):
