@@ -61,6 +61,7 @@ class EngineConfig:
     max_seq_len: int = 2048           # prompt + generated tokens per request
     max_batch_tokens: int = 512       # new tokens per step (decode tokens + prompt chunks)
     prefill_chunk: int = 256          # most prompt tokens of one request per step
+    prefill_while_decoding: int = 0   # prompt tokens per step while requests decode (0: as many as decode)
     max_waiting: int = 256            # queued requests beyond the running ones
 
 
@@ -83,7 +84,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.cache = KVCache.for_model(model.config, config.max_batch_size, config.max_seq_len, self.dtype,
                                        self.device)
-        self.scheduler = Scheduler(config.max_batch_tokens, config.prefill_chunk)
+        self.scheduler = Scheduler(config.max_batch_tokens, config.prefill_chunk, config.prefill_while_decoding)
         self.virtual_tokens = VirtualTokens(model, self.dtype, self.device, self._adapters)
         self.running: list[RequestState] = []
         self.waiting: deque[RequestState] = deque()
