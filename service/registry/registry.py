@@ -32,7 +32,7 @@ import itertools
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -68,6 +68,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         # and one leaving the device goes back to the store (None: decided by the model's device)
         self.single_memory = _device_of(model).type == "cpu" if single_memory is None else single_memory
         self._model_lock = threading.Lock()     # model changes: the engine thread's, and `_attach_now`'s
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")   # reads and prepares loads
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
         self.preload = list(preload)

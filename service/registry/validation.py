@@ -131,10 +131,24 @@ def check_scaling(config: ac.AdapterConfig) -> None:
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], weights_name: str) -> None:
-    """Every tensor floating point and finite (422 naming the first tensor at fault)."""
+    """Every tensor floating point and finite (422 naming the first tensor at fault). Tensors that are views
+    of one buffer (`pack_adapter_tensors`'s output, which covers its buffers exactly) are checked with one
+    pass over each buffer, and only a buffer that fails is searched tensor by tensor."""
+    bases = {}
     for key, value in tensors.items():
         if not value.dtype.is_floating_point:
             raise Invalid(f"{weights_name}: adapter tensors must be floating point; {key!r} is {value.dtype}")
+        base = value if value._base is None else value._base
+        bases.setdefault(id(base), (base, []))[1].append(key)
+    for base, keys in bases.values():
+        if len(keys) > 1 and bool(torch.isfinite(base).all()):
+            continue                      # the whole buffer is finite, so is every view of it
+        _check_finite(tensors, keys, weights_name)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], keys: list[str], weights_name: str) -> None:
+    for key in keys:
+        value = tensors[key]
         finite = torch.isfinite(value)
         if not bool(finite.all()):
             raise Invalid(f"{weights_name}: tensor {key!r} holds {int((~finite).sum())} non-finite values "
