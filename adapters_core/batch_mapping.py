@@ -174,3 +174,13 @@ def _best_segment_len(lengths: torch.Tensor) -> int:
             break
         cand = min(cand * 2, longest)
     return best
+
+
+def as_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """t as [rows, features] without a copy and with contiguous features, or None (what the fused kernels take)."""
+    if t.dim() != 2:
+        try:
+            t = t.view(-1, t.shape[-1])
+        except RuntimeError:
+            return None
+    return t if t.stride(-1) == 1 else None

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .batch_mapping import as_rows
+
 _MODE = os.environ.get("ADAPTERS_CORE_TRITON", "auto")
 _kernels = None          # the imported triton_sgmv module, False once its import failed
 
@@ -45,22 +47,12 @@ def applies(x: torch.Tensor) -> bool:
             and kernels() is not None)
 
 
-def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """t as [rows, features] without a copy and with contiguous features, or None."""
-    if t.dim() != 2:
-        try:
-            t = t.view(-1, t.shape[-1])
-        except RuntimeError:
-            return None
-    return t if t.stride(-1) == 1 else None
-
-
 def add_(st, x: torch.Tensor, result: torch.Tensor, mapping) -> bool:
     """result += the plain LoRA delta of every token of x under `mapping`, with the Triton kernels, when they
     apply (True); else False and nothing changed. `st` is the layer's `LayerStack` with `plain_lora`."""
     if not applies(x) or (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
         return False
-    rows_in, rows_out = _rows(x), _rows(result)
+    rows_in, rows_out = as_rows(x), as_rows(result)
     if rows_in is None or rows_out is None:
         return False
     a, b = st.padded()                                   # [n, in, R] scale-folded, [n, R, out]

@@ -21,19 +21,20 @@ from torch.nn.modules import module as _module
 from . import sgmv
 from .layer import AdapterLayer
 from .batch_mapping import BatchMapping
-from .stack import _lora_delta, _rows
+from .batch_mapping import as_rows
+from .stack import _lora_delta
 
 
 def grouped_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """`[layer(x) for layer in layers]`, with the LoRA deltas of a mixed batch added in one fused call."""
     mapping = _shared_mapping(layers, x)
-    rows_in = None if mapping is None else _rows(x)
+    rows_in = None if mapping is None else as_rows(x)
     if rows_in is None:
         return [layer(x) for layer in layers]
     mapping.check(x, "features")
     members = [i for i, layer in enumerate(layers) if layer.stack is not None]
     results = [layer.base_layer(x) for layer in layers]
-    rows_out = [_rows(results[i]) for i in members]
+    rows_out = [as_rows(results[i]) for i in members]
     if any(r is None for r in rows_out) or len({results[i].dtype for i in members}) > 1:
         for i in members:         # outputs the one-call kernel does not take: the torch path, member by member
             results[i] = _lora_delta(layers[i].stack, x, results[i], mapping)

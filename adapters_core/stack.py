@@ -32,7 +32,7 @@ from typing import Iterable, Optional
 import torch
 
 from . import cuda_lora, sgmv
-from .batch_mapping import BatchMapping
+from .batch_mapping import BatchMapping, as_rows
 
 BASE = "__base__"
 _VERSION = operator.attrgetter("_version")
@@ -359,7 +359,7 @@ def stacked_forward(layer, x: torch.Tensor, mapping: BatchMapping, *args, **kwar
         return result
     if st.fused_lora and x.is_cpu:
         rows_in = _fused_rows(x)
-        rows_out = None if rows_in is None else _rows(result)
+        rows_out = None if rows_in is None else as_rows(result)
         if rows_out is not None and not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
             tokens = rows_in.shape[0]
             sgmv.lora_add_group_([rows_out], rows_in, [st.table], mapping.token_slots(tokens),   # result += LoRA
@@ -411,17 +411,7 @@ def _fused_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
     519 vs 579 ms), because the adapters' rows stay in cache across a segment's tokens."""
     if sgmv.kernel() is None:
         return None
-    return _rows(x)
-
-
-def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """t as [rows, features] without a copy and with contiguous features, or None."""
-    if t.dim() != 2:
-        try:
-            t = t.view(-1, t.shape[-1])
-        except RuntimeError:
-            return None
-    return t if t.stride(-1) == 1 else None
+    return as_rows(x)
 
 
 def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchMapping, *args, **kwargs):

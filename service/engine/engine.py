@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -456,7 +456,15 @@ class Engine:
 
 
 def _run_into(fn: Callable[[], object], future: Future) -> None:
+    """Run `fn` and hand its result or error to `future`; a caller that stopped waiting (a cancelled future)
+    gets nothing, and the engine thread goes on."""
     try:
-        future.set_result(fn())
+        result = fn()
     except BaseException as exc:  # handed to the caller through the future
-        future.set_exception(exc)
+        outcome = (future.set_exception, exc)
+    else:
+        outcome = (future.set_result, result)
+    try:
+        outcome[0](outcome[1])
+    except InvalidStateError:
+        pass

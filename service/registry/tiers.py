@@ -155,9 +155,9 @@ class TierMixin:
         """On the CPU, a prepared adapter is attached at once, beside the step that may be running: it only
         adds entries the step does not read (its requests wait for this load), with single dict writes, and
         the engine's look-ups never iterate those dicts (`SlotTable.name_of`). Its slot is written at the
-        next step that uses it. The victims leave the model at the next step boundary (each one's `pending`
-        holds off a new load of it until then). Returns the seconds spent, or None when this path does not
-        apply (the caller goes through the engine)."""
+        next step that uses it. The victims leave the model at the next step boundary (each one's `pending`,
+        set when it was chosen, holds off a new load of it until then). Returns the seconds spent, or None
+        when this path does not apply (the caller goes through the engine)."""
         if prepared is None or not self.single_memory:
             return None
         started = time.perf_counter()
@@ -172,19 +172,8 @@ class TierMixin:
         if not attached:
             return None
         if victims:
-            loop = asyncio.get_running_loop()
-            for victim in victims:          # set before this returns: a load of a victim waits from now on
-                victim.pending = loop.create_future()
-            self._spawn(self._evict_later(victims), background=True)
+            self._spawn(self._evict(victims), background=True)
         return max(time.perf_counter() - started, 1e-9)
-
-    async def _evict_later(self, victims: list[AdapterRecord]) -> None:
-        try:
-            await self._evict(victims)
-        finally:
-            for victim in victims:
-                victim.pending.set_result(None)
-                victim.pending = None
 
     def _read_stored(self, name: str, model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter]]:
         """Worker thread: the stored config and tensors, checked, packed as the stacks read them, and the
@@ -232,6 +221,7 @@ class TierMixin:
             # its tier drops now (an adapter whose only copy is the model's goes back to the store); it
             # leaves the model in the engine call that follows
             victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
+            victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
             victims.append(victim)
             count, used = count - 1, used - victim.size
         for victim in victims:
@@ -240,9 +230,13 @@ class TierMixin:
         return victims
 
     def _settle_victims(self, victims: list[AdapterRecord], failed: list[str]) -> None:
-        """After the engine call: a victim whose removal failed (or never ran) is on the device again."""
+        """After the engine call: a victim whose removal failed (or never ran) is on the device again; loads of
+        the others, which waited for their removal, go on."""
         for victim in victims:
             victim.busy = False
+            if victim.pending is not None:
+                victim.pending.set_result(None)
+                victim.pending = None
             if victim.model_name in failed:
                 victim.tier = DEVICE
 

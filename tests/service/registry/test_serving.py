@@ -30,6 +30,16 @@ def _peft_greedy(model, prompt: list[int]) -> list[int]:
     return ids[len(prompt):]
 
 
+async def _generate(registry, engine, name, prompt):
+    """One greedy request through the registry's lease and the running engine: its tokens."""
+    lease = await registry.acquire(name)
+    try:
+        request = GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), lease.model_name)
+        return [ev.token_id async for ev in engine.stream(request) if ev.token_id is not None]
+    finally:
+        registry.release(lease)
+
+
 def test_requests_through_a_running_engine_with_evictions(tmp_path):
     model = decoder()
     engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=64, max_batch_tokens=32, prefill_chunk=16))
@@ -50,13 +60,7 @@ def test_requests_through_a_running_engine_with_evictions(tmp_path):
                 await registry.register_files(name, adapter.config, adapter.weights)
 
             async def generate(name, prompt):
-                lease = await registry.acquire(name)
-                try:
-                    request = GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
-                                                lease.model_name)
-                    return [ev.token_id async for ev in engine.stream(request) if ev.token_id is not None]
-                finally:
-                    registry.release(lease)
+                return await _generate(registry, engine, name, prompt)
 
             alone = {name: await generate(name, _prompt(i)) for i, name in enumerate(ADAPTERS)}
             gate = asyncio.Semaphore(2)                 # at most max_device_adapters requests at once
@@ -128,13 +132,7 @@ def test_attach_beside_running_steps_with_evictions(tmp_path):
             registry.events = type("Events", (), {"adapter_applied": lambda self, n, s: applied.append(n)})()
 
             async def generate(name, prompt):
-                lease = await registry.acquire(name)
-                try:
-                    request = GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
-                                                lease.model_name)
-                    return [ev.token_id async for ev in engine.stream(request) if ev.token_id is not None]
-                finally:
-                    registry.release(lease)
+                return await _generate(registry, engine, name, prompt)
 
             alone = {name: await generate(name, _prompt(i)) for i, name in enumerate(names)}
             gate = asyncio.Semaphore(3)
