@@ -46,16 +46,29 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 _NO_DROPOUT = nn.Identity()
 
 
-def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
-                 dtype: torch.dtype) -> nn.Linear:
-    """An nn.Linear with uninitialised parameters on the meta device (the state dict brings the values):
-    nn.Linear's own constructor runs reset_parameters even there, ~0.3 ms per layer of every adapter load."""
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's delta scale: alpha / r, or rsLoRA's alpha / sqrt(r)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   requires_grad: bool = True) -> nn.Linear:
+    """An nn.Linear whose parameters are `weight` [out, in] (and `bias` [out]) as given: nn.Linear's own
+    constructor allocates and initialises new ones (reset_parameters runs even on the meta device, ~0.3 ms
+    per layer of every adapter load)."""
     lin = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(lin)
-    lin.in_features, lin.out_features = in_features, out_features
-    lin.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-    lin.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+    lin.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
     return lin
+
+
+def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
+                 dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear with uninitialised parameters on the meta device (the state dict brings the values)."""
+    return linear_holding(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                          torch.empty(out_features, device=device, dtype=dtype) if bias else None)
 
 
 class DoraMagnitude(nn.Module):
@@ -109,16 +122,20 @@ class AdapterLayer(nn.Module):
         dtype = w.dtype if (w.dtype.is_floating_point or w.dtype.is_complex) else torch.float32
         return w.device, dtype
 
+    def register_lora(self, name: str, r: int, scaling: float, dropout: float) -> None:
+        """A LoRA adapter's entries beside its factors: kind, rank, scaling and dropout module."""
+        self.kind[name] = "LORA"
+        self.r[name] = r
+        self.scaling[name] = scaling
+        self.lora_dropout[name] = nn.Dropout(dropout).train(self.training) if dropout > 0 else _NO_DROPOUT
+
     def add_lora(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
                  lora_bias: bool, init, meta: bool) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
         device, dtype = self._device_dtype()
         create = torch.device("meta") if meta else device
-        self.kind[name] = "LORA"
-        self.r[name] = r
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout[name] = nn.Dropout(dropout).train(self.training) if dropout > 0 else _NO_DROPOUT
+        self.register_lora(name, r, lora_scaling(alpha, r, use_rslora), dropout)
         if self.is_embedding:
             a = torch.empty(r, self.in_features, device=create, dtype=dtype)
             b = torch.empty(self.out_features, r, device=create, dtype=dtype)

@@ -17,7 +17,6 @@ frozen (requires_grad False), as a server's registry wants it; `set_adapter` act
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterError, AdapterWeightsError
-from .layer import AdapterLayer, _NO_DROPOUT
+from .layer import AdapterLayer, linear_holding, lora_scaling
 from .matching import pattern_value
 from .model_tree import NAME_RE, peft_configs, slot_table, walk
 from .state_dict import PEFT_PREFIX
@@ -37,16 +36,6 @@ class PreparedAdapter:
     name: str
     config: LoraConfig
     layers: list[tuple[AdapterLayer, int, float, nn.Linear, nn.Linear]]   # layer, r, scaling, lora_A, lora_B
-
-
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    """nn.Linear holding `weight` [out, in] as is (its own constructor would allocate and initialise one)."""
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
-    lin.weight = nn.Parameter(weight, requires_grad=False)
-    lin.bias = None
-    return lin
 
 
 def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str) -> Optional[PreparedAdapter]:
@@ -84,10 +73,9 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         device = layer.base_layer.weight.device
         weight_dtype = layer.base_layer.weight.dtype
         dtype = weight_dtype if weight_dtype.is_floating_point else a.dtype   # as set_peft_model_state_dict
-        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        layers.append((layer, r, scaling, _linear(a.to(device=device, dtype=dtype)),
-                       _linear(b.to(device=device, dtype=dtype))))
+        scaling = lora_scaling(pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
+        layers.append((layer, r, scaling, linear_holding(a.to(device=device, dtype=dtype), requires_grad=False),
+                       linear_holding(b.to(device=device, dtype=dtype), requires_grad=False)))
     if not layers:
         return None
     return PreparedAdapter(adapter_name, copy.deepcopy(config), layers)
@@ -104,11 +92,7 @@ def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:
     if any(id(layer) not in present or layer.slot_table is not table for layer, *_ in prepared.layers):
         return False
     for layer, r, scaling, lin_a, lin_b in prepared.layers:
-        layer.kind[prepared.name] = "LORA"
-        layer.r[prepared.name] = r
-        layer.scaling[prepared.name] = scaling
-        layer.lora_dropout[prepared.name] = (nn.Dropout(prepared.config.lora_dropout).train(layer.training)
-                                             if prepared.config.lora_dropout > 0 else _NO_DROPOUT)
+        layer.register_lora(prepared.name, r, scaling, prepared.config.lora_dropout)
         layer.lora_A[prepared.name] = lin_a
         layer.lora_B[prepared.name] = lin_b
     configs[prepared.name] = prepared.config
