@@ -14,6 +14,7 @@ nothing here copies a tensor to the host or waits for the GPU.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from typing import Optional
 
@@ -21,30 +22,37 @@ import torch
 
 from .batch_mapping import as_rows
 
-_MODE = os.environ.get("ADAPTERS_CORE_TRITON", "auto")
-_kernels = None          # the imported triton_sgmv module, False once its import failed
+class TritonKernels:
+    """A module of Triton kernels imported on first use, and which tensors it serves, under a switch variable:
+    `auto` (default) CUDA tensors when Triton imports, `0` none, `1` also CPU tensors when `TRITON_INTERPRET=1`
+    is set (Triton's interpreter). `service.model.cuda_ops` keeps its attention kernels the same way."""
+
+    def __init__(self, module: str, switch: str):
+        self.name, self.mode = module, os.environ.get(switch, "auto")
+        self._module = None       # the imported module, False once its import failed
+
+    def module(self) -> Optional[object]:
+        """The module, or None when Triton cannot be imported or the switch is "0"."""
+        if self.mode == "0":
+            return None
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self.name)
+            except ImportError:
+                self._module = False
+        return self._module or None
+
+    def serves(self, t: torch.Tensor) -> bool:
+        """The kernels take tensors of `t`'s device."""
+        if t.is_cuda:
+            return self.module() is not None
+        return (t.is_cpu and self.mode == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+                and self.module() is not None)
 
 
-def kernels() -> Optional[object]:
-    """`triton_sgmv` (imported on first use), or None when Triton cannot be imported or `_MODE` is "0"."""
-    global _kernels
-    if _MODE == "0":
-        return None
-    if _kernels is None:
-        try:
-            from . import triton_sgmv
-            _kernels = triton_sgmv
-        except ImportError:
-            _kernels = False
-    return _kernels or None
-
-
-def applies(x: torch.Tensor) -> bool:
-    """The Triton kernels serve this input's device (see the module docstring)."""
-    if x.is_cuda:
-        return _MODE != "0" and kernels() is not None
-    return (x.is_cpu and _MODE == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-            and kernels() is not None)
+_KERNELS = TritonKernels("adapters_core.triton_sgmv", "ADAPTERS_CORE_TRITON")
+kernels = _KERNELS.module          # `triton_sgmv`, or None
+applies = _KERNELS.serves          # the Triton kernels serve this input's device (see the module docstring)
 
 
 def add_(st, x: torch.Tensor, result: torch.Tensor, mapping) -> bool:

@@ -209,11 +209,11 @@ def main(argv=None) -> dict:
             rounds["b"].append(run_engine(adapted, prompts[:n], names[:n], args.new_tokens, device))
             rounds["c"].append(run_hf(hf, prompts[:n], args.new_tokens, device))
         runs = {key: median_round(r) for key, r in rounds.items()}
-        saved, cuda_lora._MODE = cuda_lora._MODE, "0"
+        saved, cuda_lora._KERNELS.mode = cuda_lora._KERNELS.mode, "0"
         try:
             runs["t"] = run_engine(adapted, prompts[:n], names[:n], args.new_tokens, device)
         finally:
-            cuda_lora._MODE = saved
+            cuda_lora._KERNELS.mode = saved
         report["runs"][n] = runs
         print(f"N={n}: a {runs['a']['tps']:.0f}  b {runs['b']['tps']:.0f}  t {runs['t']['tps']:.0f}  "
               f"c {runs['c']['tps']:.0f} tokens/s", flush=True)

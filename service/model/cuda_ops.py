@@ -10,29 +10,12 @@ place. Prompt chunks take `F.scaled_dot_product_attention` on every device (flas
 
 from __future__ import annotations
 
-import os
-from typing import Optional
-
 import torch
 
-from adapters_core.cuda_lora import on_device
+from adapters_core.cuda_lora import TritonKernels, on_device
 
-_MODE = os.environ.get("ADAPTER_SERVE_TRITON", "auto")
-_kernels = None           # the imported triton_attention module, False once its import failed
-
-
-def kernels() -> Optional[object]:
-    """`triton_attention` (imported on first use), or None when Triton cannot be imported or `_MODE` is "0"."""
-    global _kernels
-    if _MODE == "0":
-        return None
-    if _kernels is None:
-        try:
-            from . import triton_attention
-            _kernels = triton_attention
-        except ImportError:
-            _kernels = False
-    return _kernels or None
+_KERNELS = TritonKernels("service.model.triton_attention", "ADAPTER_SERVE_TRITON")
+kernels = _KERNELS.module          # `triton_attention`, or None
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -43,10 +26,7 @@ def usable(*tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if first.is_cuda:
-        return kernels() is not None
-    return (first.is_cpu and _MODE == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-            and kernels() is not None)
+    return _KERNELS.serves(first)
 
 
 def decode_attention_(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

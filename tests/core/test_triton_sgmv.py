@@ -115,14 +115,14 @@ def triton_forced(monkeypatch):
     calls = []
     real = triton_sgmv.add_lora_
     monkeypatch.setattr(sgmv, "kernel", lambda arch="native": None)
-    monkeypatch.setattr(cuda_lora, "_MODE", "1")
+    monkeypatch.setattr(cuda_lora._KERNELS, "mode", "1")
     monkeypatch.setattr(triton_sgmv, "add_lora_", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
 def _torch_path(monkeypatch, fn):
     with monkeypatch.context() as m:
-        m.setattr(cuda_lora, "_MODE", "0")
+        m.setattr(cuda_lora._KERNELS, "mode", "0")
         return fn()
 
 

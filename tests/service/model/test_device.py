@@ -62,6 +62,6 @@ def test_kernel_gates_refuse_other_devices(monkeypatch):
     assert cpu_ops.usable(cpu, cpu) and not cpu_ops.usable(meta, meta) and not cpu_ops.usable(cpu, meta)
     assert _packable(cpu, cpu) and not _packable(meta, meta)
     assert not cuda_ops.usable(meta) and not cuda_lora.applies(meta)
-    monkeypatch.setattr(cuda_ops, "_MODE", "auto")
-    monkeypatch.setattr(cuda_lora, "_MODE", "auto")
+    monkeypatch.setattr(cuda_ops._KERNELS, "mode", "auto")
+    monkeypatch.setattr(cuda_lora._KERNELS, "mode", "auto")
     assert not cuda_ops.usable(cpu) and not cuda_lora.applies(cpu)          # auto: CPU tensors never

@@ -96,11 +96,11 @@ def _steps(model):
 
 def test_forward_step_equals_torch_path(monkeypatch, step_model):
     monkeypatch.setattr(cpu_ops, "kernel", lambda: None)           # the torch path, not the C++ kernels
-    monkeypatch.setattr(cuda_ops, "_MODE", "0")
+    monkeypatch.setattr(cuda_ops._KERNELS, "mode", "0")
     expected = _steps(step_model)
     calls = []
     real = triton_attention.decode_attention_
-    monkeypatch.setattr(cuda_ops, "_MODE", "1")
+    monkeypatch.setattr(cuda_ops._KERNELS, "mode", "1")
     monkeypatch.setattr(triton_attention, "decode_attention_", lambda *a: calls.append(1) or real(*a))
     got = _steps(step_model)
     assert len(calls) == 2 * 2                               # two decode steps x two layers
