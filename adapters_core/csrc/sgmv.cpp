@@ -259,8 +259,14 @@ void lora_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
   });
 }
 
+// lora_add_group_'s address, for the decoder's C++ layer loop (service/model/csrc/decode_layers.cpp), which
+// adds a decode step's LoRA deltas without returning to Python (both extensions are built by the same
+// compiler against the same libtorch, so the signature is the same on both sides).
+int64_t lora_add_group_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&lora_add_group_)); }
+
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_add_group_entry", &lora_add_group_entry, "lora_add_group_'s address (for decode_layers.cpp)");
   m.def("lora_add_group_", &lora_add_group_, "results[k] += per-token LoRA shrink and expand read through tables",
         py::arg("results"), py::arg("x"), py::arg("tables"), py::arg("slots"), py::arg("scales") = py::none(),
         py::call_guard<py::gil_scoped_release>());

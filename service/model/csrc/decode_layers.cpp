@@ -1,13 +1,16 @@
 // Every decoder layer of a decode-only step in one call: the sequence of direct_step.py (RMSNorm, joined q/k/v
 // matmul, rotary, cache write and attention, o_proj, residual, RMSNorm, joined gate/up, SwiGLU, down_proj,
 // residual) with the same kernels on the same tensors, so the result is bit-identical, without the ~40 us of
-// Python and binding calls per layer (SmolLM2: 30 layers, ~1.2 ms of a ~7 ms single-sequence step). For steps
-// without LoRA deltas; the stored-weight matmul comes from the quant kernel's module as a function pointer
-// (`quant_matmul_entry`, an address passed as an integer: no Python object is touched
-// while the GIL is released), since the two are built with different floating-point contraction flags.
+// Python and binding calls per layer (SmolLM2: 30 layers, ~1.2 ms of a ~7 ms single-sequence step). The
+// stored-weight matmul comes from the quant kernel's module as a function pointer (`quant_matmul_entry`, an
+// address passed as an integer: no Python object is touched while the GIL is released), since the two are
+// built with different floating-point contraction flags; a step's LoRA deltas likewise come from adapters_core's
+// fused kernel (`lora_add_group_entry`), called right after each joined matmul as direct_step.py calls it.
 #include <torch/extension.h>
 
 #include "ops.h"
+
+#include <initializer_list>
 
 namespace {
 
@@ -16,16 +19,46 @@ using QuantMatmul = at::Tensor (*)(at::Tensor, at::Tensor, int64_t, c10::optiona
 
 constexpr int kTensorsPerLayer = 14;   // in_norm, post_norm, then (data, row_scale, bias) x qkv, o, gate_up, down
 constexpr int kIntsPerLayer = 4;       // kernel format ids of qkv, o, gate_up, down
+constexpr int kLoraPerLayer = 7;       // LoRA slot tables of q, k, v, o, gate, up, down (None: no delta)
+
+using LoraAdd = void (*)(std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, at::Tensor,
+                         c10::optional<at::Tensor>);
+
+// The LoRA deltas of a step: adds, for the projections of one input that have a table, each token's delta
+// into its output (a column slice of the joined matmul's result) with one fused call.
+struct LoraDeltas {
+  LoraAdd add = nullptr;
+  const c10::optional<at::Tensor>* tables = nullptr;   // kLoraPerLayer per layer
+  at::Tensor slots;
+  c10::optional<at::Tensor> scales;
+
+  void apply(int64_t layer, const at::Tensor& input, std::initializer_list<std::pair<int, at::Tensor>> outputs) const {
+    if (add == nullptr) return;
+    std::vector<at::Tensor> results, used;
+    for (const auto& [column, output] : outputs) {
+      const auto& table = tables[layer * kLoraPerLayer + column];
+      if (table.has_value()) {
+        results.push_back(output);
+        used.push_back(*table);
+      }
+    }
+    if (!results.empty()) add(results, input, used, slots, scales);
+  }
+};
 
 }  // namespace
 
 // x [N, d] fp32 after every layer. `layers`: kTensorsPerLayer entries per layer (row scales and biases may be
 // None); `formats`: kIntsPerLayer per layer; `shape`: q heads, kv heads, head dim, intermediate size;
 // k_cache / v_cache [layers, slots, Hkv, T, D]; tokens / slots / positions as decode_attention_ takes them.
+// LoRA deltas, when `lora_add` (lora_add_group_'s address) is not 0: `lora_tables` holds kLoraPerLayer slot
+// tables (or None) per layer, `lora_slots` [N] int64 each token's slot, `lora_scales` [N] fp32 or None.
 at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
-                         at::Tensor slots, at::Tensor positions, double scale) {
+                         at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,
+                         std::vector<c10::optional<at::Tensor>> lora_tables, c10::optional<at::Tensor> lora_slots,
+                         c10::optional<at::Tensor> lora_scales) {
   const auto qm = reinterpret_cast<QuantMatmul>(static_cast<intptr_t>(matmul));
   TORCH_CHECK(layers.size() % kTensorsPerLayer == 0 && formats.size() * kTensorsPerLayer ==
               layers.size() * kIntsPerLayer && shape.size() == 4, "decode_layers: malformed layer tables");
@@ -33,22 +66,37 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   const int64_t count = static_cast<int64_t>(layers.size()) / kTensorsPerLayer;
   TORCH_CHECK(k_cache.size(0) >= count && v_cache.size(0) >= count, "decode_layers: fewer cache layers than layers");
+  LoraDeltas lora;
+  if (lora_add != 0) {
+    TORCH_CHECK(static_cast<int64_t>(lora_tables.size()) == count * kLoraPerLayer && lora_slots.has_value(),
+                "decode_layers: LoRA deltas need ", kLoraPerLayer, " tables per layer and the tokens' slots");
+    lora = LoraDeltas{reinterpret_cast<LoraAdd>(static_cast<intptr_t>(lora_add)), lora_tables.data(), *lora_slots,
+                      lora_scales};
+  }
   for (int64_t l = 0; l < count; ++l) {
     const auto* t = layers.data() + l * kTensorsPerLayer;
     const int64_t* f = formats.data() + l * kIntsPerLayer;
     at::Tensor h = rms_norm(x, *t[0], eps);                                              // [N, d]
     at::Tensor qkv = qm(h, *t[2], f[0], t[3], t[4]);                                     // [N, q + 2 kv]
+    lora.apply(l, h, {{0, qkv.narrow(1, 0, q_size)}, {1, qkv.narrow(1, q_size, kv_size)},
+                      {2, qkv.narrow(1, q_size + kv_size, kv_size)}});
     at::Tensor q = qkv.narrow(1, 0, q_size).view({n, heads, dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, kv_heads, dim});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, kv_heads, dim});
     std::vector<at::Tensor> rotated = rotary(q, k, cos, sin);                            // [N, H(kv), D]
     at::Tensor out = at::empty_like(rotated[0]);                                         // [N, H, D]
     decode_attention_(out, rotated[0], rotated[1], v, k_cache[l], v_cache[l], tokens, slots, positions, scale);
-    x = x + qm(out.view({n, q_size}), *t[5], f[1], t[6], t[7]);                          // [N, d]
+    at::Tensor attended = out.view({n, q_size});                                         // [N, H D]
+    at::Tensor o = qm(attended, *t[5], f[1], t[6], t[7]);                                // [N, d]
+    lora.apply(l, attended, {{3, o}});
+    x = x + o;
     h = rms_norm(x, *t[1], eps);
     at::Tensor gate_up = qm(h, *t[8], f[2], t[9], t[10]);                                // [N, 2 I]
+    lora.apply(l, h, {{4, gate_up.narrow(1, 0, inter)}, {5, gate_up.narrow(1, inter, inter)}});
     at::Tensor hidden = silu_mul(gate_up.narrow(1, 0, inter), gate_up.narrow(1, inter, inter));   // [N, I]
-    x = x + qm(hidden, *t[11], f[3], t[12], t[13]);
+    at::Tensor down = qm(hidden, *t[11], f[3], t[12], t[13]);                            // [N, d]
+    lora.apply(l, hidden, {{6, down}});
+    x = x + down;
   }
   return x;
 }

@@ -14,4 +14,6 @@ std::vector<at::Tensor> row_argmax(at::Tensor logits);
 at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
-                         at::Tensor slots, at::Tensor positions, double scale);
+                         at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,
+                         std::vector<c10::optional<at::Tensor>> lora_tables, c10::optional<at::Tensor> lora_slots,
+                         c10::optional<at::Tensor> lora_scales);

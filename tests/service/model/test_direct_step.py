@@ -41,7 +41,7 @@ def add(model, name, config, seed):
                 p.copy_(torch.randn_like(p) * 0.2)
 
 
-def decode_step(model, slots, start=5, calls=None):
+def decode_step(model, slots, start=5, calls=None, scales=None):
     """Hidden states of one decode step of ROWS sequences (each with `start` earlier cache positions)."""
     c = model.config
     cache = type("Cache", (), {})()
@@ -52,12 +52,12 @@ def decode_step(model, slots, start=5, calls=None):
     tokens, positions = torch.arange(3, 3 + ROWS), torch.tensor([start + r for r in range(ROWS)])
     with torch.inference_mode():
         if getattr(model, "peft_config", None):
-            with ac.token_batch(model, torch.tensor(slots)):
+            with ac.token_batch(model, torch.tensor(slots), scales=scales):
                 return model.forward_step(tokens, positions, plan, cache), cache.k.clone()
         return model.forward_step(tokens, positions, plan, cache), cache.k.clone()
 
 
-def both_paths(model, slots, monkeypatch):
+def both_paths(model, slots, monkeypatch, scales=None):
     """(general, direct) results of the same step, and how many steps took the direct path."""
     taken = []
     real = direct_step.direct_decode
@@ -68,9 +68,9 @@ def both_paths(model, slots, monkeypatch):
         return out
     monkeypatch.setattr("service.model.decoder.direct_decode", counting)
     monkeypatch.setattr(direct_step, "ENABLED", False)
-    general = decode_step(model, slots)
+    general = decode_step(model, slots, scales=scales)
     monkeypatch.setattr(direct_step, "ENABLED", True)
-    direct = decode_step(model, slots)
+    direct = decode_step(model, slots, scales=scales)
     return general, direct, taken[-1]
 
 
@@ -91,17 +91,36 @@ def test_bare_stored_model_is_bit_identical(fmt, monkeypatch):
     assert took_direct and torch.equal(from_python[0], direct[0]) and torch.equal(from_python[1], direct[1])
 
 
-def test_mixed_lora_adapters_are_bit_identical(monkeypatch):
+@pytest.mark.parametrize("scales", [None, [0.5, 1.0, 2.0, 0.25]])
+def test_mixed_lora_adapters_are_bit_identical(scales, monkeypatch):
+    """LoRA deltas of adapters of different targets and dtypes (one fp32, one bf16), mixed per token with base
+    rows, with and without per-token adapter scales: the C++ loop (deltas added by adapters_core's fused kernel
+    from inside it), the same kernels called from Python, and the layer modules give the same bits."""
     model = stored_model("I8")
     add(model, "all", lora("all-linear"), 0)
     add(model, "qv", lora(["q_proj", "v_proj", "down_proj"]), 1)
+    with torch.no_grad():                              # "qv" held in bf16, as an adapter saved in bf16 is
+        for name, p in model.named_parameters():
+            if ".qv." in name:
+                p.data = p.data.to(torch.bfloat16)
     all_slot, qv_slot = ac.adapter_slot(model, "all"), ac.adapter_slot(model, "qv")
+    native = []
+    real = direct_step._native_lora
+    monkeypatch.setattr(direct_step, "_native_lora", lambda *a: native.append(real(*a)) or native[-1])
     for slots in ([all_slot, 0, qv_slot, all_slot], [0, 0, 0, 0], [qv_slot] * ROWS):
-        general, direct, took_direct = both_paths(model, slots, monkeypatch)
-        assert took_direct
+        general, direct, took_direct = both_paths(model, slots, monkeypatch, scales)
+        assert took_direct and native[-1] is not None and (native[-1][0] != 0) == (slots != [0] * ROWS)
         assert torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])
+        monkeypatch.setattr(direct_step, "_native_lora", lambda *a: None)
+        _, from_python, took_direct = both_paths(model, slots, monkeypatch, scales)
+        assert took_direct and torch.equal(from_python[0], direct[0])
+        monkeypatch.setattr(direct_step, "_native_lora", lambda *a: native.append(real(*a)) or native[-1])
+    dtypes = model.model.layers[0].self_attn.q_proj.stack.table[:, 4]          # the slot table's dtype codes
+    assert set(dtypes[[all_slot, qv_slot]].tolist()) == {0, 1}, "one fp32 and one bf16 adapter"
     base = decode_step(model, [0] * ROWS)[0]
     assert not torch.equal(base, decode_step(model, [all_slot] * ROWS)[0]), "the adapters change the output"
+    scaled = decode_step(model, [all_slot] * ROWS, scales=[0.5] * ROWS)[0]
+    assert not torch.equal(scaled, decode_step(model, [all_slot] * ROWS)[0]), "the scales change the output"
 
 
 @pytest.mark.parametrize("kind", ["ia3", "dora", "modules_to_save"])
