@@ -141,14 +141,24 @@ def check_tensors(tensors: dict[str, torch.Tensor], weights_name: str) -> None:
         base = value if value._base is None else value._base
         bases.setdefault(id(base), (base, []))[1].append(key)
     for base, keys in bases.values():
-        if len(keys) > 1 and bool(torch.isfinite(base).all()):
+        if len(keys) > 1 and _sum_is_finite(base):
             continue                      # the whole buffer is finite, so is every view of it
         _check_finite(tensors, keys, weights_name)
+
+
+def _sum_is_finite(value: torch.Tensor) -> bool:
+    """True proves every value finite: a NaN or an inf makes the sum NaN or inf, while finite values give a
+    finite fp32 sum unless it overflows (False then, and the exact search decides). One read without a
+    temporary: `isfinite(x).all()` writes a bool per value and took 55-78 ms for a 44 MB adapter where this
+    takes 2-7 ms (2 cores, from the loader thread)."""
+    return bool(torch.isfinite(value.sum(dtype=torch.float32)))
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], keys: list[str], weights_name: str) -> None:
     for key in keys:
         value = tensors[key]
+        if _sum_is_finite(value):
+            continue
         finite = torch.isfinite(value)
         if not bool(finite.all()):
             raise Invalid(f"{weights_name}: tensor {key!r} holds {int((~finite).sum())} non-finite values "

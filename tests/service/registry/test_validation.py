@@ -184,3 +184,26 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path, case):
     for word in words:
         assert word in str(error), (word, str(error))
     assert not os.path.exists(MARKER), "the pickle ran"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finiteness_check_finds_every_bad_value_and_passes_huge_finite_ones(dtype):
+    """check_tensors proves a buffer finite from its fp32 sum and searches tensor by tensor only when that sum
+    is not finite: a NaN, +inf or -inf anywhere is named; finite values whose sum overflows still pass."""
+    from adapters_core.packing import pack_adapter_tensors
+    from service.registry.validation import Invalid, check_tensors
+    big = torch.finfo(dtype).max
+    keys = ["m.0.lora_A.weight", "m.0.lora_B.weight", "m.1.lora_A.weight"]
+    fine = {keys[0]: torch.full((4, 8), big, dtype=dtype), keys[1]: torch.full((8, 4), big, dtype=dtype),
+            keys[2]: torch.randn(4, 8).to(dtype)}
+    if dtype != torch.float16:                  # fp16's largest values still sum to a finite fp32
+        assert not torch.isfinite(fine[keys[0]].sum(dtype=torch.float32)), "the sum overflows"
+    for tensors in (fine, pack_adapter_tensors(fine)):
+        check_tensors(tensors, "adapter_model.safetensors")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for key in keys:
+            tensors = {k: v.clone() for k, v in fine.items()}
+            tensors[key].view(-1)[5] = bad
+            for form in (tensors, pack_adapter_tensors(tensors)):
+                with pytest.raises(Invalid, match=f"{key}.*1 non-finite"):
+                    check_tensors(form, "adapter_model.safetensors")
