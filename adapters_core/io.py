@@ -75,11 +75,13 @@ def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "default",
                  revision: Optional[str] = None, low_cpu_mem_usage: bool = True, is_trainable: bool = False,
                  autocast_adapter_dtype: bool = True, config: Optional[AdapterConfig] = None,
-                 state_dict: Optional[dict] = None) -> IncompatibleKeys:
+                 state_dict: Optional[dict] = None, factor_dtype: Optional[torch.dtype] = None) -> IncompatibleKeys:
     """Load a PEFT adapter into `model` as `adapter_name` and make it the active adapter.
 
     Like `PeftModel`, fp16/bf16 adapter weights are upcast to fp32 unless `autocast_adapter_dtype=False`.
-    `config` / `state_dict` may be given to skip reading them from disk (the serving registry does)."""
+    `config` / `state_dict` may be given to skip reading them from disk (the serving registry does).
+    `factor_dtype` (not PEFT's; a server's adapter dtype, as vLLM's `--lora-dtype`): the LoRA / AdaLoRA factor
+    tensors are held in it (`set_peft_model_state_dict`), and no autocast happens then."""
     if config is None or state_dict is None:
         directory = resolve_adapter_dir(path_or_repo_id, revision)
         config = load_config(directory) if config is None else config
@@ -94,7 +96,8 @@ def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "de
     wrapped_before = len(slot_table(model).modules)
     inject_adapter_in_model(config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     try:
-        result = set_peft_model_state_dict(model, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        result = set_peft_model_state_dict(model, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                           factor_dtype=factor_dtype)
         if result.missing_keys:
             raise AdapterWeightsError(f"the checkpoint lacks tensors for {len(result.missing_keys)} adapter "
                                       f"parameter(s), e.g. {result.missing_keys[:3]}")
@@ -107,7 +110,7 @@ def load_adapter(model: nn.Module, path_or_repo_id: str, adapter_name: str = "de
     if result.unexpected_keys:
         warnings.warn(f"Found keys that fit no module of the model: {result.unexpected_keys[:5]}"
                       f"{' ...' if len(result.unexpected_keys) > 5 else ''}")
-    cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype and factor_dtype is None)
     if not is_trainable and model.training:
         model.eval()
     return result

@@ -3,6 +3,8 @@
 `set_adapter` makes the named adapters the active ones in every layer (unmerging first, as PEFT does);
 `delete_adapter` removes an adapter everywhere, frees its slot and drops every reference to its tensors,
 and, if it was active, leaves PEFT's choice active (the other active ones, else the first remaining name).
+`cast_adapter_dtype` is PeftModel's upcast; `cast_adapter_factors` (not PEFT's) holds an adapter's low-rank
+factors in a server's adapter dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from .errors import UnknownAdapterError
 from .layer import AdapterLayer
 from .model_tree import adapter_layers, peft_configs, slot_table, wrappers
+from .packing import is_factor_tensor
 from .prompt_learning import remove_prompt_adapter
 
 _LOW_PRECISION = tuple(getattr(torch, n) for n in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
@@ -112,4 +115,18 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
         for suffix, param in layer.adapter_parameters(adapter_name).items():
             if param.dtype in _LOW_PRECISION:
                 param.data = param.data.to(torch.float32)
+    slot_table(model).invalidate(adapter_name)
+
+
+@torch.inference_mode(False)
+def cast_adapter_factors(model: nn.Module, adapter_name: str, dtype: torch.dtype) -> None:
+    """Hold the adapter's LoRA / AdaLoRA factor tensors (`packing.is_factor_tensor`) in `dtype`, in place, as
+    `load_adapter(factor_dtype=dtype)` would have loaded them; its other tensors keep their dtype."""
+    _check_known(model, [adapter_name])
+    for _, layer in adapter_layers(model):
+        if adapter_name not in layer.kind:
+            continue
+        for suffix, param in layer.adapter_parameters(adapter_name).items():
+            if is_factor_tensor(f".{suffix}") and param.dtype.is_floating_point and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     slot_table(model).invalidate(adapter_name)

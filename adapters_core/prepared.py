@@ -38,10 +38,12 @@ class PreparedAdapter:
     layers: list[tuple[AdapterLayer, int, float, nn.Linear, nn.Linear]]   # layer, r, scaling, lora_A, lora_B
 
 
-def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str) -> Optional[PreparedAdapter]:
+def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str,
+                    factor_dtype: Optional[torch.dtype] = None) -> Optional[PreparedAdapter]:
     """Everything of loading `state_dict` (PEFT's keys) as `adapter_name` that leaves `model` unchanged; None
     where this path does not apply (see the module docstring). Raises AdapterError for keys or shapes that
-    do not fit. Safe to call in another thread than the one stepping the model."""
+    do not fit. Safe to call in another thread than the one stepping the model. `factor_dtype`: the dtype A
+    and B are held in, as `load_adapter`'s (None: the base weight's float dtype, else the checkpoint's)."""
     if (not isinstance(config, LoraConfig) or config.use_dora or config.lora_bias or config.modules_to_save
             or config.bias != "none" or not NAME_RE.match(adapter_name)):
         return None
@@ -73,6 +75,8 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         device = layer.base_layer.weight.device
         weight_dtype = layer.base_layer.weight.dtype
         dtype = weight_dtype if weight_dtype.is_floating_point else a.dtype   # as set_peft_model_state_dict
+        if factor_dtype is not None and a.dtype.is_floating_point:
+            dtype = factor_dtype
         scaling = lora_scaling(pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
         layers.append((layer, r, scaling, linear_holding(a.to(device=device, dtype=dtype), requires_grad=False),
                        linear_holding(b.to(device=device, dtype=dtype), requires_grad=False)))

@@ -21,6 +21,7 @@ from torch import nn
 from .errors import AdapterWeightsError
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
+from .packing import is_factor_tensor
 from .management import _check_known
 from .matching import EMBEDDING_LAYER_NAMES
 from .model_tree import adapter_layers, peft_configs, slot_table, walk
@@ -121,9 +122,13 @@ def _internal_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
 
 @torch.inference_mode(False)
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default",
-                              ignore_mismatched_sizes: bool = False,
-                              low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
-    """Load PEFT-format tensors into adapter `adapter_name`; return missing and unexpected keys."""
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False,
+                              factor_dtype: Optional[torch.dtype] = None) -> IncompatibleKeys:
+    """Load PEFT-format tensors into adapter `adapter_name`; return missing and unexpected keys.
+
+    `factor_dtype` (not PEFT's): hold the tensors of the low-rank products (`packing.is_factor_tensor`: LoRA /
+    AdaLoRA A, B, E, LoRA B's bias) in this dtype instead of PEFT's choice (the base weight's float dtype, else
+    the checkpoint's), e.g. a server's adapter dtype; the adapter's other tensors follow PEFT's rule."""
     _check_known(model, [adapter_name])
     has_prefix = any(n.startswith(PEFT_PREFIX) for n, _ in walk(model))
     slots = _adapter_slots(model, adapter_name)
@@ -170,11 +175,16 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
     loaded = set()
     with torch.no_grad():
         for key, owner, attr, current, value, (device, dtype) in plan:
-            if current.device.type == "meta" or low_cpu_mem_usage and key in slots:
+            held = factor_dtype if (factor_dtype is not None and key in slots and value.dtype.is_floating_point
+                                    and is_factor_tensor(key)) else None
+            if current.device.type == "meta" or low_cpu_mem_usage and key in slots or (
+                    held is not None and held != current.dtype):
                 # As PEFT (`load_state_dict(assign=True)`, then `_move_adapter_to_device_of_base_layer`):
                 # cast to a float base weight's dtype, but over a quantized base keep the checkpoint's (a bf16
                 # adapter stays bf16); a tensor already right is taken as it is, without a copy.
-                if dtype is None:
+                if held is not None:
+                    dtype = held
+                elif dtype is None:
                     dtype = value.dtype if low_cpu_mem_usage else current.dtype
                 if not (dtype.is_floating_point and value.dtype.is_floating_point):
                     dtype = value.dtype

@@ -163,6 +163,31 @@ def test_mixed_batch_rows_equal_torch_path(monkeypatch, triton_forced):
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_factors_beside_fp32_activations(monkeypatch, triton_forced, factor_dtype):
+    """An fp32 model whose adapters a server holds in bf16 / fp16 (`adapter_dtype`): the kernels read the padded
+    half-precision stacks beside fp32 activations and outputs, as the torch path does."""
+    from adapters_core.management import cast_adapter_factors
+
+    model = _model()
+    for name in ("l0", "l1", "l2"):
+        cast_adapter_factors(model, name, factor_dtype)
+    names = ["l1", "__base__", "l0", "l2"]
+    x = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(5))
+
+    def run(rows=names):
+        with torch.inference_mode(), ac.mixed_batch(model, rows):
+            return model(x)
+
+    expected = _torch_path(monkeypatch, run)
+    got = run()
+    assert len(triton_forced) == 2 and got.dtype == torch.float32
+    assert model.q_proj.stack.padded()[0].dtype == factor_dtype
+    # both paths round x and h to the factors' dtype, at different points: a few roundings of the delta
+    delta = (expected - _torch_path(monkeypatch, lambda: run(["__base__"] * 4))).abs().max()
+    assert (got - expected).abs().max() <= 4 * torch.finfo(factor_dtype).eps * delta
+
+
 _COMPILE = r"""
 import sys, triton
 from triton.backends.compiler import GPUTarget
