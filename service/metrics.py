@@ -113,7 +113,8 @@ class Metrics:
         self.adapter_apply = Histogram("adapter_serve_adapter_load_apply_seconds",
                                        "Engine-thread part of an adapter load (between two steps: evictions and "
                                        "the injection)", buckets=APPLY_BUCKETS, registry=r)
-        self.adapter_bytes = Gauge("adapter_serve_adapter_bytes", "Stored weight bytes of the adapters per tier",
+        self.adapter_bytes = Gauge("adapter_serve_adapter_bytes", "Weight bytes of the adapters per tier (stored: "
+                                   "the files; cpu, device: in memory, in adapter_dtype)",
                                    ["tier"], registry=r)
         self.adapter_load_failures = Counter("adapter_serve_adapter_load_failures", "Adapter loads that failed",
                                              registry=r)

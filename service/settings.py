@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 KEYS_FORMS = "one key, a comma-separated list or a JSON list of keys"
+ADAPTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_keys(value: Any) -> list[str]:
@@ -94,6 +95,9 @@ class Settings(BaseSettings):
     adapter_memory_budget: int = Field(2 * 2**30, ge=0)
     max_cpu_adapters: int = 128
     max_merged_adapters: int = Field(8, ge=1)      # LoRAX merged_adapters kept at once (registry/merged.py)
+    # the dtype LoRA / AdaLoRA factors are held and served in (vLLM's --lora-dtype), cast once at load; auto:
+    # the checkpoint's (a dense base model's own dtype, as PEFT); the stored files never change
+    adapter_dtype: str = "auto"
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 * 2**20
     max_archive_bytes: int = 1024 * 2**20
@@ -127,6 +131,13 @@ class Settings(BaseSettings):
     @classmethod
     def _api_keys(cls, value: Any) -> list[str]:
         return parse_keys(value)
+
+    @field_validator("adapter_dtype")
+    @classmethod
+    def _adapter_dtype(cls, value: str) -> str:
+        if value not in ADAPTER_DTYPES:
+            raise ValueError(f"must be one of {', '.join(ADAPTER_DTYPES)}; got {value!r}")
+        return value
 
     @property
     def replica(self) -> str:

@@ -75,7 +75,8 @@ async def load(name: str, body: Source, state: StateDep, _: AdminCaller):
 
 @router.get("/admin/adapters")
 def list_adapters(state: StateDep, _: AdminCaller):
-    return {"adapters": [r.to_dict() for r in state.registry.list()], "tiers": state.registry.tier_counts()}
+    return {"adapters": [r.to_dict() for r in state.registry.list()], "tiers": state.registry.tier_counts(),
+            "adapter_dtype": state.registry.adapter_dtype.setting}
 
 
 @router.get("/admin/adapters/{name}")

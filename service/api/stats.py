@@ -1,7 +1,8 @@
 """`GET /stats`: one small JSON snapshot of the service's load for the operator console's live view, which
 reads it every second or two: requests running and waiting (and the engine's limits), cumulative tokens and
 finished requests by outcome (the console turns two reads into tokens/s), KV cache use, adapters and their
-stored bytes per tier with the tiers' limits, deactivated and quarantined counts, and the latest failures
+bytes per tier (stored: the files; cpu, device: in memory) with the tiers' limits and the dtype adapters are
+held in (`adapter_dtype`), deactivated and quarantined counts, and the latest failures
 (`RecentErrors`). It needs what `/metrics` needs (the metrics key or the admin key once keys are configured),
 since the errors name adapters and paths; it reads the registry, so it runs on the event loop like `/metrics`.
 """
@@ -35,6 +36,7 @@ async def stats(state: StateDep, _: MetricsCaller):
         "adapters": {"tiers": registry.tier_counts(), "bytes": registry.tier_bytes(), "total": len(records),
                      "limits": {"device": registry.max_device_adapters, "cpu": registry.max_cpu_adapters,
                                 "device_bytes": s.adapter_memory_budget or None},
+                     "dtype": registry.adapter_dtype.setting,
                      "deactivated": sum(not r.served for r in records),
                      "quarantined": sum(r.quarantined for r in records),
                      "pinned": sum(r.pinned for r in records)},

@@ -27,8 +27,11 @@ from typing import Optional
 import torch
 
 import adapters_core as ac
+from adapters_core.management import cast_adapter_factors
+from adapters_core.packing import tensor_bytes
 from adapters_core.task_arithmetic import FACTOR_STRATEGIES, NEEDS_DENSITY, SIGN_METHODS
 
+from .adapter_dtype import held_dtype
 from .record import DEVICE, AdapterRecord, Lease
 from .errors import Conflict, Invalid, Unavailable
 
@@ -131,14 +134,16 @@ class MergedMixin:
         try:
             await self._evict(self._take_device_room(record))
             names = [lease.model_name for lease in leases]
-            config, tensors = await self._on_engine(lambda: _merge(self.model, names, spec, record.model_name))
+            config, tensors = await self._on_engine(lambda: _merge(self.model, names, spec, record.model_name,
+                                                                   self.adapter_dtype.factor_dtype))
         except ac.AdapterError as exc:
             raise Invalid(f"merged_adapters: {exc}") from exc
         finally:
             record.busy = False
         record.config, record.tensors, record.tier = config, tensors, DEVICE
         record.targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
-        record.size = sum(t.numel() * t.element_size() for t in tensors.values())
+        record.size = record.resident_size = tensor_bytes(tensors)
+        record.dtype = held_dtype(tensors)
         self._merged[key] = record
 
     async def _make_merged_room(self) -> None:
@@ -166,12 +171,16 @@ class MergedMixin:
                 self._retire(record)
 
 
-def _merge(model, sources: list[str], spec: MergeSpec, name: str) -> tuple[ac.AdapterConfig, dict]:
-    """Engine thread: build the merged adapter `name` in the model; its config and PEFT-format tensors."""
+def _merge(model, sources: list[str], spec: MergeSpec, name: str,
+           factor_dtype: Optional[torch.dtype] = None) -> tuple[ac.AdapterConfig, dict]:
+    """Engine thread: build the merged adapter `name` in the model (its factors in `factor_dtype`, adapter_dtype's,
+    when given, as a loaded adapter's); its config and PEFT-format tensors."""
     try:
         ac.add_weighted_adapter(model, sources, list(spec.weights), name, spec.strategy, density=spec.density,
                                 majority_sign_method=spec.majority_sign_method,
                                 generator=torch.Generator().manual_seed(DARE_SEED))
+        if factor_dtype is not None:
+            cast_adapter_factors(model, name, factor_dtype)
         ac.set_adapter(model, [])
         tensors = {k: v.detach().clone() for k, v in ac.get_peft_model_state_dict(model, adapter_name=name).items()}
         return copy.deepcopy(model.peft_config[name]), tensors

@@ -1,9 +1,10 @@
 """`AdapterRecord`, the registry's one entry per adapter, and `Lease`, one request's hold on it.
 
 A record carries what the admin API shows (kind, rank, alpha, targets, virtual tokens, size, sha256, source,
-tier, served, pinned, times, counters) and, apart from that, the runtime state the registry needs: the parsed
-config and tensors while the adapter is in the cpu or device tier, the name it has inside the model, and an LRU
-tick.
+tier, served, pinned, times, counters, the dtype its weights are held in and the bytes they take in memory,
+which differ from the stored ones under `adapter_dtype`: adapter_dtype.py) and, apart from that, the runtime
+state the registry needs: the parsed config and tensors while the adapter is in the cpu or device tier, the
+name it has inside the model, and an LRU tick.
 The model-level name is `<name>__<generation>` (with characters adapters_core does not allow replaced),
 distinct per registration, so a name that is deleted or replaced and registered again never collides
 with the old adapter that running requests still use. A stored adapter that cannot be loaded (a config
@@ -52,6 +53,11 @@ class AdapterRecord:
     in_use: int = 0                            # leases not yet released
     error: Optional[str] = None                # set: quarantined (why it cannot be loaded)
     virtual_tokens: Optional[int] = None       # prompt learning: virtual tokens before every prompt
+    # once its weights were read (None before): the dtype most of their bytes are held in by the registry
+    # (adapter_dtype's, or the checkpoint's under auto, which a dense base model then casts to its own), and
+    # `size` with the weights counted in the dtypes they are held in: what the cpu and device tiers count
+    dtype: Optional[str] = None
+    resident_size: Optional[int] = None
     # runtime state, not shown
     config: Any = field(default=None, repr=False)          # adapters_core config while in cpu / device tier
     tensors: Optional[dict] = field(default=None, repr=False)
@@ -63,6 +69,11 @@ class AdapterRecord:
     @property
     def model_name(self) -> str:
         return model_adapter_name(self.name, self.generation)
+
+    @property
+    def memory_size(self) -> int:
+        """Bytes it takes in the cpu / device tiers (the memory budget's unit): `resident_size` once known."""
+        return self.size if self.resident_size is None else self.resident_size
 
     @property
     def quarantined(self) -> bool:
@@ -78,7 +89,7 @@ class AdapterRecord:
             "tier": self.tier, "served": self.served, "pinned": self.pinned, "created_at": _finite(self.created_at),
             "last_used_at": _finite(self.last_used_at), "requests_served": self.requests_served,
             "in_use": self.in_use, "state": "quarantined" if self.quarantined else "ok", "error": self.error,
-            "virtual_tokens": self.virtual_tokens,
+            "virtual_tokens": self.virtual_tokens, "dtype": self.dtype, "resident_size": self.resident_size,
         }
 
     def serialisable(self) -> bool:

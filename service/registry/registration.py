@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from adapters_core.io import SAFETENSORS_NAME
 
+from .adapter_dtype import held_dtype
 from .archive import archive_kind, extract_archive
 from .errors import Conflict, Invalid, RegistryError, TooLarge
 from .hub import fetch_adapter
@@ -112,36 +113,41 @@ class RegistrationMixin:
                                 stage: Callable[[str], Any]) -> AdapterRecord:
         staging = self.store.new_staging()
         try:
-            validated, meta = await asyncio.to_thread(self._prepare, staging, stage, source)
-            record, trash = self._commit(name, staging, validated, meta, replace)
+            validated, meta, extra = await asyncio.to_thread(self._prepare, staging, stage, source)
+            record, trash = self._commit(name, staging, validated, meta, replace, extra)
         except BaseException:
             await asyncio.to_thread(self.store.remove, staging)
             raise
         await asyncio.to_thread(self.store.remove, trash)
         return record
 
-    def _prepare(self, staging: str, stage: Callable[[str], Any], source: dict) -> tuple[ValidatedAdapter, dict]:
-        """Worker thread: write the files to `staging`, validate, normalise to safetensors, write metadata, seal."""
+    def _prepare(self, staging: str, stage: Callable[[str], Any],
+                 source: dict) -> tuple[ValidatedAdapter, dict, int]:
+        """Worker thread: write the files to `staging`, validate, normalise to safetensors, write metadata, seal;
+        the tensors the record holds are then cast to adapter_dtype (the files stay as uploaded), which changes
+        their bytes by the returned amount (negative: saved)."""
         stage(staging)
         validated = self.validator.validate(staging)
         if validated.weights_name != SAFETENSORS_NAME:
             self.store.to_safetensors(staging, validated.tensors)
+        validated.tensors, extra = self.adapter_dtype.hold(validated.tensors, validated.weights_name, pack=False)
         sha256, size = self.store.digest(staging)
         meta = {"source": source, "created_at": time.time(), "pinned": False, "served": True,
                 "sha256": sha256, "size": size}
         self.store.write_meta(staging, meta)
         self.store.seal(staging)
-        return validated, meta
+        return validated, meta, extra
 
-    def _commit(self, name: str, staging: str, validated: ValidatedAdapter, meta: dict,
-                replace: bool) -> tuple[AdapterRecord, Optional[str]]:
+    def _commit(self, name: str, staging: str, validated: ValidatedAdapter, meta: dict, replace: bool,
+                extra: int = 0) -> tuple[AdapterRecord, Optional[str]]:
         """Event loop, no await: swap the folder and the record in one step; return the record and the
         replaced folder's trash path."""
         old = self._records.get(name)
         if old is not None and not replace:
             raise self._taken(name)
         record = self._record(name, validated.summary, meta, tier=CPU, config=validated.config,
-                              tensors=validated.tensors)
+                              tensors=validated.tensors, dtype=held_dtype(validated.tensors),
+                              resident_size=int(meta["size"]) + extra)
         if not record.serialisable():                  # never hold a record the admin routes cannot show
             raise Invalid(f"adapter {name!r}: its description is not valid JSON (a non-finite number?)")
         trash = self.store.commit(name, staging)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from .adapter_dtype import AdapterDtype
 from .errors import Conflict, NotFound
 from .merged import MergedMixin
 from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
@@ -55,8 +56,9 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
                  reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
-                 memory_budget: int = 0, single_memory: Optional[bool] = None):
+                 memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto"):
         self.model = model
+        self.adapter_dtype = AdapterDtype(adapter_dtype)      # how loads hold adapters (adapter_dtype.py)
         self.reserved = {n.casefold() for n in reserved_names if n}
         self.hub_timeout = hub_timeout
         self.engine_call = engine_call
@@ -100,10 +102,11 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         return [self._records[n] for n in sorted(self._records)]
 
     def tier_bytes(self) -> dict[str, int]:
-        """Stored weight bytes of the adapters per tier (deleted ones still held by requests included)."""
+        """Weight bytes of the adapters per tier: stored ones' files, the others' in memory (in adapter_dtype;
+        deleted ones still held by requests included)."""
         sizes = {tier: 0 for tier in TIERS}
         for record in self._residents():
-            sizes[record.tier] += record.size
+            sizes[record.tier] += record.size if record.tier == STORED else record.memory_size
         return sizes
 
     def tier_counts(self) -> dict[str, int]:

@@ -12,14 +12,17 @@ import logging
 import time
 from typing import Iterator, Optional
 
+import torch
+
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
 from adapters_core.packing import pack_adapter_tensors
 from adapters_core.prepared import PreparedAdapter, attach_prepared, prepare_adapter
 
+from .adapter_dtype import held_dtype
 from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
 from .record import CPU, DEVICE, STORED, AdapterRecord
-from .validation import check_tensors, parse_config
+from .validation import parse_config
 
 log = logging.getLogger("service.registry")
 
@@ -92,7 +95,7 @@ class TierMixin:
         try:
             if record.tensors is None:
                 try:
-                    config, tensors, prepared = await self._unlocked(
+                    config, tensors, prepared, extra = await self._unlocked(
                         self._in_loader(self._read_stored, record.name, record.model_name))
                 except (OSError, RegistryError) as exc:
                     if record.retired:
@@ -106,6 +109,7 @@ class TierMixin:
                 if record.retired:          # replaced while reading: these may be the new files
                     raise _Retry()
                 record.config, record.tensors, record.tier = config, tensors, CPU
+                record.dtype, record.resident_size = held_dtype(tensors), record.size + extra
             else:                           # in the cpu tier (an upload, an eviction): pack and prepare it
                 record.tensors, prepared = await self._unlocked(self._in_loader(
                     self._prepare_load, record.config, record.tensors, record.model_name))
@@ -126,7 +130,7 @@ class TierMixin:
                 try:
                     failed, applied, error = await self._unlocked(self._on_engine(
                         lambda: _swap(self.model, [v.model_name for v in victims], model_name, config, tensors,
-                                      prepared)))
+                                      prepared, self.adapter_dtype.factor_dtype)))
                 finally:
                     self._settle_victims(victims, failed)
                     if error is not None or applied == 0.0:
@@ -175,29 +179,30 @@ class TierMixin:
             self._spawn(self._evict(victims), background=True)
         return max(time.perf_counter() - started, 1e-9)
 
-    def _read_stored(self, name: str, model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter]]:
-        """Worker thread: the stored config and tensors, checked, packed as the stacks read them, and the
-        adapter prepared for `attach_prepared` where that path applies (else None: the engine thread loads it
-        the general way)."""
+    def _read_stored(self, name: str,
+                     model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
+        """Worker thread: the stored config and tensors, packed as the stacks read them (factors in
+        adapter_dtype) and checked, the adapter prepared for `attach_prepared` where that path applies (else
+        None: the engine thread loads it the general way), and the bytes the cast added (negative: saved)."""
         folder = self.store.path(name)
         config, tensors = parse_config(self.store.read_config(folder)), self.store.read_tensors(folder)
-        tensors = pack_adapter_tensors(tensors)
-        check_tensors(tensors, SAFETENSORS_NAME)            # one pass over the packed buffer
-        return (config,) + self._prepare_load(config, tensors, model_name, packed=True)
+        tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)   # one pass checks them
+        return (config,) + self._prepare_load(config, tensors, model_name, packed=True) + (extra,)
 
     def _prepare_load(self, config, tensors: dict, model_name: str,
                       packed: bool = False) -> tuple[dict, Optional[PreparedAdapter]]:
         """Worker thread: the tensors packed as the stacks read them, and the prepared adapter (or None)."""
+        factor_dtype = self.adapter_dtype.factor_dtype
         if not packed:
-            tensors = pack_adapter_tensors(tensors)
+            tensors = pack_adapter_tensors(tensors, factor_dtype)
         try:
-            prepared = prepare_adapter(self.model, config, tensors, model_name)
+            prepared = prepare_adapter(self.model, config, tensors, model_name, factor_dtype)
         except ac.AdapterError:
             prepared = None               # the general path raises it again, with its own rollback
         return tensors, prepared
 
     def _device_bytes(self) -> int:
-        return sum(r.size for r in self._residents() if r.tier == DEVICE)
+        return sum(r.memory_size for r in self._residents() if r.tier == DEVICE)
 
     def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
         """The device-tier adapters to remove so that `record` fits both `max_device_adapters` and
@@ -206,7 +211,7 @@ class TierMixin:
         victims: list[AdapterRecord] = []
         count, used = self._count(DEVICE), self._device_bytes()
         # (an adapter larger than the whole budget still loads once the device tier is empty)
-        while count >= self.max_device_adapters or (count > 0 and used + record.size > self.memory_budget):
+        while count >= self.max_device_adapters or (count > 0 and used + record.memory_size > self.memory_budget):
             victim = self._lru(DEVICE, exclude=record)
             if victim is None:
                 self._settle_victims(victims, [v.model_name for v in victims])     # none of them leaves
@@ -215,7 +220,7 @@ class TierMixin:
                         f"cannot load adapter {record.name!r}: all {self.max_device_adapters} device slots "
                         f"(max_device_adapters={self.max_device_adapters}) hold pinned or in-use adapters; retry later")
                 raise Unavailable(
-                    f"cannot load adapter {record.name!r} ({record.size} bytes): the device tier's memory "
+                    f"cannot load adapter {record.name!r} ({record.memory_size} bytes): the device tier's memory "
                     f"(adapter_memory_budget={self.memory_budget} bytes, {used} in use) holds pinned or in-use "
                     f"adapters; retry later")
             # its tier drops now (an adapter whose only copy is the model's goes back to the store); it
@@ -223,7 +228,7 @@ class TierMixin:
             victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
             victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
             victims.append(victim)
-            count, used = count - 1, used - victim.size
+            count, used = count - 1, used - victim.memory_size
         for victim in victims:
             if not victim.retired:
                 self._emit("adapter_evicted", victim.name, DEVICE)
@@ -313,7 +318,8 @@ def _remove_all(model, names: list[str]) -> list[str]:
 
 
 def _swap(model, remove: list[str], model_name: str, config: ac.AdapterConfig, tensors: dict,
-          prepared: Optional[PreparedAdapter] = None) -> tuple[list, float, Optional[BaseException]]:
+          prepared: Optional[PreparedAdapter] = None,
+          factor_dtype: Optional[torch.dtype] = None) -> tuple[list, float, Optional[BaseException]]:
     """Engine thread: remove the evicted adapters, then add `model_name` (attaching what a worker thread
     prepared when it can, else loading it in full). Returns the names whose removal failed, the seconds
     spent (> 0) and the load's error, if any. One call, so an eviction and its load share a step boundary."""
@@ -321,17 +327,19 @@ def _swap(model, remove: list[str], model_name: str, config: ac.AdapterConfig, t
     failed = _remove_all(model, remove)
     try:
         if prepared is None or not attach_prepared(model, prepared):
-            _inject(model, model_name, config, tensors)
+            _inject(model, model_name, config, tensors, factor_dtype)
     except Exception as exc:
         error = exc
     return failed, max(time.perf_counter() - started, 1e-9), error
 
 
-def _inject(model, model_name: str, config: ac.AdapterConfig, tensors: dict) -> None:
+def _inject(model, model_name: str, config: ac.AdapterConfig, tensors: dict,
+            factor_dtype: Optional[torch.dtype] = None) -> None:
     """Engine thread. Serving selects adapters per token through slot mappings, so no adapter is left
-    "active" in PEFT's sense: a plain forward of the model stays the base model."""
+    "active" in PEFT's sense: a plain forward of the model stays the base model. The factors are held in
+    `factor_dtype` (adapter_dtype's) whatever the base model's dtype; None: PEFT's rule."""
     ac.load_adapter(model, model_name, adapter_name=model_name, config=config, state_dict=tensors,
-                    low_cpu_mem_usage=True, autocast_adapter_dtype=False)
+                    low_cpu_mem_usage=True, autocast_adapter_dtype=False, factor_dtype=factor_dtype)
     ac.set_adapter(model, [])
 
 

@@ -77,6 +77,7 @@ def test_api_key_flag_as_vllm(tmp_path):
     ((), {"api_keys": "a,,b"}, "ADAPTER_SERVE_API_KEYS: key 2 is empty"),
     ((), {"key_adapters": "{oops"}, "ADAPTER_SERVE_KEY_ADAPTERS: not valid JSON"),
     ((), {"max_batch_size": "many"}, "ADAPTER_SERVE_MAX_BATCH_SIZE: "),
+    ((), {"adapter_dtype": "bf16"}, "ADAPTER_SERVE_ADAPTER_DTYPE: must be one of auto, float32, bfloat16, float16"),
     (("--api-key", "a b"), {}, "--api-key: key 1 contains whitespace"),
 ])
 def test_a_malformed_setting_stops_start_up_with_one_line(tmp_path, args, settings, expected):
