@@ -58,3 +58,17 @@ def lora_add_group_(results: list[torch.Tensor], x: torch.Tensor, tables: list[t
     place with fp32 accumulation: x [T, in] and results [T, out_k] with contiguous rows, tables [n, 7] int64
     (rank 0 rows: nothing added), slots [T] int64, scales [T] fp32 or None."""
     kernel().lora_add_group_(results, x, tables, slots, scales)
+
+
+_TRANSPOSABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def transpose_copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst [C, R] = src [R, C].T (converted to dst's dtype as `copy_` converts), for contiguous CPU tensors:
+    the kernel's tiled transpose where it is built and both are fp32 / bf16 / fp16, else `copy_`."""
+    k = kernel()
+    if (k is not None and src.dtype in _TRANSPOSABLE and dst.dtype in _TRANSPOSABLE and src.dim() == 2
+            and src.is_cpu and dst.is_cpu and src.is_contiguous() and dst.is_contiguous()):
+        k.transpose_copy_(dst, src)
+    else:
+        dst.copy_(src.T)

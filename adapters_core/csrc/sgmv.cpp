@@ -259,6 +259,44 @@ void lora_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
   });
 }
 
+namespace {
+// dst [C, R] = src [R, C]^T, converting the dtype, in 16 x 16 tiles: each tile's rows are read and its
+// columns written while both stay in L1 (a strided element-by-element copy walks a whole column of src per
+// row of dst).
+template <typename st, typename dt>
+void transpose_tiles(const st* src, dt* dst, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = static_cast<dt>(to_float(src[i * cols + j]));
+    }
+  }
+}
+}  // namespace
+
+// dst [C, R] = src [R, C]^T (LoRA B [out, r] -> Bt [r, out] as the tables read it), both contiguous, each
+// fp32 / bf16 / fp16 (the value converted as `copy_` converts it: through its exact fp32 value, rounded to
+// nearest even): how an adapter's B reaches its packed
+// buffer at load time, on the loader thread (torch's strided copy took ~47 us per SmolLM2 B of rank 36).
+void transpose_copy_(torch::Tensor dst, torch::Tensor src) {
+  TORCH_CHECK(src.dim() == 2 && dst.dim() == 2 && dst.size(0) == src.size(1) && dst.size(1) == src.size(0),
+              "transpose_copy_: dst must be src's shape transposed");
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.device().is_cpu() && dst.device().is_cpu(),
+              "transpose_copy_: contiguous CPU tensors only");
+  for (const auto* t : {&src, &dst})
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
+                "transpose_copy_: fp32 / bf16 / fp16 only");      // each converts to fp32 exactly
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "transpose_src", [&] {
+    using st = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "transpose_dst", [&] {
+      transpose_tiles<st, scalar_t>(src.data_ptr<st>(), dst.data_ptr<scalar_t>(), src.size(0), src.size(1));
+    });
+  });
+}
+
 // lora_add_group_'s address, for the decoder's C++ layer loop (service/model/csrc/decode_layers.cpp), which
 // adds a decode step's LoRA deltas without returning to Python (both extensions are built by the same
 // compiler against the same libtorch, so the signature is the same on both sides).
@@ -266,6 +304,8 @@ int64_t lora_add_group_entry() { return static_cast<int64_t>(reinterpret_cast<in
 
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("transpose_copy_", &transpose_copy_, "dst = src.T for contiguous 2-D tensors, any float dtypes, in tiles",
+        py::call_guard<py::gil_scoped_release>());
   m.def("lora_add_group_entry", &lora_add_group_entry, "lora_add_group_'s address (for decode_layers.cpp)");
   m.def("lora_add_group_", &lora_add_group_, "results[k] += per-token LoRA shrink and expand read through tables",
         py::arg("results"), py::arg("x"), py::arg("tables"), py::arg("slots"), py::arg("scales") = py::none(),

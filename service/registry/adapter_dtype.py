@@ -13,7 +13,7 @@ never rewritten. The bytes an adapter takes in the cpu and device tiers (the mem
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -45,16 +45,26 @@ class AdapterDtype:
         else:
             held = cast_factor_tensors(tensors, self.factor_dtype)
         if pack or held is not tensors:
-            self._check(tensors, held, weights_name)
+            self._check(lambda: tensors, held, weights_name)
         return held, tensor_bytes(held) - tensor_bytes(tensors)
 
-    def _check(self, stored: dict[str, torch.Tensor], held: dict[str, torch.Tensor], weights_name: str) -> None:
+    def hold_packed(self, held: dict[str, torch.Tensor], file_bytes: int,
+                    read_stored: Callable[[], dict[str, torch.Tensor]],
+                    weights_name: str) -> tuple[dict[str, torch.Tensor], int]:
+        """Worker thread: what `hold(..., pack=True)` gives, for tensors read packed straight from the file with
+        `factor_dtype` (`read_packed_safetensors`, which also says the file's weight bytes); `read_stored()`
+        reads the file's own tensors, only to name a fault."""
+        self._check(read_stored, held, weights_name)
+        return held, tensor_bytes(held) - file_bytes
+
+    def _check(self, stored: Callable[[], dict[str, torch.Tensor]], held: dict[str, torch.Tensor],
+               weights_name: str) -> None:
         try:
             check_tensors(held, weights_name)
         except Invalid:
             if self.factor_dtype is None:
                 raise
-            check_tensors(stored, weights_name)            # not finite in the file itself: that error
+            check_tensors(stored(), weights_name)          # not finite in the file itself: that error
             key = next(k for k, t in held.items() if not bool(torch.isfinite(t).all()))
             raise Invalid(f"{weights_name}: tensor {key!r} holds values beyond the range of {self.setting}, the "
                           f"dtype this server holds adapters in (adapter_dtype); serve it with another "

@@ -23,11 +23,13 @@ import uuid
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import adapters_core as ac
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
+from adapters_core.packed_read import read_packed_safetensors
 
 from .errors import Invalid, NotFound, TooLarge
 
@@ -146,6 +148,19 @@ class AdapterStore:
             return ac.read_adapter_weights(folder)
         except ac.AdapterError as exc:
             raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {exc}") from exc
+
+    def read_packed(self, folder: str, factor_dtype: Optional[torch.dtype]) -> Optional[tuple[dict, int]]:
+        """The stored safetensors file read straight into packed buffers (`read_packed_safetensors`: its
+        tensors, and their bytes in the file), or None where that reader does not apply (a `.bin`, an
+        unusual dtype): the caller reads and packs the general way."""
+        path = os.path.join(folder, SAFETENSORS_NAME)
+        if not os.path.isfile(path):
+            return None
+        try:
+            return read_packed_safetensors(path, factor_dtype)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {SAFETENSORS_NAME} is unreadable or "
+                          f"truncated: {exc}") from exc
 
     # ----- moving folders -----------------------------------------------------------------------------------
     def seal(self, staging: str) -> None:

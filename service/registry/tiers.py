@@ -185,8 +185,14 @@ class TierMixin:
         adapter_dtype) and checked, the adapter prepared for `attach_prepared` where that path applies (else
         None: the engine thread loads it the general way), and the bytes the cast added (negative: saved)."""
         folder = self.store.path(name)
-        config, tensors = parse_config(self.store.read_config(folder)), self.store.read_tensors(folder)
-        tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)   # one pass checks them
+        config = parse_config(self.store.read_config(folder))
+        packed = self.store.read_packed(folder, self.adapter_dtype.factor_dtype)   # the file read into place
+        if packed is not None:
+            tensors, extra = self.adapter_dtype.hold_packed(*packed, lambda: self.store.read_tensors(folder),
+                                                            SAFETENSORS_NAME)    # one pass checks them
+        else:
+            tensors = self.store.read_tensors(folder)
+            tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)
         return (config,) + self._prepare_load(config, tensors, model_name, packed=True) + (extra,)
 
     def _prepare_load(self, config, tensors: dict, model_name: str,

@@ -131,3 +131,21 @@ def test_batches_equal_the_torch_path(monkeypatch, dtype, batch):
     adapted = [i for i, n in enumerate(row_names) if n != "__base__"]
     assert torch.equal(fused_rows[on_base], base_rows[on_base])                    # base rows untouched
     assert (fused_rows - base_rows).abs().flatten(1).amax(-1)[adapted].min() > 10 * tol   # adapters acted
+
+
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("dst_dtype", DTYPES)
+def test_transpose_copy_equals_torch_copy(src_dtype, dst_dtype):
+    """The tiled transpose a load uses for LoRA B gives `copy_`'s values (its rounding to the dtype too) for
+    shapes inside, at and past its 16 x 16 tiles, including NaN, inf and a value that rounds differently
+    (NaN payloads may differ: a load refuses NaN anyway)."""
+    g = torch.Generator().manual_seed(3)
+    for rows, cols in [(1, 1), (16, 16), (37, 8), (1536, 36), (5, 70)]:
+        src = (torch.randn(rows, cols, generator=g) * 300).to(src_dtype)
+        src.view(-1)[0] = float("nan")
+        if src.numel() > 2:
+            src.view(-1)[1], src.view(-1)[2] = float("inf"), 1.00390625       # 1 + 2^-8: bf16 rounds it to even
+        want = torch.empty(cols, rows, dtype=dst_dtype).copy_(src.T)
+        got = torch.empty(cols, rows, dtype=dst_dtype)
+        sgmv.transpose_copy_(got, src)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=f"{rows} x {cols}")
