@@ -98,14 +98,26 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return buckets
 
 
-def bucket_p50(before: dict, after: dict) -> tuple[int, Optional[str]]:
-    """(count, the smallest bucket bound holding half of the window's observations)."""
+def metric_total(text: str, name: str) -> dict[str, float]:
+    """`name`'s `_sum`, `_count` and count above 20 ms, summed over labels (a histogram in seconds)."""
+    buckets = metric_samples(text, name)
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for part in totals:
+            if line.startswith(f"{name}_{part}"):
+                totals[part] += float(line.rsplit(" ", 1)[1])
+    totals["over_20ms"] = buckets.get("+Inf", 0.0) - buckets.get("0.02", 0.0)
+    return totals
+
+
+def bucket_p50(before: dict, after: dict, q: float = 0.5) -> tuple[int, Optional[str]]:
+    """(count, the smallest bucket bound holding the share `q` of the window's observations)."""
     delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
     total = delta.get("+Inf", 0)
     if not total:
         return 0, None
     for le in sorted((k for k in delta if k != "+Inf"), key=float):
-        if delta[le] >= total / 2:
+        if delta[le] >= total * q:
             return int(total), f"<= {float(le) * 1e3:g} ms"
     return int(total), "> last bucket"
 
@@ -160,6 +172,8 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
         text = (await http.get("/metrics")).text
         scraped[key] = {m: metric_samples(text, m) for m in
                         ("adapter_serve_adapter_load_seconds", "adapter_serve_adapter_load_apply_seconds")}
+        scraped[key]["gc"] = metric_total(text, "adapter_serve_gc_pause_seconds")
+        scraped[key]["steps"] = metric_samples(text, "adapter_serve_step_seconds")
 
     limits = httpx.Limits(max_connections=args.streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -168,7 +182,9 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
                              *(client(http) for _ in range(args.streams)))
     loads = {}
     for window, (a, b) in (("cold", ("start", "cold")), ("steady", ("cold", "steady"))):
-        loads[window] = {m: bucket_p50(scraped[a][m], scraped[b][m]) for m in scraped[b]}
+        loads[window] = {m: bucket_p50(scraped[a][m], scraped[b][m]) for m in scraped[b] if m not in ("gc", "steps")}
+        loads[window]["steps"] = [bucket_p50(scraped[a]["steps"], scraped[b]["steps"], q) for q in (0.5, 0.99)]
+        loads[window]["gc"] = {k: scraped[b]["gc"][k] - scraped[a]["gc"][k] for k in scraped[b]["gc"]}
     return cold, steady, {"loads": loads, "errors": errors}
 
 
@@ -192,13 +208,17 @@ def row(k: int, distribution: str, window: str, w: Window, loads: dict) -> dict:
     return {"K": k, "traffic": distribution, "window": window, "tokens_s": w.tokens / seconds,
             "itl_p50_ms": 1e3 * (percentile(w.itl, 50) or 0), "itl_p99_ms": 1e3 * (percentile(w.itl, 99) or 0),
             "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "loads": total[0], "load_p50": total[1],
-            "apply_p50": apply[1]}
+            "apply_p50": apply[1], "gc_pauses": int(loads["gc"]["count"]), "gc_ms": 1e3 * loads["gc"]["sum"],
+            "gc_over_20ms": int(loads["gc"]["over_20ms"]), "step_p50": loads["steps"][0][1],
+            "step_p99": loads["steps"][1][1]}
 
 
 def print_row(r: dict) -> None:
     print(f"K={r['K']:<5} {r['traffic']:<8} {r['window']:<7} {r['tokens_s']:8.1f} tok/s  ITL p50 "
           f"{r['itl_p50_ms']:6.0f} p99 {r['itl_p99_ms']:6.0f} ms  TTFT p50 {r['ttft_p50_ms']:6.0f} ms  loads "
-          f"{r['loads']:5d} (whole p50 {r['load_p50']}, engine-thread p50 {r['apply_p50']})", flush=True)
+          f"{r['loads']:5d} (whole p50 {r['load_p50']}, engine-thread p50 {r['apply_p50']})  GC {r['gc_pauses']} "
+          f"pauses, {r['gc_ms']:.0f} ms, {r['gc_over_20ms']} over 20 ms; steps p50 {r['step_p50']} p99 "
+          f"{r['step_p99']}", flush=True)
 
 
 async def memory_probe(args, workdir: Path, pool: Path, sizes: list[int]) -> dict:

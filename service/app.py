@@ -59,7 +59,7 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     metrics = Metrics(settings.metrics_max_adapter_labels)
     engine.step_listeners.append(lambda stats: metrics.engine_step(
         stats.sequences, stats.tokens, engine.num_running, engine.num_waiting,
-        1 - engine.cache.free_slots / engine.cache.num_slots))
+        1 - engine.cache.free_slots / engine.cache.num_slots, stats.seconds))
     model_id = settings.served_model_name or loaded.name
     registry = AdapterRegistry(model, engine.call_between_steps, settings.adapter_dir,
                                max_device_adapters=settings.max_device_adapters,
@@ -101,6 +101,7 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
         # every later collection, whose full passes would otherwise pause the engine thread mid-step.
         gc.collect()
         gc.freeze()
+        unwatch_gc = state.metrics.watch_gc()
         state.ready = True
         rescans = (asyncio.create_task(_rescan_every(state.registry, settings.store_rescan_seconds))
                    if settings.store_rescan_seconds > 0 else None)
@@ -108,6 +109,7 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
             yield
         finally:
             state.ready = False
+            unwatch_gc()
             if rescans is not None:
                 rescans.cancel()
             state.engine.stop()

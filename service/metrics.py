@@ -15,6 +15,7 @@ shows.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -85,6 +86,19 @@ class LoraRequestsInfo:
 
 
 class Metrics:
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every garbage collection into `gc_pause` (it holds the GIL: the engine's step waits for it);
+        returns the function that stops watching."""
+        started: dict[int, float] = {}
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[threading.get_ident()] = time.perf_counter()
+            elif (begun := started.pop(threading.get_ident(), None)) is not None:
+                self.gc_pause.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - begun)
+        gc.callbacks.append(on_gc)
+        return lambda: gc.callbacks.remove(on_gc) if on_gc in gc.callbacks else None
+
     def __init__(self, max_adapter_labels: int = 20):
         r = self.registry = CollectorRegistry()
         self.label = AdapterLabels(max_adapter_labels)
@@ -105,6 +119,9 @@ class Metrics:
         self.batch_size = Histogram("adapter_serve_batch_size", "Sequences per engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.batch_tokens = Counter("adapter_serve_batch_tokens", "Tokens computed by engine steps", registry=r)
+        self.step_seconds = Histogram("adapter_serve_step_seconds", "Engine step duration (decode: one token per "
+                                      "sequence; prefill: with prompt tokens)", ["kind"],
+                                      buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.kv_cache_usage = Gauge("adapter_serve_kv_cache_usage_ratio", "Share of KV cache slots in use",
                                     registry=r)
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
@@ -120,6 +137,8 @@ class Metrics:
                                              registry=r)
         self.evictions = Counter("adapter_serve_adapter_evictions", "Adapters moved down a tier",
                                  ["from_tier"], registry=r)
+        self.gc_pause = Histogram("adapter_serve_gc_pause_seconds", "Python garbage collections (every thread "
+                                  "waits for one)", ["generation"], buckets=APPLY_BUCKETS, registry=r)
         self.uploads = Counter("adapter_serve_adapter_uploads", "Adapters registered", registry=r)
         self.deletes = Counter("adapter_serve_adapter_deletes", "Adapters deleted", registry=r)
         # The Gateway API Inference Extension's model-server protocol, with vLLM's names and meanings.
@@ -184,12 +203,14 @@ class Metrics:
             self.adapter_bytes.labels(tier).set(size)
 
     # ----- engine and requests ------------------------------------------------------------------------------
-    def engine_step(self, sequences: int, tokens: int, running: int, waiting: int, cache_usage: float) -> None:
+    def engine_step(self, sequences: int, tokens: int, running: int, waiting: int, cache_usage: float,
+                    seconds: float = 0.0) -> None:
         """After every engine step, and with `sequences` 0 after a step that only cancelled requests and on
         the engine's idle tick: the gauges then settle (to 0 on an idle server) without a step running."""
         if sequences:
             self.batch_size.observe(sequences)
             self.batch_tokens.inc(tokens)
+            self.step_seconds.labels("decode" if tokens == sequences else "prefill").observe(seconds)
         for gauge, value in ((self.running, running), (self.waiting, waiting), (self.kv_cache_usage, cache_usage),
                              (self.vllm_running, running), (self.vllm_waiting, waiting),
                              (self.vllm_kv_cache, cache_usage)):

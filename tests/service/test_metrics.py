@@ -53,3 +53,35 @@ def test_gateway_gauges_have_vllm_names_and_one_lora_series():
     # the full registry has them too, beside our own families
     everything = _families(m.registry)
     assert set(gateway) <= set(everything) and "adapter_serve_requests_running" in everything
+
+
+def test_garbage_collections_are_timed_while_watched():
+    import gc
+    m = Metrics()
+
+    def count() -> float:
+        text = generate_latest(m.registry).decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("adapter_serve_gc_pause_seconds_count"))
+    unwatch = m.watch_gc()
+    try:
+        gc.collect()
+        gc.collect(0)
+        assert count() >= 2
+        assert 'adapter_serve_gc_pause_seconds_count{generation="2"}' in generate_latest(m.registry).decode()
+    finally:
+        unwatch()
+    seen = count()
+    gc.collect()
+    assert count() == seen, "no longer timed once unwatched"
+
+
+def test_steps_are_timed_by_kind():
+    m = Metrics()
+    m.engine_step(3, 40, running=3, waiting=5, cache_usage=0.25, seconds=0.3)      # prompt tokens in it
+    m.engine_step(3, 3, running=3, waiting=5, cache_usage=0.25, seconds=0.05)      # one token per sequence
+    m.engine_step(0, 0, running=0, waiting=0, cache_usage=0.0)                     # an idle tick: not a step
+    samples = {(s.name, s.labels.get("kind")): s.value for s in _families(m.registry)["adapter_serve_step_seconds"].samples}
+    assert samples[("adapter_serve_step_seconds_count", "prefill")] == 1
+    assert samples[("adapter_serve_step_seconds_count", "decode")] == 1
+    assert abs(samples[("adapter_serve_step_seconds_sum", "decode")] - 0.05) < 1e-9
