@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LOAD_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 APPLY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2.5)
 
 
 class AdapterLabels:
@@ -121,7 +122,7 @@ class Metrics:
         self.batch_tokens = Counter("adapter_serve_batch_tokens", "Tokens computed by engine steps", registry=r)
         self.step_seconds = Histogram("adapter_serve_step_seconds", "Engine step duration (decode: one token per "
                                       "sequence; prefill: with prompt tokens)", ["kind"],
-                                      buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+                                      buckets=STEP_BUCKETS, registry=r)
         self.kv_cache_usage = Gauge("adapter_serve_kv_cache_usage_ratio", "Share of KV cache slots in use",
                                     registry=r)
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
