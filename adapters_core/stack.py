@@ -141,6 +141,7 @@ class LayerStack:
     def __init__(self, layer) -> None:
         self.layer = layer
         self.slot_names: dict[int, str] = {}
+        self._name_slots: dict[str, set[int]] = {}    # slot_names inverted: `forget` must not walk every slot
         self.n = 0                                      # slots allocated in the table and the vectors
         self.version = 0                                # bumped on every change of what the stack holds
         self._gathered: tuple = (None, -1, None)        # (mapping key, version, gathered tensors)
@@ -240,10 +241,9 @@ class LayerStack:
                 t[slot] = fill
 
     def forget(self, name: str) -> None:
-        for slot, held in list(self.slot_names.items()):
-            if held == name:
-                self.clear(slot)
-                del self.slot_names[slot]
+        for slot in sorted(self._name_slots.pop(name, ())):
+            self.clear(slot)
+            del self.slot_names[slot]
 
     def compute_dtype(self, tokens_per_segment: int) -> torch.dtype:
         """fp32 for decode-shaped work on the CPU when the factors are half precision: CPU kernels for small
@@ -306,7 +306,11 @@ class LayerStack:
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
             if name in lay.lora_magnitude_vector:
                 self._ensure("dora", lay.out_features, 1.0)[slot] = lay.dora_scale(name, self.dtype).detach()
+        held = self.slot_names.get(slot)
+        if held is not None and held != name:
+            self._name_slots[held].discard(slot)
         self.slot_names[slot] = name
+        self._name_slots.setdefault(name, set()).add(slot)
 
 
 def _lora_rows(lay, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -423,6 +427,8 @@ def _stacked_embedding(layer, st: LayerStack, ids: torch.Tensor, mapping: BatchM
     tok_slots = mapping.slots.view(per_id).expand_as(ids)
     dtype = st.lora_dtype
     _, b, _ = st.gathered(mapping, dtype)                                      # [G, R, d]
+    if b.shape[1] == 0:
+        return result                  # none of the batch's adapters has a LoRA on this embedding
     h = torch.zeros(ids.shape + (b.shape[1],), dtype=dtype, device=result.device)  # [..., R]
     for slot in mapping.seg_slots.unique().tolist():                          # each adapter's rows of its ids
         if slot in st.lora:

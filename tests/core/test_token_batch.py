@@ -165,3 +165,32 @@ def test_check_edits_false_trusts_api_changes_only():
     after = run(False)
     torch.testing.assert_close(after, _alone(model, ids, "lora"))
     assert not torch.allclose(after, edited)
+
+
+def test_deleting_adapters_clears_only_their_slots_and_slots_are_reused():
+    """A deleted adapter's slot rows go (its stack entries forgotten), the others' stay and compute as
+    before, and an adapter added after reuses the freed slot with its own values; a batch whose adapters
+    have no LoRA on an embedding that holds another adapter's ("emb") leaves the embedding as the base's
+    (that batch raised a reshape error before)."""
+    model, names = _model()
+    ids = torch.tensor([3, 7, 11, 2, 5])
+    with torch.no_grad():
+        batch = ["lora", "bias", "emb", "ia3", "__base__"]
+        with ac.token_batch(model, batch):
+            before = model(ids)
+        lora_slot = ac.adapter_slot(model, "lora")
+        ac.delete_adapter(model, "lora")
+        stack = model.q_proj.stack
+        assert lora_slot not in stack.slot_names and lora_slot not in stack.lora
+        assert int(stack.table[lora_slot].abs().sum()) == 0
+        with ac.token_batch(model, ["__base__", "bias", "emb", "ia3", "__base__"]):
+            after = model(ids)
+        torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)
+        torch.manual_seed(5)
+        ac.inject_adapter_in_model(ac.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                 init_lora_weights=False), model, "fresh")
+        assert ac.adapter_slot(model, "fresh") == lora_slot
+        with ac.token_batch(model, ["fresh"] * 5):
+            mixed = model(ids)
+        torch.testing.assert_close(mixed, _alone(model, ids, "fresh"))
+        assert stack.slot_names[lora_slot] == "fresh"
