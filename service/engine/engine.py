@@ -9,7 +9,8 @@ next step); `generate()` runs a batch to completion in the calling thread (tests
 Isolation: a fault on one request's rows (non-finite logits, an exception in its sampling or, found by
 re-running the step's requests one by one, in its part of the forward) finishes that request alone with
 `FinishReason.ERROR`. Step listeners (the metrics' gauges) hear of every step, of a step that only
-cancelled, and of an idle tick every `IDLE_TICK_S` seconds.
+cancelled, and of an idle tick (engine_thread.py, which also holds the thread, the calls between steps and the
+asyncio view).
 A request on a prompt-learning adapter starts with the adapter's virtual tokens in its cache slot, its prompt
 right after them (virtual_tokens.py); they count against `max_seq_len`. With `grammars` (structured.py) a
 request may carry a grammar constraint: its grammar is checked at `validate`, and each step computes the masks
@@ -20,15 +21,14 @@ and a request asking for prompt log-probabilities gets its prompt rows through t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -37,18 +37,16 @@ from service.model import cpu_ops
 from service.model.decoder import StepPlan, StepSequence
 
 from .adapter_scale import check_adapter_scale, step_scales
+from .engine_thread import EngineThread, StepStats
 from .kv_cache import KVCache
 from .prompt_logprobs import PromptLogprobRows, check_prompt_logprobs
-from .request import FinishReason, GenerationRequest, RequestOutput, RequestState, TokenEvent
+from .request import FinishReason, GenerationRequest, RequestState, TokenEvent
 from .scheduler import Scheduler
 from .structured import Grammars, check_constraint, guide_for
 from .virtual_tokens import VirtualTokens
 
 
 log = logging.getLogger(__name__)
-
-# While idle the loop wakes this often to report the gauges (running, waiting, KV use) to the listeners.
-IDLE_TICK_S = 0.5
 
 
 class QueueFullError(RuntimeError):
@@ -65,14 +63,7 @@ class EngineConfig:
     max_waiting: int = 256            # queued requests beyond the running ones
 
 
-@dataclass
-class StepStats:
-    sequences: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-
-class Engine:
+class Engine(EngineThread):
     def __init__(self, model, config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = (),
                  grammars: Optional[Grammars] = None):
         self.model = model
@@ -131,37 +122,6 @@ class Engine:
         with self._lock:
             self._cancels.add(request_id)
             self._lock.notify()
-
-    def cancel_all(self) -> Future:
-        """Cancel every queued and running request (a shutdown past its deadline): each ends with
-        `FinishReason.CANCELLED` at the next step. Marked on the engine's thread, which owns those lists."""
-        def mark() -> int:
-            with self._lock:
-                ids = {s.request.request_id for s in (*self.running, *self.waiting, *self._inbox)}
-                self._cancels |= ids
-            return len(ids)
-        return self.call_between_steps(mark)
-
-    def call_between_steps(self, fn: Callable[[], object]) -> Future:
-        """Run `fn` on the engine's thread between two steps (or at once, in this thread, when no loop runs).
-        Everything that changes the model (loading or removing adapters) goes through here, so a forward
-        never sees a half-changed model."""
-        future: Future = Future()
-        if self._thread is None:
-            _run_into(fn, future)
-            return future
-        with self._lock:
-            self._calls.append((fn, future))
-            self._lock.notify()
-        return future
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._lock:
-                if not self._calls:
-                    return
-                fn, future = self._calls.popleft()
-            _run_into(fn, future)
 
     @property
     def num_running(self) -> int:
@@ -373,98 +333,3 @@ class Engine:
         if len(state.output_ids) + 1 >= params.max_tokens:
             return FinishReason.LENGTH
         return None
-
-    # ----- running ----------------------------------------------------------------------------------------
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
-        """Run `requests` to completion in this thread (the background loop must not be running)."""
-        for request in requests:
-            self.submit(request)
-        states = {s.request.request_id: s for s in self._inbox}
-        while any(s.finish_reason is None for s in states.values()):
-            self.step()
-        return [states[r.request_id].output() for r in requests]
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._lock:
-            self._stop = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        self._run_calls()          # calls queued after the loop's last turn still get their answer
-
-    def _loop(self) -> None:
-        while True:
-            idle = False
-            with self._lock:
-                while not self._stop and not (self.running or self.waiting or self._inbox or self._cancels
-                                              or self._calls):
-                    if not self._lock.wait(IDLE_TICK_S):
-                        idle = True
-                        break
-                if self._stop:
-                    return
-            if idle:
-                self._notify(StepStats())  # an idle tick: the gauges settle even if no step ran since a change
-                continue
-            self._run_calls()
-            try:
-                self.step()
-            except Exception as exc:  # a failed step must not kill the engine: fail its requests instead
-                log.exception("engine step failed")
-                for state in list(self.running):
-                    self._finish(state, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
-                self._notify(StepStats())
-
-    def open_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit `request` now (so a full queue or a bad request raises here, before any response is sent)
-        and return an async iterator of its events; closing the iterator early cancels the request.
-        Call from a coroutine: events come back through the running event loop."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-
-        async def events() -> AsyncIterator[TokenEvent]:
-            done = False
-            try:
-                while True:
-                    event = await queue.get()
-                    done = event.finish_reason is not None    # set before yielding: a consumer may stop here
-                    yield event
-                    if done:
-                        return
-            finally:
-                if not done:
-                    self.cancel(request.request_id)
-        return events()
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit `request` and yield its events as they come; cancelling the consumer cancels it."""
-        events = self.open_stream(request)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-
-
-def _run_into(fn: Callable[[], object], future: Future) -> None:
-    """Run `fn` and hand its result or error to `future`; a caller that stopped waiting (a cancelled future)
-    gets nothing, and the engine thread goes on."""
-    try:
-        result = fn()
-    except BaseException as exc:  # handed to the caller through the future
-        outcome = (future.set_exception, exc)
-    else:
-        outcome = (future.set_result, result)
-    try:
-        outcome[0](outcome[1])
-    except InvalidStateError:
-        pass

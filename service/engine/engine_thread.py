@@ -1,0 +1,161 @@
+"""`EngineThread`: the engine's background thread and the ways other threads reach it.
+
+`start()` runs `Engine.step` in a thread of its own (`_loop`): it sleeps while there is no work, wakes every
+`IDLE_TICK_S` to report the gauges, and between two steps runs the calls queued by `call_between_steps`
+(everything that changes the model goes through them, so a forward never sees a half-changed model).
+`open_stream` / `stream` are the asyncio view of one request (cancelling the consumer cancels it);
+`generate()` runs a batch to completion in the calling thread (tests, benchmarks). A mixin of `Engine`,
+whose lock, lists and step it drives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
+
+from .request import FinishReason, GenerationRequest, RequestOutput, TokenEvent
+
+log = logging.getLogger("service.engine.engine")
+
+# While idle the loop wakes this often to report the gauges (running, waiting, KV use) to the listeners.
+IDLE_TICK_S = 0.5
+
+
+@dataclass
+class StepStats:
+    """What one step did (the step listeners' argument): sequences, tokens computed, wall seconds."""
+    sequences: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class EngineThread:
+    def cancel_all(self) -> Future:
+        """Cancel every queued and running request (a shutdown past its deadline): each ends with
+        `FinishReason.CANCELLED` at the next step. Marked on the engine's thread, which owns those lists."""
+        def mark() -> int:
+            with self._lock:
+                ids = {s.request.request_id for s in (*self.running, *self.waiting, *self._inbox)}
+                self._cancels |= ids
+            return len(ids)
+        return self.call_between_steps(mark)
+
+    def call_between_steps(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine's thread between two steps (or at once, in this thread, when no loop runs).
+        Everything that changes the model (loading or removing adapters) goes through here, so a forward
+        never sees a half-changed model."""
+        future: Future = Future()
+        if self._thread is None:
+            _run_into(fn, future)
+            return future
+        with self._lock:
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            _run_into(fn, future)
+
+    # ----- running ----------------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
+        """Run `requests` to completion in this thread (the background loop must not be running)."""
+        for request in requests:
+            self.submit(request)
+        states = {s.request.request_id: s for s in self._inbox}
+        while any(s.finish_reason is None for s in states.values()):
+            self.step()
+        return [states[r.request_id].output() for r in requests]
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._run_calls()          # calls queued after the loop's last turn still get their answer
+
+    def _loop(self) -> None:
+        while True:
+            idle = False
+            with self._lock:
+                while not self._stop and not (self.running or self.waiting or self._inbox or self._cancels
+                                              or self._calls):
+                    if not self._lock.wait(IDLE_TICK_S):
+                        idle = True
+                        break
+                if self._stop:
+                    return
+            if idle:
+                self._notify(StepStats())  # an idle tick: the gauges settle even if no step ran since a change
+                continue
+            self._run_calls()
+            try:
+                self.step()
+            except Exception as exc:  # a failed step must not kill the engine: fail its requests instead
+                log.exception("engine step failed")
+                for state in list(self.running):
+                    self._finish(state, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+                self._notify(StepStats())
+
+    def open_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` now (so a full queue or a bad request raises here, before any response is sent)
+        and return an async iterator of its events; closing the iterator early cancels the request.
+        Call from a coroutine: events come back through the running event loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+
+        async def events() -> AsyncIterator[TokenEvent]:
+            done = False
+            try:
+                while True:
+                    event = await queue.get()
+                    done = event.finish_reason is not None    # set before yielding: a consumer may stop here
+                    yield event
+                    if done:
+                        return
+            finally:
+                if not done:
+                    self.cancel(request.request_id)
+        return events()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` and yield its events as they come; cancelling the consumer cancels it."""
+        events = self.open_stream(request)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+
+def _run_into(fn: Callable[[], object], future: Future) -> None:
+    """Run `fn` and hand its result or error to `future`; a caller that stopped waiting (a cancelled future)
+    gets nothing, and the engine thread goes on."""
+    try:
+        result = fn()
+    except BaseException as exc:  # handed to the caller through the future
+        outcome = (future.set_exception, exc)
+    else:
+        outcome = (future.set_result, result)
+    try:
+        outcome[0](outcome[1])
+    except InvalidStateError:
+        pass
