@@ -1,4 +1,4 @@
-"""The decode step's direct path: every layer of a decode-only step as a straight run of kernel calls.
+"""The step's direct path: every layer of a step as a straight run of kernel calls.
 
 A decode step of the general path (`DecoderLayer.forward`) walks ~20 Python frames per layer: module calls,
 the group's context manager, `grouped_forward`'s checks, each projection's wrapper, usability checks before
@@ -8,7 +8,10 @@ with the checks done once per step for the whole model: RMSNorm, the joined q/k/
 of q/k/v in one fused call, rotary, cache write and attention, o_proj, residual, RMSNorm, the joined
 gate/up matmul and its deltas, SwiGLU, down_proj, residual.
 
-It applies to steps where every sequence decodes one token, on the CPU in fp32, when every projection is a
+It applies to steps on the CPU in fp32 (decode rows, and with the C++ loop also prompt chunks beside them: their
+keys and values written into the cache, then the decode rows' attention, then each chunk's causal
+`scaled_dot_product_attention`, as `Attention.forward_step` does; under a server's load the layers' path for
+such a mixed step paid a wait for the GIL after each of its ~600 kernel calls) when every projection is a
 stored-weight `QuantLinear` in its decoder group, either bare or wrapped by an `AdapterLayer` whose part
 in this batch is nothing or plain LoRA (no IA3, DoRA, LoRA bias, hooks, merged adapters), and the kernels
 are built. Such a step runs the whole loop in one C++ call (csrc/decode_layers.cpp, the same kernels in the
@@ -109,7 +112,7 @@ class _LayerWork:
 
 def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torch.Tensor]:
     """x [N, d] after every decoder layer, computed directly, or None when the step does not qualify."""
-    if not ENABLED or plan.prefill or not x.is_cpu or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+    if not ENABLED or not x.is_cpu or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
         return None
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return None
@@ -125,18 +128,22 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
         return None
     mapping = next((m for m in map(_LayerWork.mapping, works) if m is not None), None)
     cos, sin = cos_sin
-    tokens, slots, last, _, _ = plan.decode_tensors(x.device)
     n = x.shape[0]
     if mapping is not None:
         mapping.check(x, "features")
     tables = _native_tables(model, works)
     lora = _native_lora(works, mapping, n) if tables is not None else None
-    if lora is not None:                 # the whole loop, LoRA deltas included, in one C++ call
+    if lora is None and plan.prefill:
+        return None                      # prompt chunks: only the C++ loop takes them (the layers' path does)
+    tokens, slots, last = _decode_rows(plan, x.device)
+    if lora is not None:                 # the whole loop, LoRA deltas and prompt chunks included, in one C++ call
+        chunks = [v for i in plan.prefill for v in (plan.sequences[i].slot, plan.sequences[i].start,
+                                                    plan.sequences[i].length, plan.offsets[i])]
         return ops.decode_layers(x, qm.quant_matmul_entry(), *tables, cos, sin, cache.k, cache.v, tokens, slots,
-                                 last, model.config.head_dim ** -0.5, *lora)
+                                 last, model.config.head_dim ** -0.5, *lora, chunks)
     for w in works:
         layer = w.layer
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         norm = layer.input_layernorm
         h = ops.rms_norm(x, norm.weight, norm.eps)                                         # [N, d]
         st = w.qkv.stored
@@ -170,6 +177,15 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
             add_lora_deltas_(w.down_loras, hidden, [down], mapping)
         x = x + down
     return x
+
+
+def _decode_rows(plan, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row indices, cache slots, positions) of the step's one-token sequences (empty when it has none)."""
+    if not plan.decode:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty, empty
+    tokens, slots, last, _, _ = plan.decode_tensors(device)
+    return tokens, slots, last
 
 
 def _decoder_kinds() -> tuple:

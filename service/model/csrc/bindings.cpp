@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding of q and k with the decoder's roundings (CPU)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("decode_layers", &decode_layers, "every decoder layer of a decode-only step, with its LoRA deltas (CPU)",
+  m.def("decode_layers", &decode_layers, "every decoder layer of a step (decode rows and prompt chunks), LoRA deltas included (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("row_argmax", &row_argmax, "each row's argmax and whether it is all finite (CPU)",
         py::call_guard<py::gil_scoped_release>());

@@ -1,4 +1,4 @@
-// Every decoder layer of a decode-only step in one call: the sequence of direct_step.py (RMSNorm, joined q/k/v
+// Every decoder layer of a step in one call (decode rows and prompt chunks side by side): the sequence of direct_step.py (RMSNorm, joined q/k/v
 // matmul, rotary, cache write and attention, o_proj, residual, RMSNorm, joined gate/up, SwiGLU, down_proj,
 // residual) with the same kernels on the same tensors, so the result is bit-identical, without the ~40 us of
 // Python and binding calls per layer (SmolLM2: 30 layers, ~1.2 ms of a ~7 ms single-sequence step). The
@@ -26,6 +26,11 @@ using LoraAdd = void (*)(std::vector<at::Tensor>, at::Tensor, std::vector<at::Te
 
 // The LoRA deltas of a step: adds, for the projections of one input that have a table, each token's delta
 // into its output (a column slice of the joined matmul's result) with one fused call.
+// A prompt chunk of the step: its cache slot, first position, length and first row of x.
+struct PrefillSeq {
+  int64_t slot, start, length, offset;
+};
+
 struct LoraDeltas {
   LoraAdd add = nullptr;
   const c10::optional<at::Tensor>* tables = nullptr;   // kLoraPerLayer per layer
@@ -53,12 +58,15 @@ struct LoraDeltas {
 // k_cache / v_cache [layers, slots, Hkv, T, D]; tokens / slots / positions as decode_attention_ takes them.
 // LoRA deltas, when `lora_add` (lora_add_group_'s address) is not 0: `lora_tables` holds kLoraPerLayer slot
 // tables (or None) per layer, `lora_slots` [N] int64 each token's slot, `lora_scales` [N] fp32 or None.
+// Prompt chunks of a mixed step: `prefill_seqs` holds (slot, start, length, first row) per chunk; their keys and
+// values are written into the cache first, then the decode rows attend, then each chunk attends causally with
+// `scaled_dot_product_attention` (decoder.py's Attention.forward_step, the same ops in the same order).
 at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
                          at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,
                          std::vector<c10::optional<at::Tensor>> lora_tables, c10::optional<at::Tensor> lora_slots,
-                         c10::optional<at::Tensor> lora_scales) {
+                         c10::optional<at::Tensor> lora_scales, std::vector<int64_t> prefill_seqs) {
   const auto qm = reinterpret_cast<QuantMatmul>(static_cast<intptr_t>(matmul));
   TORCH_CHECK(layers.size() % kTensorsPerLayer == 0 && formats.size() * kTensorsPerLayer ==
               layers.size() * kIntsPerLayer && shape.size() == 4, "decode_layers: malformed layer tables");
@@ -66,6 +74,15 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   const int64_t count = static_cast<int64_t>(layers.size()) / kTensorsPerLayer;
   TORCH_CHECK(k_cache.size(0) >= count && v_cache.size(0) >= count, "decode_layers: fewer cache layers than layers");
+  TORCH_CHECK(prefill_seqs.size() % 4 == 0, "decode_layers: prompt chunks come as (slot, start, length, row)");
+  std::vector<PrefillSeq> prefill;
+  for (size_t i = 0; i < prefill_seqs.size(); i += 4) {
+    const PrefillSeq p{prefill_seqs[i], prefill_seqs[i + 1], prefill_seqs[i + 2], prefill_seqs[i + 3]};
+    TORCH_CHECK(p.slot >= 0 && p.slot < k_cache.size(1) && p.start >= 0 && p.length > 0 &&
+                p.start + p.length <= k_cache.size(3) && p.offset >= 0 && p.offset + p.length <= n,
+                "decode_layers: a prompt chunk outside the cache or the rows");
+    prefill.push_back(p);
+  }
   LoraDeltas lora;
   if (lora_add != 0) {
     TORCH_CHECK(static_cast<int64_t>(lora_tables.size()) == count * kLoraPerLayer && lora_slots.has_value(),
@@ -85,7 +102,28 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, kv_heads, dim});
     std::vector<at::Tensor> rotated = rotary(q, k, cos, sin);                            // [N, H(kv), D]
     at::Tensor out = at::empty_like(rotated[0]);                                         // [N, H, D]
-    decode_attention_(out, rotated[0], rotated[1], v, k_cache[l], v_cache[l], tokens, slots, positions, scale);
+    at::Tensor layer_k = k_cache[l], layer_v = v_cache[l];                               // [slots, Hkv, T, D]
+    for (const PrefillSeq& p : prefill) {                       // prompt rows' keys and values into their slots
+      layer_k.select(0, p.slot).narrow(1, p.start, p.length).copy_(rotated[1].narrow(0, p.offset, p.length).transpose(0, 1));
+      layer_v.select(0, p.slot).narrow(1, p.start, p.length).copy_(v.narrow(0, p.offset, p.length).transpose(0, 1));
+    }
+    if (tokens.numel() > 0)
+      decode_attention_(out, rotated[0], rotated[1], v, layer_k, layer_v, tokens, slots, positions, scale);
+    for (const PrefillSeq& p : prefill) {                       // each prompt chunk attends causally
+      const int64_t end = p.start + p.length;
+      at::Tensor qp = rotated[0].narrow(0, p.offset, p.length).transpose(0, 1).unsqueeze(0);   // [1, H, n, D]
+      at::Tensor keys = layer_k.select(0, p.slot).narrow(1, 0, end).unsqueeze(0);              // [1, Hkv, end, D]
+      at::Tensor values = layer_v.select(0, p.slot).narrow(1, 0, end).unsqueeze(0);
+      at::Tensor att;
+      if (p.start == 0) {
+        att = at::scaled_dot_product_attention(qp, keys, values, c10::nullopt, 0.0, true, c10::nullopt, true);
+      } else {                                                  // a later chunk: query j sees keys up to start + j
+        at::Tensor visible = at::arange(end, at::kLong).unsqueeze(0) <=
+                             (at::arange(p.length, at::kLong) + p.start).unsqueeze(1);          // [n, end]
+        att = at::scaled_dot_product_attention(qp, keys, values, visible, 0.0, false, c10::nullopt, true);
+      }
+      out.narrow(0, p.offset, p.length).copy_(att.select(0, 0).transpose(0, 1));               // [n, H, D]
+    }
     at::Tensor attended = out.view({n, q_size});                                         // [N, H D]
     at::Tensor o = qm(attended, *t[5], f[1], t[6], t[7]);                                // [N, d]
     lora.apply(l, attended, {{3, o}});

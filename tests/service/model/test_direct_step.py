@@ -1,7 +1,8 @@
-"""The decode step's direct path (service/model/direct_step.py) against the general path of the decoder layers:
-bit-identical hidden states on stored weights (int8 and fp32 storage, q/k/v biases), bare and with LoRA adapters
-mixed per token (all projections, some of them only, base rows among them), and the cases it must leave to the
-general path (IA3, DoRA, prefill rows, hooks) taken by the general path."""
+"""The step's direct path (service/model/direct_step.py) against the general path of the decoder layers:
+bit-identical hidden states and caches on stored weights (int8 and fp32 storage, q/k/v biases), bare and with
+LoRA adapters mixed per token (all projections, some of them only, base rows among them), decode-only steps and
+steps with prompt chunks, and the cases it must leave to the general path (IA3, DoRA, hooks, prompt chunks
+without the C++ loop) taken by the general path."""
 
 import pytest
 import torch
@@ -41,15 +42,29 @@ def add(model, name, config, seed):
                 p.copy_(torch.randn_like(p) * 0.2)
 
 
-def decode_step(model, slots, start=5, calls=None, scales=None):
-    """Hidden states of one decode step of ROWS sequences (each with `start` earlier cache positions)."""
+# A mixed step: decode rows beside a first prompt chunk and a later one (cache slot, first position, length).
+MIXED = [(0, 5, 1), (1, 0, 3), (2, 7, 1), (3, 4, 2)]
+
+
+def decode_step(model, slots, start=5, calls=None, scales=None, seqs=None):
+    """Hidden states of one step and the cache it wrote: by default ROWS decoding sequences (each with `start`
+    earlier cache positions); `seqs` (slot, start, length) per sequence for other steps. `slots` and `scales`
+    are per sequence."""
     c = model.config
     cache = type("Cache", (), {})()
     torch.manual_seed(1)
     cache.k = torch.randn(c.num_hidden_layers, ROWS, c.num_key_value_heads, 16, c.head_dim)
     cache.v = torch.randn_like(cache.k)
-    plan = StepPlan([StepSequence(r, start + r, 1) for r in range(ROWS)], torch.arange(ROWS))
-    tokens, positions = torch.arange(3, 3 + ROWS), torch.tensor([start + r for r in range(ROWS)])
+    seqs = seqs or [(r, start + r, 1) for r in range(ROWS)]
+    lengths = [n for _, _, n in seqs]
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    plan = StepPlan([StepSequence(*seq) for seq in seqs], ends)
+    tokens = torch.arange(3, 3 + sum(lengths))
+    positions = torch.tensor([p for _, first, n in seqs for p in range(first, first + n)])
+    if slots is not None:
+        slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
+    if scales is not None:
+        scales = [scale for scale, n in zip(scales, lengths) for _ in range(n)]
     with torch.inference_mode():
         if getattr(model, "peft_config", None):
             with ac.token_batch(model, torch.tensor(slots), scales=scales):
@@ -57,8 +72,8 @@ def decode_step(model, slots, start=5, calls=None, scales=None):
         return model.forward_step(tokens, positions, plan, cache), cache.k.clone()
 
 
-def both_paths(model, slots, monkeypatch, scales=None):
-    """(general, direct) results of the same step, and how many steps took the direct path."""
+def both_paths(model, slots, monkeypatch, scales=None, seqs=None):
+    """(general, direct) results of the same step, and whether the step took the direct path."""
     taken = []
     real = direct_step.direct_decode
 
@@ -68,9 +83,9 @@ def both_paths(model, slots, monkeypatch, scales=None):
         return out
     monkeypatch.setattr("service.model.decoder.direct_decode", counting)
     monkeypatch.setattr(direct_step, "ENABLED", False)
-    general = decode_step(model, slots, scales=scales)
+    general = decode_step(model, slots, scales=scales, seqs=seqs)
     monkeypatch.setattr(direct_step, "ENABLED", True)
-    direct = decode_step(model, slots, scales=scales)
+    direct = decode_step(model, slots, scales=scales, seqs=seqs)
     return general, direct, taken[-1]
 
 
@@ -142,14 +157,15 @@ def test_adapters_the_direct_path_does_not_compute_take_the_general_path(kind, m
         assert took_direct, "a step whose rows are all on the base model does not use the adapter"
 
 
-def test_prefill_steps_and_hooks_take_the_general_path(monkeypatch):
+def test_prefill_steps_without_the_cpp_loop_and_hooks_take_the_general_path(monkeypatch):
     model = stored_model("F32")
     cache = type("Cache", (), {})()
     c = model.config
     cache.k = torch.zeros(c.num_hidden_layers, 1, c.num_key_value_heads, 16, c.head_dim)
     cache.v = torch.zeros_like(cache.k)
     plan = StepPlan([StepSequence(0, 0, 3)], torch.tensor([2]))
-    with torch.inference_mode():
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        patch.setattr(direct_step, "_native_tables", lambda *a: None)
         assert direct_step.direct_decode(model, torch.zeros(3, c.hidden_size), model.rope().at(torch.arange(3)),
                                          plan, cache) is None
     handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: None)
@@ -160,3 +176,29 @@ def test_prefill_steps_and_hooks_take_the_general_path(monkeypatch):
         handle.remove()
     _, _, took_direct = both_paths(model, None, monkeypatch)
     assert took_direct
+
+
+@pytest.mark.parametrize("fmt", ["I8", "F32"])
+def test_mixed_steps_with_prompt_chunks_are_bit_identical(fmt, monkeypatch):
+    """Decode rows beside prompt chunks (a first chunk and a later one, whose queries see the cached keys
+    before them), bare and with LoRA adapters per sequence: the C++ loop writes the chunks' keys and values
+    and attends as the layer modules do, to the bit (outputs and cache); without the C++ loop such a step
+    is left to the layer modules."""
+    model = stored_model(fmt)
+    general, direct, took_direct = both_paths(model, None, monkeypatch, seqs=MIXED)
+    assert took_direct
+    assert torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])
+    for seqs in ([(1, 0, 3)], [(3, 4, 2), (0, 9, 1)]):                          # prompt chunks only, and one later
+        general, direct, took_direct = both_paths(model, None, monkeypatch, seqs=seqs)
+        assert took_direct and torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])
+    add(model, "all", lora("all-linear"), 0)
+    add(model, "qv", lora(["q_proj", "v_proj", "down_proj"]), 1)
+    per_seq = [ac.adapter_slot(model, "all"), ac.adapter_slot(model, "qv"), 0, ac.adapter_slot(model, "all")]
+    general, direct, took_direct = both_paths(model, per_seq, monkeypatch, scales=[1.0, 0.5, 1.0, 2.0], seqs=MIXED)
+    assert took_direct
+    assert torch.equal(general[0], direct[0]) and torch.equal(general[1], direct[1])
+    base = decode_step(model, [0] * 4, seqs=MIXED)[0]
+    assert not torch.equal(base, direct[0]), "the adapters change the output"
+    monkeypatch.setattr(direct_step, "_native_tables", lambda *a: None)
+    _, _, took_direct = both_paths(model, per_seq, monkeypatch, seqs=MIXED)
+    assert not took_direct
