@@ -9,8 +9,9 @@ from the file into its place in them; a tensor whose layout or dtype changes on 
 stored transposed; a factor cast to `factor_dtype`) is read into a small scratch buffer and copied from
 there, while it is still in the cache, B by the fused kernel's tiled transpose (`sgmv.transpose_copy_`:
 torch's strided copy took ~20 ms of the 44 MB adapter's B factors). The buffers ask the kernel for huge pages
-(`advise_huge_pages`): the page faults of a fresh 44 MB buffer were most of the file's read time. The result equals `pack_adapter_tensors(load_file(path), factor_dtype)`
-(same keys, shapes, dtypes, values, layout). safetensors itself checks the header first (offsets inside the
+(`advise_huge_pages`): the page faults of a fresh 44 MB buffer were most of the file's read time. Together:
+22 ms instead of 37. The result equals `pack_adapter_tensors(load_file(path), factor_dtype)` (same keys,
+shapes, dtypes, values, layout). safetensors itself checks the header first (offsets inside the
 file, no overlaps, known dtypes), so a malformed or truncated file fails as it does with `load_file`.
 """
 

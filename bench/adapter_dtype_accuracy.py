@@ -31,25 +31,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import adapters_core as ac  # noqa: E402
-from adapter_scale_bench import serving_model  # noqa: E402
+from adapter_scale_bench import random_adapters, serving_model  # noqa: E402
 from adapters_core.packing import pack_adapter_tensors, tensor_bytes  # noqa: E402
-from engine_bench import PROJECTIONS, TOPICS  # noqa: E402
+from engine_bench import TOPICS  # noqa: E402
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def fp32_adapters(model, count: int, rank: int, scale: float) -> list[str]:
-    """`count` random rank-`rank` fp32 LoRA adapters (adapter_scale_bench's recipe at scale 0.1): their names."""
-    names = [f"a{i}" for i in range(count)]
-    for i, name in enumerate(names):
-        torch.manual_seed(i)
-        ac.inject_adapter_in_model(ac.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS,
-                                                 init_lora_weights=False), model, name)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if f".{name}." in pname:
-                    p.mul_(scale)
+    """`count` random rank-`rank` fp32 LoRA adapters (adapter_scale_bench's recipe): their names."""
+    names = random_adapters(model, count, rank, scale)
     ac.set_adapter(model, [])
     return names
 

@@ -38,17 +38,24 @@ def serving_model(weights: str) -> tuple[Decoder, object]:
     return model, loaded
 
 
-def add_adapters(model, count: int, rank: int) -> tuple[list[str], list[str]]:
-    """`count` random rank-`rank` LoRA adapters and `count` linear merges of two of them: their names."""
-    plain = [f"a{i}" for i in range(count)]
-    for i, name in enumerate(plain):
+def random_adapters(model, count: int, rank: int, scale: float = 0.1) -> list[str]:
+    """`count` random rank-`rank` fp32 LoRA adapters a0.. on all seven projections, nn.Linear's init times
+    `scale` (0.1: deltas the size of a trained adapter's): their names."""
+    names = [f"a{i}" for i in range(count)]
+    for i, name in enumerate(names):
         torch.manual_seed(i)
         ac.inject_adapter_in_model(ac.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS,
                                                  init_lora_weights=False), model, name)
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if f".{name}." in pname:
-                    p.mul_(0.1)
+                    p.mul_(scale)
+    return names
+
+
+def add_adapters(model, count: int, rank: int) -> tuple[list[str], list[str]]:
+    """`count` random rank-`rank` LoRA adapters and `count` linear merges of two of them: their names."""
+    plain = random_adapters(model, count, rank)
     merged = [f"m{i}" for i in range(count)]
     for i, name in enumerate(merged):
         ac.add_weighted_adapter(model, [plain[i], plain[(i + 1) % count]], [0.6, 0.4], name, "linear")

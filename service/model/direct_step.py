@@ -10,8 +10,8 @@ gate/up matmul and its deltas, SwiGLU, down_proj, residual.
 
 It applies to steps on the CPU in fp32 (decode rows, and with the C++ loop also prompt chunks beside them: their
 keys and values written into the cache, then the decode rows' attention, then each chunk's causal
-`scaled_dot_product_attention`, as `Attention.forward_step` does; under a server's load the layers' path for
-such a mixed step paid a wait for the GIL after each of its ~600 kernel calls) when every projection is a
+`scaled_dot_product_attention`, as `Attention.forward_step` does; the layers' path for such a step takes the
+GIL back from the server's other threads after each of its ~600 kernel calls) when every projection is a
 stored-weight `QuantLinear` in its decoder group, either bare or wrapped by an `AdapterLayer` whose part
 in this batch is nothing or plain LoRA (no IA3, DoRA, LoRA bias, hooks, merged adapters), and the kernels
 are built. Such a step runs the whole loop in one C++ call (csrc/decode_layers.cpp, the same kernels in the
