@@ -18,6 +18,7 @@ file, no overlaps, known dtypes), so a malformed or truncated file fails as it d
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Optional
 
@@ -50,24 +51,23 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
             if dtype is None:
                 return None
             shape = tuple(entry["shape"])
-            probe = torch.empty(0, dtype=dtype)
             entries.append((data_start + entry["data_offsets"][0], key, dtype, shape,
-                            factor_target(key, probe, factor_dtype)))
+                            factor_target(key, dtype, factor_dtype)))
         sizes: dict[torch.dtype, int] = {}
         scratch_bytes = file_bytes = 0
         for _, key, dtype, shape, target in entries:
-            numel = _numel(shape)
-            file_bytes += numel * _itemsize(dtype)
+            numel = math.prod(shape)
+            file_bytes += numel * dtype.itemsize
             sizes[target] = sizes.get(target, 0) + numel
             if _through_scratch(key, dtype, shape, target):
-                scratch_bytes = max(scratch_bytes, numel * _itemsize(dtype))
+                scratch_bytes = max(scratch_bytes, numel * dtype.itemsize)
         slabs = {dtype: advise_huge_pages(torch.empty(n, dtype=dtype)) for dtype, n in sizes.items()}
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
         offsets = dict.fromkeys(slabs, 0)
         out = {}
         with torch.no_grad():
             for offset, key, dtype, shape, target in sorted(entries, key=lambda e: e[0]):   # one pass over the file
-                numel = _numel(shape)
+                numel = math.prod(shape)
                 start = offsets[target]
                 region = slabs[target][start:start + numel]
                 offsets[target] = start + numel
@@ -75,7 +75,7 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
                     _read_into(fh, offset, region)
                     out[key] = region.view(shape)
                     continue
-                staged = scratch[:numel * _itemsize(dtype)].view(dtype).view(shape)
+                staged = scratch[:numel * dtype.itemsize].view(dtype).view(shape)
                 _read_into(fh, offset, staged)
                 if len(shape) == 2 and is_lora_b(key):
                     bt = region.view(shape[1], shape[0])                              # [r, out]
@@ -88,17 +88,6 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
 
 def _through_scratch(key: str, dtype: torch.dtype, shape: tuple, target: torch.dtype) -> bool:
     return target != dtype or (len(shape) == 2 and is_lora_b(key))
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _read_into(fh, offset: int, tensor: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ output (IA3's, DoRA's magnitudes) would cost accuracy for no bytes worth saving.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -52,20 +53,18 @@ def advise_huge_pages(buffer: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _libc():
-    if not _LIBC:
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-            if libc is not None:
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            libc = None
-        _LIBC.append(libc)
-    return _LIBC[0]
+    """The C library with `madvise` typed, on Linux; else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def is_lora_b(key: str) -> bool:
@@ -78,11 +77,12 @@ def is_factor_tensor(key: str) -> bool:
     return key.endswith(_FACTOR_SUFFIXES)
 
 
-def factor_target(key: str, t: torch.Tensor, factor_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype `t` (under PEFT's key `key`) is held in: `factor_dtype` for a floating factor tensor, else its own."""
-    if factor_dtype is not None and t.dtype.is_floating_point and is_factor_tensor(key):
+def factor_target(key: str, dtype: torch.dtype, factor_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor of `dtype` under PEFT's key `key` is held in: `factor_dtype` for a floating factor
+    tensor, else its own."""
+    if factor_dtype is not None and dtype.is_floating_point and is_factor_tensor(key):
         return factor_dtype
-    return t.dtype
+    return dtype
 
 
 def cast_factor_tensors(tensors: dict[str, torch.Tensor],
@@ -90,7 +90,7 @@ def cast_factor_tensors(tensors: dict[str, torch.Tensor],
     """The same dict with every factor tensor in `factor_dtype` (None: `tensors` itself, untouched)."""
     if factor_dtype is None:
         return tensors
-    return {key: t.to(factor_target(key, t, factor_dtype)) for key, t in tensors.items()}
+    return {key: t.to(factor_target(key, t.dtype, factor_dtype)) for key, t in tensors.items()}
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -101,7 +101,7 @@ def pack_adapter_tensors(tensors: dict[str, torch.Tensor],
                          factor_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """The same tensors (same keys, shapes and values; same dtypes, except factor tensors in `factor_dtype` when
     it is given) as views of one contiguous buffer per dtype and device, with each 2-D LoRA B stored transposed."""
-    dtypes = {key: factor_target(key, t, factor_dtype) for key, t in tensors.items()}
+    dtypes = {key: factor_target(key, t.dtype, factor_dtype) for key, t in tensors.items()}
     sizes: dict[tuple, int] = {}
     for key, t in tensors.items():
         sizes[(dtypes[key], t.device)] = sizes.get((dtypes[key], t.device), 0) + t.numel()

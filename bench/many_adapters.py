@@ -110,7 +110,7 @@ def metric_total(text: str, name: str) -> dict[str, float]:
     return totals
 
 
-def bucket_p50(before: dict, after: dict, q: float = 0.5) -> tuple[int, Optional[str]]:
+def bucket_quantile(before: dict, after: dict, q: float = 0.5) -> tuple[int, Optional[str]]:
     """(count, the smallest bucket bound holding the share `q` of the window's observations)."""
     delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
     total = delta.get("+Inf", 0)
@@ -182,8 +182,8 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
                              *(client(http) for _ in range(args.streams)))
     loads = {}
     for window, (a, b) in (("cold", ("start", "cold")), ("steady", ("cold", "steady"))):
-        loads[window] = {m: bucket_p50(scraped[a][m], scraped[b][m]) for m in scraped[b] if m not in ("gc", "steps")}
-        loads[window]["steps"] = [bucket_p50(scraped[a]["steps"], scraped[b]["steps"], q) for q in (0.5, 0.99)]
+        loads[window] = {m: bucket_quantile(scraped[a][m], scraped[b][m]) for m in scraped[b] if m not in ("gc", "steps")}
+        loads[window]["steps"] = [bucket_quantile(scraped[a]["steps"], scraped[b]["steps"], q) for q in (0.5, 0.99)]
         loads[window]["gc"] = {k: scraped[b]["gc"][k] - scraped[a]["gc"][k] for k in scraped[b]["gc"]}
     return cold, steady, {"loads": loads, "errors": errors}
 
