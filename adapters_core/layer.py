@@ -10,6 +10,7 @@ active on the model, forward switches to the stacked per-row / per-token path in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -46,6 +47,11 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 _NO_DROPOUT = nn.Identity()
 
 
+# The per-adapter containers of an AdapterLayer (its child modules): what `remove_adapter` empties of a name.
+_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout",
+               "adalora_A", "adalora_E", "adalora_B", "ia3_l")
+
+
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     """LoRA's delta scale: alpha / r, or rsLoRA's alpha / sqrt(r)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -55,13 +61,34 @@ def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    requires_grad: bool = True) -> nn.Linear:
     """An nn.Linear whose parameters are `weight` [out, in] (and `bias` [out]) as given: nn.Linear's own
     constructor allocates and initialises new ones (reset_parameters runs even on the meta device, ~0.3 ms
-    per layer of every adapter load)."""
+    per layer of every adapter load). Its state is what `nn.Module.__init__` and two parameter assignments
+    leave, built directly: through Module's `__setattr__` (its isinstance checks against Parameter's
+    metaclass) the two modules per layer were half of preparing an adapter (~25 us each)."""
     lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
-    lin.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
+    template = _fresh_module_state()
+    w = nn.Parameter(weight, requires_grad=requires_grad)
+    b = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
+    if template is None:                  # a torch whose fresh module state is not plain empty containers
+        nn.Module.__init__(lin)
+        lin.weight, lin.bias = w, b
+    else:
+        state = lin.__dict__
+        for key, value in template.items():
+            state[key] = type(value)() if isinstance(value, (dict, set)) else value   # fresh containers
+        state["_parameters"]["weight"], state["_parameters"]["bias"] = w, b
+    lin.__dict__["in_features"], lin.__dict__["out_features"] = weight.shape[1], weight.shape[0]
     return lin
+
+
+@functools.cache
+def _fresh_module_state() -> Optional[dict]:
+    """The attributes `nn.Module.__init__` gives a module (this torch version's), whose containers are all
+    empty: the template `linear_holding` copies; None if some container is not empty (then it is not used)."""
+    module = nn.Module.__new__(nn.Module)
+    nn.Module.__init__(module)
+    if any(isinstance(v, (dict, set)) and v for v in module.__dict__.values()):
+        return None
+    return dict(module.__dict__)
 
 
 def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
@@ -240,14 +267,17 @@ class AdapterLayer(nn.Module):
         return getattr(self, module)[name], attr
 
     def remove_adapter(self, name: str) -> None:
-        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
-                          self.lora_magnitude_vector, self.lora_dropout, self.adalora_A, self.adalora_E,
-                          self.adalora_B, self.ia3_l):
+        # (the containers straight from `_modules`, and `active_adapters` set only when it changes: a server
+        # removes every evicted adapter from each of its layers, and Module's attribute hooks were most of it)
+        modules = self._modules
+        for attr in _CONTAINERS:
+            container = modules[attr]
             if name in container:
                 del container[name]
         for d in (self.kind, self.r, self.scaling, self.ranknum, self.ia3_feedforward):
             d.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        if name in self.active_adapters:
+            self.active_adapters = [a for a in self.active_adapters if a != name]
         if self.stack is not None:
             self.stack.forget(name)
 

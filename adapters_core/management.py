@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import UnknownAdapterError
 from .layer import AdapterLayer
-from .model_tree import adapter_layers, peft_configs, slot_table, wrappers
+from .model_tree import peft_configs, slot_table, wrapped_modules
 from .packing import is_factor_tensor
 from .prompt_learning import remove_prompt_adapter
 
@@ -49,12 +49,13 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]], inference
     """Make `adapter_name` (a name or a list) the active adapter(s) of every layer."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     _check_known(model, names)
-    for _, layer in adapter_layers(model):
-        _layer_set_adapter(layer, names, inference_mode)
-    for _, wrapper in wrappers(model):
-        wrapper.set_adapter(names)
-        for name, module in wrapper.modules_to_save.items():
-            module.requires_grad_(name in names and not inference_mode)
+    for module in wrapped_modules(model):
+        if isinstance(module, AdapterLayer):
+            _layer_set_adapter(module, names, inference_mode)
+            continue
+        module.set_adapter(names)
+        for name, copy in module.modules_to_save.items():
+            copy.requires_grad_(name in names and not inference_mode)
     model.__dict__["_active_adapters"] = names
 
 
@@ -63,24 +64,25 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def enable_adapters(model: nn.Module) -> None:
-    for _, module in adapter_layers(model) + wrappers(model):
+    for module in wrapped_modules(model):
         module.disabled = False
 
 
 def disable_adapters(model: nn.Module) -> None:
     """Run the base model only (merged adapters are unmerged on the next forward, as in PEFT)."""
-    for _, module in adapter_layers(model) + wrappers(model):
+    for module in wrapped_modules(model):
         module.disabled = True
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> list[str]:
     """Remove `adapter_name` from the model; return the new active adapters."""
     _check_known(model, [adapter_name])
-    layers = adapter_layers(model)
-    if any(adapter_name in layer.merged_adapters for _, layer in layers):
+    modules = wrapped_modules(model)
+    layers = [m for m in modules if isinstance(m, AdapterLayer)]
+    if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting")
     new_active = None
-    for _, layer in layers:
+    for layer in layers:
         if adapter_name not in layer.kind:
             continue
         was_active = adapter_name in layer.active_adapters
@@ -93,8 +95,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> list[str]:
                 _layer_set_adapter(layer, remaining[:1], inference_mode=False)
         if new_active is None:
             new_active = list(layer.active_adapters)
-    for _, wrapper in wrappers(model):
-        wrapper.remove(adapter_name)
+    for wrapper in modules:
+        if not isinstance(wrapper, AdapterLayer):
+            wrapper.remove(adapter_name)
     slot_table(model).release(adapter_name)
     remove_prompt_adapter(model, adapter_name)
     del peft_configs(model)[adapter_name]
@@ -109,8 +112,8 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
     if not autocast_adapter_dtype:
         return
     _check_known(model, [adapter_name])
-    for _, layer in adapter_layers(model):
-        if adapter_name not in layer.kind:
+    for layer in wrapped_modules(model):
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.kind:
             continue
         for suffix, param in layer.adapter_parameters(adapter_name).items():
             if param.dtype in _LOW_PRECISION:
@@ -123,8 +126,8 @@ def cast_adapter_factors(model: nn.Module, adapter_name: str, dtype: torch.dtype
     """Hold the adapter's LoRA / AdaLoRA factor tensors (`packing.is_factor_tensor`) in `dtype`, in place, as
     `load_adapter(factor_dtype=dtype)` would have loaded them; its other tensors keep their dtype."""
     _check_known(model, [adapter_name])
-    for _, layer in adapter_layers(model):
-        if adapter_name not in layer.kind:
+    for layer in wrapped_modules(model):
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.kind:
             continue
         for suffix, param in layer.adapter_parameters(adapter_name).items():
             if is_factor_tensor(f".{suffix}") and param.dtype.is_floating_point and param.dtype != dtype:

@@ -8,7 +8,9 @@ that without changing the model: it reads the tree (its targets must already be 
 as they are once any adapter has targeted them), checks every key and shape, and builds each layer's
 `lora_A` / `lora_B` modules around the given tensors (no copy: pass `packing.pack_adapter_tensors`'s
 output and the stacks read them in place). `attach_prepared` then inserts them: a few dict writes per layer
-and the slot table's bookkeeping. It covers plain LoRA (any rank, alpha and rank patterns, rsLoRA) without
+and the slot table's bookkeeping. It also computes what each layer's slot will hold (`stack.lora_slot_rows`:
+the factors' rows, scale and the fused kernel's table row), so the first step that uses the adapter only
+writes them. It covers plain LoRA (any rank, alpha and rank patterns, rsLoRA) without
 DoRA, LoRA bias, embeddings or `modules_to_save`; for anything else, or when the tree changed in between,
 `prepare_adapter` returns None and the caller uses `load_adapter`. The adapter is attached inactive and
 frozen (requires_grad False), as a server's registry wants it; `set_adapter` activates it.
@@ -28,6 +30,7 @@ from .errors import AdapterError, AdapterWeightsError
 from .layer import AdapterLayer, linear_holding, lora_scaling
 from .matching import pattern_value
 from .model_tree import NAME_RE, peft_configs, slot_table, walk
+from .stack import lora_slot_rows
 from .state_dict import PEFT_PREFIX
 
 
@@ -36,6 +39,7 @@ class PreparedAdapter:
     name: str
     config: LoraConfig
     layers: list[tuple[AdapterLayer, int, float, nn.Linear, nn.Linear]]   # layer, r, scaling, lora_A, lora_B
+    rows: list[tuple]                     # per layer: `stack.lora_slot_rows`, what its slot will hold
 
 
 def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str,
@@ -61,7 +65,7 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
                 break
         else:
             return None                   # bias, magnitude, embedding or other keys: the general path
-    layers = []
+    layers, rows = [], []
     for path, pair in factors.items():
         layer = modules.get(path)
         if type(layer) is not AdapterLayer or layer.is_embedding or set(pair) != {"lora_A", "lora_B"}:
@@ -78,11 +82,13 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         if factor_dtype is not None and a.dtype.is_floating_point:
             dtype = factor_dtype
         scaling = lora_scaling(pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
-        layers.append((layer, r, scaling, linear_holding(a.to(device=device, dtype=dtype), requires_grad=False),
-                       linear_holding(b.to(device=device, dtype=dtype), requires_grad=False)))
+        lin_a = linear_holding(a.to(device=device, dtype=dtype), requires_grad=False)
+        lin_b = linear_holding(b.to(device=device, dtype=dtype), requires_grad=False)
+        layers.append((layer, r, scaling, lin_a, lin_b))
+        rows.append(lora_slot_rows(lin_a.weight, lin_b.weight, scaling))
     if not layers:
         return None
-    return PreparedAdapter(adapter_name, copy.deepcopy(config), layers)
+    return PreparedAdapter(adapter_name, copy.deepcopy(config), layers, rows)
 
 
 def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:
@@ -100,5 +106,5 @@ def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:
         layer.lora_A[prepared.name] = lin_a
         layer.lora_B[prepared.name] = lin_b
     configs[prepared.name] = prepared.config
-    table.assign(prepared.name, [layer for layer, *_ in prepared.layers])
+    table.assign(prepared.name, [layer for layer, *_ in prepared.layers], prepared.rows)
     return True

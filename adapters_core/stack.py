@@ -21,7 +21,10 @@ Stacks are refreshed lazily and incrementally: `SlotTable.sync` rewrites an adap
 tensors changed since the last write (tracked by tensor identity and torch's in-place `_version`
 counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
 A caller that changes adapters only through adapters_core's functions (a server's registry) can skip that
-scan (`check_edits=False`): those functions invalidate the adapters they change.
+scan (`check_edits=False`): those functions invalidate the adapters they change. An adapter attached by
+`prepared.attach_prepared` brings its slot rows computed off the serving thread (`lora_slot_rows`), so its
+first write is a few dict and table writes per layer instead of re-deriving them (3.4 -> ~0.5 ms a SmolLM2
+adapter on q/v, paid inside the first step that uses it).
 """
 
 from __future__ import annotations
@@ -47,12 +50,17 @@ class SlotTable:
         self.layers: dict[str, list] = {}
         self._free: list[int] = []
         self._next = 1
-        self._synced: dict[str, tuple] = {}     # adapter -> (owner dicts, keys, tensors, versions) at last copy
+        self._synced: dict[str, Optional[tuple]] = {}   # adapter -> (owner dicts, keys, tensors, versions) at
+        #                                         last copy (None: written without recording them, re-copied by a
+        #                                         check_edits sync)
+        self._ready: dict[str, list] = {}       # adapter -> its layers' `lora_slot_rows`, until its first write
         self.modules: list = []                 # every AdapterLayer / ModulesToSaveWrapper of the model
         self._stack_slots = 0                   # every existing stack holds at least this many slots
         self.mapping: Optional[BatchMapping] = None
 
-    def assign(self, name: str, layers: list) -> int:
+    def assign(self, name: str, layers: list, ready: Optional[list] = None) -> int:
+        """Give `name` a slot (keeping the one it has) held in `layers`; `ready`: each layer's slot rows
+        (`lora_slot_rows`, aligned with `layers`), written as they are at the adapter's first sync."""
         if name not in self.slot_of:
             slot = self._free.pop() if self._free else self._next
             if slot == self._next:
@@ -61,18 +69,23 @@ class SlotTable:
             self.slot_of[name] = slot
         self.layers[name] = layers
         self._synced.pop(name, None)
+        self._ready.pop(name, None)
+        if ready is not None:
+            self._ready[name] = ready
         return self.slot_of[name]
 
     def release(self, name: str) -> None:
         slot = self.slot_of.pop(name, None)
         self.layers.pop(name, None)
         self._synced.pop(name, None)
+        self._ready.pop(name, None)
         if slot is not None:
             self.name_of.pop(slot, None)
             self._free.append(slot)
 
     def invalidate(self, name: str) -> None:
         self._synced.pop(name, None)
+        self._ready.pop(name, None)             # its tensors changed: derive the rows again
 
     @property
     def num_slots(self) -> int:
@@ -115,11 +128,13 @@ class SlotTable:
             if self.is_synced(name) if check_edits else name in self._synced:
                 continue
             slot = self.slot_of[name]
-            for layer in self.layers[name]:
+            ready = self._ready.pop(name, None)
+            for i, layer in enumerate(self.layers[name]):
                 if layer.stack is None:
                     layer.stack = LayerStack(layer)
-                layer.stack.write(slot, name)
-            self._synced[name] = self._entries(name)
+                layer.stack.write(slot, name, None if ready is None else ready[i])
+            # (recording the tensors' versions reads every parameter again: only for a caller that checks them)
+            self._synced[name] = self._entries(name) if check_edits else None
         if self._next > self._stack_slots:
             for module in self.modules:
                 if getattr(module, "stack", None) is not None:
@@ -152,6 +167,10 @@ class LayerStack:
         # padding (Bt is the storage of lora_B's weight, which becomes its transposed view at the first write)
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.table: Optional[torch.Tensor] = None       # [n, 7] int64: what the fused kernel reads (sgmv.py)
+        # the table's memory as a numpy array: a row written through it holds the GIL, where a torch
+        # `table[slot] = ...` hands the GIL to the server's other threads and waits to get it back (up to the
+        # 5 ms switch interval, per layer, when an adapter is written or evicted between two steps)
+        self._rows = None
         self.off_table: set[int] = set()                # slots whose factors the kernel cannot read (dtype)
         self.bias: Optional[torch.Tensor] = None       # [n, out]: lora_B.bias * scaling
         self.dora: Optional[torch.Tensor] = None       # [n, out]: m / ||W + sBA||, 1 for other slots
@@ -214,6 +233,7 @@ class LayerStack:
         self.version += 1
         if n != self.n:
             self.table = _grow(self.table, (n, sgmv.TABLE_COLUMNS), 0, torch.int64, torch.device("cpu"))
+            self._rows = self.table.numpy()
         self.n, self.dtype = n, new_dtype
         lay, dev = self.layer, self.device
         for attr, width, fill in (("bias", lay.out_features, 0.0), ("dora", lay.out_features, 1.0),
@@ -234,7 +254,7 @@ class LayerStack:
         self.off_table.discard(slot)
         if slot >= self.n:
             return
-        self.table[slot] = 0
+        self._rows[slot] = 0
         for attr, fill in (("bias", 0.0), ("dora", 1.0), ("ia3_in", 1.0), ("ia3_out", 1.0)):
             t = getattr(self, attr)
             if t is not None:
@@ -280,9 +300,22 @@ class LayerStack:
         return held
 
     @torch.no_grad()
-    def write(self, slot: int, name: str) -> None:
+    def write(self, slot: int, name: str, ready: Optional[tuple] = None) -> None:
+        """Hold adapter `name`'s tensors in `slot`. `ready`: its `lora_slot_rows` for this layer, computed
+        when it was prepared (a plain LoRA: no bias, no DoRA), written as they are."""
         self.version += 1
         lay = self.layer
+        if ready is not None:
+            a, b, scale, row = ready
+            self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype)
+            self.clear(slot)
+            self.lora[slot] = (a, b, scale)
+            if row is None:
+                self.off_table.add(slot)
+            else:
+                self._rows[slot] = row
+            self._name_slot(slot, name)
+            return
         kind = lay.kind[name]
         if kind == "IA3":
             vec = lay.ia3_l[name]
@@ -300,12 +333,15 @@ class LayerStack:
             if row is None:
                 self.off_table.add(slot)
             else:
-                self.table[slot] = torch.tensor(row)
+                self._rows[slot] = row
             if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
                 self._ensure("bias", lay.out_features, 0.0)[slot] = (
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
             if name in lay.lora_magnitude_vector:
                 self._ensure("dora", lay.out_features, 1.0)[slot] = lay.dora_scale(name, self.dtype).detach()
+        self._name_slot(slot, name)
+
+    def _name_slot(self, slot: int, name: str) -> None:
         held = self.slot_names.get(slot)
         if held is not None and held != name:
             self._name_slots[held].discard(slot)
@@ -319,21 +355,36 @@ def _lora_rows(lay, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     can prepare it so, `transposed_b`) is copied once, and the parameter becomes a view of the copy, so the
     adapter is held once whatever the path."""
     a, b, _ = lay.lora_factors(name)
-    for which, tensor in (("A", a), ("B", b)):
+    a, b = _held_rows(a, b)
+    if lay.kind[name] == "ADALORA":
+        scale = lay.adalora_E[name].detach().reshape(-1).float() * (lay.scaling[name] / (lay.ranknum[name] + 1e-5))
+    else:
+        scale = torch.full((a.shape[0],), lay.scaling[name], dtype=torch.float32, device=a.device)
+    return a, b, scale.contiguous()
+
+
+def _held_rows(a_param: torch.Tensor, b_param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], Bt [r, out]) contiguous and sharing the parameters' storage (see `_lora_rows`)."""
+    out = []
+    for which, tensor in (("A", a_param), ("B", b_param)):
         rows = tensor.detach() if which == "A" else tensor.detach().T            # [r, in] / [r, out]
         if not rows.is_contiguous():
             rows = rows.contiguous()
             tensor.data = rows if which == "A" else rows.T
-        if which == "A":
-            a = rows
-        else:
-            b = rows
-    r = a.shape[0]
-    if lay.kind[name] == "ADALORA":
-        scale = lay.adalora_E[name].detach().reshape(-1).float() * (lay.scaling[name] / (lay.ranknum[name] + 1e-5))
-    else:
-        scale = torch.full((r,), lay.scaling[name], dtype=torch.float32, device=a.device)
-    return a, b, scale.contiguous()
+        out.append(rows)
+    return out[0], out[1]
+
+
+def lora_slot_rows(a_param: torch.Tensor, b_param: torch.Tensor,
+                   scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """What `LayerStack.write` holds for a plain LoRA whose lora_A / lora_B weights are `a_param` [r, in] and
+    `b_param` [out, r] with delta scale `scaling`: (A, Bt [r, out], fp32 scale [r], the kernel's table row, or
+    None where the kernel cannot read the factors). For an adapter not yet in the model
+    (`prepared.prepare_adapter`, off the serving thread): B's storage is laid out transposed if it is not."""
+    a, bt = _held_rows(a_param, b_param)
+    scale = torch.full((a.shape[0],), scaling, dtype=torch.float32, device=a.device)
+    row = sgmv.table_row(a, bt, scale)
+    return a, bt, scale, row
 
 
 def transposed_b(b: torch.Tensor) -> torch.Tensor:

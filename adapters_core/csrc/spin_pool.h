@@ -114,15 +114,27 @@ class SpinPool {
   const std::function<void(int)>* job_ = nullptr;
 };
 
-// body(begin, end) over contiguous chunks of [0, items), one chunk per thread (OpenMP's `parallel` with a
-// static `for`: per-thread set-up goes at the top of body). Small jobs (`items < min_items`) run inline.
+// body(begin, end) over contiguous chunks of [0, items) that the threads claim in turn from a shared counter,
+// kChunksPerThread per thread (OpenMP's `parallel` with a `dynamic` schedule: per-chunk set-up goes at the top
+// of body). With one fixed chunk per thread a region ended when its slowest thread did: on a machine whose
+// cores also run the server's event loop and adapter loader, the OS takes a worker off its core for a few ms
+// now and then, and the step waited for it; with claimed chunks the others take over its share. Small jobs
+// (`items < min_items`) run inline.
+constexpr int64_t kChunksPerThread = 4;
+
 inline void spin_parallel(int64_t items, const std::function<void(int64_t, int64_t)>& body,
                           int64_t min_items = 2) {
   SpinPool& pool = SpinPool::instance();
   const int parts = items < min_items ? 1 : static_cast<int>(std::min<int64_t>(items, pool.capacity()));
-  const int64_t per = (items + parts - 1) / std::max(parts, 1);
-  pool.run(parts, [&](int part) {
-    const int64_t begin = part * per, end = std::min(items, begin + per);
-    if (begin < end) body(begin, end);
+  if (parts <= 1) {
+    if (items > 0) body(0, items);
+    return;
+  }
+  const int64_t chunks = std::min<int64_t>(items, parts * kChunksPerThread);
+  const int64_t per = (items + chunks - 1) / chunks;
+  std::atomic<int64_t> next{0};
+  pool.run(parts, [&](int) {
+    for (int64_t begin; (begin = next.fetch_add(1, std::memory_order_relaxed) * per) < items;)
+      body(begin, std::min(items, begin + per));
   });
 }

@@ -5,6 +5,8 @@ import torch
 
 import adapters_core as ac
 from adapters_core.packing import pack_adapter_tensors
+from adapters_core.management import cast_adapter_factors
+from adapters_core.model_tree import slot_table
 from adapters_core.prepared import attach_prepared, prepare_adapter
 
 
@@ -97,3 +99,51 @@ def test_bad_shapes_are_refused():
         assert "q_proj" in str(exc)
     else:
         raise AssertionError("shapes that do not fit were accepted")
+
+
+def test_first_write_holds_the_prepared_rows_and_equals_deriving_them():
+    """The slot rows computed while preparing (`lora_slot_rows`) are what the first sync writes, and equal what
+    the stack derives from the attached layers itself; a change through adapters_core (a dtype cast) drops
+    them, so the next write derives rows of the new tensors."""
+    model = _model()
+    ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=dict(_state(4, 0)),
+                    low_cpu_mem_usage=True)
+    prepared = prepare_adapter(model, _config(6), pack_adapter_tensors(_state(6, 1)), "second")
+    assert attach_prepared(model, prepared)
+    table = slot_table(model)
+    slot = ac.adapter_slot(model, "second")
+    table.sync(["second"], check_edits=False)
+    written = [(layer.stack.lora[slot], layer.stack.table[slot].clone()) for layer in table.layers["second"]]
+    for (held, row), rows in zip(written, prepared.rows):
+        assert all(a is b for a, b in zip(held, rows[:3])) and row.tolist() == list(rows[3])
+    table.invalidate("second")
+    table.sync(["second"], check_edits=False)                          # derived from the layers this time
+    for (held, row), layer in zip(written, table.layers["second"]):
+        again = layer.stack.lora[slot]
+        assert all(torch.equal(a, b) for a, b in zip(held, again))              # A, Bt and the scale
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(held[:2], again[:2]))   # the same storage
+        derived = layer.stack.table[slot].tolist()
+        assert derived[:2] + derived[3:] == row.tolist()[:2] + row.tolist()[3:]   # (column 2: the scale's address)
+    cast_adapter_factors(model, "second", torch.bfloat16)
+    table.sync(["second"], check_edits=False)
+    layer = table.layers["second"][0]
+    assert layer.stack.lora[slot][0].dtype == torch.bfloat16
+    assert int(layer.stack.table[slot][0]) == layer.stack.lora[slot][0].data_ptr()
+
+
+def test_linear_holding_builds_what_nn_linear_would():
+    """`linear_holding` fills a module's state directly: the same attributes and container types as an
+    nn.Linear, containers of its own (a hook on one module is not on another), the given tensors as parameters."""
+    from adapters_core.layer import linear_holding
+
+    weight, bias = torch.randn(3, 5), torch.randn(3)
+    lin, other = linear_holding(weight, bias, requires_grad=False), linear_holding(weight)
+    ref = torch.nn.Linear(5, 3)
+    assert {k: type(v) for k, v in vars(lin).items()} == {k: type(v) for k, v in vars(ref).items()}
+    assert lin.weight.data_ptr() == weight.data_ptr() and not lin.weight.requires_grad and other.bias is None
+    assert (lin.in_features, lin.out_features) == (5, 3) and other.weight.requires_grad
+    lin.register_forward_hook(lambda *a: None)
+    assert len(lin._forward_hooks) == 1 and len(other._forward_hooks) == 0
+    x = torch.randn(2, 5)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, weight, bias))
+    assert list(lin.state_dict()) == ["weight", "bias"]
