@@ -42,6 +42,7 @@ from .kv_cache import KVCache
 from .prompt_logprobs import PromptLogprobRows, check_prompt_logprobs
 from .request import FinishReason, GenerationRequest, RequestState, TokenEvent
 from .scheduler import Scheduler
+from .step_gate import StepGate
 from .structured import Grammars, check_constraint, guide_for
 from .virtual_tokens import VirtualTokens
 
@@ -87,6 +88,8 @@ class Engine(EngineThread):
         self._stop = False
         self.last_step = StepStats()
         self.step_listeners: list[Callable[[StepStats], None]] = []
+        self.gate = StepGate()                    # held through each step but its C++ loop (step_gate.py)
+        model.step_gate = self.gate
 
     # ----- submitting -----------------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
@@ -168,6 +171,10 @@ class Engine(EngineThread):
         """Run one step; return the requests that finished in it. A failure on one request's rows (an
         exception in its part of the forward or in its sampling, non-finite logits) finishes that request
         alone with `FinishReason.ERROR`; every other request gets exactly what a step without it gives."""
+        with self.gate.step():
+            return self._step()
+
+    def _step(self) -> list[RequestState]:
         start = time.perf_counter()
         self._take_inbox()
         plan_items = self.scheduler.schedule(self.running, self.waiting, self.cache)

@@ -23,6 +23,7 @@ whose layers differ in shape. Anything else returns None and the general path ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -139,8 +140,10 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
     if lora is not None:                 # the whole loop, LoRA deltas and prompt chunks included, in one C++ call
         chunks = [v for i in plan.prefill for v in (plan.sequences[i].slot, plan.sequences[i].start,
                                                     plan.sequences[i].length, plan.offsets[i])]
-        return ops.decode_layers(x, qm.quant_matmul_entry(), *tables, cos, sin, cache.k, cache.v, tokens, slots,
-                                 last, model.config.head_dim ** -0.5, *lora, chunks)
+        gate = getattr(model, "step_gate", None)          # others may evict adapters meanwhile (step_gate.py)
+        with gate.opened() if gate is not None else contextlib.nullcontext():
+            return ops.decode_layers(x, qm.quant_matmul_entry(), *tables, cos, sin, cache.k, cache.v, tokens,
+                                     slots, last, model.config.head_dim ** -0.5, *lora, chunks)
     for w in works:
         layer = w.layer
         attn = layer.self_attn

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +57,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
                  reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
-                 memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto"):
+                 memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto",
+                 step_gate: Any = None):
         self.model = model
         self.adapter_dtype = AdapterDtype(adapter_dtype)      # how loads hold adapters (adapter_dtype.py)
         self.reserved = {n.casefold() for n in reserved_names if n}
@@ -69,8 +71,14 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         # on the CPU the device and cpu tiers are the same memory: an adapter in the model is not kept twice,
         # and one leaving the device goes back to the store (None: decided by the model's device)
         self.single_memory = _device_of(model).type == "cpu" if single_memory is None else single_memory
-        self._model_lock = threading.Lock()     # model changes: the engine thread's, and `_attach_now`'s
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load")   # reads and prepares loads
+        self._model_lock = threading.Lock()     # model changes: the engine thread's, `_attach_now`'s, the evictor's
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load",   # reads and prepares loads
+                                          initializer=_background_priority)
+        # the engine's StepGate (service/engine/step_gate.py), or None: with it, evictions run on this thread
+        # beside the step's C++ loop instead of between two steps (tiers.py, `_evict`)
+        self.step_gate = step_gate
+        self._evictor = (ThreadPoolExecutor(1, thread_name_prefix="adapter-evict", initializer=_background_priority)
+                         if step_gate is not None else None)
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
         self.preload = list(preload)
@@ -308,6 +316,16 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                 hook(*args)
             except Exception:             # metrics must never break the registry
                 log.exception("adapter registry event hook %s failed", event)
+
+
+def _background_priority() -> None:
+    """A loader / evictor thread runs at nice 10 (Linux: per thread): on a CPU server the step's kernel
+    threads have every core, and a load that took one of them held up each parallel region of the step."""
+    nice = int(os.environ.get("ADAPTER_SERVE_LOADER_NICE", "10"))
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):     # not Linux, or not allowed: the default priority
+        pass
 
 
 def _device_of(model) -> "torch.device":

@@ -91,12 +91,17 @@ class TierMixin:
 
     async def _bring_up(self, record: AdapterRecord) -> None:
         started, from_tier = time.perf_counter(), record.tier
+        _T = {"start": started}
         record.busy = True
         try:
             if record.tensors is None:
                 try:
-                    config, tensors, prepared, extra = await self._unlocked(
-                        self._in_loader(self._read_stored, record.name, record.model_name))
+                    async def _timed():
+                        r = await self._in_loader(self._timed_read, _T, record.name, record.model_name)
+                        _T["resumed"] = time.perf_counter()
+                        return r
+                    config, tensors, prepared, extra = await self._unlocked(_timed())
+                    _T["locked"] = time.perf_counter()
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
@@ -152,6 +157,11 @@ class TierMixin:
         finally:
             record.busy = False
             self._enforce_cpu_limit()
+        _T["end"] = time.perf_counter()
+        import os as _os
+        if _os.environ.get("LOAD_TRACE"):
+            with open(_os.environ["LOAD_TRACE"], "a") as _f:
+                _f.write(" ".join(f"{k}={1e3 * (v - started):.2f}" for k, v in _T.items()) + "\n")
         self._emit("adapter_loaded", record.name, time.perf_counter() - started, from_tier)
 
     def _attach_now(self, record: AdapterRecord, prepared: Optional[PreparedAdapter],
@@ -178,6 +188,16 @@ class TierMixin:
         if victims:
             self._spawn(self._evict(victims), background=True)
         return max(time.perf_counter() - started, 1e-9)
+
+    def _timed_read(self, T, *a):
+        T["loader_begin"] = time.perf_counter()
+        T["cpu0"] = time.thread_time()
+        r = self._read_stored(*a)
+        T["loader_end"] = time.perf_counter()
+        T["cpu"] = T["cpu0"] + (time.thread_time() - T["cpu0"]) + 0
+        T["cpu_ms"] = T["start"] + (time.thread_time() - T.pop("cpu0"))
+        del T["cpu"]
+        return r
 
     def _read_stored(self, name: str,
                      model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
@@ -252,12 +272,23 @@ class TierMixin:
                 victim.tier = DEVICE
 
     async def _evict(self, victims: list[AdapterRecord]) -> None:
-        """Remove `_take_device_room`'s victims from the model in one engine call."""
-        failed = [v.model_name for v in victims]
+        """Remove `_take_device_room`'s victims from the model: in one engine call, or, on the CPU with the
+        engine's step gate, on the evictor thread while a step's C++ loop runs (no request uses a victim, and
+        that loop reads only the tables' rows and tensors of the batch's adapters)."""
+        names = [v.model_name for v in victims]
+        failed = names
         try:
-            failed = await self._on_engine(lambda: _remove_all(self.model, [v.model_name for v in victims]))
+            if self._evictor is not None and self.single_memory:
+                failed = await asyncio.get_running_loop().run_in_executor(self._evictor, self._remove_gated, names)
+            else:
+                failed = await self._on_engine(lambda: _remove_all(self.model, names))
         finally:
             self._settle_victims(victims, failed)
+
+    def _remove_gated(self, names: list[str]) -> list[str]:
+        """Evictor thread: `_remove_all` holding the step gate (first: a step holds it) and the model lock."""
+        with self.step_gate, self._model_lock:
+            return _remove_all(self.model, names)
 
     def _in_loader(self, fn, *args):
         """`fn(*args)` on the registry's one loader thread: loads are prepared one at a time, so they never
@@ -350,6 +381,8 @@ def _inject(model, model_name: str, config: ac.AdapterConfig, tensors: dict,
 
 
 def _remove(model, model_name: str) -> None:
-    """Engine thread; deactivating first also spares delete_adapter's "was active" warning."""
-    ac.set_adapter(model, [])
+    """Engine thread; deactivating first (when anything is active: the registry loads adapters inactive)
+    spares delete_adapter's "was active" warning."""
+    if ac.active_adapters(model):
+        ac.set_adapter(model, [])
     ac.delete_adapter(model, model_name)

@@ -202,3 +202,40 @@ def test_mixed_steps_with_prompt_chunks_are_bit_identical(fmt, monkeypatch):
     monkeypatch.setattr(direct_step, "_native_tables", lambda *a: None)
     _, _, took_direct = both_paths(model, per_seq, monkeypatch, seqs=MIXED)
     assert not took_direct
+
+
+def test_the_step_gate_is_open_only_around_the_cpp_loop(monkeypatch):
+    """Inside a step (the gate held), the one C++ call of the loop runs with the gate opened, so another
+    thread (the registry's evictor) gets in during it, and not before or after; the result is unchanged."""
+    import threading
+
+    from service.engine.step_gate import StepGate
+    from service.model import cpu_ops
+
+    model = stored_model("I8")
+    add(model, "all", lora("all-linear"), 0)
+    slots = [ac.adapter_slot(model, "all")] * ROWS
+    want = decode_step(model, slots)
+    model.step_gate = gate = StepGate()
+    ops = cpu_ops.kernel()
+    real = ops.decode_layers
+    entered = []
+
+    def other_thread_enters() -> bool:
+        got = []
+        t = threading.Thread(target=lambda: got.append(gate._lock.acquire(timeout=0.2) and gate._lock.release()
+                                                       is None))
+        t.start()
+        t.join()
+        return bool(got and got[0])
+
+    def watched(*args):
+        entered.append(other_thread_enters())
+        return real(*args)
+    monkeypatch.setattr(ops, "decode_layers", watched)
+    with gate.step():
+        assert not other_thread_enters()
+        got = decode_step(model, slots)
+        assert not other_thread_enters()
+    assert entered == [True]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

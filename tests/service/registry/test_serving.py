@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
-from service.registry import AdapterRegistry
+from service.registry import AdapterRegistry, tiers
 
 from _fixtures import decoder, decoder_logits, hf_base, hf_logits, input_ids, make_registry, peft_adapter, run
 
@@ -40,11 +40,22 @@ async def _generate(registry, engine, name, prompt):
         registry.release(lease)
 
 
-def test_requests_through_a_running_engine_with_evictions(tmp_path):
+@pytest.mark.parametrize("gated", [False, True], ids=["evictions-between-steps", "evictions-beside-steps"])
+def test_requests_through_a_running_engine_with_evictions(tmp_path, monkeypatch, gated):
+    """With the engine's step gate (as the service builds it) evictions run on the registry's evictor thread,
+    holding the gate; the tokens are the same."""
     model = decoder()
     engine = Engine(model, EngineConfig(max_batch_size=4, max_seq_len=64, max_batch_tokens=32, prefill_chunk=16))
     engine.start()
-    threads = set()
+    threads, removers = set(), set()
+    remove_all = tiers._remove_all
+
+    def traced_remove_all(model, names):
+        removers.add(threading.current_thread().name.split("_")[0])
+        if threading.current_thread().name.startswith("adapter-evict"):
+            assert engine.gate._lock.locked()          # the evictor holds the gate while it removes
+        return remove_all(model, names)
+    monkeypatch.setattr(tiers, "_remove_all", traced_remove_all)
     try:
         async def main():
             def engine_call(fn):            # records on which thread each model change runs
@@ -54,7 +65,8 @@ def test_requests_through_a_running_engine_with_evictions(tmp_path):
                 return engine.call_between_steps(traced)
 
             registry = AdapterRegistry(model, engine_call, str(tmp_path / "store"),
-                                       max_device_adapters=2, max_cpu_adapters=1)
+                                       max_device_adapters=2, max_cpu_adapters=1,
+                                       step_gate=engine.gate if gated else None)
             for name, (kind, seed) in ADAPTERS.items():
                 adapter = peft_adapter(kind, seed)
                 await registry.register_files(name, adapter.config, adapter.weights)
@@ -78,7 +90,9 @@ def test_requests_through_a_running_engine_with_evictions(tmp_path):
         registry, alone, together = run(main())
     finally:
         engine.stop()
-    assert threads == {"engine"}                  # every load and eviction ran between engine steps
+    assert threads == {"engine"}                  # every load (and ungated eviction) ran between engine steps
+    # (a load the engine applies in full, not prepared, removes its victims in the same engine call)
+    assert ("adapter-evict" in removers) if gated else removers == {"engine"}
     for name, tokens in together:
         assert tokens == alone[name], name
     assert len({tuple(t) for t in alone.values()}) == len(ADAPTERS)      # the adapters really differ
