@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -271,7 +272,10 @@ void transpose_tiles(const st* src, dt* dst, int64_t rows, int64_t cols) {
     for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
       const int64_t j1 = std::min(cols, j0 + kTile);
       for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = static_cast<dt>(to_float(src[i * cols + j]));
+        for (int64_t i = i0; i < i1; ++i) {
+          if constexpr (std::is_same<st, dt>::value) dst[j * rows + i] = src[i * cols + j];   // bits as they are
+          else dst[j * rows + i] = static_cast<dt>(to_float(src[i * cols + j]));
+        }
     }
   }
 }
@@ -297,6 +301,54 @@ void transpose_copy_(torch::Tensor dst, torch::Tensor src) {
   });
 }
 
+// An adapter file's tensors from one read of its data section into their places in the packed buffers
+// (`packed_read.py`): dsts[i] gets the bytes of src at offsets[i], read as dtype codes[i] (kFloat / kBFloat16 /
+// kHalf): copied, converted to dst's dtype (as `copy_` converts), or, where transposed[i], the [C, R] matrix
+// there transposed into dst [R, C] (LoRA B [out, r] -> Bt). One call per file, the GIL released once (a call
+// per tensor handed the GIL to the server's other threads and waited for it back, 120 times a SmolLM2 adapter).
+void unpack_(torch::Tensor src, std::vector<torch::Tensor> dsts, std::vector<int64_t> offsets,
+             std::vector<int64_t> codes, std::vector<int64_t> transposed) {
+  TORCH_CHECK(src.dim() == 1 && src.is_contiguous() && src.scalar_type() == at::kByte && src.device().is_cpu(),
+              "unpack_: src must be a contiguous 1-D uint8 CPU tensor");
+  TORCH_CHECK(dsts.size() == offsets.size() && dsts.size() == codes.size() && dsts.size() == transposed.size(),
+              "unpack_: one offset, dtype code and transposed flag per destination");
+  const uint8_t* base = src.data_ptr<uint8_t>();
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    const torch::Tensor& dst = dsts[i];
+    TORCH_CHECK(dst.is_contiguous() && dst.device().is_cpu() && (dst.scalar_type() == at::kFloat ||
+                dst.scalar_type() == at::kBFloat16 || dst.scalar_type() == at::kHalf),
+                "unpack_: destinations must be contiguous fp32 / bf16 / fp16 CPU tensors");
+    TORCH_CHECK(codes[i] >= kFloat && codes[i] <= kHalf, "unpack_: unknown dtype code ", codes[i]);
+    TORCH_CHECK(!transposed[i] || dst.dim() == 2, "unpack_: a transposed destination must be 2-D");
+    const int64_t n = dst.numel(), size = codes[i] == kFloat ? 4 : 2;
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + n * size <= src.numel(), "unpack_: tensor ", i,
+                " lies outside the buffer");
+    const uint8_t* p = base + offsets[i];
+    std::vector<uint8_t> aligned;
+    if (reinterpret_cast<uintptr_t>(p) % size != 0) {          // (safetensors does not align each tensor)
+      aligned.assign(p, p + n * size);
+      p = aligned.data();
+    }
+    auto run = [&](auto src_tag) {
+      using st = decltype(src_tag);
+      const st* sp = reinterpret_cast<const st*>(p);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "unpack_dst", [&] {
+        scalar_t* dp = dst.data_ptr<scalar_t>();
+        if (transposed[i]) {
+          transpose_tiles<st, scalar_t>(sp, dp, dst.size(1), dst.size(0));
+        } else if (std::is_same<st, scalar_t>::value) {
+          std::memcpy(dp, sp, n * size);
+        } else {
+          for (int64_t j = 0; j < n; ++j) dp[j] = static_cast<scalar_t>(to_float(sp[j]));
+        }
+      });
+    };
+    if (codes[i] == kFloat) run(float{});
+    else if (codes[i] == kBFloat16) run(c10::BFloat16{});
+    else run(c10::Half{});
+  }
+}
+
 // lora_add_group_'s address, for the decoder's C++ layer loop (service/model/csrc/decode_layers.cpp), which
 // adds a decode step's LoRA deltas without returning to Python (both extensions are built by the same
 // compiler against the same libtorch, so the signature is the same on both sides).
@@ -305,6 +357,8 @@ int64_t lora_add_group_entry() { return static_cast<int64_t>(reinterpret_cast<in
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_copy_", &transpose_copy_, "dst = src.T for contiguous 2-D tensors, any float dtypes, in tiles",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("unpack_", &unpack_, "dsts[i] = src's bytes at offsets[i] as dtype codes[i], copied, converted or transposed",
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_add_group_entry", &lora_add_group_entry, "lora_add_group_'s address (for decode_layers.cpp)");
   m.def("lora_add_group_", &lora_add_group_, "results[k] += per-token LoRA shrink and expand read through tables",
