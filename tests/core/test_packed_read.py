@@ -52,3 +52,45 @@ def test_malformed_and_truncated_files_fail(tmp_path):
             fh.write(broken)
         with pytest.raises((SafetensorError, OSError, ValueError)):
             read_packed_safetensors(path)
+
+
+@pytest.mark.parametrize("factor_dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("one_call", [True, False], ids=["unpack", "per-tensor"])
+def test_float_files_read_in_one_call_or_per_tensor_alike(tmp_path, monkeypatch, factor_dtype, one_call):
+    """A file of fp32 / bf16 / fp16 tensors only (a tensor of an odd byte count among them) goes through the
+    kernel's one-call unpack where it is built, else tensor by tensor: both give load-then-pack's result."""
+    from adapters_core import packed_read, sgmv
+
+    tensors = {k: v for k, v in _tensors().items() if v.dtype != torch.float64}
+    tensors["m.odd.lora_A.weight"] = torch.randn(1, 3).bfloat16()
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    save_file(tensors, path)
+    kernel, calls = sgmv.kernel(), []
+    if one_call and kernel is None:
+        pytest.skip("the C++ kernel cannot be built here (no compiler)")
+
+    class Counting:
+        @staticmethod
+        def unpack_(*args):
+            calls.append(len(args[1]))
+            return kernel.unpack_(*args)
+    monkeypatch.setattr(packed_read.sgmv, "kernel", (lambda: Counting) if one_call else (lambda: None))
+    got, _ = read_packed_safetensors(path, factor_dtype)
+    assert calls == ([len(tensors)] if one_call else [])
+    expected = pack_adapter_tensors(load_file(path), factor_dtype)
+    assert list(got) == list(expected)
+    for key, want in expected.items():
+        assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+        assert got[key].stride() == want.stride(), key
+
+
+def test_unpack_refuses_a_tensor_outside_its_buffer():
+    from adapters_core import sgmv
+
+    kernel = sgmv.kernel()
+    if kernel is None:
+        pytest.skip("the C++ kernel cannot be built here (no compiler)")
+    with pytest.raises(RuntimeError, match="outside the buffer"):
+        kernel.unpack_(torch.zeros(8, dtype=torch.uint8), [torch.empty(4)], [0], [0], [0])     # 16 bytes from 8
+    with pytest.raises(RuntimeError, match="dtype code"):
+        kernel.unpack_(torch.zeros(8, dtype=torch.uint8), [torch.empty(2)], [0], [7], [0])
