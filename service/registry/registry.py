@@ -28,6 +28,7 @@ class).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -58,7 +59,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
                  reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
                  memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto",
-                 step_gate: Any = None):
+                 step_gate: Any = None, loader_nice: int = 10):
         self.model = model
         self.adapter_dtype = AdapterDtype(adapter_dtype)      # how loads hold adapters (adapter_dtype.py)
         self.reserved = {n.casefold() for n in reserved_names if n}
@@ -72,12 +73,13 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         # and one leaving the device goes back to the store (None: decided by the model's device)
         self.single_memory = _device_of(model).type == "cpu" if single_memory is None else single_memory
         self._model_lock = threading.Lock()     # model changes: the engine thread's, `_attach_now`'s, the evictor's
+        background = functools.partial(_background_priority, loader_nice)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load",   # reads and prepares loads
-                                          initializer=_background_priority)
+                                          initializer=background)
         # the engine's StepGate (service/engine/step_gate.py), or None: with it, evictions run on this thread
         # beside the step's C++ loop instead of between two steps (tiers.py, `_evict`)
         self.step_gate = step_gate
-        self._evictor = (ThreadPoolExecutor(1, thread_name_prefix="adapter-evict", initializer=_background_priority)
+        self._evictor = (ThreadPoolExecutor(1, thread_name_prefix="adapter-evict", initializer=background)
                          if step_gate is not None else None)
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
@@ -318,12 +320,14 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                 log.exception("adapter registry event hook %s failed", event)
 
 
-def _background_priority() -> None:
-    """A loader / evictor thread runs at nice 10 (Linux: per thread): on a CPU server the step's kernel
-    threads have every core, and a load that took one of them held up each parallel region of the step."""
-    nice = int(os.environ.get("ADAPTER_SERVE_LOADER_NICE", "10"))
+def _background_priority(nice: int) -> None:
+    """A loader / evictor thread's initializer: its nice value (`loader_nice`; Linux sets it per thread). On a
+    CPU server the step's kernel threads have every core, and a load that took one of them held up each
+    parallel region of the step."""
+    if nice <= 0:
+        return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
     except (AttributeError, OSError):     # not Linux, or not allowed: the default priority
         pass
 

@@ -4,8 +4,10 @@ no second copy is kept); pinned and in-use adapters never move; when every devic
 or the memory budget is full of them, the load fails with 503 naming the limit; the model holds exactly the
 device-tier adapters; thousands registered, a few hot."""
 import asyncio
+import os
 import random
 import shutil
+import sys
 
 import pytest
 
@@ -263,3 +265,15 @@ def test_load_and_evict_move_one_adapter_without_touching_the_store(tmp_path):
         assert (tmp_path / "store" / "a" / "registry.json").read_bytes() == meta   # load / evict wrote nothing
 
     run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("nice", [0, 10])
+def test_loader_and_evictor_threads_run_at_loader_nice(tmp_path, nice):
+    from service.engine.step_gate import StepGate
+
+    registry = make_registry(tmp_path / "store", step_gate=StepGate(), loader_nice=nice)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    for pool in (registry._loader, registry._evictor):
+        assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == min(19, own + nice)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own                    # the calling thread keeps its own
