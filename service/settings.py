@@ -98,10 +98,10 @@ class Settings(BaseSettings):
     # the dtype LoRA / AdaLoRA factors are held and served in (vLLM's --lora-dtype), cast once at load; auto:
     # the checkpoint's (a dense base model's own dtype, as PEFT); the stored files never change
     adapter_dtype: str = "auto"
-    # the nice value (Linux, per thread) of the threads that read, prepare and evict adapters: on a CPU server
-    # the step's kernel threads have every core, and a load at the default priority held up each of a step's
-    # parallel regions; 0 keeps them at the process's priority
-    loader_nice: int = Field(10, ge=0, le=19)
+    # added to the nice value (Linux, per thread) of the threads that read, prepare and evict adapters, for a
+    # host whose other work should come first; 0 (measured best here: nice 10 left tokens/s the same and made
+    # loads wait longer) keeps them at the process's priority
+    loader_nice: int = Field(0, ge=0, le=19)
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 * 2**20
     max_archive_bytes: int = 1024 * 2**20

@@ -270,6 +270,7 @@ def test_load_and_evict_move_one_adapter_without_touching_the_store(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread nice is Linux's")
 @pytest.mark.parametrize("nice", [0, 10])
 def test_loader_and_evictor_threads_run_at_loader_nice(tmp_path, nice):
+    """`loader_nice` is added to the threads' nice value (Linux: per thread); the caller's stays."""
     from service.engine.step_gate import StepGate
 
     registry = make_registry(tmp_path / "store", step_gate=StepGate(), loader_nice=nice)
