@@ -53,6 +53,18 @@ def advise_huge_pages(buffer: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim(0)`, which also releases whole free
+    pages inside its arenas; ~0.5 ms with 128 SmolLM2 adapters resident). A server that loads and evicts
+    adapters all day frees buffers of every size, and the holes they leave between live ones stayed resident:
+    128 adapters of 4.06 MiB took 4.65 MiB each in process, 4.17 with a trim after each load. Elsewhere (no
+    glibc) nothing happens."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
+
+
 @functools.cache
 def _libc():
     """The C library with `madvise` typed, on Linux; else None."""

@@ -16,7 +16,7 @@ import torch
 
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
-from adapters_core.packing import pack_adapter_tensors
+from adapters_core.packing import pack_adapter_tensors, trim_heap
 from adapters_core.prepared import PreparedAdapter, attach_prepared, prepare_adapter
 
 from .adapter_dtype import held_dtype
@@ -213,7 +213,9 @@ class TierMixin:
         else:
             tensors = self.store.read_tensors(folder)
             tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)
-        return (config,) + self._prepare_load(config, tensors, model_name, packed=True) + (extra,)
+        prepared = self._prepare_load(config, tensors, model_name, packed=True)
+        trim_heap()                       # this load's temporaries and earlier evictions' buffers, back to the OS
+        return (config,) + prepared + (extra,)
 
     def _prepare_load(self, config, tensors: dict, model_name: str,
                       packed: bool = False) -> tuple[dict, Optional[PreparedAdapter]]:
