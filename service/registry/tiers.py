@@ -91,17 +91,12 @@ class TierMixin:
 
     async def _bring_up(self, record: AdapterRecord) -> None:
         started, from_tier = time.perf_counter(), record.tier
-        _T = {"start": started}
         record.busy = True
         try:
             if record.tensors is None:
                 try:
-                    async def _timed():
-                        r = await self._in_loader(self._timed_read, _T, record.name, record.model_name)
-                        _T["resumed"] = time.perf_counter()
-                        return r
-                    config, tensors, prepared, extra = await self._unlocked(_timed())
-                    _T["locked"] = time.perf_counter()
+                    config, tensors, prepared, extra = await self._unlocked(
+                        self._in_loader(self._read_stored, record.name, record.model_name))
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
@@ -157,11 +152,6 @@ class TierMixin:
         finally:
             record.busy = False
             self._enforce_cpu_limit()
-        _T["end"] = time.perf_counter()
-        import os as _os
-        if _os.environ.get("LOAD_TRACE"):
-            with open(_os.environ["LOAD_TRACE"], "a") as _f:
-                _f.write(" ".join(f"{k}={1e3 * (v - started):.2f}" for k, v in _T.items()) + "\n")
         self._emit("adapter_loaded", record.name, time.perf_counter() - started, from_tier)
 
     def _attach_now(self, record: AdapterRecord, prepared: Optional[PreparedAdapter],
@@ -188,16 +178,6 @@ class TierMixin:
         if victims:
             self._spawn(self._evict(victims), background=True)
         return max(time.perf_counter() - started, 1e-9)
-
-    def _timed_read(self, T, *a):
-        T["loader_begin"] = time.perf_counter()
-        T["cpu0"] = time.thread_time()
-        r = self._read_stored(*a)
-        T["loader_end"] = time.perf_counter()
-        T["cpu"] = T["cpu0"] + (time.thread_time() - T["cpu0"]) + 0
-        T["cpu_ms"] = T["start"] + (time.thread_time() - T.pop("cpu0"))
-        del T["cpu"]
-        return r
 
     def _read_stored(self, name: str,
                      model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
