@@ -23,7 +23,7 @@ counters), so loading the 51st adapter costs the same as the first and in-place 
 A caller that changes adapters only through adapters_core's functions (a server's registry) can skip that
 scan (`check_edits=False`): those functions invalidate the adapters they change. An adapter attached by
 `prepared.attach_prepared` brings its slot rows computed off the serving thread (`lora_slot_rows`), so its
-first write is a few dict and table writes per layer instead of re-deriving them (3.4 -> ~0.5 ms a SmolLM2
+first write is a few dict and table writes per layer instead of re-deriving them (3.3 -> 0.4 ms a SmolLM2
 adapter on q/v, paid inside the first step that uses it).
 """
 
@@ -167,10 +167,6 @@ class LayerStack:
         # padding (Bt is the storage of lora_B's weight, which becomes its transposed view at the first write)
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.table: Optional[torch.Tensor] = None       # [n, 7] int64: what the fused kernel reads (sgmv.py)
-        # the table's memory as a numpy array: a row written through it holds the GIL, where a torch
-        # `table[slot] = ...` hands the GIL to the server's other threads and waits to get it back (up to the
-        # 5 ms switch interval, per layer, when an adapter is written or evicted between two steps)
-        self._rows = None
         self.off_table: set[int] = set()                # slots whose factors the kernel cannot read (dtype)
         self.bias: Optional[torch.Tensor] = None       # [n, out]: lora_B.bias * scaling
         self.dora: Optional[torch.Tensor] = None       # [n, out]: m / ||W + sBA||, 1 for other slots
@@ -233,7 +229,6 @@ class LayerStack:
         self.version += 1
         if n != self.n:
             self.table = _grow(self.table, (n, sgmv.TABLE_COLUMNS), 0, torch.int64, torch.device("cpu"))
-            self._rows = self.table.numpy()
         self.n, self.dtype = n, new_dtype
         lay, dev = self.layer, self.device
         for attr, width, fill in (("bias", lay.out_features, 0.0), ("dora", lay.out_features, 1.0),
@@ -254,7 +249,7 @@ class LayerStack:
         self.off_table.discard(slot)
         if slot >= self.n:
             return
-        self._rows[slot] = 0
+        self._set_row(slot, 0)
         for attr, fill in (("bias", 0.0), ("dora", 1.0), ("ia3_in", 1.0), ("ia3_out", 1.0)):
             t = getattr(self, attr)
             if t is not None:
@@ -313,7 +308,7 @@ class LayerStack:
             if row is None:
                 self.off_table.add(slot)
             else:
-                self._rows[slot] = row
+                self._set_row(slot, row)
             self._name_slot(slot, name)
             return
         kind = lay.kind[name]
@@ -333,13 +328,20 @@ class LayerStack:
             if row is None:
                 self.off_table.add(slot)
             else:
-                self._rows[slot] = row
+                self._set_row(slot, row)
             if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
                 self._ensure("bias", lay.out_features, 0.0)[slot] = (
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
             if name in lay.lora_magnitude_vector:
                 self._ensure("dora", lay.out_features, 1.0)[slot] = lay.dora_scale(name, self.dtype).detach()
         self._name_slot(slot, name)
+
+    def _set_row(self, slot: int, row) -> None:
+        """Write one row of the table through a numpy view of it, which holds the GIL: a torch `table[slot] =`
+        hands the GIL to the server's other threads and waits to get it back (up to the 5 ms switch interval,
+        per layer, when an adapter is written or evicted between two steps). The view is taken each time, so a
+        copied stack never writes into its original's table."""
+        self.table.numpy()[slot] = row
 
     def _name_slot(self, slot: int, name: str) -> None:
         held = self.slot_names.get(slot)
@@ -376,7 +378,7 @@ def _held_rows(a_param: torch.Tensor, b_param: torch.Tensor) -> tuple[torch.Tens
 
 
 def lora_slot_rows(a_param: torch.Tensor, b_param: torch.Tensor,
-                   scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                   scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[int]]]:
     """What `LayerStack.write` holds for a plain LoRA whose lora_A / lora_B weights are `a_param` [r, in] and
     `b_param` [out, r] with delta scale `scaling`: (A, Bt [r, out], fp32 scale [r], the kernel's table row, or
     None where the kernel cannot read the factors). For an adapter not yet in the model

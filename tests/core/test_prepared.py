@@ -147,3 +147,20 @@ def test_linear_holding_builds_what_nn_linear_would():
     x = torch.randn(2, 5)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, weight, bias))
     assert list(lin.state_dict()) == ["weight", "bias"]
+
+
+def test_a_copied_model_writes_its_own_tables():
+    """The stacks write table rows through a numpy view taken at each write: a deep-copied model's deletes
+    and writes reach its own tables, never the original's."""
+    import copy
+
+    model = _model()
+    ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=dict(_state(4, 0)),
+                    low_cpu_mem_usage=True)
+    slot_table(model).sync(["first"], check_edits=False)
+    twin = copy.deepcopy(model)
+    slot = ac.adapter_slot(model, "first")
+    ac.delete_adapter(twin, "first")
+    assert model.q_proj.stack.table[slot].abs().sum() > 0 and twin.q_proj.stack.table[slot].abs().sum() == 0
+    row = model.q_proj.stack.table[slot].tolist()
+    assert row[0] == model.q_proj.lora_A["first"].weight.data_ptr()
