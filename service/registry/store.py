@@ -158,7 +158,7 @@ class AdapterStore:
             return None
         try:
             return read_packed_safetensors(path, factor_dtype)
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {SAFETENSORS_NAME} is unreadable or "
                           f"truncated: {exc}") from exc
 
