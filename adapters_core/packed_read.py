@@ -12,10 +12,10 @@ torch's strided copy took ~20 ms of the 44 MB adapter's B factors). Where the ke
 tensor is fp32 / bf16 / fp16, the file is mapped and one kernel call (`unpack_`) puts every tensor in place
 from it (copied, cast or transposed): a 3.9 MB bf16 SmolLM2 adapter on q/v read in 2.3 ms instead of 3.3
 (the call ~1 ms of it), where the Python per tensor had also handed the GIL to the server's other threads
-240 times. The buffers ask the kernel for huge pages
-(`advise_huge_pages`): the page faults of a fresh 44 MB buffer were most of the file's read time. Together:
-22 ms instead of 37. The result equals `pack_adapter_tensors(load_file(path), factor_dtype)` (same keys,
-shapes, dtypes, values, layout). safetensors itself checks the header first (offsets inside the
+240 times. The buffers ask the kernel for huge pages (`advise_huge_pages`): the page faults of a fresh
+44 MB buffer were most of the file's read time (with the per-tensor reads, 22 ms instead of 37 for that
+adapter). The result equals `pack_adapter_tensors(load_file(path), factor_dtype)` (same keys, shapes,
+dtypes, values, layout). safetensors itself checks the header first (offsets inside the
 file, no overlaps, known dtypes), so a malformed or truncated file fails as it does with `load_file`.
 """
 
@@ -68,45 +68,36 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
             if _through_scratch(key, dtype, shape, target):
                 scratch_bytes = max(scratch_bytes, numel * dtype.itemsize)
         slabs = {dtype: advise_huge_pages(torch.empty(n, dtype=dtype)) for dtype, n in sizes.items()}
+        placed = []                      # (file offset, key, file dtype, shape, its place in a slab, B transposed)
         offsets = dict.fromkeys(slabs, 0)
-        out = {}
+        for offset, key, dtype, shape, target in sorted(entries, key=lambda e: e[0]):   # one pass over the file
+            numel = math.prod(shape)
+            region = slabs[target][offsets[target]:offsets[target] + numel]
+            offsets[target] += numel
+            flip = len(shape) == 2 and is_lora_b(key)
+            # Bt [r, out] for a B (its [out, r] view is the tensor), else the tensor as stored
+            placed.append((offset, key, dtype, shape, region.view(shape[1], shape[0]) if flip else region.view(shape),
+                           flip))
+        out = {key: dst.T if flip else dst for _, key, _, _, dst, flip in placed}
         k = sgmv.kernel()
-        if k is not None and all(dtype in _CODES and target in _CODES for _, _, dtype, _, target in entries):
+        if k is not None and all(dtype in sgmv.DTYPE_CODES and target in sgmv.DTYPE_CODES
+                                 for _, _, dtype, _, target in entries):
             # the file mapped, every tensor put into place from it in one call (see `sgmv.cpp`'s unpack_)
-            dsts, starts, codes, transposed = [], [], [], []
-            for offset, key, dtype, shape, target in sorted(entries, key=lambda e: e[0]):
-                numel = math.prod(shape)
-                start = offsets[target]
-                region = slabs[target][start:start + numel]
-                offsets[target] = start + numel
-                flip = len(shape) == 2 and is_lora_b(key)
-                dst = region.view(shape[1], shape[0]) if flip else region.view(shape)     # Bt [r, out] / as stored
-                out[key] = dst.T if flip else dst
-                dsts.append(dst)
-                starts.append(offset)
-                codes.append(_CODES[dtype])
-                transposed.append(int(flip))
-            _unpack_mapped(k, fh, dsts, starts, codes, transposed)
+            _unpack_mapped(k, fh, [dst for *_, dst, _ in placed], [offset for offset, *_ in placed],
+                           [sgmv.DTYPE_CODES[dtype] for _, _, dtype, *_ in placed], [int(f) for *_, f in placed])
             return {key: out[key] for key in keys}, file_bytes
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
         with torch.no_grad():
-            for offset, key, dtype, shape, target in sorted(entries, key=lambda e: e[0]):   # one pass over the file
-                numel = math.prod(shape)
-                start = offsets[target]
-                region = slabs[target][start:start + numel]
-                offsets[target] = start + numel
-                if not _through_scratch(key, dtype, shape, target):
-                    _read_into(fh, offset, region)
-                    out[key] = region.view(shape)
+            for offset, key, dtype, shape, dst, flip in placed:
+                if not _through_scratch(key, dtype, shape, dst.dtype):
+                    _read_into(fh, offset, dst)
                     continue
-                staged = scratch[:numel * dtype.itemsize].view(dtype).view(shape)
+                staged = scratch[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
                 _read_into(fh, offset, staged)
-                if len(shape) == 2 and is_lora_b(key):
-                    bt = region.view(shape[1], shape[0])                              # [r, out]
-                    sgmv.transpose_copy_(bt, staged)
-                    out[key] = bt.T                                                    # [out, r], transposed storage
+                if flip:
+                    sgmv.transpose_copy_(dst, staged)                                  # Bt [r, out] = B^T
                 else:
-                    out[key] = region.view(shape).copy_(staged)
+                    dst.copy_(staged)
     return {key: out[key] for key in keys}, file_bytes
 
 
@@ -123,10 +114,6 @@ def _unpack_mapped(k, fh, dsts: list, starts: list, codes: list, transposed: lis
             k.unpack_(data, dsts, starts, codes, transposed)
         finally:
             del data                      # the mapping closes only once no tensor exports it
-
-
-# the dtype codes of `sgmv.cpp` (kFloat, kBFloat16, kHalf)
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _through_scratch(key: str, dtype: torch.dtype, shape: tuple, target: torch.dtype) -> bool:

@@ -35,21 +35,21 @@ def kernel(arch: str = "native") -> Optional[object]:
 
 
 TABLE_COLUMNS = 7
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/sgmv.cpp's Dtype
 
 
 def table_row(a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> Optional[list[int]]:
     """One slot's row of a layer table: A [r, in] and Bt [r, out] contiguous in one of fp32 / bf16 / fp16,
     scale [r] contiguous fp32. The caller keeps the three tensors alive as long as the row is in use. None
     for factors the kernel does not read (another dtype, another device): such a slot takes the torch path."""
-    if a.dtype not in _DTYPE_CODES or bt.dtype != a.dtype or not (a.is_cpu and bt.is_cpu and scale.is_cpu):
+    if a.dtype not in DTYPE_CODES or bt.dtype != a.dtype or not (a.is_cpu and bt.is_cpu and scale.is_cpu):
         return None
     if not (a.is_contiguous() and bt.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32):
         raise ValueError("table rows need contiguous factors and an fp32 scale")
     r = a.shape[0]
     if bt.shape[0] != r or scale.numel() != r:
         raise ValueError(f"factors of rank {r} with Bt {tuple(bt.shape)} and {scale.numel()} scales")
-    return [a.data_ptr(), bt.data_ptr(), scale.data_ptr(), r, _DTYPE_CODES[a.dtype], a.shape[1], bt.shape[1]]
+    return [a.data_ptr(), bt.data_ptr(), scale.data_ptr(), r, DTYPE_CODES[a.dtype], a.shape[1], bt.shape[1]]
 
 
 def lora_add_group_(results: list[torch.Tensor], x: torch.Tensor, tables: list[torch.Tensor],
