@@ -12,11 +12,14 @@ torch's strided copy took ~20 ms of the 44 MB adapter's B factors). Where the ke
 tensor is fp32 / bf16 / fp16, the file is mapped and one kernel call (`unpack_`) puts every tensor in place
 from it (copied, cast or transposed): a 3.9 MB bf16 SmolLM2 adapter on q/v read in 2.3 ms instead of 3.3
 (the call ~1 ms of it), where the Python per tensor had also handed the GIL to the server's other threads
-240 times. The buffers ask the kernel for huge pages (`advise_huge_pages`): the page faults of a fresh
-44 MB buffer were most of the file's read time (with the per-tensor reads, 22 ms instead of 37 for that
-adapter). The result equals `pack_adapter_tensors(load_file(path), factor_dtype)` (same keys, shapes,
-dtypes, values, layout). safetensors itself checks the header first (offsets inside the
-file, no overlaps, known dtypes), so a malformed or truncated file fails as it does with `load_file`.
+240 times. The buffers are plain allocations: asking for transparent huge pages (`madvise`) once made
+a fresh 44 MB buffer fill faster, but on a machine whose memory has run a while the kernel compacts memory
+to find them (the `madvise` defrag policy), and filling a fresh 4 MB buffer took 3.8-4.6 ms instead of
+0.9-1.0 (44 MB: 53 ms instead of 10). The kernel path checks each tensor finite as it writes it, so the
+loader makes no second pass over the adapter. The result equals `pack_adapter_tensors(load_file(path),
+factor_dtype)` (same keys, shapes, dtypes, values, layout). safetensors itself checks the header first
+(offsets inside the file, no overlaps, known dtypes), so a malformed or truncated file fails as it does with
+`load_file`.
 """
 
 from __future__ import annotations
@@ -32,18 +35,21 @@ import torch
 from safetensors import safe_open
 
 from . import sgmv
-from .packing import advise_huge_pages, factor_target, is_lora_b
+from .packing import factor_target, is_lora_b
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 
 
-def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = None) -> Optional[tuple[dict, int]]:
+def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = None
+                            ) -> Optional[tuple[dict, int, Optional[list[str]]]]:
     """(the file's tensors as `pack_adapter_tensors` would lay them out, in `load_file`'s key order; the bytes
-    of their data in the file), or None when the file holds a dtype this reader does not map (the caller then
-    reads and packs it the general way). Raises what safetensors raises for a malformed file, and OSError when
-    the file is shorter than its header says."""
+    of their data in the file; the keys of the tensors holding an inf or a NaN once read, or None where this
+    read did not check: the one-call kernel path checks each tensor as it writes it, the per-tensor path does
+    not), or None when the file holds a dtype this reader does not map (the caller then reads and packs it the
+    general way). Raises what safetensors raises for a malformed file, and OSError when the file is shorter
+    than its header says."""
     with safe_open(path, framework="pt") as f:                  # validates the header against the file
         keys = list(f.offset_keys())
     with open(path, "rb", buffering=0) as fh:
@@ -67,7 +73,7 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
             sizes[target] = sizes.get(target, 0) + numel
             if _through_scratch(key, dtype, shape, target):
                 scratch_bytes = max(scratch_bytes, numel * dtype.itemsize)
-        slabs = {dtype: advise_huge_pages(torch.empty(n, dtype=dtype)) for dtype, n in sizes.items()}
+        slabs = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
         placed = []                      # (file offset, key, file dtype, shape, its place in a slab, B transposed)
         offsets = dict.fromkeys(slabs, 0)
         for offset, key, dtype, shape, target in sorted(entries, key=lambda e: e[0]):   # one pass over the file
@@ -83,9 +89,11 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
         if k is not None and all(dtype in sgmv.DTYPE_CODES and target in sgmv.DTYPE_CODES
                                  for _, _, dtype, _, target in entries):
             # the file mapped, every tensor put into place from it in one call (see `sgmv.cpp`'s unpack_)
-            _unpack_mapped(k, fh, [dst for *_, dst, _ in placed], [offset for offset, *_ in placed],
-                           [sgmv.DTYPE_CODES[dtype] for _, _, dtype, *_ in placed], [int(f) for *_, f in placed])
-            return {key: out[key] for key in keys}, file_bytes
+            finite = _unpack_mapped(k, fh, [dst for *_, dst, _ in placed], [offset for offset, *_ in placed],
+                                    [sgmv.DTYPE_CODES[dtype] for _, _, dtype, *_ in placed],
+                                    [int(f) for *_, f in placed])
+            nonfinite = [key for (_, key, *_), ok in zip(placed, finite) if not ok]
+            return {key: out[key] for key in keys}, file_bytes, nonfinite
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
         with torch.no_grad():
             for offset, key, dtype, shape, dst, flip in placed:
@@ -98,20 +106,21 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
                     sgmv.transpose_copy_(dst, staged)                                  # Bt [r, out] = B^T
                 else:
                     dst.copy_(staged)
-    return {key: out[key] for key in keys}, file_bytes
+    return {key: out[key] for key in keys}, file_bytes, None
 
 
-def _unpack_mapped(k, fh, dsts: list, starts: list, codes: list, transposed: list) -> None:
-    """`k.unpack_` from the file mapped read-only (its page cache, no copy of the file in process memory: a
-    4 MB buffer read per load and freed left the loader thread's malloc arena fragmented, +30 % RSS per
-    resident adapter). The file's length was checked against its header by safetensors."""
+def _unpack_mapped(k, fh, dsts: list, starts: list, codes: list, transposed: list) -> list[bool]:
+    """`k.unpack_` (which says, per tensor, whether it is all finite) from the file mapped read-only (its page
+    cache, no copy of the file in process memory: a 4 MB buffer read per load and freed left the loader
+    thread's malloc arena fragmented, +30 % RSS per resident adapter). The file's length was checked against
+    its header by safetensors."""
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)     # page tables filled at once, not per fault
     with mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ) as mapped:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)      # "not writable": it is only read
             data = torch.frombuffer(mapped, dtype=torch.uint8)
         try:
-            k.unpack_(data, dsts, starts, codes, transposed)
+            return k.unpack_(data, dsts, starts, codes, transposed)
         finally:
             del data                      # the mapping closes only once no tensor exports it
 

@@ -32,27 +32,6 @@ _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_e
                     ".lora_A", ".lora_E", ".lora_B")
 
 
-_HUGE_PAGE = 1 << 21
-_MADV_HUGEPAGE = 14
-
-
-def advise_huge_pages(buffer: torch.Tensor) -> torch.Tensor:
-    """`buffer` (fresh, untouched), after asking Linux to back the 2 MiB-aligned part of it with transparent
-    huge pages (where the kernel's policy is `madvise`, as on the development machines): filling a fresh
-    44 MB buffer then took 4.4-4.7 ms instead of 10.7-13.1, the rest being 4 KiB page faults. Only whole huge
-    pages inside the buffer are advised, so it takes no more memory. Anywhere else (another OS, a policy of
-    `never`), nothing happens."""
-    libc = _libc()
-    nbytes = buffer.numel() * buffer.element_size()
-    if libc is None or not buffer.is_cpu or nbytes < 2 * _HUGE_PAGE:
-        return buffer
-    start = (buffer.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-    end = (buffer.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
-    if end > start:
-        libc.madvise(start, end - start, _MADV_HUGEPAGE)            # a refusal (EINVAL, ...) changes nothing
-    return buffer
-
-
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc's `malloc_trim(0)`, which also releases whole free
     pages inside its arenas; ~0.5 ms with 128 SmolLM2 adapters resident). A server that loads and evicts
@@ -67,13 +46,12 @@ def trim_heap() -> None:
 
 @functools.cache
 def _libc():
-    """The C library with `madvise` typed, on Linux; else None."""
+    """The C library, on Linux; else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc
@@ -117,7 +95,7 @@ def pack_adapter_tensors(tensors: dict[str, torch.Tensor],
     sizes: dict[tuple, int] = {}
     for key, t in tensors.items():
         sizes[(dtypes[key], t.device)] = sizes.get((dtypes[key], t.device), 0) + t.numel()
-    slabs = {key: advise_huge_pages(torch.empty(n, dtype=key[0], device=key[1])) for key, n in sizes.items()}
+    slabs = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
     offsets = dict.fromkeys(slabs, 0)
     out = {}
     with torch.no_grad():

@@ -48,13 +48,15 @@ class AdapterDtype:
             self._check(lambda: tensors, held, weights_name)
         return held, tensor_bytes(held) - tensor_bytes(tensors)
 
-    def hold_packed(self, held: dict[str, torch.Tensor], file_bytes: int,
+    def hold_packed(self, held: dict[str, torch.Tensor], file_bytes: int, nonfinite: Optional[list[str]],
                     read_stored: Callable[[], dict[str, torch.Tensor]],
                     weights_name: str) -> tuple[dict[str, torch.Tensor], int]:
         """Worker thread: what `hold(..., pack=True)` gives, for tensors read packed straight from the file with
-        `factor_dtype` (`read_packed_safetensors`, which also says the file's weight bytes); `read_stored()`
-        reads the file's own tensors, only to name a fault."""
-        self._check(read_stored, held, weights_name)
+        `factor_dtype` (`read_packed_safetensors`, which also says the file's weight bytes and, where its read
+        checked them, which tensors are not finite: an empty list spares the check's pass over the buffers);
+        `read_stored()` reads the file's own tensors, only to name a fault."""
+        if nonfinite is None or nonfinite:
+            self._check(read_stored, held, weights_name)     # (a fault is named by the check's own search)
         return held, tensor_bytes(held) - file_bytes
 
     def _check(self, stored: Callable[[], dict[str, torch.Tensor]], held: dict[str, torch.Tensor],

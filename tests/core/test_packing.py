@@ -131,13 +131,3 @@ def test_factor_dtype_wins_over_a_dense_base(low_cpu_mem_usage):
     cast_adapter_factors(model, "f", torch.bfloat16)
     assert layer.lora_A["f"].weight.dtype == layer.lora_B["f"].weight.dtype == torch.bfloat16
 
-
-def test_huge_page_advice_keeps_the_buffer():
-    """advise_huge_pages returns the same buffer, usable as before, for buffers smaller and larger than a huge
-    page (only whole 2 MiB pages inside a buffer are advised)."""
-    from adapters_core.packing import advise_huge_pages
-    for n in (10, 3 * 2**20):
-        buffer = torch.empty(n)
-        assert advise_huge_pages(buffer) is buffer
-        buffer.fill_(1.5)
-        assert float(buffer.sum()) == 1.5 * n

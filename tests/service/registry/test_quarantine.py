@@ -60,3 +60,34 @@ def test_stored_adapters_failing_the_checks_are_quarantined(tmp_path):
     registry = run(main())
     assert [r.name for r in registry.list()] == ["good", "nan-weights"]
     assert not (root / "nan-alpha").exists()
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "non-finite"), (1e6, "beyond the range of float16")])
+def test_a_stored_tensor_that_is_not_finite_as_held_is_quarantined_by_name(tmp_path, value, message):
+    """One value of one stored tensor is enough (the loader's read checks every tensor as it places it): a NaN
+    in the file, or a value finite in the fp32 file but beyond the held dtype's range (adapter_dtype float16).
+    The error names the tensor; its neighbour in the same store loads."""
+    lora = peft_adapter("lora")
+    root = tmp_path / "store"
+
+    async def setup():
+        registry = make_registry(root)
+        for name in ("good", "bad"):
+            await registry.register_files(name, lora.config, lora.weights)
+        await registry.drain()
+    run(setup())
+    path = str(root / "bad" / "adapter_model.safetensors")
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[1]
+    tensors[key][1, 0] = value
+    save_file(tensors, path)
+
+    async def main():
+        registry = make_registry(root, adapter_dtype="float16")
+        await registry.scan()
+        with pytest.raises(Conflict, match=message) as info:
+            await registry.acquire("bad")
+        assert key in str(info.value) and registry.get("bad").quarantined
+        registry.release(await registry.acquire("good"))
+        await registry.drain()
+    run(main())
