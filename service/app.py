@@ -19,6 +19,7 @@ from service.api.body_limit import BodyLimit
 from service.api.deps import State
 from service.api.request_id import RequestContext
 from service.engine import Engine, EngineConfig, Grammars
+from service.engine.full_collector import FullCollector
 from service.generation import TextGenerator
 from service.kernels import native_kernels
 from service.metrics import Metrics
@@ -99,10 +100,15 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
         state.engine.start()
         await state.registry.scan()
         # What start-up made (model, tokenizer, loader garbage) is collected once and then left out of
-        # every later collection, whose full passes would otherwise pause the engine thread mid-step.
+        # every later collection; later full collections run on a schedule beside a step's C++ loop, not
+        # mid-step whenever Python starts one (full_collector.py).
         gc.collect()
         gc.freeze()
         unwatch_gc = state.metrics.watch_gc()
+        collector = (FullCollector(state.engine.gate, settings.gc_full_interval)
+                     if settings.gc_full_interval > 0 else None)
+        if collector is not None:
+            collector.start()
         state.ready = True
         rescans = (asyncio.create_task(_rescan_every(state.registry, settings.store_rescan_seconds))
                    if settings.store_rescan_seconds > 0 else None)
@@ -110,6 +116,8 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
             yield
         finally:
             state.ready = False
+            if collector is not None:
+                collector.stop()
             unwatch_gc()
             if rescans is not None:
                 rescans.cancel()
