@@ -76,6 +76,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         background = functools.partial(_background_priority, loader_nice)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load",   # reads and prepares loads
                                           initializer=background)
+        self._loads_read = 0                    # on the loader thread: when to trim the heap (tiers.py)
         # the engine's StepGate (service/engine/step_gate.py), or None: with it, evictions run on this thread
         # beside the step's C++ loop instead of between two steps (tiers.py, `_evict`)
         self.step_gate = step_gate

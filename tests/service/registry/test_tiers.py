@@ -278,3 +278,23 @@ def test_loader_and_evictor_threads_run_at_loader_nice(tmp_path, nice):
     for pool in (registry._loader, registry._evictor):
         assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == min(19, own + nice)
     assert os.getpriority(os.PRIO_PROCESS, 0) == own                    # the calling thread keeps its own
+
+
+def test_the_heap_is_trimmed_every_trim_every_reads(tmp_path, monkeypatch):
+    """Stored adapters read by the loader trim the C heap once per `TRIM_EVERY` reads, not after each one
+    (between trims a load reuses the pages evictions freed)."""
+    from service.registry import tiers as tiers_module
+
+    trims = []
+    monkeypatch.setattr(tiers_module, "trim_heap", lambda: trims.append(True))
+    monkeypatch.setattr(tiers_module, "TRIM_EVERY", 3)
+
+    async def main():
+        registry, _ = await _registry(tmp_path, max_device_adapters=1)
+        for round_ in range(2):
+            await _use(registry, *NAMES)       # one device slot: adapters leave it and are read again
+        assert registry._loads_read >= len(NAMES)
+        assert len(trims) == registry._loads_read // 3
+        await registry.drain()
+
+    run(main())
