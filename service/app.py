@@ -123,6 +123,7 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
                 rescans.cancel()
             state.engine.stop()
             await state.registry.drain()
+            state.registry.close()
 
     logs.install()
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}

@@ -237,6 +237,13 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    def close(self) -> None:
+        """End the loader and evictor threads (after `drain`, when nothing more will be loaded: a load after
+        this fails). The app calls it when it stops; a registry never closed keeps them idle until exit."""
+        for pool in (self._loader, self._evictor):
+            if pool is not None:
+                pool.shutdown(wait=True)
+
     # ----- leases, retirement ----------------------------------------------------------------------------------
     def _release(self, lease: Lease) -> None:
         if lease.released:

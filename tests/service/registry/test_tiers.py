@@ -298,3 +298,20 @@ def test_the_heap_is_trimmed_every_trim_every_reads(tmp_path, monkeypatch):
         await registry.drain()
 
     run(main())
+
+
+def test_close_ends_the_loader_and_evictor_threads(tmp_path):
+    from service.engine.step_gate import StepGate
+
+    async def main():
+        registry, _ = await _registry(tmp_path, step_gate=StepGate(), max_device_adapters=1)
+        await _use(registry, "a", "c", "a")           # loads, and evictions on the evictor thread
+        threads = set(registry._loader._threads) | set(registry._evictor._threads)
+        assert threads and all(t.is_alive() for t in threads)
+        await registry.drain()
+        registry.close()
+        assert not any(t.is_alive() for t in threads)
+        with pytest.raises(RuntimeError):
+            await registry.acquire("c")              # (evicted: a load after close fails)
+
+    run(main())
