@@ -100,13 +100,12 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
         state.engine.start()
         await state.registry.scan()
         # What start-up made (model, tokenizer, loader garbage) is collected once and then left out of
-        # every later collection; later full collections run on a schedule beside a step's C++ loop, not
-        # mid-step whenever Python starts one (full_collector.py).
+        # every later collection; later full collections run beside a step's C++ loop when one is due, not
+        # mid-step (full_collector.py).
         gc.collect()
         gc.freeze()
         unwatch_gc = state.metrics.watch_gc()
-        collector = (FullCollector(state.engine.gate, settings.gc_full_interval)
-                     if settings.gc_full_interval > 0 else None)
+        collector = FullCollector(state.engine.gate) if settings.gc_beside_step else None
         if collector is not None:
             collector.start()
         state.ready = True

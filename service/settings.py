@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     # host whose other work should come first; 0 (measured best here: nice 10 left tokens/s the same and made
     # loads wait longer) keeps them at the process's priority
     loader_nice: int = Field(0, ge=0, le=19)
-    # seconds between Python's full garbage collections, run beside a step's C++ loop instead of whenever Python
-    # decides (mid-step; service/engine/full_collector.py); 0 leaves them to Python's own schedule
-    gc_full_interval: float = Field(60.0, ge=0)
+    # Python's full garbage collections run beside a step's C++ loop when one is due (survivors frozen, all
+    # collected once a minute) instead of mid-step in whichever thread allocates
+    # (service/engine/full_collector.py); false leaves them to Python
+    gc_beside_step: bool = True
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 * 2**20
     max_archive_bytes: int = 1024 * 2**20

@@ -196,7 +196,7 @@ class TierMixin:
         packed = self.store.read_packed(folder, self.adapter_dtype.factor_dtype)   # the file read into place
         if packed is not None:
             tensors, extra = self.adapter_dtype.hold_packed(*packed, lambda: self.store.read_tensors(folder),
-                                                            SAFETENSORS_NAME)    # one pass checks them
+                                                            SAFETENSORS_NAME)    # (checked as read)
         else:
             tensors = self.store.read_tensors(folder)
             tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)

@@ -1,7 +1,8 @@
 """`FullCollector`: while one runs, Python starts no full collection of its own (generation 2's threshold);
-its thread collects every `interval` seconds, but never while a step holds the gate, and finds garbage
-cycles that had reached the oldest generation; the last one to stop gives the threshold back; the app starts
-one by default and none with `gc_full_interval=0`."""
+its thread runs one when Python's own count says one is due, never while a step holds the gate, and so finds
+garbage cycles that had reached the oldest generation; survivors are frozen, and a cycle among them is found by
+the next collection of everything; the last one to stop gives the threshold back and unfreezes; the app
+starts one by default and none with `gc_beside_step=false`."""
 import gc
 import sys
 import threading
@@ -29,28 +30,47 @@ def _old_cycle() -> weakref.ref:
     return ref
 
 
+@pytest.fixture(autouse=True)
+def _unfrozen():
+    yield
+    gc.unfreeze()                                 # what a test's collections froze is collectable again
+
+
+def _freed(ref: weakref.ref, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while ref() is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return ref() is None
+
+
 def test_thresholds_while_collectors_run_and_after():
     before = gc.get_threshold()
-    first, second = FullCollector(StepGate(), 60), FullCollector(StepGate(), 60)
+    first, second = FullCollector(StepGate()), FullCollector(StepGate())
     first.start()
     second.start()
     try:
         assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] > 10**6
+        assert first.due_after == second.due_after == before[2]        # Python's own, not ours
         first.stop()
         assert gc.get_threshold()[2] > 10**6              # the other one still runs
     finally:
         first.stop()
         second.stop()
     assert gc.get_threshold() == before
-    with pytest.raises(ValueError, match="interval must be > 0"):
-        FullCollector(StepGate(), 0)
+    for bad in ({"poll": 0}, {"full_interval": 0}):
+        with pytest.raises(ValueError, match="poll and full_interval must be > 0"):
+            FullCollector(StepGate(), **bad)
 
 
-def test_scheduled_collection_waits_for_the_step_and_frees_old_cycles():
+def test_a_due_collection_waits_for_the_step_and_frees_old_cycles():
     gate = StepGate()
-    collector = FullCollector(gate, 0.05)
+    collector = FullCollector(gate, poll=0.02)
     collector.start()
     try:
+        gc.collect()                              # nothing due
+        ref = _old_cycle()
+        time.sleep(0.2)
+        assert ref() is not None                  # not due yet: no full collection ran
         entered, leave = threading.Event(), threading.Event()
 
         def step():
@@ -60,25 +80,38 @@ def test_scheduled_collection_waits_for_the_step_and_frees_old_cycles():
         stepper = threading.Thread(target=step)
         stepper.start()
         entered.wait(5)
-        ref = _old_cycle()
-        time.sleep(0.4)                           # several intervals: each collection waits for the gate
-        for _ in range(20):                       # (young collections do not reach generation 2)
-            [object() for _ in range(1000)]
+        for _ in range(collector.due_after + 1):
+            gc.collect(1)                         # each counts towards generation 2, as Python's own do
+        assert collector.due()
+        time.sleep(0.3)                           # several polls: the collection waits for the gate
         assert ref() is not None
         leave.set()
         stepper.join()
-        deadline = time.monotonic() + 5
-        while ref() is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ref() is None
+        assert _freed(ref)
+        assert not collector.due()
     finally:
         collector.stop()
+    assert gc.get_freeze_count() == 0             # the last collector to stop unfroze everything
+
+
+def test_survivors_are_frozen_until_a_collection_of_everything():
+    collector = FullCollector(StepGate())
+    node = Node()
+    ref = weakref.ref(node)
+    collector.collect_now()
+    assert gc.get_freeze_count() > 0              # the survivors, `node` among them, left out from now on
+    del node                                      # garbage now, but frozen: later collections skip it
+    collector.collect_now()
+    gc.collect()
+    assert ref() is not None
+    collector.collect_now(everything=True)        # unfrozen first, then collected
+    assert ref() is None
 
 
 def test_collect_now_runs_inside_the_step_s_opened_window():
     """Inside a step, the gate opened around a GIL-free call lets a collection through."""
     gate = StepGate()
-    collector = FullCollector(gate, 60)
+    collector = FullCollector(gate)
     done = []
     with gate.step():
         ref = _old_cycle()
@@ -89,8 +122,8 @@ def test_collect_now_runs_inside_the_step_s_opened_window():
     assert done and done[0] >= 0 and ref() is None
 
 
-@pytest.mark.parametrize("interval, runs", [(60.0, True), (0.0, False)])
-def test_the_app_runs_one_unless_turned_off(tmp_path, interval, runs):
+@pytest.mark.parametrize("beside", [True, False])
+def test_the_app_runs_one_unless_turned_off(tmp_path, beside):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -100,9 +133,9 @@ def test_the_app_runs_one_unless_turned_off(tmp_path, interval, runs):
     from _rel_tiny import tiny_loaded
 
     default = gc.get_threshold()
-    settings = Settings(adapter_dir=str(tmp_path), dtype="float32", max_seq_len=64, gc_full_interval=interval)
+    settings = Settings(adapter_dir=str(tmp_path), dtype="float32", max_seq_len=64, gc_beside_step=beside)
     with TestClient(create_app(settings, tiny_loaded())):
-        assert (gc.get_threshold()[2] > 10**6) is runs
-        assert any(t.name == "full-gc" for t in threading.enumerate()) is runs
+        assert (gc.get_threshold()[2] > 10**6) is beside
+        assert any(t.name == "full-gc" for t in threading.enumerate()) is beside
     assert gc.get_threshold() == default
-    assert Settings().gc_full_interval == 60.0
+    assert Settings().gc_beside_step is True
