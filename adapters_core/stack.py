@@ -301,14 +301,7 @@ class LayerStack:
         self.version += 1
         lay = self.layer
         if ready is not None:
-            a, b, scale, row = ready
-            self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype)
-            self.clear(slot)
-            self.lora[slot] = (a, b, scale)
-            if row is None:
-                self.off_table.add(slot)
-            else:
-                self._set_row(slot, row)
+            self._hold_factors(slot, *ready)
             self._name_slot(slot, name)
             return
         kind = lay.kind[name]
@@ -321,20 +314,25 @@ class LayerStack:
             self._ensure(target, width, 1.0)[slot] = vec.detach().flatten().to(self.dtype)
         else:
             a, b, scale = _lora_rows(lay, name)
-            self._reserve(max(slot, lay.slot_table.num_slots - 1), a.dtype)
-            self.clear(slot)
-            self.lora[slot] = (a, b, scale)
-            row = sgmv.table_row(a, b, scale)
-            if row is None:
-                self.off_table.add(slot)
-            else:
-                self._set_row(slot, row)
+            self._hold_factors(slot, a, b, scale, sgmv.table_row(a, b, scale))
             if kind == "LORA" and not lay.is_embedding and lay.lora_B[name].bias is not None:
                 self._ensure("bias", lay.out_features, 0.0)[slot] = (
                     lay.lora_B[name].bias.detach() * lay.scaling[name]).to(self.dtype)
             if name in lay.lora_magnitude_vector:
                 self._ensure("dora", lay.out_features, 1.0)[slot] = lay.dora_scale(name, self.dtype).detach()
         self._name_slot(slot, name)
+
+    def _hold_factors(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                      row: Optional[list[int]]) -> None:
+        """`slot` cleared, then holding A [r, in], Bt [r, out] and the fp32 scale [r] in place, with the
+        kernel's table row (None: the slot takes the torch path)."""
+        self._reserve(max(slot, self.layer.slot_table.num_slots - 1), a.dtype)
+        self.clear(slot)
+        self.lora[slot] = (a, b, scale)
+        if row is None:
+            self.off_table.add(slot)
+        else:
+            self._set_row(slot, row)
 
     def _set_row(self, slot: int, row) -> None:
         """Write one row of the table through a numpy view of it, which holds the GIL: a torch `table[slot] =`

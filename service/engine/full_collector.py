@@ -54,7 +54,7 @@ class FullCollector:
             if _active == 0:
                 _saved = gc.get_threshold()
                 gc.set_threshold(_saved[0], _saved[1], _NEVER)
-            self.due_after = _saved[2] if _saved is not None else self.due_after
+            self.due_after = _saved[2]          # Python's own, saved by the first collector to start
             _active += 1
         self._thread = threading.Thread(target=self._run, name="full-gc", daemon=True)
         self._thread.start()
