@@ -72,23 +72,29 @@ def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
         nn.Module.__init__(lin)
         lin.weight, lin.bias = w, b
     else:
+        plain, containers = template
         state = lin.__dict__
-        for key, value in template.items():
-            state[key] = type(value)() if isinstance(value, (dict, set)) else value   # fresh containers
+        state.update(plain)
+        for key, kind in containers:
+            state[key] = kind()           # fresh containers, in __init__'s order
         state["_parameters"]["weight"], state["_parameters"]["bias"] = w, b
-    lin.__dict__["in_features"], lin.__dict__["out_features"] = weight.shape[1], weight.shape[0]
+    state = lin.__dict__
+    state["in_features"], state["out_features"] = weight.shape[1], weight.shape[0]
     return lin
 
 
 @functools.cache
-def _fresh_module_state() -> Optional[dict]:
-    """The attributes `nn.Module.__init__` gives a module (this torch version's), whose containers are all
-    empty: the template `linear_holding` copies; None if some container is not empty (then it is not used)."""
+def _fresh_module_state() -> Optional[tuple[dict, tuple]]:
+    """The attributes `nn.Module.__init__` gives a module (this torch version's): (the plain values, and
+    (name, type) of each container, all empty), the template `linear_holding` fills a module's state from;
+    None if some container is not empty (then it is not used)."""
     module = nn.Module.__new__(nn.Module)
     nn.Module.__init__(module)
-    if any(isinstance(v, (dict, set)) and v for v in module.__dict__.values()):
+    state = module.__dict__
+    if any(isinstance(v, (dict, set)) and v for v in state.values()):
         return None
-    return dict(module.__dict__)
+    containers = tuple((k, type(v)) for k, v in state.items() if isinstance(v, (dict, set)))
+    return {k: v for k, v in state.items() if not isinstance(v, (dict, set))}, containers
 
 
 def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,

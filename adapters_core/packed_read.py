@@ -66,34 +66,33 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
             entries.append((data_start + entry["data_offsets"][0], key, dtype, shape,
                             factor_target(key, dtype, factor_dtype)))
         sizes: dict[torch.dtype, int] = {}
-        scratch_bytes = file_bytes = 0
-        for _, key, dtype, shape, target in entries:
+        file_bytes = 0
+        for _, _, dtype, shape, target in entries:
             numel = math.prod(shape)
             file_bytes += numel * dtype.itemsize
             sizes[target] = sizes.get(target, 0) + numel
-            if _through_scratch(key, dtype, shape, target):
-                scratch_bytes = max(scratch_bytes, numel * dtype.itemsize)
         slabs = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
+        ordered = sorted(entries, key=lambda e: e[0])                        # one pass over the file
+        regions = {target: iter(slab.split([math.prod(e[3]) for e in ordered if e[4] is target]))
+                   for target, slab in slabs.items()}                        # each tensor's place, in file order
         placed = []                      # (file offset, key, file dtype, shape, its place in a slab, B transposed)
-        offsets = dict.fromkeys(slabs, 0)
-        for offset, key, dtype, shape, target in sorted(entries, key=lambda e: e[0]):   # one pass over the file
-            numel = math.prod(shape)
-            region = slabs[target][offsets[target]:offsets[target] + numel]
-            offsets[target] += numel
+        for offset, key, dtype, shape, target in ordered:
+            region = next(regions[target])
             flip = len(shape) == 2 and is_lora_b(key)
             # Bt [r, out] for a B (its [out, r] view is the tensor), else the tensor as stored
             placed.append((offset, key, dtype, shape, region.view(shape[1], shape[0]) if flip else region.view(shape),
                            flip))
         out = {key: dst.T if flip else dst for _, key, _, _, dst, flip in placed}
         k = sgmv.kernel()
-        if k is not None and all(dtype in sgmv.DTYPE_CODES and target in sgmv.DTYPE_CODES
-                                 for _, _, dtype, _, target in entries):
+        codes = sgmv.DTYPE_CODES
+        if k is not None and all(dtype in codes and target in codes for _, _, dtype, _, target in entries):
             # the file mapped, every tensor put into place from it in one call (see `sgmv.cpp`'s unpack_)
-            finite = _unpack_mapped(k, fh, [dst for *_, dst, _ in placed], [offset for offset, *_ in placed],
-                                    [sgmv.DTYPE_CODES[dtype] for _, _, dtype, *_ in placed],
-                                    [int(f) for *_, f in placed])
-            nonfinite = [key for (_, key, *_), ok in zip(placed, finite) if not ok]
+            finite = _unpack_mapped(k, fh, [p[4] for p in placed], [p[0] for p in placed],
+                                    [codes[p[2]] for p in placed], [int(p[5]) for p in placed])
+            nonfinite = [p[1] for p, ok in zip(placed, finite) if not ok]
             return {key: out[key] for key in keys}, file_bytes, nonfinite
+        scratch_bytes = max((math.prod(shape) * dtype.itemsize for _, key, dtype, shape, target in entries
+                             if _through_scratch(key, dtype, shape, target)), default=0)
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8)
         with torch.no_grad():
             for offset, key, dtype, shape, dst, flip in placed:

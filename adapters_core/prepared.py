@@ -4,8 +4,9 @@ part that changes it, so a server does the first in a worker thread and only the
 `load_adapter` on a serving model runs on the serving thread (it changes the module tree): it walks the
 model several times, matches targets, builds two `nn.Linear` per layer on the meta device and assigns the
 state dict, ~5-10 ms for a SmolLM2 adapter on q/v, during which no step runs. `prepare_adapter` does all of
-that without changing the model: it reads the tree (its targets must already be wrapped `AdapterLayer`s,
-as they are once any adapter has targeted them), checks every key and shape, and builds each layer's
+that without changing the model: it looks each key's layer up by its path (its targets must already be
+wrapped `AdapterLayer`s, as they are once any adapter has targeted them; a path look-up instead of a walk of
+the whole tree), checks every key and shape, and builds each layer's
 `lora_A` / `lora_B` modules around the given tensors (no copy: pass `packing.pack_adapter_tensors`'s
 output and the stacks read them in place). `attach_prepared` then inserts them: a few dict writes per layer
 and the slot table's bookkeeping. It also computes what each layer's slot will hold (`stack.lora_slot_rows`:
@@ -29,7 +30,8 @@ from .config import LoraConfig
 from .errors import AdapterError, AdapterWeightsError
 from .layer import AdapterLayer, linear_holding, lora_scaling
 from .matching import pattern_value
-from .model_tree import NAME_RE, peft_configs, slot_table, walk
+from .model_tree import NAME_RE, peft_configs, slot_table
+from .modules_to_save import ModulesToSaveWrapper
 from .stack import lora_slot_rows
 from .state_dict import PEFT_PREFIX
 
@@ -51,44 +53,67 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
     if (not isinstance(config, LoraConfig) or config.use_dora or config.lora_bias or config.modules_to_save
             or config.bias != "none" or not NAME_RE.match(adapter_name)):
         return None
-    try:
-        modules = {key: module for key, module in walk(model)}
-    except RuntimeError:                  # the tree changed under the walk (another thread wrapped a layer)
-        return None
-    prefix = PEFT_PREFIX if not any(k.startswith(PEFT_PREFIX) for k in modules) else ""
+    root = model._modules.get("base_model")
+    prefix = "" if root is not None and root._modules.get("model") is not None else PEFT_PREFIX
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         path = key.removeprefix(prefix) if prefix else key
-        for suffix in (".lora_A.weight", ".lora_B.weight"):
-            if path.endswith(suffix):
-                factors.setdefault(path[: -len(suffix)], {})[suffix[1:7]] = value
-                break
+        if path.endswith(".lora_A.weight"):
+            factors.setdefault(path[:-14], {})["lora_A"] = value
+        elif path.endswith(".lora_B.weight"):
+            factors.setdefault(path[:-14], {})["lora_B"] = value
         else:
             return None                   # bias, magnitude, embedding or other keys: the general path
     layers, rows = [], []
+    seen: set[int] = set()
+    scales: dict[tuple, torch.Tensor] = {}    # (rank, scaling, device) -> the fp32 scale rows, shared read-only
     for path, pair in factors.items():
-        layer = modules.get(path)
-        if type(layer) is not AdapterLayer or layer.is_embedding or set(pair) != {"lora_A", "lora_B"}:
+        layer = _wrapped_layer(model, path)
+        if layer is None or layer.is_embedding or len(pair) != 2 or id(layer) in seen:
             return None
+        seen.add(id(layer))
         a, b = pair["lora_A"], pair["lora_B"]
-        r = pattern_value(config.rank_pattern, path, config.r)
+        r = pattern_value(config.rank_pattern, path, config.r) if config.rank_pattern else config.r
         if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (
                 layer.out_features, r):
             raise AdapterWeightsError(f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                                       f"rank {r} and the layer's {layer.in_features} -> {layer.out_features}")
-        device = layer.base_layer.weight.device
-        weight_dtype = layer.base_layer.weight.dtype
-        dtype = weight_dtype if weight_dtype.is_floating_point else a.dtype   # as set_peft_model_state_dict
+        weight = layer._modules["base_layer"].weight
+        device = weight.device
+        dtype = weight.dtype if weight.dtype.is_floating_point else a.dtype   # as set_peft_model_state_dict
         if factor_dtype is not None and a.dtype.is_floating_point:
             dtype = factor_dtype
-        scaling = lora_scaling(pattern_value(config.alpha_pattern, path, config.lora_alpha), r, config.use_rslora)
-        lin_a = linear_holding(a.to(device=device, dtype=dtype), requires_grad=False)
-        lin_b = linear_holding(b.to(device=device, dtype=dtype), requires_grad=False)
+        alpha = config.lora_alpha
+        if config.alpha_pattern:
+            alpha = pattern_value(config.alpha_pattern, path, alpha)
+        scaling = lora_scaling(alpha, r, config.use_rslora)
+        if a.dtype != dtype or a.device != device:
+            a = a.to(device=device, dtype=dtype)
+        if b.dtype != dtype or b.device != device:
+            b = b.to(device=device, dtype=dtype)
+        lin_a = linear_holding(a, requires_grad=False)
+        lin_b = linear_holding(b, requires_grad=False)
         layers.append((layer, r, scaling, lin_a, lin_b))
-        rows.append(lora_slot_rows(lin_a.weight, lin_b.weight, scaling))
+        scale = scales.get((r, scaling, device))
+        if scale is None:
+            scale = scales[(r, scaling, device)] = torch.full((r,), scaling, dtype=torch.float32, device=device)
+        rows.append(lora_slot_rows(lin_a._parameters["weight"], lin_b._parameters["weight"], scaling, scale))
     if not layers:
         return None
     return PreparedAdapter(adapter_name, copy.deepcopy(config), layers, rows)
+
+
+def _wrapped_layer(model: nn.Module, path: str) -> Optional[AdapterLayer]:
+    """The `AdapterLayer` at dotted `path` of `model`, as `walk` would find it (not inside another adapter
+    wrapper), or None: a look-up per part instead of a walk over every module (~0.5 ms of each load)."""
+    module = model
+    for part in path.split("."):
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            return None                   # inside a wrapper: adapter internals, not a target
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module if type(module) is AdapterLayer else None
 
 
 def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:

@@ -375,14 +375,18 @@ def _held_rows(a_param: torch.Tensor, b_param: torch.Tensor) -> tuple[torch.Tens
     return out[0], out[1]
 
 
-def lora_slot_rows(a_param: torch.Tensor, b_param: torch.Tensor,
-                   scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[int]]]:
+def lora_slot_rows(a_param: torch.Tensor, b_param: torch.Tensor, scaling: float,
+                   scale: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[int]]]:
     """What `LayerStack.write` holds for a plain LoRA whose lora_A / lora_B weights are `a_param` [r, in] and
     `b_param` [out, r] with delta scale `scaling`: (A, Bt [r, out], fp32 scale [r], the kernel's table row, or
     None where the kernel cannot read the factors). For an adapter not yet in the model
-    (`prepared.prepare_adapter`, off the serving thread): B's storage is laid out transposed if it is not."""
+    (`prepared.prepare_adapter`, off the serving thread): B's storage is laid out transposed if it is not.
+    `scale`: the fp32 [r] rows of `scaling` on A's device when the caller has them (layers of one rank and
+    scaling may share them: nothing writes them), else they are made here."""
     a, bt = _held_rows(a_param, b_param)
-    scale = torch.full((a.shape[0],), scaling, dtype=torch.float32, device=a.device)
+    if scale is None:
+        scale = torch.full((a.shape[0],), scaling, dtype=torch.float32, device=a.device)
     row = sgmv.table_row(a, bt, scale)
     return a, bt, scale, row
 

@@ -164,3 +164,30 @@ def test_a_copied_model_writes_its_own_tables():
     assert model.q_proj.stack.table[slot].abs().sum() > 0 and twin.q_proj.stack.table[slot].abs().sum() == 0
     row = model.q_proj.stack.table[slot].tolist()
     assert row[0] == model.q_proj.lora_A["first"].weight.data_ptr()
+
+
+def test_paths_are_looked_up_as_a_walk_finds_them():
+    """Layers are found by their dotted paths: a key that names a module inside an adapter wrapper, or a layer
+    the state dict reaches twice (a module shared under two names), steps aside to the general path; layers
+    of one rank and scaling share their (read-only) fp32 scale rows, holding the same values as their own."""
+    model = _model()
+    ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=dict(_state(4, 0)),
+                    low_cpu_mem_usage=True)
+    state = _state(4, 1)
+    inner = {k.replace("q_proj.", "q_proj.base_layer."): v for k, v in state.items()}
+    assert prepare_adapter(model, _config(4), inner, "a") is None                # inside the q_proj wrapper
+    model.add_module("q_again", model.q_proj)                                    # one layer, two names
+    twice = dict(state, **{k.replace("q_proj", "q_again"): v for k, v in state.items() if "q_proj" in k})
+    assert prepare_adapter(model, _config(4), twice, "a") is None
+    del model.q_again
+    config = ac.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    same_rank = {"base_model.model.q_proj.lora_A.weight": torch.randn(4, 16),
+                 "base_model.model.q_proj.lora_B.weight": torch.randn(24, 4),
+                 "base_model.model.v_proj.lora_A.weight": torch.randn(4, 24),
+                 "base_model.model.v_proj.lora_B.weight": torch.randn(8, 4)}
+    prepared = prepare_adapter(model, config, pack_adapter_tensors(same_rank), "b")
+    (_, _, q_scale, _), (_, _, v_scale, _) = prepared.rows
+    assert q_scale is v_scale and torch.equal(q_scale, torch.full((4,), 2.0))
+    different = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 2)), "c")   # v: rank 6
+    assert different.rows[0][2] is not different.rows[1][2]
+    assert torch.equal(different.rows[1][2], torch.full((6,), 12 / 6))
