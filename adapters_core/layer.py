@@ -72,11 +72,9 @@ def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
         nn.Module.__init__(lin)
         lin.weight, lin.bias = w, b
     else:
-        plain, containers = template
         state = lin.__dict__
-        state.update(plain)
-        for key, kind in containers:
-            state[key] = kind()           # fresh containers, in __init__'s order
+        for key, value, kind in template:
+            state[key] = value if kind is None else kind()     # in __init__'s order, fresh containers
         state["_parameters"]["weight"], state["_parameters"]["bias"] = w, b
     state = lin.__dict__
     state["in_features"], state["out_features"] = weight.shape[1], weight.shape[0]
@@ -84,17 +82,17 @@ def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
 
 
 @functools.cache
-def _fresh_module_state() -> Optional[tuple[dict, tuple]]:
-    """The attributes `nn.Module.__init__` gives a module (this torch version's): (the plain values, and
-    (name, type) of each container, all empty), the template `linear_holding` fills a module's state from;
-    None if some container is not empty (then it is not used)."""
+def _fresh_module_state() -> Optional[tuple]:
+    """The attributes `nn.Module.__init__` gives a module (this torch version's), in its order, as (name,
+    value, None) for a plain value and (name, None, type) for a container, all of which are empty: the
+    template `linear_holding` fills a module's state from (a type known in advance, not an `isinstance` per
+    attribute of every module); None if some container is not empty (then it is not used)."""
     module = nn.Module.__new__(nn.Module)
     nn.Module.__init__(module)
     state = module.__dict__
     if any(isinstance(v, (dict, set)) and v for v in state.values()):
         return None
-    containers = tuple((k, type(v)) for k, v in state.items() if isinstance(v, (dict, set)))
-    return {k: v for k, v in state.items() if not isinstance(v, (dict, set))}, containers
+    return tuple((k, None, type(v)) if isinstance(v, (dict, set)) else (k, v, None) for k, v in state.items())
 
 
 def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,

@@ -60,7 +60,7 @@ class EngineConfig:
     max_seq_len: int = 2048           # prompt + generated tokens per request
     max_batch_tokens: int = 512       # new tokens per step (decode tokens + prompt chunks)
     prefill_chunk: int = 256          # most prompt tokens of one request per step
-    prefill_while_decoding: int = 0   # prompt tokens per step while requests decode (0: as many as decode)
+    prefill_while_decoding: int = 0   # prompt tokens per step while requests decode (0: half as many as decode)
     max_waiting: int = 256            # queued requests beyond the running ones
 
 

@@ -139,7 +139,7 @@ def test_linear_holding_builds_what_nn_linear_would():
     weight, bias = torch.randn(3, 5), torch.randn(3)
     lin, other = linear_holding(weight, bias, requires_grad=False), linear_holding(weight)
     ref = torch.nn.Linear(5, 3)
-    assert {k: type(v) for k, v in vars(lin).items()} == {k: type(v) for k, v in vars(ref).items()}
+    assert [(k, type(v)) for k, v in vars(lin).items()] == [(k, type(v)) for k, v in vars(ref).items()]
     assert lin.weight.data_ptr() == weight.data_ptr() and not lin.weight.requires_grad and other.bias is None
     assert (lin.in_features, lin.out_features) == (5, 3) and other.weight.requires_grad
     lin.register_forward_hook(lambda *a: None)

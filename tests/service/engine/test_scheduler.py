@@ -1,4 +1,4 @@
-"""The scheduler's stall-free cap: while requests decode, a step's prompt tokens are capped at as many as
+"""The scheduler's stall-free cap: while requests decode, a step's prompt tokens are capped at half as many as
 decode (at least MIN_PREFILL) or at `prefill_while_decoding`; with nothing decoding a burst of prompts gets
 the whole `max_batch_tokens`; a long prompt is chunked either way and every decode keeps its token."""
 from collections import deque
@@ -38,11 +38,14 @@ def test_burst_without_decodes_gets_the_whole_budget():
 
 
 def test_decodes_cap_the_prompt_tokens_of_a_step():
-    running = [state(5, decoding=True) for _ in range(48)]
+    running = [state(5, decoding=True) for _ in range(96)]
     waiting = deque(state(40) for _ in range(20))
-    plan = Scheduler(512, 256).schedule(running, waiting, Cache(64))
-    assert sum(1 for s, n in plan if not s.prefilling) == 48          # every decode keeps its token
-    assert prompt_tokens(plan) == 48                                   # as many as decode
+    plan = Scheduler(512, 256).schedule(running, waiting, Cache(128))
+    assert sum(1 for s, n in plan if not s.prefilling) == 96          # every decode keeps its token
+    assert prompt_tokens(plan) == 48                                   # half as many as decode
+    plan = Scheduler(512, 256).schedule([state(5, decoding=True) for _ in range(48)],
+                                        deque(state(40) for _ in range(5)), Cache(64))
+    assert prompt_tokens(plan) == MIN_PREFILL                          # 24 would be below the floor
     few = [state(5, decoding=True) for _ in range(3)]
     plan = Scheduler(512, 256).schedule(few, deque(state(40) for _ in range(5)), Cache(64))
     assert prompt_tokens(plan) == MIN_PREFILL
