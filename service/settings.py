@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_seq_len: int = 2048                    # prompt + generated tokens per request
     max_batch_tokens: int = 512
     prefill_chunk: int = 256
-    # prompt tokens per step while requests decode (stall-free batching; 0: as many as requests decode, >= 32)
+    # prompt tokens per step while requests decode (stall-free batching; 0: half as many as requests decode, >= 32)
     prefill_while_decoding: int = Field(0, ge=0)
     max_waiting: int = 64                      # queued requests before 429
 
