@@ -2,9 +2,10 @@
 
 `slot_table(model)` (the model-level `SlotTable`, `model._adapter_slots`) and `peft_configs(model)`
 (`model.peft_config`, name -> config) are created on first use; `walk` is `named_modules()` without descending
-into adapter wrappers; `adapter_layers` / `wrappers` list the `AdapterLayer`s and `ModulesToSaveWrapper`s;
-`wrapped_modules` is the same two kinds from the slot table's list, without a walk; `set_submodule` swaps a
-module in by its dotted name; `NAME_RE` is what an adapter name may look like. These
+into adapter wrappers, and `find_module` looks one dotted path up the same way; `adapter_layers` / `wrappers`
+list the `AdapterLayer`s and `ModulesToSaveWrapper`s; `wrapped_modules` is the same two kinds from the slot
+table's list, without a walk; `set_submodule` swaps a module in by its dotted name; `NAME_RE` is what an
+adapter name may look like. These
 live apart from injection.py so that injection (which makes a new adapter active) and management.py (which
 activates, deletes and casts) can both use them without importing each other in a circle.
 """
@@ -39,6 +40,9 @@ def peft_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     return configs
 
 
+_WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)     # modules whose children are adapter internals
+
+
 def walk(model: nn.Module):
     """`named_modules()` that does not descend into adapter wrappers: their children are adapter internals,
     and walking them would make every model-level call (and so every load) slower with each adapter."""
@@ -49,13 +53,26 @@ def walk(model: nn.Module):
             return
         seen.add(id(module))
         yield prefix, module
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+        if isinstance(module, _WRAPPERS):
             return
         for name, child in module._modules.items():
             if child is not None:
                 yield from visit(f"{prefix}.{name}" if prefix else name, child)
 
     yield from visit("", model)
+
+
+def find_module(model: nn.Module, path: str):
+    """The module at dotted `path` as `walk` reaches it (not inside an adapter wrapper), or None: one dict
+    look-up per part instead of a walk over every module (~0.5 ms of each adapter a server prepares)."""
+    module = model
+    for part in path.split("."):
+        if isinstance(module, _WRAPPERS):
+            return None
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
 
 
 def adapter_layers(model: nn.Module):

@@ -30,9 +30,8 @@ from .config import LoraConfig
 from .errors import AdapterError, AdapterWeightsError
 from .layer import AdapterLayer, linear_holding, lora_scaling
 from .matching import pattern_value
-from .model_tree import NAME_RE, peft_configs, slot_table
-from .modules_to_save import ModulesToSaveWrapper
-from .stack import lora_slot_rows
+from .model_tree import NAME_RE, find_module, peft_configs, slot_table
+from .stack import lora_scale_rows, lora_slot_rows
 from .state_dict import PEFT_PREFIX
 
 
@@ -68,8 +67,8 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
     seen: set[int] = set()
     scales: dict[tuple, torch.Tensor] = {}    # (rank, scaling, device) -> the fp32 scale rows, shared read-only
     for path, pair in factors.items():
-        layer = _wrapped_layer(model, path)
-        if layer is None or layer.is_embedding or len(pair) != 2 or id(layer) in seen:
+        layer = find_module(model, path)
+        if type(layer) is not AdapterLayer or layer.is_embedding or len(pair) != 2 or id(layer) in seen:
             return None
         seen.add(id(layer))
         a, b = pair["lora_A"], pair["lora_B"]
@@ -96,24 +95,11 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         layers.append((layer, r, scaling, lin_a, lin_b))
         scale = scales.get((r, scaling, device))
         if scale is None:
-            scale = scales[(r, scaling, device)] = torch.full((r,), scaling, dtype=torch.float32, device=device)
+            scale = scales[(r, scaling, device)] = lora_scale_rows(r, scaling, device)
         rows.append(lora_slot_rows(lin_a._parameters["weight"], lin_b._parameters["weight"], scaling, scale))
     if not layers:
         return None
     return PreparedAdapter(adapter_name, copy.deepcopy(config), layers, rows)
-
-
-def _wrapped_layer(model: nn.Module, path: str) -> Optional[AdapterLayer]:
-    """The `AdapterLayer` at dotted `path` of `model`, as `walk` would find it (not inside another adapter
-    wrapper), or None: a look-up per part instead of a walk over every module (~0.5 ms of each load)."""
-    module = model
-    for part in path.split("."):
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            return None                   # inside a wrapper: adapter internals, not a target
-        module = module._modules.get(part)
-        if module is None:
-            return None
-    return module if type(module) is AdapterLayer else None
 
 
 def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:

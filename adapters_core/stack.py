@@ -359,8 +359,13 @@ def _lora_rows(lay, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if lay.kind[name] == "ADALORA":
         scale = lay.adalora_E[name].detach().reshape(-1).float() * (lay.scaling[name] / (lay.ranknum[name] + 1e-5))
     else:
-        scale = torch.full((a.shape[0],), lay.scaling[name], dtype=torch.float32, device=a.device)
+        scale = lora_scale_rows(a.shape[0], lay.scaling[name], a.device)
     return a, b, scale.contiguous()
+
+
+def lora_scale_rows(rank: int, scaling: float, device) -> torch.Tensor:
+    """The fp32 per-rank scale [rank] of a plain LoRA whose delta scale is `scaling`, as the stacks hold it."""
+    return torch.full((rank,), scaling, dtype=torch.float32, device=device)
 
 
 def _held_rows(a_param: torch.Tensor, b_param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +391,7 @@ def lora_slot_rows(a_param: torch.Tensor, b_param: torch.Tensor, scaling: float,
     scaling may share them: nothing writes them), else they are made here."""
     a, bt = _held_rows(a_param, b_param)
     if scale is None:
-        scale = torch.full((a.shape[0],), scaling, dtype=torch.float32, device=a.device)
+        scale = lora_scale_rows(a.shape[0], scaling, a.device)
     row = sgmv.table_row(a, bt, scale)
     return a, bt, scale, row
 
