@@ -10,9 +10,12 @@ For each adapter count N: N requests (one per adapter for ours, prompts of `--pr
 The three models share one copy of the base weights. Reported: tokens/s (every generated token over the
 run's wall time), the issue's ratios b/a (>= 0.9), b/d (>= 5) and a/c (>= 2), and our runs' time to first
 token and inter-token latency (p50, p99). (a), (b) and (c) run `--rounds` times interleaved, each reporting
-its median round; (t) and (d) run once. `--json PATH` writes the report. `--dry-run` runs the same code on
-the CPU with a tiny model and 4 / 8 adapters (fp32), to check the script end to end without a GPU. Usage:
+its median round; (t) and (d) run once. `--json PATH` writes the report. `--profile PATH` then runs (a) and
+(b) once more at the largest N under torch's profiler and writes where the time goes (operators by device and
+by host time, and the device's busy share of the wall time) to PATH. `--dry-run` runs the same code on the CPU
+with a tiny model and 4 / 8 adapters (fp32), to check the script end to end without a GPU. Usage:
     python3 bench/gpu_bench.py [--adapters 16 64] [--prompt-len 128] [--new-tokens 64] [--rounds 3] [--json out.json]
+                               [--profile profile.txt]
 """
 
 from __future__ import annotations
@@ -171,6 +174,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--profile", help="write a torch profile of (a) and (b) at the largest N here")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU (fp32), 4 and 8 adapters")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -217,6 +221,9 @@ def main(argv=None) -> dict:
         report["runs"][n] = runs
         print(f"N={n}: a {runs['a']['tps']:.0f}  b {runs['b']['tps']:.0f}  t {runs['t']['tps']:.0f}  "
               f"c {runs['c']['tps']:.0f} tokens/s", flush=True)
+    if args.profile:
+        profile_runs(args.profile, [("a", base, [None] * most), ("b", adapted, names[:most])], prompts[:most],
+                     args.new_tokens, device)
     pm = peft_model(hf, names, states, args.rank)          # wraps hf in place: after every (c)
     for n in args.adapters:
         report["runs"][n]["d"] = run_hf(pm, prompts[:n], args.new_tokens, device, adapter_names=names[:n])
@@ -227,6 +234,29 @@ def main(argv=None) -> dict:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
     return report
+
+
+def profile_runs(path: str, runs: list, prompts, new_tokens: int, device) -> None:
+    """One engine run per (label, model, adapters) under torch's profiler; the operator tables by device time
+    and by host time, and the device's busy time (its kernels' self time) against the run's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sections = []
+    for label, model, adapters in runs:
+        with profile(activities=activities) as prof:
+            result = run_engine(model, prompts, adapters, new_tokens, device)
+        events = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA") / 1e6
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        sections.append(f"## ({label}) {len(prompts)} requests under the profiler: {result['tps']:.0f} tokens/s, "
+                        f"wall {result['seconds']:.3f} s (warm-up included in the profile), device kernels "
+                        f"{busy:.3f} s busy\n\n### by device time\n{events.table(sort_by=sort, row_limit=30)}\n"
+                        f"### by host time\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
+        print(f"profile ({label}): {result['tps']:.0f} tokens/s under the profiler, device busy {busy:.3f} s "
+              f"of {result['seconds']:.3f} s timed", flush=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(sections))
 
 
 def print_report(report: dict) -> None:

@@ -7,7 +7,7 @@ fastapi, uvicorn, pydantic-settings, gguf, llguidance, ...) into /tmp/site when 
 through uvicorn; and the registry's device-tier test), (4) runs bench/gpu_bench.py (Llama-3.2-1B shape,
 bf16, 16 and 64 adapters), and (5) writes a summary with the issue's targets. Results go to `$OUT` (the
 device tool's folder), else `--out`, else bench/out/gpu_check: env.txt, gpu_tests.log, gpu_tests.xml,
-bench.log, bench.json, summary.md. Each phase has a time limit so that the whole stays under 10 minutes;
+bench.log, bench.json, profile.txt, summary.md. Each phase has a time limit so that the whole stays under 10 minutes;
 the exit status is non-zero when a test or the benchmark failed.
 `--dry-run` runs the same phases on the CPU (tests with ADAPTER_SERVE_TEST_DEVICE=cpu, the benchmark's tiny
 model) with the C++ CPU kernels off and the Triton kernels forced under Triton's interpreter: the code paths
@@ -189,13 +189,14 @@ def main(argv=None) -> int:
     tests_rc = bench_rc = 0
     xml_path = os.path.join(out, "gpu_tests.xml")
     if not args.skip_tests:
-        tests_rc = run_logged([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+        tests_rc = run_logged([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=15",
                                f"--junitxml={xml_path}", *GPU_TESTS], os.path.join(out, "gpu_tests.log"),
                               540 if args.dry_run else 240, log)
     bench_json = os.path.join(out, "bench.json")
     if not args.skip_bench:
-        bench = [sys.executable, "bench/gpu_bench.py", "--json", bench_json] + (["--dry-run"] if args.dry_run else [])
-        bench_rc = run_logged(bench, os.path.join(out, "bench.log"), 270, log)
+        bench = [sys.executable, "bench/gpu_bench.py", "--json", bench_json, "--profile",
+                 os.path.join(out, "profile.txt")] + (["--dry-run"] if args.dry_run else [])
+        bench_rc = run_logged(bench, os.path.join(out, "bench.log"), 300, log)
     text, ok = summary(env, test_counts(xml_path), tests_rc, bench_rc, bench_json)
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
