@@ -50,6 +50,16 @@ class BatchMapping:
                scales: Optional[torch.Tensor] = None) -> "BatchMapping":
         return cls(slots, "tokens", segment_len, scales)
 
+    @classmethod
+    def token_buffer(cls, slots: torch.Tensor) -> "BatchMapping":
+        """A tokens-layout mapping over a buffer whose values change after it is built (a CUDA graph's input,
+        rewritten before each replay): one segment per token, nothing read from `slots` now, never all-base, no
+        scales. Only kernels that read the slots as they run (the Triton SGMV's) may serve it."""
+        mapping = cls(slots[:0], "tokens")
+        mapping.slots = mapping.seg_slots = slots
+        mapping.all_base, mapping.key = False, ("buffer", slots.data_ptr(), slots.numel())
+        return mapping
+
     def _build_segments(self, segment_len: Optional[int]) -> None:
         """Split runs of equal slots into segments of at most `L` tokens, L picked to keep padding low."""
         slots = self.slots

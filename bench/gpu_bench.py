@@ -4,13 +4,14 @@ For each adapter count N: N requests (one per adapter for ours, prompts of `--pr
 `--new-tokens` new tokens each, greedy, no end-of-sequence), on
 (a) our engine, base model only;         (b) our engine, N distinct r=16 LoRA adapters on all seven projections
                                              (the Triton SGMV kernels);
-(t) as (b) with the Triton SGMV off (`ADAPTERS_CORE_TRITON=0` in effect: the torch path's gathers and `bmm`s);
+(t) as (b) with the Triton SGMV off (`ADAPTERS_CORE_TRITON=0` in effect: the torch path's gathers and `bmm`s,
+    which CUDA graphs do not serve); (ae), (be) as (a), (b) without CUDA graphs (the eager engine);
 (c) transformers `generate` on the base, one batch;
 (d) peft's mixed-batch `generate` (`adapter_names=`) with the same N adapters.
 The three models share one copy of the base weights. Reported: tokens/s (every generated token over the
 run's wall time), the issue's ratios b/a (>= 0.9), b/d (>= 5) and a/c (>= 2), and our runs' time to first
 token and inter-token latency (p50, p99). (a), (b) and (c) run `--rounds` times interleaved, each reporting
-its median round; (t) and (d) run once. `--json PATH` writes the report. `--profile PATH` then runs (a) and
+its median round; (t), (ae), (be) and (d) run once. `--json PATH` writes the report. `--profile PATH` then runs (a) and
 (b) once more at the largest N under torch's profiler and writes where the time goes (operators by device and
 by host time, and the device's busy share of the wall time) to PATH. `--dry-run` runs the same code on the CPU
 with a tiny model and 4 / 8 adapters (fp32), to check the script end to end without a GPU. Usage:
@@ -105,11 +106,13 @@ def lora_state_dicts(shape: dict, count: int, rank: int, device, dtype) -> list[
     return out
 
 
-def run_engine(model, prompts, adapters, new_tokens, device) -> dict:
-    """One timed run of every prompt on its adapter; tokens/s, TTFT and ITL from each token's arrival."""
+def run_engine(model, prompts, adapters, new_tokens, device, graphs: bool = True) -> dict:
+    """One timed run of every prompt on its adapter; tokens/s, TTFT and ITL from each token's arrival, and how
+    many decode steps replayed a CUDA graph (`graphs=False`: none, the eager path)."""
     n, plen = len(prompts), len(prompts[0])
     engine = Engine(model, EngineConfig(max_batch_size=n, max_seq_len=plen + new_tokens + 8,
-                                        max_batch_tokens=n * plen, prefill_chunk=plen, max_waiting=n))
+                                        max_batch_tokens=n * plen, prefill_chunk=plen, max_waiting=n,
+                                        cuda_graphs=graphs))
     engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)    # warm: stacks, cache
                      for p, a in zip(prompts, adapters)])
     stamps: dict[int, list[float]] = {i: [] for i in range(n)}
@@ -125,8 +128,10 @@ def run_engine(model, prompts, adapters, new_tokens, device) -> dict:
     ttft = [s[0] - start for s in stamps.values()]
     itl = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
     total = sum(len(s) for s in stamps.values())
+    replays = engine.graphs.replays if engine.graphs is not None else 0
     return dict(tps=total / wall, tokens=total, seconds=wall, ttft50=percentile(ttft, 50),
-                ttft99=percentile(ttft, 99), itl50=percentile(itl, 50), itl99=percentile(itl, 99))
+                ttft99=percentile(ttft, 99), itl50=percentile(itl, 50), itl99=percentile(itl, 99),
+                graph_replays=replays, graph_failed=engine.graphs.failed if engine.graphs is not None else None)
 
 
 def run_hf(model, prompts, new_tokens, device, **kw) -> dict:
@@ -218,9 +223,13 @@ def main(argv=None) -> dict:
             runs["t"] = run_engine(adapted, prompts[:n], names[:n], args.new_tokens, device)
         finally:
             cuda_lora._KERNELS.mode = saved
+        runs["ae"] = run_engine(base, prompts[:n], [None] * n, args.new_tokens, device, graphs=False)
+        runs["be"] = run_engine(adapted, prompts[:n], names[:n], args.new_tokens, device, graphs=False)
         report["runs"][n] = runs
         print(f"N={n}: a {runs['a']['tps']:.0f}  b {runs['b']['tps']:.0f}  t {runs['t']['tps']:.0f}  "
-              f"c {runs['c']['tps']:.0f} tokens/s", flush=True)
+              f"c {runs['c']['tps']:.0f}  a eager {runs['ae']['tps']:.0f}  b eager {runs['be']['tps']:.0f} "
+              f"tokens/s; graph replays a {runs['a']['graph_replays']} b {runs['b']['graph_replays']} "
+              f"(failed: {runs['b']['graph_failed']})", flush=True)
     if args.profile:
         profile_runs(args.profile, [("a", base, [None] * most), ("b", adapted, names[:most])], prompts[:most],
                      args.new_tokens, device)
@@ -261,10 +270,11 @@ def profile_runs(path: str, runs: list, prompts, new_tokens: int, device) -> Non
 
 def print_report(report: dict) -> None:
     labels = {"a": "ours, base only", "b": "ours, N LoRA adapters", "t": "ours, N adapters, torch path",
+              "ae": "ours, base, no CUDA graphs", "be": "ours, N adapters, no graphs",
               "c": "transformers generate, base", "d": "peft mixed-batch generate"}
     for n, runs in report["runs"].items():
         print(f"\n{n} adapters / requests          tokens/s   rounds")
-        for key in ("a", "b", "t", "c", "d"):
+        for key in ("a", "b", "t", "ae", "be", "c", "d"):
             spread = " ".join(f"{t:.0f}" for t in runs[key].get("all", []))
             print(f"({key}) {labels[key]:<30} {runs[key]['tps']:>9.1f}   {spread}")
         ratios = dict(b_over_a=runs["b"]["tps"] / runs["a"]["tps"], b_over_d=runs["b"]["tps"] / runs["d"]["tps"],
@@ -273,7 +283,7 @@ def print_report(report: dict) -> None:
         print(f"b/a = {ratios['b_over_a']:.2f} (target >= 0.9)   b/d = {ratios['b_over_d']:.1f} (target >= 5)   "
               f"a/c = {ratios['a_over_c']:.2f} (target >= 2)   b/t = {ratios['b_over_t']:.2f} (Triton vs torch)")
         print(f"{'':<20} TTFT p50 {'p99':>6}   ITL p50 {'p99':>6}  (ms)")
-        for key in ("a", "b", "t"):
+        for key in ("a", "b", "t", "ae", "be"):
             r = runs[key]
             print(f"({key}) {labels[key][:16]:<16} {r['ttft50'] * 1e3:>8.1f} {r['ttft99'] * 1e3:>6.1f}   "
                   f"{r['itl50'] * 1e3:>7.2f} {r['itl99'] * 1e3:>6.2f}")

@@ -54,7 +54,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                                         max_batch_tokens=settings.max_batch_tokens,
                                         prefill_chunk=settings.prefill_chunk, max_waiting=settings.max_waiting,
-                                        prefill_while_decoding=settings.prefill_while_decoding),
+                                        prefill_while_decoding=settings.prefill_while_decoding,
+                                        cuda_graphs=settings.cuda_graphs),
                     eos_token_ids=loaded.tokenizer.eos_token_ids,
                     grammars=Grammars(loaded.tokenizer, loaded.config.vocab_size, loaded.tokenizer.eos_token_ids))
     metrics = Metrics(settings.metrics_max_adapter_labels)

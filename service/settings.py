@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     # prompt tokens per step while requests decode (stall-free batching; 0: half as many as requests decode, >= 32)
     prefill_while_decoding: int = Field(0, ge=0)
     max_waiting: int = 64                      # queued requests before 429
+    cuda_graphs: bool = True                   # on a GPU: decode steps replay captured CUDA graphs
 
     # request limits
     max_prompt_tokens: int = 1536

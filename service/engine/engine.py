@@ -11,6 +11,7 @@ re-running the step's requests one by one, in its part of the forward) finishes 
 `FinishReason.ERROR`. Step listeners (the metrics' gauges) hear of every step, of a step that only
 cancelled, and of an idle tick (engine_thread.py, which also holds the thread, the calls between steps and the
 asyncio view).
+On a GPU, steps of decode tokens only replay a CUDA graph of the forward (cuda_graphs.py).
 A request on a prompt-learning adapter starts with the adapter's virtual tokens in its cache slot, its prompt
 right after them (virtual_tokens.py); they count against `max_seq_len`. With `grammars` (structured.py) a
 request may carry a grammar constraint: its grammar is checked at `validate`, and each step computes the masks
@@ -37,6 +38,7 @@ from service.model import cpu_ops
 from service.model.decoder import StepPlan, StepSequence
 
 from .adapter_scale import check_adapter_scale, step_scales
+from .cuda_graphs import DecodeGraphs
 from .engine_thread import EngineThread, StepStats
 from .kv_cache import KVCache
 from .prompt_logprobs import PromptLogprobRows, check_prompt_logprobs
@@ -62,6 +64,7 @@ class EngineConfig:
     prefill_chunk: int = 256          # most prompt tokens of one request per step
     prefill_while_decoding: int = 0   # prompt tokens per step while requests decode (0: half as many as decode)
     max_waiting: int = 256            # queued requests beyond the running ones
+    cuda_graphs: bool = True          # on a GPU, decode-only steps replay captured CUDA graphs (cuda_graphs.py)
 
 
 class Engine(EngineThread):
@@ -74,8 +77,10 @@ class Engine(EngineThread):
         weight = model.model.norm.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.vocab_size = model.config.vocab_size
+        graphs = config.cuda_graphs and DecodeGraphs.applies_to(self.device)
         self.cache = KVCache.for_model(model.config, config.max_batch_size, config.max_seq_len, self.dtype,
-                                       self.device)
+                                       self.device, spare_slots=1 if graphs else 0)
+        self.graphs = DecodeGraphs(model, self.cache, config.max_batch_size) if graphs else None
         self.scheduler = Scheduler(config.max_batch_tokens, config.prefill_chunk, config.prefill_while_decoding)
         self.virtual_tokens = VirtualTokens(model, self.dtype, self.device, self._adapters)
         self.running: list[RequestState] = []
@@ -259,8 +264,12 @@ class Engine(EngineThread):
         token_t = torch.tensor(tokens, dtype=torch.long, device=device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=device)
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        with self._adapters(slot_t, scales=step_scales(scales, device)):
-            hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
+        scale_t = step_scales(scales, device)
+        with self._adapters(slot_t, scales=scale_t):
+            hidden = (self.graphs.run(plan, tokens, positions, slots)          # a decode-only step, from a graph
+                      if self.graphs is not None and scale_t is None else None)
+            if hidden is None:
+                hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
         logits = None
         if sampled or prompt_rows:
             head = self.model.lm_head

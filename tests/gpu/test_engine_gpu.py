@@ -62,3 +62,28 @@ def test_bf16_run_repeats_itself(device, folders):
     second = [o.token_ids for o in engine.generate(requests(12))]
     assert first == second and all(len(t) == 12 for t in first)
     assert (counts["sgmv"] > 0 and counts["attention"] > 0) == triton_expected(device)
+
+
+def test_cuda_graphs_change_no_token(device, folders):
+    """LoRA adapters (what a decode graph serves) beside base rows, 5 requests (graphs of 8 rows, then fewer as
+    they finish): the engine with CUDA graphs gives the eager engine's tokens, its decode steps replayed
+    captured graphs (on CUDA), and after another adapter is loaded graphs are captured again and still agree."""
+    model = our_decoder(hf_llama(device), device, torch.float32)
+    for name in ("r4", "r16rs", "r8all"):
+        ac.load_adapter(model, str(folders[name]), adapter_name=name, autocast_adapter_dtype=False)
+    model.eval()
+    config = dict(max_batch_size=8, max_seq_len=128, max_batch_tokens=96, prefill_chunk=32)
+    adapters = ["r4", None, "r16rs", "r8all", "r4"]
+    picked = [r for r in requests() if r.adapter in adapters][:5]
+    eager = Engine(model, EngineConfig(**config, cuda_graphs=False))
+    graphed = Engine(model, EngineConfig(**config))
+    assert [o.token_ids for o in graphed.generate(picked)] == [o.token_ids for o in eager.generate(picked)]
+    if torch.device(device).type == "cuda":
+        assert graphed.graphs.failed is None and graphed.graphs.replays > 0 and graphed.graphs.captures >= 1
+    captures = graphed.graphs.captures if graphed.graphs is not None else 0
+    ac.load_adapter(model, str(folders["r4"]), adapter_name="again", autocast_adapter_dtype=False)
+    model.eval()
+    again = [GenerationRequest(r.prompt_ids, r.params, "again" if r.adapter == "r4" else r.adapter) for r in picked]
+    assert [o.token_ids for o in graphed.generate(again)] == [o.token_ids for o in eager.generate(picked)]
+    if torch.device(device).type == "cuda":
+        assert graphed.graphs.captures > captures and graphed.graphs.failed is None
