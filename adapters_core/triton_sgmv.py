@@ -9,8 +9,10 @@ segment g = tokens g*L .. g*L+L-1 without `gather`): one program takes BLOCK_M t
 so a prefill chunk reads its adapter's rows once per tile and multiplies them on the tensor cores
 (`tl.dot`), and a decode step (segments of one token) is the BGMV case of the same kernel. Segments on
 slot 0 (the base model, whose stacked rows are zeros) return at once. Shrink writes h [G*L, R] in fp32,
-scaled per token; expand adds h @ B into the result in place, accumulating in fp32 and rounding once, as
-the torch path's `baddbmm_` does (h is rounded to B's dtype first, as that path's `bmm` output is).
+scaled per token, as partial sums over slices of the input features when there are few segments (a decode
+step: `_split_k`); expand sums the partials in a fixed order and adds h @ B into the result in place,
+accumulating in fp32 and rounding once, as the torch path's `baddbmm_` does (h is rounded to B's dtype
+first, as that path's `bmm` output is).
 fp32 operands multiply in full precision (`input_precision="ieee"`, no TF32). Imported only when a kernel
 runs (`cuda_lora.py`): with `TRITON_INTERPRET=1` set before that, Triton's interpreter runs the same
 kernels on CPU tensors, which is how the tests check them against the torch path on a machine without GPU.
@@ -44,7 +46,7 @@ def _segment_tokens(gather_ptr, g, offs_m, seg_len, HAS_GATHER: tl.constexpr):
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, seg_slots_ptr, gather_ptr, scales_ptr, seg_len, in_features, rank,
-                   stride_xt, stride_an, stride_ak,
+                   split_len, split_stride, stride_xt, stride_an, stride_ak,
                    HAS_GATHER: tl.constexpr, HAS_SCALES: tl.constexpr, DOT_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     g = tl.program_id(0)
@@ -55,10 +57,12 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, seg_slots_ptr, gather_ptr, scales_ptr, s
     tok, valid = _segment_tokens(gather_ptr, g, offs_m, seg_len, HAS_GATHER)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    split = tl.program_id(2)                                  # this program's share of the input features
+    k_end = tl.minimum(in_features, (split + 1) * split_len)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                            # [BM, R]
-    for k0 in range(0, in_features, BLOCK_K):
+    for k0 in range(split * split_len, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < in_features
+        k_mask = offs_k < k_end
         x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
                     mask=valid[:, None] & k_mask[None, :], other=0.0)                 # [BM, BK]
         a = tl.load(a_ptr + slot * stride_an + offs_k[:, None] * stride_ak + offs_r[None, :],
@@ -70,12 +74,13 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, seg_slots_ptr, gather_ptr, scales_ptr, s
     if HAS_SCALES:
         acc = acc * tl.load(scales_ptr + tok, mask=valid, other=0.0)[:, None]         # each token's scale
     h_rows = (g * seg_len + offs_m).to(tl.int64)
-    tl.store(h_ptr + h_rows[:, None] * BLOCK_R + offs_r[None, :], acc, mask=(offs_m < seg_len)[:, None])
+    tl.store(h_ptr + split * split_stride + h_rows[:, None] * BLOCK_R + offs_r[None, :], acc,
+             mask=(offs_m < seg_len)[:, None])
 
 
 @triton.jit
 def _expand_kernel(h_ptr, b_ptr, out_ptr, seg_slots_ptr, gather_ptr, seg_len, rank, out_features,
-                   stride_bn, stride_br, stride_ot,
+                   splits, split_stride, stride_bn, stride_br, stride_ot,
                    HAS_GATHER: tl.constexpr, DOT_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     g = tl.program_id(0)
@@ -88,7 +93,10 @@ def _expand_kernel(h_ptr, b_ptr, out_ptr, seg_slots_ptr, gather_ptr, seg_len, ra
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < out_features
     h_rows = (g * seg_len + offs_m).to(tl.int64)
-    h = tl.load(h_ptr + h_rows[:, None] * BLOCK_R + offs_r[None, :], mask=valid[:, None], other=0.0)   # [BM, R]
+    h_ptrs = h_ptr + h_rows[:, None] * BLOCK_R + offs_r[None, :]
+    h = tl.load(h_ptrs, mask=valid[:, None], other=0.0)                                                  # [BM, R]
+    for split in range(1, splits):                        # the shrink's partial sums, in a fixed order
+        h += tl.load(h_ptrs + split * split_stride, mask=valid[:, None], other=0.0)
     b = tl.load(b_ptr + slot * stride_bn + offs_r[:, None] * stride_br + offs_n[None, :],
                 mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)                             # [R, BN]
     if DOT_FP32:
@@ -99,6 +107,22 @@ def _expand_kernel(h_ptr, b_ptr, out_ptr, seg_slots_ptr, gather_ptr, seg_len, ra
     o_mask = valid[:, None] & n_mask[None, :]
     o = tl.load(o_ptrs, mask=o_mask, other=0.0)
     tl.store(o_ptrs, (o.to(tl.float32) + d).to(o.dtype), mask=o_mask)
+
+
+_BLOCK_K = 64
+_PROGRAMS = 528              # shrink programs worth launching: 4 per multiprocessor of an H100 / H200 (132)
+_MIN_SPLIT = 4 * _BLOCK_K    # the fewest input features a program sums
+
+
+def _split_k(programs: int, in_features: int) -> tuple[int, int]:
+    """(splits, features per split) for the shrink: a decode step has one program per token (64 at most),
+    each summing all `in_features` in a serial loop whose load latency set its time (15 us per call measured
+    on an H200 for 2,048-8,192 features), so the features are split across programs until about _PROGRAMS
+    run, each summing at least _MIN_SPLIT of them; the expand adds the partial sums in a fixed order, so the
+    result does not depend on timing. Prompt chunks, with many programs already, stay whole."""
+    splits = max(1, min(triton.cdiv(_PROGRAMS, max(1, programs)), triton.cdiv(in_features, _MIN_SPLIT)))
+    split_len = triton.cdiv(triton.cdiv(in_features, splits), _BLOCK_K) * _BLOCK_K
+    return triton.cdiv(in_features, split_len), split_len
 
 
 def _block_r(rank: int) -> int:
@@ -122,18 +146,20 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack
     # multiplies the raw bits (bf16 products are exact in fp32, so only the order of the sums differs)
     dot_fp32 = a_stack.dtype == torch.float32 or _INTERPRET
     block_m = 16 if seg_len <= 16 else 32 if seg_len <= 32 else 64
-    h = torch.empty((num_segments * seg_len, block_r), dtype=torch.float32, device=x.device)   # [G*L, R]
+    m_blocks = triton.cdiv(seg_len, block_m)
+    splits, split_len = _split_k(num_segments * m_blocks, in_features)
+    rows = num_segments * seg_len
+    h = torch.empty((splits, rows, block_r), dtype=torch.float32, device=x.device)    # [S, G*L, R] partial sums
     gather_arg = seg_slots if gather is None else gather          # any pointer when unused
     scales_arg = seg_slots if scales is None else scales
-    m_blocks = triton.cdiv(seg_len, block_m)
-    _shrink_kernel[(num_segments, m_blocks)](
+    _shrink_kernel[(num_segments, m_blocks, splits)](
         x, a_stack, h, seg_slots, gather_arg, scales_arg, seg_len, in_features, rank,
-        x.stride(0), a_stack.stride(0), a_stack.stride(1),
+        split_len, rows * block_r, x.stride(0), a_stack.stride(0), a_stack.stride(1),
         HAS_GATHER=gather is not None, HAS_SCALES=scales is not None, DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r)
+        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_R=block_r)
     block_n = 64
     _expand_kernel[(num_segments, m_blocks, triton.cdiv(out_features, block_n))](
         h, b_stack, out, seg_slots, gather_arg, seg_len, rank, out_features,
-        b_stack.stride(0), b_stack.stride(1), out.stride(0),
+        splits, rows * block_r, b_stack.stride(0), b_stack.stride(1), out.stride(0),
         HAS_GATHER=gather is not None, DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
     return out

@@ -52,10 +52,13 @@ def stacks(dtype, ranks=(0, 4, 16, 7, 3), fin=40, fout=70, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_per_token_segments_equal_reference(dtype, scaled):
-    """Decode-shaped: one token per segment (no gather), every slot including the base, into strided rows."""
+@pytest.mark.parametrize("fin", [40, 700])
+def test_per_token_segments_equal_reference(dtype, scaled, fin):
+    """Decode-shaped: one token per segment (no gather), every slot including the base, into strided rows;
+    700 input features are summed in 3 partial sums (the last one short), 40 in one."""
+    assert triton_sgmv._split_k(9, fin) == ((1, 64) if fin == 40 else (3, 256))
     g = torch.Generator().manual_seed(1)
-    a, b = stacks(dtype)
+    a, b = stacks(dtype, fin=fin)
     slots = torch.tensor([1, 0, 2, 3, 4, 2, 0, 1, 3])
     x = torch.randn(len(slots), a.shape[1], generator=g).to(dtype)
     wide = torch.randn(len(slots), b.shape[2] + 9, generator=g).to(dtype)
@@ -64,8 +67,10 @@ def test_per_token_segments_equal_reference(dtype, scaled):
     expected = reference(out, x, a, b, slots, scales)
     before = wide.clone()
     triton_sgmv.add_lora_(out, x, a, b, slots, None, 1, scales)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    # bf16: h is rounded to bf16 before the expand, here and in the reference; summed in another order (partial
+    # sums), a value next to a rounding boundary may round the other way: one bf16 step of h, times B
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(out, expected, atol=tol, rtol=2e-2)
     assert torch.equal(out[slots == 0], before[:, 4:4 + b.shape[2]][slots == 0])      # base rows untouched
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + b.shape[2]:], before[:, 4 + b.shape[2]:])
     assert not torch.equal(out, before[:, 4:4 + b.shape[2]])
@@ -196,9 +201,9 @@ from adapters_core import triton_sgmv as ts
 for dt in ("*bf16", "*fp32"):
     common = {"seg_slots_ptr": "*i64", "gather_ptr": "*i64", "seg_len": "i32", "rank": "i32"}
     shrink = dict(common, x_ptr=dt, a_ptr=dt, h_ptr="*fp32", scales_ptr="*fp32", in_features="i32",
-                  stride_xt="i32", stride_an="i32", stride_ak="i32")
-    expand = dict(common, h_ptr="*fp32", b_ptr=dt, out_ptr=dt, out_features="i32", stride_bn="i32",
-                  stride_br="i32", stride_ot="i32")
+                  split_len="i32", split_stride="i32", stride_xt="i32", stride_an="i32", stride_ak="i32")
+    expand = dict(common, h_ptr="*fp32", b_ptr=dt, out_ptr=dt, out_features="i32", splits="i32",
+                  split_stride="i32", stride_bn="i32", stride_br="i32", stride_ot="i32")
     flags = dict(HAS_GATHER=True, DOT_FP32=dt == "*fp32", BLOCK_M=16, BLOCK_R=16)
     for fn, sig, extra in ((ts._shrink_kernel, shrink, dict(HAS_SCALES=True, BLOCK_K=64)),
                            (ts._expand_kernel, expand, dict(BLOCK_N=64))):
