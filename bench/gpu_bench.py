@@ -113,7 +113,9 @@ def run_engine(model, prompts, adapters, new_tokens, device, graphs: bool = True
     engine = Engine(model, EngineConfig(max_batch_size=n, max_seq_len=plen + new_tokens + 8,
                                         max_batch_tokens=n * plen, prefill_chunk=plen, max_waiting=n,
                                         cuda_graphs=graphs))
-    engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)    # warm: stacks, cache
+    # warm: stacks, Triton, and the decode step's CUDA graph (captured at the second decode step, once the
+    # adapters have held still for one: 3 tokens), so the timed run replays it from its first decode step
+    engine.generate([GenerationRequest(p, SamplingParams(max_tokens=3, temperature=0), a)
                      for p, a in zip(prompts, adapters)])
     stamps: dict[int, list[float]] = {i: [] for i in range(n)}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
