@@ -114,13 +114,13 @@ _PROGRAMS = 528              # shrink programs worth launching: 4 per multiproce
 _MIN_SPLIT = 4 * _BLOCK_K    # the fewest input features a program sums
 
 
-def _split_k(programs: int, in_features: int) -> tuple[int, int]:
+def _split_k(programs: int, in_features: int, target: int = _PROGRAMS) -> tuple[int, int]:
     """(splits, features per split) for the shrink: a decode step has one program per token (64 at most),
     each summing all `in_features` in a serial loop whose load latency set its time (15 us per call measured
     on an H200 for 2,048-8,192 features), so the features are split across programs until about _PROGRAMS
     run, each summing at least _MIN_SPLIT of them; the expand adds the partial sums in a fixed order, so the
     result does not depend on timing. Prompt chunks, with many programs already, stay whole."""
-    splits = max(1, min(triton.cdiv(_PROGRAMS, max(1, programs)), triton.cdiv(in_features, _MIN_SPLIT)))
+    splits = max(1, min(triton.cdiv(target, max(1, programs)), triton.cdiv(in_features, _MIN_SPLIT)))
     split_len = triton.cdiv(triton.cdiv(in_features, splits), _BLOCK_K) * _BLOCK_K
     return triton.cdiv(in_features, split_len), split_len
 
@@ -131,12 +131,14 @@ def _block_r(rank: int) -> int:
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
               seg_slots: torch.Tensor, gather: Optional[torch.Tensor], seg_len: int,
-              scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+              scales: Optional[torch.Tensor] = None, programs: int = _PROGRAMS, block_n: int = 64) -> torch.Tensor:
     """out [T, out] += each token's ((x [T, in] @ A[slot]) * scale) @ B[slot], in place. Rows of `out` and
     `x` may be strided, their features contiguous; A [n, in, R] and B [n, R, out] with contiguous last
     dimensions. Segment g holds slot seg_slots[g] [G] and tokens gather[g] [G, seg_len] (int64, padded by
     repeating its last token) or, with `gather` None, tokens g*seg_len .. g*seg_len+seg_len-1.
-    `scales` [T] fp32 or None (no multiply)."""
+    `scales` [T] fp32 or None (no multiply). `programs` (shrink programs to aim for when splitting the input
+    features; 0: never split) and `block_n` (output columns per expand program) are tuning knobs for
+    `bench/gpu_kernels.py`; the defaults are what the service runs."""
     num_segments = seg_slots.numel()
     if num_segments == 0 or x.shape[0] == 0:
         return out
@@ -147,7 +149,7 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack
     dot_fp32 = a_stack.dtype == torch.float32 or _INTERPRET
     block_m = 16 if seg_len <= 16 else 32 if seg_len <= 32 else 64
     m_blocks = triton.cdiv(seg_len, block_m)
-    splits, split_len = _split_k(num_segments * m_blocks, in_features)
+    splits, split_len = _split_k(num_segments * m_blocks, in_features, programs) if programs else (1, in_features)
     rows = num_segments * seg_len
     h = torch.empty((splits, rows, block_r), dtype=torch.float32, device=x.device)    # [S, G*L, R] partial sums
     gather_arg = seg_slots if gather is None else gather          # any pointer when unused
@@ -157,7 +159,6 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack
         split_len, rows * block_r, x.stride(0), a_stack.stride(0), a_stack.stride(1),
         HAS_GATHER=gather is not None, HAS_SCALES=scales is not None, DOT_FP32=dot_fp32,
         BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_R=block_r)
-    block_n = 64
     _expand_kernel[(num_segments, m_blocks, triton.cdiv(out_features, block_n))](
         h, b_stack, out, seg_slots, gather_arg, seg_len, rank, out_features,
         splits, rows * block_r, b_stack.stride(0), b_stack.stride(1), out.stride(0),

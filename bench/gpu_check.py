@@ -3,12 +3,14 @@
 It (1) installs the carried wheels of what that machine lacks (`.whl/`, made here by `make gpu-wheels`:
 fastapi, uvicorn, pydantic-settings, gguf, llguidance, ...) into /tmp/site when they are not importable,
 (2) records the machine (GPU, driver, torch, Triton, transformers, peft), (3) runs the `gpu`-marked tests
-(tests/gpu: decoder parity with transformers, adapters vs PEFT, batching invisible, the service end to end
-through uvicorn; and the registry's device-tier test), (4) runs bench/gpu_bench.py (Llama-3.2-1B shape,
-bf16, 16 and 64 adapters), and (5) writes a summary with the issue's targets. Results go to `$OUT` (the
-device tool's folder), else `--out`, else bench/out/gpu_check: env.txt, gpu_tests.log, gpu_tests.xml,
-bench.log, bench.json, profile.txt, summary.md. Each phase has a time limit so that the whole stays under 10 minutes;
-the exit status is non-zero when a test or the benchmark failed.
+(tests/gpu: decoder parity with transformers, adapters vs PEFT, batching invisible, CUDA graphs equal to the
+eager engine, the service end to end through uvicorn; and the registry's device-tier test), (4) runs
+bench/gpu_bench.py (Llama-3.2-1B shape, bf16, 16 and 64 adapters, with and without CUDA graphs, and a torch
+profile) and bench/gpu_kernels.py (the Triton kernels timed alone over their tuning knobs), and (5) writes a
+summary with the issue's targets. Results go to `$OUT` (the device tool's folder), else `--out`, else
+bench/out/gpu_check: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, bench.json, profile.txt, kernels.log,
+summary.md (8 files: what the device tool brings back). Each phase has a time limit so that the whole stays
+under 10 minutes; the exit status is non-zero when a test, the benchmark or the sweep failed.
 `--dry-run` runs the same phases on the CPU (tests with ADAPTER_SERVE_TEST_DEVICE=cpu, the benchmark's tiny
 model) with the C++ CPU kernels off and the Triton kernels forced under Triton's interpreter: the code paths
 of the GPU run, checked end to end on a machine without GPU (5.5 minutes on 2 cores).
@@ -198,7 +200,13 @@ def main(argv=None) -> int:
         bench = [sys.executable, "bench/gpu_bench.py", "--json", bench_json, "--profile",
                  os.path.join(out, "profile.txt")] + (["--dry-run"] if args.dry_run else [])
         bench_rc = run_logged(bench, os.path.join(out, "bench.log"), 300, log)
+    kernels_rc = 0
+    if not args.skip_bench:
+        kernels_rc = run_logged([sys.executable, "bench/gpu_kernels.py"] + (["--dry-run"] if args.dry_run else []),
+                                os.path.join(out, "kernels.log"), 120, log)
     text, ok = summary(env, test_counts(xml_path), tests_rc, bench_rc, bench_json)
+    text += f"\nkernel sweep (bench/gpu_kernels.py): exit {kernels_rc}, tables in kernels.log\n"
+    ok = ok and kernels_rc == 0
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
     print("\n" + text, flush=True)

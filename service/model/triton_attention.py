@@ -16,9 +16,13 @@ at serving batch sizes, not for one very long sequence.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -26,7 +30,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tokens_ptr, slots_ptr
                              stride_qt, stride_qh, stride_ks, stride_kh, stride_kt,
                              stride_vs, stride_vh, stride_vt, stride_ot, stride_oh,
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             BLOCK_D: tl.constexpr, PRECISE: tl.constexpr, EMULATE: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     tok = tl.load(tokens_ptr + b).to(tl.int64)
@@ -51,13 +55,23 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tokens_ptr, slots_ptr
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + pos[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)      # [N, D]
         v = tl.load(v_base + pos[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)      # [N, D]
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale                      # [G, N]
+        if PRECISE:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale                  # [G, N]
+        elif EMULATE:          # the interpreter's bf16 dot is wrong: the same exact products in fp32
+            s = tl.dot(q.to(k.dtype).to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:                  # the cache's dtype on the tensor cores: exact products, fp32 sums
+            s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])                                                                   # [G, N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        if PRECISE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        elif EMULATE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:                  # the probabilities rounded to the cache's dtype, as flash attention does
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -65,10 +79,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tokens_ptr, slots_ptr
 
 
 def decode_attention_(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, scale: float) -> None:
+                      tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, scale: float,
+                      block_n: int = 64, num_warps: int = 4, precise: bool = True) -> None:
     """out[tokens[b]] [H, D] = attention of q[tokens[b]] [H, D] over positions 0..last[b] of cache slot
     slots[b] (k_cache / v_cache [slots, Hkv, T, D], already holding the new token's key and value), for
-    every decoding sequence b. q and out are [N, H, D]; every last dimension contiguous."""
+    every decoding sequence b. q and out are [N, H, D]; every last dimension contiguous. `block_n`,
+    `num_warps` and `precise=False` (products of the cache's dtype on the tensor cores, probabilities
+    rounded to it; for a bf16 / fp16 cache) are tuning knobs for `bench/gpu_kernels.py`; the defaults are what
+    the service runs."""
     num_seqs = tokens.numel()
     if num_seqs == 0:
         return
@@ -79,5 +97,6 @@ def decode_attention_(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor,
         q, k_cache, v_cache, out, tokens, slots, last, scale, head_dim,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PRECISE=precise or k_cache.dtype == torch.float32,
+        EMULATE=_INTERPRET, num_warps=num_warps)

@@ -66,7 +66,7 @@ def test_per_token_segments_equal_reference(dtype, scaled, fin):
     scales = torch.rand(len(slots), generator=g) * 2 if scaled else None
     expected = reference(out, x, a, b, slots, scales)
     before = wide.clone()
-    triton_sgmv.add_lora_(out, x, a, b, slots, None, 1, scales)
+    triton_sgmv.add_lora_(out, x, a, b, slots, None, 1, scales, block_n=64 if fin == 40 else 128)
     # bf16: h is rounded to bf16 before the expand, here and in the reference; summed in another order (partial
     # sums), a value next to a rounding boundary may round the other way: one bf16 step of h, times B
     tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(1.0, float(expected.abs().max()))
