@@ -20,7 +20,7 @@ from .errors import UnknownAdapterError
 from .batch_mapping import BatchMapping
 from .layer import AdapterLayer
 from .model_tree import slot_table
-from .stack import BASE, SlotTable
+from .slot_table import BASE, SlotTable
 
 
 def adapter_slot(model: nn.Module, adapter_name: str) -> int:

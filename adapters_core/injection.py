@@ -22,7 +22,7 @@ from .matching import expand_all_linear, is_feedforward, is_supported_base, is_t
 from .model_tree import NAME_RE, peft_configs, set_submodule, slot_table, walk, wrappers
 from .modules_to_save import ModulesToSaveWrapper
 from .prompt_config import PromptLearningConfig
-from .stack import BASE, SlotTable
+from .slot_table import BASE, SlotTable
 
 # PEFT's defaults when a config names no target_modules (a subset of its per-model_type tables).
 DEFAULT_TARGETS = {

@@ -19,7 +19,7 @@ from torch import nn
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .stack import SlotTable
+from .slot_table import SlotTable
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import AdapterConfigError, AdapterError, AdapterWeightsError, UnknownAdapterError, UnsupportedFeatureError
 from .model_tree import NAME_RE, peft_configs
-from .stack import BASE
+from .slot_table import BASE
 from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig
 
 PROMPT_KEY = "prompt_embeddings"
