@@ -27,6 +27,11 @@ _COMMON = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model
 _PLAIN_LORA_INITS = (True, False, "gaussian")
 
 
+# peft_type -> its config class: every AdapterConfig subclass naming a peft_type registers itself when it is
+# defined (here, and the prompt-learning kinds in prompt_config.py, which the package imports)
+CONFIG_CLASSES: dict[str, type] = {}
+
+
 def _is_default(value: Any, default: Any) -> bool:
     if value is None or value == default:
         return True
@@ -43,6 +48,11 @@ class AdapterConfig:
 
     task_type: Optional[str] = None
     auto_mapping: Optional[dict] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("peft_type"):            # a kind of its own, not an intermediate base class
+            CONFIG_CLASSES[cls.peft_type] = cls
     peft_version: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -221,13 +231,6 @@ class IA3Config(AdapterConfig):
             raise AdapterConfigError("IA3 feedforward_modules must be a subset of target_modules")
 
 
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    "LORA": LoraConfig,
-    "ADALORA": AdaLoraConfig,
-    "IA3": IA3Config,
-}
-
-
 def config_from_dict(data: dict) -> AdapterConfig:
     """Build the config class that `data["peft_type"]` names."""
     return AdapterConfig.from_dict(data)
@@ -244,9 +247,3 @@ def load_config(path: str) -> AdapterConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterConfigError(f"{file} is not valid JSON: {exc}") from exc
     return config_from_dict(data)
-
-
-# The prompt-learning configs subclass AdapterConfig, so they are defined after it and registered here.
-from .prompt_config import PROMPT_CONFIG_CLASSES  # noqa: E402
-
-CONFIG_CLASSES.update(PROMPT_CONFIG_CLASSES)

@@ -131,10 +131,3 @@ class PrefixTuningConfig(PromptLearningConfig):
     @property
     def is_prefix(self) -> bool:
         return True
-
-
-PROMPT_CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    "PROMPT_TUNING": PromptTuningConfig,
-    "P_TUNING": PromptEncoderConfig,
-    "PREFIX_TUNING": PrefixTuningConfig,
-}
