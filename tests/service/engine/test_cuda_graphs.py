@@ -103,6 +103,28 @@ def test_graphs_are_captured_again_when_adapters_change(graph_path):
     assert graphed.graphs.captures == first + 1 and graphed.graphs.replays > 6
 
 
+def test_prompt_learning_requests_ride_the_graphs(graph_path, tmp_path):
+    """Prompt-learning requests run on the base weights (slot 0) after their virtual tokens in the cache: their
+    decode steps replay the graphs beside LoRA and base requests, with the eager engine's tokens."""
+    import transformers
+    from _tiny import HF_KW
+    from prompt_folders import make_prompt_adapter
+
+    torch.manual_seed(0)                    # tiny_decoder(0)'s weights: the same seed, the same construction
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_KW)).eval()
+    model = lora_model()
+    torch.testing.assert_close(model.lm_head.weight, hf.lm_head.weight)
+    for name, kind, tokens_ in (("prefix", "prefix_proj", 4), ("pt", "prompt", 5)):
+        make_prompt_adapter(hf, kind, True, tmp_path / name, seed=3, num_virtual_tokens=tokens_)
+        ac.load_adapter(model, str(tmp_path / name), adapter_name=name)
+    adapters = ["prefix", "lora0", None, "pt", "lora2"]
+    graphed = engine(model, graphs=True)
+    assert tokens(graphed.generate(requests(adapters))) == tokens(engine(model, False).generate(requests(adapters)))
+    assert graphed.graphs.replays == 6 and graphed.graphs.captures == 1
+    alone = [tokens(engine(model, False).generate(requests([a])))[0] for a in ("prefix", "pt")]
+    assert alone[0] != alone[1]             # the virtual tokens matter
+
+
 def test_what_graphs_cannot_serve_runs_eagerly(graph_path):
     model = tiny_decoder()                       # IA3 on k_proj / down_proj beside the LoRA adapters
     graphed = engine(model, graphs=True)
