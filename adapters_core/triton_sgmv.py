@@ -119,7 +119,8 @@ def _split_k(programs: int, in_features: int, target: int = _PROGRAMS) -> tuple[
     each summing all `in_features` in a serial loop whose load latency set its time (15 us per call measured
     on an H200 for 2,048-8,192 features), so the features are split across programs until about _PROGRAMS
     run, each summing at least _MIN_SPLIT of them; the expand adds the partial sums in a fixed order, so the
-    result does not depend on timing. Prompt chunks, with many programs already, stay whole."""
+    result does not depend on timing. Batches with more programs (prompt chunks: a program per BLOCK_M
+    tokens of a segment) are split less, from 528 programs on not at all."""
     splits = max(1, min(triton.cdiv(target, max(1, programs)), triton.cdiv(in_features, _MIN_SPLIT)))
     split_len = triton.cdiv(triton.cdiv(in_features, splits), _BLOCK_K) * _BLOCK_K
     return triton.cdiv(in_features, split_len), split_len

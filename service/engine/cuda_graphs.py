@@ -1,8 +1,9 @@
 """CUDA graphs for the engine's decode steps: one step's hundreds of kernel launches replayed as one.
 
 On a GPU a decode step of a 1B model is launch-bound: measured on an H200 (Llama-3.2-1B shape, bf16, 64
-sequences) the device was busy 0.31 s of a 1.33 s run, the rest Python and launches (~600 per step, ~110 more
-for the LoRA kernels of 16 layers x 7 projections). `DecodeGraphs` captures `Decoder.forward_step` for steps
+sequences) the device was busy 0.31 s of a 1.33 s run, the rest Python and launches (~790 per step, ~220 more
+for the LoRA shrink and expand of 16 layers x 7 projections); replayed as graphs, 16 sequences went from 902 to
+2,948 tokens/s on the base model and from 321 to 1,869 on 16 adapters (BENCHMARKS.md, "GPU"). `DecodeGraphs` captures `Decoder.forward_step` for steps
 made only of decode tokens, once per batch-size bucket (1, 2, 4, 8, then multiples of 8 up to the engine's
 `max_batch_size`, captured when first needed), over static input buffers: token ids, positions, each
 token's adapter slot (a `BatchMapping.token_buffer` mapping, which only the Triton SGMV reads as it runs),
