@@ -1,23 +1,22 @@
 """CUDA graphs for the engine's decode steps: one step's hundreds of kernel launches replayed as one.
 
-On a GPU a decode step of a 1B model is launch-bound: measured on an H200 (Llama-3.2-1B shape, bf16, 64
-sequences) the device was busy 0.31 s of a 1.33 s run, the rest Python and launches (~790 per step, ~220 more
-for the LoRA shrink and expand of 16 layers x 7 projections); replayed as graphs, 16 sequences went from 902 to
-2,948 tokens/s on the base model and from 321 to 1,869 on 16 adapters (BENCHMARKS.md, "GPU"). `DecodeGraphs` captures `Decoder.forward_step` for steps
-made only of decode tokens, once per batch-size bucket (1, 2, 4, 8, then multiples of 8 up to the engine's
-`max_batch_size`, captured when first needed), over static input buffers: token ids, positions, each
-token's adapter slot (a `BatchMapping.token_buffer` mapping, which only the Triton SGMV reads as it runs),
-and the decode attention's cache rows and lengths. A step of n sequences fills rows 0..n-1; the bucket's
-other rows are padding: token 0 at position 0 on the base model (slot 0, which the SGMV kernels skip), writing
-its key and value into the cache's spare row that no request owns (`KVCache(spare_slots=1)`).
-A graph holds the addresses of the adapters' padded stacks (`LayerStack.padded`), so it is keyed by every
-adapter layer's stack and version and captured again after an adapter is loaded into or removed from a layer,
-once the adapters have held still for a step (a step whose key differs from the last one's runs eagerly, so a
-churn of loads does not capture a graph per step).
-It applies on CUDA with both Triton kernels (SGMV and decode attention) when every adapter layer holds nothing
-or plain LoRA (no IA3, DoRA, LoRA bias, embedding adapters or modules_to_save): anything else, prompt chunks,
-per-request adapter scales and a failed capture (logged once; graphs then stay off) run the eager path.
-`EngineConfig.cuda_graphs` / the `CUDA_GRAPHS` setting turns them off.
+On a GPU a decode step of a 1B model is launch-bound: measured on an H200 (Llama-3.2-1B shape, bf16, 64 sequences)
+the device was busy 0.31 s of a 1.33 s run, the rest Python and launches (~790 per step, ~220 more for the LoRA
+shrink and expand of 16 layers x 7 projections); replayed as graphs, 16 sequences went from 902 to 2,948 tokens/s
+on the base model and from 321 to 1,869 on 16 adapters (BENCHMARKS.md, "GPU"). `DecodeGraphs` captures
+`Decoder.forward_step` for steps made only of decode tokens, once per batch-size bucket (1, 2, 4, 8, then
+multiples of 8 up to the engine's `max_batch_size`, captured when first needed), over static input buffers: token
+ids, positions, each token's adapter slot (a `BatchMapping.token_buffer` mapping, which only the Triton SGMV reads
+as it runs), and the decode attention's cache rows and lengths. A step of n sequences fills rows 0..n-1; the
+bucket's other rows are padding: token 0 at position 0 on the base model (slot 0, which the SGMV kernels skip),
+writing its key and value into the cache's spare row that no request owns (`KVCache(spare_slots=1)`). A graph
+holds the addresses of the adapters' padded stacks (`LayerStack.padded`), so it is keyed by every adapter layer's
+stack and version and captured again after an adapter is loaded into or removed from a layer, once the adapters
+have held still for a step (a step whose key differs from the last one's runs eagerly, so a churn of loads does
+not capture a graph per step). It applies on CUDA with both Triton kernels (SGMV and decode attention) when every
+adapter layer holds nothing or plain LoRA (no IA3, DoRA, LoRA bias, embedding adapters or modules_to_save):
+anything else, prompt chunks, per-request adapter scales and a failed capture (logged once; graphs then stay off)
+run the eager path. `EngineConfig.cuda_graphs` / the `CUDA_GRAPHS` setting turns them off.
 """
 
 from __future__ import annotations
