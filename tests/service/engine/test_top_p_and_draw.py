@@ -15,8 +15,10 @@ from service.engine.sampling import TOP_P_CANDIDATES, RequestSampler, SamplingPa
 def test_top_p_equals_transformers_on_peaked_and_flat_distributions(spread, top_p):
     """A nucleus of up to TOP_P_CANDIDATES tokens (peaked distributions) is found among the candidates and is
     exactly transformers' TopPLogitsWarper's; a larger one (flat distributions over 49k tokens) comes from the
-    full sort, where the two differ at most by a token at the boundary (fp32 sums of thousands of terms,
-    rounded in another order: transformers sums from the least likely end)."""
+    full sort, where the two differ only in tokens at the boundary: fp32 sums of thousands of terms, rounded in
+    another order (transformers sums from the least likely end; torch's AVX2 and AVX-512 kernels split a sum
+    differently), so each disputed token has, before it, a probability mass within 5e-5 of top_p (float64).
+    Seen: at most 1 such token with AVX-512 kernels, 4 with AVX2's, all within 7e-6."""
     logits = torch.randn(49152, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
     ours = _top_p(logits, top_p).isfinite()
     theirs = TopPLogitsWarper(top_p)(None, logits[None].clone())[0].isfinite()
@@ -24,7 +26,12 @@ def test_top_p_equals_transformers_on_peaked_and_flat_distributions(spread, top_
     if int(theirs.sum()) <= TOP_P_CANDIDATES:
         assert torch.equal(ours, theirs)
     else:
-        assert (ours & ~theirs).sum() + (theirs & ~ours).sum() <= 1
+        probs = torch.softmax(logits.double(), 0)
+        order = torch.argsort(probs, descending=True)
+        before = torch.empty_like(probs)
+        before[order] = torch.cumsum(probs[order], 0) - probs[order]      # mass of the likelier tokens
+        disputed = (ours ^ theirs).nonzero().flatten()
+        assert len(disputed) <= 8 and bool(((before[disputed] - top_p).abs() <= 5e-5).all()), before[disputed]
 
 
 def test_draw_follows_the_distribution():
