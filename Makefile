@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard adapters_core/csrc/*.cpp adapters_core/csrc/*.h ser
 
 RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: install install-test deploy-tools browser-tools serve serve-ray demo test bench gpu-check gpu-check-dry-run gpu-wheels clean
+.PHONY: install install-test deploy-tools browser-tools serve serve-ray demo test test-avx2-paths bench gpu-check gpu-check-dry-run gpu-wheels clean
 
 # What the service needs to run (and all the Docker image gets).
 $(RUNTIME_STAMP): pyproject.toml Makefile
@@ -92,6 +92,13 @@ demo: $(RUNTIME_STAMP)
 
 test: $(STAMP) deploy-tools browser-tools
 	$(PY) -m pytest -q -m "not gpu"
+
+# The suite on an AVX-512 machine with the code paths of an AVX2-only CPU: our C++ kernels built for x86-64-v3,
+# torch's kernels (ATEN_CPU_CAPABILITY) and oneDNN capped at AVX2. Not an AVX2 machine: the default dtype still
+# follows /proc/cpuinfo (bf16 where it lists AVX512-BF16), and so do the tests' feature checks.
+test-avx2-paths: $(STAMP) deploy-tools browser-tools
+	ADAPTERS_CORE_KERNEL_ARCH=x86-64-v3 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+		$(PY) -m pytest -q -m "not gpu"
 
 bench: $(STAMP)
 	$(PY) bench/core_bench.py
