@@ -48,11 +48,6 @@ class AdapterConfig:
 
     task_type: Optional[str] = None
     auto_mapping: Optional[dict] = None
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("peft_type"):            # a kind of its own, not an intermediate base class
-            CONFIG_CLASSES[cls.peft_type] = cls
     peft_version: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -61,6 +56,11 @@ class AdapterConfig:
     exclude_modules: Optional[Union[list[str], str]] = None
     fan_in_fan_out: bool = False
     modules_to_save: Optional[list[str]] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("peft_type"):            # a kind of its own, not an intermediate base class
+            CONFIG_CLASSES[cls.peft_type] = cls
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple, set)):
