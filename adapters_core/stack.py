@@ -17,8 +17,8 @@ takes its weight bytes once whatever its rank next to others (S-LoRA's unified m
 largest rank, no second copy); the per-rank scaling (LoRA's alpha/r, AdaLoRA's E·alpha/ranknum) is an fp32
 vector applied to the shrink's output. On the CPU, decode-shaped torch-path work on half-precision factors
 is computed in fp32 (faster there, and more exact).
-Stacks are refreshed lazily and incrementally: `SlotTable.sync` (slot_table.py) rewrites an adapter's slot only when its
-tensors changed since the last write (tracked by tensor identity and torch's in-place `_version`
+Stacks are refreshed lazily and incrementally: `SlotTable.sync` (slot_table.py) rewrites an adapter's slot only
+when its tensors changed since the last write (tracked by tensor identity and torch's in-place `_version`
 counters), so loading the 51st adapter costs the same as the first and in-place edits are never missed.
 A caller that changes adapters only through adapters_core's functions (a server's registry) can skip that
 scan (`check_edits=False`): those functions invalidate the adapters they change. An adapter attached by

@@ -261,14 +261,14 @@ class Engine(EngineThread):
             state.computed += n
         device = self.device
         plan = StepPlan(sequences, torch.tensor(sample_at + prompt_rows.rows, dtype=torch.long, device=device))
-        token_t = torch.tensor(tokens, dtype=torch.long, device=device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=device)
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)
         scale_t = step_scales(scales, device)
         with self._adapters(slot_t, scales=scale_t):
             hidden = (self.graphs.run(plan, tokens, positions, slots)          # a decode-only step, from a graph
                       if self.graphs is not None and scale_t is None else None)
-            if hidden is None:
+            if hidden is None:                     # the eager forward (a graph copies its inputs itself)
+                token_t = torch.tensor(tokens, dtype=torch.long, device=device)
+                pos_t = torch.tensor(positions, dtype=torch.long, device=device)
                 hidden = self.model.forward_step(token_t, pos_t, plan, self.cache)
         logits = None
         if sampled or prompt_rows:

@@ -56,7 +56,8 @@ def test_mixed_batch_rows_equal_peft(device, folders, dtype):
             floor = 0.01 * truth[i].abs().max()
             assert ours_err <= 2 * peft_err + floor, (f"row {i} ({name}): ours {ours_err:.4g} from fp32, PEFT's "
                                                       f"bf16 {peft_err:.4g}, largest logit {truth[i].abs().max():.4g}")
+    moved = 2e-4 if dtype == torch.float32 else 0.1 * float(base.abs().max())     # twice the fp32 / old bf16 tolerance
     for i, name in enumerate(ROWS):
         if name != "__base__":
-            assert (ref[i] - base[i]).abs().max() > 0.05 * base.abs().max(), f"adapter {name} barely moves the logits"
+            assert (ref[i] - base[i]).abs().max() > moved, f"adapter {name} barely moves the logits"
     assert (counts["sgmv"] > 0) == triton_expected(device)
