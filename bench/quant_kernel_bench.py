@@ -8,7 +8,7 @@ timed on an AVX-512 machine too. Prints per shape the time per token and the byt
 second, the total, and the roofline: weight bytes / the read bandwidth measured here (a 512 MiB fp32 sum).
 Also the decode step of the whole model at `--rows` 1 from the same thread (forward_step + head), so the
 share of the matmuls in a token is visible. Usage:
-    .venv/bin/python bench/quant_kernel_bench.py [--rows 1] [--arch native] [--repeats 20]
+    .venv/bin/python bench/quant_kernel_bench.py [--rows 1] [--arch native] [--repeats 20] [--model F.gguf]
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--arch", default="native", help="gcc -march of the kernel build: native, x86-64-v3, ...")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--model", default=None, help="a GGUF file (default: the embedded model)")
     args = parser.parse_args()
     module = quant_linear.kernel(args.arch)
     if module is None:
         sys.exit(f"the kernel for -march={args.arch} cannot be built here")
-    loaded = load_model(None, keep_stored=True)
+    loaded = load_model(args.model, keep_stored=True)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, stored=loaded.stored, max_positions=512)
     weights = token_matmuls(model)
     bandwidth = read_bandwidth()

@@ -6,9 +6,10 @@ llama.cpp's GGUF block types served without dequantising (Q8_0, Q4_0, Q4_1, Q4_K
 and two we make from dense weights at load: BF16 (halves fp32's bytes; bf16 -> fp32 is a shift) and weight-
 only INT8 with one fp32 scale per output row (absmax / 127; a quarter of fp32's bytes). `dequantize` is the
 reference: gguf's own numpy dequantiser for the block types, torch for the rest; the kernel computes the same
-values (csrc/quant_matmul.cpp). Q8_0, Q4_0 and Q4_1 weights may be held with 16 rows' blocks interleaved
-(`interleaved=True`, made by the kernel's `interleave`: same bytes, another order, see csrc/quant_x16.h);
-`dequantize` and `deinterleave` read that layout too.
+values (csrc/quant_matmul.cpp). Q8_0, Q4_0, Q4_1, F32 and BF16 weights may be held with 16 rows' blocks
+interleaved (`interleaved=True`, made by the kernel's `interleave`: same bytes, another order, see
+csrc/quant_x16.h; an interleaved F32 / BF16 weight's data is its bytes, uint8, so that nothing takes it for
+the dense matrix); `dequantize` and `deinterleave` read that layout too.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 FORMATS = {"F32": (0, 1, 4), "BF16": (1, 1, 2), "F16": (2, 1, 2), "I8": (3, 1, 1), "Q8_0": (4, 32, 34),
            "Q4_0": (5, 32, 18), "Q4_1": (6, 32, 20), "Q4_K": (7, 256, 144), "Q6_K": (8, 256, 210)}
 KERNEL_COLUMN_MULTIPLE = 16   # the kernel reads rows in 16-value vectors (csrc/quant_matmul.cpp checks K % 16)
-INTERLEAVED_FORMATS = ("Q8_0", "Q4_0", "Q4_1")    # can be held with 16 rows interleaved (csrc/quant_x16.h)
+INTERLEAVED_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "F32", "BF16")   # can be held interleaved (csrc/quant_x16.h)
 INTERLEAVE_ROWS = 16
-X16_KERNEL_OFFSET = 5         # kernel id of an interleaved format: the format's + this (csrc/quant_matmul.cpp)
+INTERLEAVE_COLUMNS = 32       # columns of one interleaved block (F32 / BF16 rows need a multiple of it)
+X16_KERNEL_IDS = {"Q8_0": 9, "Q4_0": 10, "Q4_1": 11, "F32": 12, "BF16": 13}   # csrc/quant_matmul.cpp
 GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")   # GGUF types served as stored
 
 
@@ -37,7 +39,7 @@ class StoredWeight:
     format: str
     columns: int
     row_scale: Optional[torch.Tensor] = None        # [rows] fp32, INT8 only
-    interleaved: bool = False                       # 16 rows' blocks woven together (Q8_0 / Q4_0 / Q4_1)
+    interleaved: bool = False                       # 16 rows' blocks woven together (INTERLEAVED_FORMATS)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -51,7 +53,7 @@ class StoredWeight:
 
     @property
     def kernel_id(self) -> int:
-        return FORMATS[self.format][0] + (X16_KERNEL_OFFSET if self.interleaved else 0)
+        return X16_KERNEL_IDS[self.format] if self.interleaved else FORMATS[self.format][0]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -110,6 +112,12 @@ def deinterleave(weight: StoredWeight) -> StoredWeight:
     if not weight.interleaved:
         return weight
     _, values, bb = FORMATS[weight.format]
+    if values == 1:                                               # F32 / BF16: value j of row r at j * 16 + r
+        n, c = INTERLEAVE_ROWS, INTERLEAVE_COLUMNS
+        rows, blocks = weight.data.shape[0], weight.columns // c
+        chunks = weight.data.view(torch.uint8).reshape(rows // n, blocks, c, n, bb)   # [g, b, value, row, bytes]
+        data = chunks.permute(0, 3, 1, 2, 4).reshape(rows, blocks * c * bb).contiguous()
+        return StoredWeight(data, weight.format, weight.columns)
     head = 4 if weight.format == "Q4_1" else 2                    # scale bytes per row block: d (and m)
     rows, blocks, n = weight.data.shape[0], weight.columns // values, INTERLEAVE_ROWS
     chunks = weight.data.view(torch.uint8).reshape(rows // n, blocks, n * bb)      # [groups, blocks, 16 x bb]

@@ -8,7 +8,8 @@ Q4_1 GGUF: 0.625 bytes a weight instead of fp32's 4). Without the kernel (no com
 Both are `nn.Linear` / `nn.Embedding` subclasses, so adapters_core targets and wraps them as usual. As with
 PEFT on a bitsandbytes base, `weight` is the stored tensor (its dtype is not floating for the block formats,
 so adapters are created in fp32), `dequantize()` gives the dense weight (DoRA's norm uses it), and merging
-an adapter into stored blocks is refused. An F32-stored layer's `weight` is its dense fp32 tensor itself.
+an adapter into stored blocks is refused. An F32-stored layer's `weight` is its dense fp32 tensor itself,
+unless it is held interleaved (then, as for every interleaved weight, its bytes).
 `QuantGroup` computes q/k/v or gate/up in one kernel call over their concatenated rows, with the same
 take-your-slice protocol as `PackedGroup`.
 """
@@ -25,7 +26,7 @@ from torch import nn
 from adapters_core.native import NativeKernel
 
 from .packed_linear import LinearGroup, grouped_output, make_group
-from .quant_formats import INTERLEAVE_ROWS, INTERLEAVED_FORMATS, StoredWeight, dequantize
+from .quant_formats import INTERLEAVE_COLUMNS, INTERLEAVE_ROWS, INTERLEAVED_FORMATS, StoredWeight, dequantize
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "quant_matmul.cpp")
 _SWITCH = "ADAPTER_SERVE_QUANT_KERNEL"
@@ -56,13 +57,15 @@ def matmul(x: torch.Tensor, weight: StoredWeight, bias: Optional[torch.Tensor] =
 
 
 def interleaved(weight: StoredWeight) -> StoredWeight:
-    """`weight` in the kernel's interleaved layout where that applies (Q8_0 / Q4_0 / Q4_1 with rows in whole
-    groups of 16, the kernel built, `ADAPTER_SERVE_INTERLEAVE` not 0), else `weight` itself."""
+    """`weight` in the kernel's interleaved layout where that applies (Q8_0 / Q4_0 / Q4_1 / F32 / BF16 with
+    rows in whole groups of 16 and columns in blocks of 32, the kernel built, `ADAPTER_SERVE_INTERLEAVE` not
+    0), else `weight` itself. The result's data is uint8 (the layout's bytes)."""
     module = kernel()
     if (module is None or weight.interleaved or weight.format not in INTERLEAVED_FORMATS
-            or weight.shape[0] % INTERLEAVE_ROWS or os.environ.get("ADAPTER_SERVE_INTERLEAVE", "1") == "0"):
+            or weight.shape[0] % INTERLEAVE_ROWS or weight.columns % INTERLEAVE_COLUMNS
+            or os.environ.get("ADAPTER_SERVE_INTERLEAVE", "1") == "0"):
         return weight
-    data = module.interleave(weight.data.contiguous(), weight.kernel_id, weight.columns)
+    data = module.interleave(weight.data.contiguous().view(torch.uint8), weight.kernel_id, weight.columns)
     return StoredWeight(data, weight.format, weight.columns, None, interleaved=True)
 
 
@@ -88,7 +91,7 @@ class QuantLinear(nn.Linear):
         return self.stored.data
 
     def dequantize(self) -> torch.Tensor:
-        """The dense fp32 weight [out, in] (for F32 storage, the stored tensor itself)."""
+        """The dense fp32 weight [out, in] (for F32 storage held as is, the stored tensor itself)."""
         return dequantize(self.stored)
 
     def dense_for_fallback(self) -> torch.Tensor:

@@ -20,6 +20,8 @@
 #include <cstring>
 #if defined(__F16C__) || defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>                                // _mm_prefetch (quant_x16.h)
 #endif
 
 namespace {
@@ -45,8 +47,10 @@ constexpr int MCHUNK = 64;     // rows of x per pass over the weights (accumulat
 
 // The formats; the values are the `FORMATS` table of service/model/quant_formats.py.
 enum Format : int64_t { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, Q8_0 = 4, Q4_0 = 5, Q4_1 = 6, Q4_K = 7, Q6_K = 8 };
-// The same three block formats with 16 rows interleaved (quant_x16.h): kernel id = the format's + kX16Offset
-constexpr int64_t kX16Offset = 5, kLastFormat = Q4_1 + kX16Offset;
+// Formats held with 16 rows interleaved (quant_x16.h) have kernel ids of their own: the three block formats
+// the format's + kX16Offset (9, 10, 11), F32 12 and BF16 13 (`X16_KERNEL_IDS` in quant_formats.py)
+constexpr int64_t kX16Offset = 5, kF32X16 = 12, kBF16X16 = 13, kLastFormat = kBF16X16;
+inline int64_t x16_base(int64_t id) { return id == kF32X16 ? F32 : id == kBF16X16 ? BF16 : id - kX16Offset; }
 
 // Values per block and bytes per block (1-value blocks for the plain formats).
 inline int64_t block_values(int64_t f) { return f >= Q8_0 ? (f >= Q4_K ? 256 : 32) : 1; }
@@ -395,7 +399,7 @@ void qmatmul_impl(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
 
 int64_t row_bytes_for(int64_t fmt, int64_t K) {
   TORCH_CHECK(fmt >= F32 && fmt <= kLastFormat, "quant_matmul: unknown weight format ", fmt);
-  if (fmt > Q6_K) fmt -= kX16Offset;
+  if (fmt > Q6_K) fmt = x16_base(fmt);
   const int64_t bv = block_values(fmt);
   TORCH_CHECK(K % bv == 0, "quant_matmul: ", K, " columns are not whole blocks of ", bv);
   return K / bv * block_bytes(fmt);
@@ -435,7 +439,8 @@ at::Tensor quant_matmul(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<a
   if (fmt > Q6_K) {                                   // interleaved rows (quant_x16.h)
     TORCH_CHECK(N % kX16Rows == 0 && scale == nullptr, "quant_matmul: interleaved weights have rows in "
                 "groups of 16 and no row scales");
-    if (M > 0) x16_matmul(fmt - kX16Offset, x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N);
+    TORCH_CHECK(K % 32 == 0, "quant_matmul: interleaved weights have whole blocks of 32 columns, got ", K);
+    if (M > 0) x16_matmul(x16_base(fmt), x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N);
     return out;
   }
   if (M > 0 && N > 0)
@@ -459,7 +464,7 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
   spin_parallel(n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (fmt > Q6_K)
-        x16_dequant_row(fmt - kX16Offset, wb, idx[i], K, o + i * K);
+        x16_dequant_row(x16_base(fmt), wb, idx[i], K, o + i * K);
       else
         dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
     }
@@ -478,7 +483,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("dequant_rows", &dequant_rows, "rows of a stored weight dequantised to fp32 (CPU)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("interleave", &x16_interleave, "Q8_0 / Q4_0 / Q4_1 rows -> the 16-row interleaved layout (quant_x16.h)",
+  m.def("interleave", &x16_interleave, "Q8_0 / Q4_0 / Q4_1 / F32 / BF16 rows -> the 16-row interleaved layout (quant_x16.h)",
         py::call_guard<py::gil_scoped_release>());
   m.def("quant_matmul_entry", &quant_matmul_entry, "quant_matmul's address (for csrc/decode_layers.cpp)");
   m.def("isa", &isa, "the vector instruction set this build uses");

@@ -1,4 +1,4 @@
-// Interleaved block formats: Q8_0, Q4_0 and Q4_1 weights with 16 rows' blocks woven together, so that one
+// Interleaved formats: Q8_0, Q4_0, Q4_1, F32 and BF16 weights with 16 rows' blocks woven together, so that one
 // vector holds the same column of 16 output rows. Included by quant_matmul.cpp after its vector types.
 //
 // Why: with the rows' own layout (GGUF's), each 32-value block is dequantised on its own, with two scalar
@@ -12,13 +12,17 @@
 // Layout of row group g (rows 16g..16g+15) and block b: one chunk of 16 x block_bytes bytes at
 // (g * blocks + b) * 16 * block_bytes, holding the 16 rows' fp16 d (Q4_1: then their fp16 m), then the
 // quants transposed: byte r of the 16 at offset j is byte j of row r's quants (Q4_x: 16 bytes, low nibble
-// value j, high nibble value j + 16; Q8_0: 32 int8 values).
+// value j, high nibble value j + 16; Q8_0: 32 int8 values). F32 and BF16 (no scales) take 32 columns as a
+// block: a chunk of 16 x 32 values holds value j of row r at element j * 16 + r (the bytes of 32 columns of
+// the 16 rows, transposed). Fp32 weights gained most: their rows' own layout went through the general tile
+// path (dot products ending in horizontal sums), at 16 rows of x ~50 GFLOP/s on a Zen 4, a third of what the
+// interleaved Q4_1 kernel reached on the same machine.
 //
 // Arithmetic, per output row and block, the same whatever the number of rows of x (so a sequence's result
 // does not depend on its batch): lo = sum_{j<16} q_j x_j and hi = sum_{j>=16} q_j x_j in increasing j (fused
 // multiply-adds where the CPU has them), block = lo + hi, then acc += d * block and (Q4_1) acc += m * xsum,
-// xsum being the block's sum of x. The result differs from x @ dequantize(W).T only in rounding order:
-// d * sum(q x) + m * sum(x) is the same sum as sum((d q + m) x) regrouped.
+// xsum being the block's sum of x (F32 / BF16: acc += block). The result differs from x @ dequantize(W).T only
+// in rounding order: d * sum(q x) + m * sum(x) is the same sum as sum((d q + m) x) regrouped.
 #pragma once
 
 constexpr int64_t kX16Rows = 16;
@@ -26,8 +30,12 @@ constexpr int64_t kX16Rows = 16;
 constexpr int MRX = V == 16 ? 8 : (V == 8 ? 2 : 1);
 constexpr int PX = 16 / V;                 // vectors per 16 rows
 
-constexpr bool x16_format(int64_t f) { return f == Q8_0 || f == Q4_0 || f == Q4_1; }
-constexpr int64_t x16_scale_bytes(int64_t f) { return f == Q4_1 ? 64 : 32; }
+constexpr bool x16_plain(int64_t f) { return f == F32 || f == BF16; }     // values as they are, no scales
+constexpr bool x16_format(int64_t f) { return f == Q8_0 || f == Q4_0 || f == Q4_1 || x16_plain(f); }
+constexpr int64_t x16_scale_bytes(int64_t f) { return x16_plain(f) ? 0 : f == Q4_1 ? 64 : 32; }
+// Bytes of one row's 32-value block, and of the 16 rows' chunk.
+constexpr int64_t x16_row_block_bytes(int64_t f) { return x16_plain(f) ? 32 * block_bytes(f) : block_bytes(f); }
+constexpr int64_t x16_chunk_bytes(int64_t f) { return kX16Rows * x16_row_block_bytes(f); }
 
 inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
 #if defined(__AVX512F__)
@@ -39,6 +47,37 @@ inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
   for (int l = 0; l < V; ++l) out[l] = load_half(p + 2 * l);
   return out;
 #endif
+}
+
+// F32 / BF16 chunks (2 KiB / 1 KiB for 16 rows) are read at one value per 2-16 flops, a thread's weights
+// one sequential stream. With only the hardware prefetcher, the interleaved F32 matmuls of a SmolLM2 token
+// were slower at one row of x than the rows' own layout (27 vs 21 ms on a Zen 4); each step j of a chunk now
+// asks for the lines of the chunk `Ahead` bytes on: 21 -> 15-20 ms at one row, 61 -> 38-44 ms at 16 (A/B in
+// one process; 8 KiB ahead measured best at 1-2 rows of x, 2-4 KiB at 4-16, none of them at no prefetch).
+template <int64_t F, int64_t Ahead>
+inline void x16_prefetch(const uint8_t* chunk, int j) {
+#if defined(__SSE__)
+  if constexpr (x16_plain(F)) {
+    constexpr int64_t lines = x16_chunk_bytes(F) / 64, per_step = (lines + 15) / 16;
+    for (int64_t l = j * per_step; l < (j + 1) * per_step && l < lines; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + Ahead + l * 64), _MM_HINT_T0);
+  }
+#else
+  (void)chunk; (void)j;
+#endif
+}
+
+// F32 / BF16 chunks hold value j of row r at element j * 16 + r: V rows' value j (0..31) from lane group p.
+template <int64_t F>
+inline vf x16_plain_values(const uint8_t* qs, int j, int p) {
+  if constexpr (F == F32) {
+    return vload(reinterpret_cast<const float*>(qs) + j * 16 + p * V);
+  } else {                                              // BF16 -> fp32 is exact: the bits shifted up by 16
+    const vu bits = __builtin_convertvector(load_bytes<vh>(qs + 2 * (j * 16 + p * V)), vu) << 16;
+    vf out;
+    std::memcpy(&out, &bits, sizeof(vf));
+    return out;
+  }
 }
 
 // Column values of V rows from V bytes at p: Q4_x low / high nibble (Q4_0 minus 8), or Q8_0's int8.
@@ -58,7 +97,7 @@ inline vf x16_values(const uint8_t* p) {
 template <int64_t F, int R>
 inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, int64_t blocks,
                       const float* xsum, vf* acc) {
-  constexpr int64_t BB = block_bytes(F), CH = kX16Rows * BB, SB = x16_scale_bytes(F);
+  constexpr int64_t CH = x16_chunk_bytes(F), SB = x16_scale_bytes(F);
   for (int i = 0; i < R * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* chunk = w + (g * blocks + b) * CH;
@@ -68,9 +107,13 @@ inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, 
       for (int p = 0; p < PX; ++p) lo[i][p] = hi[i][p] = vf{};
     const float* xb = x + b * 32;
     for (int j = 0; j < 16; ++j) {                // value j into lo, value j + 16 into hi
+      x16_prefetch<F, R <= 2 ? 8192 : 4096>(chunk, j);
       for (int p = 0; p < PX; ++p) {
         vf wl, wh;
-        if constexpr (F == Q8_0) {
+        if constexpr (x16_plain(F)) {
+          wl = x16_plain_values<F>(qs, j, p);
+          wh = x16_plain_values<F>(qs, j + 16, p);
+        } else if constexpr (F == Q8_0) {
           wl = x16_values<F, false>(qs + j * 16 + p * V);
           wh = x16_values<F, false>(qs + (j + 16) * 16 + p * V);
         } else {
@@ -82,6 +125,11 @@ inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, 
           hi[i][p] += wh * vbroadcast(xb[i * ldx + j + 16]);
         }
       }
+    }
+    if constexpr (x16_plain(F)) {                // no scale: the block's two halves added
+      for (int i = 0; i < R; ++i)
+        for (int p = 0; p < PX; ++p) acc[i * PX + p] += lo[i][p] + hi[i][p];
+      continue;
     }
     for (int p = 0; p < PX; ++p) {
       const vf d = load_halves(chunk + p * V * 2);
@@ -110,6 +158,10 @@ inline void x16_tile_rows(const vf (*tile)[PX], const vf* d, const vf* m, const 
       }
   for (int i = 0; i < R; ++i)
     for (int p = 0; p < PX; ++p) {
+      if constexpr (x16_plain(F)) {
+        acc[i * PX + p] += lo[i][p] + hi[i][p];
+        continue;
+      }
       acc[i * PX + p] += d[p] * (lo[i][p] + hi[i][p]);
       if constexpr (F == Q4_1) acc[i * PX + p] += m[p] * vbroadcast(xsum[i * blocks]);
     }
@@ -121,15 +173,19 @@ inline void x16_tile_rows(const vf (*tile)[PX], const vf* d, const vf* m, const 
 template <int64_t F>
 inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
                             const float* xsum, vf* acc) {
-  constexpr int64_t BB = block_bytes(F), CH = kX16Rows * BB, SB = x16_scale_bytes(F);
+  constexpr int64_t CH = x16_chunk_bytes(F), SB = x16_scale_bytes(F);
   alignas(64) vf tile[32][PX];
   for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* chunk = w + (g * blocks + b) * CH;
     const uint8_t* qs = chunk + SB;
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < 16; ++j) {
+      x16_prefetch<F, 4096>(chunk, j);
       for (int p = 0; p < PX; ++p) {
-        if constexpr (F == Q8_0) {
+        if constexpr (x16_plain(F)) {
+          tile[j][p] = x16_plain_values<F>(qs, j, p);
+          tile[j + 16][p] = x16_plain_values<F>(qs, j + 16, p);
+        } else if constexpr (F == Q8_0) {
           tile[j][p] = x16_values<F, false>(qs + j * 16 + p * V);
           tile[j + 16][p] = x16_values<F, false>(qs + (j + 16) * 16 + p * V);
         } else {
@@ -137,9 +193,10 @@ inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_
           tile[j + 16][p] = x16_values<F, true>(qs + j * 16 + p * V);
         }
       }
+    }
     vf d[PX], m[PX];
     for (int p = 0; p < PX; ++p) {
-      d[p] = load_halves(chunk + p * V * 2);
+      d[p] = x16_plain(F) ? vf{} : load_halves(chunk + p * V * 2);
       m[p] = F == Q4_1 ? load_halves(chunk + 32 + p * V * 2) : vf{};
     }
     const float* xb = x + b * 32;
@@ -194,12 +251,16 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
         const float* xm = x + m0 * ldx;
         if (rows <= MRX) {
           switch (fmt) {
+            case F32: x16_rows<F32>(rows, xm, ldx, w, g, blocks, xs, acc); break;
+            case BF16: x16_rows<BF16>(rows, xm, ldx, w, g, blocks, xs, acc); break;
             case Q8_0: x16_rows<Q8_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
             case Q4_0: x16_rows<Q4_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
             default: x16_rows<Q4_1>(rows, xm, ldx, w, g, blocks, xs, acc); break;
           }
         } else {
           switch (fmt) {
+            case F32: x16_group_tiled<F32>(xm, ldx, rows, w, g, blocks, xs, acc); break;
+            case BF16: x16_group_tiled<BF16>(xm, ldx, rows, w, g, blocks, xs, acc); break;
             case Q8_0: x16_group_tiled<Q8_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
             case Q4_0: x16_group_tiled<Q4_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
             default: x16_group_tiled<Q4_1>(xm, ldx, rows, w, g, blocks, xs, acc); break;
@@ -220,6 +281,17 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
 // the values of dequant_block on the row's own blocks.
 void x16_dequant_row(int64_t fmt, const uint8_t* w, int64_t n, int64_t K, float* out) {
   const int64_t blocks = K / 32, bb = block_bytes(fmt), g = n / kX16Rows, r = n % kX16Rows;
+  if (x16_plain(fmt)) {                             // value j of row r at element j * 16 + r of each chunk
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* chunk = w + (g * blocks + b) * x16_chunk_bytes(fmt);
+      for (int64_t j = 0; j < 32; ++j) {
+        const uint8_t* v = chunk + (j * kX16Rows + r) * bb;
+        const uint32_t bits = fmt == F32 ? load_bytes<uint32_t>(v) : static_cast<uint32_t>(load_bytes<uint16_t>(v)) << 16;
+        std::memcpy(out + b * 32 + j, &bits, 4);
+      }
+    }
+    return;
+  }
   alignas(64) uint8_t blk[34];
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* chunk = w + (g * blocks + b) * kX16Rows * bb;
@@ -238,14 +310,24 @@ void x16_dequant_row(int64_t fmt, const uint8_t* w, int64_t n, int64_t K, float*
 
 // w [N, row_bytes] (GGUF rows) -> the interleaved layout, same shape and bytes.
 at::Tensor x16_interleave(at::Tensor w, int64_t fmt, int64_t K) {
-  TORCH_CHECK(x16_format(fmt), "interleave: Q8_0, Q4_0 or Q4_1 only, got format ", fmt);
+  TORCH_CHECK(x16_format(fmt), "interleave: Q8_0, Q4_0, Q4_1, F32 or BF16 only, got format ", fmt);
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) % kX16Rows == 0,
               "interleave: a contiguous [N, row_bytes] CPU weight with N a multiple of 16");
   const int64_t bb = block_bytes(fmt), blocks = K / 32, rb = w.size(1) * w.element_size();
-  TORCH_CHECK(K % 32 == 0 && rb == blocks * bb, "interleave: rows of ", rb, " bytes do not hold ", K, " values");
+  TORCH_CHECK(K % 32 == 0 && rb == blocks * x16_row_block_bytes(fmt), "interleave: rows of ", rb, " bytes do not hold ", K, " values");
   at::Tensor out = at::empty_like(w);
   const uint8_t* src = static_cast<const uint8_t*>(w.data_ptr());
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
+  if (x16_plain(fmt)) {                             // value j of row r to element j * 16 + r of its chunk
+    for (int64_t g = 0; g < w.size(0) / kX16Rows; ++g)
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint8_t* chunk = dst + (g * blocks + b) * x16_chunk_bytes(fmt);
+        for (int64_t r = 0; r < kX16Rows; ++r)
+          for (int64_t j = 0; j < 32; ++j)
+            std::memcpy(chunk + (j * kX16Rows + r) * bb, src + (g * kX16Rows + r) * rb + (b * 32 + j) * bb, bb);
+      }
+    return out;
+  }
   const int64_t sb = x16_scale_bytes(fmt), head = sb / 16, qbytes = bb - head;
   for (int64_t g = 0; g < w.size(0) / kX16Rows; ++g)
     for (int64_t b = 0; b < blocks; ++b) {

@@ -1,10 +1,11 @@
-"""The interleaved block layout (csrc/quant_x16.h: Q8_0, Q4_0 and Q4_1 with 16 rows' blocks woven together)
+"""The interleaved block layout (csrc/quant_x16.h: Q8_0, Q4_0, Q4_1, F32 and BF16 with 16 rows' blocks woven
+together)
 on every code path this CPU can run (the native build, AVX2 + FMA, SSE2; see test_quant_matmul.py).
 
 The layout holds the same bytes (interleaving and back is the identity), dequantises to gguf's values, and
 its matmul equals x @ dequantize(W).T up to rounding order: the kernel sums d * sum(q x) + m * sum(x) per
 block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0 and
-Q8_0 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives the same bits
+Q8_0, F32 and BF16 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives the same bits
 whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row pass): a
 sequence's logits do not depend on its batch. And no path reads a row of x past the last (x placed just before
 a page the process may not read)."""
@@ -23,11 +24,11 @@ from service.model.quant_linear import QuantLinear, group_quant_linears
 from test_quant_matmul import ARCHES, build, stored
 
 pytestmark = pytest.mark.slow          # shares test_quant_matmul's extra builds
-FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_1", "F32", "BF16"]
 
 
 def interleave(weight: StoredWeight, module) -> StoredWeight:
-    data = module.interleave(weight.data, weight.kernel_id, weight.columns)
+    data = module.interleave(weight.data.view(torch.uint8), weight.kernel_id, weight.columns)
     return StoredWeight(data, weight.format, weight.columns, interleaved=True)
 
 
@@ -47,8 +48,9 @@ def test_interleaved_layout_holds_the_same_weight(arch, fmt):
     module = build(arch)
     weight = stored(fmt, 48, 256, seed=3 + len(fmt))
     woven = interleave(weight, module)
-    assert woven.kernel_id != weight.kernel_id and not torch.equal(woven.data, weight.data)
-    assert torch.equal(deinterleave(woven).data, weight.data)
+    as_bytes = weight.data.view(torch.uint8)
+    assert woven.kernel_id != weight.kernel_id and not torch.equal(woven.data, as_bytes)
+    assert torch.equal(deinterleave(woven).data.view(torch.uint8), as_bytes)
     dense = dequantize(weight)
     assert torch.equal(dequantize(woven), dense)
     rows = torch.tensor([0, 17, 47, 5, 17])
@@ -89,6 +91,11 @@ def test_service_weights_are_interleaved_where_the_layout_applies(monkeypatch):
     assert quant_linear.interleaved(odd) is odd
     plain = stored("I8", 32, 128, seed=2)
     assert quant_linear.interleaved(plain) is plain
+    fp32 = stored("F32", 32, 128, seed=3)
+    woven = quant_linear.interleaved(fp32)                      # its bytes, so nothing takes it for the matrix
+    assert woven.interleaved and woven.data.dtype == torch.uint8 and torch.equal(dequantize(woven), fp32.data)
+    narrow = stored("F32", 32, 48, seed=3)                      # columns not in whole blocks of 32: as is
+    assert quant_linear.interleaved(narrow) is narrow
     monkeypatch.setenv("ADAPTER_SERVE_INTERLEAVE", "0")
     weight = stored("Q8_0", 32, 128, seed=4)
     assert quant_linear.interleaved(weight) is weight
