@@ -49,21 +49,18 @@ inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
 #endif
 }
 
-// F32 / BF16 chunks (2 KiB / 1 KiB for 16 rows) are read at one value per 2-16 flops, a thread's weights
+// F32 / BF16 chunks (2 KiB / 1 KiB for 16 rows) are read at one value per 2-32 flops, a thread's weights
 // one sequential stream. With only the hardware prefetcher, the interleaved F32 matmuls of a SmolLM2 token
 // were slower at one row of x than the rows' own layout (27 vs 21 ms on a Zen 4); each step j of a chunk now
-// asks for the lines of the chunk `Ahead` bytes on: 21 -> 15-20 ms at one row, 61 -> 38-44 ms at 16 (A/B in
-// one process; 8 KiB ahead measured best at 1-2 rows of x, 2-4 KiB at 4-16, none of them at no prefetch).
-template <int64_t F, int64_t Ahead>
-inline void x16_prefetch(const uint8_t* chunk, int j) {
+// asks for a line of the chunk `ahead` bytes on (A/B in one process: 8 KiB ahead measured best at 1-2 rows
+// of x, 2-4 KiB at 4-16, every distance far better than none).
+template <int64_t F>
+inline void x16_prefetch(const uint8_t* chunk, int64_t ahead, int j) {     // step j of 32
 #if defined(__SSE__)
-  if constexpr (x16_plain(F)) {
-    constexpr int64_t lines = x16_chunk_bytes(F) / 64, per_step = (lines + 15) / 16;
-    for (int64_t l = j * per_step; l < (j + 1) * per_step && l < lines; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + Ahead + l * 64), _MM_HINT_T0);
-  }
+  constexpr int64_t lines = x16_chunk_bytes(F) / 64, every = 32 / lines;    // F32: 32 lines, BF16: 16
+  if (j % every == 0) _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead + j / every * 64), _MM_HINT_T0);
 #else
-  (void)chunk; (void)j;
+  (void)chunk; (void)ahead; (void)j;
 #endif
 }
 
@@ -107,13 +104,9 @@ inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, 
       for (int p = 0; p < PX; ++p) lo[i][p] = hi[i][p] = vf{};
     const float* xb = x + b * 32;
     for (int j = 0; j < 16; ++j) {                // value j into lo, value j + 16 into hi
-      x16_prefetch<F, R <= 2 ? 8192 : 4096>(chunk, j);
       for (int p = 0; p < PX; ++p) {
         vf wl, wh;
-        if constexpr (x16_plain(F)) {
-          wl = x16_plain_values<F>(qs, j, p);
-          wh = x16_plain_values<F>(qs, j + 16, p);
-        } else if constexpr (F == Q8_0) {
+        if constexpr (F == Q8_0) {
           wl = x16_values<F, false>(qs + j * 16 + p * V);
           wh = x16_values<F, false>(qs + (j + 16) * 16 + p * V);
         } else {
@@ -125,11 +118,6 @@ inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, 
           hi[i][p] += wh * vbroadcast(xb[i * ldx + j + 16]);
         }
       }
-    }
-    if constexpr (x16_plain(F)) {                // no scale: the block's two halves added
-      for (int i = 0; i < R; ++i)
-        for (int p = 0; p < PX; ++p) acc[i * PX + p] += lo[i][p] + hi[i][p];
-      continue;
     }
     for (int p = 0; p < PX; ++p) {
       const vf d = load_halves(chunk + p * V * 2);
@@ -158,10 +146,6 @@ inline void x16_tile_rows(const vf (*tile)[PX], const vf* d, const vf* m, const 
       }
   for (int i = 0; i < R; ++i)
     for (int p = 0; p < PX; ++p) {
-      if constexpr (x16_plain(F)) {
-        acc[i * PX + p] += lo[i][p] + hi[i][p];
-        continue;
-      }
       acc[i * PX + p] += d[p] * (lo[i][p] + hi[i][p]);
       if constexpr (F == Q4_1) acc[i * PX + p] += m[p] * vbroadcast(xsum[i * blocks]);
     }
@@ -179,13 +163,9 @@ inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* chunk = w + (g * blocks + b) * CH;
     const uint8_t* qs = chunk + SB;
-    for (int j = 0; j < 16; ++j) {
-      x16_prefetch<F, 4096>(chunk, j);
+    for (int j = 0; j < 16; ++j)
       for (int p = 0; p < PX; ++p) {
-        if constexpr (x16_plain(F)) {
-          tile[j][p] = x16_plain_values<F>(qs, j, p);
-          tile[j + 16][p] = x16_plain_values<F>(qs, j + 16, p);
-        } else if constexpr (F == Q8_0) {
+        if constexpr (F == Q8_0) {
           tile[j][p] = x16_values<F, false>(qs + j * 16 + p * V);
           tile[j + 16][p] = x16_values<F, false>(qs + (j + 16) * 16 + p * V);
         } else {
@@ -193,10 +173,9 @@ inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_
           tile[j + 16][p] = x16_values<F, true>(qs + j * 16 + p * V);
         }
       }
-    }
     vf d[PX], m[PX];
     for (int p = 0; p < PX; ++p) {
-      d[p] = x16_plain(F) ? vf{} : load_halves(chunk + p * V * 2);
+      d[p] = load_halves(chunk + p * V * 2);
       m[p] = F == Q4_1 ? load_halves(chunk + 32 + p * V * 2) : vf{};
     }
     const float* xb = x + b * 32;
@@ -230,6 +209,60 @@ void x16_rows(int rows, const float* x, int64_t ldx, const uint8_t* w, int64_t g
   }
 }
 
+// F32 / BF16: each 32-column block's values summed in increasing column order into one partial per row of x
+// and lane group, then added to that row's accumulator (no lo / hi halves: one vector of partials per row is
+// what lets MRP rows of x share each weight load). Every row's arithmetic is the same whichever R handles it.
+// MRP rows per pass: their partials and the weight vectors fit the vector registers.
+constexpr int MRP = V == 16 ? 16 : (V == 8 ? 4 : 2);
+
+template <int64_t F, int R>
+inline void x16_plain_rows(const uint8_t* chunk, const float* xb, int64_t ldx, vf* acc, int64_t ahead) {
+  vf part[R][PX];
+  for (int i = 0; i < R; ++i)
+    for (int p = 0; p < PX; ++p) part[i][p] = vf{};
+  for (int j = 0; j < 32; ++j) {
+    if (ahead) x16_prefetch<F>(chunk, ahead, j);
+    for (int p = 0; p < PX; ++p) {
+      const vf wv = x16_plain_values<F>(chunk, j, p);
+      for (int i = 0; i < R; ++i) part[i][p] += wv * vbroadcast(xb[i * ldx + j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int p = 0; p < PX; ++p) acc[i * PX + p] += part[i][p];
+}
+
+// acc [M x PX] = rows 16g.. of an interleaved F32 / BF16 weight times the M rows of x: per block, passes of
+// MRP rows, a remainder in passes of halving size; the first pass of a block prefetches ahead (8 KiB at 1-2
+// rows of x, measured best there; 4 KiB otherwise), the others read the chunk from L1.
+template <int64_t F>
+void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
+                     vf* acc) {
+  constexpr int64_t CH = x16_chunk_bytes(F);
+  const int64_t ahead = M <= 2 ? 8192 : 4096;
+  for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* chunk = w + (g * blocks + b) * CH;
+    const float* xb = x + b * 32;
+    int64_t i0 = 0;
+    auto pass = [&](auto rows_tag) {
+      constexpr int R = decltype(rows_tag)::value;
+      x16_plain_rows<F, R>(chunk, xb + i0 * ldx, ldx, acc + i0 * PX, i0 == 0 ? ahead : 0);
+      i0 += R;
+    };
+    while (M - i0 >= MRP) pass(std::integral_constant<int, MRP>{});
+    if constexpr (MRP > 8) {
+      if (M - i0 >= 8) pass(std::integral_constant<int, 8>{});
+    }
+    if constexpr (MRP > 4) {
+      if (M - i0 >= 4) pass(std::integral_constant<int, 4>{});
+    }
+    if constexpr (MRP > 2) {
+      if (M - i0 >= 2) pass(std::integral_constant<int, 2>{});
+    }
+    if (M - i0 >= 1) pass(std::integral_constant<int, 1>{});
+  }
+}
+
 // out [M, N] = x [M, K] @ W^T (+ bias) for an interleaved weight (N a multiple of 16, K of 32).
 void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K,
                 const float* bias, float* out, int64_t ldo) {
@@ -249,18 +282,18 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
         const int rows = static_cast<int>(std::min<int64_t>(MCHUNK, M - m0));
         const float* xs = xsum.empty() ? nullptr : xsum.data() + m0 * blocks;
         const float* xm = x + m0 * ldx;
-        if (rows <= MRX) {
+        if (fmt == F32) {
+          x16_plain_group<F32>(xm, ldx, rows, w, g, blocks, acc);
+        } else if (fmt == BF16) {
+          x16_plain_group<BF16>(xm, ldx, rows, w, g, blocks, acc);
+        } else if (rows <= MRX) {
           switch (fmt) {
-            case F32: x16_rows<F32>(rows, xm, ldx, w, g, blocks, xs, acc); break;
-            case BF16: x16_rows<BF16>(rows, xm, ldx, w, g, blocks, xs, acc); break;
             case Q8_0: x16_rows<Q8_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
             case Q4_0: x16_rows<Q4_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
             default: x16_rows<Q4_1>(rows, xm, ldx, w, g, blocks, xs, acc); break;
           }
         } else {
           switch (fmt) {
-            case F32: x16_group_tiled<F32>(xm, ldx, rows, w, g, blocks, xs, acc); break;
-            case BF16: x16_group_tiled<BF16>(xm, ldx, rows, w, g, blocks, xs, acc); break;
             case Q8_0: x16_group_tiled<Q8_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
             case Q4_0: x16_group_tiled<Q4_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
             default: x16_group_tiled<Q4_1>(xm, ldx, rows, w, g, blocks, xs, acc); break;
