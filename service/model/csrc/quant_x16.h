@@ -21,8 +21,9 @@
 // Arithmetic, per output row and block, the same whatever the number of rows of x (so a sequence's result
 // does not depend on its batch): lo = sum_{j<16} q_j x_j and hi = sum_{j>=16} q_j x_j in increasing j (fused
 // multiply-adds where the CPU has them), block = lo + hi, then acc += d * block and (Q4_1) acc += m * xsum,
-// xsum being the block's sum of x (F32 / BF16: acc += block). The result differs from x @ dequantize(W).T only
-// in rounding order: d * sum(q x) + m * sum(x) is the same sum as sum((d q + m) x) regrouped.
+// xsum being the block's sum of x. F32 / BF16 have no halves: block = sum_{j<32} w_j x_j in increasing j, then
+// acc += block (x16_plain_rows). The result differs from x @ dequantize(W).T only in rounding order:
+// d * sum(q x) + m * sum(x) is the same sum as sum((d q + m) x) regrouped.
 #pragma once
 
 constexpr int64_t kX16Rows = 16;
@@ -352,13 +353,20 @@ at::Tensor x16_interleave(at::Tensor w, int64_t fmt, int64_t K) {
   const uint8_t* src = static_cast<const uint8_t*>(w.data_ptr());
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
   if (x16_plain(fmt)) {                             // value j of row r to element j * 16 + r of its chunk
-    for (int64_t g = 0; g < w.size(0) / kX16Rows; ++g)
-      for (int64_t b = 0; b < blocks; ++b) {
-        uint8_t* chunk = dst + (g * blocks + b) * x16_chunk_bytes(fmt);
-        for (int64_t r = 0; r < kX16Rows; ++r)
-          for (int64_t j = 0; j < 32; ++j)
-            std::memcpy(chunk + (j * kX16Rows + r) * bb, src + (g * kX16Rows + r) * rb + (b * 32 + j) * bb, bb);
-      }
+    auto weave = [&](auto tag) {                    // T: the value's bits
+      using T = decltype(tag);
+      const T* s = reinterpret_cast<const T*>(src);
+      T* d = reinterpret_cast<T*>(dst);
+      const int64_t row = K;                                                  // values per row
+      for (int64_t g = 0; g < w.size(0) / kX16Rows; ++g)
+        for (int64_t b = 0; b < blocks; ++b) {
+          T* chunk = d + (g * blocks + b) * kX16Rows * 32;
+          for (int64_t r = 0; r < kX16Rows; ++r)
+            for (int64_t j = 0; j < 32; ++j) chunk[j * kX16Rows + r] = s[(g * kX16Rows + r) * row + b * 32 + j];
+        }
+    };
+    if (fmt == F32) weave(uint32_t{});
+    else weave(uint16_t{});
     return out;
   }
   const int64_t sb = x16_scale_bytes(fmt), head = sb / 16, qbytes = bb - head;
