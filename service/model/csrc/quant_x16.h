@@ -320,7 +320,8 @@ void x16_dequant_row(int64_t fmt, const uint8_t* w, int64_t n, int64_t K, float*
       const uint8_t* chunk = w + (g * blocks + b) * x16_chunk_bytes(fmt);
       for (int64_t j = 0; j < 32; ++j) {
         const uint8_t* v = chunk + (j * kX16Rows + r) * bb;
-        const uint32_t bits = fmt == F32 ? load_bytes<uint32_t>(v) : static_cast<uint32_t>(load_bytes<uint16_t>(v)) << 16;
+        const uint32_t bits =
+            fmt == F32 ? load_bytes<uint32_t>(v) : static_cast<uint32_t>(load_bytes<uint16_t>(v)) << 16;
         std::memcpy(out + b * 32 + j, &bits, 4);
       }
     }
@@ -348,7 +349,8 @@ at::Tensor x16_interleave(at::Tensor w, int64_t fmt, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) % kX16Rows == 0,
               "interleave: a contiguous [N, row_bytes] CPU weight with N a multiple of 16");
   const int64_t bb = block_bytes(fmt), blocks = K / 32, rb = w.size(1) * w.element_size();
-  TORCH_CHECK(K % 32 == 0 && rb == blocks * x16_row_block_bytes(fmt), "interleave: rows of ", rb, " bytes do not hold ", K, " values");
+  TORCH_CHECK(K % 32 == 0 && rb == blocks * x16_row_block_bytes(fmt), "interleave: rows of ", rb,
+              " bytes do not hold ", K, " values");
   at::Tensor out = at::empty_like(w);
   const uint8_t* src = static_cast<const uint8_t*>(w.data_ptr());
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());

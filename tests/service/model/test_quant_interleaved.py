@@ -1,14 +1,13 @@
-"""The interleaved block layout (csrc/quant_x16.h: Q8_0, Q4_0, Q4_1, F32 and BF16 with 16 rows' blocks woven
-together)
+"""The interleaved layout (csrc/quant_x16.h: Q8_0, Q4_0, Q4_1, F32 and BF16 with 16 rows' blocks woven together)
 on every code path this CPU can run (the native build, AVX2 + FMA, SSE2; see test_quant_matmul.py).
 
 The layout holds the same bytes (interleaving and back is the identity), dequantises to gguf's values, and
 its matmul equals x @ dequantize(W).T up to rounding order: the kernel sums d * sum(q x) + m * sum(x) per
-block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0 and
-Q8_0, F32 and BF16 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives the same bits
-whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row pass): a
-sequence's logits do not depend on its batch. And no path reads a row of x past the last (x placed just before
-a page the process may not read)."""
+block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0,
+Q8_0, F32 and BF16 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives
+the same bits whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row
+pass; F32 / BF16: passes of 16, 8, 4, 2, 1 rows): a sequence's logits do not depend on its batch. And no path
+reads a row of x past the last (x placed just before a page the process may not read)."""
 
 import ctypes
 import mmap
