@@ -33,7 +33,7 @@ constexpr int PX = 16 / V;                 // vectors per 16 rows
 
 constexpr bool x16_plain(int64_t f) { return f == F32 || f == BF16; }     // values as they are, no scales
 constexpr bool x16_format(int64_t f) { return f == Q8_0 || f == Q4_0 || f == Q4_1 || x16_plain(f); }
-constexpr int64_t x16_scale_bytes(int64_t f) { return x16_plain(f) ? 0 : f == Q4_1 ? 64 : 32; }
+constexpr int64_t x16_scale_bytes(int64_t f) { return f == Q4_1 ? 64 : 32; }      // block formats' d (and m)
 // Bytes of one row's 32-value block, and of the 16 rows' chunk.
 constexpr int64_t x16_row_block_bytes(int64_t f) { return x16_plain(f) ? 32 * block_bytes(f) : block_bytes(f); }
 constexpr int64_t x16_chunk_bytes(int64_t f) { return kX16Rows * x16_row_block_bytes(f); }
@@ -70,10 +70,9 @@ template <int64_t F>
 inline vf x16_plain_values(const uint8_t* qs, int j, int p) {
   if constexpr (F == F32) {
     return vload(reinterpret_cast<const float*>(qs) + j * 16 + p * V);
-  } else {                                              // BF16 -> fp32 is exact: the bits shifted up by 16
-    const vu bits = __builtin_convertvector(load_bytes<vh>(qs + 2 * (j * 16 + p * V)), vu) << 16;
+  } else {                                              // the register path's exact bf16 -> fp32 (a shift)
     vf out;
-    std::memcpy(&out, &bits, sizeof(vf));
+    step_vectors<BF16>(qs + 2 * (j * 16 + p * V), &out);
     return out;
   }
 }
