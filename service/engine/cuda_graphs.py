@@ -51,10 +51,10 @@ class _StaticPlan:
         rows = inputs.shape[1]
         self.prefill, self.decode = [], list(range(rows))
         self.logit_index = torch.arange(rows, device=inputs.device)
-        self._decode = (self.logit_index, inputs[CACHE_SLOTS], inputs[LAST], None, None)
+        self._decode = (self.logit_index, inputs[CACHE_SLOTS], inputs[LAST], None)
 
     def decode_tensors(self, device: torch.device):
-        return self._decode                  # (no length or mask: only the Triton attention serves a graph)
+        return self._decode                  # (no key count: only the Triton attention serves a graph)
 
 
 class _Graph:

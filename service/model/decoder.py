@@ -69,20 +69,28 @@ class StepPlan:
         self.decode = [i for i, s in enumerate(self.sequences) if s.length == 1]
         self.prefill = [i for i, s in enumerate(self.sequences) if s.length > 1]
         self._decode_tensors: dict = {}
+        self._decode_masks: dict = {}
 
     def decode_tensors(self, device: torch.device):
-        """(token indices, cache slots, key lengths, additive mask) for the one-token sequences, built once."""
+        """(token indices, cache slots, key positions, key count) of the one-token sequences, built once."""
         if device not in self._decode_tensors:
             seqs = [self.sequences[i] for i in self.decode]
-            tokens = torch.tensor([self.offsets[i] for i in self.decode], dtype=torch.long, device=device)
-            slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)
-            lengths = torch.tensor([s.start + 1 for s in seqs], dtype=torch.long, device=device)
+            rows = torch.tensor([[self.offsets[i] for i in self.decode], [s.slot for s in seqs],
+                                 [s.start for s in seqs]], dtype=torch.long, device=device)    # [3, Bd]
             max_len = max(s.start for s in seqs) + 1       # from the plan: no wait for a GPU's copy
-            visible = torch.arange(max_len, device=device)[None, :] < lengths[:, None]     # [Bd, L]
+            self._decode_tensors[device] = (rows[0], rows[1], rows[2], max_len)
+        return self._decode_tensors[device]
+
+    def decode_mask(self, device: torch.device) -> torch.Tensor:
+        """The additive mask [Bd, 1, 1, L] of the one-token sequences' keys (for torch's attention only: the
+        kernels read the key positions), built once."""
+        if device not in self._decode_masks:
+            _, _, last, max_len = self.decode_tensors(device)
+            visible = torch.arange(max_len, device=device)[None, :] <= last[:, None]      # [Bd, L]
             mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible,
                                                                                               float("-inf"))
-            self._decode_tensors[device] = (tokens, slots, lengths - 1, max_len, mask[:, None, None, :])
-        return self._decode_tensors[device]
+            self._decode_masks[device] = mask[:, None, None, :]
+        return self._decode_masks[device]
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,7 @@ class Attention(nn.Module):
             v_cache[seq.slot, :, seq.start:seq.start + seq.length] = v[off:off + seq.length].transpose(0, 1)
         out = torch.empty_like(q)                                       # [N, H, D]
         if plan.decode:
-            tokens, slots, last, max_len, mask = plan.decode_tensors(x.device)
+            tokens, slots, last, max_len = plan.decode_tensors(x.device)
             if cpu_ops.usable(q, k, v, k_cache):                         # cache write and attention, one call
                 cpu_ops.decode_attention_(out, q, k, v, k_cache, v_cache, tokens, slots, last, self.head_dim ** -0.5)
             else:
@@ -157,7 +165,8 @@ class Attention(nn.Module):
                 else:
                     keys = k_cache[:, :, :max_len].index_select(0, slots)    # [Bd, Hkv, L, D]
                     values = v_cache[:, :, :max_len].index_select(0, slots)
-                    att = decode_attention(q.index_select(0, tokens), keys, values, mask)   # [Bd, H, D]
+                    att = decode_attention(q.index_select(0, tokens), keys, values,
+                                           plan.decode_mask(x.device))                            # [Bd, H, D]
                     out.index_copy_(0, tokens, att)
         for i in plan.prefill:
             seq, off = plan.sequences[i], plan.offsets[i]

@@ -187,7 +187,7 @@ def _decode_rows(plan, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if not plan.decode:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty, empty
-    tokens, slots, last, _, _ = plan.decode_tensors(device)
+    tokens, slots, last, _ = plan.decode_tensors(device)
     return tokens, slots, last
 
 
