@@ -7,7 +7,8 @@ decode batch) from a thread other than the main one, as the server's engine does
 timed on an AVX-512 machine too. Prints per shape the time per token and the bytes of weights read per
 second, the total, and the roofline: weight bytes / the read bandwidth measured here (a 512 MiB fp32 sum).
 Also the decode step of the whole model at `--rows` 1 from the same thread (forward_step + head), so the
-share of the matmuls in a token is visible. Usage:
+share of the matmuls in a token is visible, and that step without and with the decode loop's read-ahead of the
+next weight (direct_step.READ_AHEAD), alternating. Usage:
     .venv/bin/python bench/quant_kernel_bench.py [--rows 1] [--arch native] [--repeats 20] [--model F.gguf]
 """
 
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from service.model import load_model  # noqa: E402
-from service.model import quant_linear  # noqa: E402
+from service.model import direct_step, quant_linear  # noqa: E402
 from service.model.decoder import Decoder, StepPlan, StepSequence  # noqa: E402
 from service.model.quant_linear import QuantLinear  # noqa: E402
 
@@ -85,6 +86,34 @@ def time_step(model: Decoder, repeats: int) -> float:
     return best
 
 
+def mean_step(model: Decoder, steps: int = 30) -> float:
+    """Mean time of `steps` single-sequence decode steps (forward_step and the head) at positions 40.."""
+    c = model.config
+    cache = type("Cache", (), {})()
+    cache.k = torch.zeros(c.num_hidden_layers, 1, c.num_key_value_heads, 512, c.head_dim)
+    cache.v = torch.zeros_like(cache.k)
+    start = time.perf_counter()
+    for i in range(steps):
+        plan = StepPlan([StepSequence(0, 40 + i, 1)], torch.tensor([0]))
+        model.lm_head(model.forward_step(torch.tensor([42]), torch.tensor([40 + i]), plan, cache))
+    return (time.perf_counter() - start) / steps
+
+
+def read_ahead_ab(model: Decoder, rounds: int = 40, steps: int = 10) -> tuple[float, float]:
+    """Median mean-step times without and with the decode loop's read-ahead (direct_step.READ_AHEAD),
+    alternating every `steps` steps so both see the same moments of the memory system (whose bandwidth here
+    moved by 10-20 % within a minute: rounds of 30 steps once gave the two a 10 % difference either way)."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for _ in range(rounds):
+            for ahead in (False, True):
+                direct_step.READ_AHEAD = ahead
+                times[ahead].append(mean_step(model, steps))
+    finally:
+        direct_step.READ_AHEAD = True
+    return tuple(sorted(t)[len(t) // 2] for t in (times[False], times[True]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1)
@@ -106,6 +135,7 @@ def main() -> None:
             result["matmuls"] = time_matmuls(weights, args.rows, module, args.repeats)
             if args.arch == "native" and args.rows == 1:
                 result["step"] = time_step(model, args.repeats)
+                result["read_ahead"] = read_ahead_ab(model)
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -124,6 +154,9 @@ def main() -> None:
           f"({total_b / bandwidth / total_s:.0%} of it reached)")
     if "step" in result:
         print(f"  whole decode step, 1 sequence (forward_step + head): {result['step'] * 1e3:.2f} ms")
+        off, on = result["read_ahead"]
+        print(f"  the same, medians of 40 alternating rounds of 10 steps: without the decode loop's read-ahead "
+              f"{off * 1e3:.2f} ms, with it {on * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

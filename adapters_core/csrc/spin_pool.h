@@ -6,11 +6,14 @@
 // change it; the workers of a non-initial thread's team wake too late for regions of ~50 us. This pool's
 // workers spin (yielding the core to any other runnable thread) for a short while after each job, then
 // sleep on a condition variable, so back-to-back calls of a step find them awake. One job runs at a time;
-// the calling thread takes part 0. A forked child gets a fresh pool (threads do not survive fork). Called
-// from the process's initial thread (a script stepping the engine itself), the job goes to OpenMP instead.
+// the calling thread takes part 0; `post` hands the workers a job of their own to do until the next one
+// comes (reading ahead what it will read). A forked child gets a fresh pool (threads do not survive fork).
+// Called from the process's initial thread (a script stepping the engine itself), the job goes to OpenMP
+// instead.
 #pragma once
 
 #include <omp.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -31,11 +34,12 @@ class SpinPool {
   static SpinPool& instance() {
     static std::mutex guard;
     static SpinPool* pool = nullptr;
-    static pid_t owner = 0;
+    static uint64_t made_after = 0;                  // forks() when it was made
     std::lock_guard<std::mutex> lock(guard);
-    if (pool == nullptr || owner != getpid()) {     // first use, or a forked child: the old threads are gone
+    const uint64_t now = forks().load(std::memory_order_relaxed);
+    if (pool == nullptr || made_after != now) {      // first use, or a forked child: the old threads are gone
       pool = new SpinPool();                         // never freed: workers live as long as the process
-      owner = getpid();
+      made_after = now;
     }
     return *pool;
   }
@@ -51,25 +55,33 @@ class SpinPool {
       fn(0);
       return;
     }
-    static const pid_t first_pid = getpid();      // libgomp's team does not survive fork: children use the pool
-    if (static_cast<pid_t>(syscall(SYS_gettid)) == getpid() && getpid() == first_pid) {
+    if (on_initial_thread()) {
 #pragma omp parallel num_threads(n)
       fn(omp_get_thread_num());
       return;
     }
     std::lock_guard<std::mutex> one_job(job_mutex_);
-    job_ = &fn;
-    remaining_.store(n - 1, std::memory_order_relaxed);
-    {
-      // the generation carries its job's worker count, so a worker never pairs one job's count with another
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      const uint64_t next = ((generation_.load(std::memory_order_relaxed) >> 16) + 1) << 16;
-      generation_.store(next | static_cast<uint64_t>(n - 1), std::memory_order_release);
-    }
-    wake_.notify_all();
+    end_posted();
+    publish(&fn, n);
     fn(0);
     while (remaining_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
   }
+
+  // fn(t) for t in [1, n) started on the workers, and back at once (the caller takes no part): work for the
+  // workers' idle time between two `run`s, such as reading ahead the weights the next `run` multiplies. The
+  // next `run` or `post` raises `cancelled()` and waits for it, so fn checks `cancelled()` every few
+  // microseconds. Nothing is posted from the process's initial thread (its `run`s go to OpenMP's team, beside
+  // which a pool worker busy with it would take a core).
+  void post(int n, std::function<void(int)> fn) {
+    n = std::min(n, capacity());
+    if (n <= 1 || on_initial_thread()) return;
+    std::lock_guard<std::mutex> one_job(job_mutex_);
+    end_posted();
+    posted_ = std::move(fn);
+    publish(&posted_, n);
+  }
+
+  bool cancelled() const { return cancel_.load(std::memory_order_relaxed); }
 
  private:
   SpinPool() {
@@ -81,6 +93,57 @@ class SpinPool {
       workers_.emplace_back([this, i] { loop(i); });
       workers_.back().detach();
     }
+  }
+
+  // Whether the calling thread is the process's initial one (its thread id is the process id), without a
+  // system call per job: the process id is read once per process (a forked child reads its own: the thread
+  // that forked is its initial thread), each thread's id once per process it runs in.
+  static bool on_initial_thread() {
+    static const pid_t first_pid = getpid();       // libgomp's team does not survive fork: children use the pool
+    thread_local uint64_t seen_forks = ~uint64_t{0};
+    thread_local bool initial = false;
+    const uint64_t now = forks().load(std::memory_order_relaxed);
+    if (seen_forks != now) {
+      const pid_t pid = getpid();
+      initial = static_cast<pid_t>(syscall(SYS_gettid)) == pid && pid == first_pid;
+      seen_forks = now;
+    }
+    return initial;
+  }
+
+  // Forks of this process so far, counted in the child (a child's count differs from its parent's at fork).
+  static std::atomic<uint64_t>& forks() {
+    static std::atomic<uint64_t> count{0};
+    static const bool watching = [] {
+      pthread_atfork(nullptr, nullptr, [] { count.fetch_add(1, std::memory_order_relaxed); });
+      return true;
+    }();
+    (void)watching;
+    return count;
+  }
+
+  // Hands `job` to workers 1..n-1 (job_mutex_ held, no job running).
+  void publish(const std::function<void(int)>* job, int n) {
+    job_ = job;
+    remaining_.store(n - 1, std::memory_order_relaxed);
+    {
+      // the generation carries its job's worker count, so a worker never pairs one job's count with another
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      const uint64_t next = ((generation_.load(std::memory_order_relaxed) >> 16) + 1) << 16;
+      generation_.store(next | static_cast<uint64_t>(n - 1), std::memory_order_release);
+    }
+    wake_.notify_all();
+  }
+
+  // Stops a posted job still running, waits for its workers and lets go of it with what it holds
+  // (job_mutex_ held).
+  void end_posted() {
+    if (remaining_.load(std::memory_order_acquire) != 0) {
+      cancel_.store(true, std::memory_order_relaxed);
+      while (remaining_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+    }
+    cancel_.store(false, std::memory_order_relaxed);
+    if (posted_) posted_ = nullptr;
   }
 
   void loop(int index) {
@@ -111,7 +174,9 @@ class SpinPool {
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> remaining_{0};
+  std::atomic<bool> cancel_{false};
   const std::function<void(int)>* job_ = nullptr;
+  std::function<void(int)> posted_;                // the job `post` started (the caller's copy may be gone)
 };
 
 // body(begin, end) over contiguous chunks of [0, items) that the threads claim in turn from a shared counter,
@@ -122,16 +187,26 @@ class SpinPool {
 // (`items < min_items`) run inline.
 constexpr int64_t kChunksPerThread = 4;
 
+// Threads a spin_parallel over `items` runs on (1: inline).
+inline int spin_parts(int64_t items, int64_t min_items = 2) {
+  return items < min_items ? 1 : static_cast<int>(std::min<int64_t>(items, SpinPool::instance().capacity()));
+}
+
+// Items per chunk of a spin_parallel over `items` on `parts` threads: chunk c is [c * per, (c + 1) * per).
+inline int64_t spin_chunk_items(int64_t items, int parts) {
+  const int64_t chunks = std::min<int64_t>(items, parts * kChunksPerThread);
+  return (items + chunks - 1) / chunks;
+}
+
 inline void spin_parallel(int64_t items, const std::function<void(int64_t, int64_t)>& body,
                           int64_t min_items = 2) {
   SpinPool& pool = SpinPool::instance();
-  const int parts = items < min_items ? 1 : static_cast<int>(std::min<int64_t>(items, pool.capacity()));
+  const int parts = spin_parts(items, min_items);
   if (parts <= 1) {
     if (items > 0) body(0, items);
     return;
   }
-  const int64_t chunks = std::min<int64_t>(items, parts * kChunksPerThread);
-  const int64_t per = (items + chunks - 1) / chunks;
+  const int64_t per = spin_chunk_items(items, parts);
   std::atomic<int64_t> next{0};
   pool.run(parts, [&](int) {
     for (int64_t begin; (begin = next.fetch_add(1, std::memory_order_relaxed) * per) < items;)

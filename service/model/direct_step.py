@@ -24,6 +24,7 @@ whose layers differ in shape. Anything else returns None and the general path ru
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from typing import Optional
 
@@ -38,6 +39,9 @@ from . import cpu_ops, quant_linear
 from .quant_linear import QuantGroup, QuantLinear
 
 ENABLED = os.environ.get("ADAPTER_SERVE_DIRECT_STEP", "1") != "0"
+# The C++ loop has the matmul pool's workers read the next weight ahead while it works between two matmuls
+# (quant_matmul.cpp's quant_read_ahead); False leaves them idle there (the A/B of bench/quant_kernel_bench.py).
+READ_AHEAD = True
 
 
 def _stored_base(module, group: Optional[QuantGroup], loras: list) -> Optional[QuantLinear]:
@@ -142,8 +146,9 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
                                                     plan.sequences[i].length, plan.offsets[i])]
         gate = getattr(model, "step_gate", None)          # others may evict adapters meanwhile (step_gate.py)
         with gate.opened() if gate is not None else contextlib.nullcontext():
-            return ops.decode_layers(x, qm.quant_matmul_entry(), *tables, cos, sin, cache.k, cache.v, tokens,
-                                     slots, last, model.config.head_dim ** -0.5, *lora, chunks)
+            ahead = qm.quant_read_ahead_entry() if READ_AHEAD and hasattr(qm, "quant_read_ahead_entry") else 0
+            return ops.decode_layers(x, qm.quant_matmul_entry(), ahead, *tables, cos, sin, cache.k, cache.v,
+                                     tokens, slots, last, model.config.head_dim ** -0.5, *lora, chunks)
     for w in works:
         layer = w.layer
         attn = layer.self_attn
@@ -226,6 +231,33 @@ def _native_lora(works, mapping, tokens: int) -> Optional[tuple]:
 
 
 def _native_tables(model, works) -> Optional[tuple]:
+    """`_build_native_tables`, kept on the model while the objects it reads stay the same ones: rebuilding
+    them took ~0.3 ms of Python per step (SmolLM2's 30 layers). The key holds each layer's modules, groups,
+    stored weights, their tensors and the parameters themselves (compared by identity, and held, so no id is
+    reused), so a regrouped projection, a replaced module, norm weight or bias, or a re-stored weight builds
+    them again. (The plain numbers the build checks, heads and norm epsilons, are set once per module.)"""
+    key = [item for w in works for item in _tables_key(w)]
+    cached = getattr(model, "_direct_tables", None)
+    if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
+        return cached[1]
+    tables = _build_native_tables(model, works)
+    model._direct_tables = (key, tables)
+    return tables
+
+
+def _tables_key(w: _LayerWork) -> tuple:
+    """The objects `_build_native_tables` reads of one layer (dict look-ups, no `nn.Module.__getattr__`)."""
+    layer = w.layer
+    modules = layer._modules
+    attn, norm_in, norm_post = modules["self_attn"], modules["input_layernorm"], modules["post_attention_layernorm"]
+    qkv, o, gate_up, down = w.qkv.stored, w.o.stored, w.gate_up.stored, w.down.stored
+    return (layer, attn, norm_in, norm_post, norm_in._parameters.get("weight"), norm_post._parameters.get("weight"),
+            w.qkv, qkv, qkv.data, qkv.row_scale, w.qkv.bias, w.o, o, o.data, o.row_scale, w.o._parameters.get("bias"),
+            w.gate_up, gate_up, gate_up.data, gate_up.row_scale, w.gate_up.bias,
+            w.down, down, down.data, down.row_scale, w.down._parameters.get("bias"))
+
+
+def _build_native_tables(model, works) -> Optional[tuple]:
     """decode_layers' arguments (layer tensors, kernel formats, shape, eps) for a model whose layers all have
     one shape and one norm epsilon, each attention reading its own cache layer; else None."""
     c = model.config

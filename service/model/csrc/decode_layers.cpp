@@ -6,6 +6,9 @@
 // address passed as an integer: no Python object is touched while the GIL is released), since the two are
 // built with different floating-point contraction flags; a step's LoRA deltas likewise come from adapters_core's
 // fused kernel (`lora_add_group_entry`), called right after each joined matmul as direct_step.py calls it.
+// Right after each matmul, `quant_read_ahead_entry` (when given) has the matmul pool's workers read the start
+// of the next weight while this thread does the work between the two (A/B in one process, SmolLM2 F32, one
+// sequence on the Zen 4: 19.97 -> 19.54 ms per step; Q4_1 6.70 -> 6.63; 16 sequences unchanged).
 #include <torch/extension.h>
 
 #include "ops.h"
@@ -16,6 +19,7 @@ namespace {
 
 using QuantMatmul = at::Tensor (*)(at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>,
                                    c10::optional<at::Tensor>);
+using ReadAhead = void (*)(const at::Tensor&, int64_t);
 
 constexpr int kTensorsPerLayer = 14;   // in_norm, post_norm, then (data, row_scale, bias) x qkv, o, gate_up, down
 constexpr int kIntsPerLayer = 4;       // kernel format ids of qkv, o, gate_up, down
@@ -56,23 +60,31 @@ struct LoraDeltas {
 // x [N, d] fp32 after every layer. `layers`: kTensorsPerLayer entries per layer (row scales and biases may be
 // None); `formats`: kIntsPerLayer per layer; `shape`: q heads, kv heads, head dim, intermediate size;
 // k_cache / v_cache [layers, slots, Hkv, T, D]; tokens / slots / positions as decode_attention_ takes them.
-// LoRA deltas, when `lora_add` (lora_add_group_'s address) is not 0: `lora_tables` holds kLoraPerLayer slot
-// tables (or None) per layer, `lora_slots` [N] int64 each token's slot, `lora_scales` [N] fp32 or None.
+// `read_ahead`: quant_read_ahead's address, or 0 for none. LoRA deltas, when `lora_add` (lora_add_group_'s
+// address) is not 0: `lora_tables` holds kLoraPerLayer slot tables (or None) per layer, `lora_slots` [N]
+// int64 each token's slot, `lora_scales` [N] fp32 or None.
 // Prompt chunks of a mixed step: `prefill_seqs` holds (slot, start, length, first row) per chunk; their keys and
 // values are written into the cache first, then the decode rows attend, then each chunk attends causally with
 // `scaled_dot_product_attention` (decoder.py's Attention.forward_step, the same ops in the same order).
-at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional<at::Tensor>> layers,
+at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
+                         std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
                          at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,
                          std::vector<c10::optional<at::Tensor>> lora_tables, c10::optional<at::Tensor> lora_slots,
                          c10::optional<at::Tensor> lora_scales, std::vector<int64_t> prefill_seqs) {
   const auto qm = reinterpret_cast<QuantMatmul>(static_cast<intptr_t>(matmul));
+  const auto ahead = reinterpret_cast<ReadAhead>(static_cast<intptr_t>(read_ahead));
   TORCH_CHECK(layers.size() % kTensorsPerLayer == 0 && formats.size() * kTensorsPerLayer ==
               layers.size() * kIntsPerLayer && shape.size() == 4, "decode_layers: malformed layer tables");
   const int64_t n = x.size(0), heads = shape[0], kv_heads = shape[1], dim = shape[2], inter = shape[3];
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   const int64_t count = static_cast<int64_t>(layers.size()) / kTensorsPerLayer;
+  // the next matmul's weight, read ahead by the matmul pool's workers while this thread does the work between
+  auto read_next = [&](int64_t layer, int which) {            // which: 0 qkv, 1 o, 2 gate_up, 3 down
+    if (ahead != nullptr && layer < count)
+      ahead(*layers[layer * kTensorsPerLayer + 2 + 3 * which], formats[layer * kIntsPerLayer + which]);
+  };
   TORCH_CHECK(k_cache.size(0) >= count && v_cache.size(0) >= count, "decode_layers: fewer cache layers than layers");
   TORCH_CHECK(prefill_seqs.size() % 4 == 0, "decode_layers: prompt chunks come as (slot, start, length, row)");
   std::vector<PrefillSeq> prefill;
@@ -90,11 +102,13 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional
     lora = LoraDeltas{reinterpret_cast<LoraAdd>(static_cast<intptr_t>(lora_add)), lora_tables.data(), *lora_slots,
                       lora_scales};
   }
+  read_next(0, 0);
   for (int64_t l = 0; l < count; ++l) {
     const auto* t = layers.data() + l * kTensorsPerLayer;
     const int64_t* f = formats.data() + l * kIntsPerLayer;
     at::Tensor h = rms_norm(x, *t[0], eps);                                              // [N, d]
     at::Tensor qkv = qm(h, *t[2], f[0], t[3], t[4]);                                     // [N, q + 2 kv]
+    read_next(l, 1);
     lora.apply(l, h, {{0, qkv.narrow(1, 0, q_size)}, {1, qkv.narrow(1, q_size, kv_size)},
                       {2, qkv.narrow(1, q_size + kv_size, kv_size)}});
     at::Tensor q = qkv.narrow(1, 0, q_size).view({n, heads, dim});
@@ -126,13 +140,16 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional
     }
     at::Tensor attended = out.view({n, q_size});                                         // [N, H D]
     at::Tensor o = qm(attended, *t[5], f[1], t[6], t[7]);                                // [N, d]
+    read_next(l, 2);
     lora.apply(l, attended, {{3, o}});
     x = x + o;
     h = rms_norm(x, *t[1], eps);
     at::Tensor gate_up = qm(h, *t[8], f[2], t[9], t[10]);                                // [N, 2 I]
+    read_next(l, 3);
     lora.apply(l, h, {{4, gate_up.narrow(1, 0, inter)}, {5, gate_up.narrow(1, inter, inter)}});
     at::Tensor hidden = silu_mul(gate_up.narrow(1, 0, inter), gate_up.narrow(1, inter, inter));   // [N, I]
     at::Tensor down = qm(hidden, *t[11], f[3], t[12], t[13]);                            // [N, d]
+    read_next(l + 1, 0);
     lora.apply(l, hidden, {{6, down}});
     x = x + down;
   }

@@ -11,7 +11,8 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 std::vector<at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate, at::Tensor up);
 std::vector<at::Tensor> row_argmax(at::Tensor logits);
-at::Tensor decode_layers(at::Tensor x, int64_t matmul, std::vector<c10::optional<at::Tensor>> layers,
+at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
+                         std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
                          at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,

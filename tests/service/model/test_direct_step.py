@@ -239,3 +239,34 @@ def test_the_step_gate_is_open_only_around_the_cpp_loop(monkeypatch):
         assert not other_thread_enters()
     assert entered == [True]
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("fmt", ["F32", "BF16"])
+def test_reading_the_next_weight_ahead_changes_no_bit(fmt, monkeypatch):
+    """From the engine's kind of thread (on the process's first thread nothing is read ahead: its matmuls go to
+    OpenMP's team), the C++ loop with the matmul pool's workers reading each next interleaved weight ahead gives
+    the same bits as without, with and without LoRA deltas."""
+    import threading
+
+    model = stored_model(fmt)
+    assert model.model.layers[0].self_attn.qkv_group.stored.kernel_id in (12, 13)      # interleaved F32 / BF16
+    add(model, "one", lora(["q_proj", "v_proj", "o_proj", "down_proj"]), seed=1)
+    slot = ac.adapter_slot(model, "one")
+    qm = kernel()
+    entries = []
+    real_entry = qm.quant_read_ahead_entry
+    monkeypatch.setattr(qm, "quant_read_ahead_entry", lambda: entries.append(real_entry()) or entries[-1])
+    results = {}
+
+    def steps():
+        for ahead in (False, True):
+            monkeypatch.setattr(direct_step, "READ_AHEAD", ahead)
+            results[ahead] = [decode_step(model, slots) for slots in ([0] * ROWS, [slot, 0, slot, slot])]
+
+    thread = threading.Thread(target=steps)
+    thread.start()
+    thread.join(120)
+    assert set(results) == {False, True} and len(entries) == 2 and entries[0] != 0, "read ahead in both steps"
+    for (out, cache), (out2, cache2) in zip(results[False], results[True]):
+        assert torch.equal(out, out2) and torch.equal(cache, cache2)
+    assert not torch.equal(results[True][0][0], results[True][1][0]), "the adapter changes the output"

@@ -135,3 +135,38 @@ def test_no_row_of_x_is_read_past_the_last(arch, fmt):
         del x
         ctypes.CDLL(None).mprotect(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + mmap.PAGESIZE),
                                    mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def test_reading_ahead_between_matmuls_changes_no_bit():
+    """`read_ahead` (quant_read_ahead: the decoder's C++ loop has the matmul pool's workers read the start of
+    the next weight while it works between two matmuls) from a thread other than the process's first, as the
+    engine's: every matmul after one gives the same bits as without, a large weight's read still going when the
+    next one is posted or the next matmul starts is stopped there (the calls return), and weights without the
+    interleaved layout are left alone."""
+    import threading
+
+    module = build("native")
+    weights = [interleave(stored(fmt, 256, 512, seed=i), module) for i, fmt in enumerate(FORMATS)]
+    big = interleave(stored("F32", 2048, 2048, seed=9), module)                  # 16 MB: far more than is read
+    plain = stored("Q4_1", 256, 512, seed=7)                                     # row-major: nothing to read
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(3))
+    expected = [module.quant_matmul(x, w.data, w.kernel_id, None, None) for w in weights]
+    got, errors = [], []
+
+    def engine_like():
+        try:
+            for _ in range(40):
+                for w in weights:
+                    module.read_ahead(big.data, big.kernel_id)
+                    module.read_ahead(plain.data, plain.kernel_id)
+                    module.read_ahead(w.data, w.kernel_id)
+                    got.append(module.quant_matmul(x, w.data, w.kernel_id, None, None))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=engine_like)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive() and errors == []
+    assert len(got) == 40 * len(weights)
+    assert all(torch.equal(out, expected[i % len(weights)]) for i, out in enumerate(got))
