@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm as the decoder computes it, one pass per row (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm_", &add_rms_norm_, "x += residual in place, then rms_norm(x) (CPU; the decode loop's residuals)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rotary", &rotary, "rotary embedding of q and k with the decoder's roundings (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_layers", &decode_layers, "every decoder layer of a step (decode rows and prompt chunks), LoRA deltas included (CPU)",

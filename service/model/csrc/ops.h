@@ -8,6 +8,7 @@ void decode_attention_(at::Tensor out, at::Tensor q, at::Tensor k_new, at::Tenso
                        at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens, at::Tensor slots,
                        at::Tensor positions, double scale);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+at::Tensor add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps);
 std::vector<at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate, at::Tensor up);
 std::vector<at::Tensor> row_argmax(at::Tensor logits);

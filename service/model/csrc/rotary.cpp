@@ -3,6 +3,7 @@
 // (-x[D/2:], x[:D/2]); every product and the sum computed in fp32 and rounded to T as torch's elementwise
 // ops do, so the result is bit-identical to the torch path, in one call for both tensors.
 #include "ops.h"
+#include "spin_pool.h"
 
 namespace {
 
@@ -10,20 +11,21 @@ template <typename T>
 void rotate_rows(const T* x, int64_t x_row, int64_t x_head, int64_t heads, const T* cos, const T* sin,
                  int64_t cs_row, T* out, int64_t tokens, int64_t dim) {
   const int64_t half = dim / 2;
-#pragma omp parallel for schedule(static) if (tokens * heads * dim > (1 << 16))
-  for (int64_t th = 0; th < tokens * heads; ++th) {
-    const int64_t t = th / heads, h = th % heads;
-    const T* xv = x + t * x_row + h * x_head;
-    const T* c = cos + t * cs_row;
-    const T* s = sin + t * cs_row;
-    T* o = out + th * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float rot = d < half ? -static_cast<float>(xv[d + half]) : static_cast<float>(xv[d - half]);
-      const T a = static_cast<T>(static_cast<float>(xv[d]) * static_cast<float>(c[d]));
-      const T b = static_cast<T>(static_cast<float>(static_cast<T>(rot)) * static_cast<float>(s[d]));
-      o[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  spin_parallel(tokens * heads, [&](int64_t begin, int64_t end) {   // inline below 64 Ki values (rms_norm.cpp)
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t t = th / heads, h = th % heads;
+      const T* xv = x + t * x_row + h * x_head;
+      const T* c = cos + t * cs_row;
+      const T* s = sin + t * cs_row;
+      T* o = out + th * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float rot = d < half ? -static_cast<float>(xv[d + half]) : static_cast<float>(xv[d - half]);
+        const T a = static_cast<T>(static_cast<float>(xv[d]) * static_cast<float>(c[d]));
+        const T b = static_cast<T>(static_cast<float>(static_cast<T>(rot)) * static_cast<float>(s[d]));
+        o[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+      }
     }
-  }
+  }, tokens * heads * dim > (1 << 16) ? 2 : tokens * heads + 1);
 }
 
 }  // namespace

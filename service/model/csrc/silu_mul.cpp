@@ -2,6 +2,7 @@
 // computed in fp32, out = T(s * up). (torch's vectorised exp may differ from std::exp in the last fp32 bit,
 // so a bf16 output can rarely differ in its last bit.)
 #include "ops.h"
+#include "spin_pool.h"
 
 #include <cmath>
 
@@ -10,17 +11,18 @@ namespace {
 template <typename T>
 void silu_mul_rows(const T* gate, const T* up, int64_t g_stride, int64_t u_stride, T* out, int64_t rows,
                    int64_t n) {
-#pragma omp parallel for schedule(static) if (rows * n > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* g = gate + r * g_stride;
-    const T* u = up + r * u_stride;
-    T* o = out + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = static_cast<float>(g[i]);
-      const T s = static_cast<T>(x / (1.f + std::exp(-x)));
-      o[i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(u[i]));
+  spin_parallel(rows, [&](int64_t begin, int64_t end) {      // inline below 64 Ki values (see rms_norm.cpp)
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gate + r * g_stride;
+      const T* u = up + r * u_stride;
+      T* o = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = static_cast<float>(g[i]);
+        const T s = static_cast<T>(x / (1.f + std::exp(-x)));
+        o[i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(u[i]));
+      }
     }
-  }
+  }, rows * n > (1 << 16) ? 2 : rows + 1);
 }
 
 }  // namespace

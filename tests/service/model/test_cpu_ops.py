@@ -151,6 +151,35 @@ def test_rms_norm_and_silu_mul_equal_torch(dtype):
     _assert_rounding_close(cpu_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 200])            # inline, and past 64 Ki values: on the kernels' pool
+def test_add_rms_norm_is_the_add_then_the_norm(dtype, rows):
+    """add_rms_norm_ (the decode loop's residual add fused with the next norm): x becomes x + residual with the
+    bits of torch's add, and the result has the bits of rms_norm of that x; from the engine's kind of thread too."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(576, generator=g).to(dtype)
+    x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
+    residual = torch.randn(rows, 576, generator=g).to(dtype)
+    added = x + residual
+    expected = cpu_ops.rms_norm(added, weight, 1e-5)
+    for thread in (False, True):
+        mine = x.clone()
+        got = []
+        call = lambda: got.append(cpu_ops.kernel().add_rms_norm_(mine, residual, weight, 1e-5))   # noqa: E731
+        if thread:
+            worker = threading.Thread(target=call)
+            worker.start()
+            worker.join(60)
+        else:
+            call()
+        assert torch.equal(mine, added) and torch.equal(got[0], expected)
+    if rows > 1:                                       # a transposed x is refused, not read wrongly
+        with pytest.raises(RuntimeError, match="contiguous"):
+            cpu_ops.kernel().add_rms_norm_(x.t().contiguous().t(), residual, weight, 1e-5)
+
+
 def test_silu_mul_is_accurate_over_the_whole_range():
     """silu within 8 fp32 ulps (relative) of the fp64 value where e^-x is finite in fp32 (|x| <= 88), beyond
     it x itself or a negligible |s| < 1e-36 (torch's silu gives -0 there), NaN stays NaN (a failing request's
