@@ -5,7 +5,10 @@
 // (head h reads KV head h / (H / Hkv)). Each (sequence, KV head) is computed alone and in a fixed order, so
 // a sequence's result does not depend on what else is in the batch. Dot products run in 16-lane vectors
 // summed as a tree, and the weighted values of 64- or 128-wide heads accumulate in registers: 16 sequences
-// of 200 positions, SmolLM2's 30 layers, 23.7 -> 11.3 ms per step (measured beside other work).
+// of 200 positions, SmolLM2's 30 layers, 23.7 -> 11.3 ms per step (measured beside other work). The softmax's
+// exponentials come from fast_exp.h, vectorised (std::exp kept them scalar), summed in order as before: per
+// layer, 9 heads of 64, one sequence of 500 positions 53 -> 27-40 us, 16 of 200 167 -> 135-141 us.
+#include "fast_exp.h"
 #include "ops.h"
 #include "spin_pool.h"
 
@@ -114,11 +117,10 @@ void decode_rows(T* out, const T* q, const T* k_new, const T* v_new, T* k_cache,
     for (int64_t g = 0; g < group; ++g) {                               // softmax over the visible positions
       float* sg = scores.data() + g * length;
       const float top = *std::max_element(sg, sg + length);
+#pragma omp simd
+      for (int64_t t = 0; t < length; ++t) sg[t] = exp_fast(sg[t] - top);       // vectorised (fast_exp.h)
       float sum = 0.f;
-      for (int64_t t = 0; t < length; ++t) {
-        sg[t] = std::exp(sg[t] - top);
-        sum += sg[t];
-      }
+      for (int64_t t = 0; t < length; ++t) sum += sg[t];                         // in order, as before
       const float inv = 1.f / sum;
       for (int64_t t = 0; t < length; ++t) sg[t] *= inv;
     }
