@@ -7,12 +7,12 @@
 // built with different floating-point contraction flags; a step's LoRA deltas likewise come from adapters_core's
 // fused kernel (`lora_add_group_entry`), called right after each joined matmul as direct_step.py calls it.
 // Right after each matmul, `quant_read_ahead_entry` (when given) has the matmul pool's workers read the start
-// of the next weight while this thread does the work between the two (A/B in one process, SmolLM2 F32, one
-// sequence on the Zen 4: 19.97 -> 19.54 ms per step; Q4_1 6.70 -> 6.63; 16 sequences unchanged). The residual
-// stream is a copy of x added to in place, each add fused with the norm after it (`add_rms_norm_`: the same
-// bits as x + o and the norm); with the norms, SwiGLU and rotary free of OpenMP's per-call region, the work
-// between the matmuls of a one-sequence SmolLM2 step went from 1.21 to 1.05 ms (engine's kind of thread), and
-// to 0.82 with SwiGLU's e^-x vectorised (silu_mul.cpp).
+// of the next weight while this thread does the work between the two (bench/quant_kernel_bench.py's A/B, one
+// SmolLM2 sequence on the Zen 4: F32 19.71 -> 19.32 ms a step, Q4_1 5.45 -> 5.40; 16 sequences unchanged).
+// The residual stream is a copy of x added to in place, each add fused with the norm after it
+// (`add_rms_norm_`: the same bits as x + o and the norm); with the norms, SwiGLU and rotary free of OpenMP's
+// per-call region, the work between the matmuls of a one-sequence SmolLM2 step went from 1.21 to 1.05 ms
+// (engine's kind of thread), and to 0.82 with SwiGLU's e^-x vectorised (silu_mul.cpp).
 #include <torch/extension.h>
 
 #include "ops.h"
