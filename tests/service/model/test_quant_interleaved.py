@@ -170,3 +170,44 @@ def test_reading_ahead_between_matmuls_changes_no_bit():
     assert not thread.is_alive() and errors == []
     assert len(got) == 40 * len(weights)
     assert all(torch.equal(out, expected[i % len(weights)]) for i, out in enumerate(got))
+
+
+def test_both_prefetch_hints_give_the_same_bits():
+    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs and not elsewhere (quant_x16.h), decided when
+    the kernel loads; ADAPTER_SERVE_PREFETCH_NTA forces either, so both paths run here whatever the CPU: a hint,
+    so the same bits at one and at 16 rows of x."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    module = build("native")
+    code = (
+        "import torch, sys\n"
+        "from service.model import quant_linear\n"
+        "from test_quant_matmul import stored\n"
+        "from test_quant_interleaved import interleave\n"
+        "m = quant_linear.kernel()\n"
+        "outs = []\n"
+        "for fmt in ('F32', 'BF16'):\n"
+        "    w = interleave(stored(fmt, 256, 512, seed=5), m)\n"
+        "    for rows in (1, 16):\n"
+        "        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))\n"
+        "        outs.append(m.quant_matmul(x, w.data, w.kernel_id, None, None))\n"
+        "torch.save(outs, sys.argv[1])\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(here)))          # the checkout: service/ lives there
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for hint in ("0", "1"):
+            path = os.path.join(tmp, f"{hint}.pt")
+            env = dict(os.environ, ADAPTER_SERVE_PREFETCH_NTA=hint,
+                       PYTHONPATH=os.pathsep.join([here, root]))
+            done = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            results.append(torch.load(path))
+    assert len(results[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*results))
+    weight = interleave(stored("F32", 256, 512, seed=5), module)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(module.quant_matmul(x, weight.data, weight.kernel_id, None, None), results[0][0])
