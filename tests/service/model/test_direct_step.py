@@ -270,3 +270,20 @@ def test_reading_the_next_weight_ahead_changes_no_bit(fmt, monkeypatch):
     for (out, cache), (out2, cache2) in zip(results[False], results[True]):
         assert torch.equal(out, out2) and torch.equal(cache, cache2)
     assert not torch.equal(results[True][0][0], results[True][1][0]), "the adapter changes the output"
+
+
+def test_the_loops_kept_tables_follow_a_replaced_weight(monkeypatch):
+    """The C++ loop's tables are kept on the model between steps (`_native_tables`): a norm weight or a
+    projection's stored weight replaced afterwards is what the next step computes with, as the layers do."""
+    from service.model.quant_linear import interleaved
+
+    model = stored_model("F32")
+    general, direct, took_direct = both_paths(model, None, monkeypatch)
+    assert took_direct and torch.equal(general[0], direct[0])
+    layer = model.model.layers[1]
+    norm, down = layer.post_attention_layernorm, layer.mlp.down_proj
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 1.5, requires_grad=False)
+    down.stored = interleaved(from_dense(torch.randn(down.out_features, down.in_features), "F32"))
+    general2, direct2, took_direct = both_paths(model, None, monkeypatch)
+    assert took_direct and torch.equal(general2[0], direct2[0]) and torch.equal(general2[1], direct2[1])
+    assert not torch.equal(direct2[0], direct[0]), "the new weights change the output"
