@@ -192,6 +192,10 @@ inline int spin_parts(int64_t items, int64_t min_items = 2) {
   return items < min_items ? 1 : static_cast<int>(std::min<int64_t>(items, SpinPool::instance().capacity()));
 }
 
+// spin_parallel's `min_items` for a job over `items` that touches `values` values in all: inline up to 64 Ki
+// values (a decode row's norm or SwiGLU, where waking a worker cost more than the work), else on the pool.
+inline int64_t spin_min_items(int64_t items, int64_t values) { return values > (1 << 16) ? 2 : items + 1; }
+
 // Items per chunk of a spin_parallel over `items` on `parts` threads: chunk c is [c * per, (c + 1) * per).
 inline int64_t spin_chunk_items(int64_t items, int parts) {
   const int64_t chunks = std::min<int64_t>(items, parts * kChunksPerThread);

@@ -469,7 +469,7 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
       else
         dequant_span(fmt, wb + idx[i] * rb, 0, K, o + i * K);
     }
-  }, n * K > (1 << 16) ? 2 : n + 1);
+  }, spin_min_items(n, n * K));
   return out;
 }
 

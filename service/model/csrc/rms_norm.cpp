@@ -32,7 +32,7 @@ template <typename T>
 void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, int64_t x_stride, float eps) {
   spin_parallel(rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) rms_row(x + r * x_stride, w, out + r * n, n, eps);
-  }, rows * n > (1 << 16) ? 2 : rows + 1);
+  }, spin_min_items(rows, rows * n));
 }
 
 // x += residual row by row (T(x + residual), as torch's add rounds), then each row's norm into out.
@@ -45,7 +45,7 @@ void add_rms_rows(T* x, const T* residual, const T* w, T* out, int64_t rows, int
       for (int64_t i = 0; i < n; ++i) xr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
       rms_row(xr, w, out + r * n, n, eps);
     }
-  }, rows * n > (1 << 16) ? 2 : rows + 1);
+  }, spin_min_items(rows, rows * n));
 }
 
 }  // namespace

@@ -11,7 +11,7 @@ template <typename T>
 void rotate_rows(const T* x, int64_t x_row, int64_t x_head, int64_t heads, const T* cos, const T* sin,
                  int64_t cs_row, T* out, int64_t tokens, int64_t dim) {
   const int64_t half = dim / 2;
-  spin_parallel(tokens * heads, [&](int64_t begin, int64_t end) {   // inline below 64 Ki values (rms_norm.cpp)
+  spin_parallel(tokens * heads, [&](int64_t begin, int64_t end) {   // inline up to 64 Ki values
     for (int64_t th = begin; th < end; ++th) {
       const int64_t t = th / heads, h = th % heads;
       const T* xv = x + t * x_row + h * x_head;
@@ -25,7 +25,7 @@ void rotate_rows(const T* x, int64_t x_row, int64_t x_head, int64_t heads, const
         o[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
       }
     }
-  }, tokens * heads * dim > (1 << 16) ? 2 : tokens * heads + 1);
+  }, spin_min_items(tokens * heads, tokens * heads * dim));
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ namespace {
 template <typename T>
 void silu_mul_rows(const T* gate, const T* up, int64_t g_stride, int64_t u_stride, T* out, int64_t rows,
                    int64_t n) {
-  spin_parallel(rows, [&](int64_t begin, int64_t end) {      // inline below 64 Ki values (see rms_norm.cpp)
+  spin_parallel(rows, [&](int64_t begin, int64_t end) {      // inline up to 64 Ki values
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gate + r * g_stride;
       const T* u = up + r * u_stride;
@@ -28,7 +28,7 @@ void silu_mul_rows(const T* gate, const T* up, int64_t g_stride, int64_t u_strid
         o[i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(u[i]));
       }
     }
-  }, rows * n > (1 << 16) ? 2 : rows + 1);
+  }, spin_min_items(rows, rows * n));
 }
 
 }  // namespace
