@@ -42,6 +42,10 @@ ENABLED = os.environ.get("ADAPTER_SERVE_DIRECT_STEP", "1") != "0"
 # The C++ loop has the matmul pool's workers read the next weight ahead while it works between two matmuls
 # (quant_matmul.cpp's quant_read_ahead); False leaves them idle there (the A/B of bench/quant_kernel_bench.py).
 READ_AHEAD = True
+# The C++ loop hands each matmul the LoRA factors that the fused call right after it reads, for the matmul's
+# threads to pull into the cache as they compute (quant_matmul_alongside); False: the fused call reads them
+# from memory itself (the A/B of bench/lora_alongside_bench.py).
+FACTORS_ALONGSIDE = True
 
 
 def _stored_base(module, group: Optional[QuantGroup], loras: list) -> Optional[QuantLinear]:
@@ -147,7 +151,7 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
         gate = getattr(model, "step_gate", None)          # others may evict adapters meanwhile (step_gate.py)
         with gate.opened() if gate is not None else contextlib.nullcontext():
             ahead = qm.quant_read_ahead_entry() if READ_AHEAD and hasattr(qm, "quant_read_ahead_entry") else 0
-            return ops.decode_layers(x, qm.quant_matmul_entry(), ahead, *tables, cos, sin, cache.k, cache.v,
+            return ops.decode_layers(x, qm.quant_matmul_entry(), ahead, FACTORS_ALONGSIDE, *tables, cos, sin, cache.k, cache.v,
                                      tokens, slots, last, model.config.head_dim ** -0.5, *lora, chunks)
     for w in works:
         layer = w.layer

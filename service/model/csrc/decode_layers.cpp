@@ -12,22 +12,32 @@
 // The residual stream is a copy of x added to in place, each add fused with the norm after it
 // (`add_rms_norm_`: the same bits as x + o and the norm); with the norms, SwiGLU and rotary free of OpenMP's
 // per-call region, the work between the matmuls of a one-sequence SmolLM2 step went from 1.21 to 1.05 ms
-// (engine's kind of thread), and to 0.82 with SwiGLU's e^-x vectorised (silu_mul.cpp).
+// (engine's kind of thread), and to 0.82 with SwiGLU's e^-x vectorised (silu_mul.cpp). Each matmul before a LoRA
+// call gets that call's factors (`LoraDeltas::factors`, each adapter of the step once) for its threads to pull
+// into the cache as they compute (`quant_matmul_alongside`): the fused call then reads them from the cache, not
+// memory. bench/lora_alongside_bench.py on the Zen 4 (16 sequences on 16 bf16 r=16 adapters, all projections):
+// the LoRA calls 6.8 -> 3.7 ms a step on F32 weights and 6.3 -> 3.0 on Q4_1, whose matmuls slow by part of that
+// (F32 more: its 16-row matmuls read memory at ~16 GB/s of ~30 already), the step 41.59 -> 40.97 and 40.17 -> 38.58 ms.
 #include <torch/extension.h>
 
 #include "ops.h"
 
+#include <algorithm>
 #include <initializer_list>
+#include <utility>
+#include <vector>
 
 namespace {
 
 using QuantMatmul = at::Tensor (*)(at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>,
-                                   c10::optional<at::Tensor>);
+                                   c10::optional<at::Tensor>, const int64_t*, int64_t);   // quant_matmul_alongside
 using ReadAhead = void (*)(const at::Tensor&, int64_t);
 
 constexpr int kTensorsPerLayer = 14;   // in_norm, post_norm, then (data, row_scale, bias) x qkv, o, gate_up, down
 constexpr int kIntsPerLayer = 4;       // kernel format ids of qkv, o, gate_up, down
 constexpr int kLoraPerLayer = 7;       // LoRA slot tables of q, k, v, o, gate, up, down (None: no delta)
+// A slot table's columns (adapters_core/csrc/sgmv.cpp's Column): A, Bt, scale rows, rank, dtype, in, out.
+constexpr int64_t kA = 0, kB = 1, kRank = 3, kDtype = 4, kIn = 5, kOut = 6, kTableColumns = 7;
 
 using LoraAdd = void (*)(std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, at::Tensor,
                          c10::optional<at::Tensor>);
@@ -44,6 +54,7 @@ struct LoraDeltas {
   const c10::optional<at::Tensor>* tables = nullptr;   // kLoraPerLayer per layer
   at::Tensor slots;
   c10::optional<at::Tensor> scales;
+  bool alongside = true;              // factors() lists them (else the matmuls pull nothing alongside)
 
   void apply(int64_t layer, const at::Tensor& input, std::initializer_list<std::pair<int, at::Tensor>> outputs) const {
     if (add == nullptr) return;
@@ -56,6 +67,36 @@ struct LoraDeltas {
       }
     }
     if (!results.empty()) add(results, input, used, slots, scales);
+  }
+
+  // (address, bytes) of whole cache lines: the A and Bt factors that apply() of `columns` will read, each
+  // adapter in the step once, in the order of the tokens (the fused kernel's order), for the matmul before it
+  // to pull into the cache as it computes (quant_matmul_alongside). The addresses come from the tables (the
+  // stacks keep those tensors alive); only prefetched.
+  std::vector<int64_t> factors(int64_t layer, std::initializer_list<int> columns) const {
+    std::vector<int64_t> spans;
+    if (add == nullptr || !alongside) return spans;
+    const int64_t n = slots.numel();
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    std::vector<int64_t> seen;
+    for (int64_t g = 0; g < n; ++g) {
+      if (std::find(seen.begin(), seen.end(), sp[g]) != seen.end()) continue;
+      seen.push_back(sp[g]);
+      for (int column : columns) {
+        const auto& table = tables[layer * kLoraPerLayer + column];
+        if (!table.has_value() || sp[g] < 0 || sp[g] >= table->size(0)) continue;
+        const int64_t* row = table->data_ptr<int64_t>() + sp[g] * kTableColumns;
+        if (row[kRank] <= 0) continue;
+        const int64_t elem = row[kDtype] == 0 ? 4 : 2;                 // fp32, else bf16 / fp16
+        for (const auto [address, bytes] : {std::pair{row[kA], row[kRank] * row[kIn] * elem},
+                                            std::pair{row[kB], row[kRank] * row[kOut] * elem}}) {
+          const int64_t first = address & ~int64_t{63}, end = (address + bytes + 63) & ~int64_t{63};
+          spans.push_back(first);
+          spans.push_back(end - first);
+        }
+      }
+    }
+    return spans;
   }
 };
 
@@ -70,7 +111,7 @@ struct LoraDeltas {
 // Prompt chunks of a mixed step: `prefill_seqs` holds (slot, start, length, first row) per chunk; their keys and
 // values are written into the cache first, then the decode rows attend, then each chunk attends causally with
 // `scaled_dot_product_attention` (decoder.py's Attention.forward_step, the same ops in the same order).
-at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
+at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool factors_alongside,
                          std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
@@ -103,8 +144,10 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
   if (lora_add != 0) {
     TORCH_CHECK(static_cast<int64_t>(lora_tables.size()) == count * kLoraPerLayer && lora_slots.has_value(),
                 "decode_layers: LoRA deltas need ", kLoraPerLayer, " tables per layer and the tokens' slots");
+    TORCH_CHECK(lora_slots->scalar_type() == at::kLong && lora_slots->is_contiguous() && lora_slots->numel() == n,
+                "decode_layers: one int64 LoRA slot per row");
     lora = LoraDeltas{reinterpret_cast<LoraAdd>(static_cast<intptr_t>(lora_add)), lora_tables.data(), *lora_slots,
-                      lora_scales};
+                      lora_scales, factors_alongside};
   }
   read_next(0, 0);
   x = x.clone(at::MemoryFormat::Contiguous);    // the residual stream, added to in place (not the caller's x)
@@ -113,7 +156,8 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
     const auto* t = layers.data() + l * kTensorsPerLayer;
     const int64_t* f = formats.data() + l * kIntsPerLayer;
     at::Tensor h = l == 0 ? rms_norm(x, *t[0], eps) : add_rms_norm_(x, down, *t[0], eps);  // [N, d]
-    at::Tensor qkv = qm(h, *t[2], f[0], t[3], t[4]);                                     // [N, q + 2 kv]
+    std::vector<int64_t> side = lora.factors(l, {0, 1, 2});
+    at::Tensor qkv = qm(h, *t[2], f[0], t[3], t[4], side.data(), side.size() / 2);        // [N, q + 2 kv]
     read_next(l, 1);
     lora.apply(l, h, {{0, qkv.narrow(1, 0, q_size)}, {1, qkv.narrow(1, q_size, kv_size)},
                       {2, qkv.narrow(1, q_size + kv_size, kv_size)}});
@@ -145,15 +189,18 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
       out.narrow(0, p.offset, p.length).copy_(att.select(0, 0).transpose(0, 1));               // [n, H, D]
     }
     at::Tensor attended = out.view({n, q_size});                                         // [N, H D]
-    at::Tensor o = qm(attended, *t[5], f[1], t[6], t[7]);                                // [N, d]
+    side = lora.factors(l, {3});
+    at::Tensor o = qm(attended, *t[5], f[1], t[6], t[7], side.data(), side.size() / 2);   // [N, d]
     read_next(l, 2);
     lora.apply(l, attended, {{3, o}});
     h = add_rms_norm_(x, o, *t[1], eps);                                                 // x += o; [N, d]
-    at::Tensor gate_up = qm(h, *t[8], f[2], t[9], t[10]);                                // [N, 2 I]
+    side = lora.factors(l, {4, 5});
+    at::Tensor gate_up = qm(h, *t[8], f[2], t[9], t[10], side.data(), side.size() / 2);   // [N, 2 I]
     read_next(l, 3);
     lora.apply(l, h, {{4, gate_up.narrow(1, 0, inter)}, {5, gate_up.narrow(1, inter, inter)}});
     at::Tensor hidden = silu_mul(gate_up.narrow(1, 0, inter), gate_up.narrow(1, inter, inter));   // [N, I]
-    down = qm(hidden, *t[11], f[3], t[12], t[13]);                                       // [N, d]
+    side = lora.factors(l, {6});
+    down = qm(hidden, *t[11], f[3], t[12], t[13], side.data(), side.size() / 2);          // [N, d]
     read_next(l + 1, 0);
     lora.apply(l, hidden, {{6, down}});
   }

@@ -12,7 +12,7 @@ at::Tensor add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor weight, d
 std::vector<at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate, at::Tensor up);
 std::vector<at::Tensor> row_argmax(at::Tensor logits);
-at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead,
+at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool factors_alongside,
                          std::vector<c10::optional<at::Tensor>> layers,
                          std::vector<int64_t> formats, std::vector<int64_t> shape, double eps, at::Tensor cos,
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,

@@ -416,9 +416,11 @@ const uint8_t* weight_bytes(const at::Tensor& w, int64_t fmt, int64_t K) {
 
 }  // namespace
 
-// x [M, K] fp32 (rows may be strided), w [N, row_bytes] in format fmt -> out [M, N] fp32.
-at::Tensor quant_matmul(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
-                        c10::optional<at::Tensor> bias) {
+// x [M, K] fp32 (rows may be strided), w [N, row_bytes] in format fmt -> out [M, N] fp32; an interleaved
+// weight's threads also pull `alongside`'s spans into the cache as they go (quant_x16.h's Alongside).
+at::Tensor quant_matmul_with(const at::Tensor& x, const at::Tensor& w, int64_t fmt,
+                             const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& bias,
+                             const Alongside* alongside) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "quant_matmul: x must be a 2-D fp32 CPU tensor with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -441,13 +443,30 @@ at::Tensor quant_matmul(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<a
     TORCH_CHECK(N % kX16Rows == 0 && scale == nullptr, "quant_matmul: interleaved weights have rows in "
                 "groups of 16 and no row scales");
     TORCH_CHECK(K % 32 == 0, "quant_matmul: interleaved weights have whole blocks of 32 columns, got ", K);
-    if (M > 0) x16_matmul(x16_base(fmt), x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N);
+    if (M > 0)
+      x16_matmul(x16_base(fmt), x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N, alongside);
     return out;
   }
   if (M > 0 && N > 0)
     qmatmul_impl(x.data_ptr<float>(), x.stride(0), M, wb, w.size(1) * w.element_size(), fmt, N, K, scale, b,
                  out.data_ptr<float>(), N);
   return out;
+}
+
+at::Tensor quant_matmul(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
+                        c10::optional<at::Tensor> bias) {
+  return quant_matmul_with(x, w, fmt, row_scale, bias, nullptr);
+}
+
+// quant_matmul, its threads pulling `count` spans of whole cache lines (`spans`: address, bytes; nullptr for
+// none) into the cache as they compute: the decoder's layer loop hands it the LoRA factors that the step's
+// fused LoRA call reads right after the matmul, so their reads overlap the matmul's arithmetic instead of
+// following it. Only the x16 layouts take the spans (their block loops pace them); the result is the same.
+at::Tensor quant_matmul_alongside(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
+                                  c10::optional<at::Tensor> bias, const int64_t* spans, int64_t count) {
+  Alongside side{spans, count, 0};
+  for (int64_t i = 0; i < count; ++i) side.bytes += spans[2 * i + 1];
+  return quant_matmul_with(x, w, fmt, row_scale, bias, spans != nullptr && count > 0 ? &side : nullptr);
 }
 
 // Rows `index` of w (format fmt, K columns) dequantised to fp32 [len(index), K]: embedding look-ups, and
@@ -501,8 +520,17 @@ void quant_read_ahead(const at::Tensor& w, int64_t fmt) {
   });
 }
 
-// quant_matmul's address, for the decoder's C++ layer loop (csrc/decode_layers.cpp) in the other extension
-int64_t quant_matmul_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_matmul)); }
+// quant_matmul_alongside with the spans as an int64 [n, 2] tensor of (address, bytes) (tests)
+at::Tensor quant_matmul_spans(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
+                              c10::optional<at::Tensor> bias, at::Tensor spans) {
+  TORCH_CHECK(spans.scalar_type() == at::kLong && spans.is_contiguous() && spans.dim() == 2 && spans.size(1) == 2,
+              "quant_matmul_spans: spans must be a contiguous int64 [n, 2] tensor");
+  return quant_matmul_alongside(x, w, fmt, row_scale, bias, spans.data_ptr<int64_t>(), spans.size(0));
+}
+
+// quant_matmul_alongside's address, for the decoder's C++ layer loop (csrc/decode_layers.cpp) in the other
+// extension
+int64_t quant_matmul_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_matmul_alongside)); }
 
 // quant_read_ahead's address, for the same loop
 int64_t quant_read_ahead_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_read_ahead)); }
@@ -515,7 +543,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("interleave", &x16_interleave, "Q8_0 / Q4_0 / Q4_1 / F32 / BF16 rows -> the 16-row interleaved layout (quant_x16.h)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("quant_matmul_entry", &quant_matmul_entry, "quant_matmul's address (for csrc/decode_layers.cpp)");
+  m.def("quant_matmul_spans", &quant_matmul_spans, "quant_matmul whose threads also pull (address, bytes) spans "
+        "into the cache (CPU; tests)", py::call_guard<py::gil_scoped_release>());
+  m.def("quant_matmul_entry", &quant_matmul_entry, "quant_matmul_alongside's address (for csrc/decode_layers.cpp)");
   m.def("quant_read_ahead_entry", &quant_read_ahead_entry,
         "quant_read_ahead's address (for csrc/decode_layers.cpp)");
   m.def("read_ahead", &quant_read_ahead, "start the pool's workers reading the start of their first chunks of an "

@@ -84,6 +84,49 @@ inline void x16_prefetch(const uint8_t* chunk, int64_t ahead, int j) {     // st
 #endif
 }
 
+// Memory a matmul's threads pull into the cache while they compute, for the work that comes right after it
+// (the decode loop's LoRA factors of the step's adapters: `quant_matmul_alongside`). `spans` holds (address,
+// bytes) pairs of whole cache lines; each row group g of the weight takes its share, bytes [total g / groups,
+// total (g + 1) / groups) of the spans laid end to end, a few lines per block of the group, so whichever
+// thread claims which groups, the lines arrive spread over the whole matmul. Only prefetches: a wrong address
+// cannot fault, and nothing the matmul computes changes.
+struct Alongside {
+  const int64_t* spans = nullptr;      // [count, 2] (address, bytes)
+  int64_t count = 0, bytes = 0;
+};
+
+class AlongsideCursor {
+ public:
+  // Group g of `groups`, whose loop makes `steps` calls of step().
+  AlongsideCursor(const Alongside* side, int64_t g, int64_t groups, int64_t steps) {
+    if (side == nullptr || side->bytes == 0) return;
+    spans_ = side->spans;
+    count_ = side->count;
+    int64_t at = side->bytes * g / groups;
+    left_ = side->bytes * (g + 1) / groups - at;
+    while (span_ < count_ && at >= spans_[2 * span_ + 1]) at -= spans_[2 * span_++ + 1];
+    offset_ = at & ~int64_t{63};
+    per_step_ = (left_ / 64 + steps) / steps;
+  }
+  inline void step() {
+#if defined(__SSE__)
+    for (int64_t k = 0; k < per_step_ && left_ > 0 && span_ < count_; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(spans_[2 * span_] + offset_), _MM_HINT_T1);
+      offset_ += 64;
+      left_ -= 64;
+      if (offset_ >= spans_[2 * span_ + 1]) {
+        ++span_;
+        offset_ = 0;
+      }
+    }
+#endif
+  }
+
+ private:
+  const int64_t* spans_ = nullptr;
+  int64_t count_ = 0, span_ = 0, offset_ = 0, left_ = 0, per_step_ = 0;
+};
+
 // F32 / BF16 chunks hold value j of row r at element j * 16 + r: V rows' value j (0..31) from lane group p.
 template <int64_t F>
 inline vf x16_plain_values(const uint8_t* qs, int j, int p) {
@@ -112,10 +155,11 @@ inline vf x16_values(const uint8_t* p) {
 // out[i][16g + r] for the R rows of x at x (row stride ldx), rows 16g.. of w; xsum[i * blocks + b] per row.
 template <int64_t F, int R>
 inline void x16_group(const float* x, int64_t ldx, const uint8_t* w, int64_t g, int64_t blocks,
-                      const float* xsum, vf* acc) {
+                      const float* xsum, vf* acc, AlongsideCursor& side) {
   constexpr int64_t CH = x16_chunk_bytes(F), SB = x16_scale_bytes(F);
   for (int i = 0; i < R * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
+    side.step();
     const uint8_t* chunk = w + (g * blocks + b) * CH;
     const uint8_t* qs = chunk + SB;
     vf lo[R][PX], hi[R][PX];
@@ -175,11 +219,12 @@ inline void x16_tile_rows(const vf (*tile)[PX], const vf* d, const vf* m, const 
 // result is the same bits whichever function computes it). acc holds M x PX vectors.
 template <int64_t F>
 inline void x16_group_tiled(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
-                            const float* xsum, vf* acc) {
+                            const float* xsum, vf* acc, AlongsideCursor& side) {
   constexpr int64_t CH = x16_chunk_bytes(F), SB = x16_scale_bytes(F);
   alignas(64) vf tile[32][PX];
   for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
+    side.step();
     const uint8_t* chunk = w + (g * blocks + b) * CH;
     const uint8_t* qs = chunk + SB;
     for (int j = 0; j < 16; ++j)
@@ -215,16 +260,16 @@ static_assert(MRX <= 8, "x16_rows has cases for 1..8 rows");
 
 template <int64_t F>
 void x16_rows(int rows, const float* x, int64_t ldx, const uint8_t* w, int64_t g, int64_t blocks,
-              const float* xsum, vf* acc) {
+              const float* xsum, vf* acc, AlongsideCursor& side) {
   switch (rows) {
-    case 1: x16_group<F, 1>(x, ldx, w, g, blocks, xsum, acc); break;
-    case 2: x16_group<F, 2>(x, ldx, w, g, blocks, xsum, acc); break;
-    case 3: x16_group<F, 3>(x, ldx, w, g, blocks, xsum, acc); break;     // the cases past MRX never run:
-    case 4: x16_group<F, 4>(x, ldx, w, g, blocks, xsum, acc); break;     // every count up to MRX has its
-    case 5: x16_group<F, 5>(x, ldx, w, g, blocks, xsum, acc); break;     // own case (a larger R would read
-    case 6: x16_group<F, 6>(x, ldx, w, g, blocks, xsum, acc); break;     // rows of x past the last one)
-    case 7: x16_group<F, 7>(x, ldx, w, g, blocks, xsum, acc); break;
-    default: x16_group<F, MRX>(x, ldx, w, g, blocks, xsum, acc); break;
+    case 1: x16_group<F, 1>(x, ldx, w, g, blocks, xsum, acc, side); break;
+    case 2: x16_group<F, 2>(x, ldx, w, g, blocks, xsum, acc, side); break;
+    case 3: x16_group<F, 3>(x, ldx, w, g, blocks, xsum, acc, side); break;     // the cases past MRX never run:
+    case 4: x16_group<F, 4>(x, ldx, w, g, blocks, xsum, acc, side); break;     // every count up to MRX has its
+    case 5: x16_group<F, 5>(x, ldx, w, g, blocks, xsum, acc, side); break;     // own case (a larger R would read
+    case 6: x16_group<F, 6>(x, ldx, w, g, blocks, xsum, acc, side); break;     // rows of x past the last one)
+    case 7: x16_group<F, 7>(x, ldx, w, g, blocks, xsum, acc, side); break;
+    default: x16_group<F, MRX>(x, ldx, w, g, blocks, xsum, acc, side); break;
   }
 }
 
@@ -255,11 +300,12 @@ inline void x16_plain_rows(const uint8_t* chunk, const float* xb, int64_t ldx, v
 // rows of x, measured best there; 4 KiB otherwise), the others read the chunk from L1.
 template <int64_t F>
 void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
-                     vf* acc) {
+                     vf* acc, AlongsideCursor& side) {
   constexpr int64_t CH = x16_chunk_bytes(F);
   const int64_t ahead = M <= 2 ? 8192 : 4096;
   for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
+    side.step();
     const uint8_t* chunk = w + (g * blocks + b) * CH;
     const float* xb = x + b * 32;
     int64_t i0 = 0;
@@ -284,7 +330,7 @@ void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, i
 
 // out [M, N] = x [M, K] @ W^T (+ bias) for an interleaved weight (N a multiple of 16, K of 32).
 void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K,
-                const float* bias, float* out, int64_t ldo) {
+                const float* bias, float* out, int64_t ldo, const Alongside* alongside = nullptr) {
   const int64_t blocks = K / 32, groups = N / kX16Rows;
   std::vector<float> xsum(fmt == Q4_1 ? M * blocks : 0);      // Q4_1's m multiplies each block's sum of x
   for (int64_t i = 0; fmt == Q4_1 && i < M; ++i)
@@ -296,26 +342,27 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
   const int64_t min_groups = M * N * K > (1 << 15) ? 2 : groups + 1;
   spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
     alignas(64) vf acc[MCHUNK * PX];
-    for (int64_t g = g_begin; g < g_end; ++g)
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      AlongsideCursor side(alongside, g, groups, blocks);        // its steps go with the first pass of rows
       for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
         const int rows = static_cast<int>(std::min<int64_t>(MCHUNK, M - m0));
         const float* xs = xsum.empty() ? nullptr : xsum.data() + m0 * blocks;
         const float* xm = x + m0 * ldx;
         if (fmt == F32) {
-          x16_plain_group<F32>(xm, ldx, rows, w, g, blocks, acc);
+          x16_plain_group<F32>(xm, ldx, rows, w, g, blocks, acc, side);
         } else if (fmt == BF16) {
-          x16_plain_group<BF16>(xm, ldx, rows, w, g, blocks, acc);
+          x16_plain_group<BF16>(xm, ldx, rows, w, g, blocks, acc, side);
         } else if (rows <= MRX) {
           switch (fmt) {
-            case Q8_0: x16_rows<Q8_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
-            case Q4_0: x16_rows<Q4_0>(rows, xm, ldx, w, g, blocks, xs, acc); break;
-            default: x16_rows<Q4_1>(rows, xm, ldx, w, g, blocks, xs, acc); break;
+            case Q8_0: x16_rows<Q8_0>(rows, xm, ldx, w, g, blocks, xs, acc, side); break;
+            case Q4_0: x16_rows<Q4_0>(rows, xm, ldx, w, g, blocks, xs, acc, side); break;
+            default: x16_rows<Q4_1>(rows, xm, ldx, w, g, blocks, xs, acc, side); break;
           }
         } else {
           switch (fmt) {
-            case Q8_0: x16_group_tiled<Q8_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
-            case Q4_0: x16_group_tiled<Q4_0>(xm, ldx, rows, w, g, blocks, xs, acc); break;
-            default: x16_group_tiled<Q4_1>(xm, ldx, rows, w, g, blocks, xs, acc); break;
+            case Q8_0: x16_group_tiled<Q8_0>(xm, ldx, rows, w, g, blocks, xs, acc, side); break;
+            case Q4_0: x16_group_tiled<Q4_0>(xm, ldx, rows, w, g, blocks, xs, acc, side); break;
+            default: x16_group_tiled<Q4_1>(xm, ldx, rows, w, g, blocks, xs, acc, side); break;
           }
         }
         for (int i = 0; i < rows; ++i)
@@ -326,6 +373,7 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
             vstore(o, v);
           }
       }
+    }
   }, min_groups);
 }
 

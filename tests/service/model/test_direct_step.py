@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adapters_core as ac
-from service.model import direct_step
+from service.model import cpu_ops, direct_step
 from service.model.config import ModelConfig
 from service.model.decoder import Decoder, StepPlan, StepSequence
 from service.model.quant_linear import QuantGroup, kernel
@@ -270,6 +270,45 @@ def test_reading_the_next_weight_ahead_changes_no_bit(fmt, monkeypatch):
     for (out, cache), (out2, cache2) in zip(results[False], results[True]):
         assert torch.equal(out, out2) and torch.equal(cache, cache2)
     assert not torch.equal(results[True][0][0], results[True][1][0]), "the adapter changes the output"
+
+
+@pytest.mark.parametrize("fmt", ["F32", "BF16", "I8"])
+def test_pulling_the_lora_factors_alongside_changes_no_bit(fmt, monkeypatch):
+    """The C++ loop hands each matmul the factors of the LoRA deltas that follow it (each adapter of the step
+    once) for its threads to pull into the cache (direct_step.FACTORS_ALONGSIDE): from the engine's kind of
+    thread, the same bits as without, for adapters of two ranks and dtypes side by side with base rows, on
+    interleaved weights (which take the spans) and int8 ones (which ignore them)."""
+    import threading
+
+    model = stored_model(fmt)
+    add(model, "one", lora(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), seed=1)
+    config = ac.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "up_proj", "down_proj"],
+                           init_lora_weights=False)
+    torch.manual_seed(2)
+    state = {k: torch.randn(v.shape) * 0.2 for k, v in ac.get_peft_model_state_dict(model, adapter_name="one").items()
+             if any(p in k for p in config.target_modules)}
+    state = {k: v[:2] if "lora_A" in k else v[:, :2] for k, v in state.items()}          # rank 2
+    ac.load_adapter(model, "unused", adapter_name="two", config=config, state_dict=state,
+                    factor_dtype=torch.bfloat16)                                         # held in bf16
+    assert model.model.layers[0].self_attn.q_proj.lora_A["two"].weight.dtype == torch.bfloat16
+    one, two = ac.adapter_slot(model, "one"), ac.adapter_slot(model, "two")
+    ops, flags = cpu_ops.kernel(), []
+    real_loop = ops.decode_layers
+    monkeypatch.setattr(ops, "decode_layers", lambda *args: flags.append(args[3]) or real_loop(*args))
+    results = {}
+
+    def steps():
+        for alongside in (False, True):
+            monkeypatch.setattr(direct_step, "FACTORS_ALONGSIDE", alongside)
+            results[alongside] = [decode_step(model, slots) for slots in ([one, two, 0, one], [two] * ROWS)]
+
+    thread = threading.Thread(target=steps)
+    thread.start()
+    thread.join(120)
+    assert set(results) == {False, True} and flags == [False, False, True, True], "the C++ loop, told each time"
+    for (out, cache), (out2, cache2) in zip(results[False], results[True]):
+        assert torch.equal(out, out2) and torch.equal(cache, cache2)
+    assert not torch.equal(results[True][0][0], results[True][1][0]), "the adapters change the output"
 
 
 def test_the_loops_kept_tables_follow_a_replaced_weight(monkeypatch):

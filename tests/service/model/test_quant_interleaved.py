@@ -172,6 +172,44 @@ def test_reading_ahead_between_matmuls_changes_no_bit():
     assert all(torch.equal(out, expected[i % len(weights)]) for i, out in enumerate(got))
 
 
+def test_pulling_spans_alongside_changes_no_bit():
+    """`quant_matmul_spans` (quant_matmul_alongside: the decoder's C++ loop hands each matmul the LoRA factors
+    the fused call after it reads, for the matmul's threads to pull into the cache as they go): every
+    interleaved format at 1, 5, 16 and 70 rows of x (the register, tile and multi-pass paths) gives the bits of
+    quant_matmul, on the process's first thread (OpenMP) and on another (the kernels' pool), with spans of a
+    live buffer, spans larger than the matmul has steps for, an address no page backs (a prefetch cannot
+    fault), and none; row-major weights take the spans and ignore them."""
+    import threading
+
+    module = build("native")
+    weights = [interleave(stored(fmt, 256, 512, seed=i), module) for i, fmt in enumerate(FORMATS)]
+    weights.append(stored("Q4_1", 256, 512, seed=11))                            # row-major: no spans taken
+    buffer = torch.randn(3 << 20)                                                # 12 MB of "factors"
+    base = buffer.data_ptr() & ~63
+    cases = [torch.tensor([[base, 64 << 10], [base + (1 << 20), 4 << 20]], dtype=torch.int64),
+             torch.tensor([[base, 12 << 20]], dtype=torch.int64),                # more lines than blocks x 16
+             torch.tensor([[4096, 1 << 20]], dtype=torch.int64),                 # unmapped: prefetched, no fault
+             torch.zeros(0, 2, dtype=torch.int64)]
+    xs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) for rows in (1, 5, 16, 70)]
+    expected = [[module.quant_matmul(x, w.data, w.kernel_id, None, None) for x in xs] for w in weights]
+
+    def check(got):
+        for w, want in zip(weights, expected):
+            for x, out in zip(xs, want):
+                for spans in cases:
+                    got.append(torch.equal(module.quant_matmul_spans(x, w.data, w.kernel_id, None, None, spans), out))
+
+    on_first, on_other = [], []
+    check(on_first)
+    thread = threading.Thread(target=check, args=(on_other,))
+    thread.start()
+    thread.join(120)
+    count = len(weights) * len(xs) * len(cases)
+    assert on_first == [True] * count and on_other == [True] * count
+    with pytest.raises(RuntimeError, match="int64 \\[n, 2\\]"):
+        module.quant_matmul_spans(xs[0], weights[0].data, weights[0].kernel_id, None, None, torch.zeros(4))
+
+
 def test_both_prefetch_hints_give_the_same_bits():
     """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs and not elsewhere (quant_x16.h), decided when
     the kernel loads; ADAPTER_SERVE_PREFETCH_NTA forces either, so both paths run here whatever the CPU: a hint,

@@ -1,0 +1,142 @@
+"""Decode steps of 16 sequences on 16 distinct LoRA adapters (`--sequences`) vs the base, and what pulling each step's LoRA
+factors into the cache alongside the matmul before them (`direct_step.FACTORS_ALONGSIDE`) changes.
+
+The base weights are served as `--weight-format` (fp32 / bf16: the embedded GGUF converted at load as the
+service's setting does; gguf: as stored, Q4_1 with a Q8_0 head), 16 adapters of rank `--rank` on all seven
+projections are held in bf16 (the peer benchmark's `--adapter-dtype bfloat16`). Each round runs 16 requests
+x `--new-tokens` on the base, then on the adapters with the alongside prefetch switched on and off at every
+other step, so both halves see the same moments of a memory system whose bandwidth moves by 10-20 % within a
+minute. Prints the median decode-step time of each, and adapters / base with and without. Usage:
+    .venv/bin/python bench/lora_alongside_bench.py [--weight-format fp32] [--rounds 5] [--rank 16] [--sequences 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import adapters_core as ac  # noqa: E402
+from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
+from service.model import direct_step  # noqa: E402
+from service.model.decoder import Decoder  # noqa: E402
+from service.model.gguf_loader import default_model_path, load_gguf  # noqa: E402
+from service.model.weight_format import store_weights  # noqa: E402
+
+PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_adapters(config, count: int, rank: int, directory: str) -> list[str]:
+    """PEFT-format folders of `count` random LoRA adapters (bf16 factors, all seven projections)."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv), "v_proj": (c.hidden_size, kv),
+              "o_proj": (q, c.hidden_size), "gate_proj": (c.hidden_size, c.intermediate_size),
+              "up_proj": (c.hidden_size, c.intermediate_size), "down_proj": (c.intermediate_size, c.hidden_size)}
+    paths = []
+    for a in range(count):
+        g = torch.Generator().manual_seed(a)
+        tensors = {}
+        for layer in range(c.num_hidden_layers):
+            for proj, parent in PARENTS.items():
+                fan_in, fan_out = shapes[proj]
+                key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+                tensors[key + ".lora_A.weight"] = (torch.randn(rank, fan_in, generator=g) * 0.02).bfloat16()
+                tensors[key + ".lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.02).bfloat16()
+        path = os.path.join(directory, f"a{a}")
+        os.makedirs(path)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as fh:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PARENTS),
+                       "base_model_name_or_path": "SmolLM2-135M-Instruct"}, fh)
+        paths.append(path)
+    return paths
+
+
+def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> dict[bool, list[float]]:
+    """Seconds of each decode step (prefill steps left out) of one run, keyed by FACTORS_ALONGSIDE; with
+    `alternate` the switch flips at every step, else it stays on."""
+    engine = Engine(model, EngineConfig(max_batch_size=len(prompts), max_seq_len=256, max_batch_tokens=1024,
+                                        prefill_chunk=256), eos_token_ids=eos)
+    engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)
+                     for p, a in zip(prompts, adapters)])                     # warm: stacks, cache, kernels
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for p, a in zip(prompts, adapters):
+        engine.submit(GenerationRequest(p, params, a), lambda event: None)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    last: list = [None]
+    engine.step_listeners.append(lambda stats: last.__setitem__(0, stats))
+    step = 0
+    try:
+        while engine.has_work():
+            mode = step % 2 == 0 if alternate else True
+            direct_step.FACTORS_ALONGSIDE = mode
+            start = time.perf_counter()
+            engine.step()
+            took = time.perf_counter() - start
+            stats = last[0]
+            if step >= 2 and stats is not None and stats.tokens == stats.sequences == len(prompts):  # decode rows
+                times[mode].append(took)
+            step += 1
+    finally:
+        direct_step.FACTORS_ALONGSIDE = True
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "gguf"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--sequences", type=int, default=16, help="sequences, each on an adapter of its own")
+    args = parser.parse_args()
+    loaded = load_gguf(default_model_path(), keep_stored=args.weight_format == "gguf")
+    if args.weight_format != "gguf":
+        store_weights(loaded, args.weight_format)
+    model = Decoder.from_state_dict(loaded.config, loaded.state_dict, stored=loaded.stored, max_positions=256)
+    tok = loaded.tokenizer
+    eos = sorted(tok.eos_token_ids)
+    n = args.sequences
+    prompts = [tok.encode(f"Write a short paragraph about topic number {i}.") for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for i, path in enumerate(write_adapters(loaded.config, n, args.rank, tmp)):
+            ac.load_adapter(model, path, adapter_name=f"a{i}", autocast_adapter_dtype=False,
+                            factor_dtype=torch.bfloat16)
+            names.append(f"a{i}")
+    base: list[float] = []
+    lora: dict[bool, list[float]] = {False: [], True: []}
+
+    def work():                               # the engine steps in a thread of its own: so does this
+        with torch.inference_mode():
+            for _ in range(args.rounds):
+                base.extend(decode_steps(model, prompts, [None] * n, args.new_tokens, eos, False)[True])
+                for mode, times in decode_steps(model, prompts, names, args.new_tokens, eos, True).items():
+                    lora[mode].extend(times)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    b = statistics.median(base)
+    off, on = statistics.median(lora[False]), statistics.median(lora[True])
+    print(f"weights {args.weight_format}, {n} sequences, {n} adapters r={args.rank} (bf16, all projections), "
+          f"{args.rounds} rounds; median decode step:")
+    print(f"  base                        {b * 1e3:7.2f} ms  ({len(base)} steps)")
+    print(f"  adapters, factors from memory  {off * 1e3:7.2f} ms  adapters / base {b / off:.3f}")
+    print(f"  adapters, factors alongside    {on * 1e3:7.2f} ms  adapters / base {b / on:.3f}")
+
+
+if __name__ == "__main__":
+    main()
