@@ -15,9 +15,10 @@
 // (engine's kind of thread), and to 0.82 with SwiGLU's e^-x vectorised (silu_mul.cpp). Each matmul before a LoRA
 // call gets that call's factors (`LoraDeltas::factors`, each adapter of the step once) for its threads to pull
 // into the cache as they compute (`quant_matmul_alongside`): the fused call then reads them from the cache, not
-// memory. bench/lora_alongside_bench.py on the Zen 4 (16 sequences on 16 bf16 r=16 adapters, all projections):
-// the LoRA calls 6.8 -> 3.7 ms a step on F32 weights and 6.3 -> 3.0 on Q4_1, whose matmuls slow by part of that
-// (F32 more: its 16-row matmuls read memory at ~16 GB/s of ~30 already), the step 41.59 -> 40.97 and 40.17 -> 38.58 ms.
+// memory. bench/lora_alongside_bench.py on the Zen 4 (16 sequences on 16 bf16 r=16 adapters, all projections,
+// the machine reading fast): the LoRA calls 6.3 -> 3.0 ms a step on Q4_1 weights, the step 40.17 -> 38.58 ms;
+// one sequence on one adapter 6.62 -> 6.39 ms (Q4_1), 21.11 -> 20.78 (F32). F32 / BF16 matmuls of more than
+// 2 rows take no spans (quant_x16.h's x16_matmul says why).
 #include <torch/extension.h>
 
 #include "ops.h"

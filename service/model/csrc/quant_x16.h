@@ -339,6 +339,13 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
       for (int j = 0; j < 32; ++j) s += x[i * ldx + b * 32 + j];
       xsum[i * blocks + b] = s;
     }
+  // F32 / BF16 weights at more than 2 rows of x take no spans: their matmuls already draw on the memory at a
+  // good part of its rate (4-8x Q4_1's bytes), and the factors' reads competed with the weights' there. On the
+  // Zen 4 with 16 sequences on 16 adapters (bench/lora_alongside_bench.py), alongside vs not, F32: 40.97 vs
+  // 41.59 and 41.36 vs 42.20 ms a step while the machine read fast, 46.96 vs 46.21 and 45.50 vs 44.36 while it
+  // read slowly; Q4_1 (dequantisation-bound at 16 rows) 38.58 vs 40.17 and 44.63 vs 44.63; one sequence on one
+  // adapter gained in both states (F32 20.78 vs 21.11 and 20.40 vs 20.73, Q4_1 6.39 vs 6.62 and 7.55 vs 7.92).
+  if (x16_plain(fmt) && M > 2) alongside = nullptr;
   const int64_t min_groups = M * N * K > (1 << 15) ? 2 : groups + 1;
   spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
     alignas(64) vf acc[MCHUNK * PX];

@@ -172,16 +172,18 @@ def test_reading_ahead_between_matmuls_changes_no_bit():
     assert all(torch.equal(out, expected[i % len(weights)]) for i, out in enumerate(got))
 
 
-def test_pulling_spans_alongside_changes_no_bit():
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_pulling_spans_alongside_changes_no_bit(arch):
     """`quant_matmul_spans` (quant_matmul_alongside: the decoder's C++ loop hands each matmul the LoRA factors
     the fused call after it reads, for the matmul's threads to pull into the cache as they go): every
     interleaved format at 1, 5, 16 and 70 rows of x (the register, tile and multi-pass paths) gives the bits of
     quant_matmul, on the process's first thread (OpenMP) and on another (the kernels' pool), with spans of a
     live buffer, spans larger than the matmul has steps for, an address no page backs (a prefetch cannot
-    fault), and none; row-major weights take the spans and ignore them."""
+    fault), and none (F32 / BF16 past 2 rows of x drop them); row-major weights take the spans and ignore them,
+    with every build this CPU runs."""
     import threading
 
-    module = build("native")
+    module = build(arch)
     weights = [interleave(stored(fmt, 256, 512, seed=i), module) for i, fmt in enumerate(FORMATS)]
     weights.append(stored("Q4_1", 256, 512, seed=11))                            # row-major: no spans taken
     buffer = torch.randn(3 << 20)                                                # 12 MB of "factors"
