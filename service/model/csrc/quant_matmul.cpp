@@ -525,6 +525,8 @@ at::Tensor quant_matmul_spans(at::Tensor x, at::Tensor w, int64_t fmt, c10::opti
                               c10::optional<at::Tensor> bias, at::Tensor spans) {
   TORCH_CHECK(spans.scalar_type() == at::kLong && spans.is_contiguous() && spans.dim() == 2 && spans.size(1) == 2,
               "quant_matmul_spans: spans must be a contiguous int64 [n, 2] tensor");
+  TORCH_CHECK(spans.numel() == 0 || spans.select(1, 1).min().item<int64_t>() >= 0,
+              "quant_matmul_spans: a span's bytes must not be negative");
   return quant_matmul_alongside(x, w, fmt, row_scale, bias, spans.data_ptr<int64_t>(), spans.size(0));
 }
 

@@ -99,7 +99,7 @@ class AlongsideCursor {
  public:
   // Group g of `groups`, whose loop makes `steps` calls of step().
   AlongsideCursor(const Alongside* side, int64_t g, int64_t groups, int64_t steps) {
-    if (side == nullptr || side->bytes == 0) return;
+    if (side == nullptr || side->bytes <= 0) return;
     spans_ = side->spans;
     count_ = side->count;
     int64_t at = side->bytes * g / groups;

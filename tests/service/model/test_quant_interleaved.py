@@ -210,6 +210,9 @@ def test_pulling_spans_alongside_changes_no_bit(arch):
     assert on_first == [True] * count and on_other == [True] * count
     with pytest.raises(RuntimeError, match="int64 \\[n, 2\\]"):
         module.quant_matmul_spans(xs[0], weights[0].data, weights[0].kernel_id, None, None, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="must not be negative"):
+        module.quant_matmul_spans(xs[0], weights[0].data, weights[0].kernel_id, None, None,
+                                  torch.tensor([[base, -64]], dtype=torch.int64))
 
 
 def test_both_prefetch_hints_give_the_same_bits():
