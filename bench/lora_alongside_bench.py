@@ -1,12 +1,12 @@
-"""Decode steps of 16 sequences on 16 distinct LoRA adapters (`--sequences`) vs the base, and what pulling each step's LoRA
-factors into the cache alongside the matmul before them (`direct_step.FACTORS_ALONGSIDE`) changes.
+"""Decode steps of sequences each on a LoRA adapter of its own (16 by default) vs the base, and what fetching
+each step's LoRA factors into the cache alongside the matmul before them (`direct_step.FACTORS_ALONGSIDE`) changes.
 
 The base weights are served as `--weight-format` (fp32 / bf16: the embedded GGUF converted at load as the
-service's setting does; gguf: as stored, Q4_1 with a Q8_0 head), 16 adapters of rank `--rank` on all seven
-projections are held in bf16 (the peer benchmark's `--adapter-dtype bfloat16`). Each round runs 16 requests
-x `--new-tokens` on the base, then on the adapters with the alongside prefetch switched on and off at every
-other step, so both halves see the same moments of a memory system whose bandwidth moves by 10-20 % within a
-minute. Prints the median decode-step time of each, and adapters / base with and without. Usage:
+service's setting does; gguf: as stored, Q4_1 with a Q8_0 head); `--sequences` adapters of rank `--rank` on all
+seven projections are held in bf16 (the peer benchmark's `--adapter-dtype bfloat16`). Each round runs the
+requests x `--new-tokens` on the base, then on the adapters with the alongside prefetch switched on and off at
+every other step, so both halves see the same moments of a memory system whose bandwidth moves by 10-20 %
+within a minute. Prints the median decode-step time of each, and adapters / base with and without. Usage:
     .venv/bin/python bench/lora_alongside_bench.py [--weight-format fp32] [--rounds 5] [--rank 16] [--sequences 16]
 """
 
