@@ -151,8 +151,9 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
         gate = getattr(model, "step_gate", None)          # others may evict adapters meanwhile (step_gate.py)
         with gate.opened() if gate is not None else contextlib.nullcontext():
             ahead = qm.quant_read_ahead_entry() if READ_AHEAD and hasattr(qm, "quant_read_ahead_entry") else 0
-            return ops.decode_layers(x, qm.quant_matmul_entry(), ahead, FACTORS_ALONGSIDE, *tables, cos, sin, cache.k, cache.v,
-                                     tokens, slots, last, model.config.head_dim ** -0.5, *lora, chunks)
+            return ops.decode_layers(x, qm.quant_matmul_entry(), ahead, FACTORS_ALONGSIDE, *tables, cos, sin,
+                                     cache.k, cache.v, tokens, slots, last, model.config.head_dim ** -0.5, *lora,
+                                     chunks)
     for w in works:
         layer = w.layer
         attn = layer.self_attn
