@@ -9,6 +9,7 @@
 // token also multiplies the shrink's output h (a request's adapter_scale).
 #include <torch/extension.h>
 
+#include "lora_table.h"
 #include "spin_pool.h"
 
 #include <algorithm>
@@ -22,9 +23,7 @@
 
 namespace {
 
-// The columns of a table row (int64 each); a row of zeros is "no adapter in this slot".
-enum Column : int64_t { kA = 0, kB, kScale, kRank, kDtype, kIn, kOut, kColumns };
-enum Dtype : int64_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+using namespace lora_table;         // the table rows' columns and dtype codes
 
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
@@ -165,7 +164,7 @@ inline void lora_row(const float* xf, const int64_t* row, const float* tok_scale
   const float* rank_scale = reinterpret_cast<const float*>(row[kScale]);
 #ifdef SGMV_AVX512
   if constexpr (!std::is_same<wt, double>::value && !std::is_same<rt, double>::value) {
-    const int64_t elem = next_row[kDtype] == kFloat ? 4 : 2;
+    const int64_t elem = element_bytes(next_row[kDtype]);
     Prefetcher pf{reinterpret_cast<const char*>(next_row[kA]), next_row[kRank] * next_row[kIn] * elem,
                   reinterpret_cast<const char*>(next_row[kB]), next_row[kRank] * next_row[kOut] * elem};
     lora_row_avx512<wt, rt>(xf, a, bt, rank_scale, tok_scale, rg, in, row[kRank], out_features, h, pf);
@@ -337,7 +336,7 @@ std::vector<bool> unpack_(torch::Tensor src, std::vector<torch::Tensor> dsts, st
                 "unpack_: destinations must be contiguous fp32 / bf16 / fp16 CPU tensors");
     TORCH_CHECK(codes[i] >= kFloat && codes[i] <= kHalf, "unpack_: unknown dtype code ", codes[i]);
     TORCH_CHECK(!transposed[i] || dst.dim() == 2, "unpack_: a transposed destination must be 2-D");
-    const int64_t n = dst.numel(), size = codes[i] == kFloat ? 4 : 2;
+    const int64_t n = dst.numel(), size = element_bytes(codes[i]);
     TORCH_CHECK(offsets[i] >= 0 && offsets[i] + n * size <= src.numel(), "unpack_: tensor ", i,
                 " lies outside the buffer");
     const uint8_t* p = base + offsets[i];

@@ -21,6 +21,7 @@
 // 2 rows take no spans (quant_x16.h's x16_matmul says why).
 #include <torch/extension.h>
 
+#include "lora_table.h"
 #include "ops.h"
 
 #include <algorithm>
@@ -37,8 +38,6 @@ using ReadAhead = void (*)(const at::Tensor&, int64_t);
 constexpr int kTensorsPerLayer = 14;   // in_norm, post_norm, then (data, row_scale, bias) x qkv, o, gate_up, down
 constexpr int kIntsPerLayer = 4;       // kernel format ids of qkv, o, gate_up, down
 constexpr int kLoraPerLayer = 7;       // LoRA slot tables of q, k, v, o, gate, up, down (None: no delta)
-// A slot table's columns (adapters_core/csrc/sgmv.cpp's Column): A, Bt, scale rows, rank, dtype, in, out.
-constexpr int64_t kA = 0, kB = 1, kRank = 3, kDtype = 4, kIn = 5, kOut = 6, kTableColumns = 7;
 
 using LoraAdd = void (*)(std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, at::Tensor,
                          c10::optional<at::Tensor>);
@@ -86,9 +85,10 @@ struct LoraDeltas {
       for (int column : columns) {
         const auto& table = tables[layer * kLoraPerLayer + column];
         if (!table.has_value() || sp[g] < 0 || sp[g] >= table->size(0)) continue;
-        const int64_t* row = table->data_ptr<int64_t>() + sp[g] * kTableColumns;
+        using namespace lora_table;
+        const int64_t* row = table->data_ptr<int64_t>() + sp[g] * kColumns;
         if (row[kRank] <= 0) continue;
-        const int64_t elem = row[kDtype] == 0 ? 4 : 2;                 // fp32, else bf16 / fp16
+        const int64_t elem = element_bytes(row[kDtype]);
         for (const auto [address, bytes] : {std::pair{row[kA], row[kRank] * row[kIn] * elem},
                                             std::pair{row[kB], row[kRank] * row[kOut] * elem}}) {
           const int64_t first = address & ~int64_t{63}, end = (address + bytes + 63) & ~int64_t{63};
