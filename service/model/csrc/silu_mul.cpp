@@ -7,10 +7,6 @@
 #include "ops.h"
 #include "spin_pool.h"
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
 namespace {
 
 template <typename T>
