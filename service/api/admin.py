@@ -11,8 +11,9 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
 from .deps import AdminCaller, StateDep
+from .json_route import JsonRoute
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 _FILE = {"type": "string", "format": "binary"}
 # The upload is read with `request.form()` (so size limits apply while parsing); this documents the form.

@@ -16,8 +16,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
 from .deps import MISSING_KEY, StateDep, _bearer
+from .json_route import JsonRoute
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 STATIC = Path(__file__).resolve().parents[1] / "console"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}

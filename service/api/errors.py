@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import adapters_core as ac
 from service.engine.engine import QueueFullError
+from service.json_nesting import TooDeep
 from service.logs import escape_control
 from service.model.chat_template import ChatTemplateError
 from service.registry import RegistryError
@@ -91,6 +92,7 @@ INPUT_ERRORS = {
     re.error: (422, lambda e: f"invalid regular expression {shown(str(e.pattern))}: {e}"
                if isinstance(getattr(e, "pattern", None), str) else f"invalid regular expression: {e}"),
     RecursionError: (422, lambda e: "the input nests too deeply (JSON objects or lists inside each other)"),
+    TooDeep: (422, str),
     UnicodeError: (400, lambda e: f"the input is not valid Unicode text ({type(e).__name__}: {e.reason})"
                    if hasattr(e, "reason") else f"the input is not valid Unicode text: {e}"),
     ChatTemplateError: (400, str),

@@ -13,8 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .deps import MetricsCaller, StateDep, metrics_caller
 from .errors import error_response
+from .json_route import JsonRoute
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 PROMETHEUS = {200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}}
 
 

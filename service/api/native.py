@@ -21,12 +21,13 @@ from service.registry import GenerationFailed
 
 from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect
+from .json_route import JsonRoute
 from .prompts import encode_prompt, max_prompt_bytes, text_bytes
 from .tgi_output import Output, info as info_body
 from .tgi_adapters import resolve_target
 from .tgi_params import GenerateRequest, refuse_unsupported, sampling
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 SSE = {200: {"content": {"text/event-stream": {}}}}     # streaming routes answer with server-sent events
 STOPPED = "the server stopped this request (it is shutting down); retry"
 

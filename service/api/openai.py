@@ -28,13 +28,14 @@ from service.model.chat_template import uses_variable
 from .deps import InferenceCaller, State, StateDep
 from .disconnect import cancel_on_disconnect
 from .errors import MAX_SHOWN, shown
+from .json_route import JsonRoute
 from .logprobs import TokenText, joined
 from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Common, check_chat, check_completion,
                               choice_seed, content_text, sampling_params)
 from .prompts import encode_chat, encode_prompt
 from .tool_calls import parses_tool_calls, tool_calls
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
 
 

@@ -14,8 +14,9 @@ import time
 from fastapi import APIRouter
 
 from .deps import MetricsCaller, StateDep
+from .json_route import JsonRoute
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 RECENT_ERRORS = 20
 
 

@@ -13,11 +13,12 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .deps import InferenceCaller, StateDep
+from .json_route import JsonRoute
 from .openai import resolve_adapter
 from .openai_requests import Message, content_text
 from .prompts import _check_size, encode_chat, text_bytes
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 class TokenizeRequest(BaseModel):

@@ -13,6 +13,8 @@ import re
 import uuid
 from typing import Optional
 
+from service.json_nesting import check_depth
+
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
@@ -25,6 +27,7 @@ def tool_calls(text: str) -> tuple[Optional[str], list[dict]]:
     calls = []
     for match in HERMES.finditer(text):
         try:
+            check_depth(match.group(1))           # TooDeep is a ValueError: such text is no call
             call = json.loads(match.group(1))
         except ValueError:
             return text, []

@@ -29,6 +29,8 @@ import llguidance
 import numpy as np
 import torch
 
+from service.json_nesting import TooDeep, check_depth
+
 # JSON output without free whitespace (a schema's "x-guidance" options may still override these).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_CACHED_GRAMMARS = 256
@@ -49,7 +51,10 @@ class Constraint:
         """A JSON schema given as an object (or `true`, any value), or as JSON text (TGI and vLLM accept both)."""
         if isinstance(schema, str):
             try:
+                check_depth(schema)
                 schema = json.loads(schema)
+            except TooDeep as exc:
+                raise ValueError(f"{field}: {exc}") from None
             except ValueError as exc:
                 raise ValueError(f"{field}: not valid JSON ({exc})") from None
         if schema is True:                     # JSON Schema's `true`: any value, as the empty schema

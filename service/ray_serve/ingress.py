@@ -27,6 +27,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from service.json_nesting import check_depth
+
 from .forward import ForwardedRequest, response_headers
 
 log = logging.getLogger("adapter_serve.ray")
@@ -47,6 +49,7 @@ def adapter_of(method: str, path: str, body: bytes, base_model: Optional[str]) -
     if method != "POST" or field is None or not body:
         return None
     try:
+        check_depth(body)                          # TooDeep is a ValueError: the replica answers it
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None

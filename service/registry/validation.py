@@ -36,6 +36,7 @@ from torch import nn
 import adapters_core as ac
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
+from service.json_nesting import TooDeep, check_depth
 
 from .errors import Invalid, TooLarge
 
@@ -66,11 +67,13 @@ def parse_config(raw: bytes) -> ac.AdapterConfig:
     """`adapter_config.json` bytes -> config: valid JSON (400), finite numbers, a kind and features
     `adapters_core` supports and a bounded LoRA scaling (422)."""
     try:
+        check_depth(raw)
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Invalid(f"{CONFIG_NAME} is not valid JSON: {exc}", status=400) from exc
-    except RecursionError:
-        raise Invalid(f"{CONFIG_NAME} is nested too deeply to be an adapter config", status=400) from None
+    except (TooDeep, RecursionError) as exc:
+        raise Invalid(f"{CONFIG_NAME} is nested too deeply to be an adapter config: "
+                      f"{exc if isinstance(exc, TooDeep) else 'over the parser limit'}", status=400) from None
     check_numbers(data)
     try:
         config = ac.config_from_dict(data)

@@ -157,10 +157,23 @@ def test_a_deeply_nested_config_is_a_4xx(live):
     nested = "[" * 100_000 + "]" * 100_000
     raw = json.dumps(live.config)[:-1] + f', "deep": {nested}}}'
     r = upload(live.url, "deep", raw.encode(), live.weights)
-    assert r.status_code in (400, 422), r.text
-    error(r, r.status_code)
+    error(r, 400, "nested too deeply", "100001 levels deep", "at most 128")
     r = post(live, "/v1/completions", '{"model": "tiny-llama", "prompt": ' + nested + '}')
-    assert 400 <= r.status_code < 500 and r.json()["error"], r.text
+    error(r, 422, "100001 levels deep", "at most 128")
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/generate", "/tokenize",
+                                   "/admin/adapters/ref/activate"])
+def test_a_body_one_level_past_the_limit_is_refused_before_it_is_parsed(live, route):
+    deep = "[" * 128 + "]" * 128                                                           # 129 with the object
+    error(post(live, route, '{"model": "tiny-llama", "x": ' + deep + '}'), 422, "129 levels deep", "at most 128")
+    r = post(live, route, '{"model": "tiny-llama", "x": ' + "[" * 127 + "]" * 127 + '}')   # 128 with the object
+    assert "levels deep" not in r.text, r.text
+
+
+def test_brackets_inside_strings_are_text_not_nesting(live):
+    r = completion(live, prompt="[[", stop=["{" * 150])
+    assert r.status_code == 200, r.text
 
 
 def test_chat_content_null_is_a_422_for_a_user_and_empty_for_an_assistant(live):

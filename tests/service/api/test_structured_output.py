@@ -149,6 +149,7 @@ def test_tgi_grammar_with_text_generation_and_huggingface_hub_and_lorax_response
      "response_format.json_schema.schema: invalid or unsupported JSON schema: Unimplemented keys"),
     ("completions", {"guided_regex": "[a-"}, "guided_regex: invalid or unsupported regular expression"),
     ("completions", {"guided_json": "{not json"}, "guided_json: not valid JSON"),
+    ("completions", {"guided_json": '{"a": ' * 200 + "1" + "}" * 200}, "guided_json: the JSON nests 200 levels"),
     ("completions", {"guided_choice": []}, "guided_choice: must be a non-empty list"),
     ("completions", {"guided_grammar": "start: undefined_rule"}, "guided_grammar: invalid or unsupported grammar"),
     ("completions", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex and guided_choice"),

@@ -37,7 +37,8 @@ def test_hermes_blocks_parse_into_openai_tool_calls():
     assert calls[0]["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
     assert tool_calls('<tool_call>{"name": "f", "arguments": "{}"}</tool_call>')[0] is None
     for text in ("no call here", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
-                 '<tool_call>{"name": "f"'):
+                 '<tool_call>{"name": "f"', '<tool_call>{"name": "f", "arguments": ' + "[" * 5000 + "]" * 5000
+                 + "}</tool_call>"):
         assert tool_calls(text) == (text, [])
 
 
