@@ -47,3 +47,21 @@ def test_the_limit_is_inclusive_and_the_refusal_says_both_numbers():
     check_depth(json.dumps([[i] for i in range(10_000)]))           # many brackets, two levels
     with pytest.raises(TooDeep):
         check_depth(b"{\"a\": " * 200 + b"1" + b"}" * 200)
+
+
+def test_every_api_route_measures_its_body_first():
+    from fastapi.routing import APIRoute
+
+    from service.api.json_route import JsonRoute
+    from service.app import create_app
+    from service.settings import Settings
+
+    def api_routes(routes) -> list:          # FastAPI >= 0.16x keeps an included router whole, older copies its routes
+        out = []
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            out += api_routes(inner.routes) if inner is not None else [route] if isinstance(route, APIRoute) else []
+        return out
+
+    routes = api_routes(create_app(Settings()).routes)
+    assert len(routes) > 20 and not [r.path for r in routes if not isinstance(r, JsonRoute)]
