@@ -1,0 +1,137 @@
+"""`save_packed` / `map_packed`: an adapter's packed tensors kept in a file in the layout they are served in, and
+mapped back into memory without a copy.
+
+`read_packed_safetensors` puts a PEFT file's tensors into fresh buffers as the stacks read them (each LoRA B
+transposed, factors cast to the server's adapter dtype): every load copies each byte, faults in fresh pages
+and transposes B. A server that loads the same adapters again and again (thousands registered, a few hundred
+resident) can instead keep that result in a file of its own and map it: the pages are the kernel's page cache,
+shared, mapped without a copy, and freed by the kernel, not the heap. The file is a safetensors file (any
+safetensors reader opens it): each tensor as held, a B factor stored as its Bt [r, out] (listed in the metadata
+under `transposed`), the data starting at a 64-byte boundary, with the caller's metadata (what the file was
+made from). The mapping is private and writable, so a write into a mapped tensor (nothing in the serving path
+writes factors) copies its page instead of reaching the file or faulting; its pages are filled at once where
+the kernel has `MADV_POPULATE_READ` (Linux 5.14), otherwise they are read ahead and fault in on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import uuid
+from typing import Optional
+
+import torch
+
+FORMAT = "adapters_core packed"
+ALIGN = 64
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)      # Linux >= 5.14
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+
+
+def save_packed(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` (CPU; each contiguous, or the transpose of a contiguous 2-D storage as a packed LoRA B is)
+    to `path`: written beside it, fsynced and renamed into place, so a reader finds the whole file or none."""
+    stored, transposed = {}, []
+    for key, t in tensors.items():
+        if t.dtype not in _CODES or t.device.type != "cpu":
+            raise ValueError(f"{key}: a {t.dtype} tensor on {t.device} cannot be saved packed")
+        if not t.is_contiguous() and t.dim() == 2 and t.T.is_contiguous():
+            t = t.T
+            transposed.append(key)
+        stored[key] = t.contiguous()
+    header: dict = {"__metadata__": {**metadata, "format": FORMAT, "transposed": json.dumps(transposed)}}
+    offset = 0
+    # wider dtypes first (each tensor aligned), each dtype's tensors together (`map_packed` splits them at once)
+    for key in sorted(stored, key=lambda k: (-stored[k].element_size(), _CODES[stored[k].dtype])):
+        size = stored[key].numel() * stored[key].element_size()
+        header[key] = {"dtype": _CODES[stored[key].dtype], "shape": list(stored[key].shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    header = {"__metadata__": header["__metadata__"], **{k: header[k] for k in stored}}   # the tensors' order
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)                   # safetensors allows trailing spaces
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(text)) + text)
+            for key in sorted(stored, key=lambda k: header[k]["data_offsets"][0]):
+                t = stored[key]
+                if t.numel():
+                    fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the tensors `save_packed` wrote, in its order and layout, sharing one private mapping of the file; its
+    metadata). Raises OSError when the file cannot be read and ValueError when it is not a whole packed file."""
+    fd = os.open(path, os.O_RDONLY)              # few calls that drop the GIL: a loader shares it with a server
+    try:
+        mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        mapped.madvise(MADV_POPULATE_READ)                        # page tables filled now, pages still shared
+    except OSError:
+        mapped.madvise(mmap.MADV_WILLNEED)
+    length = len(mapped)
+    if length < 8:
+        raise ValueError(f"{path}: shorter than a safetensors header")
+    (header_len,) = struct.unpack_from("<Q", mapped, 0)
+    if header_len > min(length - 8, 1 << 24):
+        raise ValueError(f"{path}: header length {header_len} does not fit the file")
+    header = json.loads(mapped[8:8 + header_len])
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a packed adapter file")
+    base = 8 + header_len
+    end = base + max((e["data_offsets"][1] for e in header.values()), default=0)
+    if end != length:
+        raise ValueError(f"{path}: {length} bytes, its header says {end}")
+    data = torch.frombuffer(mapped, dtype=torch.uint8)            # [length]; holds the mapping open
+    transposed = set(json.loads(metadata.get("transposed", "[]")))
+    runs: dict[str, list] = {}                                    # dtype -> its tensors' (start, key, shape)
+    for key, entry in header.items():
+        runs.setdefault(entry["dtype"], []).append((entry["data_offsets"][0], key, tuple(entry["shape"])))
+    flat = {}
+    for code, run in runs.items():                                # one view and one split per dtype
+        dtype = _DTYPES[code]
+        run.sort()
+        numels = [math.prod(shape) for _, _, shape in run]
+        start = stop = run[0][0]
+        for (at, key, _), numel in zip(run, numels):
+            if at != stop:
+                raise ValueError(f"{path}: {key} is not where the {code} tensors before it end")
+            stop += numel * dtype.itemsize
+        if start % dtype.itemsize or stop > length - base:
+            raise ValueError(f"{path}: the {code} tensors do not fit the file")
+        parts = data[base + start:base + stop].view(dtype).split(numels)   # [numel] each, in file order
+        flat.update((key, (part, shape)) for (_, key, shape), part in zip(run, parts))
+    out = {}
+    for key in header:                                            # the saved order
+        part, shape = flat[key]
+        out[key] = part.view(shape).T if key in transposed else part.view(shape)   # a B: Bt [r, out] stored
+    return out, metadata
+
+
+def source_identity(path: str) -> Optional[str]:
+    """The file's device, inode, size and modification time as one string (None when it is missing): what a
+    packed file records of the file it was made from, so a file replaced or rewritten since is noticed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"

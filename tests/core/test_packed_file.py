@@ -1,0 +1,114 @@
+"""`save_packed` / `map_packed`: an adapter's packed tensors (`read_packed_safetensors`'s output, LoRA B held
+transposed) saved in that layout and mapped back equal in keys, order, shapes, dtypes, values and strides; the
+file is a safetensors file any reader opens, with its data 64-byte aligned; a write into a mapped tensor copies
+its page and leaves the file alone; malformed, truncated or foreign files are refused."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from adapters_core.packed_file import ALIGN, map_packed, save_packed, source_identity
+from adapters_core.packed_read import read_packed_safetensors
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"m.q.lora_A.weight": torch.randn(4, 12, generator=g),
+            "m.q.lora_B.weight": torch.randn(10, 4, generator=g),
+            "m.v.lora_A.weight": torch.randn(8, 12, generator=g).bfloat16(),
+            "m.v.lora_B.weight": torch.randn(6, 8, generator=g).bfloat16(),
+            "m.e.lora_embedding_B": torch.randn(6, 4, generator=g).half(),
+            "m.e.lora_embedding_A": torch.randn(4, 20, generator=g).half(),
+            "m.k.lora_B": torch.randn(8, 3, generator=g),
+            "m.k.lora_E": torch.randn(3, 1, generator=g),
+            "m.ia3.ia3_l": torch.randn(12, generator=g),
+            "m.norm.weight": torch.randn(12, generator=g).double(),
+            "m.flag": torch.tensor([True, False, True]),
+            "m.empty.lora_A.weight": torch.zeros(0, 12)}
+
+
+@pytest.fixture
+def packed(tmp_path):
+    source = os.path.join(tmp_path, "adapter_model.safetensors")
+    save_file(_tensors(), source)
+    return read_packed_safetensors(source, torch.bfloat16)[0]
+
+
+def test_mapped_tensors_equal_the_packed_ones(tmp_path, packed):
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, packed, {"source": "x", "file_bytes": "12"})
+    got, metadata = map_packed(path)
+    assert list(got) == list(packed) and metadata["source"] == "x" and metadata["file_bytes"] == "12"
+    for key, want in packed.items():
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        assert got[key].stride() == want.stride() and torch.equal(got[key], want), key
+    assert not got["m.q.lora_B.weight"].is_contiguous() and got["m.q.lora_B.weight"].T.is_contiguous()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_the_file_is_safetensors_with_aligned_data(tmp_path, packed):
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, packed, {})
+    with safe_open(path, framework="pt") as f:
+        transposed = set(json.loads(f.metadata()["transposed"]))
+        assert transposed == {"m.q.lora_B.weight", "m.v.lora_B.weight", "m.e.lora_embedding_B", "m.k.lora_B"}
+        for key, want in packed.items():
+            stored = f.get_tensor(key)
+            assert torch.equal(stored.T if key in transposed else stored, want), key
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+    assert (8 + header_len) % ALIGN == 0
+
+
+def test_a_write_into_a_mapped_tensor_stays_in_the_process(tmp_path, packed):
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, packed, {})
+    before = open(path, "rb").read()
+    got, _ = map_packed(path)
+    got["m.q.lora_A.weight"].add_(1.0)
+    assert open(path, "rb").read() == before
+    assert torch.equal(map_packed(path)[0]["m.q.lora_A.weight"], packed["m.q.lora_A.weight"])
+
+
+def test_malformed_truncated_and_foreign_files_are_refused(tmp_path, packed):
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, packed, {})
+    data = open(path, "rb").read()
+    foreign = os.path.join(tmp_path, "plain.safetensors")
+    save_file({"a": torch.ones(2)}, foreign)
+    for broken in (data[:-2], data[:20], data[:4], b"", b"\xff" * 8 + data[8:], data + b"\0\0",
+                   open(foreign, "rb").read()):
+        with open(path, "wb") as fh:
+            fh.write(broken)
+        with pytest.raises(ValueError):
+            map_packed(path)
+    with pytest.raises(FileNotFoundError):
+        map_packed(os.path.join(tmp_path, "missing"))
+
+
+def test_a_gap_between_tensors_is_refused(tmp_path):
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, {"a": torch.ones(4), "b": torch.ones(4)}, {})
+    data = bytearray(open(path, "rb").read())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    header["b"]["data_offsets"] = [header["b"]["data_offsets"][0] + 4, header["b"]["data_offsets"][1] + 4]
+    text = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text + data[8 + header_len:] + b"\0" * 4)
+    with pytest.raises(ValueError, match="not where"):
+        map_packed(path)
+
+
+def test_the_source_identity_changes_with_the_file(tmp_path):
+    path = os.path.join(tmp_path, "f")
+    assert source_identity(path) is None
+    open(path, "wb").write(b"one")
+    first = source_identity(path)
+    os.replace(os.path.join(tmp_path, "f"), os.path.join(tmp_path, "g"))
+    open(path, "wb").write(b"two")
+    assert source_identity(path) != first
