@@ -71,7 +71,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
                                events=metrics, reserved_names=(model_id,),
                                hub_timeout=settings.hub_timeout, max_merged_adapters=settings.max_merged_adapters,
                                memory_budget=settings.adapter_memory_budget, adapter_dtype=settings.adapter_dtype,
-                               step_gate=engine.gate, loader_nice=settings.loader_nice)
+                               step_gate=engine.gate, loader_nice=settings.loader_nice,
+                               served_files=settings.adapter_served_files)
     metrics.watch_adapters(registry.max_device_adapters, registry.list)
     generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)
     return State(settings, loaded, engine, registry, generator, metrics, model_id)

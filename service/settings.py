@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     # host whose other work should come first; 0 (measured best here: nice 10 left tokens/s the same and made
     # loads wait longer) keeps them at the process's priority
     loader_nice: int = Field(0, ge=0, le=19)
+    # CPU serving: after an adapter's first load, its tensors as held (cast, LoRA B transposed) are written
+    # beside its files in the store (`served.<adapter_dtype>.safetensors`, about the size of its weights in
+    # adapter_dtype) and later loads map that file instead of reading and converting the PEFT file; false:
+    # every load reads the PEFT file (a store on a read-only volume needs nothing: the write is skipped)
+    adapter_served_files: bool = True
     # Python's full garbage collections run beside a step's C++ loop when one is due (survivors frozen, all
     # collected once a minute) instead of mid-step in whichever thread allocates
     # (service/engine/full_collector.py); false leaves them to Python

@@ -59,7 +59,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
                  reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
                  memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto",
-                 step_gate: Any = None, loader_nice: int = 0):
+                 step_gate: Any = None, loader_nice: int = 0, served_files: bool = True):
         self.model = model
         self.adapter_dtype = AdapterDtype(adapter_dtype)      # how loads hold adapters (adapter_dtype.py)
         self.reserved = {n.casefold() for n in reserved_names if n}
@@ -82,6 +82,10 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         self.step_gate = step_gate
         self._evictor = (ThreadPoolExecutor(1, thread_name_prefix="adapter-evict", initializer=background)
                          if step_gate is not None else None)
+        # on the CPU, each stored adapter's tensors as held are written beside it after its first load, and
+        # later loads map them (store.read_served); this thread writes them
+        self._saver = (ThreadPoolExecutor(1, thread_name_prefix="adapter-save", initializer=background)
+                       if served_files and self.single_memory else None)
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
         self.preload = list(preload)
@@ -238,11 +242,12 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def close(self) -> None:
-        """End the loader and evictor threads (after `drain`, when nothing more will be loaded: a load after
-        this fails). The app calls it when it stops; a registry never closed keeps them idle until exit."""
-        for pool in (self._loader, self._evictor):
+        """End the loader, evictor and saver threads (after `drain`, when nothing more will be loaded: a load
+        after this fails; served files not yet begun are not written, a later load writes them). The app calls
+        it when it stops; a registry never closed keeps them idle until exit."""
+        for pool in (self._loader, self._evictor, self._saver):
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=True, cancel_futures=pool is self._saver)
 
     # ----- leases, retirement ----------------------------------------------------------------------------------
     def _release(self, lease: Lease) -> None:

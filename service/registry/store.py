@@ -1,15 +1,18 @@
 """`AdapterStore`: the registry's directory of adapters, written so that a crash never leaves half an adapter.
 
 Layout: `<root>/<name>/adapter_config.json`, `adapter_model.safetensors` and `registry.json` (source,
-created_at, pinned, served, sha256, size). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every
+created_at, pinned, served, sha256, size), and, once a CPU server has loaded it, `served.<adapter dtype>.
+safetensors`: its tensors as the server holds them, which later loads map instead of reading the PEFT file
+(`read_served`; a cache: made from the folder's own file, written whole or not at all, ignored when that file
+changed). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every
 file and the folder fsynced) and renamed into place in one `os.rename`; replacing first renames the old
 folder to `.trash-<uuid>.<name>` and, once the new one is in place, drops the name from the trash, so
 only a crash between those two renames finds a named trash and no `<name>`; deleting renames to
 `.trash-<uuid>` before removing. So after a crash every `<name>` folder is complete, and `clean()` at
-start-up removes whatever `.tmp-*` / `.trash-*` / half-written `registry.json` was left (putting a replaced
-folder back if the crash came between a replace's renames). Every rename is followed by an fsync of the
-folder that holds it, so the order survives a power cut too, not only a killed process. Renames are quick
-and are called from the event loop, so they are ordered with the registry's bookkeeping; copying,
+start-up removes whatever `.tmp-*` / `.trash-*` / half-written `registry.json` or `served.*` file was left
+(putting a replaced folder back if the crash came between a replace's renames). Every rename is followed by an
+fsync of the folder that holds it, so the order survives a power cut too, not only a killed process. Renames
+are quick and are called from the event loop, so they are ordered with the registry's bookkeeping; copying,
 hashing and removing trees are slow and run in worker threads.
 """
 
@@ -29,6 +32,7 @@ from safetensors.torch import save_file
 import adapters_core as ac
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
+from adapters_core.packed_file import map_packed, save_packed, source_identity
 from adapters_core.packed_read import read_packed_safetensors
 
 from .errors import Invalid, NotFound, TooLarge
@@ -36,6 +40,7 @@ from .errors import Invalid, NotFound, TooLarge
 META_NAME = "registry.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 META_TMP_SUFFIX = ".tmp"                # registry.json.<uuid>.tmp: a metadata rewrite not yet renamed over
+SERVED_PREFIX = "served."               # served.<adapter dtype>.safetensors: the tensors as held (read_served)
 
 
 def _fsync_dir(path: str) -> None:
@@ -162,6 +167,45 @@ class AdapterStore:
             raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {SAFETENSORS_NAME} is unreadable or "
                           f"truncated: {exc}") from exc
 
+    # ----- the served layout, kept beside the files ---------------------------------------------------------
+    @staticmethod
+    def served_path(folder: str, factor_dtype: Optional[torch.dtype]) -> str:
+        held = str(factor_dtype).removeprefix("torch.") if factor_dtype is not None else "auto"
+        return os.path.join(folder, f"{SERVED_PREFIX}{held}.safetensors")
+
+    @staticmethod
+    def source(folder: str) -> Optional[str]:
+        """The stored safetensors file's identity (`packed_file.source_identity`), None when it has none."""
+        return source_identity(os.path.join(folder, SAFETENSORS_NAME))
+
+    def read_served(self, folder: str, factor_dtype: Optional[torch.dtype]) -> Optional[tuple[dict, int]]:
+        """The adapter's tensors as `read_packed` gives them for `factor_dtype`, mapped from the file
+        `write_served` made of them (no copy), and the bytes of the stored file's weights; None when there is
+        no such file or it was made from another version of the stored file (or cannot be read: the caller
+        reads the stored file, and writes this one again)."""
+        try:
+            tensors, metadata = map_packed(self.served_path(folder, factor_dtype))
+            if metadata.get("source") != self.source(folder):
+                return None
+            return tensors, int(metadata["file_bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_served(self, folder: str, factor_dtype: Optional[torch.dtype], tensors: dict, file_bytes: int,
+                     source: str) -> bool:
+        """Worker thread: keep `tensors` (read from the stored file whose identity was `source`, checked, as
+        held for `factor_dtype`) in the served layout beside the stored files, unless that file changed since
+        it was read or the folder cannot be written (a read-only store: loads then always read the files).
+        Whether it wrote."""
+        if self.source(folder) != source:
+            return False
+        try:
+            save_packed(self.served_path(folder, factor_dtype), tensors,
+                        {"source": source, "file_bytes": str(file_bytes)})
+        except OSError:
+            return False
+        return True
+
     # ----- moving folders -----------------------------------------------------------------------------------
     def seal(self, staging: str) -> None:
         """Worker thread: fsync every staged file and the staging folder, so the rename that publishes it
@@ -219,7 +263,7 @@ class AdapterStore:
                 removed.append(entry)
             elif os.path.isdir(path):
                 for inner in os.listdir(path):
-                    if inner.startswith(f"{META_NAME}.") and inner.endswith(META_TMP_SUFFIX):
+                    if inner.startswith((f"{META_NAME}.", SERVED_PREFIX)) and inner.endswith(META_TMP_SUFFIX):
                         os.remove(os.path.join(path, inner))
                         removed.append(f"{entry}/{inner}")
         return removed

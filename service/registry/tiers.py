@@ -16,7 +16,7 @@ import torch
 
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
-from adapters_core.packing import pack_adapter_tensors, trim_heap
+from adapters_core.packing import pack_adapter_tensors, tensor_bytes, trim_heap
 from adapters_core.prepared import PreparedAdapter, attach_prepared, prepare_adapter
 
 from .adapter_dtype import held_dtype
@@ -190,13 +190,25 @@ class TierMixin:
                      model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
         """Worker thread: the stored config and tensors, packed as the stacks read them (factors in
         adapter_dtype) and checked, the adapter prepared for `attach_prepared` where that path applies (else
-        None: the engine thread loads it the general way), and the bytes the cast added (negative: saved)."""
+        None: the engine thread loads it the general way), and the bytes the cast added (negative: saved). With
+        served files (CPU), the tensors are mapped from the one an earlier read of the same stored file left
+        (checked then); a read of the PEFT file hands its result to the saver thread to write that file."""
         folder = self.store.path(name)
         config = parse_config(self.store.read_config(folder))
-        packed = self.store.read_packed(folder, self.adapter_dtype.factor_dtype)   # the file read into place
-        if packed is not None:
+        factor_dtype = self.adapter_dtype.factor_dtype
+        served = self.store.read_served(folder, factor_dtype) if self._saver is not None else None
+        source = self.store.source(folder) if self._saver is not None and served is None else None
+        packed = None if served is not None else self.store.read_packed(folder, factor_dtype)  # read into place
+        if served is not None:                                  # mapped as checked and held at an earlier load
+            tensors, extra = served[0], tensor_bytes(served[0]) - served[1]
+        elif packed is not None:
             tensors, extra = self.adapter_dtype.hold_packed(*packed, lambda: self.store.read_tensors(folder),
                                                             SAFETENSORS_NAME)    # (checked as read)
+            if source is not None:                              # later loads map them (store.read_served)
+                try:
+                    self._saver.submit(self.store.write_served, folder, factor_dtype, tensors, packed[1], source)
+                except RuntimeError:                            # closed: a later load writes it
+                    pass
         else:
             tensors = self.store.read_tensors(folder)
             tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)

@@ -1,0 +1,143 @@
+"""Served files (`adapter_served_files`, CPU serving): after a stored adapter's first read from its PEFT file, the
+loader's saver thread writes its tensors as held beside it (`served.<adapter dtype>.safetensors`), and later loads
+map that file (the model's factors then live in the file's pages) instead of reading the PEFT file; the served
+adapter is PEFT's every time. A served file made from another version of the stored file is not used, a store
+that cannot be written serves as before, the setting off writes none, and `clean` removes half-written ones."""
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.registry import store as store_module
+
+from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose mappings hold `tensor`'s first byte (Linux's /proc/self/maps)."""
+    address, out = tensor.data_ptr(), set()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start <= address < end and len(parts) > 5:
+                out.add(parts[5])
+    return out
+
+
+def _lora_a(model, model_name: str) -> torch.Tensor:
+    return next(m.lora_A[model_name].weight for m in model.modules()
+                if hasattr(m, "lora_A") and model_name in getattr(m, "lora_A", {}))
+
+
+async def _wait_for(path: Path) -> None:
+    for _ in range(200):
+        if path.exists():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} was not written")
+
+
+class Cycle:
+    """Loads of `a` and `b` into a registry with room for one: each load evicts the other back to the store."""
+
+    def __init__(self, root: Path, **kw):
+        self.registry = make_registry(root, max_device_adapters=1, single_memory=True, **kw)
+        self.ids = input_ids()
+
+    async def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        lease = await self.registry.acquire(name)
+        try:
+            return (decoder_logits(self.registry.model, lease.model_name, self.ids),
+                    _lora_a(self.registry.model, lease.model_name))
+        finally:
+            self.registry.release(lease)
+
+    def served(self, name: str) -> Path:
+        return Path(self.registry.store.served_path(self.registry.store.path(name),
+                                                    self.registry.adapter_dtype.factor_dtype))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+@pytest.mark.parametrize("adapter_dtype", ["auto", "bfloat16"])
+def test_later_loads_map_the_served_file_and_serve_the_same_adapter(tmp_path, monkeypatch, adapter_dtype):
+    a, b = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4)
+
+    async def main():
+        cycle = Cycle(tmp_path / "store", adapter_dtype=adapter_dtype)
+        for name, adapter in (("a", a), ("b", b)):
+            await cycle.registry.register_files(name, adapter.config, adapter.weights)
+        uploaded, _ = await cycle.load("a")                   # from the upload, in memory
+        await cycle.load("b")
+        assert not cycle.served("a").exists()
+        read, factor = await cycle.load("a")                  # read from the PEFT file, then saved
+        assert str(cycle.served("a")) not in _mapped_files(factor)
+        await _wait_for(cycle.served("a"))
+        await cycle.load("b")
+        monkeypatch.setattr(cycle.registry.store, "read_packed", lambda *args: pytest.fail("read the PEFT file"))
+        mapped, factor = await cycle.load("a")
+        assert str(cycle.served("a")) in _mapped_files(factor)
+        torch.testing.assert_close(mapped, read, atol=0, rtol=0)
+        torch.testing.assert_close(mapped, uploaded, atol=0, rtol=0)
+        if adapter_dtype == "auto":
+            torch.testing.assert_close(mapped, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
+        cycle.registry.close()
+    run(main())
+
+
+def test_a_served_file_of_another_version_of_the_stored_file_is_not_used(tmp_path):
+    a, b, other = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4), peft_adapter("lora", seed=5)
+
+    async def main():
+        cycle = Cycle(tmp_path / "store")
+        for name, adapter in (("a", a), ("b", b)):
+            await cycle.registry.register_files(name, adapter.config, adapter.weights)
+        await cycle.load("a")
+        await cycle.load("b")
+        await cycle.load("a")
+        await _wait_for(cycle.served("a"))
+        await cycle.load("b")
+        # the stored file rewritten in place (same folder, same name): the served file is now stale
+        (Path(cycle.registry.store.path("a")) / "adapter_model.safetensors").write_bytes(other.weights)
+        logits, factor = await cycle.load("a")
+        assert str(cycle.served("a")) not in _mapped_files(factor)
+        torch.testing.assert_close(logits, hf_logits(other.model, cycle.ids), atol=1e-4, rtol=1e-4)
+        cycle.registry.close()
+    run(main())
+
+
+@pytest.mark.parametrize("why", ["setting off", "store not writable"])
+def test_without_served_files_every_load_reads_the_peft_file(tmp_path, monkeypatch, why):
+    a, b = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4)
+    if why == "store not writable":
+        def refuse(*args):
+            raise PermissionError("read-only file system")
+        monkeypatch.setattr(store_module, "save_packed", refuse)
+
+    async def main():
+        cycle = Cycle(tmp_path / "store", served_files=why != "setting off")
+        for name, adapter in (("a", a), ("b", b)):
+            await cycle.registry.register_files(name, adapter.config, adapter.weights)
+        for _ in range(3):
+            logits, _ = await cycle.load("a")
+            torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
+            await cycle.load("b")
+        cycle.registry.close()
+        assert not list((tmp_path / "store").rglob("served.*"))
+    run(main())
+
+
+def test_clean_removes_half_written_served_files(tmp_path):
+    a = peft_adapter("lora", seed=3)
+
+    async def main():
+        registry = make_registry(tmp_path / "store", single_memory=True)
+        await registry.register_files("a", a.config, a.weights)
+        registry.close()
+    run(main())
+    folder = tmp_path / "store" / "a"
+    (folder / "served.auto.safetensors.0123abcd.tmp").write_bytes(b"half")
+    removed = store_module.AdapterStore(str(tmp_path / "store")).clean()
+    assert removed == ["a/served.auto.safetensors.0123abcd.tmp"] and not list(folder.glob("*.tmp"))
