@@ -17,7 +17,8 @@ bytes.
 
     .venv/bin/python bench/many_adapters.py                  # the full run (about 10 minutes on 2 cores)
     .venv/bin/python bench/many_adapters.py --counts 16,1000 --distributions uniform --steady 30
-The adapters are written once under --workdir (default: a temporary folder) and linked into each store.
+The adapters are written once under --workdir (default: a temporary folder) and linked into each store; by
+default so are their served files (`adapter_served_files`: made once in the pool; see --served-files).
 """
 
 from __future__ import annotations
@@ -77,15 +78,41 @@ def write_pool(folder: Path, count: int, args) -> list[int]:
     return sizes
 
 
-def make_store(workdir: Path, pool: Path, count: int, tag: str) -> Path:
+def make_store(workdir: Path, pool: Path, count: int, tag: str, served_files: str) -> Path:
+    """A store of links to the pool's first `count` adapters; with --served-files kept, also to their served
+    files (`served.*.safetensors`, `prepare_served`)."""
     store = workdir / f"store-{tag}"
     store.mkdir()
     for i in range(count):
         target = store / f"a{i}"
         target.mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
+        names = ["adapter_config.json", "adapter_model.safetensors"]
+        if served_files == "kept":
+            names += [p.name for p in (pool / f"a{i}").glob("served.*.safetensors")]
+        for name in names:
             os.symlink(pool / f"a{i}" / name, target / name)
     return store
+
+
+def prepare_served(pool: Path, count: int) -> int:
+    """With --served-files kept: the served file of each of the pool's first `count` adapters that lacks one,
+    made by the code a server's loader runs after a first load (read, checked, held in the servers'
+    adapter_dtype, saved); how many were made."""
+    from service.registry.adapter_dtype import AdapterDtype
+    from service.registry.store import AdapterStore
+    held = AdapterDtype(os.environ.get("ADAPTER_SERVE_ADAPTER_DTYPE", "auto"))
+    store, made = AdapterStore(str(pool)), 0
+    for i in range(count):
+        folder = str(pool / f"a{i}")
+        if os.path.exists(store.served_path(folder, held.factor_dtype)):
+            continue
+        source = store.source(folder)
+        tensors, file_bytes, nonfinite = store.read_packed(folder, held.factor_dtype)
+        tensors, _ = held.hold_packed(tensors, file_bytes, nonfinite, lambda: store.read_tensors(folder),
+                                      "adapter_model.safetensors")
+        made += store.write_served(folder, held.factor_dtype, tensors, file_bytes, source)
+    return made
+
 
 
 def metric_samples(text: str, name: str) -> dict[str, float]:
@@ -189,7 +216,8 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
 
 
 def serve(args, workdir: Path, store: Path, room: int, tag: str) -> Server:
-    os.environ.update({"ADAPTER_SERVE_MAX_DEVICE_ADAPTERS": str(room),
+    os.environ.update({"ADAPTER_SERVE_ADAPTER_SERVED_FILES": str(args.served_files != "off").lower(),
+                       "ADAPTER_SERVE_MAX_DEVICE_ADAPTERS": str(room),
                        "ADAPTER_SERVE_MAX_CPU_ADAPTERS": str(max(room, 16)),
                        "ADAPTER_SERVE_MAX_LORA_RANK": str(args.rank_max)})
     run = argparse.Namespace(url=None, dtype=args.dtype, max_batch_size=args.streams, max_waiting=4 * args.streams,
@@ -223,7 +251,7 @@ def print_row(r: dict) -> None:
 
 async def memory_probe(args, workdir: Path, pool: Path, sizes: list[int]) -> dict:
     n = args.memory
-    store = make_store(workdir, pool, n, "mem")
+    store = make_store(workdir, pool, n, "mem", args.served_files)
     server = serve(args, workdir, store, n, "mem-server")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
@@ -254,11 +282,16 @@ async def main_async(args, workdir: Path) -> dict:
     print(f"{max(counts + [args.memory])} adapters in {pool} ({time.monotonic() - started:.0f} s), mean "
           f"{statistics.mean(sizes) / 2**20:.2f} MiB, ranks {args.rank_min}-{args.rank_max}, {args.adapter_dtype}; "
           f"{args.streams} streams x {args.max_tokens} tokens, device room {args.room}", flush=True)
+    if args.served_files == "kept":
+        started = time.monotonic()
+        made = prepare_served(pool, max(counts + [args.memory]))
+        print(f"served files: kept ({made} made now, {time.monotonic() - started:.0f} s)", flush=True)
     rows = []
     for k in counts:
         for distribution in args.distributions.split(","):
             tag = f"{k}-{distribution}"
-            server = serve(args, workdir, make_store(workdir, pool, k, tag), args.room, f"server-{tag}")
+            server = serve(args, workdir, make_store(workdir, pool, k, tag, args.served_files), args.room,
+                           f"server-{tag}")
             try:
                 cold, steady, extra = await run_traffic(server.url, [f"a{i}" for i in range(k)], args, distribution)
             finally:
@@ -304,6 +337,11 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=None, help="ADAPTER_SERVE_MODEL (default: the embedded model)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--pool", default=None, help="folder of the written adapters, kept between runs")
+    p.add_argument("--served-files", default="kept", choices=["kept", "first", "off"],
+                   help="kept: each adapter's served file (adapter_served_files) is made in the pool before the "
+                        "runs, as a loader makes it, and linked into each store: a store that has served before; "
+                        "first: none, every adapter's first load in the store; off: the servers write and map none "
+                        "(adapter_served_files=false)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
