@@ -4,11 +4,10 @@ Layout: `<root>/<name>/adapter_config.json`, `adapter_model.safetensors` and `re
 created_at, pinned, served, sha256, size), and, once a CPU server has loaded it, `served.<adapter dtype>.
 safetensors`: its tensors as the server holds them, which later loads map instead of reading the PEFT file
 (`read_served`; a cache: made from the folder's own file, written whole or not at all, ignored when that file
-changed). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every
-file and the folder fsynced) and renamed into place in one `os.rename`; replacing first renames the old
-folder to `.trash-<uuid>.<name>` and, once the new one is in place, drops the name from the trash, so
-only a crash between those two renames finds a named trash and no `<name>`; deleting renames to
-`.trash-<uuid>` before removing. So after a crash every `<name>` folder is complete, and `clean()` at
+changed). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every file and the folder fsynced) and
+renamed into place in one `os.rename`; replacing first renames the old folder to `.trash-<uuid>.<name>` and,
+once the new one is in place, drops the name from the trash, so only a crash between those two renames finds
+a named trash and no `<name>`; deleting renames to `.trash-<uuid>` before removing. So after a crash every `<name>` folder is complete, and `clean()` at
 start-up removes whatever `.tmp-*` / `.trash-*` / half-written `registry.json` or `served.*` file was left
 (putting a replaced folder back if the crash came between a replace's renames). Every rename is followed by an
 fsync of the folder that holds it, so the order survives a power cut too, not only a killed process. Renames
