@@ -41,6 +41,26 @@ def save_peft_lora(base: torch.nn.Module, directory: Path, seed: int = 0, **lora
     return Path(directory)
 
 
+def adapter_tensors(with_bool: bool = False) -> dict[str, torch.Tensor]:
+    """An adapter file's worth of tensors of every kind the packing handles: LoRA A / B in fp32 and bf16, LoRA
+    embedding A / B in fp16, AdaLoRA B / E, an IA3 vector, an fp64 norm, an empty factor (and a bool one)."""
+    g = torch.Generator().manual_seed(0)
+    out = {"m.q.lora_A.weight": torch.randn(4, 12, generator=g),
+           "m.q.lora_B.weight": torch.randn(10, 4, generator=g),
+           "m.v.lora_A.weight": torch.randn(8, 12, generator=g).bfloat16(),
+           "m.v.lora_B.weight": torch.randn(6, 8, generator=g).bfloat16(),
+           "m.e.lora_embedding_B": torch.randn(6, 4, generator=g).half(),
+           "m.e.lora_embedding_A": torch.randn(4, 20, generator=g).half(),
+           "m.k.lora_B": torch.randn(8, 3, generator=g),                     # AdaLoRA
+           "m.k.lora_E": torch.randn(3, 1, generator=g),
+           "m.ia3.ia3_l": torch.randn(12, generator=g),
+           "m.norm.weight": torch.randn(12, generator=g).double(),
+           "m.empty.lora_A.weight": torch.zeros(0, 12)}
+    if with_bool:
+        out["m.flag"] = torch.tensor([True, False, True])
+    return out
+
+
 def read_config(directory: Path) -> dict:
     return json.loads((Path(directory) / CONFIG_NAME).read_text())
 

@@ -14,27 +14,13 @@ from safetensors.torch import save_file
 from adapters_core.packed_file import ALIGN, map_packed, save_packed, source_identity
 from adapters_core.packed_read import read_packed_safetensors
 
-
-def _tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"m.q.lora_A.weight": torch.randn(4, 12, generator=g),
-            "m.q.lora_B.weight": torch.randn(10, 4, generator=g),
-            "m.v.lora_A.weight": torch.randn(8, 12, generator=g).bfloat16(),
-            "m.v.lora_B.weight": torch.randn(6, 8, generator=g).bfloat16(),
-            "m.e.lora_embedding_B": torch.randn(6, 4, generator=g).half(),
-            "m.e.lora_embedding_A": torch.randn(4, 20, generator=g).half(),
-            "m.k.lora_B": torch.randn(8, 3, generator=g),
-            "m.k.lora_E": torch.randn(3, 1, generator=g),
-            "m.ia3.ia3_l": torch.randn(12, generator=g),
-            "m.norm.weight": torch.randn(12, generator=g).double(),
-            "m.flag": torch.tensor([True, False, True]),
-            "m.empty.lora_A.weight": torch.zeros(0, 12)}
+from _models import adapter_tensors
 
 
 @pytest.fixture
 def packed(tmp_path):
     source = os.path.join(tmp_path, "adapter_model.safetensors")
-    save_file(_tensors(), source)
+    save_file(adapter_tensors(with_bool=True), source)
     return read_packed_safetensors(source, torch.bfloat16)[0]
 
 

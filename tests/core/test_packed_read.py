@@ -11,30 +11,17 @@ from safetensors.torch import load_file, save_file
 from adapters_core.packed_read import read_packed_safetensors
 from adapters_core.packing import pack_adapter_tensors
 
-
-def _tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"m.q.lora_A.weight": torch.randn(4, 12, generator=g),
-            "m.q.lora_B.weight": torch.randn(10, 4, generator=g),
-            "m.v.lora_A.weight": torch.randn(8, 12, generator=g).bfloat16(),
-            "m.v.lora_B.weight": torch.randn(6, 8, generator=g).bfloat16(),
-            "m.e.lora_embedding_B": torch.randn(6, 4, generator=g).half(),
-            "m.e.lora_embedding_A": torch.randn(4, 20, generator=g).half(),
-            "m.k.lora_B": torch.randn(8, 3, generator=g),                     # AdaLoRA
-            "m.k.lora_E": torch.randn(3, 1, generator=g),
-            "m.ia3.ia3_l": torch.randn(12, generator=g),
-            "m.norm.weight": torch.randn(12, generator=g).double(),
-            "m.empty.lora_A.weight": torch.zeros(0, 12)}
+from _models import adapter_tensors
 
 
 @pytest.mark.parametrize("factor_dtype", [None, torch.bfloat16, torch.float16, torch.float32])
 def test_equals_load_then_pack(tmp_path, factor_dtype):
     path = os.path.join(tmp_path, "adapter_model.safetensors")
-    save_file(_tensors(), path)
+    save_file(adapter_tensors(), path)
     expected = pack_adapter_tensors(load_file(path), factor_dtype)
     got, file_bytes, _ = read_packed_safetensors(path, factor_dtype)
     assert list(got) == list(load_file(path))
-    assert file_bytes == sum(t.numel() * t.element_size() for t in _tensors().values())
+    assert file_bytes == sum(t.numel() * t.element_size() for t in adapter_tensors().values())
     for key, want in expected.items():
         assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
         assert torch.equal(got[key], want), key
@@ -45,7 +32,7 @@ def test_equals_load_then_pack(tmp_path, factor_dtype):
 
 def test_malformed_and_truncated_files_fail(tmp_path):
     path = os.path.join(tmp_path, "adapter_model.safetensors")
-    save_file(_tensors(), path)
+    save_file(adapter_tensors(), path)
     data = open(path, "rb").read()
     for broken in (data[:-7], data[:20], b"\xff" * 8 + data[8:]):
         with open(path, "wb") as fh:
@@ -61,7 +48,7 @@ def test_float_files_read_in_one_call_or_per_tensor_alike(tmp_path, monkeypatch,
     kernel's one-call unpack where it is built, else tensor by tensor: both give load-then-pack's result."""
     from adapters_core import packed_read, sgmv
 
-    tensors = {k: v for k, v in _tensors().items() if v.dtype != torch.float64}
+    tensors = {k: v for k, v in adapter_tensors().items() if v.dtype != torch.float64}
     tensors["m.odd.lora_A.weight"] = torch.randn(1, 3).bfloat16()
     path = os.path.join(tmp_path, "adapter_model.safetensors")
     save_file(tensors, path)
