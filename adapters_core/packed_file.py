@@ -130,28 +130,41 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path}: {length} bytes, its header says {end}")
     data = torch.frombuffer(mapped, dtype=torch.uint8)            # [length]; holds the mapping open
     transposed = set(json.loads(metadata.get("transposed", "[]")))
-    runs: dict[str, list] = {}                                    # dtype -> its tensors' (start, key, shape)
-    for key, entry in header.items():
-        runs.setdefault(entry["dtype"], []).append((entry["data_offsets"][0], key, tuple(entry["shape"])))
     flat = {}
-    for code, run in runs.items():                                # one view and one split per dtype
+    for code, run in _runs(path, header, length - base).items():   # one view and one split per dtype
         dtype = _DTYPES[code]
-        run.sort()
         numels = [math.prod(shape) for _, _, shape in run]
-        start = stop = run[0][0]
-        for (at, key, _), numel in zip(run, numels):
-            if at != stop:
-                raise ValueError(f"{path}: {key} is not where the {code} tensors before it end")
-            stop += numel * dtype.itemsize
-        if start % dtype.itemsize or stop > length - base:
-            raise ValueError(f"{path}: the {code} tensors do not fit the file")
-        parts = data[base + start:base + stop].view(dtype).split(numels)   # [numel] each, in file order
-        flat.update((key, (part, shape)) for (_, key, shape), part in zip(run, parts))
+        start = run[0][0]
+        parts = data[base + start:base + start + sum(numels) * dtype.itemsize].view(dtype).split(numels)
+        flat.update((key, (part, shape)) for (_, key, shape), part in zip(run, parts))   # [numel] each
     out = {}
     for key in header:                                            # the saved order
         part, shape = flat[key]
         out[key] = part.view(shape).T if key in transposed else part.view(shape)   # a B: Bt [r, out] stored
     return out, metadata
+
+
+def _runs(path: str, header: dict, data_bytes: int) -> dict[str, list]:
+    """dtype code -> its tensors' (start, key, shape) in file order, checked to lie one after another inside the
+    data section, each ending where its shape says, aligned to its dtype (ValueError otherwise)."""
+    runs: dict[str, list] = {}
+    for key, entry in header.items():
+        if entry.get("dtype") not in _DTYPES:
+            raise ValueError(f"{path}: {key} has dtype {entry.get('dtype')!r}")
+        runs.setdefault(entry["dtype"], []).append((entry["data_offsets"][0], key, tuple(entry["shape"])))
+    for code, run in runs.items():
+        size = _DTYPES[code].itemsize
+        run.sort()
+        stop = run[0][0]
+        for at, key, shape in run:
+            if at != stop or min(shape, default=0) < 0:
+                raise ValueError(f"{path}: {key} is not where the {code} tensors before it end")
+            stop += math.prod(shape) * size
+            if header[key]["data_offsets"][1] != stop:
+                raise ValueError(f"{path}: {key}'s offsets do not fit its shape")
+        if run[0][0] % size or stop > data_bytes:
+            raise ValueError(f"{path}: the {code} tensors do not fit the file")
+    return runs
 
 
 def source_identity(path: str) -> Optional[str]:

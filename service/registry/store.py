@@ -187,7 +187,7 @@ class AdapterStore:
             if metadata.get("source") != self.source(folder):
                 return None
             return tensors, int(metadata["file_bytes"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:                 # a cache: whatever is wrong with it, the stored file is read instead
             return None
 
     def write_served(self, folder: str, factor_dtype: Optional[torch.dtype], tensors: dict, file_bytes: int,

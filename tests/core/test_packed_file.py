@@ -98,3 +98,20 @@ def test_the_source_identity_changes_with_the_file(tmp_path):
     os.replace(os.path.join(tmp_path, "f"), os.path.join(tmp_path, "g"))
     open(path, "wb").write(b"two")
     assert source_identity(path) != first
+
+
+def test_offsets_that_do_not_fit_the_shape_are_refused(tmp_path):
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, {"a": torch.ones(4), "b": torch.ones(4)}, {})
+    data = bytearray(open(path, "rb").read())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    for key, value, message in (("shape", [2], "do not fit its shape"), ("shape", [-4], "not where"),
+                                ("dtype", "Q9", "has dtype")):
+        changed = json.loads(json.dumps(header))
+        changed["b"][key] = value                                 # b: 8 bytes, its offsets say 16 / ...
+        text = json.dumps(changed).encode()
+        with open(path, "wb") as fh:
+            fh.write(struct.pack("<Q", len(text)) + text + data[8 + header_len:])
+        with pytest.raises(ValueError, match=message):
+            map_packed(path)

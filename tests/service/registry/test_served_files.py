@@ -141,3 +141,26 @@ def test_clean_removes_half_written_served_files(tmp_path):
     (folder / "served.auto.safetensors.0123abcd.tmp").write_bytes(b"half")
     removed = store_module.AdapterStore(str(tmp_path / "store")).clean()
     assert removed == ["a/served.auto.safetensors.0123abcd.tmp"] and not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "a list"])
+def test_a_damaged_served_file_is_read_past(tmp_path, damage):
+    a, b = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4)
+
+    async def main():
+        cycle = Cycle(tmp_path / "store")
+        for name, adapter in (("a", a), ("b", b)):
+            await cycle.registry.register_files(name, adapter.config, adapter.weights)
+        await cycle.load("a")
+        await cycle.load("b")
+        await cycle.load("a")
+        await _wait_for(cycle.served("a"))
+        await cycle.load("b")
+        data = cycle.served("a").read_bytes()
+        cycle.served("a").write_bytes({"truncated": data[:-3], "not json": b"\x10\0\0\0\0\0\0\0" + b"{" * 16,
+                                       "a list": b"\x08\0\0\0\0\0\0\0[1,2,3] "}[damage])
+        logits, factor = await cycle.load("a")
+        assert str(cycle.served("a")) not in _mapped_files(factor)
+        torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
+        cycle.registry.close()
+    run(main())
