@@ -114,7 +114,6 @@ def prepare_served(pool: Path, count: int) -> int:
     return made
 
 
-
 def metric_samples(text: str, name: str) -> dict[str, float]:
     """Cumulative histogram buckets of `name` (summed over labels): le -> count."""
     buckets: dict[str, float] = {}
