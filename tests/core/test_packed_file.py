@@ -76,16 +76,22 @@ def test_malformed_truncated_and_foreign_files_are_refused(tmp_path, packed):
         map_packed(os.path.join(tmp_path, "missing"))
 
 
-def test_a_gap_between_tensors_is_refused(tmp_path):
-    path = os.path.join(tmp_path, "served.safetensors")
+def _two_tensors_with_b_edited(path: str, key: str, value, extra: bytes = b"") -> None:
+    """A packed file of tensors a and b (fp32 [4] each) whose header says `value` for b's `key`, its data
+    followed by `extra` bytes."""
     save_packed(path, {"a": torch.ones(4), "b": torch.ones(4)}, {})
-    data = bytearray(open(path, "rb").read())
+    data = open(path, "rb").read()
     (header_len,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + header_len])
-    header["b"]["data_offsets"] = [header["b"]["data_offsets"][0] + 4, header["b"]["data_offsets"][1] + 4]
+    header["b"][key] = value
     text = json.dumps(header).encode()
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(text)) + text + data[8 + header_len:] + b"\0" * 4)
+        fh.write(struct.pack("<Q", len(text)) + text + data[8 + header_len:] + extra)
+
+
+def test_a_gap_between_tensors_is_refused(tmp_path):
+    path = os.path.join(tmp_path, "served.safetensors")
+    _two_tensors_with_b_edited(path, "data_offsets", [20, 36], extra=b"\0" * 4)    # b was at [16, 32]
     with pytest.raises(ValueError, match="not where"):
         map_packed(path)
 
@@ -102,16 +108,8 @@ def test_the_source_identity_changes_with_the_file(tmp_path):
 
 def test_offsets_that_do_not_fit_the_shape_are_refused(tmp_path):
     path = os.path.join(tmp_path, "served.safetensors")
-    save_packed(path, {"a": torch.ones(4), "b": torch.ones(4)}, {})
-    data = bytearray(open(path, "rb").read())
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + header_len])
     for key, value, message in (("shape", [2], "do not fit its shape"), ("shape", [-4], "not where"),
                                 ("dtype", "Q9", "has dtype")):
-        changed = json.loads(json.dumps(header))
-        changed["b"][key] = value                                 # b: 8 bytes, its offsets say 16 / ...
-        text = json.dumps(changed).encode()
-        with open(path, "wb") as fh:
-            fh.write(struct.pack("<Q", len(text)) + text + data[8 + header_len:])
+        _two_tensors_with_b_edited(path, key, value)              # b: 8 bytes, its offsets say 16 / ...
         with pytest.raises(ValueError, match=message):
             map_packed(path)

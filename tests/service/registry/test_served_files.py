@@ -55,6 +55,18 @@ class Cycle:
         finally:
             self.registry.release(lease)
 
+    async def register(self, **adapters) -> None:
+        for name, adapter in adapters.items():
+            await self.registry.register_files(name, adapter.config, adapter.weights)
+
+    async def with_served_file(self, name: str = "a", other: str = "b") -> None:
+        """`name` loaded from its upload, evicted, read from its PEFT file (its served file written), evicted."""
+        await self.load(name)
+        await self.load(other)
+        await self.load(name)
+        await _wait_for(self.served(name))
+        await self.load(other)
+
     def served(self, name: str) -> Path:
         return Path(self.registry.store.served_path(self.registry.store.path(name),
                                                     self.registry.adapter_dtype.factor_dtype))
@@ -67,8 +79,7 @@ def test_later_loads_map_the_served_file_and_serve_the_same_adapter(tmp_path, mo
 
     async def main():
         cycle = Cycle(tmp_path / "store", adapter_dtype=adapter_dtype)
-        for name, adapter in (("a", a), ("b", b)):
-            await cycle.registry.register_files(name, adapter.config, adapter.weights)
+        await cycle.register(a=a, b=b)
         uploaded, _ = await cycle.load("a")                   # from the upload, in memory
         await cycle.load("b")
         assert not cycle.served("a").exists()
@@ -92,13 +103,8 @@ def test_a_served_file_of_another_version_of_the_stored_file_is_not_used(tmp_pat
 
     async def main():
         cycle = Cycle(tmp_path / "store")
-        for name, adapter in (("a", a), ("b", b)):
-            await cycle.registry.register_files(name, adapter.config, adapter.weights)
-        await cycle.load("a")
-        await cycle.load("b")
-        await cycle.load("a")
-        await _wait_for(cycle.served("a"))
-        await cycle.load("b")
+        await cycle.register(a=a, b=b)
+        await cycle.with_served_file()
         # the stored file rewritten in place (same folder, same name): the served file is now stale
         (Path(cycle.registry.store.path("a")) / "adapter_model.safetensors").write_bytes(other.weights)
         logits, factor = await cycle.load("a")
@@ -118,8 +124,7 @@ def test_without_served_files_every_load_reads_the_peft_file(tmp_path, monkeypat
 
     async def main():
         cycle = Cycle(tmp_path / "store", served_files=why != "setting off")
-        for name, adapter in (("a", a), ("b", b)):
-            await cycle.registry.register_files(name, adapter.config, adapter.weights)
+        await cycle.register(a=a, b=b)
         for _ in range(3):
             logits, _ = await cycle.load("a")
             torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
@@ -149,13 +154,8 @@ def test_a_damaged_served_file_is_read_past(tmp_path, damage):
 
     async def main():
         cycle = Cycle(tmp_path / "store")
-        for name, adapter in (("a", a), ("b", b)):
-            await cycle.registry.register_files(name, adapter.config, adapter.weights)
-        await cycle.load("a")
-        await cycle.load("b")
-        await cycle.load("a")
-        await _wait_for(cycle.served("a"))
-        await cycle.load("b")
+        await cycle.register(a=a, b=b)
+        await cycle.with_served_file()
         data = cycle.served("a").read_bytes()
         cycle.served("a").write_bytes({"truncated": data[:-3], "not json": b"\x10\0\0\0\0\0\0\0" + b"{" * 16,
                                        "a list": b"\x08\0\0\0\0\0\0\0[1,2,3] "}[damage])
