@@ -10,11 +10,16 @@ safetensors reader opens it): each tensor as held, a B factor stored as its Bt [
 under `transposed`), the data starting at a 64-byte boundary, with the caller's metadata (what the file was
 made from). The mapping is private and writable, so a write into a mapped tensor (nothing in the serving path
 writes factors) copies its page instead of reaching the file or faulting; its pages are filled at once where
-the kernel has `MADV_POPULATE_READ` (Linux 5.14), otherwise they are read ahead and fault in on first use.
+the kernel has `MADV_POPULATE_READ` (Linux 5.14), otherwise they are read ahead and fault in on first use. The
+fill is asked for through libc with the GIL released (Python's `mmap.madvise` keeps it: a file not in the page
+cache held every other thread of a server for the disk read, 2-9 ms an adapter).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import mmap
@@ -110,10 +115,7 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    try:
-        mapped.madvise(MADV_POPULATE_READ)                        # page tables filled now, pages still shared
-    except OSError:
-        mapped.madvise(mmap.MADV_WILLNEED)
+    _populate(mapped)                                             # page tables filled now, pages still shared
     length = len(mapped)
     if length < 8:
         raise ValueError(f"{path}: shorter than a safetensors header")
@@ -142,6 +144,36 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         part, shape = flat[key]
         out[key] = part.view(shape).T if key in transposed else part.view(shape)   # a B: Bt [r, out] stored
     return out, metadata
+
+
+def _populate(mapped: mmap.mmap) -> None:
+    """Fill the mapping's page tables now (reading from disk what the page cache lacks), the GIL released: a
+    ctypes call to libc's `madvise` drops it, `mmap.madvise` does not. Falls back to `mmap.madvise`, and to
+    `MADV_WILLNEED` (read ahead; pages fault in on first use) where the kernel lacks `MADV_POPULATE_READ`."""
+    libc_madvise = _libc_madvise()
+    if libc_madvise is not None and len(mapped):
+        try:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))   # valid while `mapped` is open
+        except TypeError:                               # a read-only mapping exports no writable buffer
+            address = None
+        if address is not None and libc_madvise(address, len(mapped), MADV_POPULATE_READ) == 0:
+            return
+    try:
+        mapped.madvise(MADV_POPULATE_READ)
+    except OSError:
+        mapped.madvise(mmap.MADV_WILLNEED)
+
+
+@functools.cache
+def _libc_madvise():
+    """libc's `madvise(addr, length, advice)` through ctypes (which releases the GIL during the call), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
 
 
 def _runs(path: str, header: dict, data_bytes: int) -> dict[str, list]:

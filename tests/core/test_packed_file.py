@@ -1,8 +1,10 @@
 """`save_packed` / `map_packed`: an adapter's packed tensors (`read_packed_safetensors`'s output, LoRA B held
 transposed) saved in that layout and mapped back equal in keys, order, shapes, dtypes, values and strides; the
 file is a safetensors file any reader opens, with its data 64-byte aligned; a write into a mapped tensor copies
-its page and leaves the file alone; malformed, truncated or foreign files are refused."""
+its page and leaves the file alone; malformed, truncated or foreign files are refused; the mapping's pages are
+filled through libc's madvise (the GIL released), or through `mmap.madvise` where libc is not reachable."""
 import json
+import mmap
 import os
 import struct
 
@@ -11,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adapters_core import packed_file
 from adapters_core.packed_file import ALIGN, map_packed, save_packed, source_identity
 from adapters_core.packed_read import read_packed_safetensors
 
@@ -113,3 +116,50 @@ def test_offsets_that_do_not_fit_the_shape_are_refused(tmp_path):
         _two_tensors_with_b_edited(path, key, value)              # b: 8 bytes, its offsets say 16 / ...
         with pytest.raises(ValueError, match=message):
             map_packed(path)
+
+
+def _kernel_populates() -> bool:
+    probe = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        probe.madvise(packed_file.MADV_POPULATE_READ)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _mapping_rss(address: int) -> int:
+    """Bytes of the mapping that starts at `address` resident in this process's page tables (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as fh:
+        lines = fh.read().splitlines()
+    for i, line in enumerate(lines):
+        if "-" in line.split(" ")[0] and int(line.split("-")[0], 16) == address:
+            rss = next(entry for entry in lines[i + 1:] if entry.startswith("Rss:"))
+            return int(rss.split()[1]) * 1024
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+@pytest.mark.parametrize("through_libc", [True, False])
+def test_the_mapping_is_filled_at_once(tmp_path, monkeypatch, through_libc):
+    """A 1 MiB file's pages are in the page tables when map_packed returns, before any tensor is read: through
+    libc's madvise (ctypes drops the GIL for the call) where the kernel has MADV_POPULATE_READ, or through
+    `mmap.madvise` when libc is not there."""
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, {"a": torch.ones(64, 4096, dtype=torch.bfloat16), "b": torch.ones(64, 4096)}, {})
+    calls = []
+    real = packed_file._libc_madvise()
+    if through_libc and real is None:
+        pytest.skip("libc's madvise is not reachable through ctypes here")
+
+    def spy(address, length, advice):
+        calls.append(advice)
+        return real(address, length, advice)
+    monkeypatch.setattr(packed_file, "_libc_madvise", (lambda: spy) if through_libc else (lambda: None))
+    got, _ = map_packed(path)
+    assert calls == ([packed_file.MADV_POPULATE_READ] if through_libc else [])
+    if not _kernel_populates():
+        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux < 5.14): pages fault in on first use")
+    assert _mapping_rss(got["a"].untyped_storage().data_ptr()) >= os.path.getsize(path) - 4096
+    assert torch.equal(got["b"], torch.ones(64, 4096))
