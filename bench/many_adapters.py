@@ -18,7 +18,10 @@ bytes.
     .venv/bin/python bench/many_adapters.py                  # the full run (about 10 minutes on 2 cores)
     .venv/bin/python bench/many_adapters.py --counts 16,1000 --distributions uniform --steady 30
 The adapters are written once under --workdir (default: a temporary folder) and linked into each store; by
-default so are their served files (`adapter_served_files`: made once in the pool; see --served-files).
+default so are their served files (`adapter_served_files`: made once in the pool; see --served-files). Before
+each server starts, the store's files are read into the page cache (--page-cache warm: a box whose RAM holds
+its adapters' files, the steady state of one that has served them), evicted from it (cold: a box that has just
+booted, every first load reads the disk), or left as earlier runs left them (as-is).
 """
 
 from __future__ import annotations
@@ -92,6 +95,25 @@ def make_store(workdir: Path, pool: Path, count: int, tag: str, served_files: st
         for name in names:
             os.symlink(pool / f"a{i}" / name, target / name)
     return store
+
+
+def set_page_cache(pool: Path, count: int, mode: str) -> int:
+    """--page-cache: the pool's first `count` adapters' files read into the page cache (warm) or dropped from it
+    (cold: `POSIX_FADV_DONTNEED`, which drops the clean pages no process maps); the bytes they hold."""
+    total = 0
+    for i in range(count):
+        for path in (pool / f"a{i}").iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                total += os.fstat(fd).st_size
+                if mode == "cold":
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                elif mode == "warm":
+                    while os.read(fd, 1 << 20):
+                        pass
+            finally:
+                os.close(fd)
+    return total
 
 
 def prepare_served(pool: Path, count: int) -> int:
@@ -289,6 +311,9 @@ async def main_async(args, workdir: Path) -> dict:
     for k in counts:
         for distribution in args.distributions.split(","):
             tag = f"{k}-{distribution}"
+            if args.page_cache != "as-is":
+                size = set_page_cache(pool, k, args.page_cache)
+                print(f"page cache: {args.page_cache} ({size / 2**30:.2f} GiB of files)", flush=True)
             server = serve(args, workdir, make_store(workdir, pool, k, tag, args.served_files), args.room,
                            f"server-{tag}")
             try:
@@ -341,6 +366,9 @@ def main(argv=None) -> dict:
                         "runs, as a loader makes it, and linked into each store: a store that has served before; "
                         "first: none, every adapter's first load in the store; off: the servers write and map none "
                         "(adapter_served_files=false)")
+    p.add_argument("--page-cache", default="warm", choices=["warm", "cold", "as-is"],
+                   help="before each server: the store's files read into the page cache (warm), dropped from it "
+                        "(cold), or left as they are (as-is)")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
