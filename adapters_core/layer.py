@@ -66,8 +66,8 @@ def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
     metaclass) the two modules per layer were half of preparing an adapter (~25 us each)."""
     lin = nn.Linear.__new__(nn.Linear)
     template = _fresh_module_state()
-    w = nn.Parameter(weight, requires_grad=requires_grad)
-    b = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
+    w = _parameter(weight, requires_grad)
+    b = None if bias is None else _parameter(bias, requires_grad)
     if template is None:                  # a torch whose fresh module state is not plain empty containers
         nn.Module.__init__(lin)
         lin.weight, lin.bias = w, b
@@ -79,6 +79,14 @@ def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
     state = lin.__dict__
     state["in_features"], state["out_features"] = weight.shape[1], weight.shape[0]
     return lin
+
+
+def _parameter(tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """`nn.Parameter(tensor, requires_grad)`: for a plain tensor, the one call its constructor makes (half its
+    cost; a loader makes two per adapted layer)."""
+    if type(tensor) is torch.Tensor:
+        return torch.Tensor._make_subclass(nn.Parameter, tensor, requires_grad)
+    return nn.Parameter(tensor, requires_grad=requires_grad)
 
 
 @functools.cache

@@ -31,7 +31,7 @@ from .errors import AdapterError, AdapterWeightsError
 from .layer import AdapterLayer, linear_holding, lora_scaling
 from .matching import pattern_value
 from .model_tree import NAME_RE, find_module, peft_configs, slot_table
-from .stack import lora_scale_rows, lora_slot_rows
+from .stack import lora_scale_rows, lora_slot_rows, plain_factors
 from .state_dict import PEFT_PREFIX
 
 
@@ -90,13 +90,13 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
             a = a.to(device=device, dtype=dtype)
         if b.dtype != dtype or b.device != device:
             b = b.to(device=device, dtype=dtype)
-        lin_a = linear_holding(a, requires_grad=False)
-        lin_b = linear_holding(b, requires_grad=False)
-        layers.append((layer, r, scaling, lin_a, lin_b))
+        a, b, bt = plain_factors(a, b)            # A [r, in], B [out, r] stored as Bt [r, out]
+        layers.append((layer, r, scaling, linear_holding(a, requires_grad=False),
+                       linear_holding(b, requires_grad=False)))
         scale = scales.get((r, scaling, device))
         if scale is None:
             scale = scales[(r, scaling, device)] = lora_scale_rows(r, scaling, device)
-        rows.append(lora_slot_rows(lin_a._parameters["weight"], lin_b._parameters["weight"], scaling, scale))
+        rows.append(lora_slot_rows(a, bt, scaling, scale))
     if not layers:
         return None
     return PreparedAdapter(adapter_name, copy.deepcopy(config), layers, rows)

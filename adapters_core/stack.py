@@ -274,20 +274,35 @@ def _held_rows(a_param: torch.Tensor, b_param: torch.Tensor) -> tuple[torch.Tens
     return out[0], out[1]
 
 
-def lora_slot_rows(a_param: torch.Tensor, b_param: torch.Tensor, scaling: float,
-                   scale: Optional[torch.Tensor] = None
+def plain_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A LoRA's factors before they become parameters, as the stacks hold them: (A [r, in] contiguous, B
+    [out, r] whose storage is laid out as Bt, that Bt [r, out]), without autograd history, sharing storage
+    with what was given where it already is so (a packed or mapped adapter's: then two tensor calls a layer,
+    where detaching the parameters made of them again took four, each handing a loader's GIL to the server)."""
+    if a.requires_grad:
+        a = a.detach()
+    if b.requires_grad:
+        b = b.detach()
+    if not a.is_contiguous():
+        a = a.contiguous()
+    bt = b.T                                                                        # [r, out]
+    if not bt.is_contiguous():
+        bt = bt.contiguous()
+        b = bt.T
+    return a, b, bt
+
+
+def lora_slot_rows(a: torch.Tensor, bt: torch.Tensor, scaling: float, scale: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[int]]]:
-    """What `LayerStack.write` holds for a plain LoRA whose lora_A / lora_B weights are `a_param` [r, in] and
-    `b_param` [out, r] with delta scale `scaling`: (A, Bt [r, out], fp32 scale [r], the kernel's table row, or
-    None where the kernel cannot read the factors). For an adapter not yet in the model
-    (`prepared.prepare_adapter`, off the serving thread): B's storage is laid out transposed if it is not.
-    `scale`: the fp32 [r] rows of `scaling` on A's device when the caller has them (layers of one rank and
-    scaling may share them: nothing writes them), else they are made here."""
-    a, bt = _held_rows(a_param, b_param)
+    """What `LayerStack.write` holds for a plain LoRA with factors A [r, in] and Bt [r, out] as `plain_factors`
+    gives them (the lora_A / lora_B parameters share their storage) and delta scale `scaling`: (A, Bt, fp32
+    scale [r], the kernel's table row, or None where the kernel cannot read the factors). For an adapter not
+    yet in the model (`prepared.prepare_adapter`, off the serving thread). `scale`: the fp32 [r] rows of
+    `scaling` on A's device when the caller has them (layers of one rank and scaling may share them: nothing
+    writes them), else they are made here."""
     if scale is None:
         scale = lora_scale_rows(a.shape[0], scaling, a.device)
-    row = sgmv.table_row(a, bt, scale)
-    return a, bt, scale, row
+    return a, bt, scale, sgmv.table_row(a, bt, scale)
 
 
 def transposed_b(b: torch.Tensor) -> torch.Tensor:
