@@ -10,7 +10,6 @@ active on the model, forward switches to the stacked per-row / per-token path in
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedFeatureError
+from .held_linear import linear_holding
 from .matching import is_conv1d
 from .stack import stacked_forward
 
@@ -55,52 +55,6 @@ _CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     """LoRA's delta scale: alpha / r, or rsLoRA's alpha / sqrt(r)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def linear_holding(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   requires_grad: bool = True) -> nn.Linear:
-    """An nn.Linear whose parameters are `weight` [out, in] (and `bias` [out]) as given: nn.Linear's own
-    constructor allocates and initialises new ones (reset_parameters runs even on the meta device, ~0.3 ms
-    per layer of every adapter load). Its state is what `nn.Module.__init__` and two parameter assignments
-    leave, built directly: through Module's `__setattr__` (its isinstance checks against Parameter's
-    metaclass) the two modules per layer were half of preparing an adapter (~25 us each)."""
-    lin = nn.Linear.__new__(nn.Linear)
-    template = _fresh_module_state()
-    w = _parameter(weight, requires_grad)
-    b = None if bias is None else _parameter(bias, requires_grad)
-    if template is None:                  # a torch whose fresh module state is not plain empty containers
-        nn.Module.__init__(lin)
-        lin.weight, lin.bias = w, b
-    else:
-        state = lin.__dict__
-        for key, value, kind in template:
-            state[key] = value if kind is None else kind()     # in __init__'s order, fresh containers
-        state["_parameters"]["weight"], state["_parameters"]["bias"] = w, b
-    state = lin.__dict__
-    state["in_features"], state["out_features"] = weight.shape[1], weight.shape[0]
-    return lin
-
-
-def _parameter(tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:
-    """`nn.Parameter(tensor, requires_grad)`: for a plain tensor, the one call its constructor makes (half its
-    cost; a loader makes two per adapted layer)."""
-    if type(tensor) is torch.Tensor:
-        return torch.Tensor._make_subclass(nn.Parameter, tensor, requires_grad)
-    return nn.Parameter(tensor, requires_grad=requires_grad)
-
-
-@functools.cache
-def _fresh_module_state() -> Optional[tuple]:
-    """The attributes `nn.Module.__init__` gives a module (this torch version's), in its order, as (name,
-    value, None) for a plain value and (name, None, type) for a container, all of which are empty: the
-    template `linear_holding` fills a module's state from (a type known in advance, not an `isinstance` per
-    attribute of every module); None if some container is not empty (then it is not used)."""
-    module = nn.Module.__new__(nn.Module)
-    nn.Module.__init__(module)
-    state = module.__dict__
-    if any(isinstance(v, (dict, set)) and v for v in state.values()):
-        return None
-    return tuple((k, None, type(v)) if isinstance(v, (dict, set)) else (k, v, None) for k, v in state.items())
 
 
 def _meta_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
