@@ -3,7 +3,8 @@
 A full (generation 2) collection visits every tracked object the process holds, with the GIL held; Python
 starts one on its own in whichever thread allocates when one is due, and that is usually the engine thread in
 the middle of a step. Resident adapters are most of those objects (a SmolLM2 adapter on q/v is ~2,300: its
-120 `nn.Linear` and their hook dicts, ~290,000 for 128 resident), so with 1,000 adapters in rotation (a load
+120 `nn.Linear` and their hook dicts, ~290,000 for 128 resident; ~790 since those modules make their hook
+containers on first use, `adapters_core/held_linear.py`), so with 1,000 adapters in rotation (a load
 every ~80 ms) measured over 30 s: 8 automatic full collections, up to 127 ms each, all inside steps that
 admitted requests (14.5 ms added to such a step on average). Moving the same collections beside the step
 was not enough (each still held the GIL ~100 ms and a core the step's kernels wanted), and making them rarer
