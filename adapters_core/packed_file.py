@@ -132,18 +132,31 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path}: {length} bytes, its header says {end}")
     data = torch.frombuffer(mapped, dtype=torch.uint8)            # [length]; holds the mapping open
     transposed = set(json.loads(metadata.get("transposed", "[]")))
-    flat = {}
-    for code, run in _runs(path, header, length - base).items():   # one view and one split per dtype
-        dtype = _DTYPES[code]
-        numels = [math.prod(shape) for _, _, shape in run]
-        start = run[0][0]
-        parts = data[base + start:base + start + sum(numels) * dtype.itemsize].view(dtype).split(numels)
-        flat.update((key, (part, shape)) for (_, key, shape), part in zip(run, parts))   # [numel] each
+    typed = {}                                                    # dtype code -> (its run's view, element 0)
+    for code, run in _runs(path, header, length - base).items():
+        size = _DTYPES[code].itemsize
+        start, (last, _, last_shape) = run[0][0], run[-1]
+        view = data[base + start:base + last + math.prod(last_shape) * size].view(_DTYPES[code])
+        typed[code] = (view, size, view.storage_offset() - start // size)
     out = {}
-    for key in header:                                            # the saved order
-        part, shape = flat[key]
-        out[key] = part.view(shape).T if key in transposed else part.view(shape)   # a B: Bt [r, out] stored
+    for key, entry in header.items():                             # the saved order: one call a tensor
+        view, size, origin = typed[entry["dtype"]]
+        shape, offset = entry["shape"], origin + entry["data_offsets"][0] // size
+        if key in transposed:                                     # a B: Bt [r, out] stored, B [out, r] given
+            if len(shape) != 2:
+                raise ValueError(f"{path}: {key} is listed as transposed but has shape {shape}")
+            out[key] = view.as_strided((shape[1], shape[0]), (1, shape[1]), offset)
+        else:
+            out[key] = view.as_strided(shape, _contiguous_strides(shape), offset)
     return out, metadata
+
+
+def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
 
 
 def _populate(mapped: mmap.mmap) -> None:
