@@ -279,9 +279,9 @@ def plain_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     [out, r] whose storage is laid out as Bt, that Bt [r, out]), without autograd history, sharing storage
     with what was given where it already is so (a packed or mapped adapter's: then two tensor calls a layer,
     where detaching the parameters made of them again took four, each handing a loader's GIL to the server)."""
-    if a.requires_grad:
+    if a.requires_grad or type(a) is not torch.Tensor:         # (a Parameter: its plain tensor)
         a = a.detach()
-    if b.requires_grad:
+    if b.requires_grad or type(b) is not torch.Tensor:
         b = b.detach()
     if not a.is_contiguous():
         a = a.contiguous()

@@ -212,3 +212,22 @@ def test_paths_are_looked_up_as_a_walk_finds_them():
     different = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 2)), "c")   # v: rank 6
     assert different.rows[0][2] is not different.rows[1][2]
     assert torch.equal(different.rows[1][2], torch.full((6,), 12 / 6))
+
+
+def test_plain_factors_share_storage_and_lay_b_out_as_bt():
+    """`stack.plain_factors`: plain tensors (a Parameter's own tensor), A contiguous, B [out, r] whose storage
+    is Bt [r, out]: a B already laid out so (a packed or mapped adapter's) is shared, not copied; a B laid
+    out as [out, r] is copied once into that layout, with the same values."""
+    from adapters_core.stack import plain_factors
+
+    a = torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)
+    stored_bt = torch.randn(4, 16)
+    got_a, got_b, bt = plain_factors(a, stored_bt.T)
+    assert type(got_a) is torch.Tensor and got_a.data_ptr() == a.data_ptr() and got_a.is_contiguous()
+    assert bt.data_ptr() == stored_bt.data_ptr() and bt.is_contiguous() and torch.equal(got_b, stored_bt.T)
+    dense_b = torch.randn(16, 4)
+    _, got_b, bt = plain_factors(torch.randn(4, 8), dense_b)
+    assert bt.is_contiguous() and got_b.data_ptr() == bt.data_ptr() != dense_b.data_ptr()
+    assert torch.equal(got_b, dense_b) and torch.equal(bt, dense_b.T)
+    grad_a = torch.randn(4, 8, requires_grad=True)
+    assert not plain_factors(grad_a, stored_bt.T)[0].requires_grad
