@@ -64,20 +64,22 @@ def _fresh_module_state() -> Optional[tuple]:
     return tuple((k, None, type(v)) if isinstance(v, (dict, set)) else (k, v, None) for k, v in state.items())
 
 
-def _made_now(template: tuple) -> tuple:
-    """The template's entries a HeldLinear gets at construction: plain values and `_EAGER` containers (the
-    others are HeldLinear's descriptors)."""
+def _made_at_construction() -> Optional[tuple]:
+    """The template's entries a HeldLinear gets when it is made (plain values and the `_EAGER` containers),
+    after giving HeldLinear a `_MadeOnFirstUse` descriptor for each other container; None (and no
+    descriptors: every module then gets nn.Module's own `__init__`) without a usable template."""
+    template = _fresh_module_state()
+    if template is None:
+        return None
+    for name, _, kind in template:
+        if kind is not None and name not in _EAGER:
+            descriptor = _MadeOnFirstUse(kind)
+            descriptor.__set_name__(HeldLinear, name)
+            setattr(HeldLinear, name, descriptor)
     return tuple(entry for entry in template if entry[2] is None or entry[0] in _EAGER)
 
 
-_TEMPLATE = _fresh_module_state()
-if _TEMPLATE is not None:
-    for _name, _, _kind in _TEMPLATE:
-        if _kind is not None and _name not in _EAGER:
-            _descriptor = _MadeOnFirstUse(_kind)
-            _descriptor.__set_name__(HeldLinear, _name)
-            setattr(HeldLinear, _name, _descriptor)
-    _TEMPLATE = _made_now(_TEMPLATE)
+_TEMPLATE = _made_at_construction()
 
 
 def _parameter(tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:

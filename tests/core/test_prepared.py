@@ -152,7 +152,7 @@ def test_linear_holding_builds_what_nn_linear_would():
         return (len(gc.get_objects()) - before - 1) / len(made)
     held = tracked_per_module(lambda: linear_holding(weight, requires_grad=False))
     plain = tracked_per_module(lambda: torch.nn.Linear(5, 3, bias=False))
-    assert held <= 4 and plain >= 14, (held, plain)
+    assert held < 5.5 and plain > 13, (held, plain)      # ~4 against ~15 (other allocations may add a few)
     assert [(k, type(getattr(lin, k))) for k in vars(ref)] == [(k, type(v)) for k, v in vars(ref).items()]
     assert all(getattr(lin, k) is not getattr(other, k) for k, v in vars(ref).items() if isinstance(v, (dict, set)))
     buffer = io.BytesIO()
