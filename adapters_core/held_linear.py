@@ -16,7 +16,6 @@ __setstate__` restores them) finds it as on any module.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -50,7 +49,6 @@ class HeldLinear(nn.Linear):
         return "Linear"
 
 
-@functools.cache
 def _fresh_module_state() -> Optional[tuple]:
     """The attributes `nn.Module.__init__` gives a module (this torch version's), in its order, as (name,
     value, None) for a plain value and (name, None, type) for a container, all of which are empty: the

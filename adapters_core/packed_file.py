@@ -132,7 +132,7 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path}: {length} bytes, its header says {end}")
     data = torch.frombuffer(mapped, dtype=torch.uint8)            # [length]; holds the mapping open
     transposed = set(json.loads(metadata.get("transposed", "[]")))
-    typed = {}                                                    # dtype code -> (its run's view, element 0)
+    typed = {}                                        # dtype code -> (its run's view, itemsize, element 0's offset)
     for code, run in _runs(path, header, length - base).items():
         size = _DTYPES[code].itemsize
         start, (last, _, last_shape) = run[0][0], run[-1]
@@ -152,6 +152,7 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of `shape`, in elements (as torch gives them: empty extents count as 1)."""
     strides, step = [], 1
     for extent in reversed(shape):
         strides.append(step)

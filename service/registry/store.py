@@ -7,9 +7,10 @@ safetensors`: its tensors as the server holds them, which later loads map instea
 changed). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every file and the folder fsynced) and
 renamed into place in one `os.rename`; replacing first renames the old folder to `.trash-<uuid>.<name>` and,
 once the new one is in place, drops the name from the trash, so only a crash between those two renames finds
-a named trash and no `<name>`; deleting renames to `.trash-<uuid>` before removing. So after a crash every `<name>` folder is complete, and `clean()` at
-start-up removes whatever `.tmp-*` / `.trash-*` / half-written `registry.json` or `served.*` file was left
-(putting a replaced folder back if the crash came between a replace's renames). Every rename is followed by an
+a named trash and no `<name>`; deleting renames to `.trash-<uuid>` before removing. So after a crash every
+`<name>` folder is complete, and `clean()` at start-up removes whatever `.tmp-*` / `.trash-*` / half-written
+`registry.json` or `served.*` file was left (putting a replaced folder back if the crash came between a
+replace's renames). Every rename is followed by an
 fsync of the folder that holds it, so the order survives a power cut too, not only a killed process. Renames
 are quick and are called from the event loop, so they are ordered with the registry's bookkeeping; copying,
 hashing and removing trees are slow and run in worker threads.
