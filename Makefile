@@ -94,8 +94,9 @@ test: $(STAMP) deploy-tools browser-tools
 	$(PY) -m pytest -q -m "not gpu"
 
 # The suite on an AVX-512 machine with the code paths of an AVX2-only CPU: our C++ kernels built for x86-64-v3,
-# torch's kernels (ATEN_CPU_CAPABILITY) and oneDNN capped at AVX2. Not an AVX2 machine: the default dtype still
-# follows /proc/cpuinfo (bf16 where it lists AVX512-BF16), and so do the tests' feature checks.
+# torch's kernels (ATEN_CPU_CAPABILITY) and oneDNN capped at AVX2, and the flags the process reads
+# (adapters_core/cpu_flags.py) without AVX-512 and AMX, so the default dtype is float32 as on such a machine.
+# Not an AVX2 machine: its memory system and clock are this one's.
 test-avx2-paths: $(STAMP) deploy-tools browser-tools
 	ADAPTERS_CORE_KERNEL_ARCH=x86-64-v3 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
 		$(PY) -m pytest -q -m "not gpu"

@@ -19,19 +19,15 @@ import platform
 import threading
 from typing import Optional
 
+from .cpu_flags import ARCH_SWITCH, cpuinfo_flags_line
+
 log = logging.getLogger("adapters_core")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-ARCH_SWITCH = "ADAPTERS_CORE_KERNEL_ARCH"
 
 
 def cpu_key() -> str:
-    """A short hash of the CPU's architecture and feature flags."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags += platform.processor()
+    """A short hash of the CPU's architecture and feature flags (all of them: a native build uses them all)."""
+    flags = platform.machine() + (cpuinfo_flags_line() or platform.processor())
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 

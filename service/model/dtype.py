@@ -7,17 +7,16 @@ import functools
 
 import torch
 
+from adapters_core.cpu_flags import cpu_flags
+
 _FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in _FAST_BF16_CPU_FLAGS)
+    """The CPU computes bf16 fast, as this process may use it (`adapters_core.cpu_flags`: under an
+    `ADAPTERS_CORE_KERNEL_ARCH` level such as x86-64-v3, an AVX-512 CPU counts as the AVX2 one it stands for)."""
+    return any(flag in cpu_flags() for flag in _FAST_BF16_CPU_FLAGS)
 
 
 def default_device() -> torch.device:
