@@ -24,6 +24,11 @@ runs ours alone. vLLM's CPU build joins the f32 rounds with `--vllm-python`:
 (it serves the same weights dequantised into a Hugging Face folder, in fp32, with the same peft adapters).
 Usage:
     .venv/bin/python bench/peer_bench.py --llama-cpp peers/llama_cpp_python-0.3.36/vendor/llama.cpp [--rounds 3]
+The code paths of an AVX2 + FMA CPU on an AVX-512 one, both sides: a copy of the llama.cpp folder built with
+`-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF`
+instead of `-DGGML_NATIVE=ON`, and this benchmark run with `ADAPTERS_CORE_KERNEL_ARCH=x86-64-v3
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` (our server inherits them: kernels built for AVX2, torch held
+there, the CPU's flags read without AVX-512, so float32 by default).
 """
 
 from __future__ import annotations
