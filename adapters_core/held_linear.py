@@ -8,7 +8,7 @@ state (through Module's `__setattr__`, with its isinstance checks against Parame
 modules per layer were half of preparing an adapter). The modules are `HeldLinear`s: an nn.Linear whose hook
 containers (ten OrderedDicts and a set, 11 of the 15 objects the garbage collector visits per module) are made
 on first use. A server reads an adapter's factors through its slot rows and never hooks them, and each load
-of a SmolLM2 adapter on q/v made 120 such modules: ~2,230 tracked objects an adapter before, ~900 now, for the
+of a SmolLM2 adapter on q/v made 120 such modules: ~2,230 tracked objects an adapter before, ~790 now, for the
 full collections that a rotation of 1,000 adapters sets off (`service/engine/full_collector.py`). Everything
 that reads a hook container (a forward call, `state_dict`, registering a hook, pickling: `nn.Module.
 __setstate__` restores them) finds it as on any module.

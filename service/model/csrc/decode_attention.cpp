@@ -54,29 +54,31 @@ inline v16 broadcast16(float w) {
 #endif
 static_assert(sizeof(v16) == 16 * sizeof(float), "v16: 16 fp32 lanes, in order");
 
+inline v16 load16_fp32(const float* p) {          // 16 fp32 values (unaligned)
+  v16 out;
+#if defined(__AVX512F__)
+  std::memcpy(&out, p, sizeof(out));
+#else
+  std::memcpy(&out.lo, p, sizeof(out.lo));          // one 32-byte load each (the whole struct at once went
+  std::memcpy(&out.hi, p + 8, sizeof(out.hi));      // through 16-byte stack copies)
+#endif
+  return out;
+}
+
 template <typename T>
 inline v16 load16(const T* p) {                     // 16 values as fp32 (unaligned)
   if constexpr (std::is_same<T, float>::value) {
-    v16 out;
-#if defined(__AVX512F__)
-    std::memcpy(&out, p, sizeof(out));
-#else
-    std::memcpy(&out.lo, p, sizeof(out.lo));        // one 32-byte load each (the whole struct at once went
-    std::memcpy(&out.hi, p + 8, sizeof(out.hi));    // through 16-byte stack copies)
-#endif
-    return out;
+    return load16_fp32(p);
   } else {
 #if defined(__AVX512F__)
     v16 out;
     for (int l = 0; l < 16; ++l) out[l] = to_float(p[l]);
+    return out;
 #else
     float f[16];
     for (int l = 0; l < 16; ++l) f[l] = to_float(p[l]);
-    v16 out;
-    std::memcpy(&out.lo, f, sizeof(out.lo));
-    std::memcpy(&out.hi, f + 8, sizeof(out.hi));
+    return load16_fp32(f);
 #endif
-    return out;
   }
 }
 
