@@ -494,12 +494,12 @@ at::Tensor dequant_rows(at::Tensor w, int64_t fmt, int64_t K, at::Tensor index) 
 
 std::string isa() { return kIsa; }
 
-// Bytes of its first chunk each worker reads ahead (quant_read_ahead): half a Zen 4 core's 1 MiB L2, so the
+// Bytes of its first run each worker reads ahead (quant_read_ahead): half a Zen 4 core's 1 MiB L2, so the
 // lines read first are still there when the matmul comes.
 constexpr int64_t kReadAheadBytes = 256 << 10;
 
-// Starts the pool's workers reading the beginning of the chunk each will most likely take first in the next
-// matmul of the interleaved weight w (chunk t for worker t: the calling thread, part 0, claims chunk 0 as it
+// Starts the pool's workers reading the beginning of the run each will most likely take first in the next
+// matmul of the interleaved weight w (claim t for worker t: the calling thread, part 0, takes claim 0 as it
 // publishes the job, the workers wake to the next ones), and returns at once. Called by the decoder's layer
 // loop before the work between two matmuls (norms, rotary, attention, SwiGLU, residuals: ~55 us per layer of
 // one sequence on SmolLM2, during which the weights' memory sat idle); the matmul's `run` stops what is
@@ -509,11 +509,13 @@ void quant_read_ahead(const at::Tensor& w, int64_t fmt) {
   const int64_t groups = w.size(0) / kX16Rows, group_bytes = kX16Rows * w.size(1) * w.element_size();
   const int parts = spin_parts(groups);
   if (parts <= 1) return;
-  const int64_t chunk = spin_chunk_items(groups, parts) * group_bytes, total = groups * group_bytes;
   SpinPool& pool = SpinPool::instance();
-  pool.post(parts, [w, chunk, total, &pool](int t) {        // (w held: the pool lets go of it at the next job)
+  pool.post(parts, [w, groups, group_bytes, parts, &pool](int t) {   // (w held: the pool lets go of it at the next job)
     const uint8_t* base = static_cast<const uint8_t*>(w.data_ptr());
-    const int64_t begin = t * chunk, end = std::min({total, begin + chunk, begin + kReadAheadBytes});
+    const int64_t first = spin_claim_begin(groups, parts, t);
+    const int64_t begin = first * group_bytes;
+    const int64_t claimed = first < groups ? spin_claim_items(groups, parts, first) : 0;
+    const int64_t end = std::min((first + claimed) * group_bytes, begin + kReadAheadBytes);
     for (int64_t page = begin; page < end && !pool.cancelled(); page += 4096)   // stops when the matmul starts
       for (int64_t line = page; line < std::min(end, page + 4096); line += 64)
         (void)*reinterpret_cast<const volatile uint8_t*>(base + line);        // one read per cache line
@@ -550,7 +552,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_matmul_entry", &quant_matmul_entry, "quant_matmul_alongside's address (for csrc/decode_layers.cpp)");
   m.def("quant_read_ahead_entry", &quant_read_ahead_entry,
         "quant_read_ahead's address (for csrc/decode_layers.cpp)");
-  m.def("read_ahead", &quant_read_ahead, "start the pool's workers reading the start of their first chunks of an "
+  m.def("read_ahead", &quant_read_ahead, "start the pool's workers reading the start of their first runs of an "
         "interleaved weight's next matmul (CPU; tests)", py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the vector instruction set this build uses");
 }
