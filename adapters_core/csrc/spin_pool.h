@@ -199,9 +199,9 @@ inline int spin_parts(int64_t items, int64_t min_items = 2) {
 // values (a decode row's norm or SwiGLU, where waking a worker cost more than the work), else on the pool.
 inline int64_t spin_min_items(int64_t items, int64_t values) { return values > (1 << 16) ? 2 : items + 1; }
 
-// Items of the claim that starts at `begin` of a spin_parallel over `items` on `parts` threads.
+// Items of the claim that starts at `begin` of a spin_parallel over `items` on `parts` threads (0 at the end).
 inline int64_t spin_claim_items(int64_t items, int parts, int64_t begin) {
-  return std::max<int64_t>(1, (items - begin + 2 * int64_t{parts} - 1) / (2 * int64_t{parts}));
+  return (items - begin + 2 * int64_t{parts} - 1) / (2 * int64_t{parts});
 }
 
 // Where the `k`-th claim (0-based) of such a job starts when the claims are taken in turn (items: none left).
@@ -209,7 +209,7 @@ inline int64_t spin_claim_items(int64_t items, int parts, int64_t begin) {
 inline int64_t spin_claim_begin(int64_t items, int parts, int k) {
   int64_t begin = 0;
   for (int i = 0; i < k && begin < items; ++i) begin += spin_claim_items(items, parts, begin);
-  return std::min(begin, items);
+  return begin;
 }
 
 inline void spin_parallel(int64_t items, const std::function<void(int64_t, int64_t)>& body,

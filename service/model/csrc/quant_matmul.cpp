@@ -514,8 +514,8 @@ void quant_read_ahead(const at::Tensor& w, int64_t fmt) {
     const uint8_t* base = static_cast<const uint8_t*>(w.data_ptr());
     const int64_t first = spin_claim_begin(groups, parts, t);
     const int64_t begin = first * group_bytes;
-    const int64_t claimed = first < groups ? spin_claim_items(groups, parts, first) : 0;
-    const int64_t end = std::min((first + claimed) * group_bytes, begin + kReadAheadBytes);
+    const int64_t end = std::min((first + spin_claim_items(groups, parts, first)) * group_bytes,
+                                 begin + kReadAheadBytes);
     for (int64_t page = begin; page < end && !pool.cancelled(); page += 4096)   // stops when the matmul starts
       for (int64_t line = page; line < std::min(end, page + 4096); line += 64)
         (void)*reinterpret_cast<const volatile uint8_t*>(base + line);        // one read per cache line
