@@ -11,11 +11,18 @@ the adapter loads of the window read from the server's metrics (count, and p50 o
 engine-thread part). Rows are printed as they finish; the last lines give the issue's ratios (steady K=max
 uniform / K=min uniform tokens/s, ITL p99 / p50 per run).
 
+The steady windows of the smallest and the largest K are minutes apart, and a shared machine's memory reads
+10-30 % faster or slower from one minute to the next, so the ratio of the two moves with it. With --pair-rounds
+N (default 3) the run ends with that ratio at the same moments: servers of the smallest and the largest K both
+up, each warmed with one unmeasured round, then N rounds on each in turn (uniform traffic; each round
+--pair-lead seconds unmeasured, then --pair-seconds measured, the other server idle); the medians and their
+ratio are printed beside the one from the rows.
+
 With --memory N it also measures resident memory per adapter: a server with room for N adapters, RSS after
 one base request, then after one request on each of N adapters, (difference / N) / the adapters' mean weight
 bytes.
 
-    .venv/bin/python bench/many_adapters.py                  # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python bench/many_adapters.py                  # the full run (about 15 minutes on 2 cores)
     .venv/bin/python bench/many_adapters.py --counts 16,1000 --distributions uniform --steady 30
 The adapters are written once under --workdir (default: a temporary folder) and linked into each store; by
 default so are their served files (`adapter_served_files`: made once in the pool; see --served-files). Before
@@ -294,6 +301,33 @@ async def memory_probe(args, workdir: Path, pool: Path, sizes: list[int]) -> dic
             "weight_mib": weight_mib, "ratio": per / weight_mib}
 
 
+async def same_moments(args, workdir: Path, pool: Path, low: int, high: int) -> dict:
+    """Steady uniform tokens/s of K=`low` and K=`high` taken in turn by two servers that are both up (see the
+    module docstring): one warm-up round each, then --pair-rounds measured rounds each; medians and ratio."""
+    if args.page_cache != "as-is":
+        set_page_cache(pool, high, args.page_cache)
+    rounds = argparse.Namespace(**{**vars(args), "cold": args.pair_lead, "steady": args.pair_seconds})
+    servers: dict[int, Server] = {}
+    got: dict[int, list[float]] = {low: [], high: []}
+    try:
+        for k in (low, high):
+            store = make_store(workdir, pool, k, f"pair-{k}", args.served_files)
+            servers[k] = serve(args, workdir, store, args.room, f"pair-server-{k}")
+        for i in range(args.pair_rounds + 1):                  # round 0 warms each server: not counted
+            for k in (low, high):
+                _, steady, extra = await run_traffic(servers[k].url, [f"a{j}" for j in range(k)], rounds, "uniform")
+                if extra["errors"]:
+                    print(f"  errors (K={k}, round {i}): {extra['errors']}", flush=True)
+                if i > 0:
+                    got[k].append(steady.tokens / (steady.end - steady.start))
+    finally:
+        for server in servers.values():
+            server.stop()
+    lo, hi = statistics.median(got[low]), statistics.median(got[high])
+    return {"low": low, "high": high, "rounds": {str(k): v for k, v in got.items()}, "low_tokens_s": lo,
+            "high_tokens_s": hi, "ratio": hi / lo}
+
+
 async def main_async(args, workdir: Path) -> dict:
     counts = [int(c) for c in args.counts.split(",")]
     pool = Path(args.pool or workdir / "pool")
@@ -331,6 +365,14 @@ async def main_async(args, workdir: Path) -> dict:
         lo, hi = min(steady_uniform), max(steady_uniform)
         report["ratio"] = steady_uniform[hi] / steady_uniform[lo]
         print(f"\nsteady uniform tokens/s K={hi} / K={lo}: {report['ratio']:.2f} (target >= 0.8)")
+    if args.pair_rounds > 0 and len(counts) > 1 and "uniform" in args.distributions.split(","):
+        low, high = min(counts), max(counts)
+        pair = report["same_moments"] = await same_moments(args, workdir, pool, low, high)
+        print(f"steady uniform tokens/s K={high} / K={low} at the same moments ({args.pair_rounds} rounds of "
+              f"{args.pair_seconds:g} s each, in turn): {pair['high_tokens_s']:.1f} / {pair['low_tokens_s']:.1f} = "
+              f"{pair['ratio']:.2f} (target >= 0.8; rounds K={high} "
+              f"{', '.join(f'{v:.1f}' for v in pair['rounds'][str(high)])}, K={low} "
+              f"{', '.join(f'{v:.1f}' for v in pair['rounds'][str(low)])})", flush=True)
     for r in rows:
         if r["itl_p50_ms"]:
             print(f"ITL p99/p50 K={r['K']} {r['traffic']} {r['window']}: {r['itl_p99_ms'] / r['itl_p50_ms']:.2f}")
@@ -369,6 +411,10 @@ def main(argv=None) -> dict:
     p.add_argument("--page-cache", default="warm", choices=["warm", "cold", "as-is"],
                    help="before each server: the store's files read into the page cache (warm), dropped from it "
                         "(cold), or left as they are (as-is)")
+    p.add_argument("--pair-rounds", type=int, default=3,
+                   help="rounds of K=min and K=max in turn, both servers up (0: skip; see the docstring)")
+    p.add_argument("--pair-seconds", type=float, default=20.0, help="seconds measured in each of those rounds")
+    p.add_argument("--pair-lead", type=float, default=5.0, help="seconds before each of them, not measured")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
