@@ -1,12 +1,14 @@
-"""Decode steps of sequences each on a LoRA adapter of its own (16 by default) vs the base, and what fetching
-each step's LoRA factors into the cache alongside the matmul before them (`direct_step.FACTORS_ALONGSIDE`) changes.
+"""Decode steps of sequences each on a LoRA adapter of its own (16 by default) vs the base, with the step's LoRA
+deltas computed three ways: beside each matmul on its threads (`direct_step.LORA_BESIDE`, the default), after it
+with the factors fetched into the cache alongside the matmul (`direct_step.FACTORS_ALONGSIDE`), or after it
+reading the factors from memory.
 
 The base weights are served as `--weight-format` (fp32 / bf16: the embedded GGUF converted at load as the
 service's setting does; gguf: as stored, Q4_1 with a Q8_0 head); `--sequences` adapters of rank `--rank` on all
 seven projections are held in bf16 (the peer benchmark's `--adapter-dtype bfloat16`). Each round runs the
-requests x `--new-tokens` on the base, then on the adapters with the alongside prefetch switched on and off at
-every other step, so both halves see the same moments of a memory system whose bandwidth moves by 10-20 %
-within a minute. Prints the median decode-step time of each, and adapters / base with and without. Usage:
+requests x `--new-tokens` on the base, then on the adapters with the three ways taken in turn, one a step, so
+all see the same moments of a memory system whose bandwidth moves by 10-20 % within a minute. Prints the median
+decode-step time of each, and adapters / base for each. Usage:
     .venv/bin/python bench/lora_alongside_bench.py [--weight-format fp32] [--rounds 5] [--rank 16] [--sequences 16]
 """
 
@@ -64,9 +66,12 @@ def write_adapters(config, count: int, rank: int, directory: str) -> list[str]:
     return paths
 
 
-def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> dict[bool, list[float]]:
-    """Seconds of each decode step (prefill steps left out) of one run, keyed by FACTORS_ALONGSIDE; with
-    `alternate` the switch flips at every step, else it stays on."""
+MODES = {"beside": (True, True), "alongside": (False, True), "memory": (False, False)}   # (BESIDE, ALONGSIDE)
+
+
+def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> dict[str, list[float]]:
+    """Seconds of each decode step (prefill steps left out) of one run, keyed by mode (MODES); with
+    `alternate` the mode changes at every step, else it stays "beside" (the default)."""
     engine = Engine(model, EngineConfig(max_batch_size=len(prompts), max_seq_len=256, max_batch_tokens=1024,
                                         prefill_chunk=256), eos_token_ids=eos)
     engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)
@@ -74,14 +79,14 @@ def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for p, a in zip(prompts, adapters):
         engine.submit(GenerationRequest(p, params, a), lambda event: None)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     last: list = [None]
     engine.step_listeners.append(lambda stats: last.__setitem__(0, stats))
     step = 0
     try:
         while engine.has_work():
-            mode = step % 2 == 0 if alternate else True
-            direct_step.FACTORS_ALONGSIDE = mode
+            mode = list(MODES)[step % len(MODES)] if alternate else "beside"
+            direct_step.LORA_BESIDE, direct_step.FACTORS_ALONGSIDE = MODES[mode]
             start = time.perf_counter()
             engine.step()
             took = time.perf_counter() - start
@@ -90,7 +95,7 @@ def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> 
                 times[mode].append(took)
             step += 1
     finally:
-        direct_step.FACTORS_ALONGSIDE = True
+        direct_step.LORA_BESIDE, direct_step.FACTORS_ALONGSIDE = MODES["beside"]
     return times
 
 
@@ -117,12 +122,12 @@ def main() -> None:
                             factor_dtype=torch.bfloat16)
             names.append(f"a{i}")
     base: list[float] = []
-    lora: dict[bool, list[float]] = {False: [], True: []}
+    lora: dict[str, list[float]] = {mode: [] for mode in MODES}
 
     def work():                               # the engine steps in a thread of its own: so does this
         with torch.inference_mode():
             for _ in range(args.rounds):
-                base.extend(decode_steps(model, prompts, [None] * n, args.new_tokens, eos, False)[True])
+                base.extend(decode_steps(model, prompts, [None] * n, args.new_tokens, eos, False)["beside"])
                 for mode, times in decode_steps(model, prompts, names, args.new_tokens, eos, True).items():
                     lora[mode].extend(times)
 
@@ -130,12 +135,14 @@ def main() -> None:
     thread.start()
     thread.join()
     b = statistics.median(base)
-    off, on = statistics.median(lora[False]), statistics.median(lora[True])
     print(f"weights {args.weight_format}, {n} sequences, {n} adapters r={args.rank} (bf16, all projections), "
           f"{args.rounds} rounds; median decode step:")
-    print(f"  base                        {b * 1e3:7.2f} ms  ({len(base)} steps)")
-    print(f"  adapters, factors from memory  {off * 1e3:7.2f} ms  adapters / base {b / off:.3f}")
-    print(f"  adapters, factors alongside    {on * 1e3:7.2f} ms  adapters / base {b / on:.3f}")
+    print(f"  {'base':<46} {b * 1e3:7.2f} ms  ({len(base)} steps)")
+    labels = {"beside": "deltas beside each matmul", "alongside": "after it, factors fetched alongside",
+              "memory": "after it, factors from memory"}
+    for mode, label in labels.items():
+        t = statistics.median(lora[mode])
+        print(f"  {'adapters, ' + label:<46} {t * 1e3:7.2f} ms  adapters / base {b / t:.3f}")
 
 
 if __name__ == "__main__":

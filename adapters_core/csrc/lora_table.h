@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace lora_table {
 
@@ -14,5 +15,10 @@ enum Dtype : int64_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 // Bytes per value of a factor dtype code.
 inline int64_t element_bytes(int64_t dtype) { return dtype == kFloat ? 4 : 2; }
+
+// How the fused kernel's split entry (sgmv.cpp's lora_add_group_split_) hands its work over: runner(items,
+// body) must call body(begin, end) over runs covering [0, items) once each, on any threads (the decoder's loop
+// runs them beside the matmul of the same input).
+using Runner = std::function<void(int64_t items, const std::function<void(int64_t, int64_t)>& body)>;
 
 }  // namespace lora_table

@@ -177,10 +177,11 @@ inline void lora_row(const float* xf, const int64_t* row, const float* tok_scale
 
 template <typename xt, typename rt>
 void lora_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots, const float* scales,
-                int64_t tokens, const std::vector<Member>& members, int64_t max_rank, int64_t max_out) {
+                int64_t tokens, const std::vector<Member>& members, int64_t max_rank, int64_t max_out,
+                const Runner& runner) {
   static const int64_t kEmpty[kColumns] = {0, 0, 0, 0, 0, 0, 0};
   const int64_t n_members = static_cast<int64_t>(members.size());
-  spin_parallel(tokens, [&](int64_t g_begin, int64_t g_end) {
+  runner(tokens, [&](int64_t g_begin, int64_t g_end) {
     std::vector<float> xf(in), h(max_rank + 4), acc(max_out);  // per thread, reused for its tokens
     for (int64_t g = g_begin; g < g_end; ++g) {
       const xt* xg = x + g * x_stride;
@@ -213,8 +214,8 @@ void lora_group(const xt* x, int64_t x_stride, int64_t in, const int64_t* slots,
 // same input: q/k/v, gate/up): one call and one pass over the tokens. x and the results any of fp32 / bf16 /
 // fp16, the results sharing one dtype. scales: None, or [T] fp32 contiguous multiplying each token's h. The
 // tables' addresses are trusted (adapters_core's stacks keep the tensors alive); their sizes are checked.
-void lora_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> tables,
-                     torch::Tensor slots, c10::optional<torch::Tensor> scales) {
+void lora_add_group_split_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> tables,
+                           torch::Tensor slots, c10::optional<torch::Tensor> scales, const Runner& runner) {
   TORCH_CHECK(!results.empty() && results.size() == tables.size(), "sgmv: one table per result");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
               "sgmv: x and result must be 2-D with contiguous rows");
@@ -254,9 +255,17 @@ void lora_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::v
     using xt = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, results[0].scalar_type(), "sgmv_result", [&] {
       lora_group<xt, scalar_t>(x.data_ptr<xt>(), x.stride(0), x.size(1), sp, scale_p, x.size(0), members, max_rank,
-                               max_out);
+                               max_out, runner);
     });
   });
+}
+
+void lora_add_group_(std::vector<torch::Tensor> results, torch::Tensor x, std::vector<torch::Tensor> tables,
+                     torch::Tensor slots, c10::optional<torch::Tensor> scales) {
+  lora_add_group_split_(std::move(results), std::move(x), std::move(tables), std::move(slots), std::move(scales),
+                        [](int64_t items, const std::function<void(int64_t, int64_t)>& body) {
+                          spin_parallel(items, body);
+                        });
 }
 
 namespace {
@@ -372,6 +381,12 @@ std::vector<bool> unpack_(torch::Tensor src, std::vector<torch::Tensor> dsts, st
 // compiler against the same libtorch, so the signature is the same on both sides).
 int64_t lora_add_group_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&lora_add_group_)); }
 
+// lora_add_group_split_'s address, for the same loop: the checks and set-up of lora_add_group_, then the
+// tokens handed to the caller's runner (lora_table::Runner) instead of the pool, with the same arithmetic.
+int64_t lora_add_group_split_entry() {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(&lora_add_group_split_));
+}
+
 // Each kernel releases the GIL while it runs, so the event loop thread (HTTP, streaming) runs beside a step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_copy_", &transpose_copy_, "dst = src.T for contiguous 2-D tensors, any float dtypes, in tiles",
@@ -381,6 +396,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "it is all finite",
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_add_group_entry", &lora_add_group_entry, "lora_add_group_'s address (for decode_layers.cpp)");
+  m.def("lora_add_group_split_entry", &lora_add_group_split_entry,
+        "lora_add_group_split_'s address (for decode_layers.cpp)");
   m.def("lora_add_group_", &lora_add_group_, "results[k] += per-token LoRA shrink and expand read through tables",
         py::arg("results"), py::arg("x"), py::arg("tables"), py::arg("slots"), py::arg("scales") = py::none(),
         py::call_guard<py::gil_scoped_release>());

@@ -232,3 +232,50 @@ inline void spin_parallel(int64_t items, const std::function<void(int64_t, int64
     }
   });
 }
+
+// spin_parallel(items, body) with other work beside it on the same threads: `side` over `side_items`, claimed
+// from a queue of its own in the same guided runs. The workers take side runs first and the calling thread
+// the main ones; a thread whose queue runs dry moves to the other, so neither waits while the other has runs
+// left. Made for a decode step's LoRA deltas beside the matmul of the same input (decode_layers.cpp): the
+// deltas' reads of the adapters' factors are paced by one core's fetch rate, the matmul by arithmetic, and
+// side by side each keeps its pace where one after the other the step paid both. `side_left` (set to
+// side_items by the caller) counts down as side runs finish (release order), so main runs can see, with an
+// acquire load, when all of the side work is done. Neither body may start a spin_parallel of its own.
+inline void spin_parallel_beside(int64_t items, const std::function<void(int64_t, int64_t)>& body, int64_t side_items,
+                                 const std::function<void(int64_t, int64_t)>& side, std::atomic<int64_t>& side_left,
+                                 int64_t min_items = 2) {
+  const int parts = std::max(spin_parts(items, min_items), spin_parts(side_items, 2));
+  auto claims = [parts](std::atomic<int64_t>& next, int64_t total, const std::function<void(int64_t, int64_t)>& fn,
+                        std::atomic<int64_t>* left) {
+    for (;;) {
+      int64_t begin = next.load(std::memory_order_relaxed), end;
+      do {
+        if (begin >= total) return;
+        end = std::min(total, begin + spin_claim_items(total, parts, begin));
+      } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
+      fn(begin, end);
+      if (left != nullptr) left->fetch_sub(end - begin, std::memory_order_release);
+    }
+  };
+  std::atomic<int64_t> next_main{0}, next_side{0};
+  if (parts <= 1) {
+    claims(next_side, side_items, side, &side_left);
+    claims(next_main, items, body, nullptr);
+    return;
+  }
+  SpinPool::instance().run(parts, [&](int t) {
+    if (t != 0) claims(next_side, side_items, side, &side_left);
+    claims(next_main, items, body, nullptr);
+    claims(next_side, side_items, side, &side_left);
+  });
+}
+
+// Work a matmul's threads do beside it (spin_parallel_beside): `items` runs of `body`, which write an fp32
+// delta [M, N] (row stride ldd) that is then added to the matmul's output, out = (x W^T + bias) + delta, the
+// same two roundings as the matmul followed by an in-place add of the delta.
+struct BesideWork {
+  int64_t items = 0;
+  const std::function<void(int64_t, int64_t)>* body = nullptr;
+  const float* delta = nullptr;
+  int64_t ldd = 0;
+};

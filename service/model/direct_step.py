@@ -46,6 +46,10 @@ READ_AHEAD = True
 # threads to pull into the cache as they compute (quant_matmul_alongside); False: the fused call reads them
 # from memory itself (the A/B of bench/lora_alongside_bench.py).
 FACTORS_ALONGSIDE = True
+# The C++ loop has each matmul's threads compute the LoRA deltas of its input beside it (the workers take the
+# deltas first, the calling thread the matmul; quant_matmul_beside), added as the matmul stores its outputs;
+# False: the matmul first, then the fused call (with FACTORS_ALONGSIDE's prefetch).
+LORA_BESIDE = True
 
 
 def _stored_base(module, group: Optional[QuantGroup], loras: list) -> Optional[QuantLinear]:
@@ -151,9 +155,10 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
         gate = getattr(model, "step_gate", None)          # others may evict adapters meanwhile (step_gate.py)
         with gate.opened() if gate is not None else contextlib.nullcontext():
             ahead = qm.quant_read_ahead_entry() if READ_AHEAD and hasattr(qm, "quant_read_ahead_entry") else 0
+            beside = _beside_entries(qm) if LORA_BESIDE and lora[0] else (0, 0)
             return ops.decode_layers(x, qm.quant_matmul_entry(), ahead, FACTORS_ALONGSIDE, *tables, cos, sin,
                                      cache.k, cache.v, tokens, slots, last, model.config.head_dim ** -0.5, *lora,
-                                     chunks)
+                                     chunks, *beside)
     for w in works:
         layer = w.layer
         attn = layer.self_attn
@@ -233,6 +238,15 @@ def _native_lora(works, mapping, tokens: int) -> Optional[tuple]:
             layer[6] = m.stack.table
         tables += layer
     return kernel.lora_add_group_entry(), tables, mapping.token_slots(tokens), mapping.token_scales(tokens)
+
+
+def _beside_entries(qm) -> tuple[int, int]:
+    """(quant_matmul_beside's address, lora_add_group_split_'s) for decode_layers, or (0, 0) where a build
+    lacks either (the deltas then follow each matmul)."""
+    kernel = sgmv.kernel()
+    if not hasattr(qm, "quant_matmul_beside_entry") or not hasattr(kernel, "lora_add_group_split_entry"):
+        return 0, 0
+    return qm.quant_matmul_beside_entry(), kernel.lora_add_group_split_entry()
 
 
 def _native_tables(model, works) -> Optional[tuple]:

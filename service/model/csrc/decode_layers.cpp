@@ -18,14 +18,21 @@
 // memory. bench/lora_alongside_bench.py on the Zen 4 (16 sequences on 16 bf16 r=16 adapters, all projections,
 // the machine reading fast): the LoRA calls 6.3 -> 3.0 ms a step on Q4_1 weights, the step 40.17 -> 38.58 ms;
 // one sequence on one adapter 6.62 -> 6.39 ms (Q4_1), 21.11 -> 20.78 (F32). F32 / BF16 matmuls of more than
-// 2 rows take no spans (quant_x16.h's x16_matmul says why).
+// 2 rows take no spans (quant_x16.h's x16_matmul says why). Given `matmul_beside` and `lora_split`, each
+// matmul's LoRA deltas are instead computed beside it on its threads (LoraDeltas::project): on one core the
+// deltas' reads are paced by its fetch rate (~14 GB/s on the Zen 4) while the other computes, where one after
+// the other the step paid both (16 sequences on 16 bf16 r=16 adapters, F32, 2 cores: 48.52 -> 47.39 ms a step,
+// adapters / base 0.922 -> 0.944; Q4_1 45.74 -> 44.07).
 #include <torch/extension.h>
 
 #include "lora_table.h"
 #include "ops.h"
+#include "spin_pool.h"
 
 #include <algorithm>
+#include <functional>
 #include <initializer_list>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -41,6 +48,10 @@ constexpr int kLoraPerLayer = 7;       // LoRA slot tables of q, k, v, o, gate, 
 
 using LoraAdd = void (*)(std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, at::Tensor,
                          c10::optional<at::Tensor>);
+using LoraSplit = void (*)(std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>, at::Tensor,
+                           c10::optional<at::Tensor>, const lora_table::Runner&);       // lora_add_group_split_
+using QuantBeside = at::Tensor (*)(at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>,
+                                   c10::optional<at::Tensor>, const BesideWork*);     // quant_matmul_beside
 
 // The LoRA deltas of a step: adds, for the projections of one input that have a table, each token's delta
 // into its output (a column slice of the joined matmul's result) with one fused call.
@@ -55,8 +66,10 @@ struct LoraDeltas {
   at::Tensor slots;
   c10::optional<at::Tensor> scales;
   bool alongside = true;              // factors() lists them (else the matmuls pull nothing alongside)
+  LoraSplit split = nullptr;          // with `beside`: each matmul's threads compute its deltas beside it
+  QuantBeside beside = nullptr;
 
-  void apply(int64_t layer, const at::Tensor& input, std::initializer_list<std::pair<int, at::Tensor>> outputs) const {
+  void apply(int64_t layer, const at::Tensor& input, const std::vector<std::pair<int, at::Tensor>>& outputs) const {
     if (add == nullptr) return;
     std::vector<at::Tensor> results, used;
     for (const auto& [column, output] : outputs) {
@@ -69,11 +82,59 @@ struct LoraDeltas {
     if (!results.empty()) add(results, input, used, slots, scales);
   }
 
+  // out = input @ W^T (+ bias) for the layer's weight t[0] (format f, row scales t[1], bias t[2]) with the
+  // deltas of `columns` (table column, first output column, width) added; `between` runs right after the matmul
+  // (the read-ahead of the next weight). With `split` the deltas are computed into a scratch buffer by the
+  // matmul's threads beside it (spin_parallel_beside) and added as it stores its outputs; else the matmul
+  // pulls the factors into the cache alongside and the fused call adds them after it.
+  template <typename Between>
+  at::Tensor project(QuantMatmul qm, int64_t layer, const at::Tensor& input, const c10::optional<at::Tensor>* t,
+                     int64_t f, std::initializer_list<std::tuple<int, int64_t, int64_t>> columns,
+                     Between&& between) const {
+    at::Tensor out;
+    if (add == nullptr || split == nullptr || beside == nullptr) {
+      std::vector<int> cols;
+      for (const auto& [column, first, width] : columns) cols.push_back(column);
+      std::vector<int64_t> side = factors(layer, cols);
+      out = qm(input, *t[0], f, t[1], t[2], side.data(), side.size() / 2);
+      between();
+      std::vector<std::pair<int, at::Tensor>> outputs;
+      for (const auto& [column, first, width] : columns) outputs.emplace_back(column, out.narrow(1, first, width));
+      apply(layer, input, outputs);
+      return out;
+    }
+    const int64_t n = input.size(0), width_all = t[0]->size(0);
+    at::Tensor scratch = at::empty({n, width_all}, input.options());                    // [N, out]: the deltas
+    std::vector<at::Tensor> results, used;
+    for (const auto& [column, first, width] : columns) {
+      const auto& table = tables[layer * kLoraPerLayer + column];
+      if (table.has_value()) {
+        results.push_back(scratch.narrow(1, first, width));
+        used.push_back(*table);
+      }
+    }
+    if (results.empty()) {
+      out = qm(input, *t[0], f, t[1], t[2], nullptr, 0);
+    } else {
+      float* delta = scratch.data_ptr<float>();
+      split(results, input, used, slots, scales, [&](int64_t items, const std::function<void(int64_t, int64_t)>& body) {
+        const std::function<void(int64_t, int64_t)> work = [&](int64_t begin, int64_t end) {
+          std::fill(delta + begin * width_all, delta + end * width_all, -0.0f);   // -0 + d is d, o + -0 is o
+          body(begin, end);
+        };
+        const BesideWork job{items, &work, delta, width_all};
+        out = beside(input, *t[0], f, t[1], t[2], &job);
+      });
+    }
+    between();
+    return out;
+  }
+
   // (address, bytes) of whole cache lines: the A and Bt factors that apply() of `columns` will read, each
   // adapter in the step once, in the order of the tokens (the fused kernel's order), for the matmul before it
   // to pull into the cache as it computes (quant_matmul_alongside). The addresses come from the tables (the
   // stacks keep those tensors alive); only prefetched.
-  std::vector<int64_t> factors(int64_t layer, std::initializer_list<int> columns) const {
+  std::vector<int64_t> factors(int64_t layer, const std::vector<int>& columns) const {
     std::vector<int64_t> spans;
     if (add == nullptr || !alongside) return spans;
     const int64_t n = slots.numel();
@@ -108,7 +169,8 @@ struct LoraDeltas {
 // k_cache / v_cache [layers, slots, Hkv, T, D]; tokens / slots / positions as decode_attention_ takes them.
 // `read_ahead`: quant_read_ahead's address, or 0 for none. LoRA deltas, when `lora_add` (lora_add_group_'s
 // address) is not 0: `lora_tables` holds kLoraPerLayer slot tables (or None) per layer, `lora_slots` [N]
-// int64 each token's slot, `lora_scales` [N] fp32 or None.
+// int64 each token's slot, `lora_scales` [N] fp32 or None; `matmul_beside` and `lora_split` (quant_matmul_beside's
+// and lora_add_group_split_'s addresses, or 0) have the deltas computed beside each matmul.
 // Prompt chunks of a mixed step: `prefill_seqs` holds (slot, start, length, first row) per chunk; their keys and
 // values are written into the cache first, then the decode rows attend, then each chunk attends causally with
 // `scaled_dot_product_attention` (decoder.py's Attention.forward_step, the same ops in the same order).
@@ -118,7 +180,8 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool 
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
                          at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,
                          std::vector<c10::optional<at::Tensor>> lora_tables, c10::optional<at::Tensor> lora_slots,
-                         c10::optional<at::Tensor> lora_scales, std::vector<int64_t> prefill_seqs) {
+                         c10::optional<at::Tensor> lora_scales, std::vector<int64_t> prefill_seqs,
+                         int64_t matmul_beside, int64_t lora_split) {
   const auto qm = reinterpret_cast<QuantMatmul>(static_cast<intptr_t>(matmul));
   const auto ahead = reinterpret_cast<ReadAhead>(static_cast<intptr_t>(read_ahead));
   TORCH_CHECK(layers.size() % kTensorsPerLayer == 0 && formats.size() * kTensorsPerLayer ==
@@ -149,7 +212,12 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool 
                 "decode_layers: one int64 LoRA slot per row");
     lora = LoraDeltas{reinterpret_cast<LoraAdd>(static_cast<intptr_t>(lora_add)), lora_tables.data(), *lora_slots,
                       lora_scales, factors_alongside};
+    if (matmul_beside != 0 && lora_split != 0) {
+      lora.split = reinterpret_cast<LoraSplit>(static_cast<intptr_t>(lora_split));
+      lora.beside = reinterpret_cast<QuantBeside>(static_cast<intptr_t>(matmul_beside));
+    }
   }
+  const int64_t d_model = x.size(1);
   read_next(0, 0);
   x = x.clone(at::MemoryFormat::Contiguous);    // the residual stream, added to in place (not the caller's x)
   at::Tensor down;                   // the previous layer's output, added to x with the next norm
@@ -157,11 +225,8 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool 
     const auto* t = layers.data() + l * kTensorsPerLayer;
     const int64_t* f = formats.data() + l * kIntsPerLayer;
     at::Tensor h = l == 0 ? rms_norm(x, *t[0], eps) : add_rms_norm_(x, down, *t[0], eps);  // [N, d]
-    std::vector<int64_t> side = lora.factors(l, {0, 1, 2});
-    at::Tensor qkv = qm(h, *t[2], f[0], t[3], t[4], side.data(), side.size() / 2);        // [N, q + 2 kv]
-    read_next(l, 1);
-    lora.apply(l, h, {{0, qkv.narrow(1, 0, q_size)}, {1, qkv.narrow(1, q_size, kv_size)},
-                      {2, qkv.narrow(1, q_size + kv_size, kv_size)}});
+    at::Tensor qkv = lora.project(qm, l, h, t + 2, f[0], {{0, 0, q_size}, {1, q_size, kv_size},
+                                  {2, q_size + kv_size, kv_size}}, [&] { read_next(l, 1); });   // [N, q + 2 kv]
     at::Tensor q = qkv.narrow(1, 0, q_size).view({n, heads, dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, kv_heads, dim});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, kv_heads, dim});
@@ -190,20 +255,12 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool 
       out.narrow(0, p.offset, p.length).copy_(att.select(0, 0).transpose(0, 1));               // [n, H, D]
     }
     at::Tensor attended = out.view({n, q_size});                                         // [N, H D]
-    side = lora.factors(l, {3});
-    at::Tensor o = qm(attended, *t[5], f[1], t[6], t[7], side.data(), side.size() / 2);   // [N, d]
-    read_next(l, 2);
-    lora.apply(l, attended, {{3, o}});
+    at::Tensor o = lora.project(qm, l, attended, t + 5, f[1], {{3, 0, d_model}}, [&] { read_next(l, 2); });  // [N, d]
     h = add_rms_norm_(x, o, *t[1], eps);                                                 // x += o; [N, d]
-    side = lora.factors(l, {4, 5});
-    at::Tensor gate_up = qm(h, *t[8], f[2], t[9], t[10], side.data(), side.size() / 2);   // [N, 2 I]
-    read_next(l, 3);
-    lora.apply(l, h, {{4, gate_up.narrow(1, 0, inter)}, {5, gate_up.narrow(1, inter, inter)}});
+    at::Tensor gate_up = lora.project(qm, l, h, t + 8, f[2], {{4, 0, inter}, {5, inter, inter}},
+                                      [&] { read_next(l, 3); });                         // [N, 2 I]
     at::Tensor hidden = silu_mul(gate_up.narrow(1, 0, inter), gate_up.narrow(1, inter, inter));   // [N, I]
-    side = lora.factors(l, {6});
-    down = qm(hidden, *t[11], f[3], t[12], t[13], side.data(), side.size() / 2);          // [N, d]
-    read_next(l + 1, 0);
-    lora.apply(l, hidden, {{6, down}});
+    down = lora.project(qm, l, hidden, t + 11, f[3], {{6, 0, d_model}}, [&] { read_next(l + 1, 0); });  // [N, d]
   }
   if (count > 0) x.add_(down);
   return x;

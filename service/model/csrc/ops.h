@@ -18,4 +18,5 @@ at::Tensor decode_layers(at::Tensor x, int64_t matmul, int64_t read_ahead, bool 
                          at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tokens,
                          at::Tensor slots, at::Tensor positions, double scale, int64_t lora_add,
                          std::vector<c10::optional<at::Tensor>> lora_tables, c10::optional<at::Tensor> lora_slots,
-                         c10::optional<at::Tensor> lora_scales, std::vector<int64_t> prefill_seqs);
+                         c10::optional<at::Tensor> lora_scales, std::vector<int64_t> prefill_seqs,
+                         int64_t matmul_beside, int64_t lora_split);

@@ -16,8 +16,12 @@
 #include "spin_pool.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <thread>
 #include <type_traits>
 #if defined(__F16C__) || defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -420,7 +424,7 @@ const uint8_t* weight_bytes(const at::Tensor& w, int64_t fmt, int64_t K) {
 // weight's threads also pull `alongside`'s spans into the cache as they go (quant_x16.h's Alongside).
 at::Tensor quant_matmul_with(const at::Tensor& x, const at::Tensor& w, int64_t fmt,
                              const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& bias,
-                             const Alongside* alongside) {
+                             const Alongside* alongside, const BesideWork* beside = nullptr) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "quant_matmul: x must be a 2-D fp32 CPU tensor with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -444,12 +448,21 @@ at::Tensor quant_matmul_with(const at::Tensor& x, const at::Tensor& w, int64_t f
                 "groups of 16 and no row scales");
     TORCH_CHECK(K % 32 == 0, "quant_matmul: interleaved weights have whole blocks of 32 columns, got ", K);
     if (M > 0)
-      x16_matmul(x16_base(fmt), x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N, alongside);
+      x16_matmul(x16_base(fmt), x.data_ptr<float>(), x.stride(0), M, wb, N, K, b, out.data_ptr<float>(), N, alongside,
+                 beside);
     return out;
   }
+  if (beside != nullptr) spin_parallel(beside->items, *beside->body);   // the rows' own layouts: work, then matmul
   if (M > 0 && N > 0)
     qmatmul_impl(x.data_ptr<float>(), x.stride(0), M, wb, w.size(1) * w.element_size(), fmt, N, K, scale, b,
                  out.data_ptr<float>(), N);
+  if (beside != nullptr) {
+    float* o = out.data_ptr<float>();
+    spin_parallel(M, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < N; ++j) o[i * N + j] += beside->delta[i * beside->ldd + j];
+    }, spin_min_items(M, M * N));
+  }
   return out;
 }
 
@@ -522,6 +535,35 @@ void quant_read_ahead(const at::Tensor& w, int64_t fmt) {
   });
 }
 
+// quant_matmul with `beside`'s work on the matmul's threads (spin_parallel_beside) and its delta added to the
+// result: out = (x W^T + bias) + delta, the bits of the matmul followed by out += delta.
+at::Tensor quant_matmul_beside(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
+                               c10::optional<at::Tensor> bias, const BesideWork* beside) {
+  return quant_matmul_with(x, w, fmt, row_scale, bias, nullptr, beside);
+}
+
+// quant_matmul_beside whose work copies delta [M, N] fp32 into the buffer it adds, row by row, each row after
+// `wait_us` microseconds (tests: with no wait the matmul adds most rows' deltas as it stores them; with a long
+// one it is done first and adds them all after)
+at::Tensor quant_matmul_beside_rows(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
+                                    c10::optional<at::Tensor> bias, at::Tensor delta, int64_t wait_us) {
+  TORCH_CHECK(delta.scalar_type() == at::kFloat && delta.is_contiguous() && delta.dim() == 2 &&
+              delta.size(0) == x.size(0) && delta.size(1) == w.size(0), "quant_matmul_beside_rows: delta must be a "
+              "contiguous fp32 [M, N] tensor");
+  at::Tensor buffer = at::full_like(delta, std::nanf(""));
+  const int64_t N = delta.size(1);
+  const float* from = delta.data_ptr<float>();
+  float* to = buffer.data_ptr<float>();
+  const std::function<void(int64_t, int64_t)> copy = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (wait_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(wait_us));
+      std::memcpy(to + i * N, from + i * N, N * sizeof(float));
+    }
+  };
+  const BesideWork work{x.size(0), &copy, to, N};
+  return quant_matmul_beside(x, w, fmt, row_scale, bias, &work);
+}
+
 // quant_matmul_alongside with the spans as an int64 [n, 2] tensor of (address, bytes) (tests)
 at::Tensor quant_matmul_spans(at::Tensor x, at::Tensor w, int64_t fmt, c10::optional<at::Tensor> row_scale,
                               c10::optional<at::Tensor> bias, at::Tensor spans) {
@@ -536,6 +578,11 @@ at::Tensor quant_matmul_spans(at::Tensor x, at::Tensor w, int64_t fmt, c10::opti
 // extension
 int64_t quant_matmul_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_matmul_alongside)); }
 
+// quant_matmul_beside's address, for the same loop
+int64_t quant_matmul_beside_entry() {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_matmul_beside));
+}
+
 // quant_read_ahead's address, for the same loop
 int64_t quant_read_ahead_entry() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&quant_read_ahead)); }
 
@@ -549,7 +596,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("quant_matmul_spans", &quant_matmul_spans, "quant_matmul whose threads also pull (address, bytes) spans "
         "into the cache (CPU; tests)", py::call_guard<py::gil_scoped_release>());
+  m.def("quant_matmul_beside_rows", &quant_matmul_beside_rows, "quant_matmul plus a delta its threads copy beside "
+        "it, each row after a wait (CPU; tests)", py::call_guard<py::gil_scoped_release>());
   m.def("quant_matmul_entry", &quant_matmul_entry, "quant_matmul_alongside's address (for csrc/decode_layers.cpp)");
+  m.def("quant_matmul_beside_entry", &quant_matmul_beside_entry,
+        "quant_matmul_beside's address (for csrc/decode_layers.cpp)");
   m.def("quant_read_ahead_entry", &quant_read_ahead_entry,
         "quant_read_ahead's address (for csrc/decode_layers.cpp)");
   m.def("read_ahead", &quant_read_ahead, "start the pool's workers reading the start of their first runs of an "

@@ -328,9 +328,13 @@ void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, i
   }
 }
 
-// out [M, N] = x [M, K] @ W^T (+ bias) for an interleaved weight (N a multiple of 16, K of 32).
+// out [M, N] = x [M, K] @ W^T (+ bias) for an interleaved weight (N a multiple of 16, K of 32). With `beside`,
+// its work runs on the same threads (spin_parallel_beside) and its delta is added to out: as each row group is
+// stored when the work is already done by then (most groups: the workers take it first), after the matmul for
+// the others.
 void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K,
-                const float* bias, float* out, int64_t ldo, const Alongside* alongside = nullptr) {
+                const float* bias, float* out, int64_t ldo, const Alongside* alongside = nullptr,
+                const BesideWork* beside = nullptr) {
   const int64_t blocks = K / 32, groups = N / kX16Rows;
   std::vector<float> xsum(fmt == Q4_1 ? M * blocks : 0);      // Q4_1's m multiplies each block's sum of x
   for (int64_t i = 0; fmt == Q4_1 && i < M; ++i)
@@ -347,7 +351,10 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
   // adapter gained in both states (F32 20.78 vs 21.11 and 20.40 vs 20.73, Q4_1 6.39 vs 6.62 and 7.55 vs 7.92).
   if (x16_plain(fmt) && M > 2) alongside = nullptr;
   const int64_t min_groups = M * N * K > (1 << 15) ? 2 : groups + 1;
-  spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {
+  const int64_t chunks = (M + MCHUNK - 1) / MCHUNK;
+  std::atomic<int64_t> side_left{beside != nullptr ? beside->items : 0};
+  std::vector<uint8_t> added(beside != nullptr ? groups * chunks : 0);    // per (group, chunk of rows): delta in
+  auto matmul = [&](int64_t g_begin, int64_t g_end) {
     alignas(64) vf acc[MCHUNK * PX];
     for (int64_t g = g_begin; g < g_end; ++g) {
       AlongsideCursor side(alongside, g, groups, blocks);        // its steps go with the first pass of rows
@@ -372,16 +379,38 @@ void x16_matmul(int64_t fmt, const float* x, int64_t ldx, int64_t M, const uint8
             default: x16_group_tiled<Q4_1>(xm, ldx, rows, w, g, blocks, xs, acc, side); break;
           }
         }
+        const float* delta = nullptr;                              // the side work's delta, when it is done
+        if (beside != nullptr && side_left.load(std::memory_order_acquire) == 0) {
+          delta = beside->delta;
+          added[g * chunks + m0 / MCHUNK] = 1;
+        }
         for (int i = 0; i < rows; ++i)
           for (int p = 0; p < PX; ++p) {
             float* o = out + (m0 + i) * ldo + g * kX16Rows + p * V;
             vf v = acc[i * PX + p];
             if (bias) v += vload(bias + g * kX16Rows + p * V);
+            if (delta) v += vload(delta + (m0 + i) * beside->ldd + g * kX16Rows + p * V);
             vstore(o, v);
           }
       }
     }
-  }, min_groups);
+  };
+  if (beside == nullptr) {
+    spin_parallel(groups, matmul, min_groups);
+    return;
+  }
+  spin_parallel_beside(groups, matmul, beside->items, *beside->body, side_left, min_groups);
+  spin_parallel(groups, [&](int64_t g_begin, int64_t g_end) {        // the groups stored before the work was done
+    for (int64_t g = g_begin; g < g_end; ++g)
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (added[g * chunks + c]) continue;
+        for (int64_t i = c * MCHUNK; i < std::min(M, (c + 1) * MCHUNK); ++i)
+          for (int p = 0; p < PX; ++p) {
+            float* o = out + i * ldo + g * kX16Rows + p * V;
+            vstore(o, vload(o) + vload(beside->delta + i * beside->ldd + g * kX16Rows + p * V));
+          }
+      }
+  }, spin_min_items(groups, M * N));
 }
 
 // Row n of an interleaved weight dequantised to out[K] (embedding look-ups, `dequantize` through the kernel):

@@ -273,11 +273,13 @@ def test_reading_the_next_weight_ahead_changes_no_bit(fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["F32", "BF16", "I8"])
-def test_pulling_the_lora_factors_alongside_changes_no_bit(fmt, monkeypatch):
-    """The C++ loop hands each matmul the factors of the LoRA deltas that follow it (each adapter of the step
-    once) for its threads to pull into the cache (direct_step.FACTORS_ALONGSIDE): from the engine's kind of
-    thread, the same bits as without, for adapters of two ranks and dtypes side by side with base rows, on
-    interleaved weights (which take the spans) and int8 ones (which ignore them)."""
+def test_where_the_lora_deltas_are_computed_changes_no_bit(fmt, monkeypatch):
+    """The C++ loop computes each matmul's LoRA deltas on its threads beside it (direct_step.LORA_BESIDE), or
+    after it, handing the matmul the factors (each adapter of the step once) for its threads to pull into the
+    cache (direct_step.FACTORS_ALONGSIDE), or neither: from the engine's kind of thread, the same bits every
+    way, for adapters of two ranks and dtypes side by side with base rows, decode rows alone and beside prompt
+    chunks, on interleaved weights (which take the spans) and int8 ones (which ignore them and take the deltas
+    before the matmul)."""
     import threading
 
     model = stored_model(fmt)
@@ -294,21 +296,25 @@ def test_pulling_the_lora_factors_alongside_changes_no_bit(fmt, monkeypatch):
     one, two = ac.adapter_slot(model, "one"), ac.adapter_slot(model, "two")
     ops, flags = cpu_ops.kernel(), []
     real_loop = ops.decode_layers
-    monkeypatch.setattr(ops, "decode_layers", lambda *args: flags.append(args[3]) or real_loop(*args))
+    monkeypatch.setattr(ops, "decode_layers", lambda *args: flags.append((args[3], args[-1] != 0)) or real_loop(*args))
+    modes = [(False, False), (False, True), (True, True)]                 # (LORA_BESIDE, FACTORS_ALONGSIDE)
     results = {}
 
     def steps():
-        for alongside in (False, True):
+        for beside, alongside in modes:
+            monkeypatch.setattr(direct_step, "LORA_BESIDE", beside)
             monkeypatch.setattr(direct_step, "FACTORS_ALONGSIDE", alongside)
-            results[alongside] = [decode_step(model, slots) for slots in ([one, two, 0, one], [two] * ROWS)]
+            results[beside, alongside] = [decode_step(model, slots) for slots in ([one, two, 0, one], [two] * ROWS)]
+            results[beside, alongside].append(decode_step(model, [one, two, 0, two], seqs=MIXED))
 
     thread = threading.Thread(target=steps)
     thread.start()
     thread.join(120)
-    assert set(results) == {False, True} and flags == [False, False, True, True], "the C++ loop, told each time"
-    for (out, cache), (out2, cache2) in zip(results[False], results[True]):
-        assert torch.equal(out, out2) and torch.equal(cache, cache2)
-    assert not torch.equal(results[True][0][0], results[True][1][0]), "the adapters change the output"
+    assert list(results) == modes and flags == [(a, b) for b, a in modes for _ in range(3)], "the C++ loop, told"
+    for mode in modes[1:]:
+        for (out, cache), (out2, cache2) in zip(results[modes[0]], results[mode]):
+            assert torch.equal(out, out2) and torch.equal(cache, cache2)
+    assert not torch.equal(results[modes[0]][0][0], results[modes[0]][1][0]), "the adapters change the output"
 
 
 def test_the_loops_kept_tables_follow_a_replaced_weight(monkeypatch):

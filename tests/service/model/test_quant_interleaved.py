@@ -254,3 +254,39 @@ def test_both_prefetch_hints_give_the_same_bits():
     weight = interleave(stored("F32", 256, 512, seed=5), module)
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
     assert torch.equal(module.quant_matmul(x, weight.data, weight.kernel_id, None, None), results[0][0])
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_work_beside_the_matmul_adds_its_delta_with_the_bits_of_an_add_after(arch):
+    """`quant_matmul_beside_rows` (quant_matmul_beside: the decoder's C++ loop has each matmul's threads compute
+    the LoRA deltas of its input beside it, then adds them): the result is quant_matmul's plus the delta, the
+    bits of `out + delta`, whether the work is done before the matmul stores its rows (no wait: the workers take
+    it first; one row: no worker at all) or after (a long wait: every row's delta added at the end), on every
+    interleaved format, a row-major one (the work first, then the matmul) and int8 with row scales, with a
+    bias, at 1, 5, 16 and 70 rows of x, on the process's first thread (OpenMP) and on another (the pool)."""
+    import threading
+
+    module = build(arch)
+    weights = [interleave(stored(fmt, 256, 512, seed=i), module) for i, fmt in enumerate(FORMATS)]
+    weights += [stored("Q4_1", 256, 512, seed=11), stored("I8", 256, 512, seed=12)]
+    bias = torch.randn(256)
+    xs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) for rows in (1, 5, 16, 70)]
+    deltas = [torch.randn(len(x), 256) * 1e-3 for x in xs]
+    deltas[1][2, :16] = -0.0                                                    # -0 changes no bit of out
+    cases = [(w, x, d, wait) for w in weights for x, d in zip(xs, deltas) for wait in (0, 3000 if len(x) < 70 else 0)]
+
+    def check(got):
+        for w, x, delta, wait in cases:
+            scale = w.row_scale if w.format == "I8" else None
+            want = module.quant_matmul(x, w.data, w.kernel_id, scale, bias) + delta
+            out = module.quant_matmul_beside_rows(x, w.data, w.kernel_id, scale, bias, delta, wait)
+            got.append(torch.equal(out, want))
+
+    on_first, on_other = [], []
+    check(on_first)
+    thread = threading.Thread(target=check, args=(on_other,))
+    thread.start()
+    thread.join(120)
+    assert on_first == [True] * len(cases) and on_other == [True] * len(cases)
+    with pytest.raises(RuntimeError, match="contiguous fp32 \\[M, N\\]"):
+        module.quant_matmul_beside_rows(xs[0], weights[0].data, weights[0].kernel_id, None, None, deltas[1], 0)
