@@ -6,9 +6,10 @@ reading the factors from memory.
 The base weights are served as `--weight-format` (fp32 / bf16: the embedded GGUF converted at load as the
 service's setting does; gguf: as stored, Q4_1 with a Q8_0 head); `--sequences` adapters of rank `--rank` on all
 seven projections are held in bf16 (the peer benchmark's `--adapter-dtype bfloat16`). Each round runs the
-requests x `--new-tokens` on the base, then on the adapters with the three ways taken in turn, one a step, so
-all see the same moments of a memory system whose bandwidth moves by 10-20 % within a minute. Prints the median
-decode-step time of each, and adapters / base for each. Usage:
+requests x `--new-tokens` on the base and on the adapters side by side (two engines on the same model, stepped in
+turn), the adapters' steps taking the three ways in turn, so all see the same moments of a memory system whose
+bandwidth moves by 10-20 % within a minute (and, on a shared machine, by far more between one minute and the
+next). Prints the median decode-step time of each, and adapters / base for each. Usage:
     .venv/bin/python bench/lora_alongside_bench.py [--weight-format fp32] [--rounds 5] [--rank 16] [--sequences 16]
 """
 
@@ -69,9 +70,9 @@ def write_adapters(config, count: int, rank: int, directory: str) -> list[str]:
 MODES = {"beside": (True, True), "alongside": (False, True), "memory": (False, False)}   # (BESIDE, ALONGSIDE)
 
 
-def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> dict[str, list[float]]:
-    """Seconds of each decode step (prefill steps left out) of one run, keyed by mode (MODES); with
-    `alternate` the mode changes at every step, else it stays "beside" (the default)."""
+def engine_for(model, prompts, adapters, new_tokens, eos) -> tuple[Engine, list]:
+    """An engine on `model` with the requests (one per prompt, on its adapter) submitted and warmed up, and the
+    list its step listener keeps the last step's stats in."""
     engine = Engine(model, EngineConfig(max_batch_size=len(prompts), max_seq_len=256, max_batch_tokens=1024,
                                         prefill_chunk=256), eos_token_ids=eos)
     engine.generate([GenerationRequest(p, SamplingParams(max_tokens=2, temperature=0), a)
@@ -79,20 +80,32 @@ def decode_steps(model, prompts, adapters, new_tokens, eos, alternate: bool) -> 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for p, a in zip(prompts, adapters):
         engine.submit(GenerationRequest(p, params, a), lambda event: None)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     last: list = [None]
     engine.step_listeners.append(lambda stats: last.__setitem__(0, stats))
+    return engine, last
+
+
+def decode_steps(model, prompts, adapters, new_tokens, eos) -> dict[str, list[float]]:
+    """Seconds of each decode step (prefill steps left out) of one run of the requests on the base and one on
+    the adapters, side by side: two engines on the same model stepped in turn (base, adapters, base, ...), the
+    adapters' steps taking the modes (MODES) in turn. Keyed "base" and by mode."""
+    engines = [("base",) + engine_for(model, prompts, [None] * len(prompts), new_tokens, eos),
+               ("lora",) + engine_for(model, prompts, adapters, new_tokens, eos)]
+    times: dict[str, list[float]] = {"base": [], **{mode: [] for mode in MODES}}
     step = 0
     try:
-        while engine.has_work():
-            mode = list(MODES)[step % len(MODES)] if alternate else "beside"
-            direct_step.LORA_BESIDE, direct_step.FACTORS_ALONGSIDE = MODES[mode]
-            start = time.perf_counter()
-            engine.step()
-            took = time.perf_counter() - start
-            stats = last[0]
-            if step >= 2 and stats is not None and stats.tokens == stats.sequences == len(prompts):  # decode rows
-                times[mode].append(took)
+        while any(engine.has_work() for _, engine, _ in engines):
+            for kind, engine, last in engines:
+                if not engine.has_work():
+                    continue
+                mode = list(MODES)[step % len(MODES)] if kind == "lora" else "base"
+                direct_step.LORA_BESIDE, direct_step.FACTORS_ALONGSIDE = MODES.get(mode, MODES["beside"])
+                start = time.perf_counter()
+                engine.step()
+                took = time.perf_counter() - start
+                stats = last[0]
+                if step >= 2 and stats is not None and stats.tokens == stats.sequences == len(prompts):  # decode
+                    times[mode].append(took)
             step += 1
     finally:
         direct_step.LORA_BESIDE, direct_step.FACTORS_ALONGSIDE = MODES["beside"]
@@ -121,19 +134,18 @@ def main() -> None:
             ac.load_adapter(model, path, adapter_name=f"a{i}", autocast_adapter_dtype=False,
                             factor_dtype=torch.bfloat16)
             names.append(f"a{i}")
-    base: list[float] = []
-    lora: dict[str, list[float]] = {mode: [] for mode in MODES}
+    lora: dict[str, list[float]] = {"base": [], **{mode: [] for mode in MODES}}
 
     def work():                               # the engine steps in a thread of its own: so does this
         with torch.inference_mode():
             for _ in range(args.rounds):
-                base.extend(decode_steps(model, prompts, [None] * n, args.new_tokens, eos, False)["beside"])
-                for mode, times in decode_steps(model, prompts, names, args.new_tokens, eos, True).items():
+                for mode, times in decode_steps(model, prompts, names, args.new_tokens, eos).items():
                     lora[mode].extend(times)
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
+    base = lora.pop("base")
     b = statistics.median(base)
     print(f"weights {args.weight_format}, {n} sequences, {n} adapters r={args.rank} (bf16, all projections), "
           f"{args.rounds} rounds; median decode step:")
