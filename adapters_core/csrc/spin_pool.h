@@ -212,6 +212,22 @@ inline int64_t spin_claim_begin(int64_t items, int parts, int k) {
   return begin;
 }
 
+// One thread's part of a job over `items` on `parts` threads: claims from the shared position `next`, each run
+// handed to body, until none is left; each finished run's length is taken from `left` (when given, release
+// order).
+inline void spin_claims(std::atomic<int64_t>& next, int64_t items, int parts,
+                        const std::function<void(int64_t, int64_t)>& body, std::atomic<int64_t>* left = nullptr) {
+  for (;;) {
+    int64_t begin = next.load(std::memory_order_relaxed), end;
+    do {
+      if (begin >= items) return;
+      end = std::min(items, begin + spin_claim_items(items, parts, begin));
+    } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
+    body(begin, end);
+    if (left != nullptr) left->fetch_sub(end - begin, std::memory_order_release);
+  }
+}
+
 inline void spin_parallel(int64_t items, const std::function<void(int64_t, int64_t)>& body,
                           int64_t min_items = 2) {
   SpinPool& pool = SpinPool::instance();
@@ -221,16 +237,7 @@ inline void spin_parallel(int64_t items, const std::function<void(int64_t, int64
     return;
   }
   std::atomic<int64_t> next{0};
-  pool.run(parts, [&](int) {
-    for (;;) {
-      int64_t begin = next.load(std::memory_order_relaxed), end;
-      do {
-        if (begin >= items) return;
-        end = std::min(items, begin + spin_claim_items(items, parts, begin));
-      } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
-      body(begin, end);
-    }
-  });
+  pool.run(parts, [&](int) { spin_claims(next, items, parts, body); });
 }
 
 // spin_parallel(items, body) with other work beside it on the same threads: `side` over `side_items`, claimed
@@ -245,28 +252,16 @@ inline void spin_parallel_beside(int64_t items, const std::function<void(int64_t
                                  const std::function<void(int64_t, int64_t)>& side, std::atomic<int64_t>& side_left,
                                  int64_t min_items = 2) {
   const int parts = std::max(spin_parts(items, min_items), spin_parts(side_items, 2));
-  auto claims = [parts](std::atomic<int64_t>& next, int64_t total, const std::function<void(int64_t, int64_t)>& fn,
-                        std::atomic<int64_t>* left) {
-    for (;;) {
-      int64_t begin = next.load(std::memory_order_relaxed), end;
-      do {
-        if (begin >= total) return;
-        end = std::min(total, begin + spin_claim_items(total, parts, begin));
-      } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
-      fn(begin, end);
-      if (left != nullptr) left->fetch_sub(end - begin, std::memory_order_release);
-    }
-  };
   std::atomic<int64_t> next_main{0}, next_side{0};
   if (parts <= 1) {
-    claims(next_side, side_items, side, &side_left);
-    claims(next_main, items, body, nullptr);
+    spin_claims(next_side, side_items, 1, side, &side_left);
+    spin_claims(next_main, items, 1, body);
     return;
   }
   SpinPool::instance().run(parts, [&](int t) {
-    if (t != 0) claims(next_side, side_items, side, &side_left);
-    claims(next_main, items, body, nullptr);
-    claims(next_side, side_items, side, &side_left);
+    if (t != 0) spin_claims(next_side, side_items, parts, side, &side_left);
+    spin_claims(next_main, items, parts, body);
+    spin_claims(next_side, side_items, parts, side, &side_left);
   });
 }
 
