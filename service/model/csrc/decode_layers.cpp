@@ -103,19 +103,21 @@ struct LoraDeltas {
       apply(layer, input, outputs);
       return out;
     }
-    const int64_t n = input.size(0), width_all = t[0]->size(0);
-    at::Tensor scratch = at::empty({n, width_all}, input.options());                    // [N, out]: the deltas
+    std::vector<std::pair<int64_t, int64_t>> ranges;       // (first output column, width) of each table used
     std::vector<at::Tensor> results, used;
     for (const auto& [column, first, width] : columns) {
       const auto& table = tables[layer * kLoraPerLayer + column];
       if (table.has_value()) {
-        results.push_back(scratch.narrow(1, first, width));
+        ranges.emplace_back(first, width);
         used.push_back(*table);
       }
     }
-    if (results.empty()) {
+    if (used.empty()) {
       out = qm(input, *t[0], f, t[1], t[2], nullptr, 0);
     } else {
+      const int64_t n = input.size(0), width_all = t[0]->size(0);
+      at::Tensor scratch = at::empty({n, width_all}, input.options());                  // [N, out]: the deltas
+      for (const auto& [first, width] : ranges) results.push_back(scratch.narrow(1, first, width));
       float* delta = scratch.data_ptr<float>();
       split(results, input, used, slots, scales, [&](int64_t items, const std::function<void(int64_t, int64_t)>& body) {
         const std::function<void(int64_t, int64_t)> work = [&](int64_t begin, int64_t end) {
