@@ -27,6 +27,7 @@ from service.model import LoadedModel, load_model
 from service.model.decoder import Decoder
 from service.model.device import resolve_device
 from service.model.dtype import parse_dtype
+from service.model.huge_pages import weights_on_huge_pages
 from service.model.loader import is_gguf
 from service.model.weight_format import resolve_weight_format, store_weights, stored_bytes
 from service.registry import AdapterRegistry
@@ -51,6 +52,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
              if loaded.stored else f"dense {dtype}", device)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,
                                     max_positions=settings.max_seq_len, stored=loaded.stored)
+    if device.type == "cpu" and settings.weight_huge_pages:
+        weights_on_huge_pages(model)
     engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
                                         max_batch_tokens=settings.max_batch_tokens,
                                         prefill_chunk=settings.prefill_chunk, max_waiting=settings.max_waiting,
