@@ -26,12 +26,17 @@ _KERNEL = NativeKernel("adapters_core_sgmv", _SOURCE, "ADAPTERS_CORE_SGMV")     
 _KERNELS = {"native": _KERNEL}
 
 
+def native_kernel(arch: str = "native") -> NativeKernel:
+    """The kernel's builder for gcc's -march=`arch` ("native" is the one serving uses)."""
+    if arch not in _KERNELS:
+        _KERNELS[arch] = NativeKernel("adapters_core_sgmv", _SOURCE, "ADAPTERS_CORE_SGMV", arch=arch)
+    return _KERNELS[arch]
+
+
 def kernel(arch: str = "native") -> Optional[object]:
     """The compiled module for gcc's -march=`arch` (built once per process, from the cache when it exists),
     or None. Other levels than native ("x86-64-v3": AVX2, "x86-64": the portable loops) are for tests."""
-    if arch not in _KERNELS:
-        _KERNELS[arch] = NativeKernel("adapters_core_sgmv", _SOURCE, "ADAPTERS_CORE_SGMV", arch=arch)
-    return _KERNELS[arch].module()
+    return native_kernel(arch).module()
 
 
 TABLE_COLUMNS = 7

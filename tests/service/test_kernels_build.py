@@ -1,0 +1,58 @@
+"""`python -m service.kernels`: the kernels build side by side in worker processes, only those missing from the
+extension cache, and each is then loaded in the calling process; `--arches` builds the other -march levels of
+the kernels the tests check. (The workers here load builds that are already cached, as a compile would leave
+them: compiling for real takes minutes, which `make install` and `make test` spend once.)"""
+
+import platform
+
+import pytest
+
+from adapters_core.native import NativeKernel
+from service import kernels
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-march levels of x86-64")
+ARCHES = ["x86-64-v3", "x86-64"]
+
+
+def available(arches):
+    built = kernels.arch_kernels(arches)
+    if not all(k.enabled and k.module() is not None for k in built):
+        pytest.skip("the C++ kernels cannot be built here (no compiler)")
+    return built
+
+
+def test_cached_builds_load_without_any_worker(monkeypatch):
+    available(ARCHES)
+    monkeypatch.setattr(kernels, "ProcessPoolExecutor", None)        # calling it would raise
+    lines = []
+    assert kernels.build_all(lines.append, arches=ARCHES)
+    assert sorted(line.split(":")[0] for line in lines) == sorted(
+        f"{name}_{arch.replace('-', '_')}" for arch in ARCHES for name in kernels._ARCH_KERNELS)
+    assert all("ready" in line for line in lines)
+
+
+def test_uncached_builds_go_to_worker_processes_side_by_side(monkeypatch):
+    built = available(ARCHES)
+    missing = {k.full_name for k in built[:2]}
+    monkeypatch.setattr(NativeKernel, "cached", lambda self: self.full_name not in missing)
+    pools = []
+    real = kernels.ProcessPoolExecutor
+
+    def counting(workers, **options):
+        pools.append(workers)
+        return real(workers, **options)
+
+    monkeypatch.setattr(kernels, "ProcessPoolExecutor", counting)
+    lines = []
+    assert kernels.build_all(lines.append, arches=ARCHES, workers=2)
+    assert pools == [2] and len(lines) == len(built) and all("ready" in line for line in lines)
+
+
+def test_the_arch_builds_are_the_ones_the_tests_use():
+    from adapters_core import sgmv
+    from service.model import quant_linear
+
+    assert kernels.arch_kernels(["x86-64-v3"]) == [sgmv.native_kernel("x86-64-v3"),
+                                                   quant_linear.native_kernel("x86-64-v3")]
+    assert [k.full_name for k in kernels.arch_kernels(["x86-64"])] == [
+        "adapters_core_sgmv_x86_64", "adapter_serve_quant_matmul_x86_64"]
