@@ -34,6 +34,7 @@ from service.engine import Engine, EngineConfig, GenerationRequest, SamplingPara
 from service.model import direct_step  # noqa: E402
 from service.model.decoder import Decoder  # noqa: E402
 from service.model.gguf_loader import default_model_path, load_gguf  # noqa: E402
+from service.model.huge_pages import weights_on_huge_pages  # noqa: E402
 from service.model.weight_format import store_weights  # noqa: E402
 
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -124,6 +125,7 @@ def main() -> None:
     if args.weight_format != "gguf":
         store_weights(loaded, args.weight_format)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, stored=loaded.stored, max_positions=256)
+    weights_on_huge_pages(model)                   # as the service does (setting weight_huge_pages)
     tok = loaded.tokenizer
     eos = sorted(tok.eos_token_ids)
     n = args.sequences
