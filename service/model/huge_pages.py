@@ -114,14 +114,16 @@ def collapse_supported() -> bool:
         probe = mmap.mmap(-1, 2 * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # as heap memory is
     except OSError:
         return False
+    anchor = ctypes.c_char.from_buffer(probe)                   # the mapping's address (an export of it)
     try:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+        base = ctypes.addressof(anchor)
         offset = -base % size
         probe[offset:offset + 1] = b"\x01"                          # one page present, as a weight's would be
         if madvise(base + offset, size, MADV_COLLAPSE) == 0:
             return True
         return ctypes.get_errno() != errno.EINVAL
     finally:
+        del anchor                                                  # no export left: the mapping may close
         probe.close()
 
 
