@@ -35,6 +35,14 @@ def anon_huge_kib(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+def thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def collapse_or_skip(starts: list[int]) -> huge_pages.CollapseResult:
     result = collapse(starts)
     if result.collapsed == 0:
@@ -53,13 +61,18 @@ def test_ranges_are_the_huge_pages_each_large_weight_touches_rounded_outwards():
 
 
 def test_a_collapse_maps_huge_pages_and_changes_no_value():
-    values = torch.randn(6 * HUGE // 4)                                          # [1.5M] fp32, 6 huge pages
+    values = torch.randn(6 * HUGE // 4)                                  # [3M] fp32: 12 MiB, 6 huge pages
     expected = values.clone()
     address = values.untyped_storage().data_ptr()
     starts = huge_ranges([(address, values.nbytes)])
-    result = collapse_or_skip(starts)
-    assert result.ranges == len(starts) in (6, 7)                     # 6 when the tensor starts on a boundary
-    assert anon_huge_kib(address + 3 * HUGE) >= HUGE // 1024
+    assert len(starts) in (6, 7) and starts[0] <= address < starts[0] + HUGE   # 6 when it starts on a boundary
+    inside = starts[2]                                                   # wholly inside the tensor
+    if "[always]" not in thp_mode():
+        assert anon_huge_kib(inside) == 0                                # malloc's 4 KiB pages until collapsed
+    collapse_or_skip([inside])
+    assert anon_huge_kib(inside) >= HUGE // 1024
+    result = collapse(starts)                                            # the others too; the done one again
+    assert result.ranges == len(starts) and result.collapsed >= 1
     assert torch.equal(values, expected)
 
 
