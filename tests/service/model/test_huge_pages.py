@@ -3,7 +3,10 @@ cover every weight the kernels read, a collapse maps the pages huge without chan
 gives the same logits and tokens bit for bit afterwards, and the service's setting decides whether it is done.
 Where this kernel refuses MADV_COLLAPSE (Linux < 6.1, THP off for the process) the tests that need it skip."""
 
+import contextlib
+import ctypes
 import errno
+import mmap
 
 import pytest
 import torch
@@ -60,20 +63,41 @@ def test_ranges_are_the_huge_pages_each_large_weight_touches_rounded_outwards():
     assert huge_ranges(storages, min_bytes=4096)[-1] == base + 20 * HUGE
 
 
+@contextlib.contextmanager
+def isolated_region(pages: int):
+    """A tensor [pages * HUGE / 4] fp32 over an anonymous mapping of its own, starting on a huge-page boundary,
+    with a PROT_NONE page on each side so that the kernel merges it with no neighbouring mapping (smaps'
+    AnonHugePages is per mapping: a merged neighbour's huge pages would count)."""
+    mapping = mmap.mmap(-1, (pages + 2) * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    anchor = ctypes.c_char.from_buffer(mapping)
+    base = ctypes.addressof(anchor)
+    start = (base + 4096 + HUGE - 1) // HUGE * HUGE                  # at least one page in front of it
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for guard in (start - 4096, start + pages * HUGE):
+        assert libc.mprotect(guard, 4096, 0) == 0, ctypes.get_errno()            # PROT_NONE
+    tensor = torch.frombuffer(mapping, dtype=torch.float32, offset=start - base, count=pages * HUGE // 4)
+    try:
+        yield tensor
+    finally:
+        del tensor, anchor
+        mapping.close()
+
+
 def test_a_collapse_maps_huge_pages_and_changes_no_value():
-    values = torch.randn(6 * HUGE // 4)                                  # [3M] fp32: 12 MiB, 6 huge pages
-    expected = values.clone()
-    address = values.untyped_storage().data_ptr()
-    starts = huge_ranges([(address, values.nbytes)])
-    assert len(starts) in (6, 7) and starts[0] <= address < starts[0] + HUGE   # 6 when it starts on a boundary
-    inside = starts[2]                                                   # wholly inside the tensor
-    if "[always]" not in thp_mode():
-        assert anon_huge_kib(inside) == 0                                # malloc's 4 KiB pages until collapsed
-    collapse_or_skip([inside])
-    assert anon_huge_kib(inside) >= HUGE // 1024
-    result = collapse(starts)                                            # the others too; the done one again
-    assert result.ranges == len(starts) and result.collapsed >= 1
-    assert torch.equal(values, expected)
+    with isolated_region(3) as values:                                   # [1.5M] fp32: 6 MiB, 3 huge pages
+        values.copy_(torch.randn(values.shape))
+        expected = values.clone()
+        address = values.data_ptr()
+        starts = huge_ranges([(address, values.nbytes)])
+        assert starts == [address + k * HUGE for k in range(3)]
+        if "[always]" not in thp_mode():
+            assert anon_huge_kib(address) == 0                           # 4 KiB pages until collapsed
+        collapse_or_skip(starts[1:2])
+        assert anon_huge_kib(address) >= HUGE // 1024
+        result = collapse(starts)                                        # the others too; the done one again
+        assert result.ranges == 3 and result.collapsed >= 1
+        assert torch.equal(values, expected)
 
 
 def test_a_kernel_without_madv_collapse_is_reported_not_raised(monkeypatch):
