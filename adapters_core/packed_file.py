@@ -164,13 +164,13 @@ def _populate(mapped: mmap.mmap) -> None:
     """Fill the mapping's page tables now (reading from disk what the page cache lacks), the GIL released: a
     ctypes call to libc's `madvise` drops it, `mmap.madvise` does not. Falls back to `mmap.madvise`, and to
     `MADV_WILLNEED` (read ahead; pages fault in on first use) where the kernel lacks `MADV_POPULATE_READ`."""
-    libc_madvise = _libc_madvise()
-    if libc_madvise is not None and len(mapped):
+    madvise = libc_madvise()
+    if madvise is not None and len(mapped):
         try:
             address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))   # valid while `mapped` is open
         except TypeError:                               # a read-only mapping exports no writable buffer
             address = None
-        if address is not None and libc_madvise(address, len(mapped), MADV_POPULATE_READ) == 0:
+        if address is not None and madvise(address, len(mapped), MADV_POPULATE_READ) == 0:
             return
     try:
         mapped.madvise(MADV_POPULATE_READ)
@@ -179,8 +179,9 @@ def _populate(mapped: mmap.mmap) -> None:
 
 
 @functools.cache
-def _libc_madvise():
-    """libc's `madvise(addr, length, advice)` through ctypes (which releases the GIL during the call), or None."""
+def libc_madvise():
+    """libc's `madvise(addr, length, advice)` through ctypes (which releases the GIL during the call; errno kept
+    for `ctypes.get_errno`), or None where libc is not reachable. service/model/huge_pages.py uses it too."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         fn = libc.madvise

@@ -19,7 +19,6 @@ the result says how many ranges were collapsed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -30,6 +29,8 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+
+from adapters_core.packed_file import libc_madvise
 
 log = logging.getLogger("adapter_serve")
 
@@ -60,17 +61,6 @@ def huge_page_bytes() -> int:
             return int(f.read().strip())
     except (OSError, ValueError):
         return 2 << 20
-
-
-@functools.cache
-def _madvise():
-    """libc's `madvise` through ctypes (the GIL released during the call), or None where libc is not reachable."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
 
 
 def weight_storages(model: nn.Module) -> dict[int, int]:
@@ -107,7 +97,7 @@ def collapse_supported() -> bool:
     """Whether this kernel collapses a range at all: one 2 MiB-aligned range of a fresh anonymous mapping of our
     own is asked for (a kernel without MADV_COLLAPSE answers EINVAL for any range; so does one where THP is off
     for the process). Any other answer (done, or ENOMEM / EAGAIN: no free huge page just now) means it does."""
-    madvise, size = _madvise(), huge_page_bytes()
+    madvise, size = libc_madvise(), huge_page_bytes()
     if madvise is None:
         return False
     try:
@@ -135,7 +125,7 @@ def collapse(starts: list[int]) -> CollapseResult:
     if not collapse_supported():
         result.errors["unsupported"] = len(starts)
         return result
-    madvise, size = _madvise(), huge_page_bytes()
+    madvise, size = libc_madvise(), huge_page_bytes()
     began = time.perf_counter()
     for start in starts:
         if madvise(start, size, MADV_COLLAPSE) == 0:

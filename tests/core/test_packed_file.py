@@ -149,14 +149,14 @@ def test_the_mapping_is_filled_at_once(tmp_path, monkeypatch, through_libc):
     path = os.path.join(tmp_path, "served.safetensors")
     save_packed(path, {"a": torch.ones(64, 4096, dtype=torch.bfloat16), "b": torch.ones(64, 4096)}, {})
     calls = []
-    real = packed_file._libc_madvise()
+    real = packed_file.libc_madvise()
     if through_libc and real is None:
         pytest.skip("libc's madvise is not reachable through ctypes here")
 
     def spy(address, length, advice):
         calls.append(advice)
         return real(address, length, advice)
-    monkeypatch.setattr(packed_file, "_libc_madvise", (lambda: spy) if through_libc else (lambda: None))
+    monkeypatch.setattr(packed_file, "libc_madvise", (lambda: spy) if through_libc else (lambda: None))
     got, _ = map_packed(path)
     assert calls == ([packed_file.MADV_POPULATE_READ] if through_libc else [])
     if not _kernel_populates():

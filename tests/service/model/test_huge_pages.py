@@ -108,7 +108,7 @@ def test_a_kernel_without_madv_collapse_is_reported_not_raised(monkeypatch):
         monkeypatch.setattr(huge_pages.ctypes, "get_errno", lambda: errno.EINVAL)
         return -1
 
-    monkeypatch.setattr(huge_pages, "_madvise", lambda: refusing)
+    monkeypatch.setattr(huge_pages, "libc_madvise", lambda: refusing)
     huge_pages.collapse_supported.cache_clear()
     try:
         result = collapse([k * HUGE for k in range(1, 101)])
@@ -129,7 +129,7 @@ def test_a_refused_range_leaves_the_others_collapsed(monkeypatch):
             return -1
         return 0
 
-    monkeypatch.setattr(huge_pages, "_madvise", lambda: some)
+    monkeypatch.setattr(huge_pages, "libc_madvise", lambda: some)
     monkeypatch.setattr(huge_pages, "collapse_supported", lambda: True)
     result = collapse([k * HUGE for k in range(1, 6)])
     assert asked == [k * HUGE for k in range(1, 6)]
