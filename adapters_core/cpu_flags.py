@@ -23,6 +23,11 @@ LEVELS = {"x86-64": _LEVEL_1, "x86-64-v2": _LEVEL_2, "x86-64-v3": _LEVEL_3, "x86
 _GOVERNED_PREFIXES = ("sse", "ssse", "pni", "avx", "amx", "fma", "f16c")
 
 
+def is_x86_64() -> bool:
+    """This machine is an x86-64 one (the -march levels above name its builds)."""
+    return platform.machine() in ("x86_64", "AMD64")
+
+
 def cpuinfo_flags_line() -> str:
     """The first "flags" (x86) or "Features" (ARM) line of /proc/cpuinfo; "" where there is none."""
     try:
@@ -38,6 +43,6 @@ def cpu_flags(arch: str | None = None) -> frozenset[str]:
     line = cpuinfo_flags_line()
     flags = frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
     allowed = LEVELS.get(os.environ.get(ARCH_SWITCH, "") if arch is None else arch)
-    if allowed is None or platform.machine() not in ("x86_64", "AMD64"):
+    if allowed is None or not is_x86_64():
         return flags
     return frozenset(f for f in flags if f in allowed or not f.startswith(_GOVERNED_PREFIXES))

@@ -24,14 +24,14 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Optional
 
 from adapters_core import sgmv
+from adapters_core.cpu_flags import is_x86_64
 from adapters_core.native import NativeKernel
 
 from .model import cpu_ops, quant_linear
 
 # the kernels with builds for other -march levels than native, which the tests check (test_adapter_scales.py,
 # test_quant_matmul.py, test_quant_interleaved.py); cpu_ops has one build, which ADAPTERS_CORE_KERNEL_ARCH picks
-_ARCH_KERNELS: dict[str, Callable[[str], NativeKernel]] = {
-    "adapters_core_sgmv": sgmv.native_kernel, "adapter_serve_quant_matmul": quant_linear.native_kernel}
+_ARCH_KERNELS: tuple[Callable[[str], NativeKernel], ...] = (sgmv.native_kernel, quant_linear.native_kernel)
 
 
 def native_kernels() -> list[NativeKernel]:
@@ -40,7 +40,7 @@ def native_kernels() -> list[NativeKernel]:
 
 def arch_kernels(arches: list[str]) -> list[NativeKernel]:
     """The builds for the -march levels `arches` of the kernels that have them."""
-    return [make(arch) for arch in arches for make in _ARCH_KERNELS.values()]
+    return [make(arch) for arch in arches for make in _ARCH_KERNELS]
 
 
 def uncached() -> list[str]:
@@ -97,9 +97,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     arches = [a for a in args.arches.split(",") if a]
     if arches:
-        import platform
-        if platform.machine() not in ("x86_64", "AMD64"):
-            print(f"the -march levels {', '.join(arches)} are x86-64 ones; this machine is {platform.machine()}")
+        if not is_x86_64():
+            print(f"the -march levels {', '.join(arches)} are x86-64 ones; this machine is not")
             return
         print(f"building the tested kernels for {', '.join(arches)} (once per source change)", flush=True)
         build_all(arches=arches)

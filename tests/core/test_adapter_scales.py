@@ -5,13 +5,13 @@ embedding; tokens on scale 1 keep exactly the bits of a batch without scales, an
 unscaled batch itself."""
 import copy
 import os
-import platform
 
 import pytest
 import torch
 
 import adapters_core as ac
 from adapters_core import sgmv
+from adapters_core.cpu_flags import is_x86_64
 from _models import PerTokenModel
 from sgmv_tables import Slots
 
@@ -54,7 +54,7 @@ def _scaled_alone(model, ids, name, scale):
 
 
 def _arch_kernel(arch):
-    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
+    if arch != "native" and not is_x86_64():
         pytest.skip(f"-march={arch} is an x86-64 level")
     module = sgmv.kernel(arch)
     if module is None:

@@ -1,19 +1,18 @@
 """`adapters_core.cpu_flags`: the CPU's flags as the process may use them, an x86-64 level override leaving out
 the vector extensions above it (so that `make test-avx2-paths` on an AVX-512 machine sees an AVX2 one)."""
 
-import platform
 
 import pytest
 import torch
 
 from adapters_core import cpu_flags as flags_module
-from adapters_core.cpu_flags import ARCH_SWITCH, cpu_flags
+from adapters_core.cpu_flags import ARCH_SWITCH, cpu_flags, is_x86_64
 from service.model import dtype as dtype_module
 
 ZEN4 = ("flags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 sse4a avx avx2 fma f16c bmi1 bmi2 popcnt avx512f avx512dq "
         "avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni avx512vbmi amx_tile amx_bf16 avx_vnni\n")
 
-x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
+x86_only = pytest.mark.skipif(not is_x86_64(), reason="x86-64 levels only")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters_core.cpu_flags import ARCH_SWITCH, cpu_flags
+from adapters_core.cpu_flags import ARCH_SWITCH, cpu_flags, is_x86_64
 from service.model import quant_linear
 from service.model.quant_formats import FORMATS, StoredWeight, dequantize, from_dense
 
@@ -24,7 +24,7 @@ ARCHES = {"native": set(), "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64": set()
 
 
 def build(arch: str):
-    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
+    if arch != "native" and not is_x86_64():
         pytest.skip(f"-march={arch} is an x86-64 level; this machine is {platform.machine()}")
     missing = ARCHES[arch] - cpu_flags("native")      # what this CPU can run, whatever the level override
     if missing:
