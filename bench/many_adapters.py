@@ -28,7 +28,9 @@ The adapters are written once under --workdir (default: a temporary folder) and 
 default so are their served files (`adapter_served_files`: made once in the pool; see --served-files). Before
 each server starts, the store's files are read into the page cache (--page-cache warm: a box whose RAM holds
 its adapters' files, the steady state of one that has served them), evicted from it (cold: a box that has just
-booted, every first load reads the disk), or left as earlier runs left them (as-is).
+booted, every first load reads the disk), or left as earlier runs left them (as-is). With --touch-all each
+server first answers one request on every adapter (a server that has served them all before) before the
+windows.
 """
 
 from __future__ import annotations
@@ -177,6 +179,16 @@ def bucket_quantile(before: dict, after: dict, q: float = 0.5) -> tuple[int, Opt
     return int(total), "> last bucket"
 
 
+def bucket_share(before: dict, after: dict, bound: float) -> Optional[float]:
+    """The share of the window's observations at or below `bound` seconds (one of the histogram's bucket
+    bounds: service/metrics.py's LOAD_BUCKETS has the issue's 20 ms); None without observations."""
+    delta = {float(le): after.get(le, 0) - before.get(le, 0) for le in after if le != "+Inf"}
+    total = after.get("+Inf", 0) - before.get("+Inf", 0)
+    if not total or bound not in delta:
+        return None
+    return delta[bound] / total
+
+
 class Window:
     def __init__(self, start: float, end: float):
         self.start, self.end, self.tokens, self.itl, self.ttft = start, end, 0, [], []
@@ -238,6 +250,8 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
     loads = {}
     for window, (a, b) in (("cold", ("start", "cold")), ("steady", ("cold", "steady"))):
         loads[window] = {m: bucket_quantile(scraped[a][m], scraped[b][m]) for m in scraped[b] if m not in ("gc", "steps")}
+        loads[window]["within_20ms"] = bucket_share(scraped[a]["adapter_serve_adapter_load_seconds"],
+                                                    scraped[b]["adapter_serve_adapter_load_seconds"], 0.02)
         loads[window]["steps"] = [bucket_quantile(scraped[a]["steps"], scraped[b]["steps"], q) for q in (0.5, 0.99)]
         loads[window]["gc"] = {k: scraped[b]["gc"][k] - scraped[a]["gc"][k] for k in scraped[b]["gc"]}
     return cold, steady, {"loads": loads, "errors": errors}
@@ -264,17 +278,22 @@ def row(k: int, distribution: str, window: str, w: Window, loads: dict) -> dict:
     return {"K": k, "traffic": distribution, "window": window, "tokens_s": w.tokens / seconds,
             "itl_p50_ms": 1e3 * (percentile(w.itl, 50) or 0), "itl_p99_ms": 1e3 * (percentile(w.itl, 99) or 0),
             "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "loads": total[0], "load_p50": total[1],
+            "loads_within_20ms": loads["within_20ms"],
             "apply_p50": apply[1], "gc_pauses": int(loads["gc"]["count"]), "gc_ms": 1e3 * loads["gc"]["sum"],
             "gc_over_20ms": int(loads["gc"]["over_20ms"]), "step_p50": loads["steps"][0][1],
             "step_p99": loads["steps"][1][1]}
 
 
+def _share(share: Optional[float]) -> str:
+    return "-" if share is None else f"{100 * share:.0f} %"
+
+
 def print_row(r: dict) -> None:
     print(f"K={r['K']:<5} {r['traffic']:<8} {r['window']:<7} {r['tokens_s']:8.1f} tok/s  ITL p50 "
           f"{r['itl_p50_ms']:6.0f} p99 {r['itl_p99_ms']:6.0f} ms  TTFT p50 {r['ttft_p50_ms']:6.0f} ms  loads "
-          f"{r['loads']:5d} (whole p50 {r['load_p50']}, engine-thread p50 {r['apply_p50']})  GC {r['gc_pauses']} "
-          f"pauses, {r['gc_ms']:.0f} ms, {r['gc_over_20ms']} over 20 ms; steps p50 {r['step_p50']} p99 "
-          f"{r['step_p99']}", flush=True)
+          f"{r['loads']:5d} (whole p50 {r['load_p50']}, {_share(r['loads_within_20ms'])} within 20 ms, "
+          f"engine-thread p50 {r['apply_p50']})  GC {r['gc_pauses']} pauses, {r['gc_ms']:.0f} ms, "
+          f"{r['gc_over_20ms']} over 20 ms; steps p50 {r['step_p50']} p99 {r['step_p99']}", flush=True)
 
 
 async def memory_probe(args, workdir: Path, pool: Path, sizes: list[int]) -> dict:
@@ -328,6 +347,20 @@ async def same_moments(args, workdir: Path, pool: Path, low: int, high: int) -> 
             "high_tokens_s": hi, "ratio": hi / lo}
 
 
+async def touch_all(url: str, count: int, streams: int) -> float:
+    """--touch-all: one 1-token request on each of a0..a{count-1}, `streams` at a time (a server that has
+    served every adapter before); the seconds taken."""
+    started, names = time.monotonic(), [f"a{i}" for i in range(count)]
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while names:
+            r = await http.post("/v1/completions", json={"model": names.pop(), "prompt": "Hi", "max_tokens": 1})
+            r.raise_for_status()
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=streams)) as http:
+        await asyncio.gather(*(client(http) for _ in range(streams)))
+    return time.monotonic() - started
+
+
 async def main_async(args, workdir: Path) -> dict:
     counts = [int(c) for c in args.counts.split(",")]
     pool = Path(args.pool or workdir / "pool")
@@ -351,6 +384,9 @@ async def main_async(args, workdir: Path) -> dict:
             server = serve(args, workdir, make_store(workdir, pool, k, tag, args.served_files), args.room,
                            f"server-{tag}")
             try:
+                if args.touch_all:
+                    print(f"touched every adapter once in {await touch_all(server.url, k, args.streams):.0f} s",
+                          flush=True)
                 cold, steady, extra = await run_traffic(server.url, [f"a{i}" for i in range(k)], args, distribution)
             finally:
                 server.stop()
@@ -411,6 +447,10 @@ def main(argv=None) -> dict:
     p.add_argument("--page-cache", default="warm", choices=["warm", "cold", "as-is"],
                    help="before each server: the store's files read into the page cache (warm), dropped from it "
                         "(cold), or left as they are (as-is)")
+    p.add_argument("--touch-all", action="store_true",
+                   help="before the windows, request every adapter of the store once, --streams at a time (a "
+                        "server that has served them all before); the cold window then starts with the last "
+                        "--room of them on the device")
     p.add_argument("--pair-rounds", type=int, default=3,
                    help="rounds of K=min and K=max in turn, both servers up (0: skip; see the docstring)")
     p.add_argument("--pair-seconds", type=float, default=20.0, help="seconds measured in each of those rounds")
