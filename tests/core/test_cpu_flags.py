@@ -1,7 +1,6 @@
 """`adapters_core.cpu_flags`: the CPU's flags as the process may use them, an x86-64 level override leaving out
 the vector extensions above it (so that `make test-avx2-paths` on an AVX-512 machine sees an AVX2 one)."""
 
-
 import pytest
 import torch
 
