@@ -23,11 +23,12 @@ if sgmv.kernel() is None:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
-def test_kernel_equals_torch_for_mixed_ranks_and_dtypes(xdt):
+@pytest.mark.parametrize("n_in, fout", [(40, 70), (32, 128)])   # masked tails / whole 16-value and 64-column steps
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_equals_torch_for_mixed_ranks_and_dtypes(xdt, n_in, fout):
     """Slots of ranks 1-37 (below, at and past the 4-row and 16-lane steps) and of every dtype side by side,
-    an empty slot, strided output rows inside a wider tensor."""
-    n_in, fout = 40, 70                                    # out not a multiple of 64: the masked tail
+    an empty slot, strided output rows inside a wider tensor; rows with a partial last chunk and rows of whole
+    chunks only (the kernel loads those without a mask)."""
     ranks = [0, 6, 1, 16, 37, 3]
     slots_def = Slots(n_in, fout, ranks, [torch.float32, torch.float32, torch.bfloat16, torch.float16,
                                           torch.bfloat16, torch.float32])
