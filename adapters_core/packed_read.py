@@ -86,7 +86,7 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
         k = sgmv.kernel()
         codes = sgmv.DTYPE_CODES
         if k is not None and all(dtype in codes and target in codes for _, _, dtype, _, target in entries):
-            # the file mapped, every tensor put into place from it in one call (see `sgmv.cpp`'s unpack_)
+            # the file mapped, every tensor put into place from it in one call (see `csrc/unpack.h`'s unpack_)
             finite = _unpack_mapped(k, fh, [p[4] for p in placed], [p[0] for p in placed],
                                     [codes[p[2]] for p in placed], [int(p[5]) for p in placed])
             nonfinite = [p[1] for p, ok in zip(placed, finite) if not ok]

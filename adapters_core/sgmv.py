@@ -40,7 +40,7 @@ def kernel(arch: str = "native") -> Optional[object]:
 
 
 TABLE_COLUMNS = 7
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/sgmv.cpp's Dtype
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/lora_table.h's Dtype
 
 
 def table_row(a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> Optional[list[int]]:

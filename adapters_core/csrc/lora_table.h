@@ -16,6 +16,10 @@ enum Dtype : int64_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 // Bytes per value of a factor dtype code.
 inline int64_t element_bytes(int64_t dtype) { return dtype == kFloat ? 4 : 2; }
 
+// A value of any factor dtype (float, c10::BFloat16, c10::Half) as fp32: exact for all three.
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
 // How the fused kernel's split entry (sgmv.cpp's lora_add_group_split_) hands its work over: runner(items,
 // body) must call body(begin, end) over runs covering [0, items) once each, on any threads (the decoder's loop
 // runs them beside the matmul of the same input).
