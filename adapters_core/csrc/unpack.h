@@ -8,6 +8,7 @@
 
 #include "lora_table.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
