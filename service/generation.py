@@ -40,6 +40,11 @@ class Piece:
     top_logprobs: Optional[list[tuple[int, float]]] = None
     stop_token: Optional[tuple[int, Optional[float]]] = None   # the engine's: the EOS / stop token that ended it
     prompt_logprobs: Optional[list] = None    # on the first piece, when asked: the engine's per prompt token
+    error_status: int = 500                   # with "error": 400 when the request's own input failed (its grammar)
+
+    def failure(self) -> GenerationFailed:
+        """With finish_reason "error": the error a non-streamed answer raises."""
+        return GenerationFailed(self.error or "generation failed", status=self.error_status)
 
 
 @dataclass
@@ -166,7 +171,8 @@ class TextGenerator:
                     if event.finish_reason == FinishReason.ERROR:    # this request alone failed in the engine:
                         message = f"generation failed: {event.error or 'engine error'}"   # streams end normally
                         self.metrics.generation_failed(adapter, message)
-                        yield Piece("", finish_reason="error", error=message)
+                        yield Piece("", finish_reason="error", error=message,
+                                    error_status=400 if event.client_error else 500)
                         return
                     tail, _ = matcher.feed(decoder.flush())
                     tail += matcher.flush()
@@ -200,7 +206,7 @@ async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completio
                 logprobs.append(piece.logprob)
                 tops.append(piece.top_logprobs)
             if piece.finish_reason == "error":
-                raise GenerationFailed(piece.error or "generation failed")
+                raise piece.failure()
             if piece.finish_reason:
                 reason = piece.finish_reason
     finally:

@@ -17,7 +17,6 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.generation import TextOptions, merged
-from service.registry import GenerationFailed
 
 from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect
@@ -83,7 +82,7 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
         try:
             async for i, piece in pieces:
                 if piece.finish_reason == "error":
-                    raise GenerationFailed(piece.error or "generation failed")
+                    raise piece.failure()
                 if piece.finish_reason == "cancelled":
                     raise HTTPException(503, STOPPED)
                 outs[i].add(piece)

@@ -45,7 +45,7 @@ from .prompt_logprobs import PromptLogprobRows, check_prompt_logprobs
 from .request import FinishReason, GenerationRequest, RequestState, TokenEvent
 from .scheduler import Scheduler
 from .step_gate import StepGate
-from .structured import Grammars, check_constraint, guide_for
+from .structured import GrammarFailed, Grammars, check_constraint, guide_for
 from .virtual_tokens import VirtualTokens
 
 
@@ -154,7 +154,7 @@ class Engine(EngineThread):
                     self._finish(state, FinishReason.CANCELLED)
 
     def _finish(self, state: RequestState, reason: FinishReason, error: Optional[str] = None,
-                stop_token: Optional[tuple[int, Optional[float]]] = None) -> None:
+                stop_token: Optional[tuple[int, Optional[float]]] = None, client_error: bool = False) -> None:
         state.finish_reason = reason
         state.finish_time = time.monotonic()
         if state in self.running:
@@ -164,7 +164,7 @@ class Engine(EngineThread):
         if state.slot is not None:
             self.cache.release(state.slot)
             state.slot = None
-        self._emit(state, TokenEvent(None, None, reason, error, stop_token=stop_token))
+        self._emit(state, TokenEvent(None, None, reason, error, stop_token=stop_token, client_error=client_error))
 
     def _slot(self, adapter: Optional[str]) -> int:
         if adapter in (None, "__base__") or self.virtual_tokens.count(adapter):     # prompt learning: base weights
@@ -206,6 +206,9 @@ class Engine(EngineThread):
             try:
                 token, logprob, top = ((greedy_tokens[i], None, None) if i in greedy_tokens
                                        else state.sampler.sample(logits[i]))
+            except GrammarFailed as exc:           # the request's own grammar: its client's error
+                self._fail(state, str(exc), finished, client_error=True)
+                continue
             except Exception as exc:
                 self._fail(state, f"sampling failed: {type(exc).__name__}: {exc}", finished)
                 continue
@@ -301,14 +304,16 @@ class Engine(EngineThread):
                 rows.append(logits)
         return sampled, (torch.cat(rows) if rows else None)
 
-    def _fail(self, state: RequestState, message: str, finished: list[RequestState]) -> None:
-        """Finish one request with ERROR. Its cache rows are zeroed: a later request on the slot must never
-        read (even behind an attention mask, where 0 * NaN is NaN) what the failed one left there."""
+    def _fail(self, state: RequestState, message: str, finished: list[RequestState],
+              client_error: bool = False) -> None:
+        """Finish one request with ERROR (`client_error`: caused by its own input, see TokenEvent). Its cache
+        rows are zeroed: a later request on the slot must never read (even behind an attention mask, where
+        0 * NaN is NaN) what the failed one left there."""
         log.warning("request %s failed: %s", state.request.request_id, message)
         if state.slot is not None:
             length = state.virtual + max(state.computed, len(state.all_ids))     # virtual tokens included
             self.cache.clear(state.slot, min(self.cache.max_seq_len, length))
-        self._finish(state, FinishReason.ERROR, message)
+        self._finish(state, FinishReason.ERROR, message, client_error=client_error)
         finished.append(state)
 
     def _notify(self, stats: StepStats) -> None:

@@ -43,6 +43,9 @@ class TokenEvent:
     # on a request's first event, when it asked for them: per prompt token (its log-probability, the most
     # likely tokens there), None for the first token
     prompt_logprobs: Optional[list[Optional[tuple[float, TopLogprobs]]]] = None
+    # with finish_reason ERROR: the failure came from the request's own input (its grammar failed while it
+    # ran), a client error, not the server's
+    client_error: bool = False
 
 
 @dataclass

@@ -16,6 +16,15 @@ complete; `max_tokens` still cuts a sequence with finish reason `length`. JSON s
 separators (`", "`, `": "`) and no other whitespace, so a small model cannot loop on blank space; properties
 come in the schema's order. llguidance was chosen after `bench/grammar_library_eval.py` (BENCHMARKS.md): no
 dependencies, sub-millisecond compiles, ~0.5 ms of masks per step for 16 sequences.
+
+A grammar can also fail while it runs: llguidance builds its lexer and parser lazily and stops at its own
+limits (a regex like `b{999999}`: "too many expressions constructed" at the first token; 3,000 choices: "max is
+2000" items in a parser row), and a grammar that matches nothing (`start: start`, a character class negating
+every code point, a schema whose `$ref` requires itself) is in error before its first token, which `compile`
+finds by computing the template's first mask (a 400 before anything is queued). A matcher in error allows only
+end-of-sequence, so each mask and each consumed token is checked: a failure ends that request alone with
+`GrammarFailed`, the client's error naming the field (never an empty "stop" the grammar did not accept), and
+drops the template, whose copies share its lexer and would all fail the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +44,11 @@ from service.json_nesting import TooDeep, check_depth
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_CACHED_GRAMMARS = 256
 KINDS = ("json_schema", "regex", "choice", "grammar")
+
+
+class GrammarFailed(RuntimeError):
+    """A constrained request's grammar failed while generating (see the module docstring): the client's
+    error, its message naming the request field."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ class Constraint:
     def regex(cls, pattern: Any, field: str) -> "Constraint":
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"{field}: a regular expression must be a non-empty string")
+        if (len(pattern) - len(pattern.rstrip("\\"))) % 2:   # llguidance reads a lone last backslash as nothing
+            raise ValueError(f"{field}: the regular expression ends with a lone backslash (escape it as \\\\)")
         return cls("regex", pattern, field)
 
     @classmethod
@@ -97,19 +113,26 @@ class Constraint:
 
 
 class Guide:
-    """One request's matcher and the mask of the tokens it allows next (None until computed)."""
+    """One request's matcher of `constraint` and the mask of the tokens it allows next (None until computed)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, grammars: "Grammars"):
-        self.matcher, self.grammars = matcher, grammars
+    def __init__(self, matcher: llguidance.LLMatcher, grammars: "Grammars", constraint: Constraint):
+        self.matcher, self.grammars, self.constraint = matcher, grammars, constraint
         self.allowed: Optional[np.ndarray] = None              # [V] bool
         self.any_allowed = False
 
     def _mask(self) -> np.ndarray:
         if self.allowed is None:                 # not filled by the engine's step (a sampler used on its own)
             self.grammars.fill([self])
+        if self.matcher.is_error():              # its mask then allows end-of-sequence alone: not an answer
+            raise self._failed("the grammar failed during generation")
         if not self.any_allowed:
-            raise RuntimeError("the grammar allows no next token" + _error(self.matcher))
+            raise self._failed("the grammar allows no next token")
         return self.allowed
+
+    def _failed(self, what: str) -> GrammarFailed:
+        """The error ending this request; the template goes too (its copies share the state that failed)."""
+        self.grammars.forget(self.constraint)
+        return GrammarFailed(f"{self.constraint.field}: {what}" + _error(self.matcher))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Float logits [V] -> a copy with the tokens the grammar forbids at -inf."""
@@ -123,8 +146,8 @@ class Guide:
 
     def advance(self, token: int) -> None:
         self.allowed = None
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"token {token} does not fit the grammar" + _error(self.matcher))
+        if not self.matcher.consume_token(token) or self.matcher.is_error():
+            raise self._failed(f"the grammar failed during generation at token {token}")
 
 
 def _float32(logits: torch.Tensor) -> np.ndarray:
@@ -169,10 +192,17 @@ class Grammars:
             raise ValueError(f"{constraint.field}: {exc}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         template = None if error else llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if template is None or template.is_error():
+        if template is not None and not template.is_error():
+            # its first mask (which copies then start from): a grammar matching nothing is in error by now
+            bitmask = np.zeros(self.words, dtype=np.int32)
+            template.unsafe_compute_mask_ptr(bitmask.ctypes.data, self.words * 4)
+            if template.is_error() or not bitmask.any():
+                error = "no text matches it" + _error(template).replace(":", " (llguidance:", 1) + (
+                    ")" if template.is_error() else "")
+        if template is None or template.is_error() or error:
             what = {"json_schema": "JSON schema", "regex": "regular expression", "choice": "choice list",
                     "grammar": "grammar"}[constraint.kind]
-            detail = (error or template.get_error()).strip()
+            detail = ((error or template.get_error()).strip().splitlines() or ["unknown error"])[0]
             raise ValueError(f"{constraint.field}: invalid or unsupported {what}: {detail}")
         self._templates[key] = template
         if len(self._templates) > MAX_CACHED_GRAMMARS:
@@ -181,7 +211,11 @@ class Grammars:
 
     def guide(self, constraint: Constraint) -> Guide:
         """A new request's guide: a copy of the template (cheaper than a new matcher, and its first masks too)."""
-        return Guide(self.compile(constraint).deep_copy(), self)
+        return Guide(self.compile(constraint).deep_copy(), self, constraint)
+
+    def forget(self, constraint: Constraint) -> None:
+        """Drop `constraint`'s template (a copy of it failed): the next request compiles a fresh one."""
+        self._templates.pop((constraint.kind, constraint.value), None)
 
     def fill(self, guides: Iterable[Optional[Guide]]) -> None:
         """Compute the next-token masks of `guides` (None entries skipped) in one batched call."""

@@ -5,7 +5,8 @@ statuses without knowing where a failure came from: `NotFound` (404: unknown or 
 (409: name taken, adapter deactivated), `TooLarge` (413: weights or archive over a size limit), `Invalid`
 (422: the adapter does not fit the model or breaks a rule; 400 when the input cannot even be parsed) and
 `Unavailable` (503: every device slot is pinned or in use); `GenerationFailed` (500: one request's own
-generation failed in the engine, e.g. its adapter gave non-finite logits; other requests are unaffected). Messages name the adapter and the limit or
+generation failed in the engine, e.g. its adapter gave non-finite logits; 400 when its own grammar failed as it
+ran; other requests are unaffected). Messages name the adapter and the limit or
 field at fault, because they are shown to the person who uploaded the adapter.
 """
 

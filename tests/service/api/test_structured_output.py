@@ -157,6 +157,14 @@ def test_tgi_grammar_with_text_generation_and_huggingface_hub_and_lorax_response
     ("tgi", {"grammar": {"type": "json", "value": {"type": "object", "properties": {"a": {"minimum": "x"}}}}},
      "parameters.grammar.value: invalid or unsupported JSON schema"),
     ("tgi", {"grammar": {"type": "regex", "value": "("}}, "parameters.grammar.value: invalid"),
+    ("completions", {"guided_grammar": "start: start"}, "guided_grammar: invalid or unsupported grammar: no text "
+                                                         "matches it"),
+    ("completions", {"guided_regex": "x\\"}, "guided_regex: the regular expression ends with a lone backslash"),
+    # these compile, and llguidance's limits stop them at the first token: the same 400, every time
+    ("completions", {"guided_regex": "b{999999}"}, "guided_regex: the grammar failed during generation"),
+    ("completions", {"guided_regex": "b{999999}"}, "guided_regex: the grammar failed during generation"),
+    ("chat", {"guided_choice": [f"opt{i}" for i in range(3000)]}, "guided_choice: the grammar failed during"),
+    ("tgi", {"grammar": {"type": "regex", "value": "c{999999}"}}, "parameters.grammar.value: the grammar failed"),
 ])
 def test_bad_schemas_and_grammars_are_400_naming_the_field(server, loaded, path, extra, named):
     if path == "tgi":

@@ -125,6 +125,11 @@ def test_greedy_constrained_and_max_tokens_cut_with_length(engine, tokenizer):
     (Constraint.json_schema({"type": "object", "if": {}}, "guided_json"), "guided_json: invalid or unsupported"),
     (Constraint.regex("[a-", "guided_regex"), "guided_regex: invalid or unsupported regular expression"),
     (Constraint.grammar("start: foo", "guided_grammar"), "guided_grammar: invalid or unsupported grammar"),
+    # grammars that match no text: in error at their first mask, found before anything is queued
+    (Constraint.grammar("start: start", "guided_grammar"),
+     "guided_grammar: invalid or unsupported grammar: no text matches it"),
+    (Constraint.json_schema({"$ref": "#"}, "guided_json"),
+     "guided_json: invalid or unsupported JSON schema: no text matches it"),
 ])
 def test_bad_constraints_are_refused_at_validate_naming_the_field(engine, tokenizer, constraint, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -138,6 +143,9 @@ def test_constraint_values_and_conflicts_are_checked(engine, tokenizer):
         Constraint.choice([], "guided_choice")
     with pytest.raises(ValueError, match="guided_json: the schema `false` matches nothing"):
         Constraint.json_schema(False, "guided_json")
+    with pytest.raises(ValueError, match="guided_regex: the regular expression ends with a lone backslash"):
+        Constraint.regex("x\\", "guided_regex")                    # llguidance would read it as "x"
+    assert Constraint.regex("x\\\\", "guided_regex").value == "x\\\\"     # an escaped backslash is fine
     anything = engine.generate([request(tokenizer, Constraint.json_schema(True, "guided_json"), seed=s, max_tokens=40)
                                 for s in range(3)])                   # JSON Schema's `true`: any JSON value
     assert all(o.finish_reason is FinishReason.STOP for o in anything)
@@ -151,6 +159,30 @@ def test_constraint_values_and_conflicts_are_checked(engine, tokenizer):
     bare = Engine(tiny_decoder(adapters=False), EngineConfig(max_batch_size=2, max_seq_len=64), eos_token_ids=[EOS])
     with pytest.raises(ValueError, match="response_format: structured output is not available"):
         bare.validate(request(tokenizer, schema, max_tokens=8))
+
+
+@pytest.mark.parametrize("constraint, message", [
+    (Constraint.regex("b{999999}", "guided_regex"), "lexer error: too many expressions constructed"),
+    (Constraint.choice([f"opt{i}" for i in range(3000)], "guided_choice"), "max is 2000"),
+])
+def test_a_grammar_failing_as_it_runs_fails_its_request_alone_every_time(engine, tokenizer, constraint, message):
+    """llguidance's lazy lexer and parser hit their limits at the first token: the request ends with the client's
+    error naming the field, again on a second try (a matcher in error allows only end-of-sequence, which once
+    read as an empty "stop"), and a free request in the same steps gets the tokens it gets alone."""
+    engine.validate(request(tokenizer, constraint))                    # compiles: the limits come later
+    free = request(tokenizer, None, "lora0", seed=7, max_tokens=12)
+    alone = engine.generate([free])[0].token_ids
+    for _ in range(2):
+        events, beside = [], []
+        engine.submit(request(tokenizer, constraint, seed=1), events.append)
+        engine.submit(request(tokenizer, None, "lora0", seed=7, max_tokens=12), beside.append)
+        while engine.has_work():
+            engine.step()
+        last = events[-1]
+        assert last.finish_reason is FinishReason.ERROR and last.client_error
+        assert last.error.startswith(f"{constraint.field}: the grammar failed during generation") and message in last.error
+        assert all(e.token_id is None for e in events)                # nothing of it was sent as a token
+        assert [e.token_id for e in beside if e.token_id is not None] == alone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
