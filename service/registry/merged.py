@@ -39,6 +39,11 @@ MERGED_PREFIX = "merged-"           # a merged record's name: this and a hash of
 DARE_SEED = 0
 
 
+# |weight| of one merged adapter: adapter_scale's bound (engine/adapter_scale.py), far past any useful blend; a
+# weight like 1e308 made the merged factors overflow, and every request on the merge failed on non-finite logits
+MAX_MERGE_WEIGHT = 10.0
+
+
 @dataclass(frozen=True)
 class MergeSpec:
     """What to merge: registered adapter names, one weight each, PEFT's strategy and its parameters."""
@@ -56,8 +61,10 @@ class MergeSpec:
         if len(self.weights) != len(self.ids):
             raise Invalid(f"{field}.weights: {len(self.weights)} weights for {len(self.ids)} ids; give one weight "
                           "per adapter")
-        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in self.weights):
-            raise Invalid(f"{field}.weights: every weight must be a finite number")
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) and abs(w) <= MAX_MERGE_WEIGHT
+                   for w in self.weights):
+            raise Invalid(f"{field}.weights: every weight must be a finite number in [-{MAX_MERGE_WEIGHT:g}, "
+                          f"{MAX_MERGE_WEIGHT:g}]")
         if len(set(self.ids)) != len(self.ids):
             raise Invalid(f"{field}.ids: an adapter is named twice")
         if self.strategy not in FACTOR_STRATEGIES:

@@ -78,6 +78,8 @@ def test_refused_specs_change_nothing(tmp_path):
             (MergeSpec(("a", "ia3"), (0.5, 0.5)), Invalid, r"ids\[1\].*IA3"),
             (MergeSpec(("a", "wide"), (0.5, 0.5)), Invalid, "one rank"),      # r 4 and a rank_pattern's 6
             (MergeSpec(("a", "b"), (0.5, float("inf"))), Invalid, "weights"),
+            (MergeSpec(("a", "b"), (0.5, 1e308)), Invalid, r"weights: every weight must be a finite number in \[-10, 10\]"),
+            (MergeSpec(("a", "b"), (-10.5, 0.5)), Invalid, "weights"),
             (MergeSpec(("a", "b"), (0.5, 0.5), "dare_ties"), Invalid, "density"),
         ]:
             with pytest.raises(error, match=match):
