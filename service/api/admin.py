@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from .deps import AdminCaller, StateDep
+from .errors import shown
 from .json_route import JsonRoute
 
 router = APIRouter(route_class=JsonRoute)
@@ -24,9 +25,23 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
                    "archive": _FILE}}}}}}
 
 
+UPLOAD_FIELDS = ("name", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "archive")
+
+
 @router.post("/admin/adapters", status_code=201, openapi_extra=UPLOAD_FORM)
 async def upload(request: Request, state: StateDep, _: AdminCaller, replace: bool = False):
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise HTTPException(415, f"send the upload as multipart/form-data (Content-Type {shown(kind or 'none')}): "
+                                 f"the fields {', '.join(UPLOAD_FIELDS)}")
     form = await request.form(max_part_size=state.settings.max_body_bytes)
+    fields = [key for key, _ in form.multi_items()]
+    unknown = next((key for key in fields if key not in UPLOAD_FIELDS), None)
+    if unknown is not None:
+        raise HTTPException(422, f"form field {shown(unknown)} is not accepted ({', '.join(UPLOAD_FIELDS)})")
+    twice = next((key for key in UPLOAD_FIELDS if fields.count(key) > 1), None)
+    if twice is not None:
+        raise HTTPException(422, f"form field {shown(twice)} is sent {fields.count(twice)} times; send it once")
     name = form.get("name")
     if not isinstance(name, str) or not name:
         raise HTTPException(422, "form field 'name' is required")
@@ -54,6 +69,8 @@ async def upload(request: Request, state: StateDep, _: AdminCaller, replace: boo
 
 
 class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     source: Literal["local", "hub"]
     path: Optional[str] = None
     repo_id: Optional[str] = None
@@ -66,10 +83,14 @@ async def load(name: str, body: Source, state: StateDep, _: AdminCaller):
     if body.source == "local":
         if not body.path:
             raise HTTPException(422, "'path' is required for source 'local'")
+        if body.repo_id is not None or body.revision is not None:
+            raise HTTPException(422, "'repo_id' and 'revision' are for source 'hub'; source 'local' takes 'path'")
         record = await state.registry.register_path(name, body.path, replace=body.replace)
     else:
         if not body.repo_id:
             raise HTTPException(422, "'repo_id' is required for source 'hub'")
+        if body.path is not None:
+            raise HTTPException(422, "'path' is for source 'local'; source 'hub' takes 'repo_id' (and 'revision')")
         record = await state.registry.register_hub(name, body.repo_id, body.revision, replace=body.replace)
     return record.to_dict()
 
@@ -120,11 +141,18 @@ async def unpin(name: str, state: StateDep, _: AdminCaller):
 
 
 class LoadLora(BaseModel):
+    """vLLM's body; its `load_inplace` (and any other key) is refused as unknown: replace with `PUT
+    /admin/adapters/{name}` and `replace: true`."""
+    model_config = ConfigDict(extra="forbid")
+
     lora_name: str
     lora_path: str
 
 
 class UnloadLora(BaseModel):
+    """vLLM's body; its `lora_int_id` (vLLM's internal id, which this server has none of) is refused as unknown."""
+    model_config = ConfigDict(extra="forbid")
+
     lora_name: str
 
 

@@ -15,6 +15,7 @@ schemathesis see the responses the service really gives.
 
 from __future__ import annotations
 
+import json
 import re
 from contextvars import ContextVar
 from typing import Optional
@@ -70,7 +71,8 @@ class ErrorResponse(BaseModel):
 def error_response(status: int, message: str, headers: dict | None = None,
                    error_type: str | None = None) -> JSONResponse:
     message = escape_control(message[:MAX_MESSAGE])
-    error = {"message": message, "type": TYPES.get(status, "server_error"), "code": status}
+    error = {"message": message, "type": TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+             "code": status}
     if request_id.get() is not None:
         error["request_id"] = request_id.get()
     body = {"error": error} if error_type is None else {"error": error, "error_type": error_type}
@@ -99,6 +101,33 @@ INPUT_ERRORS = {
 }
 
 
+def _whole_body_problem(request: Request, kind: Optional[str]) -> Optional[tuple[int, str]]:
+    """(status, message) when the body as a whole is wrong: missing, or not read as JSON for its Content-Type."""
+    content_type = request.headers.get("content-type", "")
+    if kind == "missing":
+        return 422, "the request body is empty: send a JSON object"
+    main = content_type.split(";")[0].strip().lower()
+    if main and main != "application/json" and not main.endswith("+json"):
+        return 415, f"Content-Type {shown(main)} is not accepted here: send a JSON object as application/json"
+    if kind in ("model_attributes_type", "dict_type"):
+        return 422, "the request body must be a JSON object"
+    return None
+
+
+async def _unparsable_body(request: Request) -> str:
+    """What is wrong with a body FastAPI could not parse (it says only that it could not)."""
+    body = await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the request body is not valid UTF-8 (byte {exc.start})"
+    try:
+        json.loads(text)
+    except ValueError as exc:      # e.g. an integer literal longer than Python converts (4,300 digits)
+        return f"the request body is not valid JSON: {exc}"
+    return "the request body could not be parsed"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def registry_error(request: Request, exc: RegistryError):
@@ -114,14 +143,26 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if len(errors) == 1 and tuple(errors[0]["loc"]) == ("body",):     # the body as a whole
+            whole = _whole_body_problem(request, errors[0].get("type"))
+            if whole is not None:
+                return _respond(request, *whole)
         parts = [("the request body is not valid JSON" if e.get("type") == "json_invalid" else
                   f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {_MESSAGES.get(e.get('type'), e['msg'])}")
-                 for e in exc.errors()]
+                 for e in errors]
         return _respond(request, 422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _respond(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        message, headers = str(exc.detail), getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            allowed = (headers or {}).get("Allow") or (headers or {}).get("allow")
+            message = f"method {request.method} is not allowed on {request.url.path}" + (
+                f" (allowed: {allowed})" if allowed else "")
+        elif exc.status_code == 400 and message == "There was an error parsing the body":     # FastAPI's words
+            message = await _unparsable_body(request)
+        return _respond(request, exc.status_code, message, headers)
 
     for kind, (status, say) in INPUT_ERRORS.items():
         async def handler(request: Request, exc: Exception, status=status, say=say):

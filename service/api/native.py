@@ -43,6 +43,10 @@ async def encode_inputs(state, inputs: str, truncate: Optional[int]) -> list[int
 
 
 async def _prepare(req: GenerateRequest, state, caller, stream: bool):
+    if "stream" in req.model_fields_set and req.stream != stream:     # TGI reads it on `POST /` only
+        route, other = ("/generate_stream", "/generate") if stream else ("/generate", "/generate_stream")
+        raise HTTPException(422, f"stream: {str(req.stream).lower()} does not fit POST {route}, which "
+                                 f"{'streams' if stream else 'answers once'}; use POST {other}, or POST / with stream")
     p = req.parameters
     refuse_unsupported(p, stream)
     adapter = resolve_target(p, state, caller)          # adapter_id or merged_adapters, and adapter_scale

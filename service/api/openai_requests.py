@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from service.engine import SamplingParams
 from service.engine.sampling import MAX_TOP_LOGPROBS
@@ -107,6 +107,12 @@ class Message(BaseModel):
             raise ValueError("content may be null only in an assistant message")
         return value
 
+    @model_validator(mode="after")
+    def _content_given(self):
+        if "content" not in self.model_fields_set and self.role != "assistant":     # as OpenAI: required there
+            raise ValueError(f"content is required in a {self.role!r} message (only an assistant turn may omit it)")
+        return self
+
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
@@ -133,6 +139,9 @@ def content_text(content, field: str) -> str:
         text = part.get("text")
         if not isinstance(text, str):
             raise HTTPException(400, f"{field}[{j}].text: a text part needs a string `text`")
+        extra = next((key for key in part if key not in ("type", "text")), None)
+        if extra is not None:
+            raise HTTPException(400, f"{field}[{j}].{shown(str(extra))}: not a key of a text part (type, text)")
         texts.append(text)
     return "\n".join(texts)
 

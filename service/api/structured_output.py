@@ -52,6 +52,11 @@ def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response
     if fmt is None:
         return None
     kind = fmt.get("type", "text")
+    keys = ("type", "json_schema") if kind == "json_schema" else ("type",)
+    unknown = next((k for k in fmt if k not in keys), None)
+    if unknown is not None:                  # e.g. a json_schema beside type json_object would be dropped
+        raise HTTPException(400, f"{field}.{shown(unknown)}: not a key of type {shown(str(kind))} "
+                                 f"({', '.join(keys)})")
     if kind == "text":
         return None
     if kind == "json_object":

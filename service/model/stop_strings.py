@@ -28,6 +28,13 @@ def check_stops(stop: Optional[Union[str, list[str]]]) -> Optional[Union[str, li
     for i, s in enumerate(stops):
         if len(s) > MAX_STOP_CHARS:
             raise ValueError(f"stop string {i} has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
+        if not s:
+            raise ValueError(f"stop string {i} is empty (as vLLM, an empty stop string is refused)")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:       # could never match decoded text
+            raise ValueError(f"stop string {i} is not valid Unicode text (a lone surrogate {s[exc.start]!a} at "
+                             f"character {exc.start})") from None
     return stop
 
 
