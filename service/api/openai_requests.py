@@ -32,12 +32,12 @@ Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     # NaN and infinities are refused as "not a finite number" (JSON parsers here accept NaN / Infinity)
@@ -92,7 +92,7 @@ class CompletionRequest(_Common):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: str
     # null only where OpenAI allows it (an assistant turn that called tools); it renders as ""
     content: Optional[Union[str, list[dict[str, Any]]]] = ""

@@ -36,7 +36,7 @@ SOURCES = ("hub", "local")
 class MergedAdapters(BaseModel):
     """LoRAX's `merged_adapters`: registered LoRA adapters merged as PEFT's `add_weighted_adapter` merges them
     (service/registry/merged.py); `merge_strategy` null is linear, `majority_sign_method` null is total."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ids: list[str] = Field(min_length=1, max_length=MAX_MERGED_IDS)
     weights: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1, max_length=MAX_MERGED_IDS)
@@ -46,7 +46,7 @@ class MergedAdapters(BaseModel):
 
 
 class Parameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     adapter_id: Optional[str] = None
     adapter_source: Optional[str] = None
@@ -83,7 +83,7 @@ class Parameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: str = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)

@@ -147,3 +147,16 @@ def test_merged_adapter_weights_are_bounded(live, weight):
     ok = post(live, "/generate", {"inputs": "hello", "parameters": {
         "max_new_tokens": 2, "merged_adapters": {"ids": ["ref"], "weights": [10]}}})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", True), ("n", "2"), ("n", 2.0), ("seed", True),
+                                          ("temperature", "0"), ("echo", 1), ("stream", "true"), ("best_of", "3")])
+def test_numbers_and_booleans_are_taken_as_json_gives_them_not_converted(live, field, value):
+    error(post(live, "/v1/completions", {**COMPLETION, field: value}), 422, field)
+    r = post(live, "/generate", {"inputs": "hello", "parameters": {"max_new_tokens": "2"}})
+    error(r, 422, "parameters.max_new_tokens")
+
+
+def test_json_integers_still_fill_float_fields(live):
+    r = post(live, "/v1/completions", {**COMPLETION, "temperature": 1, "top_p": 1})
+    assert r.status_code == 200, r.text
