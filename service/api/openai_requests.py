@@ -110,7 +110,8 @@ class Message(BaseModel):
     @model_validator(mode="after")
     def _content_given(self):
         if "content" not in self.model_fields_set and self.role != "assistant":     # as OpenAI: required there
-            raise ValueError(f"content is required in a {shown(self.role)} message (only an assistant turn may omit it)")
+            raise ValueError(f"content is required in a {shown(self.role)} message (only an assistant turn may "
+                             "omit it)")
         return self
 
 
