@@ -68,6 +68,9 @@ class TextOptions:
     include_stop: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: Optional[int] = None
+    # vLLM's include_stop_str_in_output also for the EOS / stop_token_ids token that ended a sequence: its text
+    # is decoded into the output like any token's (an EOS skipped as a special token adds nothing)
+    include_stop_token: bool = False
 
 
 class TextGenerator:
@@ -145,7 +148,7 @@ class TextGenerator:
     async def _pieces(self, events, lease, adapter: Optional[str], prompt_ids: list[int], params: SamplingParams,
                       options: TextOptions, arrival: float) -> AsyncIterator[Piece]:
         times: list[float] = []
-        outcome = "error"
+        outcome, ended = "error", False       # ended: the last piece was handed over (closing after it is no cancel)
         decoder = IncrementalDecoder(self.tokenizer, options.skip_special_tokens)
         matcher = StopStringMatcher(options.stop, options.include_stop)
         prompt_logprobs = None              # the engine sends them with the first event; on the first piece here
@@ -160,7 +163,7 @@ class TextGenerator:
                     # vLLM: no stop string ends a sequence before min_tokens
                     text, stopped = matcher.feed(text) if len(times) >= params.min_tokens else (text, False)
                     if stopped:
-                        outcome = "success"
+                        outcome, ended = "success", True
                         yield Piece(text, event.token_id, event.logprob, "stop", top_logprobs=event.top_logprobs,
                                     prompt_logprobs=prompt_logprobs)
                         return
@@ -171,17 +174,22 @@ class TextGenerator:
                     if event.finish_reason == FinishReason.ERROR:    # this request alone failed in the engine:
                         message = f"generation failed: {event.error or 'engine error'}"   # streams end normally
                         self.metrics.generation_failed(adapter, message)
+                        ended = True
                         yield Piece("", finish_reason="error", error=message,
                                     error_status=400 if event.client_error else 500)
                         return
-                    tail, _ = matcher.feed(decoder.flush())
+                    last = (decoder.push(event.stop_token[0])
+                            if options.include_stop_token and event.stop_token is not None else "")
+                    tail, _ = matcher.feed(last + decoder.flush())
                     tail += matcher.flush()
                     outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
+                    ended = True
                     reason = _REASONS.get(event.finish_reason, "stop")
                     yield Piece(tail, finish_reason=reason, stop_token=event.stop_token, prompt_logprobs=prompt_logprobs)
                     return
         except (GeneratorExit, asyncio.CancelledError):    # the consumer closed us or its task was cancelled
-            outcome = "cancelled"
+            if not ended:                     # (a consumer may close us right after the last piece: TGI streams)
+                outcome = "cancelled"
             raise
         finally:
             await events.aclose()             # cancels the request in the engine if it is still running

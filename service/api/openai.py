@@ -59,7 +59,8 @@ def max_tokens(state: State, requested: Optional[int], field: str = "max_tokens"
 
 def text_options(req: _Common) -> TextOptions:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return TextOptions(stops, req.include_stop_str_in_output, req.skip_special_tokens)
+    return TextOptions(stops, req.include_stop_str_in_output, req.skip_special_tokens,
+                       include_stop_token=req.include_stop_str_in_output)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

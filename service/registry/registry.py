@@ -173,14 +173,19 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
 
     # ----- admin verbs -----------------------------------------------------------------------------------------
     async def activate(self, name: str) -> AdapterRecord:
-        """Serve `name` again and load it to the device tier."""
+        """Serve `name` again and load it to the device tier. A deactivate that comes in while it loads wins:
+        the activation happened, and the record says what the adapter is now."""
         self._bind()
         record = self._usable(name)
         if not record.served:
             record.served = True
             self._save_meta(record)
         record.tick = next(self._ticks)
-        await self._shielded(self._locked(self._load_live, record))
+        try:
+            await self._shielded(self._locked(self._load_live, record))
+        except Conflict:
+            if record.served or record.error or record.retired:     # not a concurrent deactivate
+                raise
         return record
 
     async def deactivate(self, name: str) -> AdapterRecord:

@@ -160,3 +160,19 @@ def test_numbers_and_booleans_are_taken_as_json_gives_them_not_converted(live, f
 def test_json_integers_still_fill_float_fields(live):
     r = post(live, "/v1/completions", {**COMPLETION, "temperature": 1, "top_p": 1})
     assert r.status_code == 200, r.text
+
+
+def test_a_tgi_stream_that_ends_normally_counts_as_a_success(live):
+    """The TGI routes close the piece generator as soon as they have the last piece; that close once
+    overwrote the request's outcome with "cancelled" (the console's rates and any alert on cancellations)."""
+    def outcomes() -> dict:
+        return httpx.get(f"{live.url}/stats", timeout=T).json()["totals"]["requests"]
+
+    before = outcomes()
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 2}}
+    for path, extra in (("/generate_stream", {}), ("/", {"stream": True})):
+        with httpx.stream("POST", f"{live.url}{path}", json={**body, **extra}, timeout=T) as r:
+            assert r.status_code == 200 and [line for line in r.iter_lines() if line.startswith("data:")]
+    after = outcomes()
+    assert after.get("success", 0) - before.get("success", 0) == 2, (before, after)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0), (before, after)

@@ -177,6 +177,8 @@ def test_vllm_sampling_extras(client, model, loaded):
     assert complete(repetition_penalty=1.8).text != plain.text or complete(repetition_penalty=5.0).text != plain.text
     stopped = complete(stop_token_ids=[first])
     assert stopped.text == "" and stopped.finish_reason == "stop"
+    kept = complete(stop_token_ids=[first], include_stop_str_in_output=True)       # vLLM: the stop token's text too
+    assert kept.text == loaded.tokenizer.decode([first], False) != "" and kept.finish_reason == "stop"
     assert complete(min_tokens=8).finish_reason == "length"
     word = plain.text.strip().split()[0]
     assert complete(stop=[word], include_stop_str_in_output=True).text.endswith(word)

@@ -146,6 +146,28 @@ def test_deactivate_and_activate(tmp_path):
     assert events.of("loaded") == [("a", "cpu"), ("a", "stored")]
 
 
+def test_an_activate_beside_a_deactivate_is_never_refused_as_deactivated(tmp_path):
+    """A deactivate that lands while an activate loads wins; the activate answers with the record as it now is
+    (it once raised the inference path's 409 "deactivated; activate it before sending requests")."""
+    adapter = peft_adapter("lora")
+
+    async def main():
+        registry = make_registry(tmp_path / "store")
+        await registry.register_files("a", adapter.config, adapter.weights)
+        await registry.deactivate("a")
+        for _ in range(6):
+            results = await asyncio.gather(registry.activate("a"), registry.deactivate("a"), registry.activate("a"),
+                                           registry.deactivate("a"), return_exceptions=True)
+            assert not [r for r in results if isinstance(r, BaseException)], results
+            record = registry.get("a")
+            assert record.served == json.loads((tmp_path / "store" / "a" / "registry.json").read_text())["served"]
+        await registry.activate("a")                           # and a lone activate still serves it
+        registry.release(await registry.acquire("a"))
+        await registry.drain()
+
+    run(main())
+
+
 def test_pin_is_persisted(tmp_path):
     adapter = peft_adapter("lora")
 
