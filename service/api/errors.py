@@ -35,13 +35,14 @@ from service.registry import RegistryError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 408: "request_timeout", 409: "conflict_error", 413: "request_too_large",
-         422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+         415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+         503: "service_unavailable"}
 
 
 # Routes outside the API proper: liveness never fails, metrics may need a key, readiness answers 503 until ready.
 OPERATION_ERRORS = {"/health": (), "/metrics": (401, 403), "/metrics/gateway": (401, 403), "/ready": (503,),
                     "/info": (), "/stats": (401, 403), "/console/session": (401,)}
-API_ERRORS = (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)
+API_ERRORS = (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
 MAX_SHOWN = 256              # characters of a user's string (a model name...) echoed in a message
 MAX_MESSAGE = 4096           # characters of any error message
 
