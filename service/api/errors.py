@@ -104,11 +104,11 @@ INPUT_ERRORS = {
 
 def _whole_body_problem(request: Request, kind: Optional[str]) -> Optional[tuple[int, str]]:
     """(status, message) when the body as a whole is wrong: missing, or not read as JSON for its Content-Type."""
-    content_type = request.headers.get("content-type", "")
+    from .json_route import json_body          # (json_route imports this module)
     if kind == "missing":
         return 422, "the request body is empty: send a JSON object"
-    main = content_type.split(";")[0].strip().lower()
-    if main and main != "application/json" and not main.endswith("+json"):
+    if not json_body(request):                  # FastAPI did not read it as JSON
+        main = request.headers.get("content-type", "").split(";")[0].strip().lower()
         return 415, f"Content-Type {shown(main)} is not accepted here: send a JSON object as application/json"
     if kind in ("model_attributes_type", "dict_type"):
         return 422, "the request body must be a JSON object"

@@ -37,7 +37,7 @@ class JsonRoute(APIRoute):
             if encoding not in ("", "identity"):
                 raise HTTPException(415, f"Content-Encoding {shown(encoding)} is not supported: send the body "
                                          "uncompressed")
-            if request.method not in ("GET", "HEAD", "OPTIONS") and _json_body(request):
+            if request.method not in ("GET", "HEAD", "OPTIONS") and json_body(request):
                 body = await request.body()
                 if body:
                     check_depth(body)
@@ -56,7 +56,7 @@ def _query_names(dependant) -> list[str]:
     return sorted(names)
 
 
-def _json_body(request: Request) -> bool:
+def json_body(request: Request) -> bool:
     """Whether FastAPI would parse this request's body as JSON (its own test of the content type)."""
     value = request.headers.get("content-type")
     if not value:
