@@ -21,6 +21,7 @@ from .errors import UnsupportedFeatureError
 from .held_linear import linear_holding
 from .matching import is_conv1d
 from .stack import stacked_forward
+from .watched import Watched, bump
 
 LORA_KINDS = ("LORA", "ADALORA")
 
@@ -72,8 +73,9 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
-class AdapterLayer(nn.Module):
-    """Wraps `base_layer`; holds any number of LoRA, AdaLoRA and IA3 adapters by name."""
+class AdapterLayer(Watched, nn.Module):
+    """Wraps `base_layer`; holds any number of LoRA, AdaLoRA and IA3 adapters by name. Its changes are counted
+    (`watched.Watched`): the service's direct step keeps its plan of the layers while none happens."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -423,6 +425,7 @@ class AdapterLayer(nn.Module):
                     if kind == "LORA" and not self.is_embedding and self.lora_B[name].bias is not None:
                         self.base_layer.bias.add_(self.lora_B[name].bias * self.scaling[name])
             self.merged_adapters.append(name)
+            bump()                                      # merged_adapters changed in place
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         """m / norm shaped to scale the base weight's output-feature axis (rows, or columns for Conv1D and
@@ -434,6 +437,7 @@ class AdapterLayer(nn.Module):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            bump()
             kind = self.kind[name]
             with torch.no_grad():
                 if kind == "IA3":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_core.group import grouped_forward
+from adapters_core.watched import Watched
 
 from . import cpu_ops, cuda_ops
 from .direct_step import direct_decode
@@ -28,7 +29,7 @@ from .quant_linear import QuantEmbedding, QuantLinear, group_quant_linears, inte
 from .rope import RotaryTable, apply_rotary, inverse_frequencies
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Watched, nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -108,7 +109,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.view(bd, h, d).to(q.dtype)
 
 
-class Attention(nn.Module):
+class Attention(Watched, nn.Module):
     def __init__(self, config, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
@@ -184,7 +185,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
-class MLP(nn.Module):
+class MLP(Watched, nn.Module):
     def __init__(self, config):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
@@ -203,7 +204,7 @@ class MLP(nn.Module):
         return self.down_proj(hidden)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Watched, nn.Module):
     def __init__(self, config, layer_index: int):
         super().__init__()
         self.self_attn = Attention(config, layer_index)
@@ -220,7 +221,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(Watched, nn.Module):
     """transformers' `LlamaModel` part: embeddings, layers, final norm (under the attribute `model`)."""
 
     def __init__(self, config):
@@ -233,8 +234,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Decoder(nn.Module):
+class Decoder(Watched, nn.Module):
     """A causal LM with transformers' `LlamaForCausalLM` names; `max_positions` bounds the rotary table."""
+
+    _unwatched = frozenset({"_rope", "_direct_plan"})    # caches of what the model is (watched.py)
 
     def __init__(self, config, max_positions: Optional[int] = None):
         super().__init__()

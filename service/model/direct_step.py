@@ -4,7 +4,8 @@ A decode step of the general path (`DecoderLayer.forward`) walks ~20 Python fram
 the group's context manager, `grouped_forward`'s checks, each projection's wrapper, usability checks before
 every kernel. Measured on SmolLM2 (stored Q4_1 weights, one sequence): 4.4 ms of an 11.3 ms step was not
 matmul. Here the same kernels run in the same order on the same tensors (so the result is bit-identical),
-with the checks done once per step for the whole model: RMSNorm, the joined q/k/v matmul, the LoRA deltas
+with the checks done for the whole model at once (`direct_plan.DirectPlan`: walked once, kept while nothing
+it read has changed, as `adapters_core.watched` counts): RMSNorm, the joined q/k/v matmul, the LoRA deltas
 of q/k/v in one fused call, rotary, cache write and attention, o_proj, residual, RMSNorm, the joined
 gate/up matmul and its deltas, SwiGLU, down_proj, residual.
 
@@ -24,7 +25,6 @@ whose layers differ in shape. Anything else returns None and the general path ru
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 from typing import Optional
 
@@ -36,7 +36,8 @@ from adapters_core.group import add_lora_deltas_
 from adapters_core.layer import AdapterLayer
 
 from . import cpu_ops, quant_linear
-from .quant_linear import QuantGroup, QuantLinear
+from .direct_plan import DirectPlan, LayerWork, build_plan
+from .quant_linear import QuantGroup
 
 ENABLED = os.environ.get("ADAPTER_SERVE_DIRECT_STEP", "1") != "0"
 # The C++ loop has the matmul pool's workers read the next weight ahead while it works between two matmuls
@@ -52,77 +53,6 @@ FACTORS_ALONGSIDE = True
 LORA_BESIDE = True
 
 
-def _stored_base(module, group: Optional[QuantGroup], loras: list) -> Optional[QuantLinear]:
-    """The stored layer `module` computes with (a member of `group`, or ungrouped when `group` is None) when
-    nothing but at most a plain LoRA delta comes on top in this batch (the adapter layer is then appended to
-    `loras`), else None."""
-    wrapper = module if type(module) is AdapterLayer else None
-    base = module._modules["base_layer"] if wrapper is not None else module
-    if type(base) is not QuantLinear or base._forward_hooks or base._forward_pre_hooks:
-        return None
-    if (base._group is None) if group is not None else (base._group is not None):
-        return None
-    if group is not None and base._group[0] is not group:
-        return None
-    if wrapper is None:
-        return base
-    if wrapper.disabled or wrapper.merged_adapters or wrapper._forward_hooks or wrapper._forward_pre_hooks:
-        return None
-    mapping = None if wrapper.slot_table is None else wrapper.slot_table.mapping
-    if mapping is None:
-        return None                   # outside a mixed batch an adapter applies as "active": not handled here
-    st = wrapper.stack
-    if st is None or mapping.all_base:
-        return base
-    if st.ia3_in is not None or st.ia3_out is not None or (st.lora and not st.fused_lora):
-        return None
-    if st.lora:
-        loras.append(wrapper)
-    return base
-
-
-class _LayerWork:
-    """One layer's part of a direct step: its groups, stored layers, and the projections whose LoRA deltas
-    apply in this step (refreshed by `applies`)."""
-
-    __slots__ = ("layer", "qkv", "gate_up", "o", "down", "qkv_loras", "o_loras", "gate_up_loras", "down_loras")
-
-    def __init__(self, layer):
-        self.layer = layer
-        self.qkv = self.gate_up = self.o = self.down = None
-        self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras = [], [], [], []
-
-    def applies(self, kinds: tuple) -> bool:
-        """`kinds`: `_decoder_kinds()`, looked up once per step."""
-        modules = self.layer._modules              # plain dict look-ups: this runs for every layer of every step
-        attn, mlp = modules["self_attn"], modules["mlp"]
-        if (type(attn) is not kinds[0] or type(mlp) is not kinds[1] or type(modules["input_layernorm"]) is not kinds[2]
-                or type(modules["post_attention_layernorm"]) is not kinds[2]):
-            return False                       # e.g. a norm wrapped by an adapter's modules_to_save
-        self.qkv, self.gate_up = attn.qkv_group, mlp.gate_up_group         # regrouping replaces them
-        for loras in (self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras):
-            loras.clear()
-        if type(self.qkv) is not QuantGroup or type(self.gate_up) is not QuantGroup:
-            return False
-        a, m = attn._modules, mlp._modules
-        if (_stored_base(a["q_proj"], self.qkv, self.qkv_loras) is None
-                or _stored_base(a["k_proj"], self.qkv, self.qkv_loras) is None
-                or _stored_base(a["v_proj"], self.qkv, self.qkv_loras) is None
-                or _stored_base(m["gate_proj"], self.gate_up, self.gate_up_loras) is None
-                or _stored_base(m["up_proj"], self.gate_up, self.gate_up_loras) is None):
-            return False
-        self.o = _stored_base(a["o_proj"], None, self.o_loras)
-        self.down = _stored_base(m["down_proj"], None, self.down_loras)
-        return self.o is not None and self.down is not None
-
-    def mapping(self):
-        """The batch mapping of this step's LoRA deltas, or None when none applies in this layer."""
-        for loras in (self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras):
-            if loras:
-                return loras[0].slot_table.mapping
-        return None
-
-
 def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torch.Tensor]:
     """x [N, d] after every decoder layer, computed directly, or None when the step does not qualify."""
     if not ENABLED or not x.is_cpu or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
@@ -132,19 +62,16 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
     qm, ops = quant_linear.kernel(), cpu_ops.kernel()
     if qm is None or ops is None:
         return None
-    works = getattr(model, "_direct_work", None)
-    if works is None or len(works) != len(model.model.layers) or any(
-            w.layer is not layer for w, layer in zip(works, model.model.layers)):
-        works = model._direct_work = [_LayerWork(layer) for layer in model.model.layers]
-    kinds = _decoder_kinds()
-    if not all(w.applies(kinds) for w in works):
+    layout = _plan(model)
+    if layout is None or not layout.batch():
         return None
-    mapping = next((m for m in map(_LayerWork.mapping, works) if m is not None), None)
+    works = layout.works
+    mapping = next((m for m in map(LayerWork.mapping, works) if m is not None), None)
     cos, sin = cos_sin
     n = x.shape[0]
     if mapping is not None:
         mapping.check(x, "features")
-    tables = _native_tables(model, works)
+    tables = _native_tables(model, layout)
     lora = _native_lora(works, mapping, n) if tables is not None else None
     if lora is None and plan.prefill:
         return None                      # prompt chunks: only the C++ loop takes them (the layers' path does)
@@ -206,6 +133,17 @@ def _decode_rows(plan, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return tokens, slots, last
 
 
+def _plan(model) -> Optional[DirectPlan]:
+    """The model's `DirectPlan`, kept on the model while it holds, else walked again (None: a layer the
+    direct path does not compute)."""
+    layers = model.model.layers._modules
+    plan = getattr(model, "_direct_plan", None)
+    if plan is not None and plan.holds(list(layers.values())):
+        return plan
+    plan = model._direct_plan = build_plan(model, _decoder_kinds())
+    return plan
+
+
 def _decoder_kinds() -> tuple:
     """(Attention, MLP, RMSNorm) of decoder.py, which imports this module."""
     from .decoder import MLP, Attention, RMSNorm
@@ -249,31 +187,14 @@ def _beside_entries(qm) -> tuple[int, int]:
     return qm.quant_matmul_beside_entry(), kernel.lora_add_group_split_entry()
 
 
-def _native_tables(model, works) -> Optional[tuple]:
-    """`_build_native_tables`, kept on the model while the objects it reads stay the same ones: rebuilding
-    them took ~0.3 ms of Python per step (SmolLM2's 30 layers). The key holds each layer's modules, groups,
-    stored weights, their tensors and the parameters themselves (compared by identity, and held, so no id is
-    reused), so a regrouped projection, a replaced module, norm weight or bias, or a re-stored weight builds
-    them again. (The plain numbers the build checks, heads and norm epsilons, are set once per module.)"""
-    key = [item for w in works for item in _tables_key(w)]
-    cached = getattr(model, "_direct_tables", None)
-    if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
-        return cached[1]
-    tables = _build_native_tables(model, works)
-    model._direct_tables = (key, tables)
-    return tables
-
-
-def _tables_key(w: _LayerWork) -> tuple:
-    """The objects `_build_native_tables` reads of one layer (dict look-ups, no `nn.Module.__getattr__`)."""
-    layer = w.layer
-    modules = layer._modules
-    attn, norm_in, norm_post = modules["self_attn"], modules["input_layernorm"], modules["post_attention_layernorm"]
-    qkv, o, gate_up, down = w.qkv.stored, w.o.stored, w.gate_up.stored, w.down.stored
-    return (layer, attn, norm_in, norm_post, norm_in._parameters.get("weight"), norm_post._parameters.get("weight"),
-            w.qkv, qkv, qkv.data, qkv.row_scale, w.qkv.bias, w.o, o, o.data, o.row_scale, w.o._parameters.get("bias"),
-            w.gate_up, gate_up, gate_up.data, gate_up.row_scale, w.gate_up.bias,
-            w.down, down, down.data, down.row_scale, w.down._parameters.get("bias"))
+def _native_tables(model, layout: DirectPlan) -> Optional[tuple]:
+    """`_build_native_tables`, kept with the plan while it holds (`DirectPlan.holds` compares every tensor
+    the tables hold, the parameters and stored weights included): rebuilding them took ~0.3 ms of Python a
+    step on SmolLM2's 30 layers. (The plain numbers the build checks, heads and norm epsilons, are set once
+    per module.)"""
+    if not layout.tables_built:
+        layout.tables, layout.tables_built = _build_native_tables(model, layout.works), True
+    return layout.tables
 
 
 def _build_native_tables(model, works) -> Optional[tuple]:

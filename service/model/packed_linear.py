@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters_core.watched import WatchedAttributes
+
 
 def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """oneDNN can prepack `dtype` linears here. For bf16 that needs the CPU's AVX-512 (BW/VL/DQ): on an
@@ -77,9 +79,11 @@ class PackedLinear(nn.Linear):
         return _packed_linear(x, self._packed, self.bias)
 
 
-class LinearGroup:
+class LinearGroup(WatchedAttributes):
     """Member linears sharing one input; `computing(x)` makes their calls with `x` slices of one matmul.
     Subclasses say when the joined matmul applies (`usable`) and compute it (`compute`)."""
+
+    _unwatched = frozenset({"_x", "_outputs"})          # each call's scratch (watched.py)
 
     def __init__(self, members: Sequence[nn.Module]):
         self.members = list(members)
@@ -117,6 +121,8 @@ class LinearGroup:
 
 class PackedGroup(LinearGroup):
     """PackedLinear members: one oneDNN-prepacked matmul over their concatenated weights."""
+
+    _unwatched = LinearGroup._unwatched | {"_packed", "_bias", "_key"}
 
     def __init__(self, members: Sequence[PackedLinear]):
         super().__init__(members)

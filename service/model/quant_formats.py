@@ -20,6 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from adapters_core.watched import WatchedAttributes
+
 # name -> (kernel id, values per block, bytes per block); the ids are csrc/quant_matmul.cpp's `Format`.
 FORMATS = {"F32": (0, 1, 4), "BF16": (1, 1, 2), "F16": (2, 1, 2), "I8": (3, 1, 1), "Q8_0": (4, 32, 34),
            "Q4_0": (5, 32, 18), "Q4_1": (6, 32, 20), "Q4_K": (7, 256, 144), "Q6_K": (8, 256, 210)}
@@ -32,7 +34,7 @@ GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")   
 
 
 @dataclass
-class StoredWeight:
+class StoredWeight(WatchedAttributes):
     """A weight matrix in a stored format: `data` [rows, row_bytes], `columns` values per row."""
 
     data: torch.Tensor

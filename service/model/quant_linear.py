@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_core.native import NativeKernel
+from adapters_core.watched import Watched
 
 from .packed_linear import LinearGroup, grouped_output, make_group
 from .quant_formats import INTERLEAVE_COLUMNS, INTERLEAVE_ROWS, INTERLEAVED_FORMATS, StoredWeight, dequantize
@@ -74,10 +75,11 @@ def _kernel_usable(x: torch.Tensor) -> bool:
             and kernel() is not None)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(Watched, nn.Linear):
     """y = x @ W^T + b with W kept in a stored format (see the module docstring)."""
 
     _group: Optional[tuple["LinearGroup", int]] = None
+    _unwatched = frozenset({"_dense"})                 # the dequantised copy, made once when needed
 
     def __init__(self, stored: StoredWeight, bias: Optional[torch.Tensor] = None):
         nn.Module.__init__(self)
