@@ -218,3 +218,29 @@ def test_finite_rows_and_argmax_equal_torch(dtype):
     assert argmax[3] == 5
     strided = torch.randn(4, 64).to(dtype)[:, ::2]              # not contiguous rows: torch's ops answer
     assert cpu_ops.finite_rows_and_argmax(strided) == ([True] * 4, strided.float().argmax(dim=-1).tolist())
+
+
+def test_fp32_argmax_where_the_maximum_and_the_bad_values_lie():
+    """The fp32 rows' vector passes (max and finiteness, then the first index of the max): the maximum in the
+    first, a middle and the tail chunk, ties across chunks, -0 against 0, NaN or inf only in the tail or
+    the last whole chunk, rows of -inf only, and lengths around the vector widths."""
+    torch.manual_seed(1)
+    for vocab in (1, 7, 8, 15, 16, 17, 49152, 49155):
+        logits = torch.randn(10, vocab) - 10
+        places = [0, vocab // 2, vocab - 1]
+        for row, at in enumerate(places):
+            logits[row, at] = 5.0
+        logits[3, vocab // 3], logits[3, vocab - 1] = 7.0, 7.0                 # a tie, across chunks when long
+        logits[4] = -1.0
+        logits[4, vocab - 1] = 0.0
+        logits[4, vocab // 2] = -0.0                                        # -0 == 0: the first of them
+        logits[5, vocab - 1] = float("nan")
+        logits[6, vocab - 1] = float("inf")
+        logits[7, max(0, vocab - 17)] = float("-inf")
+        logits[8] = float("-inf")
+        logits[9, max(0, vocab - 16)] = float("nan")
+        finite, argmax = cpu_ops.finite_rows_and_argmax(logits)
+        assert finite == torch.isfinite(logits).all(dim=-1).tolist(), vocab
+        ref = logits.argmax(dim=-1).tolist()
+        assert [a for a, ok in zip(argmax, finite) if ok] == [r for r, ok in zip(ref, finite) if ok], vocab
+        assert argmax[:3] == places[:3] and argmax[3] == min(vocab // 3, vocab - 1)
