@@ -125,6 +125,8 @@ class Metrics:
                                       buckets=STEP_BUCKETS, registry=r)
         self.kv_cache_usage = Gauge("adapter_serve_kv_cache_usage_ratio", "Share of KV cache slots in use",
                                     registry=r)
+        self._step_kinds = {True: self.step_seconds.labels("decode"), False: self.step_seconds.labels("prefill")}
+        self._last_gauges: Optional[tuple] = None          # (running, waiting, cache usage) last set
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
         self.adapter_load = Histogram("adapter_serve_adapter_load_seconds", "Time to bring an adapter to the device",
                                       ["from_tier"], buckets=LOAD_BUCKETS, registry=r)
@@ -211,11 +213,14 @@ class Metrics:
         if sequences:
             self.batch_size.observe(sequences)
             self.batch_tokens.inc(tokens)
-            self.step_seconds.labels("decode" if tokens == sequences else "prefill").observe(seconds)
-        for gauge, value in ((self.running, running), (self.waiting, waiting), (self.kv_cache_usage, cache_usage),
-                             (self.vllm_running, running), (self.vllm_waiting, waiting),
-                             (self.vllm_kv_cache, cache_usage)):
-            gauge.set(value)
+            self._step_kinds[tokens == sequences].observe(seconds)
+        gauges = (running, waiting, cache_usage)
+        if gauges != self._last_gauges:   # each set takes a lock: ~40 us a step cold, for values that seldom move
+            self._last_gauges = gauges
+            for gauge, value in ((self.running, running), (self.waiting, waiting),
+                                 (self.kv_cache_usage, cache_usage), (self.vllm_running, running),
+                                 (self.vllm_waiting, waiting), (self.vllm_kv_cache, cache_usage)):
+                gauge.set(value)
 
     def request_finished(self, adapter: str | None, outcome: str, prompt_tokens: int, token_times: list[float],
                          arrival: float, end: float) -> None:
