@@ -69,13 +69,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_response(status: int, message: str, headers: dict | None = None,
-                   error_type: str | None = None) -> JSONResponse:
+def error_detail(status: int, message: str) -> dict:
+    """The `error` object of a failure: {"message", "type", "code"} (and the request's id when known)."""
     message = escape_control(message[:MAX_MESSAGE])
     error = {"message": message, "type": TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
              "code": status}
     if request_id.get() is not None:
         error["request_id"] = request_id.get()
+    return error
+
+
+def error_response(status: int, message: str, headers: dict | None = None,
+                   error_type: str | None = None) -> JSONResponse:
+    error = error_detail(status, message)
     body = {"error": error} if error_type is None else {"error": error, "error_type": error_type}
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -5,7 +5,10 @@ of a completions list is its own sequence in the engine's batch, submitted all o
 request with `seed` uses `seed + i`. Choices are indexed as OpenAI does (prompt `p`, choice `j`: `p * n + j`);
 `best_of` keeps the `n` sequences of highest mean log-probability per token. Streaming answers are server-sent
 events ending with `data: [DONE]` (with `stream_options.include_usage`, a last chunk with empty `choices`
-carries the usage); if the client goes away, streaming or not, every sequence is cancelled and its batch slot
+carries the usage); a sequence that fails in the engine (non-finite logits, a grammar reaching its limits)
+ends the stream with an error event, `data: {"error": {"message", "type", "code"}}`, then `data: [DONE]`, as
+vLLM's streams do (the openai client raises `APIError` with that message; unstreamed, the request fails with
+that status); if the client goes away, streaming or not, every sequence is cancelled and its batch slot
 freed at the next engine step. Request bodies and their checks are in `openai_requests.py`; `tools` go to
 chat templates that read them, and calls come back parsed for the formats `tool_calls.py` knows.
 """
@@ -27,7 +30,7 @@ from service.model.chat_template import uses_variable
 
 from .deps import InferenceCaller, State, StateDep
 from .disconnect import cancel_on_disconnect
-from .errors import MAX_SHOWN, shown
+from .errors import MAX_SHOWN, error_detail, shown
 from .json_route import JsonRoute
 from .logprobs import TokenText, joined
 from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Common, check_chat, check_completion,
@@ -61,6 +64,11 @@ def text_options(req: _Common) -> TextOptions:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return TextOptions(stops, req.include_stop_str_in_output, req.skip_special_tokens,
                        include_stop_token=req.include_stop_str_in_output)
+
+
+def stream_error(piece) -> dict:
+    """The event that ends a stream whose sequence failed (`piece.finish_reason` "error")."""
+    return {"error": error_detail(piece.error_status, piece.error or "generation failed")}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -134,21 +142,28 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
 
         async def chunks():
             offsets, generated = [len(echoes[k // n]) for k in range(len(jobs))], 0
-            started = set()
-            async for k, piece in merged(streams):
-                text = piece.text if k in started else echoes[k // n] + piece.text
-                started.add(k)
-                logprobs = None
-                if req.logprobs is not None and piece.token_id is not None:
-                    logprobs = tokens.completion([piece.token_id], [piece.logprob], [piece.top_logprobs], offsets[k])
-                    offsets[k] += sum(len(t) for t in logprobs["tokens"])
-                if echo_logprobs and piece.prompt_logprobs is not None:
-                    echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs)
-                    logprobs = echoed if logprobs is None else joined(echoed, logprobs)
-                generated += piece.token_id is not None
-                yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
-                                            "finish_reason": piece.finish_reason}],
-                       **({"usage": None} if req.include_usage else {})}
+            started, pieces = set(), merged(streams)
+            try:
+                async for k, piece in pieces:
+                    if piece.finish_reason == "error":
+                        yield stream_error(piece)
+                        return
+                    text = piece.text if k in started else echoes[k // n] + piece.text
+                    started.add(k)
+                    logprobs = None
+                    if req.logprobs is not None and piece.token_id is not None:
+                        logprobs = tokens.completion([piece.token_id], [piece.logprob], [piece.top_logprobs],
+                                                     offsets[k])
+                        offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                    if echo_logprobs and piece.prompt_logprobs is not None:
+                        echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs)
+                        logprobs = echoed if logprobs is None else joined(echoed, logprobs)
+                    generated += piece.token_id is not None
+                    yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
+                                                "finish_reason": piece.finish_reason}],
+                           **({"usage": None} if req.include_usage else {})}
+            finally:
+                await pieces.aclose()
             if req.include_usage:
                 yield {**head, "choices": [], "usage": usage(prompt_tokens, generated)}
         return sse(chunks())
@@ -196,20 +211,26 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
             for k in range(req.n):
                 yield {**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], **extra}
-            generated, held = 0, [""] * req.n
-            async for k, piece in merged(streams):
-                logprobs = None
-                if req.logprobs and piece.token_id is not None:
-                    logprobs = tokens.chat([piece.token_id], [piece.logprob], [piece.top_logprobs])
-                generated += piece.token_id is not None
-                delta, reason = {"content": piece.text} if piece.text else {}, piece.finish_reason
-                if parse:
-                    held[k] += piece.text
-                    delta = {}
-                    if reason is not None:
-                        delta, reason = tool_call_message(held[k], reason, streaming=True)
-                yield {**head, "choices": [{"index": k, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": reason}], **extra}
+            generated, held, pieces = 0, [""] * req.n, merged(streams)
+            try:
+                async for k, piece in pieces:
+                    if piece.finish_reason == "error":
+                        yield stream_error(piece)
+                        return
+                    logprobs = None
+                    if req.logprobs and piece.token_id is not None:
+                        logprobs = tokens.chat([piece.token_id], [piece.logprob], [piece.top_logprobs])
+                    generated += piece.token_id is not None
+                    delta, reason = {"content": piece.text} if piece.text else {}, piece.finish_reason
+                    if parse:
+                        held[k] += piece.text
+                        delta = {}
+                        if reason is not None:
+                            delta, reason = tool_call_message(held[k], reason, streaming=True)
+                    yield {**head, "choices": [{"index": k, "delta": delta, "logprobs": logprobs,
+                                                "finish_reason": reason}], **extra}
+            finally:
+                await pieces.aclose()
             if req.include_usage:
                 yield {**head, "choices": [], "usage": usage(len(ids), generated)}
         return sse(chunks())

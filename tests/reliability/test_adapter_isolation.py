@@ -4,7 +4,7 @@ An adapter whose weights are finite (so it passes validation) but so large that 
 and NaN in the forward is served beside good adapters. The engine is held between two steps (a call that
 waits on an event) while every request is sent, so all of them start in the same engine step. Then: each
 good request, streaming or not, greedy or seeded sampling, gets exactly its reference text (taken alone
-before); each request on the overflowing adapter fails alone: a stream ends with `finish_reason` "error"
+before); each request on the overflowing adapter fails alone: a stream ends with an error event
 and `data: [DONE]`, a non-streaming request gets 500 in the error shape (greedy ones too, never empty
 text with 200); and the server then answers normally.
 """
@@ -53,7 +53,11 @@ async def call(client, url, payload):
             if line == "data: [DONE]":
                 done = True
             elif line.startswith("data: "):
-                choice = json.loads(line[6:])["choices"][0]
+                chunk = json.loads(line[6:])
+                if "error" in chunk:                 # a failed sequence's event, as vLLM's streams end
+                    text, reason = [json.dumps(chunk["error"])], "error"
+                    continue
+                choice = chunk["choices"][0]
                 text.append(choice["text"])
                 reason = choice["finish_reason"] or reason
         return r.status_code, "".join(text), reason, done
@@ -100,6 +104,8 @@ def test_failing_adapter_requests_fail_alone_in_a_shared_batch(tmp_path):
         for (model, _, stream, sampled), (status, data, reason, done) in zip(bad_cases, out[len(cases):]):
             if stream:
                 assert status == 200 and reason == "error" and done, (sampled, status, data, reason)
+                error = json.loads(data)
+                assert error["code"] == 500 and "non-finite logits" in error["message"], error
             else:
                 assert status == 500, (sampled, status, data)
                 assert data["error"]["code"] == 500 and "non-finite logits" in data["error"]["message"]

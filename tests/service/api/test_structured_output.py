@@ -178,6 +178,24 @@ def test_bad_schemas_and_grammars_are_400_naming_the_field(server, loaded, path,
     assert named in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_streamed_grammar_failing_as_it_runs_raises_the_clients_api_error(client, loaded, route):
+    """Streamed, the failure ends the stream with vLLM's error event (`{"error": {...}}`, then `[DONE]`), which
+    the openai client raises as `APIError` with the message, instead of a chunk whose finish reason it does not
+    know; the next request is served."""
+    with pytest.raises(openai.APIError, match="guided_regex: the grammar failed during generation") as caught:
+        if route == "chat":
+            stream = client.chat.completions.create(model=loaded.name, messages=ASK, max_tokens=4, stream=True,
+                                                    extra_body={"guided_regex": "b{999999}"})
+        else:
+            stream = client.completions.create(model=loaded.name, prompt="x", max_tokens=4, stream=True,
+                                               extra_body={"guided_regex": "b{999999}"})
+        list(stream)
+    assert caught.value.body["code"] == 400 and caught.value.body["type"] == "invalid_request_error"
+    again = client.completions.create(model=loaded.name, prompt="x", max_tokens=2, temperature=0)
+    assert again.choices[0].finish_reason == "length"
+
+
 def test_unknown_structured_output_options_are_422_naming_them(server, loaded):
     r = httpx.post(f"{server.url}/v1/completions", timeout=T, json={
         "model": loaded.name, "prompt": "x", "max_tokens": 2,
