@@ -7,7 +7,8 @@ the weights streamed through the caches in the step before have evicted every Py
 so each read is a trip to memory. Instead the plan records `generation()` before it walks the model and is
 kept while the number stays the same. The number moves, after the change is in place, on every attribute set
 or deleted on an instance of a class that mixes in `Watched` or `WatchedAttributes`, and on every parameter,
-buffer, submodule or forward hook registered on a `Watched` module; `bump()` moves it for changes made in place
+buffer, submodule or forward hook registered on a `Watched` module and every conversion of one (`.to()`, which
+may put new parameter objects straight into its `_parameters`); `bump()` moves it for changes made in place
 (an adapter merged into its layer appends to `merged_adapters`). A class lists in `_unwatched` the scratch
 attributes it sets on every call (a group's outputs of the last matmul), which no plan reads. Writes straight
 into an instance's `__dict__`, `_modules`, `_parameters` or hook dicts go unseen: nothing here makes them, and
@@ -68,6 +69,12 @@ class Watched(WatchedAttributes):
     def register_module(self, name, module) -> None:
         super().register_module(name, module)
         bump()
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.float()`, `.cuda()`...: torch may put new parameter objects straight into `_parameters`."""
+        result = super()._apply(fn, *args, **kwargs)
+        bump()
+        return result
 
     def register_forward_hook(self, *args, **kwargs):
         handle = super().register_forward_hook(*args, **kwargs)

@@ -35,6 +35,7 @@ def test_attribute_sets_registrations_and_hooks_are_counted():
     assert moved(lambda: block.add_module("extra", nn.ReLU()))
     assert moved(lambda: block.register_forward_hook(lambda *a: None))
     assert moved(lambda: block.register_forward_pre_hook(lambda *a: None))
+    assert moved(lambda: block.to(torch.float64)) and moved(block.float)
     assert not moved(lambda: setattr(block, "scratch", 1)), "a class's own scratch attributes are not counted"
 
 
