@@ -38,7 +38,7 @@ class Piece:
     finish_reason: Optional[str] = None
     error: Optional[str] = None               # with finish_reason "error": what went wrong (this request only)
     top_logprobs: Optional[list[tuple[int, float]]] = None
-    stop_token: Optional[tuple[int, Optional[float]]] = None   # the engine's: the EOS / stop token that ended it
+    stop_token: Optional[tuple] = None        # the engine's: the EOS / stop token that ended it (id, logprob, top)
     prompt_logprobs: Optional[list] = None    # on the first piece, when asked: the engine's per prompt token
     error_status: int = 500                   # with "error": 400 when the request's own input failed (its grammar)
 
@@ -53,7 +53,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)    # the EOS / stop token that ended it too (as vLLM's)
     logprobs: list[Optional[float]] = field(default_factory=list)
     top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: Optional[list] = None
@@ -178,6 +178,9 @@ class TextGenerator:
                         yield Piece("", finish_reason="error", error=message,
                                     error_status=400 if event.client_error else 500)
                         return
+                    if event.stop_token is not None:      # a generated token too (vLLM's usage, TGI's details)
+                        times.append(time.monotonic())
+                        self.metrics.token_generated()
                     last = (decoder.push(event.stop_token[0])
                             if options.include_stop_token and event.stop_token is not None else "")
                     tail, _ = matcher.feed(last + decoder.flush())
@@ -213,6 +216,11 @@ async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completio
                 ids.append(piece.token_id)
                 logprobs.append(piece.logprob)
                 tops.append(piece.top_logprobs)
+            if piece.stop_token is not None:           # the EOS / stop token: counted and listed, as vLLM does
+                token_id, logprob, top = piece.stop_token
+                ids.append(token_id)
+                logprobs.append(logprob)
+                tops.append(top)
             if piece.finish_reason == "error":
                 raise piece.failure()
             if piece.finish_reason:

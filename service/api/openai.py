@@ -71,6 +71,14 @@ def stream_error(piece) -> dict:
     return {"error": error_detail(piece.error_status, piece.error or "generation failed")}
 
 
+def generated_token(piece) -> Optional[tuple]:
+    """(id, log-probability, top) of the token a piece carries: its own, or the EOS / stop token that ended the
+    sequence (counted in usage and listed in logprobs, as vLLM does); None for a piece of held-back text."""
+    if piece.token_id is not None:
+        return piece.token_id, piece.logprob, piece.top_logprobs
+    return piece.stop_token
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -151,14 +159,14 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
                     text = piece.text if k in started else echoes[k // n] + piece.text
                     started.add(k)
                     logprobs = None
-                    if req.logprobs is not None and piece.token_id is not None:
-                        logprobs = tokens.completion([piece.token_id], [piece.logprob], [piece.top_logprobs],
-                                                     offsets[k])
+                    token = generated_token(piece)
+                    if req.logprobs is not None and token is not None:
+                        logprobs = tokens.completion(*([t] for t in token), offsets[k])
                         offsets[k] += sum(len(t) for t in logprobs["tokens"])
                     if echo_logprobs and piece.prompt_logprobs is not None:
                         echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs)
                         logprobs = echoed if logprobs is None else joined(echoed, logprobs)
-                    generated += piece.token_id is not None
+                    generated += token is not None
                     yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
                                                 "finish_reason": piece.finish_reason}],
                            **({"usage": None} if req.include_usage else {})}
@@ -217,10 +225,10 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
                     if piece.finish_reason == "error":
                         yield stream_error(piece)
                         return
-                    logprobs = None
-                    if req.logprobs and piece.token_id is not None:
-                        logprobs = tokens.chat([piece.token_id], [piece.logprob], [piece.top_logprobs])
-                    generated += piece.token_id is not None
+                    logprobs, token = None, generated_token(piece)
+                    if req.logprobs and token is not None:
+                        logprobs = tokens.chat(*([t] for t in token))
+                    generated += token is not None
                     delta, reason = {"content": piece.text} if piece.text else {}, piece.finish_reason
                     if parse:
                         held[k] += piece.text

@@ -9,6 +9,7 @@ sequence is its last token, marked special, as in TGI; its text is not part of `
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 from service.generation import Piece
@@ -51,8 +52,9 @@ class Output:
         elif piece.text and self.tokens:             # text the decoder held until the end: its last token's
             self.tokens[-1]["text"] += piece.text
         if piece.token_id is None and piece.stop_token is not None:     # the EOS (or stop) token that ended it
-            token_id, logprob = piece.stop_token
+            token_id, logprob, top = piece.stop_token
             token = self._token(token_id, self.tokenizer.decode([token_id], False), logprob, special=True)
+            piece = dataclasses.replace(piece, top_logprobs=top)          # its alternatives, below
         if piece.finish_reason:
             self.finish_reason = ("length" if piece.finish_reason == "length" else
                                   "eos_token" if piece.stop_token is not None else "stop_sequence")

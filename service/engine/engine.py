@@ -154,7 +154,7 @@ class Engine(EngineThread):
                     self._finish(state, FinishReason.CANCELLED)
 
     def _finish(self, state: RequestState, reason: FinishReason, error: Optional[str] = None,
-                stop_token: Optional[tuple[int, Optional[float]]] = None, client_error: bool = False) -> None:
+                stop_token: Optional[tuple] = None, client_error: bool = False) -> None:
         state.finish_reason = reason
         state.finish_time = time.monotonic()
         if state in self.running:
@@ -222,7 +222,7 @@ class Engine(EngineThread):
             if reason is None and state.virtual + state.computed + 1 >= self.config.max_seq_len:
                 reason = FinishReason.LENGTH
             if reason is not None:
-                self._finish(state, reason, stop_token=(token, logprob) if reason is FinishReason.STOP else None)
+                self._finish(state, reason, stop_token=(token, logprob, top) if reason is FinishReason.STOP else None)
                 finished.append(state)
         self.last_step = StepStats(len(plan_items), sum(n for _, n in plan_items), time.perf_counter() - start)
         self._notify(self.last_step)

@@ -37,9 +37,10 @@ class TokenEvent:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
     top_logprobs: Optional[TopLogprobs] = None     # (id, log-probability) of the most likely tokens, if asked
-    # with finish_reason STOP: the EOS or stop token that ended the request (it is not one of its tokens) and
-    # its log-probability when logprobs were asked
-    stop_token: Optional[tuple[int, Optional[float]]] = None
+    # with finish_reason STOP: the EOS or stop token that ended the request (not in its output ids; the API
+    # layers count it as generated, as vLLM and TGI do), its log-probability and its most likely tokens when
+    # logprobs were asked: (id, log-probability or None, top or None)
+    stop_token: Optional[tuple[int, Optional[float], Optional[TopLogprobs]]] = None
     # on a request's first event, when it asked for them: per prompt token (its log-probability, the most
     # likely tokens there), None for the first token
     prompt_logprobs: Optional[list[Optional[tuple[float, TopLogprobs]]]] = None
