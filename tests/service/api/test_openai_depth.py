@@ -249,3 +249,32 @@ def test_a_dropped_stream_of_several_choices_frees_every_sequence(server, loaded
     while engine.num_running + engine.num_waiting and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.num_running + engine.num_waiting == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_the_eos_that_ends_a_sequence_is_counted_and_listed_as_vllm_does(client, model, loaded, route, stream):
+    """A sequence ended by its EOS (forced first here by `logit_bias`): `usage.completion_tokens` counts it and
+    `logprobs` lists it with its top tokens, as vLLM's do; its text stays out of the output."""
+    eos = loaded.tokenizer.eos_token_id
+    kw = dict(model=model, max_tokens=6, temperature=0, logit_bias={str(eos): 100}, extra_body={"min_tokens": 0},
+              stream=stream, **({"stream_options": {"include_usage": True}} if stream else {}))
+    if route == "chat":
+        out = client.chat.completions.create(messages=HELLO, logprobs=True, top_logprobs=2, **kw)
+    else:
+        out = client.completions.create(prompt=PROMPT, logprobs=2, **kw)
+    chunks = list(out) if stream else [out]
+    usage = chunks[-1].usage
+    choices = [c.choices[0] for c in chunks if c.choices]
+    finish = [c.finish_reason for c in choices if c.finish_reason]
+    if route == "chat":
+        text = "".join((c.delta.content or "") if stream else c.message.content for c in choices)
+        entries = [e for c in choices if c.logprobs for e in c.logprobs.content]
+        tops = [len(e.top_logprobs) for e in entries]
+    else:
+        text = "".join(c.text for c in choices)
+        entries = [t for c in choices if c.logprobs for t in c.logprobs.tokens]
+        tops = [len(t) for c in choices if c.logprobs for t in c.logprobs.top_logprobs]
+    assert text == "" and finish == ["stop"]
+    assert usage.completion_tokens == 1 and len(entries) == 1
+    assert tops == [2] if route == "chat" else tops[0] in (2, 3)     # completions: the top 2 and the token itself
