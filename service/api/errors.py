@@ -1,8 +1,8 @@
 """Error mapping: every failure leaves as OpenAI's shape `{"error": {"message", "type", "code"}}` with its
 HTTP status (registry errors carry theirs; validation 422; engine queue full 429 with Retry-After), and the
-request's id (`service/api/request_id.py`) as `request_id`. On the TGI / LoRAX routes an `error_type`
-(`validation`, `overloaded`, `generation`) stands beside `error`, as TGI writes it, so their clients raise
-the matching error. Exceptions that only bad input raises (an invalid regular expression, JSON nested past
+request's id (`service/api/request_id.py`) as `request_id`. On the TGI / LoRAX routes the body is TGI's:
+`{"error": message, "error_type"}` (`validation`, `overloaded`, `generation`; none for other statuses), so
+their clients raise the matching error with the message as its text. Exceptions that only bad input raises (an invalid regular expression, JSON nested past
 Python's recursion limit, text that is not valid Unicode, a chat template refusing the conversation) are 4xx
 whatever code raised them; anything else is a server fault (a 500 from the request-id middleware).
 Messages are truncated and their control characters escaped, so a user's string echoed back can neither be
@@ -69,6 +69,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class TgiErrorResponse(BaseModel):
+    """TGI's and LoRAX's error body (their routes `TGI_PATHS`)."""
+    error: str
+    error_type: Optional[str] = None
+    request_id: Optional[str] = None
+
+
 def error_detail(status: int, message: str) -> dict:
     """The `error` object of a failure: {"message", "type", "code"} (and the request's id when known)."""
     message = escape_control(message[:MAX_MESSAGE])
@@ -79,10 +86,16 @@ def error_detail(status: int, message: str) -> dict:
     return error
 
 
-def error_response(status: int, message: str, headers: dict | None = None,
-                   error_type: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict | None = None, tgi: bool = False) -> JSONResponse:
+    """OpenAI's shape; `tgi`: TGI's and LoRAX's, `{"error": message, "error_type"}` (their clients raise the class
+    `error_type` names, with `error` as its message), the request's id beside them."""
     error = error_detail(status, message)
-    body = {"error": error} if error_type is None else {"error": error, "error_type": error_type}
+    if tgi:
+        body = {"error": error["message"], **({"error_type": TGI_ERROR_TYPES[status]} if status in TGI_ERROR_TYPES
+                                              else {}), **({"request_id": error["request_id"]} if "request_id" in error
+                                                           else {})}
+    else:
+        body = {"error": error}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -92,8 +105,7 @@ TGI_ERROR_TYPES = {400: "validation", 413: "validation", 422: "validation", 429:
 
 
 def _respond(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    kind = TGI_ERROR_TYPES.get(status) if request.url.path in TGI_PATHS else None
-    return error_response(status, message, headers, kind)
+    return error_response(status, message, headers, tgi=request.url.path in TGI_PATHS)
 
 
 # Exceptions only malformed input raises, wherever they come from: (status, what to say).
@@ -180,18 +192,22 @@ def install(app: FastAPI) -> None:
 
 
 def document(app: FastAPI) -> None:
-    """Declare the error responses (OpenAI's shape) of every route in the app's OpenAPI document."""
+    """Declare the error responses of every route in the app's OpenAPI document (OpenAI's shape; TGI's on its
+    routes)."""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            model = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(model.pop("$defs", {}))
-            components[ErrorResponse.__name__] = model
-            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}}}
+            bodies = {}
+            for shape in (ErrorResponse, TgiErrorResponse):
+                model = shape.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model.pop("$defs", {}))
+                components[shape.__name__] = model
+                bodies[shape] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}
             for path, operations in schema.get("paths", {}).items():
+                body = bodies[TgiErrorResponse if path in TGI_PATHS else ErrorResponse]
                 for operation in operations.values():
                     for status in OPERATION_ERRORS.get(path, API_ERRORS):
                         operation.setdefault("responses", {})[str(status)] = {

@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from service.adapter_target import AdapterTarget
 from service.generation import TextOptions, gather_all, merged
 from service.model.chat_template import uses_variable
+from service.registry import NotFound
 
 from .deps import InferenceCaller, State, StateDep
 from .disconnect import cancel_on_disconnect
@@ -42,13 +43,24 @@ router = APIRouter(route_class=JsonRoute)
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
 
 
-def resolve_adapter(state: State, caller, model: str) -> Optional[str]:
-    """None for the base model; the adapter name otherwise (404 if unknown or not visible to the caller)."""
-    if model == state.model_id:
+# `model` values that TGI's documentation ("tgi") and huggingface_hub's InferenceClient pointed at a URL ("dummy")
+# send, on a server that ignores the field: the base model, unless an adapter has that name.
+BASE_PLACEHOLDERS = ("tgi", "dummy")
+
+
+def resolve_adapter(state: State, caller, model: Optional[str]) -> Optional[str]:
+    """None for the base model (its id, no `model` at all as vLLM, or a TGI client's placeholder); the adapter
+    name otherwise (404 if unknown or not visible to the caller)."""
+    if model is None or model == state.model_id:
         return None
     if len(model) > MAX_SHOWN or not caller.may_use(model):
         raise HTTPException(404, f"model {shown(model)} does not exist")
-    state.registry.get(model)
+    try:
+        state.registry.get(model)
+    except NotFound:
+        if model in BASE_PLACEHOLDERS:
+            return None
+        raise
     return model
 
 
@@ -99,9 +111,11 @@ def best(outs: list, n: int) -> list:
     return sorted(outs, key=lambda o: -sum(o.logprobs) / max(len(o.logprobs), 1))[:n]
 
 
-def tool_call_message(text: str, reason: str, streaming: bool = False) -> tuple[dict, str]:
-    """(the message or last delta, the finish reason) of a choice whose tool calls are parsed."""
+def tool_call_message(text: str, reason: str, streaming: bool = False, parallel: bool = True) -> tuple[dict, str]:
+    """(the message or last delta, the finish reason) of a choice whose tool calls are parsed (`parallel`
+    False: OpenAI's `parallel_tool_calls: false`, at most the first call)."""
     content, calls = tool_calls(text)
+    calls = calls if parallel else calls[:1]
     message = {} if streaming else {"role": "assistant"}
     if content or not streaming:
         message["content"] = content
@@ -110,16 +124,32 @@ def tool_call_message(text: str, reason: str, streaming: bool = False) -> tuple[
     return message, "tool_calls" if calls else reason
 
 
-@router.get("/v1/models")
-def list_models(state: StateDep, caller: InferenceCaller):
-    created = int(time.time())
-    data = [{"id": state.model_id, "object": "model", "created": created, "owned_by": "adapter-serving",
-             "root": state.model_id, "parent": None}]
+def model_cards(state: State, caller) -> list[dict]:
+    """The base model and every served adapter the caller may use, in OpenAI's shape (with vLLM's `root`,
+    `parent` and `max_model_len`)."""
+    length = state.settings.max_seq_len
+    data = [{"id": state.model_id, "object": "model", "created": int(time.time()), "owned_by": "adapter-serving",
+             "root": state.model_id, "parent": None, "max_model_len": length}]
     for record in state.registry.list():
         if record.served and caller.may_use(record.name):
             data.append({"id": record.name, "object": "model", "created": int(record.created_at),
-                         "owned_by": "adapter-serving", "root": record.name, "parent": state.model_id})
-    return {"object": "list", "data": data}
+                         "owned_by": "adapter-serving", "root": record.name, "parent": state.model_id,
+                         "max_model_len": length})
+    return data
+
+
+@router.get("/v1/models")
+def list_models(state: StateDep, caller: InferenceCaller):
+    return {"object": "list", "data": model_cards(state, caller)}
+
+
+@router.get("/v1/models/{model:path}")
+def retrieve_model(model: str, state: StateDep, caller: InferenceCaller):
+    """One model card (OpenAI's `models.retrieve`): 404 for a name that is not listed."""
+    for card in model_cards(state, caller):
+        if card["id"] == model:
+            return card
+    raise HTTPException(404, f"model {shown(model)} does not exist")
 
 
 @router.post("/v1/completions", responses=SSE)
@@ -144,7 +174,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     echo_logprobs = req.echo and req.logprobs is not None       # the prompt's tokens with their log-probabilities
     options.prompt_logprobs = req.logprobs if echo_logprobs else None
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+    head = {"id": rid, "object": "text_completion", "created": created, "model": req.model or state.model_id}
     if req.stream:
         streams = await state.generator.start_all(jobs, options)
 
@@ -198,19 +228,19 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = sampling_params(req, max_tokens(state, req.max_completion_tokens or req.max_tokens, field),
                              bool(req.logprobs), req.top_logprobs or 0)
-    if req.tools and not uses_variable(state.loaded.chat_template, "tools"):
+    if req.tools and req.tool_choice != "none" and not uses_variable(state.loaded.chat_template, "tools"):
         raise HTTPException(400, "tools: this model's chat template does not support tools")
     messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
                 for i, m in enumerate(req.messages)]
     ids = await encode_chat(state, messages, tools=req.tools if req.tool_choice != "none" else None,
-                            add_generation_prompt=req.add_generation_prompt)
+                            add_generation_prompt=req.add_generation_prompt, variables=req.chat_template_kwargs)
     jobs = [(ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
             for j in range(req.n)]
     options, tokens = text_options(req), TokenText(state.loaded.tokenizer)
     # tool calls come back parsed when the template's format is known (tool_calls.py); held to the end then
     parse = bool(req.tools) and req.tool_choice != "none" and parses_tool_calls(state.loaded.chat_template)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model or state.model_id}
     extra = {"usage": None} if req.include_usage else {}
     if req.stream:
         streams = await state.generator.start_all(jobs, options)
@@ -234,7 +264,8 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
                         held[k] += piece.text
                         delta = {}
                         if reason is not None:
-                            delta, reason = tool_call_message(held[k], reason, streaming=True)
+                            delta, reason = tool_call_message(held[k], reason, streaming=True,
+                                                              parallel=req.parallel_tool_calls is not False)
                     yield {**head, "choices": [{"index": k, "delta": delta, "logprobs": logprobs,
                                                 "finish_reason": reason}], **extra}
             finally:
@@ -249,7 +280,7 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     choices = []
     for k, out in enumerate(outs):
         message, reason = ({"role": "assistant", "content": out.text}, out.finish_reason) if not parse \
-            else tool_call_message(out.text, out.finish_reason)
+            else tool_call_message(out.text, out.finish_reason, parallel=req.parallel_tool_calls is not False)
         choices.append({"index": k, "message": message, "finish_reason": reason,
                         "logprobs": tokens.chat(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None})
     return {**head, "object": "chat.completion", "choices": choices,

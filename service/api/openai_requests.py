@@ -38,7 +38,8 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
+    model: Optional[str] = Field(None, description="an adapter's name or the base model's id; none: the base model "
+                                 "(vLLM's default)")
     max_tokens: Optional[int] = Field(None, ge=1)
     # NaN and infinities are refused as "not a finite number" (JSON parsers here accept NaN / Infinity)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
@@ -69,6 +70,16 @@ class _Common(BaseModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = Field(None, description="a Lark grammar (llguidance's dialect)")
     structured_outputs: Optional[StructuredOutputs] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_the_default(cls, data):
+        """An explicit null for a field with a default (`temperature`, `top_p`, `n`, `stream`, `echo`...) is that
+        default, as OpenAI's schema (these fields are nullable) and vLLM take it; a required field stays required."""
+        if isinstance(data, dict):
+            defaulted = {name for name, f in cls.model_fields.items() if not f.is_required() and f.default is not None}
+            return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -122,7 +133,10 @@ class ChatRequest(_Common):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any], str]] = None
+    parallel_tool_calls: Optional[StrictBool] = Field(None, description="false: at most one tool call (OpenAI's)")
     add_generation_prompt: bool = Field(True, description="vLLM's extension")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="vLLM's extension: more variables "
+                                                           "for the chat template (e.g. enable_thinking)")
 
 
 def content_text(content, field: str) -> str:

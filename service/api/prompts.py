@@ -20,6 +20,8 @@ from fastapi import HTTPException
 
 from service.model.chat_template import render_chat
 
+from .errors import shown
+
 BYTES_PER_TOKEN = 32
 
 
@@ -60,10 +62,19 @@ async def encode_prompt(state, prompt: str | list[int], field: str = "prompt") -
     return await asyncio.to_thread(state.generator.encode, prompt)
 
 
+# template variables the request's own fields set: `chat_template_kwargs` may not replace them
+OWN_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+
 async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
-                      add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the chat template rendered over `messages` (OpenAI-style dicts) and `tools` (JSON-schema
-    dicts, counted against the size limit with the messages)."""
+                      add_generation_prompt: bool = True, variables: Optional[dict[str, Any]] = None) -> list[int]:
+    """Token ids of the chat template rendered over `messages` (OpenAI-style dicts), `tools` (JSON-schema
+    dicts) and vLLM's `chat_template_kwargs` (`variables`: more template variables, e.g. `enable_thinking`),
+    tools and variables counted against the size limit with the messages."""
+    variables = dict(variables or {})
+    for name in variables:
+        if name in OWN_VARIABLES or name in state.loaded.tokenizer.special_tokens:
+            raise HTTPException(400, f"chat_template_kwargs.{shown(name)}: set by the request itself, not here")
     loaded = state.loaded
     if not loaded.chat_template:
         raise HTTPException(400, "the base model has no chat template; use /v1/completions")
@@ -74,12 +85,13 @@ async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional
                 total += len(value) if len(value) > limit else text_bytes(value, f"messages[{i}].{key}")
         if total > limit:
             _check_size(state, total, "messages")
-    if tools:
-        _check_size(state, total + len(json.dumps(tools)), "messages and tools")
+    if tools or variables:
+        _check_size(state, total + len(json.dumps(tools or [])) + len(json.dumps(variables, default=str)),
+                    "messages, tools and chat_template_kwargs")
 
     def render_and_encode() -> list[int]:
         text = render_chat(loaded.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
-                           tools=tools, **loaded.tokenizer.special_tokens)
+                           tools=tools, **variables, **loaded.tokenizer.special_tokens)
         _check_size(state, text_bytes(text, "the rendered chat"), "the rendered chat")
         return state.generator.encode(text, add_special_tokens=False)
     return await asyncio.to_thread(render_and_encode)

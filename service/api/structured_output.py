@@ -47,23 +47,38 @@ def _build(field: str, make, value) -> Constraint:
         raise HTTPException(400, str(exc)) from None
 
 
+# the keys each `response_format` type takes: OpenAI's (and vLLM's) three; on `json_object` also a schema as
+# `value` (TGI's chat route; huggingface_hub's InferenceClient sends a json_schema that way) or `schema` (LoRAX's);
+# TGI's own `json` (a schema) and `regex` with `value`
+FORMAT_KEYS = {"text": ("type",), "json_object": ("type", "value", "schema"), "json_schema": ("type", "json_schema"),
+               "json": ("type", "value"), "regex": ("type", "value")}
+
+
 def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response_format") -> Optional[Constraint]:
-    """OpenAI's (and vLLM's) `response_format`: None for text."""
+    """OpenAI's (and vLLM's) `response_format`, with TGI's and LoRAX's variants: None for text."""
     if fmt is None:
         return None
     kind = fmt.get("type", "text")
-    keys = ("type", "json_schema") if kind == "json_schema" else ("type",)
+    if not isinstance(kind, str) or kind not in FORMAT_KEYS:
+        raise HTTPException(400, f"{field}.type: {shown(str(kind))} is not supported (text, json_object, "
+                                 "json_schema; TGI's json, regex)")
+    keys = FORMAT_KEYS[kind]
     unknown = next((k for k in fmt if k not in keys), None)
     if unknown is not None:                  # e.g. a json_schema beside type json_object would be dropped
-        raise HTTPException(400, f"{field}.{shown(unknown)}: not a key of type {shown(str(kind))} "
+        raise HTTPException(400, f"{field}.{shown(unknown)}: not a key of type {shown(kind)} "
                                  f"({', '.join(keys)})")
     if kind == "text":
         return None
-    if kind == "json_object":
-        return _build(field, Constraint.json_schema, ANY_JSON_OBJECT)
-    if kind != "json_schema":
-        raise HTTPException(400, f"{field}.type: {shown(str(kind))} is not supported (text, json_object, "
-                                 "json_schema)")
+    if kind == "regex":
+        return _build(f"{field}.value", Constraint.regex, fmt.get("value"))
+    if kind in ("json_object", "json"):
+        given = [k for k in ("value", "schema") if k in fmt]
+        if len(given) > 1:
+            raise HTTPException(400, f"{field}: give the schema as `value` or as `schema`, not both")
+        if kind == "json" and not given:
+            raise HTTPException(400, f"{field}.value: required with type json (a JSON schema)")
+        where = f"{field}.{given[0]}" if given else field
+        return _build(where, Constraint.json_schema, fmt[given[0]] if given else ANY_JSON_OBJECT)
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise HTTPException(400, f"{field}.json_schema: required with type json_schema (an object with `schema`)")

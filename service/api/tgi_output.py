@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 from service.generation import Piece
+from service.model.tokenizer import IncrementalDecoder
 
 from .logprobs import finite
 from .tgi_params import MAX_BEST_OF, Parameters
@@ -32,6 +33,9 @@ class Output:
         self.top_tokens: list[list[dict[str, Any]]] = []
         self.text: list[str] = []
         self.finish_reason: Optional[str] = None
+        # each token's own text, as TGI reports it (the pieces' text is what the stop strings let through, so a
+        # token that starts a possible stop sequence would show "" and the one completing it the held text)
+        self.decoder = IncrementalDecoder(self.tokenizer)
 
     def _token(self, token_id: int, text: str, logprob: Optional[float], special: bool = False) -> dict[str, Any]:
         return {"id": token_id, "text": text, "logprob": logprob, "special": special, "skipped": False}
@@ -48,9 +52,9 @@ class Output:
                             for i, entry in zip(self.prompt_ids, piece.prompt_logprobs)]
         token = None
         if piece.token_id is not None:
-            token = self._token(piece.token_id, piece.text, piece.logprob)
-        elif piece.text and self.tokens:             # text the decoder held until the end: its last token's
-            self.tokens[-1]["text"] += piece.text
+            token = self._token(piece.token_id, self.decoder.push(piece.token_id), piece.logprob)
+        elif piece.finish_reason and self.tokens:    # a character the decoder held until the end: the last token's
+            self.tokens[-1]["text"] += self.decoder.flush()
         if piece.token_id is None and piece.stop_token is not None:     # the EOS (or stop) token that ended it
             token_id, logprob, top = piece.stop_token
             token = self._token(token_id, self.tokenizer.decode([token_id], False), logprob, special=True)

@@ -57,13 +57,20 @@ def generate(live, **parameters) -> httpx.Response:
 
 
 def error(r: httpx.Response, status: int, *words: str) -> str:
-    """The error message, after checking the status, OpenAI's shape and that it says `words`."""
+    """The error message, after checking the status, the route's shape (OpenAI's; TGI's on its routes) and that
+    it says `words`."""
     assert r.status_code == status, (r.status_code, r.text[:500])
-    body = r.json()["error"]
-    assert body["code"] == status and body["type"] and body["request_id"] == r.headers["x-request-id"]
+    if r.request.url.path in ("/", "/generate", "/generate_stream"):
+        body = r.json()
+        assert isinstance(body["error"], str) and body["request_id"] == r.headers["x-request-id"], body
+        message = body["error"]
+    else:
+        body = r.json()["error"]
+        assert body["code"] == status and body["type"] and body["request_id"] == r.headers["x-request-id"]
+        message = body["message"]
     for word in words:
-        assert word in body["message"], body["message"]
-    return body["message"]
+        assert word in message, message
+    return message
 
 
 def health_latencies(url: str, stop: threading.Event) -> list[float]:

@@ -38,13 +38,20 @@ def post(live, path: str, body, content_type: str = "application/json", **header
 
 
 def error(r: httpx.Response, status: int, *words: str) -> str:
-    """The error message, after checking the status, OpenAI's shape (a client error's type) and `words`."""
+    """The error message, after checking the status, the route's shape (OpenAI's with a client error's type;
+    TGI's `{"error": message, "error_type": "validation"}` on its routes) and `words`."""
     assert r.status_code == status, (r.status_code, r.text[:500])
-    body = r.json()["error"]
-    assert body["code"] == status and body["type"] == "invalid_request_error", body
+    if r.request.url.path in ("/", "/generate", "/generate_stream"):
+        body = r.json()
+        assert isinstance(body["error"], str) and body.get("error_type") in ("validation", None), body
+        message = body["error"]
+    else:
+        body = r.json()["error"]
+        assert body["code"] == status and body["type"] == "invalid_request_error", body
+        message = body["message"]
     for word in words:
-        assert word in body["message"], body["message"]
-    return body["message"]
+        assert word in message, message
+    return message
 
 
 COMPLETION = {"model": BASE, "prompt": "hello", "max_tokens": 2, "temperature": 0}

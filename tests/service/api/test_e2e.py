@@ -105,7 +105,7 @@ def test_adapter_lifecycle_over_http(server, adapter_dir):
 
 @pytest.mark.parametrize("body,status", [
     ({"model": "nope", "prompt": "Hi"}, 404),
-    ({"prompt": "Hi"}, 422),
+    ({"model": 7, "prompt": "Hi"}, 422),
     ({"model": "M", "prompt": "Hi", "max_tokens": "many"}, 422),
     ({"model": "M", "prompt": "Hi", "max_tokens": 10_000}, 400),
     ({"model": "M", "prompt": "word " * 600}, 400),

@@ -342,7 +342,7 @@ ROWS = [
                                                    headers={"content-type": "application/json"}, timeout=T), 422),
     ("malformed-json-admin", lambda u, m, x: httpx.put(f"{u}/admin/adapters/x", content=b'{"source": "loc',
                                                         headers={"content-type": "application/json"}, timeout=T), 422),
-    ("missing-model", lambda u, m, x: _completion(u, prompt="Hi", max_tokens=2), 422),
+    ("model-not-a-string", lambda u, m, x: _completion(u, model=["ref"], prompt="Hi", max_tokens=2), 422),
     ("max-tokens-wrong-type", lambda u, m, x: _completion(u, model=m, prompt="Hi", max_tokens="many"), 422),
     ("prompt-too-long", lambda u, m, x: _completion(u, model="ref", prompt="word " * 100, max_tokens=2), 400),
     ("max-tokens-over-limit", lambda u, m, x: _completion(u, model=m, prompt="Hi", max_tokens=33), 400),

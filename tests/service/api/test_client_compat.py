@@ -1,0 +1,156 @@
+"""What the clients users already have send, through a real uvicorn server (a black-box probe's findings, RELIABILITY.md
+"Clients, round 4"): explicit nulls for OpenAI's nullable fields, no `model` (vLLM's base model) and TGI clients'
+placeholders, `models.retrieve`, `tool_choice: "none"` beside tools on a template without them,
+`parallel_tool_calls` and `chat_template_kwargs`, TGI's and LoRAX's `response_format` shapes (huggingface_hub's
+InferenceClient rewrites a json_schema into one), TGI's error body (a string its clients raise with), and TGI's
+per-token texts next to a stop sequence."""
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from _server import LiveServer
+from lora_folders import save_random_lora
+from service.app import create_app
+from service.model.decoder import Decoder
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+T = 60
+HELLO = [{"role": "user", "content": "Say hello."}]
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def server(loaded, tmp_path_factory):
+    model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
+    folder = save_random_lora(model, tmp_path_factory.mktemp("adapter") / "tuned", "tuned", seed=0, r=8)
+    settings = Settings(adapter_dir=str(tmp_path_factory.mktemp("store")), dtype="float32", max_batch_size=8,
+                        max_seq_len=384, max_prompt_tokens=256, max_tokens_limit=64)
+    with LiveServer(create_app(settings, loaded)) as live:
+        r = httpx.put(f"{live.url}/admin/adapters/tuned", json={"source": "local", "path": str(folder)}, timeout=T)
+        assert r.status_code == 201, r.text
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def inference_client(server, monkeypatch):
+    """huggingface_hub's InferenceClient on this server: the suite's offline mode would refuse even 127.0.0.1."""
+    from huggingface_hub import InferenceClient, constants
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    return InferenceClient(base_url=server.url)
+
+
+def chat(server, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 6, **body}, timeout=T)
+
+
+def test_explicit_nulls_mean_the_defaults(client, loaded):
+    nulls = {"temperature": None, "top_p": None, "n": None, "presence_penalty": None, "frequency_penalty": None,
+             "stream": None, "min_tokens": None}
+    same = client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=6, seed=3, extra_body=nulls)
+    plain = client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=6, seed=3)
+    assert same.choices[0].message.content == plain.choices[0].message.content and len(same.choices) == 1
+    text = client.completions.create(model=loaded.name, prompt="Hi", max_tokens=4, seed=3,
+                                     extra_body={"temperature": None, "echo": None, "n": None})
+    assert text.choices[0].text == client.completions.create(model=loaded.name, prompt="Hi", max_tokens=4,
+                                                             seed=3).choices[0].text
+    with pytest.raises(openai.UnprocessableEntityError, match="messages"):     # a required field stays required
+        client.chat.completions.create(model="tuned", messages=None, max_tokens=2)
+
+
+def test_no_model_and_tgi_placeholders_are_the_base_model(server, loaded, monkeypatch):
+    base = chat(server, model=loaded.name, temperature=0).json()["choices"][0]["message"]["content"]
+    for extra in ({}, {"model": None}, {"model": "tgi"}, {"model": "dummy"}):
+        r = chat(server, temperature=0, **extra)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == base, (extra, r.text)
+    assert chat(server, model="nope").status_code == 404
+    out = inference_client(server, monkeypatch).chat_completion(HELLO, max_tokens=6, temperature=0)
+    assert out.choices[0].message.content == base
+
+
+def test_models_retrieve(client, loaded):
+    base, tuned = client.models.retrieve(loaded.name), client.models.retrieve("tuned")
+    assert base.id == loaded.name and tuned.id == "tuned" and tuned.parent == loaded.name
+    assert tuned.max_model_len == 384
+    assert [m.id for m in client.models.list()] == [loaded.name, "tuned"]
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.models.retrieve("nope")
+
+
+def test_tool_choice_none_passes_no_tools_so_nothing_to_refuse(server, loaded):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert chat(server, model=loaded.name, tools=tools, tool_choice="none").status_code == 200
+    r = chat(server, model=loaded.name, tools=tools)
+    assert r.status_code == 400 and "does not support tools" in r.text          # SmolLM2's template has none
+
+
+def test_parallel_tool_calls_and_chat_template_kwargs_are_taken(server, loaded):
+    assert chat(server, model=loaded.name, parallel_tool_calls=False).status_code == 200
+    r = chat(server, model=loaded.name, temperature=0, chat_template_kwargs={"enable_thinking": False})
+    assert r.status_code == 200, r.text
+    r = chat(server, model=loaded.name, chat_template_kwargs={"messages": []})
+    assert r.status_code == 400 and "chat_template_kwargs.'messages'" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_object", "value": SCHEMA},                   # TGI's chat route, huggingface_hub's rewrite
+    {"type": "json_object", "schema": SCHEMA},                  # LoRAX's
+    {"type": "json", "value": SCHEMA},                          # TGI's grammar type
+])
+def test_tgi_and_lorax_response_formats_constrain_the_output(server, loaded, fmt):
+    r = chat(server, model="tuned", max_tokens=40, temperature=0.7, seed=1, response_format=fmt)
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), SCHEMA)
+
+
+def test_tgi_regex_response_format_and_huggingface_hub_json_schema(server, monkeypatch):
+    r = chat(server, model="tuned", temperature=1.0, seed=2, response_format={"type": "regex", "value": "[0-9]{3}"})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["content"]) == 3, r.text
+    assert r.json()["choices"][0]["message"]["content"].isdigit()
+    out = inference_client(server, monkeypatch).chat_completion(
+        HELLO, model="tuned", max_tokens=40, seed=3, temperature=0.7,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
+    r = chat(server, model="tuned", response_format={"type": "json_object", "value": SCHEMA, "schema": SCHEMA})
+    assert r.status_code == 400 and "not both" in r.text
+
+
+def test_tgi_clients_raise_their_errors_with_the_message(server):
+    import lorax
+    import text_generation
+    from text_generation.errors import ValidationError
+    with pytest.raises(ValidationError) as caught:
+        text_generation.Client(server.url, timeout=T).generate("x", max_new_tokens=10**6)
+    assert "max_new_tokens" in str(caught.value) and "{" not in str(caught.value)       # the message, not a dict
+    with pytest.raises(lorax.errors.NotFoundError) as missing:
+        lorax.Client(server.url, timeout=T).generate("x", max_new_tokens=2, adapter_id="nope")
+    assert "nope" in str(missing.value) and "{" not in str(missing.value)
+    r = httpx.post(f"{server.url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 10**6}}, timeout=T)
+    body = r.json()
+    assert r.status_code == 400 and body["error_type"] == "validation" and body["request_id"] == r.headers["x-request-id"]
+
+
+def test_tgi_tokens_keep_their_own_text_next_to_a_stop_sequence(server, loaded):
+    """A token that might start a stop sequence is held back from the text, not from its own entry: each
+    token's text is its own (TGI's), and they join to the decoded ids."""
+    import text_generation
+    client = text_generation.Client(server.url, timeout=T)
+    free = client.generate("The capital of France is", max_new_tokens=12)
+    texts = [t.text for t in free.details.tokens]
+    stop = "".join(texts[2:4])                            # two tokens' text: the first of them may start it
+    cut = client.generate("The capital of France is", max_new_tokens=12, stop_sequences=[stop])
+    ids = [t.id for t in cut.details.tokens]
+    assert [t.text for t in cut.details.tokens] == texts[:len(ids)]
+    assert "".join(t.text for t in cut.details.tokens) == loaded.tokenizer.decode(ids)
+    streamed = [r.token.text for r in client.generate_stream("The capital of France is", max_new_tokens=12,
+                                                              stop_sequences=[stop])]
+    assert streamed == texts[:len(ids)]
