@@ -66,7 +66,7 @@ def resolve_adapter(state: State, caller, model: Optional[str]) -> Optional[str]
 
 def max_tokens(state: State, requested: Optional[int], field: str = "max_tokens") -> int:
     s = state.settings
-    n = requested or s.default_max_tokens
+    n = requested if requested is not None else s.default_max_tokens
     if n > s.max_tokens_limit:
         raise HTTPException(400, f"{field} {n} exceeds the limit of {s.max_tokens_limit}")
     return n
@@ -162,7 +162,8 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     if len(prompts) * best_of > MAX_SEQUENCES:
         raise HTTPException(400, f"prompt: {len(prompts)} prompts x {best_of} choices is over {MAX_SEQUENCES} "
                                  "sequences per request")
-    params = sampling_params(req, max_tokens(state, req.max_tokens), req.logprobs is not None or best_of > n,
+    scoring = req.max_tokens == 0            # vLLM's echo without generation: one token sampled, then dropped
+    params = sampling_params(req, max_tokens(state, req.max_tokens) or 1, req.logprobs is not None or best_of > n,
                              req.logprobs or 0)
     ids = [await encode_prompt(state, p, f"prompt[{i}]" if len(prompts) > 1 else "prompt")
            for i, p in enumerate(prompts)]
@@ -209,6 +210,9 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
         [state.generator.complete(prompt_ids, a, p, options=options) for prompt_ids, a, p in jobs]))
     if isinstance(outs, Response):
         return outs
+    if scoring:                              # the sampled token is not part of the answer
+        outs = [dataclasses.replace(o, text="", completion_tokens=0, token_ids=[], logprobs=[], top_logprobs=[],
+                                    finish_reason="length") for o in outs]
     choices = []
     for p in range(len(prompts)):
         for j, out in enumerate(best(outs[p * best_of:(p + 1) * best_of], n)):

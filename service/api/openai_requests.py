@@ -94,7 +94,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     # strict ints: `[true, false]` is not a list of token ids
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=0, description="0 only with echo: the prompt scored, nothing generated")
     best_of: Optional[int] = Field(None, ge=1, le=MAX_CHOICES, description="sequences to choose n from")
     # OpenAI's completions: an integer 0..5 (the sampled token's logprob is always returned)
     logprobs: Optional[int] = Field(None, ge=0, le=5, strict=True)
@@ -174,6 +174,9 @@ def check_completion(req: CompletionRequest) -> None:
         raise HTTPException(400, f"best_of ({req.best_of}) must be at least n ({req.n})")
     if req.stream and (req.best_of or req.n) != req.n:
         raise HTTPException(400, "best_of: must equal n when streaming")
+    if req.max_tokens == 0 and (not req.echo or req.stream):
+        raise HTTPException(400, "max_tokens: 0 is taken only with echo and without stream (the prompt echoed and "
+                                 "scored, nothing generated)")
 
 
 def check_chat(req: ChatRequest) -> None:

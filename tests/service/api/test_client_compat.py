@@ -154,3 +154,18 @@ def test_tgi_tokens_keep_their_own_text_next_to_a_stop_sequence(server, loaded):
     streamed = [r.token.text for r in client.generate_stream("The capital of France is", max_new_tokens=12,
                                                               stop_sequences=[stop])]
     assert streamed == texts[:len(ids)]
+
+
+def test_echo_without_generation_scores_the_prompt(client, loaded):
+    """vLLM's `max_tokens: 0` with `echo`: the prompt back with its log-probabilities, nothing generated."""
+    prompt = "The three primary colours are"
+    out = client.completions.create(model="tuned", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = out.choices[0]
+    assert choice.text == prompt and out.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == out.usage.prompt_tokens and choice.logprobs.token_logprobs[0] is None
+    one = client.completions.create(model="tuned", prompt=prompt, max_tokens=1, echo=True, logprobs=1).choices[0]
+    assert choice.logprobs.token_logprobs == one.logprobs.token_logprobs[:-1]     # the same prompt scores
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0"):
+        client.completions.create(model="tuned", prompt=prompt, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0"):
+        list(client.completions.create(model="tuned", prompt=prompt, max_tokens=0, echo=True, stream=True))
