@@ -2,9 +2,10 @@
 HTTP status (registry errors carry theirs; validation 422; engine queue full 429 with Retry-After), and the
 request's id (`service/api/request_id.py`) as `request_id`. On the TGI / LoRAX routes the body is TGI's:
 `{"error": message, "error_type"}` (`validation`, `overloaded`, `generation`; none for other statuses), so
-their clients raise the matching error with the message as its text. Exceptions that only bad input raises (an invalid regular expression, JSON nested past
-Python's recursion limit, text that is not valid Unicode, a chat template refusing the conversation) are 4xx
-whatever code raised them; anything else is a server fault (a 500 from the request-id middleware).
+their clients raise the matching error with the message as its text. Exceptions that only bad input raises
+(an invalid regular expression, JSON nested past Python's recursion limit, text that is not valid Unicode, a
+chat template refusing the conversation) are 4xx whatever code raised them; anything else is a server fault (a
+500 from the request-id middleware).
 Messages are truncated and their control characters escaped, so a user's string echoed back can neither be
 megabytes long nor look like more than it is.
 

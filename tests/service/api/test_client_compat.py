@@ -12,34 +12,13 @@ import jsonschema
 import openai
 import pytest
 
-from _server import LiveServer
-from lora_folders import save_random_lora
-from service.app import create_app
-from service.model.decoder import Decoder
-from service.settings import Settings
+from test_openai_depth import client, server  # noqa: F401  (the same server: the base model and "tuned")
 
 pytestmark = pytest.mark.slow
 T = 60
 HELLO = [{"role": "user", "content": "Say hello."}]
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def server(loaded, tmp_path_factory):
-    model = Decoder.from_state_dict(loaded.config, loaded.state_dict)
-    folder = save_random_lora(model, tmp_path_factory.mktemp("adapter") / "tuned", "tuned", seed=0, r=8)
-    settings = Settings(adapter_dir=str(tmp_path_factory.mktemp("store")), dtype="float32", max_batch_size=8,
-                        max_seq_len=384, max_prompt_tokens=256, max_tokens_limit=64)
-    with LiveServer(create_app(settings, loaded)) as live:
-        r = httpx.put(f"{live.url}/admin/adapters/tuned", json={"source": "local", "path": str(folder)}, timeout=T)
-        assert r.status_code == 201, r.text
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def inference_client(server, monkeypatch):
