@@ -63,6 +63,8 @@ def _download(repo_id: str, revision: Optional[str], timeout: float) -> str:
             raise NotFound(f"{what} is not available: the hub is offline (HF_HUB_OFFLINE) and the adapter is "
                            f"not in the local cache") from exc
         cause = exc.__cause__ or exc.__context__
+        if cause is not None and "Timeout" in type(cause).__name__:     # the request's own bound, not refusal:
+            raise Unavailable(_no_answer(repo_id, timeout)) from exc      # the same as fetch_adapter's wait
         raise Unavailable(f"{what}: the hub cannot be reached and the adapter is not in the local cache"
                           + (f" ({type(cause).__name__})" if cause else "")) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
@@ -76,6 +78,11 @@ async def fetch_adapter(repo_id: str, revision: Optional[str], timeout: float) -
     try:
         return await asyncio.wait_for(asyncio.to_thread(_download, repo_id, revision, timeout), timeout)
     except asyncio.TimeoutError:
-        raise Unavailable(f"hub adapter {repo_id!r}: the hub did not answer within {timeout:g} s "
-                          f"(hub_timeout); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use "
-                          f"the local cache only") from None
+        raise Unavailable(_no_answer(repo_id, timeout)) from None
+
+
+def _no_answer(repo_id: str, timeout: float) -> str:
+    """A hub that took the connection and said nothing within `timeout` (whichever bound saw it first: the
+    request's read timeout in the worker or the wait for the worker)."""
+    return (f"hub adapter {repo_id!r}: the hub did not answer within {timeout:g} s (hub_timeout); check the "
+            f"network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache only")

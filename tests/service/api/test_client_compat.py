@@ -25,7 +25,7 @@ def inference_client(server, monkeypatch):
     """huggingface_hub's InferenceClient on this server: the suite's offline mode would refuse even 127.0.0.1."""
     from huggingface_hub import InferenceClient, constants
     monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
-    return InferenceClient(base_url=server.url)
+    return InferenceClient(base_url=server.url, timeout=T)
 
 
 def chat(server, **body) -> httpx.Response:
