@@ -215,7 +215,7 @@ class Metrics:
             self.batch_tokens.inc(tokens)
             self._step_kinds[tokens == sequences].observe(seconds)
         gauges = (running, waiting, cache_usage)
-        if gauges != self._last_gauges:   # each set takes a lock: ~40 us a step cold, for values that seldom move
+        if gauges != self._last_gauges:   # six locked sets, ~15 us a step cold, for values that seldom move
             self._last_gauges = gauges
             for gauge, value in ((self.running, running), (self.waiting, waiting),
                                  (self.kv_cache_usage, cache_usage), (self.vllm_running, running),
