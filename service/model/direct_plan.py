@@ -38,13 +38,6 @@ class LayerWork:
         self.qkv = self.gate_up = self.o = self.down = None
         self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras = [], [], [], []
 
-    def mapping(self):
-        """The batch mapping of this step's LoRA deltas, or None when none applies in this layer."""
-        for loras in (self.qkv_loras, self.o_loras, self.gate_up_loras, self.down_loras):
-            if loras:
-                return loras[0].slot_table.mapping
-        return None
-
 
 class DirectPlan:
     """The model's layers as the direct step computes them (`works`), valid while `holds`; the C++ loop's
@@ -90,6 +83,11 @@ class DirectPlan:
                 loras.append(wrapper)
                 self.has_loras = True
         return True
+
+    def lora_mapping(self):
+        """After `batch`: the mapping of this step's LoRA deltas (the one slot table's), or None when none
+        applies in any layer."""
+        return self.table.mapping if self.has_loras else None
 
 
 def build_plan(model, kinds: tuple) -> Optional[DirectPlan]:

@@ -36,7 +36,7 @@ from adapters_core.group import add_lora_deltas_
 from adapters_core.layer import AdapterLayer
 
 from . import cpu_ops, quant_linear
-from .direct_plan import DirectPlan, LayerWork, build_plan
+from .direct_plan import DirectPlan, build_plan
 from .quant_linear import QuantGroup
 
 ENABLED = os.environ.get("ADAPTER_SERVE_DIRECT_STEP", "1") != "0"
@@ -66,7 +66,7 @@ def direct_decode(model, x: torch.Tensor, cos_sin, plan, cache) -> Optional[torc
     if layout is None or not layout.batch():
         return None
     works = layout.works
-    mapping = next((m for m in map(LayerWork.mapping, works) if m is not None), None)
+    mapping = layout.lora_mapping()
     cos, sin = cos_sin
     n = x.shape[0]
     if mapping is not None:
