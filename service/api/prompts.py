@@ -71,11 +71,10 @@ async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional
     """Token ids of the chat template rendered over `messages` (OpenAI-style dicts), `tools` (JSON-schema
     dicts) and vLLM's `chat_template_kwargs` (`variables`: more template variables, e.g. `enable_thinking`),
     tools and variables counted against the size limit with the messages."""
-    variables = dict(variables or {})
+    loaded, variables = state.loaded, dict(variables or {})
     for name in variables:
-        if name in OWN_VARIABLES or name in state.loaded.tokenizer.special_tokens:
+        if name in OWN_VARIABLES or name in loaded.tokenizer.special_tokens:
             raise HTTPException(400, f"chat_template_kwargs.{shown(name)}: set by the request itself, not here")
-    loaded = state.loaded
     if not loaded.chat_template:
         raise HTTPException(400, "the base model has no chat template; use /v1/completions")
     limit, total = max_prompt_bytes(state), 0
