@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 from fastapi import HTTPException
 
 from service.model.chat_template import render_chat
+from service.model.utf8 import NotUnicode, utf8_size
 
 from .errors import shown
 
@@ -32,10 +33,9 @@ def max_prompt_bytes(state) -> int:
 def text_bytes(text: str, field: str) -> int:
     """UTF-8 size of `text`; 400 naming `field` if it is not valid Unicode."""
     try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise HTTPException(400, f"{field}: not valid Unicode text (a lone surrogate "
-                                 f"{text[exc.start]!a} at character {exc.start})") from None
+        return utf8_size(text)
+    except NotUnicode as exc:
+        raise HTTPException(400, f"{field}: not valid Unicode text ({exc})") from None
 
 
 def _check_size(state, size: int, field: str) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+from .utf8 import NotUnicode, utf8_size
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -31,10 +33,9 @@ def check_stops(stop: Optional[Union[str, list[str]]]) -> Optional[Union[str, li
         if not s:
             raise ValueError(f"stop string {i} is empty (as vLLM, an empty stop string is refused)")
         try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as exc:       # could never match decoded text
-            raise ValueError(f"stop string {i} is not valid Unicode text (a lone surrogate {s[exc.start]!a} at "
-                             f"character {exc.start})") from None
+            utf8_size(s)
+        except NotUnicode as exc:               # could never match decoded text
+            raise ValueError(f"stop string {i} is not valid Unicode text ({exc})") from None
     return stop
 
 
