@@ -41,6 +41,7 @@ class Piece:
     stop_token: Optional[tuple] = None        # the engine's: the EOS / stop token that ended it (id, logprob, top)
     prompt_logprobs: Optional[list] = None    # on the first piece, when asked: the engine's per prompt token
     error_status: int = 500                   # with "error": 400 when the request's own input failed (its grammar)
+    stop_reason: Optional[int | str] = None   # with "stop": the stop string or stop_token_ids id (vLLM's; EOS: None)
 
     def failure(self) -> GenerationFailed:
         """With finish_reason "error": the error a non-streamed answer raises."""
@@ -57,6 +58,7 @@ class Completion:
     logprobs: list[Optional[float]] = field(default_factory=list)
     top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
     prompt_logprobs: Optional[list] = None
+    stop_reason: Optional[int | str] = None    # vLLM's: the stop string or stop token id that ended it, else None
 
 
 @dataclass
@@ -165,7 +167,7 @@ class TextGenerator:
                     if stopped:
                         outcome, ended = "success", True
                         yield Piece(text, event.token_id, event.logprob, "stop", top_logprobs=event.top_logprobs,
-                                    prompt_logprobs=prompt_logprobs)
+                                    prompt_logprobs=prompt_logprobs, stop_reason=matcher.matched)
                         return
                     yield Piece(text, event.token_id, event.logprob, top_logprobs=event.top_logprobs,
                                 prompt_logprobs=prompt_logprobs)
@@ -188,7 +190,10 @@ class TextGenerator:
                     outcome = "success" if event.finish_reason != FinishReason.CANCELLED else "cancelled"
                     ended = True
                     reason = _REASONS.get(event.finish_reason, "stop")
-                    yield Piece(tail, finish_reason=reason, stop_token=event.stop_token, prompt_logprobs=prompt_logprobs)
+                    stop_reason = ((matcher.matched or self._stop_token_reason(event.stop_token, params))
+                                   if reason == "stop" else None)
+                    yield Piece(tail, finish_reason=reason, stop_token=event.stop_token, prompt_logprobs=prompt_logprobs,
+                                stop_reason=stop_reason)
                     return
         except (GeneratorExit, asyncio.CancelledError):    # the consumer closed us or its task was cancelled
             if not ended:                     # (a consumer may close us right after the last piece: TGI streams)
@@ -200,6 +205,13 @@ class TextGenerator:
                 self.registry.release(lease)
             self.metrics.request_finished(adapter, outcome, len(prompt_ids), times, arrival, time.monotonic())
 
+    def _stop_token_reason(self, stop_token: Optional[tuple], params: SamplingParams) -> Optional[int]:
+        """vLLM's `stop_reason` for a sequence ended by a token: the id when it is one of the request's
+        `stop_token_ids`, None for the model's EOS (which vLLM checks first)."""
+        if stop_token is None or stop_token[0] not in params.stop_token_ids:
+            return None
+        return None if not params.ignore_eos and stop_token[0] in self.engine.eos_token_ids else stop_token[0]
+
     async def complete(self, prompt_ids: list[int], adapter: AdapterTarget | str | None, params: SamplingParams,
                        stop: Sequence[str] = (), options: Optional[TextOptions] = None) -> Completion:
         return await collect(await self.start(prompt_ids, adapter, params, stop, options), len(prompt_ids))
@@ -207,7 +219,7 @@ class TextGenerator:
 
 async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completion:
     """A whole completion from its pieces (GenerationFailed if the engine failed it)."""
-    text, ids, logprobs, tops, reason, prompt_logprobs = [], [], [], [], "stop", None
+    text, ids, logprobs, tops, reason, prompt_logprobs, stop_reason = [], [], [], [], "stop", None, None
     try:
         async for piece in pieces:
             text.append(piece.text)
@@ -224,10 +236,11 @@ async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> Completio
             if piece.finish_reason == "error":
                 raise piece.failure()
             if piece.finish_reason:
-                reason = piece.finish_reason
+                reason, stop_reason = piece.finish_reason, piece.stop_reason
     finally:
         await pieces.aclose()
-    return Completion("".join(text), prompt_tokens, len(ids), reason, ids, logprobs, tops, prompt_logprobs)
+    return Completion("".join(text), prompt_tokens, len(ids), reason, ids, logprobs, tops, prompt_logprobs,
+                      stop_reason)
 
 
 async def gather_all(works: Sequence[Awaitable[T]]) -> list[T]:

@@ -91,6 +91,12 @@ def generated_token(piece) -> Optional[tuple]:
     return piece.stop_token
 
 
+def ending(finish_reason: Optional[str], stop_reason) -> dict:
+    """vLLM's `stop_reason` on a stream's last chunk of a choice (the stop string or `stop_token_ids` id that
+    ended it; null for EOS, length and tool calls); the chunks before it leave the field out, as vLLM's do."""
+    return {"stop_reason": stop_reason} if finish_reason is not None else {}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -199,7 +205,8 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
                         logprobs = echoed if logprobs is None else joined(echoed, logprobs)
                     generated += token is not None
                     yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
-                                                "finish_reason": piece.finish_reason}],
+                                                "finish_reason": piece.finish_reason,
+                                                **ending(piece.finish_reason, piece.stop_reason)}],
                            **({"usage": None} if req.include_usage else {})}
             finally:
                 await pieces.aclose()
@@ -212,7 +219,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
         return outs
     if scoring:                              # the sampled token is not part of the answer
         outs = [dataclasses.replace(o, text="", completion_tokens=0, token_ids=[], logprobs=[], top_logprobs=[],
-                                    finish_reason="length") for o in outs]
+                                    finish_reason="length", stop_reason=None) for o in outs]
     choices = []
     for p in range(len(prompts)):
         for j, out in enumerate(best(outs[p * best_of:(p + 1) * best_of], n)):
@@ -221,7 +228,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
             if echo_logprobs:
                 logprobs = joined(tokens.prompt_completion(ids[p], out.prompt_logprobs), logprobs)
             choices.append({"index": p * n + j, "text": echoes[p] + out.text, "logprobs": logprobs,
-                            "finish_reason": out.finish_reason})
+                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
     return {**head, "choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs))}
 
 
@@ -271,7 +278,9 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
                             delta, reason = tool_call_message(held[k], reason, streaming=True,
                                                               parallel=req.parallel_tool_calls is not False)
                     yield {**head, "choices": [{"index": k, "delta": delta, "logprobs": logprobs,
-                                                "finish_reason": reason}], **extra}
+                                                "finish_reason": reason,
+                                                **ending(reason, piece.stop_reason if reason == piece.finish_reason
+                                                         else None)}], **extra}
             finally:
                 await pieces.aclose()
             if req.include_usage:
@@ -286,6 +295,7 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
         message, reason = ({"role": "assistant", "content": out.text}, out.finish_reason) if not parse \
             else tool_call_message(out.text, out.finish_reason, parallel=req.parallel_tool_calls is not False)
         choices.append({"index": k, "message": message, "finish_reason": reason,
+                        "stop_reason": out.stop_reason if reason == out.finish_reason else None,
                         "logprobs": tokens.chat(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None})
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": usage(len(ids), sum(o.completion_tokens for o in outs))}

@@ -45,16 +45,17 @@ class StopStringMatcher:
         self.include = include
         self._held = ""
         self.stopped = False
+        self.matched: Optional[str] = None      # the stop string that ended the text (vLLM's `stop_reason`)
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """(text to emit, True once a stop string was found). After a stop, everything is ignored."""
         if self.stopped:
             return "", True
         text = self._held + piece
-        hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s), s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self._held = True, ""
-            start, length = min(hits)
+            start, length, self.matched = min(hits)       # the earliest; of those starting there, the shortest
             return text[:start + length if self.include else start], True
         keep = max((self._partial(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - keep:] if keep else ""

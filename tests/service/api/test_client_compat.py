@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from test_openai_depth import client, server  # noqa: F401  (the same server: the base model and "tuned")
+from test_openai_depth import PROMPT, client, server  # noqa: F401  (the same server: the base model and "tuned")
 
 pytestmark = pytest.mark.slow
 T = 60
@@ -148,3 +148,42 @@ def test_echo_without_generation_scores_the_prompt(client, loaded):
         client.completions.create(model="tuned", prompt=prompt, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="max_tokens: 0"):
         list(client.completions.create(model="tuned", prompt=prompt, max_tokens=0, echo=True, stream=True))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_names_the_stop_string_or_token_id_as_vllm_does(client, loaded, stream):
+    """vLLM's `stop_reason`: the stop string or `stop_token_ids` id that ended a choice; null when it ran to its
+    length or ended at the model's EOS (checked before `stop_token_ids`, as vLLM does). Streams carry it on a
+    choice's last chunk only."""
+    greedy = dict(model=loaded.name, prompt=PROMPT, max_tokens=12, temperature=0)
+    text = client.completions.create(**greedy).choices[0].text
+    words, ids = text.split(), loaded.tokenizer.encode(text, False)      # greedy, so these come again
+    eos = loaded.tokenizer.eos_token_id
+
+    def ended(**kw) -> tuple[str, object]:
+        if not stream:
+            choice = client.completions.create(**{**greedy, **kw}).choices[0]
+            return choice.finish_reason, choice.model_extra["stop_reason"]
+        last = [c.choices[0] for c in client.completions.create(**{**greedy, **kw}, stream=True) if c.choices]
+        assert all("stop_reason" not in c.model_extra for c in last[:-1]), last
+        return last[-1].finish_reason, last[-1].model_extra["stop_reason"]
+
+    assert ended() == ("length", None)
+    assert ended(stop=["zzqx", words[2]]) == ("stop", words[2])                  # the one that matched
+    assert ended(extra_body={"stop_token_ids": [ids[3]]}) == ("stop", ids[3])
+    forced = {"logit_bias": {str(eos): 100}}
+    assert ended(**forced) == ("stop", None)                                      # the EOS
+    assert ended(**forced, extra_body={"stop_token_ids": [eos]}) == ("stop", None)
+    assert ended(**forced, extra_body={"stop_token_ids": [eos], "ignore_eos": True}) == ("stop", eos)
+    if not stream:
+        chat = client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=8, temperature=0,
+                                              stop=["zzqx"]).choices[0]
+        text = chat.message.content
+        stopped = client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=8, temperature=0,
+                                                 stop=[text.split()[1]]).choices[0]
+        assert (chat.model_extra["stop_reason"], stopped.model_extra["stop_reason"]) == (None, text.split()[1])
+    else:
+        chunks = [c for c in client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=8,
+                                                            temperature=0, stream=True) if c.choices]
+        assert chunks[-1].choices[0].model_extra["stop_reason"] is None and \
+            all("stop_reason" not in c.choices[0].model_extra for c in chunks[:-1])
