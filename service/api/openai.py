@@ -244,7 +244,11 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
                 for i, m in enumerate(req.messages)]
     ids = await encode_chat(state, messages, tools=req.tools if req.tool_choice != "none" else None,
-                            add_generation_prompt=req.add_generation_prompt, variables=req.chat_template_kwargs)
+                            add_generation_prompt=req.add_generation_prompt, variables=req.chat_template_kwargs,
+                            continue_final_message=req.continue_final_message)
+    # the answer's role, as vLLM's: a new assistant turn, or the last message's when it is continued
+    role = "assistant" if req.add_generation_prompt else messages[-1]["role"]
+    echoed = messages[-1]["content"] if req.echo and messages[-1]["role"] == role else ""
     jobs = [(ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
             for j in range(req.n)]
     options, tokens = text_options(req), TokenText(state.loaded.tokenizer)
@@ -258,8 +262,11 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
 
         async def chunks():
             for k in range(req.n):
-                yield {**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                yield {**head, "choices": [{"index": k, "delta": {"role": role, "content": ""},
                                             "logprobs": None, "finish_reason": None}], **extra}
+            for k in range(req.n if echoed else 0):       # vLLM's echo: the last message's content first
+                yield {**head, "choices": [{"index": k, "delta": {"content": echoed}, "logprobs": None,
+                                            "finish_reason": None}], **extra}
             generated, held, pieces = 0, [""] * req.n, merged(streams)
             try:
                 async for k, piece in pieces:
@@ -292,8 +299,11 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
         return outs
     choices = []
     for k, out in enumerate(outs):
-        message, reason = ({"role": "assistant", "content": out.text}, out.finish_reason) if not parse \
+        message, reason = ({"role": role, "content": out.text}, out.finish_reason) if not parse \
             else tool_call_message(out.text, out.finish_reason, parallel=req.parallel_tool_calls is not False)
+        message["role"] = role
+        if echoed:
+            message["content"] = echoed + (message.get("content") or "")
         choices.append({"index": k, "message": message, "finish_reason": reason,
                         "stop_reason": out.stop_reason if reason == out.finish_reason else None,
                         "logprobs": tokens.chat(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None})

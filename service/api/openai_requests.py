@@ -135,6 +135,10 @@ class ChatRequest(_Common):
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any], str]] = None
     parallel_tool_calls: Optional[StrictBool] = Field(None, description="false: at most one tool call (OpenAI's)")
     add_generation_prompt: bool = Field(True, description="vLLM's extension")
+    continue_final_message: bool = Field(False, description="vLLM's extension: the prompt ends inside the last "
+                                         "message, which the model continues (needs add_generation_prompt false)")
+    echo: bool = Field(False, description="vLLM's extension: the last message's content begins the answer when "
+                       "the answer has that message's role")
     chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="vLLM's extension: more variables "
                                                            "for the chat template (e.g. enable_thinking)")
 

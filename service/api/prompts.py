@@ -63,14 +63,19 @@ async def encode_prompt(state, prompt: str | list[int], field: str = "prompt") -
 
 
 # template variables the request's own fields set: `chat_template_kwargs` may not replace them
-OWN_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+OWN_VARIABLES = ("messages", "tools", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token")
 
 
 async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
-                      add_generation_prompt: bool = True, variables: Optional[dict[str, Any]] = None) -> list[int]:
+                      add_generation_prompt: bool = True, variables: Optional[dict[str, Any]] = None,
+                      continue_final_message: bool = False) -> list[int]:
     """Token ids of the chat template rendered over `messages` (OpenAI-style dicts), `tools` (JSON-schema
     dicts) and vLLM's `chat_template_kwargs` (`variables`: more template variables, e.g. `enable_thinking`),
-    tools and variables counted against the size limit with the messages."""
+    tools and variables counted against the size limit with the messages; `continue_final_message`: the text
+    ends inside the last message (the model continues it)."""
+    if continue_final_message and add_generation_prompt:
+        raise HTTPException(400, "continue_final_message: cannot be true with add_generation_prompt (true unless "
+                                 "set false): the first continues the last message, the second starts a new one")
     loaded, variables = state.loaded, dict(variables or {})
     for name in variables:
         if name in OWN_VARIABLES or name in loaded.tokenizer.special_tokens:
@@ -90,7 +95,8 @@ async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional
 
     def render_and_encode() -> list[int]:
         text = render_chat(loaded.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
-                           tools=tools, **variables, **loaded.tokenizer.special_tokens)
+                           tools=tools, continue_final_message=continue_final_message, **variables,
+                           **loaded.tokenizer.special_tokens)
         _check_size(state, text_bytes(text, "the rendered chat"), "the rendered chat")
         return state.generator.encode(text, add_special_tokens=False)
     return await asyncio.to_thread(render_and_encode)

@@ -28,6 +28,7 @@ class TokenizeRequest(BaseModel):
     messages: Optional[list[Message]] = Field(None, min_length=1)
     add_special_tokens: Optional[bool] = None     # prompt: default true; messages: the template places them
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
 
@@ -43,6 +44,9 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
         resolve_adapter(state, caller, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise HTTPException(400, "give exactly one of prompt and messages")
+    chat_only = [f for f in ("add_generation_prompt", "continue_final_message") if f in req.model_fields_set]
+    if req.prompt is not None and chat_only:
+        raise HTTPException(400, f"{chat_only[0]}: only with messages (a prompt is tokenised as given)")
     tokenizer = state.loaded.tokenizer
     if req.prompt is not None:
         _check_size(state, text_bytes(req.prompt, "prompt"), "prompt")
@@ -53,7 +57,8 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
                                      "writes the special tokens)")
         messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
                     for i, m in enumerate(req.messages)]
-        ids = await encode_chat(state, messages, add_generation_prompt=req.add_generation_prompt)
+        ids = await encode_chat(state, messages, add_generation_prompt=req.add_generation_prompt,
+                                continue_final_message=req.continue_final_message)
     return {"count": len(ids), "max_model_len": state.settings.max_seq_len, "tokens": ids,
             "token_strs": [tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None}
 

@@ -30,8 +30,13 @@ class ChatTemplateError(ValueError):
 
 def render_chat(template: Optional[str], messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", tools: Optional[list[dict[str, Any]]] = None,
-                **extra: Any) -> str:
-    """The prompt text for `messages`; `extra` become template variables (e.g. `documents`, `enable_thinking`)."""
+                continue_final_message: bool = False, **extra: Any) -> str:
+    """The prompt text for `messages`; `extra` become template variables (e.g. `documents`, `enable_thinking`).
+    `continue_final_message` (transformers' and vLLM's): the text ends inside the last message, right after its
+    content, so the model continues it (an assistant turn started by the caller) instead of a new turn."""
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: the first "
+                                "continues the last message, the second starts a new one")
     if not template:
         raise ChatTemplateError("this model has no chat template; send a plain prompt to the completions endpoint")
     if tools is not None and not all(isinstance(tool, dict) for tool in tools):
@@ -49,10 +54,28 @@ def render_chat(template: Optional[str], messages: list[dict[str, Any]], add_gen
         chat.append(message)
     variables = {"bos_token": bos_token, "eos_token": eos_token, "documents": None, **extra}
     try:
-        return _compile(template).render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt,
+        text = _compile(template).render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt,
                                          **variables)
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"chat template error: {exc}") from exc
+    return _cut_after_final(text, chat[-1].get("content")) if continue_final_message else text
+
+
+def _cut_after_final(text: str, final: Any) -> str:
+    """The rendered chat cut right after the last message's content, as transformers' `apply_chat_template`
+    cuts it for `continue_final_message`: at the last occurrence of the content (stripped); its trailing
+    whitespace kept where the template kept it."""
+    if isinstance(final, (list, tuple)):           # content parts: the last text part, as transformers
+        final = next((part["text"] for part in reversed(final) if isinstance(part, dict) and "text" in part), None)
+    if not isinstance(final, str) or not final.strip():
+        raise ChatTemplateError("continue_final_message: the last message has no text to continue")
+    if final.strip() not in text:
+        raise ChatTemplateError("continue_final_message: the last message's content does not appear in the "
+                                "rendered chat, so there is nothing to continue")
+    at = text.rindex(final.strip())
+    if text[at:at + len(final.lstrip())] == final:
+        return text[:at + len(final.lstrip())]
+    return text[:at + len(final.strip())]
 
 
 def uses_variable(template: Optional[str], name: str) -> bool:

@@ -187,3 +187,37 @@ def test_stop_reason_names_the_stop_string_or_token_id_as_vllm_does(client, load
                                                             temperature=0, stream=True) if c.choices]
         assert chunks[-1].choices[0].model_extra["stop_reason"] is None and \
             all("stop_reason" not in c.choices[0].model_extra for c in chunks[:-1])
+
+
+def test_continue_final_message_and_chat_echo_as_vllm(server, client, loaded):
+    """vLLM's `continue_final_message` (the prompt ends inside the last message: an assistant answer the caller
+    started is continued) and chat `echo` (that message's content begins the answer): the continuation is the
+    completions route's greedy text on the same token ids (from `/tokenize`, which takes the field too)."""
+    started = [{"role": "user", "content": "What is the capital of France?"},
+               {"role": "assistant", "content": "The capital of France is"}]
+    body = {"model": "tuned", "messages": started, "max_tokens": 6, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=T)
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": started, "add_generation_prompt": False,
+                                                      "continue_final_message": True}, timeout=T).json()["tokens"]
+    assert loaded.tokenizer.decode(ids, False).endswith("The capital of France is")
+    same = client.completions.create(model="tuned", prompt=ids, max_tokens=6, temperature=0).choices[0].text
+    assert message == {"role": "assistant", "content": same}
+    echoed = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "echo": True}, timeout=T).json()
+    assert echoed["choices"][0]["message"]["content"] == "The capital of France is" + same
+    chunks = client.chat.completions.create(model="tuned", messages=started, max_tokens=6, temperature=0,
+                                            stream=True, extra_body={"add_generation_prompt": False,
+                                                                     "continue_final_message": True, "echo": True})
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert contents[0] == "The capital of France is" and "".join(contents[1:]) == same
+    # a new assistant turn: echo has no assistant message to repeat; the user's last message is not repeated
+    asked = client.chat.completions.create(model="tuned", messages=started[:1], max_tokens=6, temperature=0,
+                                           extra_body={"echo": True}).choices[0].message.content
+    assert asked == client.chat.completions.create(model="tuned", messages=started[:1], max_tokens=6,
+                                                   temperature=0).choices[0].message.content
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "add_generation_prompt": True}, timeout=T)
+    assert r.status_code == 400 and "continue_final_message" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "continue_final_message": True}, timeout=T)
+    assert r.status_code == 400 and "only with messages" in r.json()["error"]["message"]

@@ -95,3 +95,39 @@ def test_template_errors_become_chat_template_errors():
 
 def test_strftime_now_is_available():
     assert render_chat("{{ strftime_now('%Y') }}", [{"role": "user", "content": "x"}]).isdigit()
+
+
+CONTINUED = {
+    "assistant started": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}],
+    "trailing space": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "One, two, "}],
+    "parts": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}],
+    "user continued": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Please finish: once"}],
+}
+
+
+@pytest.mark.parametrize("name", list(CONTINUED))
+@pytest.mark.parametrize("custom", [False, True])
+def test_continue_final_message_cuts_where_transformers_cuts(hf, template, name, custom):
+    """vLLM's and transformers' `continue_final_message`: the rendered chat ends right after the last
+    message's content (its trailing space kept where the template kept it), on the GGUF's template (which
+    strips nothing) and on one that strips the content."""
+    messages, chosen = CONTINUED[name], CUSTOM if custom else template
+    if not custom and name == "parts":
+        pytest.skip("SmolLM2's template takes string contents only (the service joins text parts before it)")
+    ours = render_chat(chosen, messages, add_generation_prompt=False, continue_final_message=True,
+                       bos_token=hf.bos_token, eos_token=hf.eos_token)
+    theirs = hf.apply_chat_template(messages, chat_template=chosen, tokenize=False, add_generation_prompt=False,
+                                    continue_final_message=True)
+    assert ours == theirs and ours != render_chat(chosen, messages, add_generation_prompt=False,
+                                                  bos_token=hf.bos_token, eos_token=hf.eos_token)
+
+
+def test_continue_final_message_refusals():
+    assistant = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(ChatTemplateError, match="cannot both be true"):
+        render_chat("{{ messages[-1].content }}", assistant, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="does not appear"):
+        render_chat("{{ messages[0].content }}", assistant, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="no text to continue"):
+        render_chat("{{ messages[0].content }}", [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}],
+                    add_generation_prompt=False, continue_final_message=True)
