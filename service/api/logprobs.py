@@ -6,7 +6,9 @@ Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "lo
 ones, and `text_offset` is where each token's text starts (vLLM's running sum of the token strings' lengths);
 with `echo`, the prompt's tokens come first (the first one's log-probability null).
 A token's text is its own decoding (a piece of a UTF-8 character shows as U+FFFD); `bytes` are its exact
-bytes for byte-level BPE vocabularies. Log-probabilities of -inf become -9999.0, as vLLM writes them, since
+bytes for byte-level BPE vocabularies. With vLLM's `return_tokens_as_token_ids` a token is named
+`"token_id:<id>"` instead (in `token`, `tokens` and the top entries; `bytes` and `text_offset` stay those of
+its text, so offsets still index the choice's text). Log-probabilities of -inf become -9999.0, as vLLM writes them, since
 JSON has no infinity.
 """
 
@@ -34,11 +36,15 @@ def finite(logprob: Optional[float]) -> Optional[float]:
 class TokenText:
     """Text and bytes of single tokens for one tokenizer."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, as_ids: bool = False):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
 
     def text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def name(self, token_id: int) -> str:
+        """How a token is shown: its text, or `token_id:<id>` (vLLM's `return_tokens_as_token_ids`)."""
+        return f"token_id:{token_id}" if self.as_ids else self.text(token_id)
 
     def bytes(self, token_id: int) -> list[int]:
         piece, table = self.tokenizer.id_to_token(token_id), _byte_of()
@@ -47,8 +53,8 @@ class TokenText:
         return list(self.text(token_id).encode("utf-8"))
 
     def chat_entry(self, token_id: int, logprob: Optional[float], top: Top) -> dict:
-        return {"token": self.text(token_id), "logprob": finite(logprob), "bytes": self.bytes(token_id),
-                "top_logprobs": [{"token": self.text(t), "logprob": finite(lp), "bytes": self.bytes(t)}
+        return {"token": self.name(token_id), "logprob": finite(logprob), "bytes": self.bytes(token_id),
+                "top_logprobs": [{"token": self.name(t), "logprob": finite(lp), "bytes": self.bytes(t)}
                                  for t, lp in (top or ())]}
 
     def chat(self, ids: Sequence[int], logprobs: Sequence[Optional[float]], tops: Sequence[Top]) -> dict:
@@ -59,13 +65,13 @@ class TokenText:
         """The completions shape for `ids`, the first starting at character `offset` of the choice's text."""
         tokens, offsets, top_dicts = [], [], []
         for t, lp, top in zip(ids, logprobs, tops):
-            text = self.text(t)
-            tokens.append(text)
+            text, name = self.text(t), self.name(t)
+            tokens.append(name)
             offsets.append(offset)
             offset += len(text)
-            entry = {text: finite(lp)}
+            entry = {name: finite(lp)}
             for other, other_lp in top or ():
-                entry.setdefault(self.text(other), finite(other_lp))
+                entry.setdefault(self.name(other), finite(other_lp))
             top_dicts.append(entry)
         return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs[:len(tokens)]],
                 "top_logprobs": top_dicts, "text_offset": offsets}
@@ -75,7 +81,7 @@ class TokenText:
         the first token's log-probability and top entry null (OpenAI's and vLLM's `echo` with `logprobs`)."""
         first = self.text(ids[0])
         rest = self.completion(ids[1:], [e[0] for e in entries[1:]], [e[1] for e in entries[1:]], len(first))
-        return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+        return {"tokens": [self.name(ids[0])] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
                 "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
 

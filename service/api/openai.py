@@ -177,7 +177,8 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     echoes = [(p if isinstance(p, str) else tokenizer.decode(p, False)) if req.echo else "" for p in prompts]
     jobs = [(prompt_ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
             for prompt_ids in ids for j in range(best_of)]
-    prompt_tokens, options, tokens = sum(len(i) for i in ids), text_options(req), TokenText(tokenizer)
+    prompt_tokens, options = sum(len(i) for i in ids), text_options(req)
+    tokens = TokenText(tokenizer, req.return_tokens_as_token_ids)
     echo_logprobs = req.echo and req.logprobs is not None       # the prompt's tokens with their log-probabilities
     options.prompt_logprobs = req.logprobs if echo_logprobs else None
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -199,7 +200,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
                     token = generated_token(piece)
                     if req.logprobs is not None and token is not None:
                         logprobs = tokens.completion(*([t] for t in token), offsets[k])
-                        offsets[k] += sum(len(t) for t in logprobs["tokens"])
+                        offsets[k] += len(tokens.text(token[0]))
                     if echo_logprobs and piece.prompt_logprobs is not None:
                         echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs)
                         logprobs = echoed if logprobs is None else joined(echoed, logprobs)
@@ -251,7 +252,7 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     echoed = messages[-1]["content"] if req.echo and messages[-1]["role"] == role else ""
     jobs = [(ids, adapter, dataclasses.replace(params, seed=choice_seed(req.seed, j)))
             for j in range(req.n)]
-    options, tokens = text_options(req), TokenText(state.loaded.tokenizer)
+    options, tokens = text_options(req), TokenText(state.loaded.tokenizer, req.return_tokens_as_token_ids)
     # tool calls come back parsed when the template's format is known (tool_calls.py); held to the end then
     parse = bool(req.tools) and req.tool_choice != "none" and parses_tool_calls(state.loaded.chat_template)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

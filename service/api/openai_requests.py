@@ -70,6 +70,8 @@ class _Common(BaseModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = Field(None, description="a Lark grammar (llguidance's dialect)")
     structured_outputs: Optional[StructuredOutputs] = None
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
+                                             "'token_id:<id>' (needs logprobs)")
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +174,8 @@ def check_common(req: _Common) -> None:
 
 def check_completion(req: CompletionRequest) -> None:
     check_common(req)
+    if req.return_tokens_as_token_ids and req.logprobs is None:
+        raise HTTPException(400, "return_tokens_as_token_ids: needs logprobs")
     if req.suffix is not None:
         raise HTTPException(400, "suffix: not supported (no fill-in-the-middle)")
     if req.best_of is not None and req.best_of < req.n:
@@ -187,6 +191,8 @@ def check_chat(req: ChatRequest) -> None:
     check_common(req)
     if req.top_logprobs and not req.logprobs:
         raise HTTPException(400, "top_logprobs: needs logprobs: true")
+    if req.return_tokens_as_token_ids and not req.logprobs:
+        raise HTTPException(400, "return_tokens_as_token_ids: needs logprobs: true")
     choice = req.tool_choice
     if choice is not None and not req.tools and choice != "none":
         raise HTTPException(400, "tool_choice: needs tools")

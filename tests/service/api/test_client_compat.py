@@ -221,3 +221,41 @@ def test_continue_final_message_and_chat_echo_as_vllm(server, client, loaded):
     assert r.status_code == 400 and "continue_final_message" in r.json()["error"]["message"]
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "continue_final_message": True}, timeout=T)
     assert r.status_code == 400 and "only with messages" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_return_tokens_as_token_ids_names_tokens_by_id(server, client, loaded, stream):
+    """vLLM's `return_tokens_as_token_ids`: logprobs name each token `token_id:<id>` (the sampled one and the top
+    ones, chat and completions); the values, `bytes` and `text_offset` (which indexes the choice's text) are
+    those of the plain answer; without logprobs it is a 400 naming it."""
+    kw = dict(model="tuned", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=not stream)
+
+    def completion(**extra):
+        if not stream:
+            return client.completions.create(**kw, extra_body=extra).choices[0].logprobs
+        parts = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True, extra_body=extra)
+                 if c.choices and c.choices[0].logprobs]
+        return {key: sum((getattr(p, key) for p in parts), []) for key in ("tokens", "top_logprobs", "text_offset")}
+
+    def get(obj, key):
+        return obj[key] if isinstance(obj, dict) else getattr(obj, key)
+    plain, named = completion(), completion(return_tokens_as_token_ids=True)
+    ids = [int(t.removeprefix("token_id:")) for t in get(named, "tokens")]
+    assert all(t.startswith("token_id:") for t in get(named, "tokens"))
+    assert [loaded.tokenizer.decode([i], False) for i in ids] == get(plain, "tokens")
+    assert get(named, "text_offset") == get(plain, "text_offset")
+    for ours, theirs in zip(get(named, "top_logprobs"), get(plain, "top_logprobs")):
+        if theirs is None:                               # the echoed prompt's first token
+            assert ours is None
+            continue
+        assert sorted(ours.values()) == sorted(theirs.values()) and all(k.startswith("token_id:") for k in ours)
+    chat = dict(model="tuned", messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**chat).choices[0].logprobs.content
+    named = client.chat.completions.create(**chat, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    for ours, theirs in zip(named.logprobs.content, plain):
+        token_id = int(ours.token.removeprefix("token_id:"))
+        assert loaded.tokenizer.decode([token_id], False) == theirs.token and ours.bytes == theirs.bytes
+        assert [t.token.startswith("token_id:") for t in ours.top_logprobs] == [True, True]
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tuned", "prompt": "Hi", "max_tokens": 2,
+                                                          "return_tokens_as_token_ids": True}, timeout=T)
+    assert r.status_code == 400 and "return_tokens_as_token_ids" in r.json()["error"]["message"]
