@@ -16,11 +16,16 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, app):
-        self.port = free_port()
+        # bound here and handed to uvicorn, so no other socket (a client's ephemeral port) can take the port
+        # between choosing it and listening on it
+        self.socket = socket.socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
         # the loop and HTTP parser GracefulServer (the real server) pins, whatever else is installed
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     loop="asyncio", http="h11"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -38,6 +43,7 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(60)
+        self.socket.close()
 
 
 def chat_stream_equals_whole(client, model: str) -> str:
