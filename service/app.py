@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from service import logs
-from service.api import admin, console, errors, health, native, openai, stats, tokens
+from service.api import admin, console, errors, health, native, openai, responses, stats, tokens
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
 from service.api.request_id import RequestContext
@@ -137,6 +137,6 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
     # added last: outermost, so every response carries the request id and the replica's name
     app.add_middleware(RequestContext, replica=settings.replica)
     errors.install(app)
-    for module in (openai, tokens, native, admin, health, stats, console):
+    for module in (openai, responses, tokens, native, admin, health, stats, console):
         app.include_router(module.router)
     return app

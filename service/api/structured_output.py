@@ -40,7 +40,7 @@ def _one(found: list[tuple[str, Constraint]]) -> Optional[Constraint]:
     return found[0][1] if found else None
 
 
-def _build(field: str, make, value) -> Constraint:
+def build_constraint(field: str, make, value) -> Constraint:
     try:
         return make(value, field)
     except ValueError as exc:
@@ -70,7 +70,7 @@ def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response
     if kind == "text":
         return None
     if kind == "regex":
-        return _build(f"{field}.value", Constraint.regex, fmt.get("value"))
+        return build_constraint(f"{field}.value", Constraint.regex, fmt.get("value"))
     if kind in ("json_object", "json"):
         given = [k for k in ("value", "schema") if k in fmt]
         if len(given) > 1:
@@ -78,7 +78,7 @@ def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response
         if kind == "json" and not given:
             raise HTTPException(400, f"{field}.value: required with type json (a JSON schema)")
         where = f"{field}.{given[0]}" if given else field
-        return _build(where, Constraint.json_schema, fmt[given[0]] if given else ANY_JSON_OBJECT)
+        return build_constraint(where, Constraint.json_schema, fmt[given[0]] if given else ANY_JSON_OBJECT)
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise HTTPException(400, f"{field}.json_schema: required with type json_schema (an object with `schema`)")
@@ -86,7 +86,7 @@ def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response
     if unknown is not None:
         raise HTTPException(400, f"{field}.json_schema.{shown(unknown)}: not supported (name, description, "
                                  "schema, strict)")
-    return _build(f"{field}.json_schema.schema", Constraint.json_schema, spec.get("schema", ANY_JSON_OBJECT))
+    return build_constraint(f"{field}.json_schema.schema", Constraint.json_schema, spec.get("schema", ANY_JSON_OBJECT))
 
 
 def openai_constraint(req) -> Optional[Constraint]:
@@ -99,7 +99,7 @@ def openai_constraint(req) -> Optional[Constraint]:
                         ("guided_choice", Constraint.choice), ("guided_grammar", Constraint.grammar)):
         value = getattr(req, field)
         if value is not None:
-            found.append((field, _build(field, make, value)))
+            found.append((field, build_constraint(field, make, value)))
     outputs: Optional[StructuredOutputs] = req.structured_outputs
     if outputs is not None:
         for key, make in (("json_", Constraint.json_schema), ("regex", Constraint.regex),
@@ -107,10 +107,10 @@ def openai_constraint(req) -> Optional[Constraint]:
             value = getattr(outputs, key)
             field = f"structured_outputs.{key.rstrip('_')}"
             if value is not None:
-                found.append((field, _build(field, make, value)))
+                found.append((field, build_constraint(field, make, value)))
         if outputs.json_object:
             found.append(("structured_outputs.json_object",
-                          _build("structured_outputs.json_object", Constraint.json_schema, ANY_JSON_OBJECT)))
+                          build_constraint("structured_outputs.json_object", Constraint.json_schema, ANY_JSON_OBJECT)))
     return _one(found)
 
 
@@ -124,12 +124,12 @@ def tgi_constraint(grammar: Optional[dict[str, Any]], response_format: Optional[
         if unknown is not None:
             raise HTTPException(422, f"parameters.grammar.{shown(unknown)}: not supported (type, value)")
         if kind == "json":
-            found.append(("parameters.grammar", _build(field, Constraint.json_schema, value)))
+            found.append(("parameters.grammar", build_constraint(field, Constraint.json_schema, value)))
         elif kind == "regex":
-            found.append(("parameters.grammar", _build(field, Constraint.regex, value)))
+            found.append(("parameters.grammar", build_constraint(field, Constraint.regex, value)))
         elif kind == "json_schema":         # TGI 3's OpenAI-style variant: value {"name"?, "schema"}
             schema = value.get("schema") if isinstance(value, dict) else None
-            found.append(("parameters.grammar", _build(f"{field}.schema", Constraint.json_schema, schema)))
+            found.append(("parameters.grammar", build_constraint(f"{field}.schema", Constraint.json_schema, schema)))
         else:
             raise HTTPException(422, f"parameters.grammar.type: {shown(str(kind))} is not supported "
                                      "(json, regex, json_schema)")
@@ -142,6 +142,6 @@ def tgi_constraint(grammar: Optional[dict[str, Any]], response_format: Optional[
             raise HTTPException(422, f"parameters.response_format.type: {shown(str(kind))} is not supported "
                                      "(json_object)")
         found.append(("parameters.response_format",
-                      _build("parameters.response_format.schema", Constraint.json_schema,
+                      build_constraint("parameters.response_format.schema", Constraint.json_schema,
                              response_format.get("schema") or ANY_JSON_OBJECT)))
     return _one(found)

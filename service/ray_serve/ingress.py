@@ -1,10 +1,10 @@
 """`Ingress`: the Ray Serve HTTP entry of the service. It reads which adapter a request is for and forwards the
 request to an `EngineReplica` through a deployment handle, with that adapter as `multiplexed_model_id`.
 
-The adapter comes from the body: `model` on `/v1/completions` and `/v1/chat/completions`, `parameters.adapter_id`
-on TGI's `/generate`, `/generate_stream` and `/`; the base model's id, merged adapters, other routes and bodies
-that do not parse carry no model id, so Serve spreads them by load (the replica then answers a bad body with the
-service's own error). Every route is the service's own, run in the replica: this process parses no more than
+The adapter comes from the body: `model` on `/v1/completions`, `/v1/chat/completions` and `/v1/responses`,
+`parameters.adapter_id` on TGI's `/generate`, `/generate_stream` and `/`; the base model's id, merged adapters,
+other routes and bodies that do not parse carry no model id, so Serve spreads them by load (the replica then
+answers a bad body with the service's own error). Every route is the service's own, run in the replica: this process parses no more than
 that name and imports no torch. Responses come back as the replica sent them (its `X-Replica` header included):
 server-sent events piece by piece, anything else whole. An admin request that changed the shared store (any
 2xx to a POST / PUT / DELETE under `/admin/`, or vLLM's load / unload routes) is followed, before it is
@@ -33,7 +33,7 @@ from .forward import ForwardedRequest, response_headers
 
 log = logging.getLogger("adapter_serve.ray")
 
-MODEL_FIELD = {"/v1/completions": "model", "/v1/chat/completions": "model",
+MODEL_FIELD = {"/v1/completions": "model", "/v1/chat/completions": "model", "/v1/responses": "model",
                "/generate": "adapter_id", "/generate_stream": "adapter_id", "/": "adapter_id"}
 ADMIN_WRITES = ("/admin/", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]

@@ -1,0 +1,163 @@
+"""The request body of OpenAI's Responses API (`POST /v1/responses`), and its translation into what the chat
+route already serves: chat messages, sampling settings and a structured-output constraint.
+
+`input` is a string (one user message) or a list of messages (`role` user / assistant / system / developer,
+`content` a string or `input_text` / `output_text` parts; `type: "message"` optional); `instructions` becomes
+a system message in front, as OpenAI inserts it; a `developer` message is given to the chat template as a
+`system` one (open models' templates know no developer role). `text.format` is `text`, `json_object` or
+`json_schema` (flat: `name`, `schema`, `description`, `strict`). `include: ["message.output_text.logprobs"]`
+with `top_logprobs` (0-20) returns log-probabilities. Responses are not stored: `store: true`,
+`previous_response_id`, `background`, `conversation`, `prompt` and `reasoning` are refused with a 400 naming
+them, and so are tools (this server parses tool calls on the chat route only), images and files; fields this
+model does not declare are a 422, as everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from service.engine import Constraint, SamplingParams
+from service.engine.sampling import MAX_TOP_LOGPROBS
+
+from .errors import shown
+from .structured_output import ANY_JSON_OBJECT, build_constraint
+
+LOGPROBS = "message.output_text.logprobs"
+ROLES = ("user", "assistant", "system", "developer")
+TEXT_PARTS = ("input_text", "output_text")
+FORMAT_KEYS = {"text": ("type",), "json_object": ("type",),
+               "json_schema": ("type", "name", "schema", "description", "strict")}
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Optional[str] = Field(None, description="an adapter's name or the base model's id; none: the base model")
+    input: Union[str, list[dict[str, Any]]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    include: Optional[list[str]] = None
+    stream: Optional[StrictBool] = None
+    text: Optional[dict[str, Any]] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any]]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    store: Optional[StrictBool] = None
+    metadata: Optional[dict[str, str]] = Field(None, max_length=16)
+    user: Optional[str] = Field(None, max_length=256)
+    truncation: Optional[Literal["disabled", "auto"]] = None
+    previous_response_id: Optional[str] = None
+    background: Optional[StrictBool] = None
+    conversation: Optional[Union[str, dict[str, Any]]] = None
+    prompt: Optional[dict[str, Any]] = None
+    reasoning: Optional[dict[str, Any]] = None
+    adapter_scale: float = Field(1.0, allow_inf_nan=False, description="this server's extension: multiplies the "
+                                 "adapter's LoRA delta (1 = as trained, 0 = the base model)")
+
+
+def check(req: ResponsesRequest) -> None:
+    """400 naming a field this server cannot honour."""
+    if req.store:
+        raise HTTPException(400, "store: responses are not stored on this server; send store: false or leave it out")
+    for field in ("previous_response_id", "conversation", "prompt"):
+        if getattr(req, field) is not None:
+            raise HTTPException(400, f"{field}: not supported (responses are not stored; send the whole "
+                                     "conversation as input)")
+    if req.background:
+        raise HTTPException(400, "background: not supported (responses are not stored)")
+    if req.reasoning:
+        raise HTTPException(400, "reasoning: not supported by this model")
+    if req.tools:
+        raise HTTPException(400, "tools: not supported on /v1/responses (use /v1/chat/completions)")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise HTTPException(400, "tool_choice: needs tools, which /v1/responses does not take here")
+    if req.truncation == "auto":
+        raise HTTPException(400, "truncation: only \"disabled\" (an input over the limit is a 400)")
+    unknown = next((item for item in req.include or () if item != LOGPROBS), None)
+    if unknown is not None:
+        raise HTTPException(400, f"include: {shown(unknown)} is not supported (only {LOGPROBS!r})")
+    if req.top_logprobs and LOGPROBS not in (req.include or ()):
+        raise HTTPException(400, f"top_logprobs: needs include: [{LOGPROBS!r}]")
+
+
+def _text(content: Any, field: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise HTTPException(400, f"{field}: a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            what = shown(kind) if isinstance(kind, str) else "without a type"
+            raise HTTPException(400, f"{field}[{j}]: content parts of type {what} are not supported; this server "
+                                     "takes input_text and output_text parts only")
+        if not isinstance(part.get("text"), str):
+            raise HTTPException(400, f"{field}[{j}].text: a text part needs a string `text`")
+        extra = next((k for k in part if k not in ("type", "text", "annotations", "logprobs")), None)
+        if extra is not None:
+            raise HTTPException(400, f"{field}[{j}].{shown(str(extra))}: not a key of a text part")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def messages(req: ResponsesRequest) -> list[dict[str, str]]:
+    """The chat messages the input stands for (`instructions` first, as a system message)."""
+    chat = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    if isinstance(req.input, str):
+        return chat + [{"role": "user", "content": req.input}]
+    if not req.input:
+        raise HTTPException(400, "input: the list is empty")
+    for i, item in enumerate(req.input):
+        field = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise HTTPException(400, f"{field}.type: {shown(str(kind))} items are not supported (messages only)")
+        extra = next((k for k in item if k not in ("type", "role", "content", "id", "status")), None)
+        if extra is not None:
+            raise HTTPException(400, f"{field}.{shown(str(extra))}: not a key of a message (role, content)")
+        role = item.get("role")
+        if role not in ROLES:
+            raise HTTPException(400, f"{field}.role: {shown(str(role))} is not one of {', '.join(ROLES)}")
+        if "content" not in item:
+            raise HTTPException(400, f"{field}.content: required")
+        chat.append({"role": "system" if role == "developer" else role,
+                     "content": _text(item["content"], f"{field}.content")})
+    return chat
+
+
+def constraint(req: ResponsesRequest) -> Optional[Constraint]:
+    """`text.format` as the engine's constraint (None for plain text)."""
+    text = req.text or {}
+    extra = next((k for k in text if k not in ("format", "verbosity")), None)
+    if extra is not None:
+        raise HTTPException(400, f"text.{shown(str(extra))}: not supported (format)")
+    if text.get("verbosity") not in (None, "medium"):
+        raise HTTPException(400, "text.verbosity: only \"medium\" (this server does not change its answers' length)")
+    fmt = text.get("format") or {"type": "text"}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in FORMAT_KEYS:
+        raise HTTPException(400, f"text.format.type: {shown(str(kind))} is not supported (text, json_object, "
+                                 "json_schema)")
+    unknown = next((k for k in fmt if k not in FORMAT_KEYS[kind]), None)
+    if unknown is not None:
+        raise HTTPException(400, f"text.format.{shown(str(unknown))}: not a key of type {shown(kind)}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return build_constraint("text.format", Constraint.json_schema, ANY_JSON_OBJECT)
+    if "schema" not in fmt:
+        raise HTTPException(400, "text.format.schema: required with type json_schema")
+    return build_constraint("text.format.schema", Constraint.json_schema, fmt["schema"])
+
+
+def sampling(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
+    logprobs = LOGPROBS in (req.include or ())
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=1.0 if req.top_p is None else req.top_p, logprobs=logprobs,
+                          top_logprobs=req.top_logprobs or 0, constraint=constraint(req))
