@@ -29,7 +29,7 @@ import math
 import mmap
 import struct
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -42,14 +42,16 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = None
+def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = None,
+                            skip: Optional[Callable[[str], bool]] = None
                             ) -> Optional[tuple[dict, int, Optional[list[str]]]]:
     """(the file's tensors as `pack_adapter_tensors` would lay them out, in `load_file`'s key order; the bytes
     of their data in the file; the keys of the tensors holding an inf or a NaN once read, or None where this
     read did not check: the one-call kernel path checks each tensor as it writes it, the per-tensor path does
     not), or None when the file holds a dtype this reader does not map (the caller then reads and packs it the
-    general way). Raises what safetensors raises for a malformed file, and OSError when the file is shorter
-    than its header says."""
+    general way). Tensors whose key `skip` accepts are left unread (their bytes still count in the file's).
+    Raises what safetensors raises for a malformed file, and OSError when the file is shorter than its header
+    says."""
     with safe_open(path, framework="pt") as f:                  # validates the header against the file
         keys = list(f.offset_keys())
     with open(path, "rb", buffering=0) as fh:
@@ -57,20 +59,22 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
         header = json.loads(fh.read(header_len))
         data_start = 8 + header_len
         entries = []                                              # (file offset, key, file dtype, shape, target)
+        file_bytes = 0
         for key in keys:
             entry = header[key]
             dtype = _DTYPES.get(entry["dtype"])
             if dtype is None:
                 return None
             shape = tuple(entry["shape"])
-            entries.append((data_start + entry["data_offsets"][0], key, dtype, shape,
-                            factor_target(key, dtype, factor_dtype)))
+            file_bytes += math.prod(shape) * dtype.itemsize
+            if skip is None or not skip(key):
+                entries.append((data_start + entry["data_offsets"][0], key, dtype, shape,
+                                factor_target(key, dtype, factor_dtype)))
+        if skip is not None:
+            keys = [key for key in keys if not skip(key)]
         sizes: dict[torch.dtype, int] = {}
-        file_bytes = 0
         for _, _, dtype, shape, target in entries:
-            numel = math.prod(shape)
-            file_bytes += numel * dtype.itemsize
-            sizes[target] = sizes.get(target, 0) + numel
+            sizes[target] = sizes.get(target, 0) + math.prod(shape)
         slabs = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
         ordered = sorted(entries, key=lambda e: e[0])                        # one pass over the file
         regions = {target: iter(slab.split([math.prod(e[3]) for e in ordered if e[4] is target]))

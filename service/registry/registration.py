@@ -131,6 +131,7 @@ class RegistrationMixin:
         if validated.weights_name != SAFETENSORS_NAME:
             self.store.to_safetensors(staging, validated.tensors)
         validated.tensors, extra = self.adapter_dtype.hold(validated.tensors, validated.weights_name, pack=False)
+        extra -= validated.base_copy_bytes         # stored, never held
         sha256, size = self.store.digest(staging)
         meta = {"source": source, "created_at": time.time(), "pinned": False, "served": True,
                 "sha256": sha256, "size": size}

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -154,15 +154,16 @@ class AdapterStore:
         except ac.AdapterError as exc:
             raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {exc}") from exc
 
-    def read_packed(self, folder: str, factor_dtype: Optional[torch.dtype]) -> Optional[tuple[dict, int]]:
+    def read_packed(self, folder: str, factor_dtype: Optional[torch.dtype],
+                    skip: Optional[Callable[[str], bool]] = None) -> Optional[tuple[dict, int]]:
         """The stored safetensors file read straight into packed buffers (`read_packed_safetensors`: its
-        tensors, and their bytes in the file), or None where that reader does not apply (a `.bin`, an
-        unusual dtype): the caller reads and packs the general way."""
+        tensors but those `skip` accepts, and their bytes in the file), or None where that reader does not
+        apply (a `.bin`, an unusual dtype): the caller reads and packs the general way."""
         path = os.path.join(folder, SAFETENSORS_NAME)
         if not os.path.isfile(path):
             return None
         try:
-            return read_packed_safetensors(path, factor_dtype)
+            return read_packed_safetensors(path, factor_dtype, skip)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise Invalid(f"stored adapter {os.path.basename(folder)!r}: {SAFETENSORS_NAME} is unreadable or "
                           f"truncated: {exc}") from exc

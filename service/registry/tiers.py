@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import itertools
 import logging
 import time
@@ -20,6 +21,7 @@ from adapters_core.packing import pack_adapter_tensors, tensor_bytes, trim_heap
 from adapters_core.prepared import PreparedAdapter, attach_prepared, prepare_adapter
 
 from .adapter_dtype import held_dtype
+from .base_copies import is_base_copy, serving_config, split_base_copies
 from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
 from .record import CPU, DEVICE, STORED, AdapterRecord
 from .validation import parse_config
@@ -194,13 +196,16 @@ class TierMixin:
         served files (CPU), the tensors are mapped from the one an earlier read of the same stored file left
         (checked then); a read of the PEFT file hands its result to the saver thread to write that file."""
         folder = self.store.path(name)
-        config = parse_config(self.store.read_config(folder))
+        config = serving_config(parse_config(self.store.read_config(folder)))
         factor_dtype = self.adapter_dtype.factor_dtype
         served = self.store.read_served(folder, factor_dtype) if self._saver is not None else None
         source = self.store.source(folder) if self._saver is not None and served is None else None
-        packed = None if served is not None else self.store.read_packed(folder, factor_dtype)  # read into place
+        # the file's copies of base weights were checked equal to the served ones at registration: not read
+        skip = functools.partial(is_base_copy, config)
+        packed = None if served is not None else self.store.read_packed(folder, factor_dtype, skip)
         if served is not None:                                  # mapped as checked and held at an earlier load
-            tensors, extra = served[0], tensor_bytes(served[0]) - served[1]
+            tensors = {key: value for key, value in served[0].items() if not skip(key)}   # (files of older versions)
+            extra = tensor_bytes(tensors) - served[1]
         elif packed is not None:
             tensors, extra = self.adapter_dtype.hold_packed(*packed, lambda: self.store.read_tensors(folder),
                                                             SAFETENSORS_NAME)    # (checked as read)
@@ -210,8 +215,9 @@ class TierMixin:
                 except RuntimeError:                            # closed: a later load writes it
                     pass
         else:
-            tensors = self.store.read_tensors(folder)
+            tensors, copies = split_base_copies(config, self.store.read_tensors(folder))
             tensors, extra = self.adapter_dtype.hold(tensors, SAFETENSORS_NAME, pack=True)
+            extra -= tensor_bytes(copies)
         prepared = self._prepare_load(config, tensors, model_name, packed=True)
         self._loads_read += 1
         if self._loads_read % TRIM_EVERY == 0:

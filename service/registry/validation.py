@@ -10,8 +10,9 @@ number in the config is finite (JSON's NaN / Infinity are refused, 422 naming th
 LoRA's scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, over every `alpha_pattern` / `rank_pattern`
 value; AdaLoRA's `lora_alpha`) is at most `MAX_LORA_SCALING` in magnitude; the weights read as
 safetensors, or as a `.bin` only through `torch.load(weights_only=True)`, so a malicious pickle is refused
-and never run (422); every tensor is floating point and finite (422 naming the tensor); and the adapter
-fits the base model. The fit check loads the adapter, with the library's own matching and shape rules, into a
+and never run (422); every tensor is floating point and finite (422 naming the tensor); copies of the base
+model's own weights that PEFT saves with some adapters (`base_copies.py`) equal the served ones (else 422)
+and are left out; and the adapter fits the base model. The fit check loads the adapter, with the library's own matching and shape rules, into a
 *meta skeleton* of the base model: a copy of its module tree whose parameters live on the meta device
 (built once, in milliseconds, and cloned per check), with adapters already on the model stripped off.
 That finds targets the model lacks, tensors of the wrong shape, missing tensors and tensors that fit no
@@ -36,8 +37,10 @@ from torch import nn
 import adapters_core as ac
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
+from adapters_core.packing import tensor_bytes
 from service.json_nesting import TooDeep, check_depth
 
+from .base_copies import check_base_copies, serving_config, split_base_copies
 from .errors import Invalid, TooLarge
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -207,6 +210,7 @@ class ValidatedAdapter:
     tensors: dict[str, torch.Tensor]
     summary: AdapterSummary
     weights_name: str                           # the file the tensors came from (safetensors or bin)
+    base_copy_bytes: int = 0                    # the file's copies of base weights, left out of `tensors`
 
 
 def meta_skeleton(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -246,6 +250,7 @@ class AdapterValidator:
         self.max_lora_rank = max_lora_rank
         self.max_adapter_bytes = max_adapter_bytes
         self._skeleton = meta_skeleton(model)
+        self._model = model                    # read only: the base weights an adapter's copies must equal
 
     def check_size(self, size: int) -> None:
         if size > self.max_adapter_bytes:
@@ -286,8 +291,13 @@ class AdapterValidator:
         if not tensors:
             raise Invalid(f"{weights_name} holds no tensors")
         check_tensors(tensors, weights_name)
+        tensors, copies = split_base_copies(config, tensors)
+        check_base_copies(self._model, copies, weights_name)       # equal to the served base's: left out
+        config = serving_config(config)
+        if not tensors:
+            raise Invalid(f"{weights_name} holds no tensors of the adapter's own (only copies of base weights)")
         self.check_fit(config, tensors)
-        return ValidatedAdapter(config, tensors, summary, weights_name)
+        return ValidatedAdapter(config, tensors, summary, weights_name, tensor_bytes(copies))
 
     def check_fit(self, config: ac.AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
         """Load into a fresh meta skeleton: the library's own target and shape checks, no real memory."""
