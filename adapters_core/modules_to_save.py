@@ -62,7 +62,8 @@ class ModulesToSaveWrapper(nn.Module):
                 if rows.numel():
                     result[rows] = module(x[rows], *args, **kwargs).to(result.dtype)
             else:
-                flat_x = x.reshape(-1, x.shape[-1])
+                # one row per token: features [..., in] -> [N, in]; an embedding's token ids [...] -> [N]
+                flat_x = x.reshape(-1) if x.dim() < result.dim() else x.reshape(-1, x.shape[-1])
                 tokens = (mapping.slots == slot).nonzero().flatten()
                 if tokens.numel():
                     flat = result.view(-1, result.shape[-1])

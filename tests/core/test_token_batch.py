@@ -194,3 +194,32 @@ def test_deleting_adapters_clears_only_their_slots_and_slots_are_reused():
             mixed = model(ids)
         torch.testing.assert_close(mixed, _alone(model, ids, "fresh"))
         assert stack.slot_names[lora_slot] == "fresh"
+
+
+def test_modules_to_save_copies_of_the_embedding_and_the_head_in_a_token_batch():
+    """A `modules_to_save` copy of the embedding takes token ids, not features: its tokens are picked from the
+    flattened ids (this failed with an IndexError on every token batch, a probe's finding F2)."""
+    torch.manual_seed(1)
+    model = PerTokenModel()
+    configs = {"m_emb": ac.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                      init_lora_weights=False),
+               "m_head": ac.LoraConfig(r=2, target_modules=["down_proj"], modules_to_save=["lm_head"],
+                                       init_lora_weights=False),
+               "lora": ac.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)}
+    for name, cfg in configs.items():
+        ac.inject_adapter_in_model(cfg, model, name)
+    with torch.no_grad():
+        for wrapper in (model.embed_tokens, model.lm_head):
+            for copy in wrapper.modules_to_save.values():
+                for p in copy.parameters():
+                    p.add_(0.5 * torch.randn(p.shape))
+    model.eval()
+    token_names = ["m_emb"] * 3 + ["lora", "__base__", "m_head", "m_head", "m_emb", "lora"]
+    ids = torch.randint(0, 50, (len(token_names),))
+    with torch.inference_mode():
+        with ac.token_batch(model, token_names):
+            mixed = model(ids.view(1, -1))[0]
+        for t, name in enumerate(token_names):
+            torch.testing.assert_close(mixed[t], _alone(model, ids[t:t + 1].view(1, 1), name)[0, 0], atol=1e-5, rtol=0)
+        base = _alone(model, ids.view(1, -1), "__base__")[0]
+    assert (mixed[[0, 5]] - base[[0, 5]]).abs().amax(dim=-1).min() > 1e-3, "a copy did nothing"
