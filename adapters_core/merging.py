@@ -103,6 +103,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         targets = sorted(set().union(*(set(configs[a].target_modules) for a in adapters)))
     new_config = dataclasses.replace(configs[adapters[0]], r=new_rank, lora_alpha=new_rank,
                                      target_modules=targets, alpha_pattern={}, rank_pattern={})
+    if combination_type in FACTOR_STRATEGIES:      # `rank_pattern` may give one module a rank `r` does not say
+        for path, layer in adapter_layers(model):
+            kept = {a: layer.lora_factors(a)[0].shape[0] for a in adapters if layer.kind.get(a) == "LORA"}
+            if kept and set(kept.values()) != {new_rank}:
+                raise AdapterError(f"combination_type {combination_type} combines the factors module by module and "
+                                   f"needs one rank in every module; {path} has ranks {kept}")
     previous_active = active_adapters(model)
     inject_adapter_in_model(new_config, model, adapter_name)
     if previous_active:              # injecting made the new adapter active; PEFT keeps the previous ones

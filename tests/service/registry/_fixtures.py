@@ -29,6 +29,9 @@ PEFT_CONFIGS = {
     "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "lora_rank_pattern": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                  rank_pattern={"down_proj": 6}),
+    # the same largest rank as "lora" (4), with a lower one in one module
+    "lora_low_pattern": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                rank_pattern={"v_proj": 2}),
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=8,
                                           target_modules=["q_proj", "v_proj"]),

@@ -16,7 +16,8 @@ from _fixtures import assert_same_model, fingerprint, hf_base, input_ids, make_r
 
 async def _registry(tmp_path, **kw):
     registry = make_registry(tmp_path / "store", **kw)
-    for name, kind, seed in (("a", "lora", 1), ("b", "lora", 2), ("ia3", "ia3", 3), ("wide", "lora_rank_pattern", 4)):
+    for name, kind, seed in (("a", "lora", 1), ("b", "lora", 2), ("ia3", "ia3", 3), ("wide", "lora_rank_pattern", 4),
+                             ("narrow", "lora_low_pattern", 5)):
         adapter = peft_adapter(kind, seed=seed)
         await registry.register_files(name, adapter.config, adapter.weights)
     return registry
@@ -73,10 +74,13 @@ def test_refused_specs_change_nothing(tmp_path):
     async def main():
         registry = await _registry(tmp_path)
         registry.release(await registry.acquire("a"))
+        registry.release(await registry.acquire("narrow"))     # its ranks are seen in the model, once loaded
         before = fingerprint(registry.model)
         for spec, error, match in [
             (MergeSpec(("a", "ia3"), (0.5, 0.5)), Invalid, r"ids\[1\].*IA3"),
             (MergeSpec(("a", "wide"), (0.5, 0.5)), Invalid, "one rank"),      # r 4 and a rank_pattern's 6
+            # the same largest rank, but v_proj's is 2 in one (a 500 before: the factors' stack failed)
+            (MergeSpec(("a", "narrow"), (0.5, 0.5)), Invalid, r"merged_adapters: .*one rank in every module.*v_proj"),
             (MergeSpec(("a", "b"), (0.5, float("inf"))), Invalid, "weights"),
             (MergeSpec(("a", "b"), (0.5, 1e308)), Invalid, r"weights: every weight must be a finite number in \[-10, 10\]"),
             (MergeSpec(("a", "b"), (-10.5, 0.5)), Invalid, "weights"),
