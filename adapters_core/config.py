@@ -24,7 +24,9 @@ _COMMON = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model
            "inference_mode")
 
 # Init schemes that only shape the starting weights: harmless when loading trained weights.
-_PLAIN_LORA_INITS = (True, False, "gaussian")
+# inits that leave the base weights as they are ("eva" zeroes B as the default does; "orthogonal" and "mica"
+# start from factors whose product is zero); PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weights
+_PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 # peft_type -> its config class: every AdapterConfig subclass naming a peft_type registers itself when it is
@@ -142,7 +144,7 @@ class LoraConfig(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     unsupported: ClassVar[dict[str, Any]] = {
         "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-        "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+        "loftq_config": {}, "corda_config": None, "lora_ga_config": None,
         "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
         "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
         "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False, "runtime_config": None,
@@ -156,6 +158,7 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     lora_bias: bool = False
     init_lora_weights: Union[bool, str] = True
+    eva_config: Optional[dict] = None           # EVA's data-driven init (a trained adapter's factors are as saved)
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: Optional[dict] = field(default_factory=dict)

@@ -141,6 +141,11 @@ class AdapterLayer(Watched, nn.Module):
                 else:
                     nn.init.zeros_(a)
                     nn.init.normal_(b)
+                if init == "mica":            # B: the minor left singular vectors of the table's transpose
+                    with torch.no_grad():
+                        u, _, _ = torch.linalg.svd(dense_weight(self.base_layer).to(torch.float32).T,
+                                                   full_matrices=False)
+                        b.copy_(u[:, -r:].to(b.dtype))
             self.lora_embedding_A[name] = nn.Parameter(a)
             self.lora_embedding_B[name] = nn.Parameter(b)
         else:
@@ -155,6 +160,8 @@ class AdapterLayer(Watched, nn.Module):
                 nn.init.zeros_(lin_b.weight)
                 if lora_bias:
                     nn.init.zeros_(lin_b.bias)
+                if init in ("orthogonal", "mica"):
+                    self._init_from_base(init, r, lin_a.weight, lin_b.weight)
             self.lora_A[name] = lin_a
             self.lora_B[name] = lin_b
         if use_dora:
@@ -163,6 +170,24 @@ class AdapterLayer(Watched, nn.Module):
             else:
                 norm = self._weight_norm(self.get_delta_weight(name).to(dtype))
             self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+
+    @torch.no_grad()
+    def _init_from_base(self, init: str, r: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """PEFT's "orthogonal" init (A and B from two halves of a random orthogonal matrix, B @ A = 0; r even)
+        and "mica" (B the base weight's r minor left singular vectors, A zero): the base weights unchanged."""
+        if init == "orthogonal":
+            if r % 2:
+                raise ValueError(f"orthogonal initialization needs an even LoRA rank, got {r}")
+            q, _ = torch.linalg.qr(torch.randn(r, r))
+            a.copy_((torch.randn(self.in_features, r // 2).mm(q[0::2, :]).T / 10.0).to(a.dtype))
+            b.copy_((torch.randn(r // 2, self.out_features).T.mm(q[1::2, :]) / 10.0).to(b.dtype))
+            return
+        weight = transpose(dense_weight(self.base_layer).to(torch.float32), self.fan_in_fan_out)   # [out, in]
+        if r > min(weight.shape):
+            raise ValueError(f"MiCA needs r <= min(in_features, out_features); got r={r} for {tuple(weight.shape)}")
+        u, _, _ = torch.linalg.svd(weight, full_matrices=False)
+        b.copy_(u[:, -r:].to(b.dtype))
+        a.zero_()
 
     def add_adalora(self, name: str, r: int, init_r: int, alpha: float, dropout: float, init, meta: bool) -> None:
         device, dtype = self._device_dtype()

@@ -368,3 +368,29 @@ def test_low_cpu_mem_usage_state_dict_is_cast_to_bf16_base_dtype_like_peft(tiny_
         base_bf16, ac.LoraConfig(**kwargs), dict(state_dict), n_base_params, torch.bfloat16
     )
     assert_logits_close(logits_of(ours, token_ids), expected, atol=BF16_ATOL)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "mica", "eva"])
+def test_inits_that_leave_the_base_alone_load_and_start_as_peft(tiny_llama, token_ids, tmp_path, init):
+    """PEFT's "orthogonal", "mica" and "eva" inits leave the base weights as they are (unlike PiSSA, OLoRA, CorDA,
+    LoftQ and LoRA-GA, which stay refused): an adapter trained with them is plain LoRA and loads as PEFT serves
+    it; injected fresh here, as in PEFT, its B @ A is zero (MiCA's B: the base weight's minor singular vectors)."""
+    targets = ["q_proj", "v_proj"] + (["embed_tokens"] if init == "mica" else [])
+    config = llama_lora_config(r=4, target_modules=targets, init_lora_weights=init)
+    plain = clone_base(tiny_llama)
+    peft_model, path, fresh = make_peft_adapter_and_fresh_base(tiny_llama, config, tmp_path)
+    check_matches_peft(peft_model, path, fresh, token_ids)
+    base_logits = logits_of(plain, token_ids)
+    ac.inject_adapter_in_model(ac.config_from_dict(json.loads((path / "adapter_config.json").read_text())), plain)
+    assert_logits_close(logits_of(plain, token_ids), base_logits)
+    if init == "mica":
+        weight = plain.model.layers[0].self_attn.q_proj.base_layer.weight.float()
+        u, _, _ = torch.linalg.svd(weight, full_matrices=False)
+        b = plain.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+        torch.testing.assert_close(b, u[:, -4:])
+
+
+def test_inits_that_rewrite_the_base_are_refused_naming_them():
+    for init in ("pissa", "olora", "corda", "loftq", "lora_ga"):
+        with pytest.raises(ac.UnsupportedFeatureError, match=f"init_lora_weights='{init}' rewrites the base"):
+            ac.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init)
