@@ -9,9 +9,9 @@ gathered computations instead of PEFT's per-adapter loop.
 from .batch import adapter_slot, mixed_batch, token_batch
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, config_from_dict, load_config
 from .group import grouped_forward
-from .errors import (AdapterConfigError, AdapterError, AdapterWeightsError, TargetNotFoundError,
+from .errors import (AdapterConfigError, AdapterError, AdapterWeightsError, ModuleConflictError, TargetNotFoundError,
                      UnknownAdapterError, UnsupportedFeatureError)
-from .injection import inject_adapter_in_model
+from .injection import conflicting_adapters, inject_adapter_in_model
 from .io import load_adapter, read_adapter_weights, resolve_adapter_dir, save_adapter
 from .layer import AdapterLayer
 from .management import (active_adapters, cast_adapter_dtype, delete_adapter, disable_adapters, enable_adapters,
@@ -24,7 +24,8 @@ from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
 __all__ = [
     "AdaLoraConfig", "AdapterConfig", "AdapterConfigError", "AdapterError", "AdapterLayer", "AdapterWeightsError",
-    "IA3Config", "LoraConfig", "ModulesToSaveWrapper", "TargetNotFoundError", "UnknownAdapterError",
+    "IA3Config", "LoraConfig", "ModuleConflictError", "ModulesToSaveWrapper", "TargetNotFoundError",
+    "UnknownAdapterError", "conflicting_adapters",
     "PrefixTuningConfig", "PromptAdapter", "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig",
     "UnsupportedFeatureError", "active_adapters", "adapter_slot", "add_weighted_adapter", "cast_adapter_dtype",
     "config_from_dict", "delete_adapter", "disable_adapters", "enable_adapters", "get_peft_model_state_dict",

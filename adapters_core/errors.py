@@ -22,6 +22,16 @@ class TargetNotFoundError(AdapterError):
     """The config's targets match no module of the model."""
 
 
+class ModuleConflictError(AdapterError):
+    """The adapter would wrap a module the other way than adapters already on it do: a `modules_to_save` copy
+    of a module that LoRA / IA3 adapters adapt, or a LoRA / IA3 on a module held as `modules_to_save` copies.
+    `holders` names those adapters (remove them first: the two kinds never share a module)."""
+
+    def __init__(self, message: str, holders: list[str]):
+        super().__init__(message)
+        self.holders = holders
+
+
 class UnknownAdapterError(AdapterError, KeyError):
     """An adapter name that the model does not hold."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
-from .errors import AdapterError, TargetNotFoundError, UnsupportedFeatureError
+from .errors import AdapterError, ModuleConflictError, TargetNotFoundError, UnsupportedFeatureError
 from .layer import AdapterLayer
 from .management import set_adapter
 from .matching import expand_all_linear, is_feedforward, is_supported_base, is_target, pattern_value
@@ -97,10 +97,17 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
         expand_all_linear(config, model, modules)
         matches = lambda key: is_target(config, key)  # noqa: E731
 
+    table = slot_table(model)
     chosen = []
     for key, module in modules:
-        if not key or isinstance(module, ModulesToSaveWrapper) or not matches(key):
+        if not key or not matches(key):
             continue
+        if isinstance(module, ModulesToSaveWrapper):
+            holders = list(module.modules_to_save)
+            if holders:
+                raise ModuleConflictError(f"module {key!r} holds the modules_to_save copies of adapter(s) "
+                                          f"{holders}; adapter {adapter_name!r} cannot adapt it beside them", holders)
+            module = _unwrap(model, key, module, table)          # a wrapper left empty: the module itself
         if not (isinstance(module, AdapterLayer) or is_supported_base(module)):
             raise UnsupportedFeatureError(
                 f"module {key!r} ({type(module).__name__}) matches the targets but adapters_core supports only "
@@ -114,7 +121,6 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
             f"(e.g. {[n for n, _ in modules[1:6]]})")
 
     ranks = _adalora_ranks(config, adapter_name) if isinstance(config, AdaLoraConfig) else {}
-    table = slot_table(model)
     layers, done = [], []
     try:
         for key, module in chosen:
@@ -137,6 +143,39 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
     _freeze_base(modules)
     set_adapter(model, adapter_name, inference_mode=config.inference_mode)
     return model
+
+
+def _unwrap(model: nn.Module, key: str, wrapper: nn.Module, table: SlotTable) -> nn.Module:
+    """Put back the module an adapter wrapper holds no adapter on any more; returns that module."""
+    original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
+    set_submodule(model, key, original)
+    table.modules = [m for m in table.modules if m is not wrapper]
+    return original
+
+
+def conflicting_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The adapters on `model` that an adapter of `config` cannot share it with (`ModuleConflictError`): those
+    whose modules_to_save copies sit on a module it would adapt, and those adapting a module it would copy.
+    Walks the model only when either side has modules_to_save (rare); [] otherwise."""
+    if isinstance(config, PromptLearningConfig):
+        return []
+    copies = config.modules_to_save or ()
+    copies = (copies,) if isinstance(copies, str) else tuple(copies)
+    if not copies and not any(isinstance(m, ModulesToSaveWrapper) for m in slot_table(model).modules):
+        return []
+    targets = copy.deepcopy(config)
+    try:
+        _fill_default_targets(targets, model)
+    except AdapterError:
+        return []                       # (its injection says why)
+    holders: list[str] = []
+    for key, module in walk(model):
+        if isinstance(module, ModulesToSaveWrapper) and targets.target_modules != "all-linear" \
+                and is_target(targets, key):
+            holders += [n for n in module.modules_to_save if n not in holders]
+        elif isinstance(module, AdapterLayer) and any(key.endswith(t) for t in copies):
+            holders += [n for n in module.kind if n not in holders]
+    return holders
 
 
 def _roll_back(model: nn.Module, adapter_name: str, done: list) -> None:
@@ -203,8 +242,17 @@ def _add_to_layer(layer: AdapterLayer, config: AdapterConfig, key: str, name: st
 def _wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str, table: SlotTable) -> None:
     found = False
     for key, module in list(walk(model)):
-        if not key.endswith(target) or isinstance(module, AdapterLayer):
+        if not key.endswith(target):
             continue
+        if isinstance(module, AdapterLayer):
+            holders = [n for n in module.kind if n != adapter_name]
+            if holders:
+                raise ModuleConflictError(f"module {key!r} is adapted by adapter(s) {holders}; adapter "
+                                          f"{adapter_name!r} cannot keep a modules_to_save copy of it beside them",
+                                          holders)
+            if module.kind:
+                continue                                          # adapted by this adapter itself
+            module = _unwrap(model, key, module, table)          # a layer left without adapters
         found = True
         if isinstance(module, ModulesToSaveWrapper):
             module.add(adapter_name)

@@ -125,15 +125,17 @@ class TierMixin:
                 if record.retired:
                     raise _Retry()
             try:
-                victims = self._take_device_room(record)
-            except Unavailable:
+                conflicts = self._take_conflicting(record)
+                victims = conflicts + self._take_device_room(record)
+            except (Unavailable, Conflict):
                 if from_tier == STORED and self.single_memory:
                     record.drop_tensors()       # a refusal leaves it where it was
                     record.tier = STORED
                 raise
             config, tensors, model_name = copy.deepcopy(record.config), record.tensors, record.model_name
             record.tier = DEVICE            # counted from now, so concurrent loads make room around it
-            applied = self._attach_now(record, prepared, victims)
+            # (an adapter sharing a module the other way must leave the model before this one goes in)
+            applied = None if conflicts else self._attach_now(record, prepared, victims)
             if applied is None:             # between two steps, on the engine thread
                 failed, applied, error = [v.model_name for v in victims], 0.0, None   # if the call never ran
                 try:
@@ -238,6 +240,32 @@ class TierMixin:
 
     def _device_bytes(self) -> int:
         return sum(r.memory_size for r in self._residents() if r.tier == DEVICE)
+
+    def _take_conflicting(self, record: AdapterRecord) -> list[AdapterRecord]:
+        """The resident adapters `record` cannot share the model with (`ac.conflicting_adapters`: one keeps a
+        `modules_to_save` copy of a module the other adapts); they leave as `_take_device_room`'s victims do,
+        in the same engine call that adds `record`. Unavailable (429) while one is in use, Conflict (409) when
+        one is pinned: the two are never in the model together, so a request for either waits its turn."""
+        holders = ac.conflicting_adapters(self.model, record.config)
+        if not holders:
+            return []
+        victims = [r for r in self._residents() if r.tier == DEVICE and r.model_name in holders and r is not record]
+        pinned = next((r for r in victims if r.pinned), None)
+        if pinned is not None:
+            raise Conflict(f"cannot load adapter {record.name!r}: adapter {pinned.name!r} is pinned and holds a module "
+                           f"it needs the other way (a modules_to_save copy beside a LoRA / IA3 on one module); "
+                           f"unpin it to serve both in turn")
+        busy = next((r for r in victims if r.in_use or r.busy), None)
+        if busy is not None:
+            raise Unavailable(f"cannot load adapter {record.name!r} now: adapter {busy.name!r}, in use, holds a module "
+                              f"it needs the other way (a modules_to_save copy beside a LoRA / IA3 on one module; "
+                              f"the two take turns); retry later")
+        for victim in victims:
+            victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
+            victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
+            if not victim.retired:
+                self._emit("adapter_evicted", victim.name, DEVICE)
+        return victims
 
     def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
         """The device-tier adapters to remove so that `record` fits both `max_device_adapters` and
