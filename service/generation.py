@@ -73,6 +73,7 @@ class TextOptions:
     # vLLM's include_stop_str_in_output also for the EOS / stop_token_ids token that ended a sequence: its text
     # is decoded into the output like any token's (an EOS skipped as a special token adds nothing)
     include_stop_token: bool = False
+    scoring: bool = False              # the prompt scored, its one sampled token dropped (GenerationRequest's)
 
 
 class TextGenerator:
@@ -106,7 +107,8 @@ class TextGenerator:
                 # same back-pressure as a full queue, so it gets 429 with Retry-After, not a server error
                 raise QueueFullError(str(exc)) from exc
             request = GenerationRequest(prompt_ids, params, lease.model_name if lease else None,
-                                        adapter_scale=adapter.scale, prompt_logprobs=options.prompt_logprobs)
+                                        adapter_scale=adapter.scale, prompt_logprobs=options.prompt_logprobs,
+                                        scoring=options.scoring)
             try:
                 self.engine.validate(request)
             except ValueError as exc:

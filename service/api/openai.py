@@ -132,7 +132,8 @@ def tool_call_message(text: str, reason: str, streaming: bool = False, parallel:
 
 def model_cards(state: State, caller) -> list[dict]:
     """The base model and every served adapter the caller may use, in OpenAI's shape (with vLLM's `root`,
-    `parent` and `max_model_len`)."""
+    `parent` and `max_model_len`: what is left for prompt and output, a prompt-learning adapter's virtual tokens
+    taken off)."""
     length = state.settings.max_seq_len
     data = [{"id": state.model_id, "object": "model", "created": int(time.time()), "owned_by": "adapter-serving",
              "root": state.model_id, "parent": None, "max_model_len": length}]
@@ -140,7 +141,7 @@ def model_cards(state: State, caller) -> list[dict]:
         if record.served and caller.may_use(record.name):
             data.append({"id": record.name, "object": "model", "created": int(record.created_at),
                          "owned_by": "adapter-serving", "root": record.name, "parent": state.model_id,
-                         "max_model_len": length})
+                         "max_model_len": length - (record.virtual_tokens or 0)})    # (prompt learning's share)
     return data
 
 
@@ -181,6 +182,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     tokens = TokenText(tokenizer, req.return_tokens_as_token_ids)
     echo_logprobs = req.echo and req.logprobs is not None       # the prompt's tokens with their log-probabilities
     options.prompt_logprobs = req.logprobs if echo_logprobs else None
+    options.scoring = scoring
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model or state.model_id}
     if req.stream:

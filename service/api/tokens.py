@@ -40,8 +40,7 @@ class DetokenizeRequest(BaseModel):
 
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCaller):
-    if req.model is not None:
-        resolve_adapter(state, caller, req.model)
+    adapter = resolve_adapter(state, caller, req.model) if req.model is not None else None
     if (req.prompt is None) == (req.messages is None):
         raise HTTPException(400, "give exactly one of prompt and messages")
     chat_only = [f for f in ("add_generation_prompt", "continue_final_message") if f in req.model_fields_set]
@@ -59,7 +58,8 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
                     for i, m in enumerate(req.messages)]
         ids = await encode_chat(state, messages, add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message)
-    return {"count": len(ids), "max_model_len": state.settings.max_seq_len, "tokens": ids,
+    virtual = (state.registry.get(adapter).virtual_tokens or 0) if adapter is not None else 0
+    return {"count": len(ids), "max_model_len": state.settings.max_seq_len - virtual, "tokens": ids,
             "token_strs": [tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None}
 
 

@@ -104,9 +104,10 @@ class Engine(EngineThread):
         if n == 0:
             raise ValueError("the prompt is empty")
         virtual = self.virtual_tokens.count(request.adapter)      # a prompt-learning adapter's, before the prompt
-        if n + virtual + request.params.max_tokens > self.config.max_seq_len:
+        room = 0 if request.scoring else request.params.max_tokens   # (a scoring request's token is dropped)
+        if n + virtual + room > self.config.max_seq_len:
             raise ValueError(f"prompt ({n} tokens)" + (f" + the adapter's {virtual} virtual tokens" if virtual else "")
-                             + f" + max_tokens ({request.params.max_tokens}) exceeds the "
+                             + (f" + max_tokens ({room})" if room else "") + " exceeds the "
                              f"context limit of {self.config.max_seq_len} tokens")
         if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")

@@ -28,6 +28,9 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     adapter_scale: float = 1.0               # multiplies the adapter's LoRA delta (adapter_scale.py)
     prompt_logprobs: Optional[int] = None    # None: off; k: each prompt token's log-probability and k likeliest
+    # scoring the prompt (vLLM's echo with max_tokens 0): the one token sampled after it is dropped, and needs
+    # no room in the context (its key and value are never written)
+    scoring: bool = False
 
 
 @dataclass

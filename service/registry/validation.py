@@ -4,8 +4,9 @@ touching the served model.
 Rules, in the order they are checked (cheap first): the name matches `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` and
 is no route word (`ROUTE_WORDS`, 422; the base model's id is the registry's 409);
 config + weights are at most `max_adapter_bytes` (413); `adapter_config.json` is JSON (else 400) that
-`adapters_core` accepts (supported kind and features, else 422); the rank is at most `max_lora_rank`, and a
-prompt-learning adapter's `num_virtual_tokens` leaves room for a prompt under the context limit (422); every
+`adapters_core` accepts (supported kind and features, a causal-LM `task_type` or none, else 422); the rank
+is at most `max_lora_rank`, and a prompt-learning adapter's `num_virtual_tokens` leaves room for a prompt
+token and a generated one under the context limit (422); every
 number in the config is finite (JSON's NaN / Infinity are refused, 422 naming the field) and
 LoRA's scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, over every `alpha_pattern` / `rank_pattern`
 value; AdaLoRA's `lora_alpha`) is at most `MAX_LORA_SCALING` in magnitude; the weights read as
@@ -48,6 +49,10 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # over r 1-64); 1e4 leaves room for odd but real choices while a scaling such as -1e308 / 8 is refused.
 MAX_LORA_SCALING = 1e4
 MAX_CONFIG_INT = 2**63                  # a larger JSON integer is no count or size any config field holds
+# PEFT task types whose adapters act on a causal LM's own head (feature extraction: the hidden states it feeds);
+# a classification, token-classification, question-answering or encoder-decoder adapter was trained for another
+# head or model (PEFT's SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM)
+SERVED_TASKS = ("CAUSAL_LM", "FEATURE_EXTRACTION")
 _MODEL_ATTRS = ("peft_config", "_adapter_slots", "_active_adapters", "_prompt_adapters")   # adapters_core state
 
 
@@ -77,6 +82,10 @@ def parse_config(raw: bytes) -> ac.AdapterConfig:
     except TooDeep as exc:                 # (measured first: the parser never recurses near its limit)
         raise Invalid(f"{CONFIG_NAME} is nested too deeply to be an adapter config: {exc}", status=400) from None
     check_numbers(data)
+    task = data.get("task_type") if isinstance(data, dict) else None
+    if task is not None and task not in SERVED_TASKS:
+        raise Invalid(f"{CONFIG_NAME}: task_type {_clip(repr(task), 60)} is not served here: this server generates "
+                      f"text with the base model's own head (task types {', '.join(map(repr, SERVED_TASKS))}, or none)")
     try:
         config = ac.config_from_dict(data)
     except ac.AdapterError as exc:
@@ -262,12 +271,12 @@ class AdapterValidator:
             raise Invalid(f"rank {summary.rank} is above the limit max_lora_rank={self.max_lora_rank}")
 
     def check_virtual_tokens(self, summary: AdapterSummary) -> None:
-        """A prompt-learning adapter must leave room for a prompt within the served context (`max_positions`,
-        which the app sets to `max_seq_len`)."""
+        """A prompt-learning adapter must leave room for a prompt token and a generated one within the served
+        context (`max_positions`, which the app sets to `max_seq_len`)."""
         limit = getattr(self._skeleton, "max_positions", None)
-        if summary.virtual_tokens is not None and isinstance(limit, int) and summary.virtual_tokens >= limit:
-            raise Invalid(f"{CONFIG_NAME}: num_virtual_tokens={summary.virtual_tokens} leaves no room for a prompt: "
-                          f"the context limit (max_seq_len) is {limit} tokens")
+        if summary.virtual_tokens is not None and isinstance(limit, int) and summary.virtual_tokens > limit - 2:
+            raise Invalid(f"{CONFIG_NAME}: num_virtual_tokens={summary.virtual_tokens} leaves no room for a prompt "
+                          f"token and a generated one: the context limit (max_seq_len) is {limit} tokens")
 
     def validate(self, folder: str) -> ValidatedAdapter:
         """Check the PEFT folder `folder` (config + one weights file); raise RegistryError naming the fault."""

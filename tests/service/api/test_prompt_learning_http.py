@@ -125,6 +125,12 @@ def _edited(folder, **changes) -> bytes:
     ("bad-dim", {"token_dim": 100}, 422, "token_dim"),
     ("bad-subm", {"num_transformer_submodules": 2}, 422, "num_transformer_submodules"),
     ("bad-ctx", {"num_virtual_tokens": MAX_SEQ_LEN}, 422, f"num_virtual_tokens={MAX_SEQ_LEN} leaves no room"),
+    # room for the prompt's one token, none for a generated one (a probe's finding: it registered, and every
+    # request on it was then refused)
+    ("bad-ctx-1", {"num_virtual_tokens": MAX_SEQ_LEN - 1}, 422, "leaves no room for a prompt token and a generated"),
+    # trained for another head or model: served as text generation before (a probe's finding)
+    ("bad-task", {"task_type": "SEQ_CLS"}, 422, "task_type 'SEQ_CLS' is not served here"),
+    ("bad-task-s2s", {"task_type": "SEQ_2_SEQ_LM"}, 422, "task_type 'SEQ_2_SEQ_LM'"),
 ])
 def test_bad_configs_are_refused_and_change_nothing(server, folders, name, changes, status, words):
     before = httpx.get(f"{server.url}/admin/adapters", timeout=60).json()
@@ -146,4 +152,16 @@ def test_prompt_plus_virtual_tokens_over_max_seq_len(server, loaded, folders):
                     json={"model": "long", "prompt": prompt, "max_tokens": too_many - 1}, timeout=60)
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["prompt_tokens"] == n
+    cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models", timeout=60).json()["data"]}
+    assert cards["long"]["max_model_len"] == MAX_SEQ_LEN - 100 and cards[loaded.name]["max_model_len"] == MAX_SEQ_LEN
+    tokenized = httpx.post(f"{server.url}/tokenize", json={"model": "long", "prompt": prompt}, timeout=60).json()
+    assert tokenized["max_model_len"] == MAX_SEQ_LEN - 100
+    # scoring (echo, max_tokens 0) fits a prompt that fills the context: no generated token needs room
+    ids = (loaded.tokenizer.encode(prompt) * 4)[:MAX_SEQ_LEN - 100]
+    score = {"model": "long", "max_tokens": 0, "echo": True, "logprobs": 1}
+    r = httpx.post(f"{server.url}/v1/completions", json={**score, "prompt": ids}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == len(ids), r.text
+    r = httpx.post(f"{server.url}/v1/completions", json={**score, "prompt": ids + ids[:1]}, timeout=60)
+    assert r.status_code == 400 and "exceeds the context limit" in r.json()["error"]["message"]
+    assert "max_tokens" not in r.json()["error"]["message"]            # it asked for none
     assert httpx.delete(f"{server.url}/admin/adapters/long", timeout=60).status_code == 200
