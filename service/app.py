@@ -75,7 +75,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
                                hub_timeout=settings.hub_timeout, max_merged_adapters=settings.max_merged_adapters,
                                memory_budget=settings.adapter_memory_budget, adapter_dtype=settings.adapter_dtype,
                                step_gate=engine.gate, loader_nice=settings.loader_nice,
-                               served_files=settings.adapter_served_files)
+                               served_files=settings.adapter_served_files,
+                               slot_wait_seconds=settings.adapter_wait_seconds, max_slot_waiters=settings.max_waiting)
     metrics.watch_adapters(registry.max_device_adapters, registry.list)
     generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)
     return State(settings, loaded, engine, registry, generator, metrics, model_id)

@@ -93,7 +93,7 @@ class TextGenerator:
     async def _lease(self, target: AdapterTarget):
         if target.merge is not None:
             return await self.registry.acquire_merged(target.merge)
-        return await self.registry.acquire(target.name) if target.name else None
+        return await self.registry.acquire(target.name, wait=True) if target.name else None
 
     async def _submit(self, prompt_ids: list[int], adapter: AdapterTarget, params: SamplingParams,
                       options: TextOptions):

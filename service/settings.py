@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # the same memory, so an adapter in the device tier is not also kept in it
     max_device_adapters: int = Field(128, ge=1)
     adapter_memory_budget: int = Field(2 * 2**30, ge=0)
+    # seconds a request waits for a device slot while every slot holds an adapter in use (then 429), as vLLM's
+    # and LoRAX's schedulers hold such requests; at most max_waiting requests wait so (registry/slot_wait.py)
+    adapter_wait_seconds: float = Field(30.0, ge=0)
     max_cpu_adapters: int = 128
     max_merged_adapters: int = Field(8, ge=1)      # LoRAX merged_adapters kept at once (registry/merged.py)
     # the dtype LoRA / AdaLoRA factors are held and served in (vLLM's --lora-dtype), cast once at load; auto:

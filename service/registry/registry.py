@@ -40,10 +40,12 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .adapter_dtype import AdapterDtype
-from .errors import Conflict, NotFound
+from .device_room import DeviceRoomMixin
+from .errors import Conflict, NotFound, Unavailable
 from .merged import MergedMixin
 from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
 from .registration import RegistrationMixin
+from .slot_wait import SlotWait
 from .store import AdapterStore
 from .tiers import TierMixin, _Retry
 from .validation import AdapterValidator
@@ -53,13 +55,14 @@ log = logging.getLogger("service.registry")
 EngineCall = Callable[[Callable[[], Any]], Future]
 
 
-class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
+class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin):
     def __init__(self, model, engine_call: EngineCall, adapter_dir: str, max_device_adapters: int = 8,
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
                  reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
                  memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto",
-                 step_gate: Any = None, loader_nice: int = 0, served_files: bool = True):
+                 step_gate: Any = None, loader_nice: int = 0, served_files: bool = True,
+                 slot_wait_seconds: float = 30.0, max_slot_waiters: int = 64):
         self.model = model
         self.adapter_dtype = AdapterDtype(adapter_dtype)      # how loads hold adapters (adapter_dtype.py)
         self.reserved = {n.casefold() for n in reserved_names if n}
@@ -99,6 +102,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._lock: Optional[asyncio.Lock] = None
         self._tasks: set[asyncio.Task] = set()
+        self._slots = SlotWait(slot_wait_seconds, max_slot_waiters)   # requests waiting for a device slot
 
     # ----- looking up ---------------------------------------------------------------------------------------
     def get(self, name: str) -> AdapterRecord:
@@ -132,16 +136,28 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         return counts
 
     # ----- serving -----------------------------------------------------------------------------------------
-    async def acquire(self, name: str) -> Lease:
-        """A lease on `name` in the device tier; NotFound, Conflict (deactivated) or Unavailable (no slot)."""
+    async def acquire(self, name: str, wait: bool = False) -> Lease:
+        """A lease on `name` in the device tier; NotFound, Conflict (deactivated) or Unavailable (no slot; with
+        `wait`, only after waiting for one as `SlotWait` says: a caller holding no other lease)."""
         self._bind()
+        started = time.monotonic()
         while True:
             record = self._usable(name)
             if not record.served:
                 raise Conflict(f"adapter {name!r} is deactivated; activate it before sending requests")
-            lease = await self._lease_loaded(record)
+            try:
+                lease = await self._lease_loaded(record)
+            except Unavailable as refused:
+                if not wait:
+                    raise
+                await self._slots.wait(refused, started, self._a_release_may_help)
+                continue
             if lease is not None:
                 return lease
+
+    def _a_release_may_help(self) -> bool:
+        """Whether some adapter in the device tier is in use (its last release would free room or a module)."""
+        return any(r.in_use > 0 for r in self._residents() if r.tier == DEVICE)
 
     async def _lease_loaded(self, record: AdapterRecord) -> Optional[Lease]:
         """A lease on `record`, loading it to the device tier first; None when it was deleted, replaced or
@@ -268,6 +284,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, MergedMixin):
         self._enforce_cpu_limit()
         if _running_loop() is None:
             return
+        self._slots.released()
         if record.retired:
             self._free_later(record)
         elif not record.served and record.tier != STORED:

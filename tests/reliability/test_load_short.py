@@ -3,7 +3,8 @@ uploads its adapters, takes reference outputs, drives concurrent streaming and n
 Zipf-drawn adapters while an admin loop churns other adapters, and must pass every criterion: no 5xx, every
 greedy answer equal to its reference, 429 with Retry-After once the queue is full, a bounded queue, RSS after
 the run within 10% of RSS after warm-up, and exit 0 on SIGTERM. And the case the long run found: a request
-whose adapter cannot get a device slot (all held by requests in flight) is refused with 429, not 503."""
+whose adapter cannot get a device slot (all held by requests in flight) waits for one, and past the wait is
+refused with 429, not 503."""
 from __future__ import annotations
 
 import json
@@ -38,10 +39,13 @@ def test_short_load_run_meets_every_criterion(tmp_path):
     assert summary["server_exit_status"] == 0
 
 
-def test_no_free_device_slot_is_429_with_retry_after(tmp_path):
+def test_a_request_waits_for_a_device_slot_and_is_served_or_refused_with_429(tmp_path):
     """What the long run met: every device slot held by an adapter of a request in flight. A request for
-    another adapter is back-pressure like a full queue (429 with Retry-After), not a server error, and is
-    served once the slot is free."""
+    another adapter waits for a slot, as vLLM's and LoRAX's schedulers hold it (`adapter_wait_seconds`), and is
+    served once the slot frees; when no release can help (the slot's adapter pinned, idle) it is back-pressure
+    at once like a full queue (429 with Retry-After), not a server error (the wait's time limit:
+    test_resource_limits.py)."""
+    import threading
     sys.path.insert(0, str(SCRIPT.parent))
     from load_test import adapter_files, base_config, write_adapter
     from _load_live_server import LiveServer
@@ -52,7 +56,7 @@ def test_no_free_device_slot_is_429_with_retry_after(tmp_path):
     model = write_tiny_model(tmp_path / "tiny")
     config = base_config(str(model))
     settings = Settings(model=str(model), adapter_dir=str(tmp_path / "store"), dtype="float32",
-                        max_device_adapters=1, max_seq_len=3100, max_tokens_limit=3000)
+                        max_device_adapters=1, max_seq_len=3100, max_tokens_limit=3000, adapter_wait_seconds=3)
     with LiveServer(create_app(settings)) as server:
         for seed, name in enumerate(("held", "other")):
             files = adapter_files(write_adapter(tmp_path / name, config, seed))
@@ -60,16 +64,27 @@ def test_no_free_device_slot_is_429_with_retry_after(tmp_path):
                               timeout=60).status_code == 201
         long = {"model": "held", "prompt": "Hi", "max_tokens": 3000, "temperature": 0, "stream": True}
         short = {"model": "other", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+        answers = []
+
+        def ask():
+            started = time.monotonic()
+            answers.append((httpx.post(f"{server.url}/v1/completions", json=short, timeout=60),
+                            time.monotonic() - started))
         with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=60) as held:
             lines = held.iter_lines()                   # kept: a dropped iterator would close the stream
             next(lines)                                 # "held" is on the only device slot, in use
-            refused = httpx.post(f"{server.url}/v1/completions", json=short, timeout=60)
-            assert refused.status_code == 429, refused.text
-            assert refused.headers["retry-after"] == "1"
-            assert "device slots" in refused.json()["error"]["message"]
-        for _ in range(50):                             # the closed stream's lease is released at once
-            served = httpx.post(f"{server.url}/v1/completions", json=short, timeout=60)
-            if served.status_code != 429:
-                break
-            time.sleep(0.1)
-        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+            waiter = threading.Thread(target=ask)
+            waiter.start()
+            time.sleep(0.8)
+            assert not answers                          # waiting for the slot, not refused
+        waiter.join(30)                                 # the closed stream's lease is released: served
+        served, waited = answers[0]
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4, served.text
+        assert waited >= 0.7
+        # the slot held by a pinned adapter no request uses ("other", served last): no release can help, no wait
+        assert httpx.post(f"{server.url}/admin/adapters/other/pin", timeout=60).status_code == 200
+        started = time.monotonic()
+        refused = httpx.post(f"{server.url}/v1/completions", json={**short, "model": "held"}, timeout=60)
+        assert refused.status_code == 429 and time.monotonic() - started < 2, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "device slots" in refused.json()["error"]["message"]

@@ -1,7 +1,7 @@
 """Resource exhaustion over a real server: the device tier holds at most `max_device_adapters` adapters
 (activating one more evicts the least recently used idle one; when every slot is held by a running
-request, a request for another adapter gets 429 with Retry-After and an activation 503, both naming the
-limit), and requests that ask for absurd
+request, a request for another adapter waits `adapter_wait_seconds` for one, then gets 429 with Retry-After,
+and an activation 503, both naming the limit), and requests that ask for absurd
 resources (huge max_tokens, giant prompts and bodies, chunked bodies without a length, enormous ranks,
 adapters over `max_adapter_bytes`) get a 4xx, after which the server is healthy and still serves.
 """
@@ -33,7 +33,8 @@ def complete(url: str, model: str, **extra) -> httpx.Response:
 
 
 def test_device_tier_evicts_the_least_recently_used_and_refuses_when_all_slots_are_busy(tmp_path):
-    with live_server(tmp_path / "store", max_device_adapters=2, max_seq_len=4096, max_tokens_limit=4000) as live:
+    with live_server(tmp_path / "store", max_device_adapters=2, max_seq_len=4096, max_tokens_limit=4000,
+                     adapter_wait_seconds=0.5) as live:
         url = live.url
         for i, name in enumerate("abc"):
             assert upload_folder(url, name, make_adapter(tmp_path / name, seed=i)).status_code == 201
@@ -67,10 +68,10 @@ def test_device_tier_evicts_the_least_recently_used_and_refuses_when_all_slots_a
         try:
             busy = {a["name"]: a["in_use"] for a in httpx.get(f"{url}/admin/adapters", timeout=T).json()["adapters"]}
             assert busy["b"] == 1 and busy["c"] == 1, busy
-            r = complete(url, "a")                     # a request: back-pressure, retry later
+            r = complete(url, "a")                     # a request: waits for a slot, then back-pressure
             assert r.status_code == 429 and r.headers["retry-after"], r.text
             message = r.json()["error"]["message"]
-            assert "max_device_adapters=2" in message and "'a'" in message, message
+            assert "max_device_adapters=2" in message and "'a'" in message and "waited 0.5 s" in message, message
             r = httpx.post(f"{url}/admin/adapters/a/activate", timeout=T)       # an admin verb: unavailable
             assert r.status_code == 503 and "max_device_adapters=2" in r.text
             assert tiers(url) == {"a": "stored", "b": "device", "c": "device"}  # the refusal moved nothing

@@ -1,0 +1,89 @@
+"""Room in the device tier (`DeviceRoomMixin` of `AdapterRegistry`): the adapters a load makes leave, chosen on
+the event loop before it goes in. Least recently used ones until the new adapter fits `max_device_adapters` and
+`adapter_memory_budget` (never pinned, in use or busy), and the ones it cannot share the model with (a
+`modules_to_save` copy of a module the other adapts: `ac.conflicting_adapters`). Their tier drops at once; they
+leave the model in the engine call (or eviction) that follows, and `_settle_victims` puts back those whose
+removal failed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import adapters_core as ac
+
+from .errors import Conflict, Unavailable
+from .record import CPU, DEVICE, STORED, AdapterRecord
+
+
+class DeviceRoomMixin:
+    """Choosing the victims of a load, for `AdapterRegistry` (whose state and plumbing it uses)."""
+
+    def _device_bytes(self) -> int:
+        return sum(r.memory_size for r in self._residents() if r.tier == DEVICE)
+
+    def _take_conflicting(self, record: AdapterRecord) -> list[AdapterRecord]:
+        """The resident adapters `record` cannot share the model with (`ac.conflicting_adapters`: one keeps a
+        `modules_to_save` copy of a module the other adapts); they leave as `_take_device_room`'s victims do,
+        in the same engine call that adds `record`. Unavailable (429) while one is in use, Conflict (409) when
+        one is pinned: the two are never in the model together, so a request for either waits its turn."""
+        holders = ac.conflicting_adapters(self.model, record.config)
+        if not holders:
+            return []
+        victims = [r for r in self._residents() if r.tier == DEVICE and r.model_name in holders and r is not record]
+        pinned = next((r for r in victims if r.pinned), None)
+        if pinned is not None:
+            raise Conflict(f"cannot load adapter {record.name!r}: adapter {pinned.name!r} is pinned and holds a module "
+                           f"it needs the other way (a modules_to_save copy beside a LoRA / IA3 on one module); "
+                           f"unpin it to serve both in turn")
+        busy = next((r for r in victims if r.in_use or r.busy), None)
+        if busy is not None:
+            raise Unavailable(f"cannot load adapter {record.name!r} now: adapter {busy.name!r}, in use, holds a module "
+                              f"it needs the other way (a modules_to_save copy beside a LoRA / IA3 on one module; "
+                              f"the two take turns); retry later")
+        for victim in victims:
+            victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
+            victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
+            if not victim.retired:
+                self._emit("adapter_evicted", victim.name, DEVICE)
+        return victims
+
+    def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
+        """The device-tier adapters to remove so that `record` fits both `max_device_adapters` and
+        `adapter_memory_budget` (least recently used first, never pinned or in use); their tier drops at
+        once, the engine removes them in the same call that adds `record`. Unavailable when not enough can go."""
+        victims: list[AdapterRecord] = []
+        count, used = self._count(DEVICE), self._device_bytes()
+        # (an adapter larger than the whole budget still loads once the device tier is empty)
+        while count >= self.max_device_adapters or (count > 0 and used + record.memory_size > self.memory_budget):
+            victim = self._lru(DEVICE, exclude=record)
+            if victim is None:
+                self._settle_victims(victims, [v.model_name for v in victims])     # none of them leaves
+                if count >= self.max_device_adapters:
+                    raise Unavailable(
+                        f"cannot load adapter {record.name!r}: all {self.max_device_adapters} device slots "
+                        f"(max_device_adapters={self.max_device_adapters}) hold pinned or in-use adapters; retry later")
+                raise Unavailable(
+                    f"cannot load adapter {record.name!r} ({record.memory_size} bytes): the device tier's memory "
+                    f"(adapter_memory_budget={self.memory_budget} bytes, {used} in use) holds pinned or in-use "
+                    f"adapters; retry later")
+            # its tier drops now (an adapter whose only copy is the model's goes back to the store); it
+            # leaves the model in the engine call that follows
+            victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
+            victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
+            victims.append(victim)
+            count, used = count - 1, used - victim.memory_size
+        for victim in victims:
+            if not victim.retired:
+                self._emit("adapter_evicted", victim.name, DEVICE)
+        return victims
+
+    def _settle_victims(self, victims: list[AdapterRecord], failed: list[str]) -> None:
+        """After the engine call: a victim whose removal failed (or never ran) is on the device again; loads of
+        the others, which waited for their removal, go on."""
+        for victim in victims:
+            victim.busy = False
+            if victim.pending is not None:
+                victim.pending.set_result(None)
+                victim.pending = None
+            if victim.model_name in failed:
+                victim.tier = DEVICE
