@@ -246,8 +246,13 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
         raise HTTPException(400, "tools: this model's chat template does not support tools")
     messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
                 for i, m in enumerate(req.messages)]
+    variables = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:      # as vLLM: for templates that read it (gpt-oss's and others)
+        if not uses_variable(state.loaded.chat_template, "reasoning_effort"):
+            raise HTTPException(400, "reasoning_effort: this model's chat template does not read it")
+        variables.setdefault("reasoning_effort", req.reasoning_effort)
     ids = await encode_chat(state, messages, tools=req.tools if req.tool_choice != "none" else None,
-                            add_generation_prompt=req.add_generation_prompt, variables=req.chat_template_kwargs,
+                            add_generation_prompt=req.add_generation_prompt, variables=variables,
                             continue_final_message=req.continue_final_message)
     # the answer's role, as vLLM's: a new assistant turn, or the last message's when it is continued
     role = "assistant" if req.add_generation_prompt else messages[-1]["role"]

@@ -72,6 +72,7 @@ class _Common(BaseModel):
     structured_outputs: Optional[StructuredOutputs] = None
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
                                              "'token_id:<id>' (needs logprobs)")
+    store: Optional[StrictBool] = Field(None, description="OpenAI's: false (or none) only; nothing is stored here")
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +144,8 @@ class ChatRequest(_Common):
                        "the answer has that message's role")
     chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="vLLM's extension: more variables "
                                                            "for the chat template (e.g. enable_thinking)")
+    reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = Field(
+        None, description="passed to a chat template that reads `reasoning_effort` (as vLLM), else 400")
 
 
 def content_text(content, field: str) -> str:
@@ -170,6 +173,8 @@ def content_text(content, field: str) -> str:
 def check_common(req: _Common) -> None:
     if req.stream_options is not None and not req.stream:
         raise HTTPException(400, "stream_options: only allowed with stream: true")
+    if req.store:
+        raise HTTPException(400, "store: completions are not stored on this server; send store: false or leave it out")
 
 
 def check_completion(req: CompletionRequest) -> None:

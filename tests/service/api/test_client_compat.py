@@ -259,3 +259,16 @@ def test_return_tokens_as_token_ids_names_tokens_by_id(server, client, loaded, s
     r = httpx.post(f"{server.url}/v1/completions", json={"model": "tuned", "prompt": "Hi", "max_tokens": 2,
                                                           "return_tokens_as_token_ids": True}, timeout=T)
     assert r.status_code == 400 and "return_tokens_as_token_ids" in r.json()["error"]["message"]
+
+
+def test_store_false_is_taken_and_reasoning_effort_needs_a_template_reading_it(server, client, loaded):
+    """OpenAI's `store: false` (nothing is stored here) is taken, `store: true` is a 400; `reasoning_effort`
+    reaches templates that read it (test_tools.py) and is a 400 naming it for one that does not (SmolLM2's)."""
+    out = client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=2, store=False)
+    assert out.choices[0].message.content is not None
+    assert client.completions.create(model="tuned", prompt="Hi", max_tokens=2, extra_body={"store": False}).choices
+    with pytest.raises(openai.BadRequestError, match="store: completions are not stored"):
+        client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=2, store=True)
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort: this model's chat template does not read it"):
+        client.chat.completions.create(model="tuned", messages=HELLO, max_tokens=2, reasoning_effort="low")
+

@@ -20,6 +20,7 @@ TEMPLATE = """{%- if tools %}<|im_start|>system
 You may call these functions:
 {% for tool in tools %}{{ tool | tojson }}
 {% endfor %}Call one as <tool_call>{"name": <name>, "arguments": <args>}</tool_call><|im_end|>
+{% endif %}{% if reasoning_effort is defined %}Reasoning: {{ reasoning_effort }}
 {% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
 {{ m.content }}<|im_end|>
 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
@@ -93,3 +94,15 @@ def test_tool_calls_come_back_parsed(client, server, monkeypatch):
     assert last.finish_reason == "tool_calls" and last.delta.content == "Checking."
     assert last.delta.tool_calls[0].function.name == "get_weather" and last.delta.tool_calls[0].index == 0
     assert all(not c.choices[0].delta.content for c in chunks[:-1])
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(client, server):
+    """vLLM passes `reasoning_effort` to the chat template (gpt-oss's reads it); here a template reading it gets
+    it, in the prompt the usage counts (a template without it: a 400 naming the field, test_client_compat)."""
+    model = server.server.config.app.state.serving.model_id
+    plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=2, temperature=0)
+    high = client.chat.completions.create(model=model, messages=ASK, max_tokens=2, temperature=0,
+                                          reasoning_effort="high")
+    tokens = server.server.config.app.state.serving.loaded.tokenizer.encode("Reasoning: high\n", add_special_tokens=False)
+    assert high.usage.prompt_tokens == plain.usage.prompt_tokens + len(tokens)
+
