@@ -19,11 +19,12 @@ import time
 import uuid
 from typing import Any, Optional
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.adapter_target import AdapterTarget
 from service.generation import TextOptions
+from service.model.chat_template import uses_variable
 
 from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect
@@ -61,7 +62,8 @@ class _Shapes:
                 "error": error, "incomplete_details": {"reason": "max_output_tokens"} if finish_reason == "length"
                 else None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
                 "model": self.model, "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-                "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+                "previous_response_id": None, "store": False,
+                "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
                 "temperature": 1.0 if req.temperature is None else req.temperature,
                 "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
                 "tool_choice": req.tool_choice or "auto", "tools": [],
@@ -78,7 +80,10 @@ async def create_response(req: ResponsesRequest, state: StateDep, caller: Infere
     check(req)
     adapter = AdapterTarget(resolve_adapter(state, caller, req.model), scale=req.adapter_scale)
     params = sampling(req, max_tokens(state, req.max_output_tokens, "max_output_tokens"))
-    ids = await encode_chat(state, messages(req))
+    effort = (req.reasoning or {}).get("effort")
+    if effort is not None and not uses_variable(state.loaded.chat_template, "reasoning_effort"):
+        raise HTTPException(400, "reasoning.effort: this model's chat template does not read it")
+    ids = await encode_chat(state, messages(req), variables={"reasoning_effort": effort} if effort else None)
     shapes, tokens = _Shapes(req, req.model or state.model_id, len(ids)), TokenText(state.loaded.tokenizer)
     if req.stream:
         stream = await state.generator.start(ids, adapter, params, options=TextOptions())

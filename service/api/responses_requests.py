@@ -6,9 +6,9 @@ route already serves: chat messages, sampling settings and a structured-output c
 a system message in front, as OpenAI inserts it; a `developer` message is given to the chat template as a
 `system` one (open models' templates know no developer role). `text.format` is `text`, `json_object` or
 `json_schema` (flat: `name`, `schema`, `description`, `strict`). `include: ["message.output_text.logprobs"]`
-with `top_logprobs` (0-20) returns log-probabilities. Responses are not stored: `store: true`,
-`previous_response_id`, `background`, `conversation`, `prompt` and `reasoning` are refused with a 400 naming
-them, and so are tools (this server parses tool calls on the chat route only), images and files; fields this
+with `top_logprobs` (0-20) returns log-probabilities; `reasoning.effort` goes to a chat template that reads
+`reasoning_effort` (as on the chat route). Responses are not stored: `store: true`, `previous_response_id`,
+`background`, `conversation` and `prompt` are refused with a 400 naming them, and so are tools (this server parses tool calls on the chat route only), images and files; fields this
 model does not declare are a 422, as everywhere.
 """
 
@@ -70,8 +70,13 @@ def check(req: ResponsesRequest) -> None:
                                      "conversation as input)")
     if req.background:
         raise HTTPException(400, "background: not supported (responses are not stored)")
-    if req.reasoning:
-        raise HTTPException(400, "reasoning: not supported by this model")
+    unknown = next((k for k in (req.reasoning or {}) if k not in ("effort", "summary")), None)
+    if unknown is not None:
+        raise HTTPException(400, f"reasoning.{shown(str(unknown))}: not supported (effort)")
+    if (req.reasoning or {}).get("summary") is not None:
+        raise HTTPException(400, "reasoning.summary: not supported (no reasoning summaries)")
+    if (req.reasoning or {}).get("effort") not in (None, "minimal", "low", "medium", "high"):
+        raise HTTPException(400, "reasoning.effort: one of minimal, low, medium, high")
     if req.tools:
         raise HTTPException(400, "tools: not supported on /v1/responses (use /v1/chat/completions)")
     if req.tool_choice not in (None, "none", "auto"):

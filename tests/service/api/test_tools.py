@@ -106,3 +106,12 @@ def test_reasoning_effort_reaches_a_template_that_reads_it(client, server):
     tokens = server.server.config.app.state.serving.loaded.tokenizer.encode("Reasoning: high\n", add_special_tokens=False)
     assert high.usage.prompt_tokens == plain.usage.prompt_tokens + len(tokens)
 
+
+
+def test_responses_reasoning_effort_reaches_the_template_too(client, server):
+    model = server.server.config.app.state.serving.model_id
+    plain = client.responses.create(model=model, input="Weather in Paris?", max_output_tokens=2, temperature=0)
+    high = client.responses.create(model=model, input="Weather in Paris?", max_output_tokens=2, temperature=0,
+                                   reasoning={"effort": "high"})
+    tokens = server.server.config.app.state.serving.loaded.tokenizer.encode("Reasoning: high\n", add_special_tokens=False)
+    assert high.usage.input_tokens == plain.usage.input_tokens + len(tokens) and high.reasoning.effort == "high"
