@@ -127,6 +127,7 @@ class Metrics:
                                     registry=r)
         self._step_kinds = {True: self.step_seconds.labels("decode"), False: self.step_seconds.labels("prefill")}
         self._last_gauges: Optional[tuple] = None          # (running, waiting, cache usage) last set
+        self._slot_waiters: Callable[[], int] = lambda: 0   # requests waiting for a device slot (registry)
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
         self.adapter_load = Histogram("adapter_serve_adapter_load_seconds", "Time to bring an adapter to the device",
                                       ["from_tier"], buckets=LOAD_BUCKETS, registry=r)
@@ -164,6 +165,11 @@ class Metrics:
         records (`AdapterRegistry.list`). Call `refresh_adapters` on the registry's event loop only."""
         self._max_lora, self._records = max_lora, records
         self.refresh_adapters()
+
+    def watch_slot_waiters(self, waiting: Callable[[], int]) -> None:
+        """Where the requests waiting for a device slot are counted from (`AdapterRegistry.slot_waiters`): the
+        waiting gauges (`adapter_serve_requests_waiting`, `vllm:num_requests_waiting`) include them."""
+        self._slot_waiters = waiting
 
     def refresh_adapters(self) -> None:
         """Recompute `vllm:lora_requests_info`: resident adapters run, adapters with leases not yet on the
@@ -214,6 +220,7 @@ class Metrics:
             self.batch_size.observe(sequences)
             self.batch_tokens.inc(tokens)
             self._step_kinds[tokens == sequences].observe(seconds)
+        waiting += self._slot_waiters()   # those waiting for their adapter's device slot wait for the batch too
         gauges = (running, waiting, cache_usage)
         if gauges != self._last_gauges:   # six locked sets, ~15 us a step cold, for values that seldom move
             self._last_gauges = gauges

@@ -64,7 +64,7 @@ async def root(req: GenerateRequest, state: StateDep, caller: InferenceCaller, r
                response: Response):
     """TGI's compatibility route: a list of one answer, or the stream."""
     if req.stream:
-        return await generate_stream(req, state, caller)
+        return await generate_stream(req, state, caller, request)
     out = await generate(req, state, caller, request, response)
     return out if isinstance(out, Response) else [out]
 
@@ -78,7 +78,10 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
     p = req.parameters
     adapter, params, seed, ids = await _prepare(req, state, caller, stream=False)
     seeds = [seed] + [secrets.randbits(63) for _ in range((p.best_of or 1) - 1)]
-    streams = await state.generator.start_all([(ids, adapter, replace(params, seed=s)) for s in seeds], _options(p))
+    streams = await cancel_on_disconnect(request, state.generator.start_all(
+        [(ids, adapter, replace(params, seed=s)) for s in seeds], _options(p)))
+    if isinstance(streams, Response):                # the client left while its request waited for a slot
+        return streams
     outs = [Output(state, p, req.inputs, len(ids), s, ids) for s in seeds]
 
     async def run() -> dict:
@@ -108,9 +111,12 @@ async def generate(req: GenerateRequest, state: StateDep, caller: InferenceCalle
 
 
 @router.post("/generate_stream", responses=SSE)
-async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller):
+async def generate_stream(req: GenerateRequest, state: StateDep, caller: InferenceCaller, request: Request):
     adapter, params, seed, ids = await _prepare(req, state, caller, stream=True)
-    pieces = await state.generator.start(ids, adapter, params, options=_options(req.parameters))
+    pieces = await cancel_on_disconnect(request, state.generator.start(ids, adapter, params,
+                                                                       options=_options(req.parameters)))
+    if isinstance(pieces, Response):                 # the client left while its request waited for a slot
+        return pieces
     out = Output(state, req.parameters, req.inputs, len(ids), seed, ids)
 
     async def body():

@@ -186,7 +186,9 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": req.model or state.model_id}
     if req.stream:
-        streams = await state.generator.start_all(jobs, options)
+        streams = await cancel_on_disconnect(request, state.generator.start_all(jobs, options))
+        if isinstance(streams, Response):            # the client left while its request waited for a slot
+            return streams
 
         async def chunks():
             offsets, generated = [len(echoes[k // n]) for k in range(len(jobs))], 0
@@ -266,7 +268,9 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model or state.model_id}
     extra = {"usage": None} if req.include_usage else {}
     if req.stream:
-        streams = await state.generator.start_all(jobs, options)
+        streams = await cancel_on_disconnect(request, state.generator.start_all(jobs, options))
+        if isinstance(streams, Response):            # the client left while its request waited for a slot
+            return streams
 
         async def chunks():
             for k in range(req.n):

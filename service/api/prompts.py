@@ -68,11 +68,11 @@ OWN_VARIABLES = ("messages", "tools", "add_generation_prompt", "continue_final_m
 
 async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
                       add_generation_prompt: bool = True, variables: Optional[dict[str, Any]] = None,
-                      continue_final_message: bool = False) -> list[int]:
+                      continue_final_message: bool = False, field: str = "messages") -> list[int]:
     """Token ids of the chat template rendered over `messages` (OpenAI-style dicts), `tools` (JSON-schema
     dicts) and vLLM's `chat_template_kwargs` (`variables`: more template variables, e.g. `enable_thinking`),
     tools and variables counted against the size limit with the messages; `continue_final_message`: the text
-    ends inside the last message (the model continues it)."""
+    ends inside the last message (the model continues it); `field` names the messages in errors."""
     if continue_final_message and add_generation_prompt:
         raise HTTPException(400, "continue_final_message: cannot be true with add_generation_prompt (true unless "
                                  "set false): the first continues the last message, the second starts a new one")
@@ -86,12 +86,12 @@ async def encode_chat(state, messages: Sequence[dict[str, Any]], tools: Optional
     for i, message in enumerate(messages):
         for key, value in message.items():
             if isinstance(value, str):
-                total += len(value) if len(value) > limit else text_bytes(value, f"messages[{i}].{key}")
+                total += len(value) if len(value) > limit else text_bytes(value, f"{field}[{i}].{key}")
         if total > limit:
-            _check_size(state, total, "messages")
+            _check_size(state, total, field)
     if tools or variables:
         _check_size(state, total + len(json.dumps(tools or [])) + len(json.dumps(variables, default=str)),
-                    "messages, tools and chat_template_kwargs")
+                    f"{field}, tools and chat_template_kwargs")
 
     def render_and_encode() -> list[int]:
         text = render_chat(loaded.chat_template, list(messages), add_generation_prompt=add_generation_prompt,

@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from service.adapter_target import AdapterTarget
 from service.generation import TextOptions
 from service.model.chat_template import uses_variable
+from service.registry import Invalid
 
 from .deps import InferenceCaller, StateDep
 from .disconnect import cancel_on_disconnect
@@ -83,18 +84,39 @@ async def create_response(req: ResponsesRequest, state: StateDep, caller: Infere
     effort = (req.reasoning or {}).get("effort")
     if effort is not None and not uses_variable(state.loaded.chat_template, "reasoning_effort"):
         raise HTTPException(400, "reasoning.effort: this model's chat template does not read it")
-    ids = await encode_chat(state, messages(req), variables={"reasoning_effort": effort} if effort else None)
+    ids = await _in_our_words(encode_chat(state, messages(req), variables={"reasoning_effort": effort} if effort
+                                          else None, field="input"))
     shapes, tokens = _Shapes(req, req.model or state.model_id, len(ids)), TokenText(state.loaded.tokenizer)
     if req.stream:
-        stream = await state.generator.start(ids, adapter, params, options=TextOptions())
+        stream = await cancel_on_disconnect(request, _in_our_words(
+            state.generator.start(ids, adapter, params, options=TextOptions())))
+        if isinstance(stream, Response):             # the client left while its request waited for a slot
+            return stream
         return _sse(_events(shapes, stream, tokens, params.logprobs))
-    out = await cancel_on_disconnect(request, state.generator.complete(ids, adapter, params, options=TextOptions()))
+    out = await cancel_on_disconnect(request, _in_our_words(
+        state.generator.complete(ids, adapter, params, options=TextOptions())))
     if isinstance(out, Response):
         return out
     logprobs = tokens.chat(out.token_ids, out.logprobs, out.top_logprobs)["content"] if params.logprobs else []
     status = final_status(out.finish_reason)
     item = shapes.item(status, [shapes.part(out.text, logprobs)])
     return shapes.response(status, [item], out.completion_tokens, finish_reason=out.finish_reason)
+
+
+async def _in_our_words(work):
+    """The generator's refusals in this route's field names: its input and max_output_tokens (the engine speaks
+    of a prompt and max_tokens)."""
+    try:
+        return await work
+    except Invalid as exc:
+        message = str(exc)
+        if message.startswith("the prompt has "):                  # (its size limit)
+            message = "the input has " + message.removeprefix("the prompt has ")
+        elif "exceeds the context limit" in message:
+            message = message.replace("prompt (", "input (", 1).replace("max_tokens (", "max_output_tokens (", 1)
+        else:
+            raise
+        raise Invalid(message, status=exc.status) from exc
 
 
 def _delta_logprobs(entry: dict) -> dict:

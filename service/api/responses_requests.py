@@ -23,6 +23,7 @@ from service.engine import Constraint, SamplingParams
 from service.engine.sampling import MAX_TOP_LOGPROBS
 
 from .errors import shown
+from .prompts import text_bytes
 from .structured_output import ANY_JSON_OBJECT, build_constraint
 
 LOGPROBS = "message.output_text.logprobs"
@@ -35,7 +36,7 @@ FORMAT_KEYS = {"text": ("type",), "json_object": ("type",),
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = Field(None, description="an adapter's name or the base model's id; none: the base model")
-    input: Union[str, list[dict[str, Any]]]
+    input: Optional[Union[str, list[dict[str, Any]]]] = None
     instructions: Optional[str] = None
     max_output_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False)
@@ -48,7 +49,8 @@ class ResponsesRequest(BaseModel):
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[StrictBool] = None
     store: Optional[StrictBool] = None
-    metadata: Optional[dict[str, str]] = Field(None, max_length=16)
+    metadata: Optional[dict[str, str]] = Field(None, max_length=16, description="OpenAI's limits: 16 pairs, keys "
+                                               "of at most 64 characters, values of at most 512")
     user: Optional[str] = Field(None, max_length=256)
     truncation: Optional[Literal["disabled", "auto"]] = None
     previous_response_id: Optional[str] = None
@@ -62,6 +64,10 @@ class ResponsesRequest(BaseModel):
 
 def check(req: ResponsesRequest) -> None:
     """400 naming a field this server cannot honour."""
+    for key, value in (req.metadata or {}).items():
+        if len(key) > 64 or len(value) > 512:
+            raise HTTPException(400, f"metadata: keys have at most 64 characters and values at most 512 "
+                                     f"(key {shown(key, 80)})")
     if req.store:
         raise HTTPException(400, "store: responses are not stored on this server; send store: false or leave it out")
     for field in ("previous_response_id", "conversation", "prompt"):
@@ -92,6 +98,7 @@ def check(req: ResponsesRequest) -> None:
 
 def _text(content: Any, field: str) -> str:
     if isinstance(content, str):
+        text_bytes(content, field)             # valid Unicode, or a 400 naming the field
         return content
     if not isinstance(content, list):
         raise HTTPException(400, f"{field}: a string or a list of text parts")
@@ -107,14 +114,21 @@ def _text(content: Any, field: str) -> str:
         extra = next((k for k in part if k not in ("type", "text", "annotations", "logprobs")), None)
         if extra is not None:
             raise HTTPException(400, f"{field}[{j}].{shown(str(extra))}: not a key of a text part")
+        text_bytes(part["text"], f"{field}[{j}].text")
         texts.append(part["text"])
     return "\n".join(texts)
 
 
 def messages(req: ResponsesRequest) -> list[dict[str, str]]:
     """The chat messages the input stands for (`instructions` first, as a system message)."""
-    chat = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    chat = [{"role": "system", "content": _text(req.instructions, "instructions")}] \
+        if req.instructions is not None else []
+    if req.input is None:
+        if not chat:
+            raise HTTPException(400, "input: required (or instructions)")
+        return chat
     if isinstance(req.input, str):
+        text_bytes(req.input, "input")
         return chat + [{"role": "user", "content": req.input}]
     if not req.input:
         raise HTTPException(400, "input: the list is empty")

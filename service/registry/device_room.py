@@ -29,7 +29,13 @@ class DeviceRoomMixin:
         holders = ac.conflicting_adapters(self.model, record.config)
         if not holders:
             return []
-        victims = [r for r in self._residents() if r.tier == DEVICE and r.model_name in holders and r is not record]
+        holding = [r for r in self._residents() if r.model_name in holders and r is not record]
+        if len(holding) < len(holders) or any(r.tier != DEVICE or r.retired for r in holding):
+            # one is leaving the model already (another load's victim, a deleted adapter): its turn ends soon
+            raise Unavailable(f"cannot load adapter {record.name!r} now: an adapter holding a module it needs the "
+                              f"other way (a modules_to_save copy beside a LoRA / IA3 on one module) is leaving "
+                              f"the model; retry later")
+        victims = holding
         pinned = next((r for r in victims if r.pinned), None)
         if pinned is not None:
             raise Conflict(f"cannot load adapter {record.name!r}: adapter {pinned.name!r} is pinned and holds a module "
@@ -79,7 +85,9 @@ class DeviceRoomMixin:
 
     def _settle_victims(self, victims: list[AdapterRecord], failed: list[str]) -> None:
         """After the engine call: a victim whose removal failed (or never ran) is on the device again; loads of
-        the others, which waited for their removal, go on."""
+        the others, which waited for their removal, go on, and so do requests waiting for a slot."""
+        if any(v.model_name not in failed for v in victims):      # (a refused load's victims all stay)
+            self._slots.changed()
         for victim in victims:
             victim.busy = False
             if victim.pending is not None:

@@ -145,19 +145,27 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
             record = self._usable(name)
             if not record.served:
                 raise Conflict(f"adapter {name!r} is deactivated; activate it before sending requests")
+            seen = self._slots.generation
             try:
                 lease = await self._lease_loaded(record)
             except Unavailable as refused:
                 if not wait:
                     raise
-                await self._slots.wait(refused, started, self._a_release_may_help)
+                await self._slots.wait(refused, started, seen, self._a_change_may_help)
                 continue
             if lease is not None:
                 return lease
 
-    def _a_release_may_help(self) -> bool:
-        """Whether some adapter in the device tier is in use (its last release would free room or a module)."""
-        return any(r.in_use > 0 for r in self._residents() if r.tier == DEVICE)
+    @property
+    def slot_waiters(self) -> int:
+        """Requests waiting for a device slot now (`SlotWait`)."""
+        return self._slots.waiting
+
+    def _a_change_may_help(self) -> bool:
+        """Whether some adapter in the device tier is in use and not pinned (its last release would free room or
+        a module), or one is leaving the model (an eviction in flight)."""
+        return any((r.tier == DEVICE and r.in_use > 0 and not r.pinned) or r.pending is not None
+                   for r in self._residents())
 
     async def _lease_loaded(self, record: AdapterRecord) -> Optional[Lease]:
         """A lease on `record`, loading it to the device tier first; None when it was deleted, replaced or
@@ -211,6 +219,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         if record.served:
             record.served = False
             self._save_meta(record)
+            self._slots.changed()             # a request waiting for it hears now (409)
         if record.in_use == 0:
             await self._shielded(self._locked(self._unload, record))
         return record
@@ -284,7 +293,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         self._enforce_cpu_limit()
         if _running_loop() is None:
             return
-        self._slots.released()
+        if record.tier == DEVICE:
+            self._slots.changed()             # its slot can be taken now (not after a refused attempt's unuse)
         if record.retired:
             self._free_later(record)
         elif not record.served and record.tier != STORED:
@@ -294,6 +304,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         self._retire_merged_of(record)         # merged adapters built from it go with it
         record.retired = True
         self._retired.append(record)
+        if _running_loop() is not None:
+            self._slots.changed()             # a request waiting for it looks its name up again
         return self._free_later(record) if record.in_use == 0 else None
 
     def _free_later(self, record: AdapterRecord) -> asyncio.Task:
@@ -308,6 +320,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         record.drop_tensors()
         record.tier = STORED
         self._retired.remove(record)
+        self._slots.changed()                 # its slot is free
 
     # ----- plumbing --------------------------------------------------------------------------------------------
     def _bind(self) -> None:

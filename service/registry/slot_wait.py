@@ -2,11 +2,14 @@
 
 When every device slot (`max_device_adapters`, `adapter_memory_budget`) holds an adapter that requests are
 using, a request for another adapter cannot load it now. vLLM's and LoRAX's schedulers keep such a request
-waiting until a slot frees; so does this service: the request waits until some adapter's last request ends
-(`released`), then tries again, for at most `seconds` (`ADAPTER_SERVE_ADAPTER_WAIT_SECONDS`), and at most
-`limit` requests wait at once (`MAX_WAITING`); past either it is refused as before (429 with Retry-After). A
-request waits only when a release can help: if no adapter on the device is in use (every slot pinned), it is
-refused at once. Waiting requests hold no lease, so they cannot hold a slot another one waits for.
+waiting until a slot frees; so does this service: the request waits until something changes that may let it
+in (`changed`: an adapter's last request ended, an eviction finished, an adapter was deleted or deactivated),
+then tries again, for at most `seconds` (`ADAPTER_SERVE_ADAPTER_WAIT_SECONDS`), and at most `limit` requests wait
+at once (`MAX_WAITING`); past either it is refused as before (429 with Retry-After). A change between a
+request's attempt and its wait is never lost (`generation`: the attempt notes it, the wait retries at once if it
+moved). A request waits only when a change can help (an adapter on the device in use and not pinned, or one
+leaving the model); else it is refused at once. Waiting requests hold no lease, so they cannot hold a slot
+another one waits for; a client that goes away while its request waits cancels the wait.
 """
 
 from __future__ import annotations
@@ -22,17 +25,22 @@ class SlotWait:
     def __init__(self, seconds: float, limit: int):
         self.seconds, self.limit = seconds, limit
         self.waiting = 0
-        self._released = asyncio.Event()
+        self.generation = 0                 # moves with every change a waiting request may be waiting for
+        self._changed = asyncio.Event()
 
-    def released(self) -> None:
-        """An adapter's last lease ended (event loop): wake every waiter to try again."""
+    def changed(self) -> None:
+        """Something that may let a waiting request in happened (event loop): wake every waiter to try again."""
+        self.generation += 1
         if self.waiting:
-            self._released.set()
-            self._released = asyncio.Event()
+            self._changed.set()
+            self._changed = asyncio.Event()
 
-    async def wait(self, refused: Unavailable, started: float, helps: Callable[[], bool]) -> None:
-        """Wait for the next release, or raise `refused` (with how long it waited) when waiting cannot help,
-        too many already wait, or the time since `started` is up."""
+    async def wait(self, refused: Unavailable, started: float, seen: int, helps: Callable[[], bool]) -> None:
+        """Return when the request should try again (at once if anything changed since `seen`, the generation
+        its attempt began in); raise `refused` (with how long it waited) when waiting cannot help, too many
+        already wait, or the time since `started` is up."""
+        if self.generation != seen:
+            return
         left = self.seconds - (time.monotonic() - started)
         if left <= 0 or self.waiting >= self.limit or not helps():
             waited = time.monotonic() - started
@@ -40,8 +48,9 @@ class SlotWait:
                 raise Unavailable(f"{refused} (waited {waited:.1f} s for a device slot)") from refused
             raise refused
         self.waiting += 1
+        changed = self._changed
         try:
-            await asyncio.wait_for(self._released.wait(), left)
+            await asyncio.wait_for(changed.wait(), left)
         except asyncio.TimeoutError:
             pass
         finally:

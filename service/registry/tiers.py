@@ -154,6 +154,11 @@ class TierMixin:
                 record.tensors = None       # CPU serving: the model holds the only copy; the store has the files
         except _Retry:
             raise
+        except ac.ModuleConflictError as exc:    # a holder that was still leaving the model: its turn ends soon
+            self._emit("adapter_load_failed", record.name)
+            raise Unavailable(f"cannot load adapter {record.name!r} now: another adapter holds a module it needs "
+                              f"the other way (a modules_to_save copy beside a LoRA / IA3 on one module); retry "
+                              f"later") from exc
         except ac.AdapterError as exc:
             self._emit("adapter_load_failed", record.name)
             raise Invalid(f"adapter {record.name!r} cannot be loaded into the model: {exc}") from exc

@@ -56,13 +56,14 @@ def test_a_request_waits_for_a_device_slot_and_is_served_or_refused_with_429(tmp
     model = write_tiny_model(tmp_path / "tiny")
     config = base_config(str(model))
     settings = Settings(model=str(model), adapter_dir=str(tmp_path / "store"), dtype="float32",
-                        max_device_adapters=1, max_seq_len=3100, max_tokens_limit=3000, adapter_wait_seconds=3)
+                        max_device_adapters=1, max_seq_len=20000, max_tokens_limit=19000, adapter_wait_seconds=3)
     with LiveServer(create_app(settings)) as server:
         for seed, name in enumerate(("held", "other")):
             files = adapter_files(write_adapter(tmp_path / name, config, seed))
             assert httpx.post(f"{server.url}/admin/adapters", data={"name": name}, files=files,
                               timeout=60).status_code == 201
-        long = {"model": "held", "prompt": "Hi", "max_tokens": 3000, "temperature": 0, "stream": True}
+        # (long enough to outlast the waits below on a fast machine; the client's close ends it)
+        long = {"model": "held", "prompt": "Hi", "max_tokens": 19000, "temperature": 0, "stream": True}
         short = {"model": "other", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
         answers = []
 
@@ -77,6 +78,19 @@ def test_a_request_waits_for_a_device_slot_and_is_served_or_refused_with_429(tmp
             waiter.start()
             time.sleep(0.8)
             assert not answers                          # waiting for the slot, not refused
+            stats = httpx.get(f"{server.url}/stats", timeout=60).json()["requests"]
+            assert stats["waiting_for_adapter_slot"] == 1 and stats["waiting"] >= 1, stats
+            # a streaming client that goes away while its request waits takes its request with it
+            gone = {**short, "stream": True}
+            with pytest.raises(httpx.ReadTimeout):
+                with httpx.stream("POST", f"{server.url}/v1/completions", json=gone,
+                                  timeout=httpx.Timeout(60, read=0.5)) as r:
+                    r.read()
+            for _ in range(40):
+                if httpx.get(f"{server.url}/stats", timeout=60).json()["requests"]["waiting_for_adapter_slot"] == 1:
+                    break
+                time.sleep(0.05)
+            assert httpx.get(f"{server.url}/stats", timeout=60).json()["requests"]["waiting_for_adapter_slot"] == 1
         waiter.join(30)                                 # the closed stream's lease is released: served
         served, waited = answers[0]
         assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4, served.text

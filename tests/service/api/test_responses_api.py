@@ -120,11 +120,34 @@ def test_text_format_json_schema_through_responses_parse(client):
     ({"frequency_penalty": 1}, 422, "frequency_penalty"),
     ({"temperature": "0"}, 422, "temperature"),
     ({"model": "nope"}, 404, "nope"),
+    # the route's own field names (the chat route's before: "messages", "prompt", "max_tokens")
+    ({"input": "x" * 100_000}, 400, "input is over"),
+    ({"input": None}, 400, "input: required (or instructions)"),
+    ({"metadata": {"k" * 65: "v"}}, 400, "metadata: keys have at most 64 characters"),
 ])
 def test_fields_not_honoured_are_refused_naming_them(server, extra, status, named):
     r = httpx.post(f"{server.url}/v1/responses", json={"model": "tuned", "input": "Hi", "max_output_tokens": 2, **extra},
                    timeout=T)
     assert r.status_code == status and named in r.json()["error"]["message"], r.text
+
+
+def test_text_that_is_not_unicode_is_named_by_its_input_field(server):
+    body = b'{"model": "tuned", "max_output_tokens": 2, "input": [{"role": "user", "content": "\\ud800"}]}'
+    r = httpx.post(f"{server.url}/v1/responses", content=body, headers={"content-type": "application/json"}, timeout=T)
+    assert r.status_code == 400 and "input[0].content: not valid Unicode" in r.json()["error"]["message"], r.text
+
+
+def test_the_size_limits_speak_of_the_input(server):
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": "tuned", "input": "Hi " * 330,
+                                                       "max_output_tokens": 64}, timeout=T)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the input has "), r.text
+
+
+def test_instructions_alone_are_a_conversation(client):
+    out = client.responses.create(model="tuned", instructions="Say hello.", max_output_tokens=4, temperature=0)
+    assert out.output_text == client.chat.completions.create(
+        model="tuned", messages=[{"role": "system", "content": "Say hello."}], max_tokens=4,
+        temperature=0).choices[0].message.content
 
 
 def test_store_false_and_metadata_are_taken(client):
