@@ -46,11 +46,9 @@ class DeviceRoomMixin:
             raise Unavailable(f"cannot load adapter {record.name!r} now: adapter {busy.name!r}, in use, holds a module "
                               f"it needs the other way (a modules_to_save copy beside a LoRA / IA3 on one module; "
                               f"the two take turns); retry later")
-        for victim in victims:
+        for victim in victims:         # (the caller says they were evicted once the load's room is taken too)
             victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
             victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
-            if not victim.retired:
-                self._emit("adapter_evicted", victim.name, DEVICE)
         return victims
 
     def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:

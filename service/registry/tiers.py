@@ -124,14 +124,19 @@ class TierMixin:
                     self._prepare_load, record.config, record.tensors, record.model_name))
                 if record.retired:
                     raise _Retry()
+            conflicts = []
             try:
                 conflicts = self._take_conflicting(record)
                 victims = conflicts + self._take_device_room(record)
             except (Unavailable, Conflict):
+                self._settle_victims(conflicts, [v.model_name for v in conflicts])   # none of them leaves
                 if from_tier == STORED and self.single_memory:
                     record.drop_tensors()       # a refusal leaves it where it was
                     record.tier = STORED
                 raise
+            for victim in conflicts:
+                if not victim.retired:
+                    self._emit("adapter_evicted", victim.name, DEVICE)
             config, tensors, model_name = copy.deepcopy(record.config), record.tensors, record.model_name
             record.tier = DEVICE            # counted from now, so concurrent loads make room around it
             # (an adapter sharing a module the other way must leave the model before this one goes in)

@@ -3,6 +3,7 @@ copy of `lm_head` and another adapts `lm_head` with LoRA. They cannot be in the 
 the LoRA one was silently loaded without its lm_head factors, or the copy refused as "matches no module"), so
 the registry takes them in turn: loading one evicts the other when it is idle, a request for one waits (429)
 while the other is in use, and a pinned one makes the other a 409. Each serves as PEFT serves it."""
+import asyncio
 import copy
 import tempfile
 from pathlib import Path
@@ -81,4 +82,30 @@ def test_the_registry_takes_them_in_turn(tmp_path, first):
         await registry.pin(first)
         with pytest.raises(Conflict, match=f"adapter '{first}' is pinned"):
             await registry.acquire(second)
+    run(main())
+
+
+def test_a_load_refused_for_room_leaves_its_conflicting_victims_in_place(tmp_path):
+    """The holders a load would evict stay on the device, idle and loadable, when the load is then refused for
+    room (their eviction never runs)."""
+    files = {"copy": peft_files(COPY(), 1), "adapt": peft_files(ADAPT(), 2)}
+    ids = input_ids()
+
+    async def main():
+        registry = make_registry(tmp_path / "store", max_device_adapters=8)
+        for name, (cfg, weights, _) in files.items():
+            await registry.register_files(name, cfg, weights)
+        registry.release(await registry.acquire("copy"))
+
+        def no_room(record):
+            raise Unavailable("no room (a test's refusal)")
+        registry._take_device_room = no_room
+        with pytest.raises(Unavailable, match="no room"):
+            await registry.acquire("adapt")
+        del registry._take_device_room
+        held = registry.get("copy")
+        assert (held.tier, held.busy, held.pending) == ("device", False, None)
+        lease = await asyncio.wait_for(registry.acquire("copy"), 5)
+        assert (decoder_logits(registry.model, lease.model_name, ids) - hf_logits(files["copy"][2], ids)).abs().max() < 1e-4
+        registry.release(lease)
     run(main())
