@@ -70,8 +70,7 @@ def read_packed_safetensors(path: str, factor_dtype: Optional[torch.dtype] = Non
             if skip is None or not skip(key):
                 entries.append((data_start + entry["data_offsets"][0], key, dtype, shape,
                                 factor_target(key, dtype, factor_dtype)))
-        if skip is not None:
-            keys = [key for key in keys if not skip(key)]
+        keys = [entry[1] for entry in entries]                   # (in the file's key order, the skipped left out)
         sizes: dict[torch.dtype, int] = {}
         for _, _, dtype, shape, target in entries:
             sizes[target] = sizes.get(target, 0) + math.prod(shape)

@@ -148,24 +148,26 @@ class ChatRequest(_Common):
         None, description="passed to a chat template that reads `reasoning_effort` (as vLLM), else 400")
 
 
-def content_text(content, field: str) -> str:
-    """A message's content as text: a string, or its text parts joined with newlines (vLLM's way); any
-    other part type (image, audio, file...) is a 400 naming it."""
+def content_text(content, field: str, types: tuple[str, ...] = ("text",),
+                 keys: tuple[str, ...] = ("type", "text")) -> str:
+    """A message's content as text: a string, or its text parts (of `types`, with no key but `keys`) joined with
+    newlines (vLLM's way); any other part type (image, audio, file...) is a 400 naming it."""
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
     for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind != "text":
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in types:
             what = shown(kind) if isinstance(kind, str) else "without a type"
             raise HTTPException(400, f"{field}[{j}]: content parts of type {what} are not supported; "
-                                     "this server takes text parts only")
+                                     f"this server takes {' and '.join(types)} parts only")
         text = part.get("text")
         if not isinstance(text, str):
             raise HTTPException(400, f"{field}[{j}].text: a text part needs a string `text`")
-        extra = next((key for key in part if key not in ("type", "text")), None)
+        extra = next((key for key in part if key not in keys), None)
         if extra is not None:
-            raise HTTPException(400, f"{field}[{j}].{shown(str(extra))}: not a key of a text part (type, text)")
+            raise HTTPException(400, f"{field}[{j}].{shown(str(extra))}: not a key of a text part "
+                                     f"({', '.join(keys)})")
         texts.append(text)
     return "\n".join(texts)
 

@@ -23,12 +23,14 @@ from service.engine import Constraint, SamplingParams
 from service.engine.sampling import MAX_TOP_LOGPROBS
 
 from .errors import shown
+from .openai_requests import content_text
 from .prompts import text_bytes
 from .structured_output import ANY_JSON_OBJECT, build_constraint
 
 LOGPROBS = "message.output_text.logprobs"
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
+PART_KEYS = ("type", "text", "annotations", "logprobs")      # (an assistant turn's output_text as returned)
 FORMAT_KEYS = {"text": ("type",), "json_object": ("type",),
                "json_schema": ("type", "name", "schema", "description", "strict")}
 
@@ -97,26 +99,17 @@ def check(req: ResponsesRequest) -> None:
 
 
 def _text(content: Any, field: str) -> str:
+    """A string, or `input_text` / `output_text` parts joined as the chat route joins its text parts; valid
+    Unicode, or a 400 naming the field."""
     if isinstance(content, str):
-        text_bytes(content, field)             # valid Unicode, or a 400 naming the field
+        text_bytes(content, field)
         return content
     if not isinstance(content, list):
         raise HTTPException(400, f"{field}: a string or a list of text parts")
-    texts = []
+    text = content_text(content, field, TEXT_PARTS, PART_KEYS)
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS:
-            what = shown(kind) if isinstance(kind, str) else "without a type"
-            raise HTTPException(400, f"{field}[{j}]: content parts of type {what} are not supported; this server "
-                                     "takes input_text and output_text parts only")
-        if not isinstance(part.get("text"), str):
-            raise HTTPException(400, f"{field}[{j}].text: a text part needs a string `text`")
-        extra = next((k for k in part if k not in ("type", "text", "annotations", "logprobs")), None)
-        if extra is not None:
-            raise HTTPException(400, f"{field}[{j}].{shown(str(extra))}: not a key of a text part")
         text_bytes(part["text"], f"{field}[{j}].text")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    return text
 
 
 def messages(req: ResponsesRequest) -> list[dict[str, str]]:

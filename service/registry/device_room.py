@@ -47,8 +47,7 @@ class DeviceRoomMixin:
                               f"it needs the other way (a modules_to_save copy beside a LoRA / IA3 on one module; "
                               f"the two take turns); retry later")
         for victim in victims:         # (the caller says they were evicted once the load's room is taken too)
-            victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
-            victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
+            _leaving(victim)
         return victims
 
     def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
@@ -70,10 +69,7 @@ class DeviceRoomMixin:
                     f"cannot load adapter {record.name!r} ({record.memory_size} bytes): the device tier's memory "
                     f"(adapter_memory_budget={self.memory_budget} bytes, {used} in use) holds pinned or in-use "
                     f"adapters; retry later")
-            # its tier drops now (an adapter whose only copy is the model's goes back to the store); it
-            # leaves the model in the engine call that follows
-            victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
-            victim.pending = asyncio.get_running_loop().create_future()   # a new load of it waits for that
+            _leaving(victim)
             victims.append(victim)
             count, used = count - 1, used - victim.memory_size
         for victim in victims:
@@ -93,3 +89,11 @@ class DeviceRoomMixin:
                 victim.pending = None
             if victim.model_name in failed:
                 victim.tier = DEVICE
+
+
+def _leaving(victim: AdapterRecord) -> None:
+    """A victim's tier drops now (an adapter whose only copy is the model's goes back to the store); it leaves
+    the model in the engine call (or eviction) that follows, and a new load of it waits for that (`pending`)."""
+    victim.tier, victim.busy = (STORED if victim.tensors is None else CPU), True
+    victim.pending = asyncio.get_running_loop().create_future()
+
