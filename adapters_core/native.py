@@ -68,10 +68,27 @@ class NativeKernel:
         return os.environ.get(self.env_switch, "1") != "0"
 
     def cached(self) -> bool:
-        """A build for this CPU is in the extension cache (loading it takes a moment, not a compile)."""
+        """A build for this CPU of these sources is in the extension cache (loading it takes a moment, not a
+        compile). A build of another checkout's files (its build.ninja names other paths) or one older than a
+        source or header here is not: torch's `load` would compile it again (ninja's view, to file times)."""
         from torch.utils.cpp_extension import _get_build_directory
         folder = _get_build_directory(self.full_name, verbose=False)
-        return os.path.isfile(os.path.join(folder, f"{self.full_name}.so"))
+        try:
+            built = os.path.getmtime(os.path.join(folder, f"{self.full_name}.so"))
+            with open(os.path.join(folder, "build.ninja"), encoding="utf-8") as handle:
+                recipe = handle.read()
+            if any(os.path.abspath(source) not in recipe for source in self.sources):
+                return False
+            return all(os.path.getmtime(path) <= built for path in self._inputs())
+        except OSError:
+            return False
+
+    def _inputs(self) -> list[str]:
+        """The sources and the headers beside them or on the include path (what a build reads)."""
+        folders = {os.path.dirname(os.path.abspath(source)) for source in self.sources} | set(self.include_dirs)
+        headers = [os.path.join(folder, name) for folder in sorted(folders) if os.path.isdir(folder)
+                   for name in sorted(os.listdir(folder)) if name.endswith((".h", ".hpp"))]
+        return [os.path.abspath(source) for source in self.sources] + headers
 
     def _build(self) -> Optional[object]:
         if not self.enabled:

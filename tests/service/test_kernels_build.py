@@ -3,6 +3,9 @@ extension cache, and each is then loaded in the calling process; `--arches` buil
 the kernels the tests check. (The workers here load builds that are already cached, as a compile would leave
 them: compiling for real takes minutes, which `make install` and `make test` spend once.)"""
 
+import os
+import time
+
 import pytest
 
 from adapters_core.cpu_flags import is_x86_64
@@ -56,3 +59,30 @@ def test_the_arch_builds_are_the_ones_the_tests_use():
                                                    quant_linear.native_kernel("x86-64-v3")]
     assert [k.full_name for k in kernels.arch_kernels(["x86-64"])] == [
         "adapters_core_sgmv_x86_64", "adapter_serve_quant_matmul_x86_64"]
+
+
+def test_a_build_of_other_files_or_older_than_a_source_is_not_cached(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    source, header = tmp_path / "src" / "k.cpp", tmp_path / "src" / "k.h"
+    source.parent.mkdir()
+    source.write_text("int k;")
+    header.write_text("#pragma once")
+    kernel = NativeKernel("probe_kernel", str(source), "PROBE_KERNEL_SWITCH", arch="x86-64")
+    assert not kernel.cached()                                   # nothing built
+    folder = _get_build_directory(kernel.full_name, verbose=False)
+    library = f"{folder}/{kernel.full_name}.so"
+    open(library, "w").close()
+    with open(f"{folder}/build.ninja", "w") as recipe:
+        recipe.write("build k.o: compile /elsewhere/src/k.cpp\n")
+    assert not kernel.cached()                                   # another checkout's build
+    with open(f"{folder}/build.ninja", "w") as recipe:
+        recipe.write(f"build k.o: compile {source}\n")
+    now = time.time()                    # (adapters_core's own headers are on every kernel's include path)
+    os.utime(source, (now - 100, now - 100))
+    os.utime(header, (now - 100, now - 100))
+    os.utime(library, (now, now))
+    assert kernel.cached()
+    os.utime(header, (now + 100, now + 100))                     # a header changed after the build
+    assert not kernel.cached()
