@@ -3,12 +3,15 @@
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}],
 "refusal": null}`. Completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}],
 "text_offset"}`, where a position's `top_logprobs` holds the sampled token and the `logprobs` most likely
-ones, and `text_offset` is where each token's text starts (vLLM's running sum of the token strings' lengths);
-with `echo`, the prompt's tokens come first (the first one's log-probability null).
+ones, and `text_offset` is where each token's text starts in the choice's text: the length of the text its
+earlier tokens completed (a token that only starts a UTF-8 character adds nothing until one completes it, so
+offsets never go back and never pass the text's end; vLLM's streamed offsets, where its non-streamed ones sum
+the token strings' lengths, `"\ufffd"` for each cut piece); with `echo`, the prompt's tokens come first (the first
+one's log-probability null), the completion's offsets after the echoed text.
 A token's text is its own decoding (a piece of a UTF-8 character shows as U+FFFD); `bytes` are its exact
 bytes for byte-level BPE vocabularies. With vLLM's `return_tokens_as_token_ids` a token is named
 `"token_id:<id>"` instead (in `token`, `tokens` and the top entries; `bytes` and `text_offset` stay those of
-its text, so offsets still index the choice's text). Log-probabilities of -inf become -9999.0, as vLLM writes them, since
+its text). Log-probabilities of -inf become -9999.0, as vLLM writes them, since
 JSON has no infinity.
 """
 
@@ -18,7 +21,7 @@ import math
 from functools import lru_cache
 from typing import Optional, Sequence
 
-from service.model.tokenizer import Tokenizer, bytes_to_unicode
+from service.model.tokenizer import IncrementalDecoder, Tokenizer, bytes_to_unicode
 
 FLOOR = -9999.0
 Top = Optional[Sequence[tuple[int, float]]]
@@ -60,29 +63,39 @@ class TokenText:
     def chat(self, ids: Sequence[int], logprobs: Sequence[Optional[float]], tops: Sequence[Top]) -> dict:
         return {"content": [self.chat_entry(t, lp, top) for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
 
+    def offsets(self, ids: Sequence[int], start: int, length: int, skip_special_tokens: bool) -> list[int]:
+        """Where each of `ids` starts in a text whose `length` characters from `start` are their decoding (as
+        `IncrementalDecoder` emits it: a cut character counts once complete): non-decreasing, within the text
+        (a stop string may have cut it short)."""
+        decoder, done, out = IncrementalDecoder(self.tokenizer, skip_special_tokens), 0, []
+        for t in ids:
+            out.append(start + min(done, length))
+            done += len(decoder.push(t))
+        return out
+
     def completion(self, ids: Sequence[int], logprobs: Sequence[Optional[float]], tops: Sequence[Top],
-                   offset: int = 0) -> dict:
-        """The completions shape for `ids`, the first starting at character `offset` of the choice's text."""
-        tokens, offsets, top_dicts = [], [], []
+                   offsets: Sequence[int]) -> dict:
+        """The completions shape for `ids`, each starting at its character of `offsets` in the choice's text."""
+        tokens, top_dicts = [], []
         for t, lp, top in zip(ids, logprobs, tops):
-            text, name = self.text(t), self.name(t)
+            name = self.name(t)
             tokens.append(name)
-            offsets.append(offset)
-            offset += len(text)
             entry = {name: finite(lp)}
             for other, other_lp in top or ():
                 entry.setdefault(self.name(other), finite(other_lp))
             top_dicts.append(entry)
         return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs[:len(tokens)]],
-                "top_logprobs": top_dicts, "text_offset": offsets}
+                "top_logprobs": top_dicts, "text_offset": list(offsets[:len(tokens)])}
 
-    def prompt_completion(self, ids: Sequence[int], entries: Sequence[Optional[tuple[float, Top]]]) -> dict:
-        """The completions shape of an echoed prompt from the engine's prompt log-probabilities: offsets from 0,
-        the first token's log-probability and top entry null (OpenAI's and vLLM's `echo` with `logprobs`)."""
-        first = self.text(ids[0])
-        rest = self.completion(ids[1:], [e[0] for e in entries[1:]], [e[1] for e in entries[1:]], len(first))
+    def prompt_completion(self, ids: Sequence[int], entries: Sequence[Optional[tuple[float, Top]]],
+                          echoed: str) -> dict:
+        """The completions shape of an echoed prompt (its text `echoed`) from the engine's prompt
+        log-probabilities: the first token's log-probability and top entry null (OpenAI's and vLLM's `echo` with
+        `logprobs`)."""
+        offsets = self.offsets(ids, 0, len(echoed), skip_special_tokens=False)
+        rest = self.completion(ids[1:], [e[0] for e in entries[1:]], [e[1] for e in entries[1:]], offsets[1:])
         return {"tokens": [self.name(ids[0])] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
-                "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+                "top_logprobs": [None] + rest["top_logprobs"], "text_offset": offsets[:1] + rest["text_offset"]}
 
 
 def joined(first: dict, second: dict) -> dict:

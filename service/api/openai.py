@@ -203,10 +203,10 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
                     logprobs = None
                     token = generated_token(piece)
                     if req.logprobs is not None and token is not None:
-                        logprobs = tokens.completion(*([t] for t in token), offsets[k])
-                        offsets[k] += len(tokens.text(token[0]))
+                        logprobs = tokens.completion(*([t] for t in token), [offsets[k]])
+                    offsets[k] += len(piece.text)           # (the text this token completed)
                     if echo_logprobs and piece.prompt_logprobs is not None:
-                        echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs)
+                        echoed = tokens.prompt_completion(ids[k // n], piece.prompt_logprobs, echoes[k // n])
                         logprobs = echoed if logprobs is None else joined(echoed, logprobs)
                     generated += token is not None
                     yield {**head, "choices": [{"index": k, "text": text, "logprobs": logprobs,
@@ -228,10 +228,12 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
     choices = []
     for p in range(len(prompts)):
         for j, out in enumerate(best(outs[p * best_of:(p + 1) * best_of], n)):
-            logprobs = (tokens.completion(out.token_ids, out.logprobs, out.top_logprobs, len(echoes[p]))
+            logprobs = (tokens.completion(out.token_ids, out.logprobs, out.top_logprobs,
+                                          tokens.offsets(out.token_ids, len(echoes[p]), len(out.text),
+                                                         options.skip_special_tokens))
                         if req.logprobs is not None else None)
             if echo_logprobs:
-                logprobs = joined(tokens.prompt_completion(ids[p], out.prompt_logprobs), logprobs)
+                logprobs = joined(tokens.prompt_completion(ids[p], out.prompt_logprobs, echoes[p]), logprobs)
             choices.append({"index": p * n + j, "text": echoes[p] + out.text, "logprobs": logprobs,
                             "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
     return {**head, "choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs))}

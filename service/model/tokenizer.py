@@ -230,10 +230,12 @@ class IncrementalDecoder:
 
     Each step decodes a short window (the ids of the last emitted piece plus the new ones) and emits what
     the new ids added, unless the text ends in U+FFFD, i.e. a UTF-8 character still cut between tokens: that
-    is held until a later token completes it (vLLM's `detokenize_incrementally`, TGI's `decode_token`).
-    Without `prompt_ids`, `"".join(pieces) + flush()` equals `tokenizer.decode(all_ids)`. With them, the last
-    few prompt ids give the first window its left context, so a sentencepiece tokenizer keeps the leading
-    space of the first generated word, which a decode of the generated ids alone drops.
+    is held until a later token completes it (vLLM's `detokenize_incrementally`, TGI's `decode_token`), and
+    a character still cut when the sequence ends (`max_tokens` reached in its middle) is dropped, as vLLM's
+    detokenizer never emits it. Without `prompt_ids`, `"".join(pieces) + flush()` equals
+    `tokenizer.decode(all_ids)` less such a trailing cut character. With them, the last few prompt ids give
+    the first window its left context, so a sentencepiece tokenizer keeps the leading space of the first
+    generated word, which a decode of the generated ids alone drops.
     """
 
     _CONTEXT = 5
@@ -251,14 +253,17 @@ class IncrementalDecoder:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """What is still held back at the end of the stream (a trailing cut character shows as U+FFFD)."""
+        """What is still held back at the end of the stream, less a trailing character still cut (whose bytes
+        decode as U+FFFD; a U+FFFD the model wrote as its last token goes with it)."""
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
         decode = self._tokenizer.decode
         seen = decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
         text = decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
-        if len(text) <= len(seen) or (text.endswith("\ufffd") and not final):
+        if final:
+            text = text.rstrip("\ufffd")
+        if len(text) <= len(seen) or text.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(seen):]

@@ -278,3 +278,43 @@ def test_the_eos_that_ends_a_sequence_is_counted_and_listed_as_vllm_does(client,
     assert text == "" and finish == ["stop"]
     assert usage.completion_tokens == 1 and len(entries) == 1
     assert tops == [2] if route == "chat" else tops[0] in (2, 3)     # completions: the top 2 and the token itself
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_offsets_index_the_text_when_tokens_cut_characters(client, loaded, stream):
+    """Byte-level tokens that cut an emoji: offsets never go back, the completion's follow the echoed prompt,
+    and none passes the end of the text (each is where the text its earlier tokens completed ends)."""
+    prompt = "🙂🙃 ok 🙂"
+    kw = dict(model=loaded.name, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=0)
+    if stream:
+        text, offsets = "", []
+        for chunk in client.completions.create(stream=True, **kw):
+            text += chunk.choices[0].text
+            offsets += chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs else []
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, offsets = choice.text, choice.logprobs.text_offset
+    ids = loaded.tokenizer.encode(prompt)
+    n = len(ids)
+    assert len(offsets) == n + 4 and text.startswith(prompt)
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text) and offsets[n] == len(prompt)
+    completed = [len(loaded.tokenizer.decode(ids[:i], False).rstrip("\ufffd")) for i in range(n)]
+    assert offsets[:n] == completed and len(set(completed)) < n      # (some tokens did cut a character)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_character_cut_by_max_tokens_is_not_shown(client, loaded, stream):
+    """The one token generated is the first byte of an emoji (forced by logit_bias): vLLM shows nothing, not
+    U+FFFD; the token still counts."""
+    first_byte = loaded.tokenizer.encode("🙂")[0]
+    assert loaded.tokenizer.decode([first_byte]) == "\ufffd"
+    kw = dict(model=loaded.name, prompt=PROMPT, max_tokens=1, temperature=0, logit_bias={str(first_byte): 100})
+    if stream:
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        text, usage = "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage
+    else:
+        out = client.completions.create(**kw)
+        text, usage = out.choices[0].text, out.usage
+    assert text == "" and usage.completion_tokens == 1
+    chat = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=1, logit_bias={str(first_byte): 100})
+    assert chat.choices[0].message.content == "" and chat.choices[0].finish_reason == "length"
