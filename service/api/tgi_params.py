@@ -160,7 +160,7 @@ def sampling(p: Parameters, settings, stream: bool) -> tuple[SamplingParams, Opt
     top = p.top_n_tokens or p.return_k_alternatives or 0
     params = SamplingParams(max_tokens=n, temperature=(p.temperature or 1.0) if sample else 0.0,
                             top_p=p.top_p or 1.0, top_k=p.top_k or 0, typical_p=p.typical_p or 1.0, seed=seed,
-                            frequency_penalty=p.frequency_penalty or 0.0,
+                            frequency_penalty=p.frequency_penalty or 0.0, frequency_over_context=True,
                             repetition_penalty=p.repetition_penalty or 1.0, ignore_eos=bool(p.ignore_eos_token),
                             # TGI's tokens always carry their log-probability, streamed or in details, and
                             # best_of picks a sequence by them

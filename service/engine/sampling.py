@@ -4,7 +4,8 @@ Each request has its own `torch.Generator` (seeded from `seed`, else from the gl
 seed gives the same tokens whatever else shares the batch. Order of processing follows vLLM: `min_tokens`
 (end-of-sequence and stop token ids masked until that many tokens exist), `logit_bias`, the repetition
 penalty (Hugging Face's and vLLM's: over prompt and generated tokens, positive logits divided by it, negative
-ones multiplied), presence and frequency penalties over the generated tokens, temperature (0 = greedy),
+ones multiplied), presence and frequency penalties over the generated tokens (OpenAI's; on the TGI routes the
+frequency penalty is TGI's: each token's share of the prompt and generated tokens), temperature (0 = greedy),
 top-k, top-p, typical-p (TGI's `typical_p`), min-p. Every feature is per request and costs nothing to
 requests that do not use it; those that use none and are greedy never reach `sample` (the engine takes one
 batched argmax for them). The log-probability reported for a chosen token, and the `top_logprobs` most likely
@@ -44,6 +45,9 @@ class SamplingParams:
     seed: Optional[int] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # TGI's and LoRAX's frequency penalty (their routes): a token's count over the prompt and the generated
+    # tokens, divided by their number, instead of OpenAI's count over the generated tokens
+    frequency_over_context: bool = False
     repetition_penalty: float = 1.0    # 1 = none
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     min_tokens: int = 0                # EOS and stop_token_ids are masked until this many tokens exist
@@ -100,8 +104,14 @@ class RequestSampler:
         self.generator.manual_seed(seed)
         self.generated = 0
         self.counts: Optional[torch.Tensor] = None
+        self.context = 0                                         # prompt tokens in `counts` (TGI's penalty)
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+            if p.frequency_over_context:
+                ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+                ids = ids[(ids >= 0) & (ids < vocab_size)]
+                self.counts.index_add_(0, ids, torch.ones(ids.numel()))
+                self.context = len(ids)
         self.seen: Optional[torch.Tensor] = None                 # [V] bool: in the prompt or generated
         if p.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -173,7 +183,8 @@ class RequestSampler:
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self.seen, penalised, logits)
         if self.counts is not None:
-            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+            frequency = self.counts / max(self.context + self.generated, 1) if p.frequency_over_context else self.counts
+            logits = logits - p.frequency_penalty * frequency - p.presence_penalty * (self.counts > 0).float()
         return logits
 
     def _probs(self, scaled: torch.Tensor) -> torch.Tensor:

@@ -201,3 +201,12 @@ def test_truncate_ignore_eos_headers_and_defaults_that_ask_for_nothing(server, l
            "merged_adapters": None, "api_token": None, "adapter_source": None, "top_n_tokens": None,
            "return_k_alternatives": None, "response_format": None, "stop": [], "repetition_penalty": None}
     assert generate(server, max_new_tokens=2, **off).status_code == 200
+
+
+def test_frequency_penalty_is_tgis_own_on_these_routes():
+    """TGI counts a token over the prompt and the generated tokens, divided by their number (its
+    `HeterogeneousFrequencyPenaltyLogitsProcessor`); the OpenAI routes keep OpenAI's count over the output."""
+    from service.api.tgi_params import Parameters, sampling
+
+    params, _ = sampling(Parameters(frequency_penalty=0.5), Settings(), stream=False)
+    assert params.frequency_penalty == 0.5 and params.frequency_over_context

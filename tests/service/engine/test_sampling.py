@@ -34,6 +34,24 @@ def test_repetition_penalty_is_transformers_over_prompt_and_generated_tokens():
         assert sampler.seen[token] and sampler.seen[ids].all() and int(sampler.seen.sum()) == len(set(ids + [token]))
 
 
+def test_tgi_frequency_penalty_is_each_tokens_share_of_prompt_and_generated_tokens():
+    """TGI's and LoRAX's `HeterogeneousFrequencyPenaltyLogitsProcessor`: scores -= penalty * count / length, the
+    counts and the length over the prompt and the tokens generated so far (one request, no padding)."""
+    ids, penalty = [3, 7, 7, 11], 1.5
+    sampler = RequestSampler(SamplingParams(temperature=0, frequency_penalty=penalty, frequency_over_context=True),
+                             V, ids)
+    seen = list(ids)
+    for step in range(3):
+        raw = logits(10 + step)
+        counts = torch.bincount(torch.tensor(seen), minlength=V).float()
+        assert torch.allclose(sampler.processed(raw), raw - penalty * counts / len(seen))
+        token, _, _ = sampler.sample(raw)
+        seen.append(token)
+    openai = RequestSampler(SamplingParams(temperature=0, frequency_penalty=penalty), V, ids)     # generated only
+    raw = logits(20)
+    assert torch.equal(openai.processed(raw), raw)
+
+
 def test_logit_bias_adds_to_its_tokens_only():
     sampler = RequestSampler(SamplingParams(temperature=0, logit_bias={5: 100.0, 9: -100.0}), V)
     raw = logits(2)
