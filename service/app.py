@@ -78,7 +78,7 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
                                served_files=settings.adapter_served_files,
                                slot_wait_seconds=settings.adapter_wait_seconds, max_slot_waiters=settings.max_waiting)
     metrics.watch_adapters(registry.max_device_adapters, registry.list)
-    metrics.watch_slot_waiters(lambda: registry.slot_waiters)
+    metrics.watch_slot_waiters(lambda: registry.slot_waiters, registry.slot_waiting_adapters)
     generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)
     return State(settings, loaded, engine, registry, generator, metrics, model_id)
 

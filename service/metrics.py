@@ -128,6 +128,7 @@ class Metrics:
         self._step_kinds = {True: self.step_seconds.labels("decode"), False: self.step_seconds.labels("prefill")}
         self._last_gauges: Optional[tuple] = None          # (running, waiting, cache usage) last set
         self._slot_waiters: Callable[[], int] = lambda: 0   # requests waiting for a device slot (registry)
+        self._slot_waiting_adapters: Callable[[], Iterable[str]] = tuple      # the adapters they wait for
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
         self.adapter_load = Histogram("adapter_serve_adapter_load_seconds", "Time to bring an adapter to the device",
                                       ["from_tier"], buckets=LOAD_BUCKETS, registry=r)
@@ -137,7 +138,7 @@ class Metrics:
         self.adapter_bytes = Gauge("adapter_serve_adapter_bytes", "Weight bytes of the adapters per tier (stored: "
                                    "the files; cpu, device: in memory, in adapter_dtype)",
                                    ["tier"], registry=r)
-        self.adapter_load_failures = Counter("adapter_serve_adapter_load_failures", "Adapter loads that failed",
+        self.adapter_load_failures = Counter("adapter_serve_adapter_load_failures", "Adapter loads that failed (unreadable, invalid, refused by the model; a wait for a device slot is not one)",
                                              registry=r)
         self.evictions = Counter("adapter_serve_adapter_evictions", "Adapters moved down a tier",
                                  ["from_tier"], registry=r)
@@ -166,14 +167,18 @@ class Metrics:
         self._max_lora, self._records = max_lora, records
         self.refresh_adapters()
 
-    def watch_slot_waiters(self, waiting: Callable[[], int]) -> None:
+    def watch_slot_waiters(self, waiting: Callable[[], int], adapters: Callable[[], Iterable[str]] = tuple) -> None:
         """Where the requests waiting for a device slot are counted from (`AdapterRegistry.slot_waiters`): the
-        waiting gauges (`adapter_serve_requests_waiting`, `vllm:num_requests_waiting`) include them."""
-        self._slot_waiters = waiting
+        waiting gauges (`adapter_serve_requests_waiting`, `vllm:num_requests_waiting`) include them, and the
+        adapters they wait for (`AdapterRegistry.slot_waiting_adapters`) are waiting adapters."""
+        self._slot_waiters, self._slot_waiting_adapters = waiting, adapters
+
+    def slot_waiters_changed(self) -> None:
+        self.refresh_adapters()
 
     def refresh_adapters(self) -> None:
-        """Recompute `vllm:lora_requests_info`: resident adapters run, adapters with leases not yet on the
-        device wait (their requests wait for the load)."""
+        """Recompute `vllm:lora_requests_info`: resident adapters run; adapters with leases not yet on the
+        device (their requests wait for the load) and those requests wait a device slot for wait."""
         if self._records is None:
             return
         running, waiting = [], []
@@ -182,6 +187,7 @@ class Metrics:
                 running.append(record.name)
             elif record.in_use:
                 waiting.append(record.name)
+        waiting += [name for name in self._slot_waiting_adapters() if name not in waiting and name not in running]
         self.lora_info.set(self._max_lora, running, waiting)
 
     def adapter_loaded(self, name: str, seconds: float, from_tier: str) -> None:

@@ -102,7 +102,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._lock: Optional[asyncio.Lock] = None
         self._tasks: set[asyncio.Task] = set()
-        self._slots = SlotWait(slot_wait_seconds, max_slot_waiters)   # requests waiting for a device slot
+        self._slots = SlotWait(slot_wait_seconds, max_slot_waiters,     # requests waiting for a device slot
+                               lambda: self._emit("slot_waiters_changed"))
 
     # ----- looking up ---------------------------------------------------------------------------------------
     def get(self, name: str) -> AdapterRecord:
@@ -151,7 +152,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
             except Unavailable as refused:
                 if not wait:
                     raise
-                await self._slots.wait(refused, started, seen, self._a_change_may_help)
+                await self._slots.wait(refused, started, seen, self._a_change_may_help, name)
                 continue
             if lease is not None:
                 return lease
@@ -160,6 +161,10 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
     def slot_waiters(self) -> int:
         """Requests waiting for a device slot now (`SlotWait`)."""
         return self._slots.waiting
+
+    def slot_waiting_adapters(self) -> list[str]:
+        """The adapters that requests wait for a device slot for now."""
+        return list(self._slots.names)
 
     def _a_change_may_help(self) -> bool:
         """Whether some adapter in the device tier is in use and not pinned (its last release would free room or
@@ -198,18 +203,30 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
     # ----- admin verbs -----------------------------------------------------------------------------------------
     async def activate(self, name: str) -> AdapterRecord:
         """Serve `name` again and load it to the device tier. A deactivate that comes in while it loads wins:
-        the activation happened, and the record says what the adapter is now."""
+        the activation happened, and the record says what the adapter is now. With every device slot held
+        by pinned or in-use adapters the activation stands and the adapter stays in its tier (its first
+        request loads it, waiting for a slot as any request does); a load that fails otherwise undoes it."""
         self._bind()
         record = self._usable(name)
-        if not record.served:
+        activated = not record.served
+        if activated:
             record.served = True
             self._save_meta(record)
         record.tick = next(self._ticks)
         try:
             await self._shielded(self._locked(self._load_live, record))
+        except Unavailable:
+            log.info("adapter %r activated; it loads at its first request (no device slot free now)", name)
         except Conflict:
+            if activated and not record.served and not record.retired:   # quarantined by the load (or a
+                self._save_meta(record)             # concurrent deactivate): the store says inactive again
             if record.served or record.error or record.retired:     # not a concurrent deactivate
                 raise
+        except BaseException:
+            if activated and record.served and not record.retired:  # a failed request changes nothing
+                record.served = False
+                self._save_meta(record)
+            raise
         return record
 
     async def deactivate(self, name: str) -> AdapterRecord:

@@ -15,6 +15,7 @@ another one waits for; a client that goes away while its request waits cancels t
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Callable
 
@@ -22,11 +23,14 @@ from .errors import Unavailable
 
 
 class SlotWait:
-    def __init__(self, seconds: float, limit: int):
+    def __init__(self, seconds: float, limit: int, on_names: Callable[[], None] = lambda: None):
+        """`on_names` is called when the set of adapters that requests wait for changes (metrics)."""
         self.seconds, self.limit = seconds, limit
         self.waiting = 0
+        self.names: collections.Counter[str] = collections.Counter()     # adapter -> requests waiting for it
         self.generation = 0                 # moves with every change a waiting request may be waiting for
         self._changed = asyncio.Event()
+        self._on_names = on_names
 
     def changed(self) -> None:
         """Something that may let a waiting request in happened (event loop): wake every waiter to try again."""
@@ -35,10 +39,11 @@ class SlotWait:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    async def wait(self, refused: Unavailable, started: float, seen: int, helps: Callable[[], bool]) -> None:
+    async def wait(self, refused: Unavailable, started: float, seen: int, helps: Callable[[], bool],
+                   name: str = "") -> None:
         """Return when the request should try again (at once if anything changed since `seen`, the generation
         its attempt began in); raise `refused` (with how long it waited) when waiting cannot help, too many
-        already wait, or the time since `started` is up."""
+        already wait, or the time since `started` is up. `name`: the adapter it waits for (`names`)."""
         if self.generation != seen:
             return
         left = self.seconds - (time.monotonic() - started)
@@ -48,6 +53,9 @@ class SlotWait:
                 raise Unavailable(f"{refused} (waited {waited:.1f} s for a device slot)") from refused
             raise refused
         self.waiting += 1
+        self.names[name] += 1
+        if self.names[name] == 1:
+            self._on_names()
         changed = self._changed
         try:
             await asyncio.wait_for(changed.wait(), left)
@@ -55,3 +63,7 @@ class SlotWait:
             pass
         finally:
             self.waiting -= 1
+            self.names[name] -= 1
+            if not self.names[name]:
+                del self.names[name]
+                self._on_names()

@@ -101,6 +101,7 @@ class TierMixin:
     async def _bring_up(self, record: AdapterRecord) -> None:
         started, from_tier = time.perf_counter(), record.tier
         record.busy = True
+        refused = False             # no room now (a turn to wait for, not a failed load: not counted as one)
         try:
             if record.tensors is None:
                 try:
@@ -133,6 +134,7 @@ class TierMixin:
                 if from_tier == STORED and self.single_memory:
                     record.drop_tensors()       # a refusal leaves it where it was
                     record.tier = STORED
+                refused = True
                 raise
             for victim in conflicts:
                 if not victim.retired:
@@ -160,7 +162,6 @@ class TierMixin:
         except _Retry:
             raise
         except ac.ModuleConflictError as exc:    # a holder that was still leaving the model: its turn ends soon
-            self._emit("adapter_load_failed", record.name)
             raise Unavailable(f"cannot load adapter {record.name!r} now: another adapter holds a module it needs "
                               f"the other way (a modules_to_save copy beside a LoRA / IA3 on one module); retry "
                               f"later") from exc
@@ -168,7 +169,8 @@ class TierMixin:
             self._emit("adapter_load_failed", record.name)
             raise Invalid(f"adapter {record.name!r} cannot be loaded into the model: {exc}") from exc
         except BaseException:
-            self._emit("adapter_load_failed", record.name)
+            if not refused:
+                self._emit("adapter_load_failed", record.name)
             raise
         finally:
             record.busy = False

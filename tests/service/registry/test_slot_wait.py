@@ -70,3 +70,74 @@ def test_deleting_or_deactivating_the_awaited_adapter_ends_the_wait(tmp_path):
             assert time.monotonic() - t0 < 2
         registry.release(lease)
     run(main())
+
+
+def test_a_wait_for_a_slot_is_no_failed_load_and_its_adapter_shows_as_waiting(tmp_path):
+    """The probe's alert noise: each refused attempt of a waiting request counted as a failed load (2,376 in a
+    minute of churn); and the gateway's `waiting_lora_adapters` was empty while requests waited for a slot."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from _fixtures import make_registry, peft_adapter, run
+    from service.metrics import Metrics
+
+    def families():
+        return {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+
+    metrics = Metrics()
+
+    async def main():
+        registry = make_registry(tmp_path / "store", max_device_adapters=1, slot_wait_seconds=20, events=metrics)
+        metrics.watch_adapters(registry.max_device_adapters, registry.list)
+        metrics.watch_slot_waiters(lambda: registry.slot_waiters, registry.slot_waiting_adapters)
+        for i, name in enumerate(("held", "b")):
+            adapter = peft_adapter("lora", seed=i)
+            await registry.register_files(name, adapter.config, adapter.weights)
+        lease = await registry.acquire("held")
+        waiter = asyncio.ensure_future(registry.acquire("b", wait=True))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if registry._slots.waiting:
+                break
+        assert registry.slot_waiting_adapters() == ["b"]
+        (info,) = families()["vllm:lora_requests_info"].samples
+        assert info.labels["running_lora_adapters"] == "held" and info.labels["waiting_lora_adapters"] == "b"
+        registry.release(lease)
+        registry.release(await asyncio.wait_for(waiter, 5))
+        assert registry.slot_waiting_adapters() == []
+        (info,) = families()["vllm:lora_requests_info"].samples
+        assert info.labels["running_lora_adapters"] == "b" and info.labels["waiting_lora_adapters"] == ""
+        assert families()["adapter_serve_adapter_load_failures"].samples[0].value == 0
+    run(main())
+
+
+def test_activate_with_every_slot_held_activates_and_a_failed_load_undoes_it(tmp_path):
+    """A 503 that had already activated the adapter (kept in the store): now the activation stands with a 200
+    (its first request loads it, waiting for a slot); a load that fails for another reason leaves it inactive."""
+    from _fixtures import make_registry, peft_adapter, run
+    from service.registry import STORED
+
+    async def reopened(name):
+        again = make_registry(tmp_path / "store")
+        await again.scan()
+        return again.get(name).served
+
+    async def main():
+        registry = make_registry(tmp_path / "store", max_device_adapters=1, slot_wait_seconds=20)
+        for i, name in enumerate(("held", "b", "broken")):
+            adapter = peft_adapter("lora", seed=i)
+            await registry.register_files(name, adapter.config, adapter.weights)
+        lease = await registry.acquire("held")
+        await registry.deactivate("b")
+        record = await registry.activate("b")                   # no slot: activated, still stored
+        assert record.served and record.tier == STORED
+        assert await reopened("b")                                      # what the store says
+        registry.release(lease)
+        registry.release(await registry.acquire("b", wait=True))
+        await registry.deactivate("broken")
+        for path in (tmp_path / "store" / "broken").glob("*.safetensors"):
+            path.write_bytes(b"not a safetensors file")
+        with pytest.raises(Exception):
+            await registry.activate("broken")
+        assert not registry.get("broken").served and not await reopened("broken")
+    run(main())

@@ -121,7 +121,7 @@ def test_all_slots_pinned_or_in_use_is_503(tmp_path):
         assert "max_device_adapters=2" in str(err.value) and "'c'" in str(err.value)
         assert_same_model(before, registry.model)
         assert registry.get("c").in_use == 0 and tiers(registry)["c"] == "cpu"
-        assert events.of("load_failed") == [("c",)]
+        assert events.of("load_failed") == []          # no room is a turn to wait for, not a failed load
         registry.release(held)                         # a slot is free again
         await _use(registry, "c")
         assert tiers(registry) == {"a": "device", "b": "cpu", "c": "device", "d": "cpu", "e": "cpu"}
