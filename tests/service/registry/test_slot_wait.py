@@ -114,8 +114,10 @@ def test_a_wait_for_a_slot_is_no_failed_load_and_its_adapter_shows_as_waiting(tm
 def test_activate_with_every_slot_held_activates_and_a_failed_load_undoes_it(tmp_path):
     """A 503 that had already activated the adapter (kept in the store): now the activation stands with a 200
     (its first request loads it, waiting for a slot); a load that fails for another reason leaves it inactive."""
-    from _fixtures import make_registry, peft_adapter, run
+    from _fixtures import Events, make_registry, peft_adapter, run
     from service.registry import STORED
+
+    events = Events()
 
     async def reopened(name):
         again = make_registry(tmp_path / "store")
@@ -123,7 +125,7 @@ def test_activate_with_every_slot_held_activates_and_a_failed_load_undoes_it(tmp
         return again.get(name).served
 
     async def main():
-        registry = make_registry(tmp_path / "store", max_device_adapters=1, slot_wait_seconds=20)
+        registry = make_registry(tmp_path / "store", max_device_adapters=1, slot_wait_seconds=20, events=events)
         for i, name in enumerate(("held", "b", "broken")):
             adapter = peft_adapter("lora", seed=i)
             await registry.register_files(name, adapter.config, adapter.weights)
@@ -140,4 +142,5 @@ def test_activate_with_every_slot_held_activates_and_a_failed_load_undoes_it(tmp
         with pytest.raises(Exception):
             await registry.activate("broken")
         assert not registry.get("broken").served and not await reopened("broken")
+        assert events.of("load_failed") == [("broken",)]        # the one real failure, not the wait for a slot
     run(main())
