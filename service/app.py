@@ -27,9 +27,10 @@ from service.model import LoadedModel, load_model
 from service.model.decoder import Decoder
 from service.model.device import resolve_device
 from service.model.dtype import parse_dtype
+from service.model.finite_check import check_finite_dense, check_finite_stored
 from service.model.huge_pages import weights_on_huge_pages
 from service.model.loader import is_gguf
-from service.model.weight_format import resolve_weight_format, store_weights, stored_bytes
+from service.model.weight_format import describe, resolve_weight_format, store_weights, weights_summary
 from service.registry import AdapterRegistry
 from service.settings import Settings, get_settings
 
@@ -46,12 +47,15 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     loaded = loaded or load_model(settings.model, keep_stored=fmt == "gguf")
     if fmt == "dense" and loaded.stored:
         raise ValueError("weight_format dense needs a model loaded without stored weights")
+    check_finite_dense(loaded, settings.model or "the embedded model")
     store_weights(loaded, fmt)
     dtype = parse_dtype(settings.dtype, device) if fmt == "dense" else torch.float32
-    log.info("serving the base weights as %s (%s) on %s", fmt, f"{stored_bytes(loaded) / 2**20:.0f} MiB stored"
-             if loaded.stored else f"dense {dtype}", device)
+    weights = weights_summary(loaded, fmt, dtype)
+    # printed as the cli prints its start-up lines (this process's own loggers print warnings only)
+    print(f"adapter-serve: serving the base weights as {describe(weights)} on {device}", flush=True)
     model = Decoder.from_state_dict(loaded.config, loaded.state_dict, dtype=dtype, device=device,
                                     max_positions=settings.max_seq_len, stored=loaded.stored)
+    check_finite_stored(loaded, model, settings.model or "the embedded model")
     if device.type == "cpu" and settings.weight_huge_pages:
         weights_on_huge_pages(model)
     engine = Engine(model, EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
@@ -80,7 +84,10 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     metrics.watch_adapters(registry.max_device_adapters, registry.list)
     metrics.watch_slot_waiters(lambda: registry.slot_waiters, registry.slot_waiting_adapters)
     generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)
-    return State(settings, loaded, engine, registry, generator, metrics, model_id)
+    metrics.model_served(model_id, weights["weight_format"], str(dtype).removeprefix("torch."), device.type)
+    state = State(settings, loaded, engine, registry, generator, metrics, model_id)
+    state.weights = weights
+    return state
 
 
 async def _rescan_every(registry: AdapterRegistry, seconds: float) -> None:

@@ -152,6 +152,9 @@ class Metrics:
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the running batch", registry=None)
         self.vllm_kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", registry=None)
         self.lora_info = LoraRequestsInfo()
+        self.model_info = Gauge("adapter_serve_model_info", "The base model served (always 1): its id, the form "
+                                "of its weights (WEIGHT_FORMAT resolved), the compute dtype and the device",
+                                ["model", "weight_format", "dtype", "device"], registry=r)
         for collector in (self.vllm_waiting, self.vllm_running, self.vllm_kv_cache, self.lora_info):
             r.register(collector)
             g.register(collector)
@@ -189,6 +192,9 @@ class Metrics:
                 waiting.append(record.name)
         waiting += [name for name in self._slot_waiting_adapters() if name not in waiting and name not in running]
         self.lora_info.set(self._max_lora, running, waiting)
+
+    def model_served(self, model: str, weight_format: str, dtype: str, device: str) -> None:
+        self.model_info.labels(model, weight_format, dtype, device).set(1)
 
     def adapter_loaded(self, name: str, seconds: float, from_tier: str) -> None:
         self.adapter_load.labels(from_tier).observe(seconds)

@@ -21,6 +21,7 @@ class State:
     def __init__(self, settings: Settings, loaded, engine, registry, generator, metrics, model_id: str):
         self.settings, self.loaded, self.engine, self.registry = settings, loaded, engine, registry
         self.generator, self.metrics, self.model_id = generator, metrics, model_id
+        self.weights: dict = {}          # weight_format.weights_summary: what the base is served as
         self.ready = False
 
 

@@ -28,6 +28,7 @@ async def stats(state: StateDep, _: MetricsCaller):
     return {
         "time": time.time(),
         "model": state.model_id,
+        "weights": state.weights,
         "ready": state.ready,
         "requests": {"running": engine.num_running, "waiting": engine.num_waiting + registry.slot_waiters,
                      "waiting_for_adapter_slot": registry.slot_waiters,

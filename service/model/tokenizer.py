@@ -127,7 +127,9 @@ class Tokenizer:
         kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
-        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
+        if not tokens:
+            raise ValueError("GGUF has no tokenizer vocabulary (tokenizer.ggml.tokens is missing or empty)")
         types: Sequence[int] = metadata.get("tokenizer.ggml.token_type") or ()
         merges = [tuple(m.split(" ")) for m in metadata.get("tokenizer.ggml.merges", ())]
         spelling = bytes_to_unicode()

@@ -64,3 +64,24 @@ def store_weights(loaded: LoadedModel, fmt: str) -> LoadedModel:
 def stored_bytes(loaded: LoadedModel) -> int:
     """Bytes of the stored weights."""
     return sum(w.nbytes for w in loaded.stored.values())
+
+
+def weights_summary(loaded: LoadedModel, fmt: str, dtype: torch.dtype) -> dict:
+    """What the base model is served as, for `/info`, `/stats`, the metrics and the start-up line: the format,
+    and the tensors per form (stored ones by their block format, e.g. "Q4_1"; the rest "dense <dtype>": norms,
+    and whatever a stored format does not take), with the stored bytes."""
+    types: dict[str, int] = {}
+    for weight in loaded.stored.values():
+        types[weight.format] = types.get(weight.format, 0) + 1
+    dense = f"dense {str(dtype).removeprefix('torch.')}"
+    if loaded.state_dict:
+        types[dense] = len(loaded.state_dict)
+    return {"weight_format": fmt, "weight_types": dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "stored_bytes": stored_bytes(loaded)}
+
+
+def describe(summary: dict) -> str:
+    """The summary as one line: "gguf: Q4_1 x 168, dense float32 x 61, Q6_K x 1 (85 MiB stored)"."""
+    types = ", ".join(f"{name} x {count}" for name, count in summary["weight_types"].items())
+    stored = f" ({summary['stored_bytes'] / 2**20:.0f} MiB stored)" if summary["stored_bytes"] else ""
+    return f"{summary['weight_format']}: {types}{stored}"

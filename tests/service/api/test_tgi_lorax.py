@@ -210,3 +210,17 @@ def test_frequency_penalty_is_tgis_own_on_these_routes():
 
     params, _ = sampling(Parameters(frequency_penalty=0.5), Settings(), stream=False)
     assert params.frequency_penalty == 0.5 and params.frequency_over_context
+
+
+def test_the_weight_format_served_is_reported(server, loaded):
+    """`/info`'s `model_dtype` is the compute dtype; what the weights are served as is in `weight_format` /
+    `weight_types` there, in `/stats` and in `adapter_serve_model_info`."""
+    info = httpx.get(f"{server.url}/info", timeout=T).json()
+    kinds = {w.format for w in loaded.stored.values()}
+    expected = "gguf" if loaded.stored else "dense"
+    assert info["weight_format"] == expected and info["model_dtype"] == "torch.float32"
+    assert kinds <= set(info["weight_types"]) and sum(info["weight_types"].values()) == (
+        len(loaded.stored) + len(loaded.state_dict))
+    assert httpx.get(f"{server.url}/stats", timeout=T).json()["weights"]["weight_format"] == expected
+    metrics = httpx.get(f"{server.url}/metrics", timeout=T).text
+    assert f'adapter_serve_model_info{{device="cpu",dtype="float32",model="{loaded.name}",weight_format="{expected}"}} 1.0' in metrics

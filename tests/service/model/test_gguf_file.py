@@ -68,3 +68,23 @@ def test_not_gguf_and_truncated_files_are_refused(tmp_path):
     cut.write_bytes(head)
     with pytest.raises(ValueError, match="truncated or malformed"):
         read_gguf(str(cut))
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.F32, GGMLQuantizationType.Q4_1])
+def test_a_file_cut_inside_the_tensor_data_names_the_tensor(tmp_path, kind):
+    """numpy's reshape error ("cannot reshape array of size ...") was all a cut GGUF said."""
+    path = tmp_path / "t.gguf"
+    w = GGUFWriter(str(path), "llama")
+    values = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    data = values if kind == GGMLQuantizationType.F32 else quantize(values, kind)
+    w.add_tensor("first.weight", np.ones((2, 32), dtype=np.float32))
+    w.add_tensor("last.weight", data, raw_shape=data.shape, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-40])
+    with pytest.raises(ValueError, match=rf"truncated GGUF: tensor last\.weight \({kind.name}, .* runs past the "
+                                         rf"end of the file \({len(whole) - 40} bytes\)"):
+        read_gguf(str(path))

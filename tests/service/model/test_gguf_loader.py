@@ -204,3 +204,17 @@ def test_q4_1_dequantisation_matches_numpy_reference():
     m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     q = np.concatenate([blocks[:, 4:] & 0xF, blocks[:, 4:] >> 4], axis=1).astype(np.float32)
     assert np.array_equal(dequantize(quantize(x, T.Q4_1), T.Q4_1).reshape(-1, 32), d * q + m)
+
+
+def test_weights_the_kernel_cannot_read_are_dequantised_with_a_warning(tmp_path, caplog):
+    """`WEIGHT_FORMAT=gguf` on a Q5_0 file: those weights are served as fp32, and the start-up says so."""
+    model = _tiny_llama()
+    path = str(tmp_path / "tiny.gguf")
+    quant = {"model.layers.0.mlp.down_proj.weight": T.Q5_0, "model.layers.1.mlp.down_proj.weight": T.Q5_0,
+             "model.layers.0.mlp.up_proj.weight": T.Q4_1}
+    write_tiny_gguf(path, "llama", model.config, model.state_dict(), quant)
+    with caplog.at_level("WARNING", logger="adapter_serve"):
+        loaded = load_gguf(path, keep_stored=True)
+    assert "model.layers.0.mlp.down_proj.weight" in loaded.state_dict and loaded.stored
+    (warning,) = [r.getMessage() for r in caplog.records if "not served as stored" in r.getMessage()]
+    assert "2 Q5_0 weights" in warning and "dequantised to float32" in warning and "Q4_1 weight" not in warning
