@@ -32,7 +32,7 @@ from service.engine.engine import QueueFullError
 from service.json_nesting import TooDeep
 from service.logs import escape_control
 from service.model.chat_template import ChatTemplateError
-from service.registry import RegistryError
+from service.registry import RegistryError, Unavailable
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 408: "request_timeout", 409: "conflict_error", 413: "request_too_large",
@@ -151,7 +151,8 @@ async def _unparsable_body(request: Request) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def registry_error(request: Request, exc: RegistryError):
-        return _respond(request, exc.status, str(exc))
+        # no device slot now (an admin load, vLLM's load_lora_adapter): a turn to come back for, as the 429s say
+        return _respond(request, exc.status, str(exc), {"Retry-After": "1"} if isinstance(exc, Unavailable) else None)
 
     @app.exception_handler(ac.AdapterError)
     async def adapter_error(request: Request, exc: ac.AdapterError):
