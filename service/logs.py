@@ -5,7 +5,8 @@ warnings. A newline inside one would start what looks like a new log
 line, a carriage return or an ANSI escape could hide text on a terminal, and a lone surrogate cannot even be
 written as UTF-8. `install()` wraps the process's log-record factory so that every record's message, once its
 arguments are formatted, has those characters escaped (`\\n`, `\\x1b`, `\\ud800`...); a traceback attached to a
-record keeps its own lines, and so does uvicorn's record of a failed start-up, whose message is the traceback. Warnings are printed to stderr as before, one line each with the message escaped
+record keeps its own lines, and so does uvicorn's record of a failed start-up, whose message is the traceback
+(each line still escaped). Warnings are printed to stderr as before, one line each with the message escaped
 (`logging.captureWarnings` would send them to a logger that drops them unless the root logger has a handler,
 which uvicorn does not give it). It is idempotent and called by `create_app`.
 """

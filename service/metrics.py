@@ -138,8 +138,9 @@ class Metrics:
         self.adapter_bytes = Gauge("adapter_serve_adapter_bytes", "Weight bytes of the adapters per tier (stored: "
                                    "the files; cpu, device: in memory, in adapter_dtype)",
                                    ["tier"], registry=r)
-        self.adapter_load_failures = Counter("adapter_serve_adapter_load_failures", "Adapter loads that failed (unreadable, invalid, refused by the model; a wait for a device slot is not one)",
-                                             registry=r)
+        self.adapter_load_failures = Counter("adapter_serve_adapter_load_failures", "Adapter loads that failed "
+                                             "(unreadable, invalid, refused by the model; a wait for a device "
+                                             "slot is not one)", registry=r)
         self.evictions = Counter("adapter_serve_adapter_evictions", "Adapters moved down a tier",
                                  ["from_tier"], registry=r)
         self.gc_pause = Histogram("adapter_serve_gc_pause_seconds", "Python garbage collections (every thread "

@@ -13,8 +13,8 @@ value; AdaLoRA's `lora_alpha`) is at most `MAX_LORA_SCALING` in magnitude; the w
 safetensors, or as a `.bin` only through `torch.load(weights_only=True)`, so a malicious pickle is refused
 and never run (422); every tensor is floating point and finite (422 naming the tensor); copies of the base
 model's own weights that PEFT saves with some adapters (`base_copies.py`) equal the served ones (else 422)
-and are left out; and the adapter fits the base model. The fit check loads the adapter, with the library's own matching and shape rules, into a
-*meta skeleton* of the base model: a copy of its module tree whose parameters live on the meta device
+and are left out; and the adapter fits the base model. The fit check loads the adapter, with the library's
+own matching and shape rules, into a *meta skeleton* of the base model: a copy of its module tree whose parameters live on the meta device
 (built once, in milliseconds, and cloned per check), with adapters already on the model stripped off.
 That finds targets the model lacks, tensors of the wrong shape, missing tensors and tensors that fit no
 module (refused rather than silently ignored) exactly as a real load would, for any model, at no memory

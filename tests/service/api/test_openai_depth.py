@@ -316,5 +316,6 @@ def test_a_character_cut_by_max_tokens_is_not_shown(client, loaded, stream):
         out = client.completions.create(**kw)
         text, usage = out.choices[0].text, out.usage
     assert text == "" and usage.completion_tokens == 1
-    chat = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=1, logit_bias={str(first_byte): 100})
+    chat = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=1,
+                                          logit_bias={str(first_byte): 100})
     assert chat.choices[0].message.content == "" and chat.choices[0].finish_reason == "length"

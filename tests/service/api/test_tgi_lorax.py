@@ -223,4 +223,5 @@ def test_the_weight_format_served_is_reported(server, loaded):
         len(loaded.stored) + len(loaded.state_dict))
     assert httpx.get(f"{server.url}/stats", timeout=T).json()["weights"]["weight_format"] == expected
     metrics = httpx.get(f"{server.url}/metrics", timeout=T).text
-    assert f'adapter_serve_model_info{{device="cpu",dtype="float32",model="{loaded.name}",weight_format="{expected}"}} 1.0' in metrics
+    labels = f'device="cpu",dtype="float32",model="{loaded.name}",weight_format="{expected}"'
+    assert f"adapter_serve_model_info{{{labels}}} 1.0" in metrics
