@@ -124,6 +124,17 @@ class AdapterLayer(Watched, nn.Module):
         self.scaling[name] = scaling
         self.lora_dropout[name] = nn.Dropout(dropout).train(self.training) if dropout > 0 else _NO_DROPOUT
 
+    def register_lora_entries(self, name: str, r: int, scaling: float, dropout: float, lora_a: nn.Module,
+                              lora_b: nn.Module) -> None:
+        """`register_lora` and the factors' modules, written straight into the ModuleDicts' `_modules`, where
+        their `__setitem__` ends, for a name the caller checked `add_module` takes (`prepared._plain_entry`)."""
+        modules = self._modules
+        self.kind[name], self.r[name], self.scaling[name] = "LORA", r, scaling
+        modules["lora_dropout"]._modules[name] = (nn.Dropout(dropout).train(self.training) if dropout > 0
+                                                  else _NO_DROPOUT)
+        modules["lora_A"]._modules[name] = lora_a
+        modules["lora_B"]._modules[name] = lora_b
+
     def add_lora(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
                  lora_bias: bool, init, meta: bool) -> None:
         if r <= 0:

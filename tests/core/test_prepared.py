@@ -1,6 +1,7 @@
 """`prepare_adapter` + `attach_prepared` (a server's off-thread LoRA load) leave the model exactly as
 `load_adapter` does for the same adapter: same outputs in a mixed batch, same PEFT state dict, the adapter
 inactive and frozen; and they step aside (None / False, model unchanged) for what they do not cover."""
+import pytest
 import torch
 
 import adapters_core as ac
@@ -231,3 +232,30 @@ def test_plain_factors_share_storage_and_lay_b_out_as_bt():
     assert torch.equal(got_b, dense_b) and torch.equal(bt, dense_b.T)
     grad_a = torch.randn(4, 8, requires_grad=True)
     assert not plain_factors(grad_a, stored_bt.T)[0].requires_grad
+
+
+def test_attach_writes_what_the_module_dicts_would_and_refuses_what_add_module_refuses():
+    """The entries go straight into the ModuleDicts (no per-entry `add_module`): the same modules, names and
+    parameters as a full load, dropout included; a name `add_module` refuses (an attribute of ModuleDict, which
+    a full load refuses half-way with a KeyError) is refused before anything changes."""
+    config2 = _config(6, lora_dropout=0.1)
+    attached, loaded = _both(_state(4, 0), _state(6, 1), config2)
+    for layer in ("q_proj", "v_proj"):
+        for holder in ("lora_A", "lora_B", "lora_dropout"):
+            got, want = getattr(attached, layer)._modules[holder], getattr(loaded, layer)._modules[holder]
+            assert list(got.keys()) == list(want.keys()) == ["first", "second"]
+            assert type(got["second"]) is type(want["second"])
+    assert isinstance(attached.q_proj.lora_dropout["second"], torch.nn.Dropout)
+    assert [n for n, _ in attached.named_parameters()] == [n for n, _ in loaded.named_parameters()]
+    model = _model()
+    ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=_state(4, 0),
+                    low_cpu_mem_usage=True)
+    before = [n for n, _ in model.named_modules()]
+    prepared = prepare_adapter(model, _config(6), pack_adapter_tensors(_state(6, 1)), "items")
+    with pytest.raises(ac.AdapterError, match="'items' is an attribute of torch's ModuleDict"):
+        attach_prepared(model, prepared)
+    with pytest.raises(KeyError, match="attribute 'items' already exists"):
+        ac.load_adapter(_model(), "x", adapter_name="items", config=_config(6), state_dict=_state(6, 1),
+                        low_cpu_mem_usage=True)
+    assert [n for n, _ in model.named_modules()] == before
+    assert "items" not in model.q_proj.kind and "items" not in model.peft_config
