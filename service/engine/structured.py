@@ -77,6 +77,7 @@ class Constraint:
             raise ValueError(f"{field}: the schema `false` matches nothing")
         if not isinstance(schema, dict):
             raise ValueError(f"{field}: a JSON schema must be an object")
+        _check_integer_bounds(schema, field)
         return cls("json_schema", json.dumps(schema, sort_keys=False, separators=(",", ":")), field)
 
     @classmethod
@@ -150,6 +151,34 @@ class Guide:
             raise self._failed(f"the grammar failed during generation at token {token}")
 
 
+# llguidance 1.9's integer ranges: a bound within ~1,000 of -2**63 crashes the process (a stack overflow in its
+# range-to-regex code), and bounds past the 64-bit range give values outside them; so integer bounds must lie
+# within +-9e18 (97.6 % of the 64-bit range).
+MAX_INTEGER_BOUND = 9 * 10**18
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _check_integer_bounds(schema: Any, field: str, path: str = "") -> None:
+    """ValueError naming the first bound of an integer (or untyped) subschema past +-`MAX_INTEGER_BOUND`."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            _check_integer_bounds(item, field, f"{path}[{i}]")
+        return
+    if not isinstance(schema, dict):
+        return
+    kind = schema.get("type")
+    if kind is None or kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+        for key in _BOUNDS:
+            bound = schema.get(key)
+            if (isinstance(bound, (int, float)) and not isinstance(bound, bool)
+                    and not abs(bound) <= MAX_INTEGER_BOUND):
+                raise ValueError(f"{field}{path}.{key}: integer bounds must lie within +-{MAX_INTEGER_BOUND:.0e} "
+                                 f"(the grammar engine's range); got {bound}")
+    for key, value in schema.items():
+        if isinstance(value, (dict, list)):
+            _check_integer_bounds(value, field, f"{path}.{key}")
+
+
 def _float32(logits: torch.Tensor) -> np.ndarray:
     """A logits row as float32 numpy (bfloat16 widened bit by bit, exactly)."""
     logits = logits.detach().cpu()
@@ -162,7 +191,13 @@ def _float32(logits: torch.Tensor) -> np.ndarray:
 
 def _error(matcher: llguidance.LLMatcher) -> str:
     error = matcher.get_error()
-    return f": {error.splitlines()[0]}" if error else ""
+    return f": {_one_line(error)}" if error else ""
+
+
+def _one_line(error: str) -> str:
+    """llguidance's message on one line: its lines joined (a regex error's reason comes on the lines after
+    "regex parse error:", the pattern with a caret under the fault, then the reason), blank ones dropped."""
+    return " ".join(line.strip() for line in error.strip().splitlines() if line.strip())
 
 
 class Grammars:
@@ -202,7 +237,7 @@ class Grammars:
         if template is None or template.is_error() or error:
             what = {"json_schema": "JSON schema", "regex": "regular expression", "choice": "choice list",
                     "grammar": "grammar"}[constraint.kind]
-            detail = ((error or template.get_error()).strip().splitlines() or ["unknown error"])[0]
+            detail = _one_line(error or template.get_error()) or "unknown error"
             raise ValueError(f"{constraint.field}: invalid or unsupported {what}: {detail}")
         self._templates[key] = template
         if len(self._templates) > MAX_CACHED_GRAMMARS:

@@ -124,6 +124,8 @@ def test_greedy_constrained_and_max_tokens_cut_with_length(engine, tokenizer):
      "response_format.schema: invalid or unsupported JSON schema: Invalid type: strng"),
     (Constraint.json_schema({"type": "object", "if": {}}, "guided_json"), "guided_json: invalid or unsupported"),
     (Constraint.regex("[a-", "guided_regex"), "guided_regex: invalid or unsupported regular expression"),
+    # the reason, which llguidance gives on the lines after "regex parse error:" (a probe saw it cut off)
+    (Constraint.regex("a{5,2}", "guided_regex"), "error: invalid repetition count range"),
     (Constraint.grammar("start: foo", "guided_grammar"), "guided_grammar: invalid or unsupported grammar"),
     # grammars that match no text: in error at their first mask, found before anything is queued
     (Constraint.grammar("start: start", "guided_grammar"),
@@ -199,3 +201,14 @@ def test_greedy_under_a_grammar_is_the_argmax_over_the_allowed_tokens(engine, to
         assert guide.greedy(logits) == expected
         masked_away += int(logits.float().argmax()) != expected        # the mask changed the choice
     assert masked_away >= 3
+
+
+@pytest.mark.parametrize("bound", [-100000000000000000009, -2**63, -2**63 + 800, 10**20, 2**63, -9.3e18])
+def test_integer_bounds_past_the_grammar_engines_range_are_refused(bound):
+    """llguidance 1.9 crashed the whole process on an integer range within ~1,000 of -2**63 (a stack overflow),
+    and gave values outside ranges past 2**63: such bounds are a ValueError naming the bound, before compiling."""
+    schema = {"type": "object", "properties": {"i": {"type": ["integer", "null"], "minimum": bound}}}
+    with pytest.raises(ValueError, match=r"guided_json\.properties\.i\.minimum: integer bounds must lie within"):
+        Constraint.json_schema(schema, "guided_json")
+    Constraint.json_schema({"properties": {"i": {"type": "integer", "minimum": -9 * 10**18}}}, "guided_json")
+    Constraint.json_schema({"properties": {"x": {"type": "number", "minimum": 1e300}}}, "guided_json")
