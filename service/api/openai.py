@@ -38,6 +38,7 @@ from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Co
                               choice_seed, content_text, sampling_params)
 from .prompts import encode_chat, encode_prompt
 from .tool_calls import parses_tool_calls, tool_calls
+from .tool_requests import check_tools, template_messages
 
 router = APIRouter(route_class=JsonRoute)
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
@@ -246,16 +247,18 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = sampling_params(req, max_tokens(state, req.max_completion_tokens or req.max_tokens, field),
                              bool(req.logprobs), req.top_logprobs or 0)
-    if req.tools and req.tool_choice != "none" and not uses_variable(state.loaded.chat_template, "tools"):
+    tools = check_tools(req.tools)
+    if tools and req.tool_choice != "none" and not uses_variable(state.loaded.chat_template, "tools"):
         raise HTTPException(400, "tools: this model's chat template does not support tools")
-    messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
-                for i, m in enumerate(req.messages)]
+    messages = template_messages([{**m.model_dump(exclude_none=True),
+                                   "content": content_text(m.content, f"messages[{i}].content")}
+                                  for i, m in enumerate(req.messages)])
     variables = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort is not None:      # as vLLM: for templates that read it (gpt-oss's and others)
         if not uses_variable(state.loaded.chat_template, "reasoning_effort"):
             raise HTTPException(400, "reasoning_effort: this model's chat template does not read it")
         variables.setdefault("reasoning_effort", req.reasoning_effort)
-    ids = await encode_chat(state, messages, tools=req.tools if req.tool_choice != "none" else None,
+    ids = await encode_chat(state, messages, tools=tools if req.tool_choice != "none" else None,
                             add_generation_prompt=req.add_generation_prompt, variables=variables,
                             continue_final_message=req.continue_final_message)
     # the answer's role, as vLLM's: a new assistant turn, or the last message's when it is continued

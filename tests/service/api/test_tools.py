@@ -115,3 +115,41 @@ def test_responses_reasoning_effort_reaches_the_template_too(client, server):
                                    reasoning={"effort": "high"})
     tokens = server.server.config.app.state.serving.loaded.tokenizer.encode("Reasoning: high\n", add_special_tokens=False)
     assert high.usage.input_tokens == plain.usage.input_tokens + len(tokens) and high.reasoning.effort == "high"
+
+
+@pytest.mark.parametrize("tools, message", [
+    ([{}], r"tools\[0\]\.type: must be \"function\""),
+    ([{"type": "retrieval"}], r"tools\[0\]\.type"),
+    ([{"type": "function"}], r"tools\[0\]\.function: required"),
+    ([{"type": "function", "function": {"name": "get weather!"}}], r"tools\[0\]\.function\.name: must be 1-64"),
+    ([{"type": "function", "function": {"name": "x" * 65}}], r"tools\[0\]\.function\.name"),
+    ([TOOLS[0], TOOLS[0]], r"tools\[1\]\.function\.name: 'get_weather' is named by an earlier tool too"),
+    ([{"type": "function", "function": {"name": "f", "parameters": [1, 2]}}], r"tools\[0\]\.function\.parameters"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}], r"\.parameters: must be"),
+    ([{"type": "function", "function": {"name": "f", "paramaters": {}}}], r"unknown field 'paramaters'"),
+])
+def test_bad_tool_definitions_are_400s_naming_them(client, server, tools, message):
+    """A probe found every one of these rendered into the prompt with a 200 (OpenAI answers 400)."""
+    model = server.server.config.app.state.serving.model_id
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(model=model, messages=ASK, tools=tools, max_tokens=2)
+
+
+def test_tool_turns_are_checked_and_their_arguments_reach_templates_as_objects():
+    """OpenAI clients send a call's arguments as a JSON string; templates `| tojson` the object (vLLM parses
+    the string first), so the string is parsed; a tool message needs its tool_call_id."""
+    from fastapi import HTTPException
+
+    from service.api.tool_requests import template_messages
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turns = [ASK[0], {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    out = template_messages(turns)
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert turns[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'        # not changed in place
+    with pytest.raises(HTTPException, match=r"messages\[2\]\.tool_call_id: required"):
+        template_messages([*turns[:2], {"role": "tool", "content": "sunny"}])
+    bad = {**call, "function": {"name": "get_weather", "arguments": "{not json"}}
+    with pytest.raises(HTTPException, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments: not valid JSON"):
+        template_messages([ASK[0], {"role": "assistant", "content": None, "tool_calls": [bad]}])
