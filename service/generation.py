@@ -153,7 +153,9 @@ class TextGenerator:
                       options: TextOptions, arrival: float) -> AsyncIterator[Piece]:
         times: list[float] = []
         outcome, ended = "error", False       # ended: the last piece was handed over (closing after it is no cancel)
-        decoder = IncrementalDecoder(self.tokenizer, options.skip_special_tokens)
+        # the prompt's last ids give the first token its left context (a sentencepiece word's leading space, as
+        # vLLM's and TGI's detokenizers keep it)
+        decoder = IncrementalDecoder(self.tokenizer, options.skip_special_tokens, prompt_ids=prompt_ids)
         matcher = StopStringMatcher(options.stop, options.include_stop)
         prompt_logprobs = None              # the engine sends them with the first event; on the first piece here
         try:

@@ -63,11 +63,12 @@ class TokenText:
     def chat(self, ids: Sequence[int], logprobs: Sequence[Optional[float]], tops: Sequence[Top]) -> dict:
         return {"content": [self.chat_entry(t, lp, top) for t, lp, top in zip(ids, logprobs, tops)], "refusal": None}
 
-    def offsets(self, ids: Sequence[int], start: int, length: int, skip_special_tokens: bool) -> list[int]:
+    def offsets(self, ids: Sequence[int], start: int, length: int, skip_special_tokens: bool,
+                prompt_ids: Sequence[int] = ()) -> list[int]:
         """Where each of `ids` starts in a text whose `length` characters from `start` are their decoding (as
-        `IncrementalDecoder` emits it: a cut character counts once complete): non-decreasing, within the text
-        (a stop string may have cut it short)."""
-        decoder, done, out = IncrementalDecoder(self.tokenizer, skip_special_tokens), 0, []
+        `IncrementalDecoder` emits it after `prompt_ids`: a cut character counts once complete): non-decreasing,
+        within the text (a stop string may have cut it short)."""
+        decoder, done, out = IncrementalDecoder(self.tokenizer, skip_special_tokens, prompt_ids), 0, []
         for t in ids:
             out.append(start + min(done, length))
             done += len(decoder.push(t))

@@ -231,7 +231,7 @@ async def completions(req: CompletionRequest, state: StateDep, caller: Inference
         for j, out in enumerate(best(outs[p * best_of:(p + 1) * best_of], n)):
             logprobs = (tokens.completion(out.token_ids, out.logprobs, out.top_logprobs,
                                           tokens.offsets(out.token_ids, len(echoes[p]), len(out.text),
-                                                         options.skip_special_tokens))
+                                                         options.skip_special_tokens, ids[p]))
                         if req.logprobs is not None else None)
             if echo_logprobs:
                 logprobs = joined(tokens.prompt_completion(ids[p], out.prompt_logprobs, echoes[p]), logprobs)

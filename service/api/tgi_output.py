@@ -35,7 +35,7 @@ class Output:
         self.finish_reason: Optional[str] = None
         # each token's own text, as TGI reports it (the pieces' text is what the stop strings let through, so a
         # token that starts a possible stop sequence would show "" and the one completing it the held text)
-        self.decoder = IncrementalDecoder(self.tokenizer)
+        self.decoder = IncrementalDecoder(self.tokenizer, prompt_ids=prompt_ids or ())
 
     def _token(self, token_id: int, text: str, logprob: Optional[float], special: bool = False) -> dict[str, Any]:
         return {"id": token_id, "text": text, "logprob": logprob, "special": special, "skipped": False}

@@ -1,6 +1,7 @@
 """Tokenizer.from_gguf against transformers' GGUF tokenizer and against llama.cpp's pre-tokenizer rules, and the
 IncrementalDecoder's streaming invariant (pieces concatenate to decode(all ids), no broken characters)."""
 
+import json
 import random
 
 import pytest
@@ -187,3 +188,37 @@ def test_emoji_is_emitted_whole(ours):
     assert [p for p in pieces if p] and all(not p or p.isprintable() or "\u200d" in p for p in pieces)
     assert "".join(pieces) == "👨‍👩‍👧"
     assert len(ids) > len([p for p in pieces if p])  # several tokens per character were held and joined
+
+
+def _sentencepiece_style() -> Tokenizer:
+    """A Llama-2 / Mistral-style tokenizer (metaspace with a prepended "▁", byte fallback, the decoder stripping
+    one leading space), trained here on a little text."""
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, trainers
+
+    text = "the cat sat on the mat and the dog ate the hat " * 20
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer_side = Backend(models.BPE())
+    trainer_side.normalizer = normalizer
+    trainer_side.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    trainer_side.train_from_iterator([text], trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    trained = json.loads(trainer_side.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizer
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_a_sentencepiece_words_leading_space_needs_the_prompts_context():
+    """What the service's streams pass (`prompt_ids`, a probe found them unpassed): the first generated word
+    keeps its space, as decode(prompt + output) minus decode(prompt) has it (vLLM's and TGI's detokenizers)."""
+    tok = _sentencepiece_style()
+    prompt, output = tok.encode("the cat", add_special_tokens=False), tok.encode("sat on", add_special_tokens=False)
+    expected = tok.decode(prompt + output)[len(tok.decode(prompt)):]
+    assert expected == " sat on"
+    assert "".join(_stream(tok, output, True, prompt_ids=prompt)) == expected
+    assert "".join(_stream(tok, output, True)) == "sat on"            # without it the space is lost
