@@ -40,6 +40,8 @@ import torch
 
 from service.json_nesting import TooDeep, check_depth
 
+from .grammar_tokenizer import for_llguidance
+
 # JSON output without free whitespace (a schema's "x-guidance" options may still override these).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_CACHED_GRAMMARS = 256
@@ -210,7 +212,8 @@ class Grammars:
             raise ValueError("structured output needs the model's end-of-sequence token ids")
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32                     # int32 words of one bitmask row
-        self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=eos)
+        self.tokenizer = llguidance.LLTokenizer(for_llguidance(tokenizer.backend.to_str()), n_vocab=vocab_size,
+                                                eos_token=eos)
         self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
 
     def compile(self, constraint: Constraint) -> llguidance.LLMatcher:
