@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from contextlib import asynccontextmanager
 from typing import Optional
 
@@ -24,6 +25,7 @@ from service.generation import TextGenerator
 from service.kernels import native_kernels
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
+from service.model.chat_template import check_template
 from service.model.decoder import Decoder
 from service.model.device import resolve_device
 from service.model.dtype import parse_dtype
@@ -50,6 +52,10 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
     check_finite_dense(loaded, settings.model or "the embedded model")
     store_weights(loaded, fmt)
     dtype = parse_dtype(settings.dtype, device) if fmt == "dense" else torch.float32
+    broken = check_template(loaded.chat_template)
+    if broken:                                  # completions still work; chat answers 500 saying this
+        print(f"adapter-serve: warning: {broken}; chat requests will fail until the template is fixed",
+              file=sys.stderr, flush=True)
     weights = weights_summary(loaded, fmt, dtype)
     # printed as the cli prints its start-up lines (this process's own loggers print warnings only)
     print(f"adapter-serve: serving the base weights as {describe(weights)} on {device}", flush=True)

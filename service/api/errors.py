@@ -31,7 +31,7 @@ import adapters_core as ac
 from service.engine.engine import QueueFullError
 from service.json_nesting import TooDeep
 from service.logs import escape_control
-from service.model.chat_template import ChatTemplateError
+from service.model.chat_template import ChatTemplateBroken, ChatTemplateError
 from service.registry import RegistryError, Unavailable
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -184,6 +184,10 @@ def install(app: FastAPI) -> None:
         elif exc.status_code == 400 and message == "There was an error parsing the body":     # FastAPI's words
             message = await _unparsable_body(request)
         return _respond(request, exc.status_code, message, headers)
+
+    @app.exception_handler(ChatTemplateBroken)          # the server's template, not the request: a 500
+    async def broken_template(request: Request, exc: ChatTemplateBroken):
+        return _respond(request, 500, str(exc))
 
     for kind, (status, say) in INPUT_ERRORS.items():
         async def handler(request: Request, exc: Exception, status=status, say=say):

@@ -28,6 +28,22 @@ class ChatTemplateError(ValueError):
     """The model has no chat template, or its template rejected the conversation."""
 
 
+class ChatTemplateBroken(ChatTemplateError):
+    """The model's chat template does not compile: the server's fault, not the request's (a 500; `check_template`
+    says so at start)."""
+
+
+def check_template(template: Optional[str]) -> Optional[str]:
+    """None when `template` (if any) compiles, else what is wrong with it."""
+    if not template:
+        return None
+    try:
+        _compile(template)
+    except ChatTemplateError as exc:
+        return str(exc)
+    return None
+
+
 def render_chat(template: Optional[str], messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", tools: Optional[list[dict[str, Any]]] = None,
                 continue_final_message: bool = False, **extra: Any) -> str:
@@ -158,4 +174,4 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        raise ChatTemplateBroken(f"the model's chat template does not compile: {exc} (line {exc.lineno})") from exc

@@ -153,3 +153,21 @@ def test_tool_turns_are_checked_and_their_arguments_reach_templates_as_objects()
     bad = {**call, "function": {"name": "get_weather", "arguments": "{not json"}}
     with pytest.raises(HTTPException, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments: not valid JSON"):
         template_messages([ASK[0], {"role": "assistant", "content": None, "tool_calls": [bad]}])
+
+
+def test_a_chat_template_that_does_not_compile_is_the_servers_500_and_said_at_start(tmp_path, capfd):
+    """A probe's folder with a template syntax error started silently and blamed every chat request (400)."""
+    from service.model.chat_template import check_template
+
+    broken = "{% for m in messages %}{{ m.content }"
+    assert "does not compile" in check_template(broken) and check_template(TEMPLATE) is None
+    loaded = dataclasses.replace(load_model(None), chat_template=broken)
+    settings = Settings(adapter_dir=str(tmp_path / "store"), dtype="float32", max_batch_size=2, max_seq_len=128,
+                        max_tokens_limit=8)
+    with LiveServer(create_app(settings, loaded)) as live:
+        assert "warning: the model's chat template does not compile" in capfd.readouterr().err
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        model = live.server.config.app.state.serving.model_id
+        with pytest.raises(openai.InternalServerError, match="the model's chat template does not compile"):
+            client.chat.completions.create(model=model, messages=ASK, max_tokens=2)
+        assert client.completions.create(model=model, prompt="Hi", max_tokens=2).choices[0].finish_reason
