@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import asyncio
 from importlib import metadata
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from service.model.chat_template import uses_variable
 
 from .deps import InferenceCaller, StateDep
 from .json_route import JsonRoute
 from .openai import resolve_adapter
 from .openai_requests import Message, content_text
 from .prompts import _check_size, encode_chat, text_bytes
+from .tool_requests import check_tools, template_messages
 
 router = APIRouter(route_class=JsonRoute)
 
@@ -29,6 +32,8 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: Optional[bool] = None     # prompt: default true; messages: the template places them
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: Optional[list[Any]] = None                   # messages only: as the chat route renders them
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: bool = False
 
 
@@ -43,7 +48,8 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
     adapter = resolve_adapter(state, caller, req.model) if req.model is not None else None
     if (req.prompt is None) == (req.messages is None):
         raise HTTPException(400, "give exactly one of prompt and messages")
-    chat_only = [f for f in ("add_generation_prompt", "continue_final_message") if f in req.model_fields_set]
+    chat_only = [f for f in ("add_generation_prompt", "continue_final_message", "tools", "chat_template_kwargs")
+                 if f in req.model_fields_set]
     if req.prompt is not None and chat_only:
         raise HTTPException(400, f"{chat_only[0]}: only with messages (a prompt is tokenised as given)")
     tokenizer = state.loaded.tokenizer
@@ -54,9 +60,14 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
         if req.add_special_tokens:
             raise HTTPException(400, "add_special_tokens: not supported with messages (the chat template "
                                      "writes the special tokens)")
-        messages = [{**m.model_dump(exclude_none=True), "content": content_text(m.content, f"messages[{i}].content")}
-                    for i, m in enumerate(req.messages)]
-        ids = await encode_chat(state, messages, add_generation_prompt=req.add_generation_prompt,
+        tools = check_tools(req.tools)
+        if tools and not uses_variable(state.loaded.chat_template, "tools"):
+            raise HTTPException(400, "tools: this model's chat template does not support tools")
+        messages = template_messages([{**m.model_dump(exclude_none=True),
+                                       "content": content_text(m.content, f"messages[{i}].content")}
+                                      for i, m in enumerate(req.messages)])
+        ids = await encode_chat(state, messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
+                                variables=dict(req.chat_template_kwargs or {}),
                                 continue_final_message=req.continue_final_message)
     virtual = (state.registry.get(adapter).virtual_tokens or 0) if adapter is not None else 0
     return {"count": len(ids), "max_model_len": state.settings.max_seq_len - virtual, "tokens": ids,

@@ -171,3 +171,22 @@ def test_a_chat_template_that_does_not_compile_is_the_servers_500_and_said_at_st
         with pytest.raises(openai.InternalServerError, match="the model's chat template does not compile"):
             client.chat.completions.create(model=model, messages=ASK, max_tokens=2)
         assert client.completions.create(model=model, prompt="Hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_tokenize_counts_a_chat_with_tools_and_template_variables_as_the_chat_route_does(client, server):
+    """vLLM's /tokenize takes `tools` and `chat_template_kwargs` with messages (both were 422s here)."""
+    import httpx
+
+    model = server.server.config.app.state.serving.model_id
+    chat = client.chat.completions.create(model=model, messages=ASK, max_tokens=1, tools=TOOLS,
+                                          extra_body={"chat_template_kwargs": {"reasoning_effort": "low"}})
+    r = httpx.post(f"{server.url}/tokenize", json={"model": model, "messages": ASK, "tools": TOOLS,
+                                                   "chat_template_kwargs": {"reasoning_effort": "low"}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] == chat.usage.prompt_tokens
+    plain = httpx.post(f"{server.url}/tokenize", json={"messages": ASK}, timeout=60).json()["count"]
+    assert plain < r.json()["count"]
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": ASK, "tools": [{"type": "retrieval"}]}, timeout=60)
+    assert r.status_code == 400 and "tools[0].type" in r.text
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "hi", "tools": TOOLS}, timeout=60)
+    assert r.status_code == 400 and "tools: only with messages" in r.text
