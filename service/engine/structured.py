@@ -212,8 +212,16 @@ class Grammars:
             raise ValueError("structured output needs the model's end-of-sequence token ids")
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32                     # int32 words of one bitmask row
-        self.tokenizer = llguidance.LLTokenizer(for_llguidance(tokenizer.backend.to_str()), n_vocab=vocab_size,
-                                                eos_token=eos)
+        text = tokenizer.backend.to_str()
+        try:
+            self.tokenizer = llguidance.LLTokenizer(for_llguidance(text), n_vocab=vocab_size, eos_token=eos)
+        except BaseException as exc:            # (a Rust panic is a BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            kind = (json.loads(text).get("model") or {}).get("type", "unknown")
+            raise ValueError(f"the model's tokenizer ({kind}, {vocab_size} ids, end-of-sequence {eos}) cannot be "
+                             f"used by the grammar engine (llguidance): {_one_line(str(exc))[:500]}; byte-level "
+                             "and byte-fallback BPE tokenizers are supported") from None
         self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
 
     def compile(self, constraint: Constraint) -> llguidance.LLMatcher:

@@ -49,3 +49,15 @@ def test_special_tokens_and_other_tokenizers_pass_unchanged():
                                                              if t["special"]]
     plain = our_gguf_tokenizer().backend.to_str()
     assert for_llguidance(plain) == plain or all(t["special"] for t in json.loads(plain)["added_tokens"])
+
+
+def test_a_tokenizer_the_grammar_engine_cannot_read_is_named_at_start():
+    """A WordPiece folder failed deep inside llguidance with "can't determine decoder type" and a long traceback."""
+    import pytest
+    from tokenizers import decoders, models
+
+    backend = Backend(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2, "[SEP]": 3}, unk_token="[UNK]"))
+    backend.decoder = decoders.WordPiece()
+    with pytest.raises(ValueError, match=r"the model's tokenizer \(WordPiece, 4 ids, end-of-sequence \[3\]\) cannot "
+                                         r"be used by the grammar engine"):
+        Grammars(Tokenizer(backend, eos_token="[SEP]"), 4, [3])
