@@ -24,7 +24,11 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 def inference_client(server, monkeypatch):
     """huggingface_hub's InferenceClient on this server: the suite's offline mode would refuse even 127.0.0.1."""
     from huggingface_hub import InferenceClient, constants
+    from huggingface_hub.utils import close_session
     monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    # a fresh pooled session: the library's shared one may hold a keep-alive connection that the server's
+    # 5 s keep-alive timeout is closing (httpx's expiry is 5 s too); one full-suite run waited out its 60 s there
+    close_session()
     return InferenceClient(base_url=server.url, timeout=T)
 
 
