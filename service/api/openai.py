@@ -35,10 +35,10 @@ from .errors import MAX_SHOWN, error_detail, shown
 from .json_route import JsonRoute
 from .logprobs import TokenText, joined
 from .openai_requests import (MAX_SEQUENCES, ChatRequest, CompletionRequest, _Common, check_chat, check_completion,
-                              choice_seed, content_text, sampling_params)
+                              choice_seed, sampling_params)
 from .prompts import encode_chat, encode_prompt
 from .tool_calls import parses_tool_calls, tool_calls
-from .tool_requests import check_tools, template_messages
+from .tool_requests import template_tools, template_turns
 
 router = APIRouter(route_class=JsonRoute)
 SSE = {200: {"content": {"text/event-stream": {}}}}     # `stream: true` answers with server-sent events
@@ -247,12 +247,8 @@ async def chat_completions(req: ChatRequest, state: StateDep, caller: InferenceC
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = sampling_params(req, max_tokens(state, req.max_completion_tokens or req.max_tokens, field),
                              bool(req.logprobs), req.top_logprobs or 0)
-    tools = check_tools(req.tools)
-    if tools and req.tool_choice != "none" and not uses_variable(state.loaded.chat_template, "tools"):
-        raise HTTPException(400, "tools: this model's chat template does not support tools")
-    messages = template_messages([{**m.model_dump(exclude_none=True),
-                                   "content": content_text(m.content, f"messages[{i}].content")}
-                                  for i, m in enumerate(req.messages)])
+    tools = template_tools(req.tools, state.loaded.chat_template, rendered=req.tool_choice != "none")
+    messages = template_turns(req.messages)
     variables = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort is not None:      # as vLLM: for templates that read it (gpt-oss's and others)
         if not uses_variable(state.loaded.chat_template, "reasoning_effort"):

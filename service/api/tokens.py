@@ -12,14 +12,12 @@ from typing import Any, Optional
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from service.model.chat_template import uses_variable
-
 from .deps import InferenceCaller, StateDep
 from .json_route import JsonRoute
 from .openai import resolve_adapter
-from .openai_requests import Message, content_text
+from .openai_requests import Message
 from .prompts import _check_size, encode_chat, text_bytes
-from .tool_requests import check_tools, template_messages
+from .tool_requests import template_tools, template_turns
 
 router = APIRouter(route_class=JsonRoute)
 
@@ -60,13 +58,8 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
         if req.add_special_tokens:
             raise HTTPException(400, "add_special_tokens: not supported with messages (the chat template "
                                      "writes the special tokens)")
-        tools = check_tools(req.tools)
-        if tools and not uses_variable(state.loaded.chat_template, "tools"):
-            raise HTTPException(400, "tools: this model's chat template does not support tools")
-        messages = template_messages([{**m.model_dump(exclude_none=True),
-                                       "content": content_text(m.content, f"messages[{i}].content")}
-                                      for i, m in enumerate(req.messages)])
-        ids = await encode_chat(state, messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
+        tools = template_tools(req.tools, state.loaded.chat_template)
+        ids = await encode_chat(state, template_turns(req.messages), tools=tools, add_generation_prompt=req.add_generation_prompt,
                                 variables=dict(req.chat_template_kwargs or {}),
                                 continue_final_message=req.continue_final_message)
     virtual = (state.registry.get(adapter).virtual_tokens or 0) if adapter is not None else 0

