@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from . import held_io, sgmv
+
 FORMAT = "adapters_core packed"
 ALIGN = 64
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)      # Linux >= 5.14
@@ -110,19 +112,16 @@ def _iov_max() -> int:
 def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(the tensors `save_packed` wrote, in its order and layout, sharing one private mapping of the file; its
     metadata). Raises OSError when the file cannot be read and ValueError when it is not a whole packed file."""
-    fd = os.open(path, os.O_RDONLY)              # few calls that drop the GIL: a loader shares it with a server
-    try:
-        mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-    _populate(mapped)                                             # page tables filled now, pages still shared
-    length = len(mapped)
+    mapped, address = _map(path)
+    _populate(mapped, address)                                    # page tables filled now, pages still shared
+    raw = memoryview(mapped)                                      # [length] bytes
+    length = len(raw)
     if length < 8:
         raise ValueError(f"{path}: shorter than a safetensors header")
-    (header_len,) = struct.unpack_from("<Q", mapped, 0)
+    (header_len,) = struct.unpack_from("<Q", raw, 0)
     if header_len > min(length - 8, 1 << 24):
         raise ValueError(f"{path}: header length {header_len} does not fit the file")
-    header = json.loads(mapped[8:8 + header_len])
+    header = json.loads(bytes(raw[8:8 + header_len]))
     metadata = header.pop("__metadata__", None) or {}
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: not a packed adapter file")
@@ -132,22 +131,33 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path}: {length} bytes, its header says {end}")
     data = torch.frombuffer(mapped, dtype=torch.uint8)            # [length]; holds the mapping open
     transposed = set(json.loads(metadata.get("transposed", "[]")))
-    typed = {}                                        # dtype code -> (its run's view, itemsize, element 0's offset)
+    bases, typed = [], {}           # one view per dtype's run; dtype code -> (its base, itemsize, element 0's offset)
     for code, run in _runs(path, header, length - base).items():
         size = _DTYPES[code].itemsize
         start, (last, _, last_shape) = run[0][0], run[-1]
         view = data[base + start:base + last + math.prod(last_shape) * size].view(_DTYPES[code])
-        typed[code] = (view, size, view.storage_offset() - start // size)
-    out = {}
-    for key, entry in header.items():                             # the saved order: one call a tensor
-        view, size, origin = typed[entry["dtype"]]
-        shape, offset = entry["shape"], origin + entry["data_offsets"][0] // size
+        typed[code] = (len(bases), size, view.storage_offset() - start // size)
+        bases.append(view)
+    which, sizes, strides, offsets = [], [], [], []               # per tensor, in the saved order
+    for key, entry in header.items():
+        index, size, origin = typed[entry["dtype"]]
+        shape = entry["shape"]
+        which.append(index)
+        offsets.append(origin + entry["data_offsets"][0] // size)
         if key in transposed:                                     # a B: Bt [r, out] stored, B [out, r] given
             if len(shape) != 2:
                 raise ValueError(f"{path}: {key} is listed as transposed but has shape {shape}")
-            out[key] = view.as_strided((shape[1], shape[0]), (1, shape[1]), offset)
+            sizes.append([shape[1], shape[0]])
+            strides.append([1, shape[1]])
         else:
-            out[key] = view.as_strided(shape, _contiguous_strides(shape), offset)
+            sizes.append(list(shape))
+            strides.append(list(_contiguous_strides(shape)))
+    k = sgmv.kernel()
+    if k is not None:               # one call keeping the GIL (torch's as_strided lets it go each time: unpack.h)
+        views = k.strided_views(bases, which, sizes, strides, offsets)
+    else:
+        views = [bases[b].as_strided(z, st, o) for b, z, st, o in zip(which, sizes, strides, offsets)]
+    out = dict(zip(header, views))
     return out, metadata
 
 
@@ -160,18 +170,39 @@ def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _populate(mapped: mmap.mmap) -> None:
+def _map(path: str) -> tuple[object, Optional[int]]:
+    """(the file mapped private and writable, as a buffer; its address, or None where it is not known). Through
+    libc with the GIL kept where that is possible (`held_io`: a loader's open, mmap and close each waited up
+    to 5 ms for the GIL beside a busy event loop), else through Python's `mmap`."""
+    if held_io.available() and libc_madvise() is not None:
+        return held_io.map_private(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE), None
+    finally:
+        os.close(fd)
+
+
+def _populate(mapped, address: Optional[int] = None) -> None:
     """Fill the mapping's page tables now (reading from disk what the page cache lacks), the GIL released: a
     ctypes call to libc's `madvise` drops it, `mmap.madvise` does not. Falls back to `mmap.madvise`, and to
-    `MADV_WILLNEED` (read ahead; pages fault in on first use) where the kernel lacks `MADV_POPULATE_READ`."""
+    `MADV_WILLNEED` (read ahead; pages fault in on first use) where the kernel lacks `MADV_POPULATE_READ`.
+    `mapped` is a Python `mmap` (its address found here) or `held_io.map_private`'s array at `address`."""
     madvise = libc_madvise()
     if madvise is not None and len(mapped):
-        try:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))   # valid while `mapped` is open
-        except TypeError:                               # a read-only mapping exports no writable buffer
-            address = None
-        if address is not None and madvise(address, len(mapped), MADV_POPULATE_READ) == 0:
-            return
+        if address is None:
+            try:
+                address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))   # valid while `mapped` is open
+            except TypeError:                           # a read-only mapping exports no writable buffer
+                address = None
+        if address is not None:
+            if madvise(address, len(mapped), MADV_POPULATE_READ) == 0:
+                return
+            if not isinstance(mapped, mmap.mmap):       # no Python mmap to fall back on: read ahead instead
+                madvise(address, len(mapped), mmap.MADV_WILLNEED)
+                return
+    if not isinstance(mapped, mmap.mmap) or not len(mapped):
+        return
     try:
         mapped.madvise(MADV_POPULATE_READ)
     except OSError:
@@ -216,7 +247,15 @@ def _runs(path: str, header: dict, data_bytes: int) -> dict[str, list]:
 
 def source_identity(path: str) -> Optional[str]:
     """The file's device, inode, size and modification time as one string (None when it is missing): what a
-    packed file records of the file it was made from, so a file replaced or rewritten since is noticed."""
+    packed file records of the file it was made from, so a file replaced or rewritten since is noticed. Through
+    statx with the GIL held where that is possible (a loader asks on every load: `held_io`)."""
+    if held_io.available():
+        try:
+            got = held_io.stat_identity(path)
+        except NotImplementedError:
+            pass
+        else:
+            return None if got is None else "%d:%d:%d:%d" % got
     try:
         st = os.stat(path)
     except OSError:

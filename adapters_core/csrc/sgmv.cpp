@@ -325,6 +325,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dsts[i] = src's bytes at offsets[i] as dtype codes[i], copied, converted or transposed; per dst, whether "
         "it is all finite",
         py::call_guard<py::gil_scoped_release>());
+  // keeps the GIL (its point: see unpack.h); it makes views, it does not copy
+  m.def("strided_views", &strided_views, "views[i] = bases[which[i]].as_strided(sizes[i], strides[i], offsets[i])");
   m.def("lora_add_group_entry", &lora_add_group_entry, "lora_add_group_'s address (for decode_layers.cpp)");
   m.def("lora_add_group_split_entry", &lora_add_group_split_entry,
         "lora_add_group_split_'s address (for decode_layers.cpp)");

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import adapters_core as ac
+from adapters_core import held_io
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
 from adapters_core.packed_file import map_packed, save_packed, source_identity
@@ -41,6 +42,7 @@ META_NAME = "registry.json"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 META_TMP_SUFFIX = ".tmp"                # registry.json.<uuid>.tmp: a metadata rewrite not yet renamed over
 SERVED_PREFIX = "served."               # served.<adapter dtype>.safetensors: the tensors as held (read_served)
+MAX_CONFIG_READ = 64 << 20              # a stored adapter_config.json past this is not read (PEFT's are ~1-4 KB)
 
 
 def _fsync_dir(path: str) -> None:
@@ -145,7 +147,12 @@ class AdapterStore:
         return meta
 
     def read_config(self, folder: str) -> bytes:
-        with open(os.path.join(folder, CONFIG_NAME), "rb") as fh:
+        """The stored config's bytes; on a loader thread with the GIL kept where possible (`held_io`: Python's
+        open, reads and close each waited up to 5 ms for it beside a busy event loop)."""
+        path = os.path.join(folder, CONFIG_NAME)
+        if held_io.available():
+            return held_io.read_file(path, MAX_CONFIG_READ)
+        with open(path, "rb") as fh:
             return fh.read()
 
     def read_tensors(self, folder: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,137 @@
+"""`held_io`: file calls that keep the GIL (an adapter loader's open, read, map and stat beside a busy server),
+each giving what Python's own call gives; and that they do keep it: with the switch interval made huge, a
+thread waiting for the GIL runs only when the caller lets it go, which Python's `open` does and these do not."""
+import errno
+import gc
+import os
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from adapters_core import held_io, packed_file, sgmv
+
+pytestmark = pytest.mark.skipif(not held_io.available(), reason="no libc reachable through ctypes here")
+
+
+def test_read_file_reads_the_whole_file(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_bytes(b'{"r": 8}' * 1000)
+    assert held_io.read_file(str(path), 1 << 20) == path.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    assert held_io.read_file(str(tmp_path / "empty"), 10) == b""
+
+
+def test_read_file_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        held_io.read_file(str(tmp_path / "missing"), 10)
+    (tmp_path / "big").write_bytes(b"x" * 11)
+    with pytest.raises(OSError, match="larger than 10 bytes") as info:
+        held_io.read_file(str(tmp_path / "big"), 10)
+    assert info.value.errno == errno.EFBIG
+    with pytest.raises(IsADirectoryError):
+        held_io.read_file(str(tmp_path), 10)
+
+
+def test_map_private_maps_the_file_and_keeps_writes_to_itself(tmp_path):
+    path = tmp_path / "served.safetensors"
+    data = bytes(range(256)) * 64
+    path.write_bytes(data)
+    array, address = held_io.map_private(str(path))
+    assert address != 0 and bytes(array) == data
+    tensor = torch.frombuffer(array, dtype=torch.uint8)          # holds the mapping
+    del array
+    tensor[:4] = 7                                               # private: the file is not written
+    assert path.read_bytes() == data and tensor[:4].tolist() == [7] * 4 and tensor[4].item() == 4
+    (tmp_path / "empty").write_bytes(b"")
+    assert len(held_io.map_private(str(tmp_path / "empty"))[0]) == 0
+    with pytest.raises(FileNotFoundError):
+        held_io.map_private(str(tmp_path / "missing"))
+
+
+def test_stat_identity_is_what_os_stat_gives(tmp_path):
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"1234")
+    os.symlink(path, tmp_path / "link")
+    try:
+        got = held_io.stat_identity(str(path))
+    except NotImplementedError:
+        pytest.skip("no statx in this libc")
+    st = os.stat(path)
+    assert got == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    assert held_io.stat_identity(str(tmp_path / "link")) == got                # links followed, as os.stat
+    assert held_io.stat_identity(str(tmp_path / "missing")) is None
+    assert packed_file.source_identity(str(path)) == f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _lets_the_gil_go(fn) -> bool:
+    """Whether `fn()` let another thread take the GIL: that thread is made runnable (waiting for the GIL) and
+    the switch interval huge, so it runs only when the caller gives the GIL up. A release too short for the
+    waiter to wake in may go unseen (torch's around one as_strided: seen every time in 40 tries over 2,500 calls); a
+    call that keeps the GIL never shows one."""
+    ready, go, ran = threading.Event(), threading.Event(), []
+
+    def waiter():
+        ready.set()
+        go.wait()
+        ran.append(True)
+
+    interval = sys.getswitchinterval()
+    gc.collect()                         # no collection mid-check (a finalizer closing a file lets the GIL go)
+    gc.disable()
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    ready.wait()
+    time.sleep(0.05)                     # the waiter is blocked in go.wait()
+    sys.setswitchinterval(1000.0)
+    try:
+        go.set()                         # it wakes and waits for the GIL, which this thread holds
+        for _ in range(5):
+            fn()
+        released = bool(ran)
+    finally:
+        sys.setswitchinterval(interval)
+        gc.enable()
+        thread.join()
+    return released
+
+
+def test_the_calls_keep_the_gil(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_bytes(b"{}" * 100)
+    packed = str(tmp_path / "served.safetensors")
+    packed_file.save_packed(packed, {"m.lora_A.weight": torch.ones(4, 8), "m.lora_B.weight": torch.ones(8, 4)}, {})
+
+    def python_read():
+        with open(path, "rb") as fh:
+            fh.read()
+    assert _lets_the_gil_go(python_read)            # the check can fail: Python's open lets it go
+    assert not _lets_the_gil_go(lambda: held_io.read_file(str(path), 1 << 20))
+    assert not _lets_the_gil_go(lambda: held_io.map_private(packed))
+    try:
+        held_io.stat_identity(str(path))
+    except NotImplementedError:
+        return
+    assert not _lets_the_gil_go(lambda: held_io.stat_identity(str(path)))
+
+
+def test_strided_views_keep_the_gil_and_match_as_strided():
+    k = sgmv.kernel()
+    if k is None:
+        pytest.skip("the native kernels are not built here")
+    base = torch.arange(64, dtype=torch.float32)
+    sizes, strides, offsets = [[2, 3], [3, 2], [4]], [[3, 1], [1, 3], [1]], [0, 6, 60]
+    views = k.strided_views([base], [0, 0, 0], sizes, strides, offsets)
+    for view, size, stride, offset in zip(views, sizes, strides, offsets):
+        assert torch.equal(view, base.as_strided(size, stride, offset))
+        assert view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()      # views, no copies
+    with pytest.raises(RuntimeError):                      # past the storage: refused, as as_strided does
+        k.strided_views([base], [0], [[8]], [[1]], [60])
+    with pytest.raises(RuntimeError, match="base 1 of 1"):
+        k.strided_views([base], [1], [[1]], [[1]], [0])
+    kept = []                            # (a tensor freed lets the GIL go: the views are kept, as map_packed's are)
+    assert _lets_the_gil_go(lambda: kept.append([base.as_strided([2, 3], [3, 1], i % 50) for i in range(500)]))
+    assert not _lets_the_gil_go(lambda: kept.append(k.strided_views([base] * 2, [0, 1] * 100, [[2, 3]] * 200,
+                                                                    [[3, 1]] * 200, [i % 50 for i in range(200)])))
