@@ -45,14 +45,20 @@ class PreparedAdapter:
     rows: list[tuple]                     # per layer: `stack.lora_slot_rows`, what its slot will hold
 
 
+def preparable(config, adapter_name: str) -> bool:
+    """Whether `prepare_adapter` takes an adapter of this config and name at all: a plain LoRA (no DoRA, bias or
+    modules_to_save). It then still needs the model's target layers wrapped already (by an earlier load)."""
+    return (isinstance(config, LoraConfig) and not (config.use_dora or config.lora_bias or config.modules_to_save)
+            and config.bias == "none" and bool(NAME_RE.match(adapter_name)))
+
+
 def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str,
                     factor_dtype: Optional[torch.dtype] = None) -> Optional[PreparedAdapter]:
     """Everything of loading `state_dict` (PEFT's keys) as `adapter_name` that leaves `model` unchanged; None
     where this path does not apply (see the module docstring). Raises AdapterError for keys or shapes that
     do not fit. Safe to call in another thread than the one stepping the model. `factor_dtype`: the dtype A
     and B are held in, as `load_adapter`'s (None: the base weight's float dtype, else the checkpoint's)."""
-    if (not isinstance(config, LoraConfig) or config.use_dora or config.lora_bias or config.modules_to_save
-            or config.bias != "none" or not NAME_RE.match(adapter_name)):
+    if not preparable(config, adapter_name):
         return None
     root = model._modules.get("base_model")
     prefix = "" if root is not None and root._modules.get("model") is not None else PEFT_PREFIX

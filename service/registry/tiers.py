@@ -18,7 +18,7 @@ import torch
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
 from adapters_core.packing import pack_adapter_tensors, tensor_bytes, trim_heap
-from adapters_core.prepared import PreparedAdapter, attach_prepared, prepare_adapter
+from adapters_core.prepared import PreparedAdapter, attach_prepared, preparable, prepare_adapter
 
 from .adapter_dtype import held_dtype
 from .base_copies import is_base_copy, serving_config, split_base_copies
@@ -125,6 +125,16 @@ class TierMixin:
                     self._prepare_load, record.config, record.tensors, record.model_name))
                 if record.retired:
                     raise _Retry()
+            if prepared is None and self._engine_loads and preparable(record.config, record.model_name):
+                # the model's layers are being wrapped by a load on the engine thread (the first load of a
+                # server, or the first on these modules): once it is in, this one is prepared again (here: ~0.2
+                # ms, not behind the loader's queue) and attached beside the step, instead of queueing for a step
+                # boundary behind it (a burst of cold loads)
+                await self._unlocked(asyncio.wait(set(self._engine_loads)))
+                if record.retired:
+                    raise _Retry()
+                record.tensors, prepared = self._prepare_load(record.config, record.tensors, record.model_name,
+                                                              packed=True)
             conflicts = []
             try:
                 conflicts = self._take_conflicting(record)
@@ -145,11 +155,15 @@ class TierMixin:
             applied = None if conflicts else self._attach_now(record, prepared, victims)
             if applied is None:             # between two steps, on the engine thread
                 failed, applied, error = [v.model_name for v in victims], 0.0, None   # if the call never ran
+                done = asyncio.get_running_loop().create_future()
+                self._engine_loads.add(done)
                 try:
                     failed, applied, error = await self._unlocked(self._on_engine(
                         lambda: _swap(self.model, [v.model_name for v in victims], model_name, config, tensors,
                                       prepared, self.adapter_dtype.factor_dtype)))
                 finally:
+                    self._engine_loads.discard(done)
+                    done.set_result(None)
                     self._settle_victims(victims, failed)
                     if error is not None or applied == 0.0:
                         if record.tier == DEVICE:
@@ -158,7 +172,12 @@ class TierMixin:
                     raise error
             self._emit("adapter_applied", record.name, applied)
             if record.tier == DEVICE and self.single_memory and record.source.get("type") != "merged":
-                record.tensors = None       # CPU serving: the model holds the only copy; the store has the files
+                # CPU serving: the model holds the only copy; the store has the files. The dict's tensor objects
+                # (views the model's parameters were made from) are freed on the evictor thread: each tensor
+                # freed lets the GIL go, and the event loop waited up to 5 ms each time to get it back
+                garbage, record.tensors = record.tensors, None
+                if self._evictor is not None:
+                    self._evictor.submit(garbage.clear)
         except _Retry:
             raise
         except ac.ModuleConflictError as exc:    # a holder that was still leaving the model: its turn ends soon

@@ -48,6 +48,37 @@ class SteppingEngine:
 
 
 @pytest.mark.parametrize("single_memory", [False, True])
+def test_a_cold_burst_wraps_the_layers_once(tmp_path, monkeypatch, single_memory):
+    """A server's first requests name several adapters at once: the first load wraps the model's layers on the
+    engine thread, and the others, read meanwhile, wait for it and are prepared and attached instead of each
+    taking the engine's general path (one step boundary each) behind it."""
+    adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["a", "b", "c", "d"])}
+    engine = SteppingEngine()
+    full_loads = []
+    inject = tiers._inject
+    monkeypatch.setattr(tiers, "_inject", lambda *args: full_loads.append(args[1]) or inject(*args))
+
+    async def main():
+        registry = make_registry(tmp_path / "store", engine_call=engine, max_device_adapters=8,
+                                 single_memory=single_memory)
+        for name, adapter in adapters.items():
+            await registry.register_files(name, adapter.config, adapter.weights)
+        leases = await asyncio.gather(*(registry.acquire(n) for n in adapters))
+        assert len(full_loads) == 1, f"{len(full_loads)} loads took the general path: {full_loads}"
+        assert not registry._engine_loads
+        ids = input_ids()
+        for lease in leases:                                    # what PEFT computes with each adapter
+            torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
+                                       hf_logits(adapters[lease.name].model, ids), atol=1e-4, rtol=1e-4)
+            registry.release(lease)
+
+    try:
+        run(main())
+    finally:
+        engine.stop.set()
+
+
+@pytest.mark.parametrize("single_memory", [False, True])
 def test_loads_of_different_adapters_overlap(tmp_path, monkeypatch, single_memory):
     adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["w", "a", "b", "c"])}
     engine = SteppingEngine()
