@@ -87,8 +87,11 @@ def _raise(path: str) -> None:
 
 
 def _open(libc: ctypes.PyDLL, path: str) -> int:
+    """Opened for reading without blocking: a FIFO put where a file should be would otherwise wait for a writer
+    with the GIL held, the whole process with it (its size then cannot be found: ESPIPE)."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     while True:
-        fd = libc.open(os.fsencode(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = libc.open(os.fsencode(path), flags)
         if fd >= 0:
             return fd
         if ctypes.get_errno() != errno.EINTR:

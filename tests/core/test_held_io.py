@@ -4,6 +4,7 @@ thread waiting for the GIL runs only when the caller lets it go, which Python's 
 import errno
 import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,20 @@ def test_read_file_errors_name_the_file(tmp_path):
     assert info.value.errno == errno.EFBIG
     with pytest.raises(IsADirectoryError):
         held_io.read_file(str(tmp_path), 10)
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    """A FIFO where a file should be (a hostile or broken store) is an error, not a wait for a writer with the
+    GIL held (the whole server stopped). In a child process, so a regression fails on its timeout."""
+    fifo = tmp_path / "adapter_config.json"
+    os.mkfifo(fifo)
+    script = ("import errno, sys\nfrom adapters_core import held_io\n"
+              "for fn in (lambda p: held_io.read_file(p, 100), held_io.map_private):\n"
+              "    try:\n        fn(sys.argv[1])\n    except OSError as exc:\n        print(exc.errno)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(fifo)], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(errno.ESPIPE)] * 2
 
 
 def test_map_private_maps_the_file_and_keeps_writes_to_itself(tmp_path):
