@@ -172,12 +172,7 @@ class TierMixin:
                     raise error
             self._emit("adapter_applied", record.name, applied)
             if record.tier == DEVICE and self.single_memory and record.source.get("type") != "merged":
-                # CPU serving: the model holds the only copy; the store has the files. The dict's tensor objects
-                # (views the model's parameters were made from) are freed on the evictor thread: each tensor
-                # freed lets the GIL go, and the event loop waited up to 5 ms each time to get it back
-                garbage, record.tensors = record.tensors, None
-                if self._evictor is not None:
-                    self._evictor.submit(garbage.clear)
+                record.tensors = None       # CPU serving: the model holds the only copy; the store has the files
         except _Retry:
             raise
         except ac.ModuleConflictError as exc:    # a holder that was still leaving the model: its turn ends soon
