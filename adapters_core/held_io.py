@@ -150,10 +150,11 @@ def map_private(path: str) -> tuple[ctypes.Array, int]:
     return array, address
 
 
-def stat_identity(path: str) -> Optional[tuple[int, int, int, int]]:
-    """(device, inode, size, modification time in ns) of `path` as `os.stat` gives them (following links),
-    through statx with the GIL held; None when the file is missing or cannot be stat'ed. Raises
-    NotImplementedError where there is no statx (the caller uses os.stat)."""
+def stat_identity(path: str) -> Optional[tuple[int, int, int, int, int]]:
+    """(device, inode, size, modification and change times in ns) of `path` as `os.stat` gives them (links
+    followed: st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), through statx with the GIL held; None when
+    the file is missing or cannot be stat'ed. Raises NotImplementedError where there is no statx (the caller
+    uses os.stat)."""
     statx = _statx()
     if statx is None:
         raise NotImplementedError("no statx here")
@@ -162,4 +163,5 @@ def stat_identity(path: str) -> Optional[tuple[int, int, int, int]]:
         if ctypes.get_errno() != errno.EINTR:
             return None
     return (os.makedev(buf.dev_major, buf.dev_minor), buf.ino, buf.size,
-            buf.mtime.tv_sec * 1_000_000_000 + buf.mtime.tv_nsec)
+            buf.mtime.tv_sec * 1_000_000_000 + buf.mtime.tv_nsec,
+            buf.ctime.tv_sec * 1_000_000_000 + buf.ctime.tv_nsec)

@@ -246,18 +246,19 @@ def _runs(path: str, header: dict, data_bytes: int) -> dict[str, list]:
 
 
 def source_identity(path: str) -> Optional[str]:
-    """The file's device, inode, size and modification time as one string (None when it is missing): what a
-    packed file records of the file it was made from, so a file replaced or rewritten since is noticed. Through
-    statx with the GIL held where that is possible (a loader asks on every load: `held_io`)."""
+    """The file's device, inode, size, modification and change times as one string (None when it is missing):
+    what a packed file records of the file it was made from, so a file replaced or rewritten since is noticed
+    (the change time too: a rewrite that puts the old modification time back still moves it). Through statx
+    with the GIL held where that is possible (a loader asks on every load: `held_io`)."""
     if held_io.available():
         try:
             got = held_io.stat_identity(path)
         except NotImplementedError:
             pass
         else:
-            return None if got is None else "%d:%d:%d:%d" % got
+            return None if got is None else "%d:%d:%d:%d:%d" % got
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"

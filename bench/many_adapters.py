@@ -126,8 +126,8 @@ def set_page_cache(pool: Path, count: int, mode: str) -> int:
 
 
 def prepare_served(pool: Path, count: int) -> int:
-    """With --served-files kept: the served file of each of the pool's first `count` adapters that lacks one,
-    made by the code a server's loader runs after a first load (read, checked, held in the servers'
+    """With --served-files kept: the served file of each of the pool's first `count` adapters that lacks a
+    current one, made by the code a server's loader runs after a first load (read, checked, held in the servers'
     adapter_dtype, saved); how many were made."""
     from service.registry.adapter_dtype import AdapterDtype
     from service.registry.store import AdapterStore
@@ -135,8 +135,8 @@ def prepare_served(pool: Path, count: int) -> int:
     store, made = AdapterStore(str(pool)), 0
     for i in range(count):
         folder = str(pool / f"a{i}")
-        if os.path.exists(store.served_path(folder, held.factor_dtype)):
-            continue
+        if store.read_served(folder, held.factor_dtype) is not None:     # there and current (one an older
+            continue                                                    # server wrote is made again)
         source = store.source(folder)
         tensors, file_bytes, nonfinite = store.read_packed(folder, held.factor_dtype)
         tensors, _ = held.hold_packed(tensors, file_bytes, nonfinite, lambda: store.read_tensors(folder),

@@ -65,6 +65,12 @@ def _write(path: str, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def keys_digest(tensors: dict) -> str:
+    """A digest of the tensors' names: a served file records the one of what it was written with, and a file
+    holding other tensors (cut short, emptied or written over by hand with its metadata kept) is not used."""
+    return hashlib.sha1("\n".join(sorted(tensors)).encode()).hexdigest()
+
+
 class AdapterStore:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
@@ -193,8 +199,8 @@ class AdapterStore:
         reads the stored file, and writes this one again)."""
         try:
             tensors, metadata = map_packed(self.served_path(folder, factor_dtype))
-            if metadata.get("source") != self.source(folder):
-                return None
+            if metadata.get("source") != self.source(folder) or metadata.get("keys") != keys_digest(tensors):
+                return None               # another version's, or not the tensors it was written with
             return tensors, int(metadata["file_bytes"])
         except Exception:                 # a cache: whatever is wrong with it, the stored file is read instead
             return None
@@ -209,7 +215,7 @@ class AdapterStore:
             return False
         try:
             save_packed(self.served_path(folder, factor_dtype), tensors,
-                        {"source": source, "file_bytes": str(file_bytes)})
+                        {"source": source, "file_bytes": str(file_bytes), "keys": keys_digest(tensors)})
         except OSError:
             return False
         return True

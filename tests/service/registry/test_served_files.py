@@ -5,11 +5,13 @@ adapter is PEFT's every time. A served file made from another version of the sto
 that cannot be written serves as before, the setting off writes none, and `clean` removes half-written ones."""
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from adapters_core.packed_file import map_packed, save_packed
 from service.registry import store as store_module
 
 from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
@@ -148,7 +150,31 @@ def test_clean_removes_half_written_served_files(tmp_path):
     assert removed == ["a/served.auto.safetensors.0123abcd.tmp"] and not list(folder.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not json", "a list"])
+def test_a_stored_file_rewritten_with_its_old_times_put_back_is_noticed(tmp_path):
+    """Same size, modification time restored (`touch -r`): the change time still moves, and the served file made
+    from the old contents is not used (a probe got the old adapter's answers before)."""
+    a, b, other = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4), peft_adapter("lora", seed=5)
+
+    async def main():
+        cycle = Cycle(tmp_path / "store")
+        await cycle.register(a=a, b=b)
+        await cycle.with_served_file()
+        stored = Path(cycle.registry.store.path("a")) / "adapter_model.safetensors"
+        before = os.stat(stored)
+        assert len(other.weights) == before.st_size
+        time.sleep(0.01)                                    # a change time of its own
+        with open(stored, "r+b") as fh:                     # in place: same inode, same size
+            fh.write(other.weights)
+        os.utime(stored, ns=(before.st_atime_ns, before.st_mtime_ns))
+        logits, factor = await cycle.load("a")
+        assert str(cycle.served("a")) not in _mapped_files(factor)
+        torch.testing.assert_close(logits, hf_logits(other.model, cycle.ids), atol=1e-4, rtol=1e-4)
+        cycle.registry.close()
+    run(main())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "a list", "emptied, metadata kept",
+                                    "a tensor dropped, metadata kept"])
 def test_a_damaged_served_file_is_read_past(tmp_path, damage):
     a, b = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4)
 
@@ -157,8 +183,13 @@ def test_a_damaged_served_file_is_read_past(tmp_path, damage):
         await cycle.register(a=a, b=b)
         await cycle.with_served_file()
         data = cycle.served("a").read_bytes()
-        cycle.served("a").write_bytes({"truncated": data[:-3], "not json": b"\x10\0\0\0\0\0\0\0" + b"{" * 16,
-                                       "a list": b"\x08\0\0\0\0\0\0\0[1,2,3] "}[damage])
+        if damage.endswith("metadata kept"):                # a valid packed file with other tensors (a probe's
+            tensors, metadata = map_packed(str(cycle.served("a")))       # 422 "lacks tensors" that stuck)
+            tensors = {} if damage.startswith("emptied") else dict(list(tensors.items())[1:])
+            save_packed(str(cycle.served("a")), {k: v.clone() for k, v in tensors.items()}, metadata)
+        else:
+            cycle.served("a").write_bytes({"truncated": data[:-3], "not json": b"\x10\0\0\0\0\0\0\0" + b"{" * 16,
+                                           "a list": b"\x08\0\0\0\0\0\0\0[1,2,3] "}[damage])
         logits, factor = await cycle.load("a")
         assert str(cycle.served("a")) not in _mapped_files(factor)
         torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
