@@ -47,50 +47,63 @@ class SteppingEngine:
                     future.set_exception(exc)
 
 
-@pytest.mark.parametrize("single_memory", [False, True])
-def test_a_cold_burst_wraps_the_layers_once(tmp_path, monkeypatch, single_memory):
-    """A server's first requests name several adapters at once: the first load wraps the model's layers on the
-    engine thread, and the others, read meanwhile, wait for it and are prepared and attached instead of each
-    taking the engine's general path (one step boundary each) behind it."""
-    adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["a", "b", "c", "d"])}
-    engine = SteppingEngine()
-    full_loads = []
-    inject = tiers._inject
+def _count_full_loads(monkeypatch) -> list[str]:
+    """The model names the general path (`tiers._inject`, on the engine thread) loads, as they come."""
+    full_loads, inject = [], tiers._inject
     monkeypatch.setattr(tiers, "_inject", lambda *args: full_loads.append(args[1]) or inject(*args))
+    return full_loads
 
-    async def main():
-        registry = make_registry(tmp_path / "store", engine_call=engine, max_device_adapters=8,
-                                 single_memory=single_memory)
-        for name, adapter in adapters.items():
-            await registry.register_files(name, adapter.config, adapter.weights)
-        leases = await asyncio.gather(*(registry.acquire(n) for n in adapters))
-        assert len(full_loads) == 1, f"{len(full_loads)} loads took the general path: {full_loads}"
-        assert not registry._engine_loads
-        ids = input_ids()
-        for lease in leases:                                    # what PEFT computes with each adapter
-            torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
-                                       hf_logits(adapters[lease.name].model, ids), atol=1e-4, rtol=1e-4)
-            registry.release(lease)
 
+async def _registered(tmp_path, engine, adapters: dict, single_memory: bool):
+    registry = make_registry(tmp_path / "store", engine_call=engine, max_device_adapters=8,
+                             single_memory=single_memory)
+    for name, adapter in adapters.items():
+        await registry.register_files(name, adapter.config, adapter.weights)
+    return registry
+
+
+def _run_stepping(engine: SteppingEngine, main) -> None:
     try:
         run(main())
     finally:
         engine.stop.set()
 
 
+def _assert_peft(registry, leases, adapters: dict) -> None:
+    """Each lease's adapter computes what PEFT computes with it."""
+    ids = input_ids()
+    for lease in leases:
+        torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
+                                   hf_logits(adapters[lease.name].model, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("single_memory", [False, True])
+def test_a_cold_burst_wraps_the_layers_once(tmp_path, monkeypatch, single_memory):
+    """A server's first requests name several adapters at once: the first load wraps the model's layers on the
+    engine thread, and the others, read meanwhile, wait for it and are prepared and attached instead of each
+    taking the engine's general path (one step boundary each) behind it."""
+    adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["a", "b", "c", "d"])}
+    engine, full_loads = SteppingEngine(), _count_full_loads(monkeypatch)
+
+    async def main():
+        registry = await _registered(tmp_path, engine, adapters, single_memory)
+        leases = await asyncio.gather(*(registry.acquire(n) for n in adapters))
+        assert len(full_loads) == 1, f"{len(full_loads)} loads took the general path: {full_loads}"
+        assert not registry._engine_loads
+        _assert_peft(registry, leases, adapters)
+        for lease in leases:
+            registry.release(lease)
+
+    _run_stepping(engine, main)
+
+
 @pytest.mark.parametrize("single_memory", [False, True])
 def test_loads_of_different_adapters_overlap(tmp_path, monkeypatch, single_memory):
     adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["w", "a", "b", "c"])}
-    engine = SteppingEngine()
-    full_loads = []
-    inject = tiers._inject
-    monkeypatch.setattr(tiers, "_inject", lambda *args: full_loads.append(args[1]) or inject(*args))
+    engine, full_loads = SteppingEngine(), _count_full_loads(monkeypatch)
 
     async def main():
-        registry = make_registry(tmp_path / "store", engine_call=engine, max_device_adapters=8,
-                                 single_memory=single_memory)
-        for name, adapter in adapters.items():
-            await registry.register_files(name, adapter.config, adapter.weights)
+        registry = await _registered(tmp_path, engine, adapters, single_memory)
         registry.release(await registry.acquire("w"))          # wraps the layers: the general path
         assert [n.rsplit("__", 1)[0] for n in full_loads] == ["w"]
         before, started = engine.boundaries, time.monotonic()
@@ -104,14 +117,8 @@ def test_loads_of_different_adapters_overlap(tmp_path, monkeypatch, single_memor
         assert [n.rsplit("__", 1)[0] for n in full_loads] == ["w"]           # a, b, c were attached
         assert [lease.model_name for lease in leases[3:]] == [lease.model_name for lease in leases[:2]]
         assert len(registry.model.peft_config) == 4
-        ids = input_ids()
-        for lease in leases[:3]:                                # what PEFT computes with each adapter
-            torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
-                                       hf_logits(adapters[lease.name].model, ids), atol=1e-4, rtol=1e-4)
+        _assert_peft(registry, leases[:3], adapters)
         for lease in leases:
             registry.release(lease)
 
-    try:
-        run(main())
-    finally:
-        engine.stop.set()
+    _run_stepping(engine, main)
