@@ -27,7 +27,13 @@ def packed(tmp_path):
     return read_packed_safetensors(source, torch.bfloat16)[0]
 
 
-def test_mapped_tensors_equal_the_packed_ones(tmp_path, packed):
+@pytest.mark.parametrize("ways", ["held_io and strided_views", "python's mmap and as_strided"])
+def test_mapped_tensors_equal_the_packed_ones(tmp_path, monkeypatch, packed, ways):
+    """Mapped through libc with the views made in one C++ call where both are there, else through Python's
+    mmap and one as_strided a tensor (no libc, no built kernel): the same tensors either way."""
+    if ways.startswith("python"):
+        monkeypatch.setattr(packed_file.held_io, "available", lambda: False)
+        monkeypatch.setattr(packed_file.sgmv, "kernel", lambda arch="native": None)
     path = os.path.join(tmp_path, "served.safetensors")
     save_packed(path, packed, {"source": "x", "file_bytes": "12"})
     got, metadata = map_packed(path)
