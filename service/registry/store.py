@@ -278,7 +278,10 @@ class AdapterStore:
             elif os.path.isdir(path):
                 for inner in os.listdir(path):
                     if inner.startswith((f"{META_NAME}.", SERVED_PREFIX)) and inner.endswith(META_TMP_SUFFIX):
-                        os.remove(os.path.join(path, inner))
+                        try:
+                            os.remove(os.path.join(path, inner))
+                        except FileNotFoundError:   # renamed into place meanwhile by a writer still running
+                            continue                # (another server on this store, or a registry reopened)
                         removed.append(f"{entry}/{inner}")
         return removed
 

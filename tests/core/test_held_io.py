@@ -1,6 +1,6 @@
 """`held_io`: file calls that keep the GIL (an adapter loader's open, read, map and stat beside a busy server),
 each giving what Python's own call gives; and that they do keep it: with the switch interval made huge, a
-thread waiting for the GIL runs only when the caller lets it go, which Python's `open` does and these do not."""
+thread waiting for the GIL runs only when the caller lets it go, which a sleep does and these do not."""
 import errno
 import gc
 import os
@@ -84,8 +84,8 @@ def test_stat_identity_is_what_os_stat_gives(tmp_path):
 def _lets_the_gil_go(fn) -> bool:
     """Whether `fn()` let another thread take the GIL: that thread is made runnable (waiting for the GIL) and
     the switch interval huge, so it runs only when the caller gives the GIL up. A release too short for the
-    waiter to wake in may go unseen (torch's around one as_strided: seen every time in 40 tries over 2,500 calls); a
-    call that keeps the GIL never shows one."""
+    waiter to wake in may go unseen (Python's read of a small cached file, torch's around one as_strided: seen
+    in most tries, not all), so only "never" is asserted of a call; a call that keeps the GIL never shows one."""
     ready, go, ran = threading.Event(), threading.Event(), []
 
     def waiter():
@@ -119,10 +119,7 @@ def test_the_calls_keep_the_gil(tmp_path):
     packed = str(tmp_path / "served.safetensors")
     packed_file.save_packed(packed, {"m.lora_A.weight": torch.ones(4, 8), "m.lora_B.weight": torch.ones(8, 4)}, {})
 
-    def python_read():
-        with open(path, "rb") as fh:
-            fh.read()
-    assert _lets_the_gil_go(python_read)            # the check can fail: Python's open lets it go
+    assert _lets_the_gil_go(lambda: time.sleep(0.002))    # the check can fail (a call that lets the GIL go)
     assert not _lets_the_gil_go(lambda: held_io.read_file(str(path), 1 << 20))
     assert not _lets_the_gil_go(lambda: held_io.map_private(packed))
     try:
@@ -147,6 +144,5 @@ def test_strided_views_keep_the_gil_and_match_as_strided():
     with pytest.raises(RuntimeError, match="base 1 of 1"):
         k.strided_views([base], [1], [[1]], [[1]], [0])
     kept = []                            # (a tensor freed lets the GIL go: the views are kept, as map_packed's are)
-    assert _lets_the_gil_go(lambda: kept.append([base.as_strided([2, 3], [3, 1], i % 50) for i in range(500)]))
     assert not _lets_the_gil_go(lambda: kept.append(k.strided_views([base] * 2, [0, 1] * 100, [[2, 3]] * 200,
                                                                     [[3, 1]] * 200, [i % 50 for i in range(200)])))
