@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import threading
 from typing import Optional
 
@@ -23,6 +24,7 @@ from .cpu_flags import ARCH_SWITCH, cpuinfo_flags_line
 
 log = logging.getLogger("adapters_core")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
 def cpu_key() -> str:
@@ -84,11 +86,30 @@ class NativeKernel:
             return False
 
     def _inputs(self) -> list[str]:
-        """The sources and the headers beside them or on the include path (what a build reads)."""
-        folders = {os.path.dirname(os.path.abspath(source)) for source in self.sources} | set(self.include_dirs)
-        headers = [os.path.join(folder, name) for folder in sorted(folders) if os.path.isdir(folder)
-                   for name in sorted(os.listdir(folder)) if name.endswith((".h", ".hpp"))]
-        return [os.path.abspath(source) for source in self.sources] + headers
+        """The sources and the headers they include with quotes, found beside the including file or on the
+        include path, recursively (what a build reads of this tree, as ninja's dependencies list it; a header
+        on the path that no source includes does not make a build stale: spin_pool.h's folder holds others)."""
+        found: list[str] = []
+
+        def visit(path: str) -> None:
+            if path in found:
+                return
+            found.append(path)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    names = _QUOTED_INCLUDE.findall(handle.read())
+            except OSError:
+                return
+            for name in names:
+                for folder in [os.path.dirname(path)] + self.include_dirs:
+                    candidate = os.path.abspath(os.path.join(folder, name))
+                    if os.path.isfile(candidate):
+                        visit(candidate)
+                        break
+
+        for source in self.sources:
+            visit(os.path.abspath(source))
+        return found
 
     def _build(self) -> Optional[object]:
         if not self.enabled:

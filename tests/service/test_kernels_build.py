@@ -65,10 +65,13 @@ def test_a_build_of_other_files_or_older_than_a_source_is_not_cached(tmp_path, m
     from torch.utils.cpp_extension import _get_build_directory
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    source, header = tmp_path / "src" / "k.cpp", tmp_path / "src" / "k.h"
+    source, header, inner = tmp_path / "src" / "k.cpp", tmp_path / "src" / "k.h", tmp_path / "src" / "inner.h"
+    other = tmp_path / "src" / "other.h"                 # on the path, included by nothing
     source.parent.mkdir()
-    source.write_text("int k;")
-    header.write_text("#pragma once")
+    source.write_text('#include "k.h"\n#include <vector>\nint k;')
+    header.write_text('#pragma once\n#include "inner.h"')
+    inner.write_text("#pragma once")
+    other.write_text("#pragma once")
     kernel = NativeKernel("probe_kernel", str(source), "PROBE_KERNEL_SWITCH", arch="x86-64")
     assert not kernel.cached()                                   # nothing built
     folder = _get_build_directory(kernel.full_name, verbose=False)
@@ -80,9 +83,14 @@ def test_a_build_of_other_files_or_older_than_a_source_is_not_cached(tmp_path, m
     with open(f"{folder}/build.ninja", "w") as recipe:
         recipe.write(f"build k.o: compile {source}\n")
     now = time.time()                    # (adapters_core's own headers are on every kernel's include path)
-    os.utime(source, (now - 100, now - 100))
-    os.utime(header, (now - 100, now - 100))
+    for path in (source, header, inner, other):
+        os.utime(path, (now - 100, now - 100))
     os.utime(library, (now, now))
     assert kernel.cached()
+    os.utime(other, (now + 100, now + 100))                      # a header no source includes: still cached
+    assert kernel.cached()
+    os.utime(inner, (now + 100, now + 100))                      # one it includes through another changed
+    assert not kernel.cached()
+    os.utime(inner, (now - 100, now - 100))
     os.utime(header, (now + 100, now + 100))                     # a header changed after the build
     assert not kernel.cached()
