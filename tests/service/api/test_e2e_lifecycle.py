@@ -211,7 +211,11 @@ def test_delete_while_streams_run(server, folders):
     for s in streams:
         assert s.first.wait(T), "a stream never started"
     assert all(s.error is None and s.status == 200 for s in streams), [(s.status, s.error) for s in streams]
-    assert httpx.get(f"{url}/admin/adapters/{a}", timeout=T).json()["in_use"] == len(streams)
+    in_use = httpx.get(f"{url}/admin/adapters/{a}", timeout=T).json()["in_use"]
+    # every running stream holds the adapter (on a slow machine the first may finish before the last starts)
+    assert 1 <= in_use <= len(streams)
+    if all(s.ended_at is None for s in streams):
+        assert in_use == len(streams)
 
     started = time.monotonic()
     r = httpx.delete(f"{url}/admin/adapters/{a}", timeout=T)
