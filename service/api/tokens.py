@@ -59,7 +59,8 @@ async def tokenize(req: TokenizeRequest, state: StateDep, caller: InferenceCalle
             raise HTTPException(400, "add_special_tokens: not supported with messages (the chat template "
                                      "writes the special tokens)")
         tools = template_tools(req.tools, state.loaded.chat_template)
-        ids = await encode_chat(state, template_turns(req.messages), tools=tools, add_generation_prompt=req.add_generation_prompt,
+        ids = await encode_chat(state, template_turns(req.messages), tools=tools,
+                                add_generation_prompt=req.add_generation_prompt,
                                 variables=dict(req.chat_template_kwargs or {}),
                                 continue_final_message=req.continue_final_message)
     virtual = (state.registry.get(adapter).virtual_tokens or 0) if adapter is not None else 0
