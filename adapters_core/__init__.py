@@ -11,7 +11,7 @@ from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, config_
 from .group import grouped_forward
 from .errors import (AdapterConfigError, AdapterError, AdapterWeightsError, ModuleConflictError, TargetNotFoundError,
                      UnknownAdapterError, UnsupportedFeatureError)
-from .injection import conflicting_adapters, inject_adapter_in_model
+from .injection import conflicting_adapters, inject_adapter_in_model, wrap_target_layers
 from .io import load_adapter, read_adapter_weights, resolve_adapter_dir, save_adapter
 from .layer import AdapterLayer
 from .management import (active_adapters, cast_adapter_dtype, delete_adapter, disable_adapters, enable_adapters,
@@ -33,5 +33,5 @@ __all__ = [
     "inject_adapter_in_model", "load_adapter", "load_config", "merge_adapter", "merge_and_unload", "mixed_batch",
     "prefix_key_values", "prompt_adapter", "prompt_adapters",
     "read_adapter_weights", "resolve_adapter_dir", "save_adapter", "set_adapter", "set_peft_model_state_dict",
-    "token_batch", "unload", "unmerge_adapter", "virtual_embeddings",
+    "token_batch", "unload", "unmerge_adapter", "virtual_embeddings", "wrap_target_layers",
 ]

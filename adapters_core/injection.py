@@ -145,6 +145,34 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
     return model
 
 
+@torch.inference_mode(False)
+def wrap_target_layers(model: nn.Module, config: AdapterConfig) -> int:
+    """Wrap the layers an adapter of `config` would adapt in `AdapterLayer`s that hold no adapter; return how
+    many were wrapped now (0 where all already were). Such a wrapper computes its base layer's output, as one
+    left by a deleted adapter does. A server wraps at start the layers its stored adapters target (vLLM
+    replaces its LoRA-capable layers when it builds the model), so that even a first load finds them and is
+    prepared in a worker thread (`prepared.prepare_adapter`) instead of changing the module tree between two
+    steps. Embedding layers and modules_to_save are left to the loads (so is a config matching nothing: its
+    load says why); nothing is frozen and no adapter is added. Raises AdapterError for a config naming no
+    targets on a model type with no default."""
+    if not isinstance(config, AdapterConfig) or isinstance(config, PromptLearningConfig):
+        return 0
+    config = copy.deepcopy(config)
+    modules = list(walk(model))
+    _fill_default_targets(config, model)
+    expand_all_linear(config, model, modules)
+    chosen = [(key, module) for key, module in modules
+              if key and not isinstance(module, (AdapterLayer, ModulesToSaveWrapper, nn.Embedding))
+              and is_supported_base(module) and is_target(config, key)]
+    table = slot_table(model)
+    for key, module in chosen:
+        layer = AdapterLayer(module).train(module.training)
+        layer.slot_table = table
+        set_submodule(model, key, layer)
+        table.modules.append(layer)
+    return len(chosen)
+
+
 def _unwrap(model: nn.Module, key: str, wrapper: nn.Module, table: SlotTable) -> nn.Module:
     """Put back the module an adapter wrapper holds no adapter on any more; returns that module."""
     original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module

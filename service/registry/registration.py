@@ -20,6 +20,7 @@ from .adapter_dtype import held_dtype
 from .archive import archive_kind, extract_archive
 from .errors import Conflict, Invalid, RegistryError, TooLarge
 from .hub import fetch_adapter
+from .layer_wrap import wrap_key, wrap_layers
 from .record import CPU, STORED, AdapterRecord
 from .tiers import _Retry
 from .validation import AdapterSummary, ValidatedAdapter, check_name, parse_config
@@ -119,6 +120,7 @@ class RegistrationMixin:
             await asyncio.to_thread(self.store.remove, staging)
             raise
         await asyncio.to_thread(self.store.remove, trash)
+        await self._wrap_targets([validated.config])
         return record
 
     def _prepare(self, staging: str, stage: Callable[[str], Any],
@@ -190,9 +192,13 @@ class RegistrationMixin:
         self.store.write_meta(self.store.path(record.name), meta)
 
     async def _scan(self) -> list[AdapterRecord]:
-        for name, summary, meta, error in await asyncio.to_thread(self._read_store):
+        configs = []
+        for name, summary, meta, error, config in await asyncio.to_thread(self._read_store):
             if name not in self._records:
                 self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+                if self._records[name].served:
+                    configs.append(config)
+        await self._wrap_targets(configs)
         for name in self.preload:
             record = self._records.get(name)
             if record is None or not record.served or record.quarantined:
@@ -210,13 +216,14 @@ class RegistrationMixin:
         before = dict(self._records)
         entries = await asyncio.to_thread(self._read_store, False)
         report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": []}
-        on_disk = set()
-        for name, summary, meta, error in entries:
+        on_disk, configs = set(), []
+        for name, summary, meta, error, config in entries:
             on_disk.add(name)
             record = self._records.get(name)
             if record is None and name not in before:
                 self._records[name] = self._record(name, summary, meta, error, tier=STORED)
                 report["added"].append(name)
+                configs.append(config)
             elif record is None or record is not before.get(name):
                 continue                               # deleted or replaced here meanwhile
             elif (record.sha256 != str(meta.get("sha256") or "") or (error is not None and error != record.error)
@@ -242,11 +249,34 @@ class RegistrationMixin:
         self._enforce_cpu_limit()
         if any(report.values()):
             log.info("adapter store rescan: %s", {k: v for k, v in report.items() if v})
+        await self._wrap_targets(configs)
         return report
 
-    def _read_store(self, clean: bool = True) -> list[tuple[str, Optional[AdapterSummary], dict, Optional[str]]]:
+    async def _wrap_targets(self, configs: list) -> None:
+        """Wrap the layers these adapters' configs target ahead of their first loads (`layer_wrap.py`): once per
+        distinct set of targets, in one engine call. Only an optimisation: a failure is logged, and the loads
+        wrap what they need as before."""
+        todo = {}
+        for config in configs:
+            key = None if config is None else wrap_key(config)
+            if key is not None and key not in self._wrapped_targets:
+                todo.setdefault(key, config)
+        if not todo:
+            return
+        self._wrapped_targets.update(todo)
+        try:
+            count = await self._on_engine(lambda: wrap_layers(self.model, list(todo.values())))
+        except Exception:
+            log.exception("wrapping the layers of stored adapters ahead of their loads failed")
+            return
+        if count:
+            log.info("wrapped %d layers that stored adapters target, ahead of their loads", count)
+
+    def _read_store(self, clean: bool = True) -> list[tuple[str, Optional[AdapterSummary], dict, Optional[str],
+                                                          Any]]:
         """Worker thread: clean leftovers (at start-up), then describe every complete folder as (name,
-        summary, metadata, error); a folder that fails today's checks comes with its error (quarantined)."""
+        summary, metadata, error, config); a folder that fails today's checks comes with its error (quarantined)
+        and no config."""
         removed = self.store.clean() if clean else []
         if removed:
             log.info("adapter store: removed leftovers of an interrupted write: %s", removed)
@@ -258,18 +288,21 @@ class RegistrationMixin:
                 check_name(name)
                 meta = self.store.read_meta(folder)
                 if meta is None:          # a PEFT folder copied in by hand: check it like an upload
-                    summary = self.validator.validate(folder).summary
+                    validated = self.validator.validate(folder)
+                    config, summary = validated.config, validated.summary
                     meta = {"source": {"type": "local", "path": folder}, "created_at": time.time(),
                             "pinned": False, "served": True}
                 else:
-                    summary = AdapterSummary.of(parse_config(self.store.read_config(folder)))
+                    config = parse_config(self.store.read_config(folder))
+                    summary = AdapterSummary.of(config)
                 if not meta.get("sha256") or meta.get("size") != self.store.size(folder):
                     meta["sha256"], meta["size"] = self.store.digest(folder)
                     self.store.write_meta(folder, meta)
             except (RegistryError, OSError, ValueError, TypeError) as exc:
-                entries.append((name, None, meta if isinstance(meta, dict) else {}, f"cannot be loaded: {exc}"))
+                entries.append((name, None, meta if isinstance(meta, dict) else {}, f"cannot be loaded: {exc}",
+                                None))
                 continue
-            entries.append((name, summary, meta, None))
+            entries.append((name, summary, meta, None, config))
         return entries
 
 

@@ -81,6 +81,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
                                           initializer=background)
         self._loads_read = 0                    # on the loader thread: when to trim the heap (tiers.py)
         self._engine_loads: set[asyncio.Future] = set()   # loads in flight on the engine thread (tiers.py)
+        self._wrapped_targets: set[tuple] = set()        # targets whose layers were wrapped ahead (layer_wrap.py)
         # the engine's StepGate (service/engine/step_gate.py), or None: with it, evictions run on this thread
         # beside the step's C++ loop instead of between two steps (tiers.py, `_evict`)
         self.step_gate = step_gate

@@ -259,3 +259,48 @@ def test_attach_writes_what_the_module_dicts_would_and_refuses_what_add_module_r
                         low_cpu_mem_usage=True)
     assert [n for n, _ in model.named_modules()] == before
     assert "items" not in model.q_proj.kind and "items" not in model.peft_config
+
+
+def test_layers_wrapped_ahead_serve_the_base_and_take_a_first_load_prepared():
+    """`wrap_target_layers` (a server's start: the layers its stored adapters target) wraps them holding no
+    adapter: the model computes what it did, bit for bit; the first adapter on them is then prepared and
+    attached, and equals a full load on a model never wrapped ahead."""
+    model, x = _model(), torch.randn(5, 16)
+    with torch.no_grad():
+        before = model(x)
+    assert ac.wrap_target_layers(model, _config(4)) == 2
+    assert ac.wrap_target_layers(model, _config(8)) == 0                       # already wrapped: nothing to do
+    assert type(model.q_proj) is ac.AdapterLayer and type(model.v_proj) is ac.AdapterLayer
+    assert ac.active_adapters(model) == [] and not getattr(model, "peft_config", {})    # no adapter added
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    second = _state(6, 1)
+    prepared = prepare_adapter(model, _config(6), pack_adapter_tensors(second), "second")
+    assert prepared is not None and attach_prepared(model, prepared)
+    loaded = _model()
+    ac.load_adapter(loaded, "x", adapter_name="second", config=_config(6), state_dict=dict(second),
+                    low_cpu_mem_usage=True)
+    ac.set_adapter(loaded, [])
+    names = ["second", "__base__", "second", "__base__", "second"]
+    with torch.no_grad(), ac.token_batch(model, names):
+        got = model(x)
+    with torch.no_grad(), ac.token_batch(loaded, names):
+        want = loaded(x)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)                                   # attached inactive
+
+
+def test_wrapping_ahead_leaves_embeddings_prompts_and_unmatched_targets_to_the_loads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("embed_tokens", torch.nn.Embedding(10, 16))
+    model.add_module("q_proj", torch.nn.Linear(16, 16))
+    config = ac.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])
+    assert ac.wrap_target_layers(model, config) == 1
+    assert type(model.embed_tokens) is torch.nn.Embedding and type(model.q_proj) is ac.AdapterLayer
+    assert ac.wrap_target_layers(model, ac.LoraConfig(r=4, target_modules=["nothing_here"])) == 0
+    assert ac.wrap_target_layers(model, ac.PromptTuningConfig(num_virtual_tokens=4)) == 0
+    assert [type(m).__name__ for m in model] == ["Embedding", "AdapterLayer"]
+    with pytest.raises(ac.AdapterError, match="no default for this model type"):
+        ac.wrap_target_layers(model, ac.LoraConfig(r=4))                       # no targets, no model type

@@ -19,7 +19,7 @@ import adapters_core as ac
 from inline_engine import inline_engine_call
 from service.model.config import ModelConfig
 from service.model.decoder import Decoder
-from service.registry import AdapterRegistry
+from service.registry import AdapterRegistry, registration
 from service.registry.store import SERVED_PREFIX
 
 HF_KW = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -125,6 +125,13 @@ class Events:
 
     def of(self, kind: str) -> list[tuple]:
         return [c[1:] for c in self.calls if c[0] == kind]
+
+
+def no_wrapping_ahead(monkeypatch) -> None:
+    """Registrations and scans leave the model's layers unwrapped (`layer_wrap.py`; as they stay for targets
+    whose wrap was undone, e.g. by a modules_to_save copy): a first load on them takes the general path, on the
+    engine thread (where a test holds it with a slow engine)."""
+    monkeypatch.setattr(registration, "wrap_key", lambda config: None)
 
 
 def make_registry(root: Path, model=None, engine_call=inline_engine_call, **kw) -> AdapterRegistry:

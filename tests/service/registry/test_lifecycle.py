@@ -13,7 +13,8 @@ import torch
 
 from service.registry import Conflict, NotFound
 
-from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run, store_files, Events
+from _fixtures import (decoder_logits, hf_logits, input_ids, make_registry, no_wrapping_ahead, peft_adapter, run,
+                       store_files, Events)
 
 
 def _adapter_param(model, model_name):
@@ -200,8 +201,9 @@ def _slow_engine_call(delay):
     return call
 
 
-def test_cancelled_acquire_leaves_model_and_records_consistent(tmp_path):
+def test_cancelled_acquire_leaves_model_and_records_consistent(tmp_path, monkeypatch):
     adapter = peft_adapter("lora")
+    no_wrapping_ahead(monkeypatch)                             # the load takes the (slow) engine's general path
 
     async def main():
         registry = make_registry(tmp_path / "store", engine_call=_slow_engine_call(0.05))
@@ -222,8 +224,9 @@ def test_cancelled_acquire_leaves_model_and_records_consistent(tmp_path):
     run(main())
 
 
-def test_delete_during_load_gives_no_lease(tmp_path):
+def test_delete_during_load_gives_no_lease(tmp_path, monkeypatch):
     adapter = peft_adapter("lora")
+    no_wrapping_ahead(monkeypatch)                             # the load takes the (slow) engine's general path
 
     async def main():
         registry = make_registry(tmp_path / "store", engine_call=_slow_engine_call(0.05))

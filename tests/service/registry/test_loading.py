@@ -14,7 +14,9 @@ from service.registry import tiers
 import pytest
 import torch
 
-from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
+import adapters_core as ac
+
+from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, no_wrapping_ahead, peft_adapter, run
 
 STEP = 0.3          # seconds an engine "step" takes before the calls queued meanwhile run, all together
 
@@ -79,10 +81,11 @@ def _assert_peft(registry, leases, adapters: dict) -> None:
 
 @pytest.mark.parametrize("single_memory", [False, True])
 def test_a_cold_burst_wraps_the_layers_once(tmp_path, monkeypatch, single_memory):
-    """A server's first requests name several adapters at once: the first load wraps the model's layers on the
+    """Several adapters asked for at once while their layers are not wrapped: the first load wraps them on the
     engine thread, and the others, read meanwhile, wait for it and are prepared and attached instead of each
     taking the engine's general path (one step boundary each) behind it."""
     adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["a", "b", "c", "d"])}
+    no_wrapping_ahead(monkeypatch)
     engine, full_loads = SteppingEngine(), _count_full_loads(monkeypatch)
 
     async def main():
@@ -100,6 +103,7 @@ def test_a_cold_burst_wraps_the_layers_once(tmp_path, monkeypatch, single_memory
 @pytest.mark.parametrize("single_memory", [False, True])
 def test_loads_of_different_adapters_overlap(tmp_path, monkeypatch, single_memory):
     adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["w", "a", "b", "c"])}
+    no_wrapping_ahead(monkeypatch)
     engine, full_loads = SteppingEngine(), _count_full_loads(monkeypatch)
 
     async def main():
@@ -118,6 +122,33 @@ def test_loads_of_different_adapters_overlap(tmp_path, monkeypatch, single_memor
         assert [lease.model_name for lease in leases[3:]] == [lease.model_name for lease in leases[:2]]
         assert len(registry.model.peft_config) == 4
         _assert_peft(registry, leases[:3], adapters)
+        for lease in leases:
+            registry.release(lease)
+
+    _run_stepping(engine, main)
+
+
+@pytest.mark.parametrize("single_memory", [False, True])
+def test_layers_wrapped_ahead_make_a_first_burst_prepared(tmp_path, monkeypatch, single_memory):
+    """The registry wraps the layers its adapters target as they are registered, and as a server starts over
+    a store (its scan): a start's burst of first loads then takes no general load, and on the CPU no step
+    boundary at all; the served adapters are PEFT's."""
+    adapters = {name: peft_adapter("lora", seed=i) for i, name in enumerate(["a", "b", "c", "d"])}
+    engine, full_loads = SteppingEngine(), _count_full_loads(monkeypatch)
+
+    async def main():
+        first = await _registered(tmp_path, engine, adapters, single_memory)
+        assert any(type(m) is ac.AdapterLayer for m in first.model.modules())       # wrapped at registration
+        first.close()
+        registry = make_registry(tmp_path / "store", engine_call=engine, max_device_adapters=8,
+                                 single_memory=single_memory)                       # a restart: a fresh model
+        assert not any(type(m) is ac.AdapterLayer for m in registry.model.modules())
+        await registry.scan()
+        before = engine.boundaries
+        leases = await asyncio.gather(*(registry.acquire(n) for n in adapters))
+        assert full_loads == [], f"loads took the general path: {full_loads}"
+        assert engine.boundaries - before == (0 if single_memory else 1)
+        _assert_peft(registry, leases, adapters)
         for lease in leases:
             registry.release(lease)
 
