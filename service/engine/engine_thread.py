@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
@@ -118,9 +119,9 @@ class EngineThread:
         """Submit `request` now (so a full queue or a bad request raises here, before any response is sent)
         and return an async iterator of its events; closing the iterator early cancels the request.
         Call from a coroutine: events come back through the running event loop."""
-        loop = asyncio.get_running_loop()
+        inbox = _inbox_of(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        self.submit(request, lambda ev: inbox.put(queue, ev))
 
         async def events() -> AsyncIterator[TokenEvent]:
             done = False
@@ -144,6 +145,57 @@ class EngineThread:
                 yield event
         finally:
             await events.aclose()
+
+
+class LoopInbox:
+    """The engine thread's events for one event loop, handed over with one wake-up per batch. Each
+    `call_soon_threadsafe` writes a byte to the loop's self-pipe, a system call that lets the GIL go: with
+    64 streams the engine thread let it go 64 times a step, and each time the loop (woken by the first byte)
+    or the adapter loader took it, the engine waited up to the 5 ms switch interval to go on (64 events
+    beside a loop handling them: emitting took p90 4.2 ms, 0.65 ms through this). The first event of a
+    batch schedules a drain; later ones only append until the loop has drained. Per request the order
+    stays as sent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)           # (the inboxes' map holds the loop weakly: so must its value)
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, TokenEvent]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, event: TokenEvent) -> None:
+        """Engine thread. Raises RuntimeError once the loop is closed (the engine then cancels the request)."""
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the event loop of this request is closed")
+        with self._lock:
+            self._items.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._drain)
+        except BaseException:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_INBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopInbox]" = weakref.WeakKeyDictionary()
+_INBOXES_LOCK = threading.Lock()
+
+
+def _inbox_of(loop: asyncio.AbstractEventLoop) -> LoopInbox:
+    with _INBOXES_LOCK:
+        inbox = _INBOXES.get(loop)
+        if inbox is None:
+            inbox = _INBOXES[loop] = LoopInbox(loop)
+        return inbox
 
 
 def _run_into(fn: Callable[[], object], future: Future) -> None:
