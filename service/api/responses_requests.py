@@ -25,7 +25,7 @@ from service.engine.sampling import MAX_TOP_LOGPROBS
 from .errors import shown
 from .openai_requests import content_text
 from .prompts import text_bytes
-from .structured_output import ANY_JSON_OBJECT, build_constraint
+from .structured_output import ANY_JSON_OBJECT, build_constraint, check_schema_labels
 
 LOGPROBS = "message.output_text.logprobs"
 ROLES = ("user", "assistant", "system", "developer")
@@ -165,6 +165,7 @@ def constraint(req: ResponsesRequest) -> Optional[Constraint]:
         return build_constraint("text.format", Constraint.json_schema, ANY_JSON_OBJECT)
     if "schema" not in fmt:
         raise HTTPException(400, "text.format.schema: required with type json_schema")
+    check_schema_labels(fmt, "text.format")
     return build_constraint("text.format.schema", Constraint.json_schema, fmt["schema"])
 
 

@@ -6,11 +6,14 @@ OpenAI's `response_format` (`text`, `json_object`, `json_schema` with `json_sche
 (`{"type": "json" | "regex" | "json_schema", "value": ...}`) and LoRAX's `response_format` (`{"type":
 "json_object", "schema"?}`). A request may ask for one of them; two are a 400 naming both, a malformed value
 a 400 naming its field (the schema's or grammar's own errors come from the engine's check, also naming the
-field). OpenAI's `strict` is accepted either way: the output always follows the schema exactly.
+field). OpenAI's `strict` is accepted either way: the output always follows the schema exactly. A
+`json_schema`'s labels are checked as OpenAI checks them (`name`: 1-64 letters, digits, `_` or `-`;
+`description` a string; `strict` a boolean) though they change nothing in the output.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Union
 
 from fastapi import HTTPException
@@ -22,6 +25,20 @@ from .errors import shown
 
 ANY_JSON_OBJECT = {"type": "object"}
 JSON_SCHEMA_KEYS = ("name", "description", "schema", "strict")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")          # OpenAI's rule for json_schema.name
+
+
+def check_schema_labels(spec: dict, field: str) -> None:
+    """A 400 naming the label when a json_schema's `name`, `description` or `strict` is not what OpenAI takes
+    (each may be left out: TGI's and older clients send none)."""
+    name = spec.get("name")
+    if name is not None and not (isinstance(name, str) and _SCHEMA_NAME.fullmatch(name)):
+        raise HTTPException(400, f"{field}.name: {shown(str(name))} is not a schema name (1 to 64 letters, digits, "
+                                 "'_' or '-', as OpenAI requires)")
+    if spec.get("description") is not None and not isinstance(spec["description"], str):
+        raise HTTPException(400, f"{field}.description: must be a string")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise HTTPException(400, f"{field}.strict: must be true or false")
 
 
 class StructuredOutputs(BaseModel):
@@ -86,6 +103,7 @@ def openai_response_format(fmt: Optional[dict[str, Any]], field: str = "response
     if unknown is not None:
         raise HTTPException(400, f"{field}.json_schema.{shown(unknown)}: not supported (name, description, "
                                  "schema, strict)")
+    check_schema_labels(spec, f"{field}.json_schema")
     return build_constraint(f"{field}.json_schema.schema", Constraint.json_schema, spec.get("schema", ANY_JSON_OBJECT))
 
 

@@ -115,6 +115,8 @@ def test_text_format_json_schema_through_responses_parse(client):
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, 400, "input[0].type"),
     ({"input": [{"role": "tool", "content": "x"}]}, 400, "input[0].role"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format.schema"),
+    ({"text": {"format": {"type": "json_schema", "name": "x/y", "schema": {"type": "object"}}}}, 400,
+     "text.format.name: 'x/y' is not a schema name"),
     ({"text": {"format": {"type": "regex"}}}, 400, "text.format.type"),
     ({"max_output_tokens": 10_000}, 400, "max_output_tokens"),
     ({"frequency_penalty": 1}, 422, "frequency_penalty"),
