@@ -52,16 +52,19 @@ def _both(first_state, second_state, config2):
     return models
 
 
+def _assert_same_batch(model, other, x, names) -> None:
+    """Both models compute the same bits for a mixed batch of `names` (one adapter name per row)."""
+    with torch.no_grad(), ac.token_batch(model, names):
+        got = model(x)
+    with torch.no_grad(), ac.token_batch(other, names):
+        want = other(x)
+    assert torch.equal(got, want)
+
+
 def test_attached_adapter_equals_a_full_load():
     config2 = _config(6, use_rslora=True)
     attached, loaded = _both(_state(4, 0), _state(6, 1), config2)
-    x = torch.randn(5, 16)
-    names = ["second", "first", "__base__", "second", "first"]
-    with torch.no_grad(), ac.token_batch(attached, names):
-        got = attached(x)
-    with torch.no_grad(), ac.token_batch(loaded, names):
-        want = loaded(x)
-    assert torch.equal(got, want)
+    _assert_same_batch(attached, loaded, torch.randn(5, 16), ["second", "first", "__base__", "second", "first"])
     a = ac.get_peft_model_state_dict(attached, adapter_name="second")
     b = ac.get_peft_model_state_dict(loaded, adapter_name="second")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -281,12 +284,7 @@ def test_layers_wrapped_ahead_serve_the_base_and_take_a_first_load_prepared():
     ac.load_adapter(loaded, "x", adapter_name="second", config=_config(6), state_dict=dict(second),
                     low_cpu_mem_usage=True)
     ac.set_adapter(loaded, [])
-    names = ["second", "__base__", "second", "__base__", "second"]
-    with torch.no_grad(), ac.token_batch(model, names):
-        got = model(x)
-    with torch.no_grad(), ac.token_batch(loaded, names):
-        want = loaded(x)
-    assert torch.equal(got, want)
+    _assert_same_batch(model, loaded, x, ["second", "__base__", "second", "__base__", "second"])
     with torch.no_grad():
         assert torch.equal(model(x), before)                                   # attached inactive
 

@@ -145,13 +145,20 @@ def test_limits_are_clear_errors(model):
 
 
 def test_stream_yields_tokens_and_background_loop_serves_many(model):
+    """Each stream gets its own events in order; the engine thread hands a step's events to the event loop in
+    one batch (`LoopInbox`): one `call_soon_threadsafe` (a self-pipe write, which lets the GIL go) per batch,
+    not one per event."""
     eng = engine(model)
     eng.start()
+    wake_ups = []
     try:
         async def collect(req):
             return [ev async for ev in eng.stream(req)]
 
         async def main():
+            loop = asyncio.get_running_loop()
+            wake = loop.call_soon_threadsafe
+            loop.call_soon_threadsafe = lambda *a, **kw: wake_ups.append(a[0]) or wake(*a, **kw)
             return await asyncio.gather(*(collect(r) for r in greedy_requests(max_tokens=5)))
         streams = asyncio.run(main())
     finally:
@@ -160,40 +167,17 @@ def test_stream_yields_tokens_and_background_loop_serves_many(model):
     for events, out in zip(streams, expected):
         assert [e.token_id for e in events if e.token_id is not None] == out.token_ids
         assert events[-1].finish_reason == FinishReason.LENGTH
-
-
-def test_a_steps_events_reach_the_loop_with_one_wake_up(model):
-    """The engine thread hands a step's events to the event loop in one batch (`LoopInbox`): one
-    `call_soon_threadsafe` (a self-pipe write, which lets the GIL go) per batch, not per event; each stream
-    still gets its own events in order; once the loop is closed, handing one over raises (the engine then
-    cancels that request)."""
-    eng = engine(model)
-    eng.start()
-    calls = []
-    try:
-        async def collect(req):
-            return [ev async for ev in eng.stream(req)]
-
-        async def main():
-            loop = asyncio.get_running_loop()
-            wake = loop.call_soon_threadsafe
-            loop.call_soon_threadsafe = lambda *a, **kw: calls.append(a[0]) or wake(*a, **kw)
-            return await asyncio.gather(*(collect(r) for r in greedy_requests(max_tokens=5)))
-        streams = asyncio.run(main())
-    finally:
-        eng.stop()
-    expected = engine(model).generate(greedy_requests(max_tokens=5))
-    for events, out in zip(streams, expected):
-        assert [e.token_id for e in events if e.token_id is not None] == out.token_ids
     events = sum(len(e) for e in streams)
-    assert 0 < len(calls) <= events // 2, f"{len(calls)} wake-ups for {events} events"
+    assert 0 < len(wake_ups) <= events // 2, f"{len(wake_ups)} wake-ups for {events} events"
 
+
+def test_an_event_for_a_closed_loop_is_refused():
+    """Once a stream's event loop is closed, handing it an event raises (the engine then cancels the request)."""
     loop = asyncio.new_event_loop()
     inbox = engine_thread.LoopInbox(loop)
-    queue = asyncio.Queue()
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
-        inbox.put(queue, None)
+        inbox.put(asyncio.Queue(), None)
 
 
 def test_cancelled_stream_frees_its_slot(model):
