@@ -147,7 +147,10 @@ def test_layers_wrapped_ahead_make_a_first_burst_prepared(tmp_path, monkeypatch,
         before = engine.boundaries
         leases = await asyncio.gather(*(registry.acquire(n) for n in adapters))
         assert full_loads == [], f"loads took the general path: {full_loads}"
-        assert engine.boundaries - before == (0 if single_memory else 1)
+        if single_memory:
+            assert engine.boundaries == before, "a prepared load waited for the engine"
+        else:                       # one shared boundary, two if the reads straddle one: never one per load
+            assert engine.boundaries - before <= 2
         _assert_peft(registry, leases, adapters)
         for lease in leases:
             registry.release(lease)
