@@ -231,6 +231,7 @@ class RegistrationMixin:
                 self._retire(self._records.pop(name))
                 self._records[name] = self._record(name, summary, meta, error, tier=STORED)
                 report["changed"].append(name)
+                configs.append(config)
             elif record.quarantined:
                 continue
             elif (record.served, record.pinned) != (flags := (bool(meta.get("served", True)),

@@ -156,3 +156,26 @@ def test_layers_wrapped_ahead_make_a_first_burst_prepared(tmp_path, monkeypatch,
             registry.release(lease)
 
     _run_stepping(engine, main)
+
+
+def test_a_rescan_wraps_the_layers_of_adapters_it_finds(tmp_path, monkeypatch):
+    """Adapters another process put in the store (found by `rescan`) get their layers wrapped too: their first
+    load is prepared."""
+    full_loads = _count_full_loads(monkeypatch)
+
+    async def main():
+        registry = make_registry(tmp_path / "store", max_device_adapters=8)
+        await registry.scan()                                   # an empty store: nothing to wrap
+        assert not any(type(m) is ac.AdapterLayer for m in registry.model.modules())
+        writer = make_registry(tmp_path / "store", max_device_adapters=8)
+        adapter = peft_adapter("lora", seed=3)
+        await writer.register_files("a", adapter.config, adapter.weights)
+        writer.close()
+        assert (await registry.rescan())["added"] == ["a"]
+        assert any(type(m) is ac.AdapterLayer for m in registry.model.modules())
+        lease = await registry.acquire("a")
+        assert full_loads == [], f"loads took the general path: {full_loads}"
+        _assert_peft(registry, [lease], {"a": adapter})
+        registry.release(lease)
+
+    run(main())
