@@ -128,9 +128,7 @@ def inject_adapter_in_model(config: AdapterConfig, model: nn.Module, adapter_nam
             _add_to_layer(layer, config, key, adapter_name, low_cpu_mem_usage, ranks)
             done.append((key, module, layer))
             if layer is not module:
-                layer.slot_table = table
-                set_submodule(model, key, layer)
-                table.modules.append(layer)
+                _install(model, key, layer, table)
             layers.append(layer)
         for target in config.modules_to_save or ():
             _wrap_modules_to_save(model, target, adapter_name, table)
@@ -166,11 +164,15 @@ def wrap_target_layers(model: nn.Module, config: AdapterConfig) -> int:
               and is_supported_base(module) and is_target(config, key)]
     table = slot_table(model)
     for key, module in chosen:
-        layer = AdapterLayer(module).train(module.training)
-        layer.slot_table = table
-        set_submodule(model, key, layer)
-        table.modules.append(layer)
+        _install(model, key, AdapterLayer(module).train(module.training), table)
     return len(chosen)
+
+
+def _install(model: nn.Module, key: str, wrapper: nn.Module, table: SlotTable) -> None:
+    """Put a new adapter wrapper (`AdapterLayer` or `ModulesToSaveWrapper`) in place of the module at `key`."""
+    wrapper.slot_table = table
+    set_submodule(model, key, wrapper)
+    table.modules.append(wrapper)
 
 
 def _unwrap(model: nn.Module, key: str, wrapper: nn.Module, table: SlotTable) -> nn.Module:
@@ -285,10 +287,7 @@ def _wrap_modules_to_save(model: nn.Module, target: str, adapter_name: str, tabl
         if isinstance(module, ModulesToSaveWrapper):
             module.add(adapter_name)
         else:
-            wrapper = ModulesToSaveWrapper(module, adapter_name)
-            wrapper.slot_table = table
-            set_submodule(model, key, wrapper)
-            table.modules.append(wrapper)
+            _install(model, key, ModulesToSaveWrapper(module, adapter_name), table)
     if not found:
         raise TargetNotFoundError(f"modules_to_save entry {target!r} matches no module of the model")
 
