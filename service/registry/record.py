@@ -58,6 +58,11 @@ class AdapterRecord:
     # `size` with the weights counted in the dtypes they are held in: what the cpu and device tiers count
     dtype: Optional[str] = None
     resident_size: Optional[int] = None
+    # what the stored files were when this record was made, not shown: the weights file's identity its sha256 was
+    # taken from (kept in registry.json: `AdapterStore.digest`) and the config's sha256; a rescan that finds
+    # either changed (a file edited or renamed over in place) replaces the record
+    weights_file: str = field(default="", repr=False)
+    config_sha256: str = field(default="", repr=False)
     # runtime state, not shown
     config: Any = field(default=None, repr=False)          # adapters_core config while in cpu / device tier
     tensors: Optional[dict] = field(default=None, repr=False)

@@ -114,8 +114,8 @@ class RegistrationMixin:
                                 stage: Callable[[str], Any]) -> AdapterRecord:
         staging = self.store.new_staging()
         try:
-            validated, meta, extra = await asyncio.to_thread(self._prepare, staging, stage, source)
-            record, trash = self._commit(name, staging, validated, meta, replace, extra)
+            validated, meta, extra, config_sha256 = await asyncio.to_thread(self._prepare, staging, stage, source)
+            record, trash = self._commit(name, staging, validated, meta, replace, extra, config_sha256)
         except BaseException:
             await asyncio.to_thread(self.store.remove, staging)
             raise
@@ -124,25 +124,24 @@ class RegistrationMixin:
         return record
 
     def _prepare(self, staging: str, stage: Callable[[str], Any],
-                 source: dict) -> tuple[ValidatedAdapter, dict, int]:
+                 source: dict) -> tuple[ValidatedAdapter, dict, int, str]:
         """Worker thread: write the files to `staging`, validate, normalise to safetensors, write metadata, seal;
         the tensors the record holds are then cast to adapter_dtype (the files stay as uploaded), which changes
-        their bytes by the returned amount (negative: saved)."""
+        their bytes by the returned amount (negative: saved). Also returns the staged config's sha256."""
         stage(staging)
         validated = self.validator.validate(staging)
         if validated.weights_name != SAFETENSORS_NAME:
             self.store.to_safetensors(staging, validated.tensors)
         validated.tensors, extra = self.adapter_dtype.hold(validated.tensors, validated.weights_name, pack=False)
         extra -= validated.base_copy_bytes         # stored, never held
-        sha256, size = self.store.digest(staging)
         meta = {"source": source, "created_at": time.time(), "pinned": False, "served": True,
-                "sha256": sha256, "size": size}
+                **self.store.digest(staging)}
         self.store.write_meta(staging, meta)
         self.store.seal(staging)
-        return validated, meta, extra
+        return validated, meta, extra, self.store.config_digest(self.store.read_config(staging))
 
     def _commit(self, name: str, staging: str, validated: ValidatedAdapter, meta: dict, replace: bool,
-                extra: int = 0) -> tuple[AdapterRecord, Optional[str]]:
+                extra: int = 0, config_sha256: str = "") -> tuple[AdapterRecord, Optional[str]]:
         """Event loop, no await: swap the folder and the record in one step; return the record and the
         replaced folder's trash path."""
         old = self._records.get(name)
@@ -150,7 +149,7 @@ class RegistrationMixin:
             raise self._taken(name)
         record = self._record(name, validated.summary, meta, tier=CPU, config=validated.config,
                               tensors=validated.tensors, dtype=held_dtype(validated.tensors),
-                              resident_size=int(meta["size"]) + extra)
+                              resident_size=int(meta["size"]) + extra, config_sha256=config_sha256)
         if not record.serialisable():                  # never hold a record the admin routes cannot show
             raise Invalid(f"adapter {name!r}: its description is not valid JSON (a non-finite number?)")
         trash = self.store.commit(name, staging)
@@ -171,7 +170,7 @@ class RegistrationMixin:
                 alpha=summary.alpha if summary else None, targets=summary.targets if summary else [],
                 virtual_tokens=summary.virtual_tokens if summary else None,
                 size=int(meta.get("size") or 0), sha256=str(meta.get("sha256") or ""),
-                source=dict(meta.get("source") or {}), created_at=_time(meta.get("created_at")),
+                weights_file=str(meta.get("weights_file") or ""), source=dict(meta.get("source") or {}), created_at=_time(meta.get("created_at")),
                 served=bool(meta.get("served", True)) and error is None, pinned=bool(meta.get("pinned", False)),
                 generation=next(self._generations), tick=next(self._ticks), error=error, **state)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -188,14 +187,16 @@ class RegistrationMixin:
 
     def _save_meta(self, record: AdapterRecord) -> None:
         meta = {"source": record.source, "created_at": record.created_at, "pinned": record.pinned,
-                "served": record.served, "sha256": record.sha256, "size": record.size}
+                "served": record.served, "sha256": record.sha256, "size": record.size,
+                "weights_file": record.weights_file}
         self.store.write_meta(self.store.path(record.name), meta)
 
     async def _scan(self) -> list[AdapterRecord]:
         configs = []
-        for name, summary, meta, error, config in await asyncio.to_thread(self._read_store):
+        for name, summary, meta, error, config, config_sha256 in await asyncio.to_thread(self._read_store):
             if name not in self._records:
-                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED,
+                                                   config_sha256=config_sha256)
                 if self._records[name].served:
                     configs.append(config)
         await self._wrap_targets(configs)
@@ -214,22 +215,25 @@ class RegistrationMixin:
         # Registrations commit on the event loop without the lock, so one may land while the store is read
         # in the worker thread: only names whose record is the one seen before the read are changed here.
         before = dict(self._records)
-        entries = await asyncio.to_thread(self._read_store, False)
+        entries = await asyncio.to_thread(self._read_store, False, before)
         report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": []}
         on_disk, configs = set(), []
-        for name, summary, meta, error, config in entries:
+        for name, summary, meta, error, config, config_sha256 in entries:
             on_disk.add(name)
             record = self._records.get(name)
             if record is None and name not in before:
-                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED,
+                                                   config_sha256=config_sha256)
                 report["added"].append(name)
                 configs.append(config)
             elif record is None or record is not before.get(name):
                 continue                               # deleted or replaced here meanwhile
-            elif (record.sha256 != str(meta.get("sha256") or "") or (error is not None and error != record.error)
+            elif (record.sha256 != str(meta.get("sha256") or "") or record.config_sha256 != config_sha256
+                  or (error is not None and error != record.error)
                   or (error is None and record.quarantined and record.kind == "unknown")):   # fixed on disk
                 self._retire(self._records.pop(name))
-                self._records[name] = self._record(name, summary, meta, error, tier=STORED)
+                self._records[name] = self._record(name, summary, meta, error, tier=STORED,
+                                                   config_sha256=config_sha256)
                 report["changed"].append(name)
                 configs.append(config)
             elif record.quarantined:
@@ -273,11 +277,13 @@ class RegistrationMixin:
         if count:
             log.info("wrapped %d layers that stored adapters target, ahead of their loads", count)
 
-    def _read_store(self, clean: bool = True) -> list[tuple[str, Optional[AdapterSummary], dict, Optional[str],
-                                                          Any]]:
+    def _read_store(self, clean: bool = True, known: Optional[dict[str, AdapterRecord]] = None
+                    ) -> list[tuple[str, Optional[AdapterSummary], dict, Optional[str], Any, str]]:
         """Worker thread: clean leftovers (at start-up), then describe every complete folder as (name,
-        summary, metadata, error, config); a folder that fails today's checks comes with its error (quarantined)
-        and no config."""
+        summary, metadata, error, config, the config's sha256); a folder that fails today's checks comes with
+        its error (quarantined) and no config. The weights file is hashed again only when its identity is not
+        the one its recorded sha256 was taken from (`known`: the records a rescan has, whose own identities
+        count too, so a store this replica cannot write is not hashed at every rescan)."""
         removed = self.store.clean() if clean else []
         if removed:
             log.info("adapter store: removed leftovers of an interrupted write: %s", removed)
@@ -293,19 +299,39 @@ class RegistrationMixin:
                     config, summary = validated.config, validated.summary
                     meta = {"source": {"type": "local", "path": folder}, "created_at": time.time(),
                             "pinned": False, "served": True}
+                    config_bytes = self.store.read_config(folder)
                 else:
-                    config = parse_config(self.store.read_config(folder))
+                    config_bytes = self.store.read_config(folder)
+                    config = parse_config(config_bytes)
                     summary = AdapterSummary.of(config)
-                if not meta.get("sha256") or meta.get("size") != self.store.size(folder):
-                    meta["sha256"], meta["size"] = self.store.digest(folder)
-                    self.store.write_meta(folder, meta)
+                self._describe_files(name, folder, meta, (known or {}).get(name))
             except (RegistryError, OSError, ValueError, TypeError) as exc:
                 entries.append((name, None, meta if isinstance(meta, dict) else {}, f"cannot be loaded: {exc}",
-                                None))
+                                None, ""))
                 continue
-            entries.append((name, summary, meta, None, config))
+            entries.append((name, summary, meta, None, config, self.store.config_digest(config_bytes)))
         return entries
 
+    def _describe_files(self, name: str, folder: str, meta: dict, record: Optional[AdapterRecord]) -> None:
+        """Worker thread: bring `meta`'s sha256, size and weights-file identity up to date with the folder's
+        files, hashing the weights only when that identity changed, and write it back. Metadata from before
+        identities were kept is trusted as it was then (by its size) unless this replica's record says the file
+        changed. A store this replica cannot write keeps the new values in memory (the record's)."""
+        identity, size = self.store.weights_identity(folder), self.store.size(folder)
+        recorded, digested = meta.get("weights_file"), bool(meta.get("sha256")) and meta.get("size") == size
+        if digested and recorded == identity:
+            return
+        if record is not None and record.sha256 and record.weights_file == identity and record.size == size:
+            meta.update(sha256=record.sha256, size=size, weights_file=identity)      # hashed here before
+            return
+        if digested and recorded is None and record is None:
+            meta["weights_file"] = identity
+        else:
+            meta.update(self.store.digest(folder))
+        try:
+            self.store.write_meta(folder, meta)
+        except OSError as exc:
+            log.info("adapter store: %r's registry.json not updated (%s); its digest is kept in memory", name, exc)
 
 def _time(value: Any) -> float:
     """A stored unix time, or now when it is missing or not a finite number."""

@@ -117,7 +117,8 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
     def _usable(self, name: str) -> AdapterRecord:
         record = self.get(name)
         if record.quarantined:
-            raise Conflict(f"adapter {name!r} is quarantined: {record.error}; replace or delete it")
+            raise Conflict(f"adapter {name!r} is quarantined: {record.error}; replace or delete it, or put "
+                           f"its files right and rescan")
         return record
 
     def list(self) -> list[AdapterRecord]:

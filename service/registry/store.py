@@ -1,19 +1,19 @@
 """`AdapterStore`: the registry's directory of adapters, written so that a crash never leaves half an adapter.
 
-Layout: `<root>/<name>/adapter_config.json`, `adapter_model.safetensors` and `registry.json` (source,
-created_at, pinned, served, sha256, size), and, once a CPU server has loaded it, `served.<adapter dtype>.
-safetensors`: its tensors as the server holds them, which later loads map instead of reading the PEFT file
-(`read_served`; a cache: made from the folder's own file, written whole or not at all, ignored when that file
-changed). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every file and the folder fsynced) and
-renamed into place in one `os.rename`; replacing first renames the old folder to `.trash-<uuid>.<name>` and,
-once the new one is in place, drops the name from the trash, so only a crash between those two renames finds
-a named trash and no `<name>`; deleting renames to `.trash-<uuid>` before removing. So after a crash every
-`<name>` folder is complete, and `clean()` at start-up removes whatever `.tmp-*` / `.trash-*` / half-written
-`registry.json` or `served.*` file was left (putting a replaced folder back if the crash came between a
-replace's renames). Every rename is followed by an
-fsync of the folder that holds it, so the order survives a power cut too, not only a killed process. Renames
-are quick and are called from the event loop, so they are ordered with the registry's bookkeeping; copying,
-hashing and removing trees are slow and run in worker threads.
+Layout: `<root>/<name>/adapter_config.json`, `adapter_model.safetensors` and `registry.json` (source, created_at,
+pinned, served, sha256, size, the weights file's identity when it was hashed), and, once a CPU server has loaded
+it, `served.<adapter dtype>.safetensors`: its tensors as the server holds them, which later loads map instead of
+reading the PEFT file (`read_served`; a cache: made from the folder's own file, written whole or not at all,
+ignored when that file changed). A new adapter is built in `<root>/.tmp-<uuid>/`, sealed (every file and the
+folder fsynced) and renamed into place in one `os.rename`; replacing first renames the old folder to
+`.trash-<uuid>.<name>` and, once the new one is in place, drops the name from the trash, so only a crash between
+those two renames finds a named trash and no `<name>`; deleting renames to `.trash-<uuid>` before removing. So
+after a crash every `<name>` folder is complete, and `clean()` at start-up removes whatever `.tmp-*` / `.trash-*`
+/ half-written `registry.json` or `served.*` file was left (putting a replaced folder back if the crash came
+between a replace's renames). Every rename is followed by an fsync of the folder that holds it, so the order
+survives a power cut too, not only a killed process. Renames are quick and are called from the event loop, so they
+are ordered with the registry's bookkeeping; copying, hashing and removing trees are slow and run in worker
+threads.
 """
 
 from __future__ import annotations
@@ -121,13 +121,30 @@ class AdapterStore:
                   os.path.join(staging, SAFETENSORS_NAME), metadata={"format": "pt"})
         os.remove(os.path.join(staging, BIN_NAME))
 
-    def digest(self, folder: str) -> tuple[str, int]:
-        """(sha256 of the weights file, size of config + weights in bytes)."""
+    def digest(self, folder: str) -> dict[str, Any]:
+        """What `registry.json` says of the stored files: `sha256` of the weights file, `size` of config +
+        weights in bytes, and `weights_file`, the weights file's identity taken before it was hashed (a file
+        changed meanwhile then differs from it, and is hashed again at the next scan)."""
+        identity = self.weights_identity(folder)
         sha = hashlib.sha256()
         with open(os.path.join(folder, SAFETENSORS_NAME), "rb") as fh:
             while chunk := fh.read(1 << 20):
                 sha.update(chunk)
-        return sha.hexdigest(), self.size(folder)
+        return {"sha256": sha.hexdigest(), "size": self.size(folder), "weights_file": identity}
+
+    @staticmethod
+    def weights_identity(folder: str) -> str:
+        """The stored weights file's inode, size, modification and change times (ns): a scan or rescan hashes
+        the file again only when these differ from the ones `registry.json` recorded with its sha256, so a file
+        edited in place or renamed over is noticed without hashing every file each time. Without the device
+        number: replicas mounting one store (NFS) may see one file under different ones."""
+        st = os.stat(os.path.join(folder, SAFETENSORS_NAME))
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+    @staticmethod
+    def config_digest(config_bytes: bytes) -> str:
+        """The stored config's sha256: a rescan compares it with the record's (the config is read anyway)."""
+        return hashlib.sha256(config_bytes).hexdigest()
 
     def size(self, folder: str) -> int:
         return sum(os.path.getsize(os.path.join(folder, n)) for n in (CONFIG_NAME, SAFETENSORS_NAME))

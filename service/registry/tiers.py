@@ -114,7 +114,7 @@ class TierMixin:
                         record.error, record.served = f"cannot be loaded: {exc}", False
                         log.warning("adapter %r is quarantined: %s", record.name, exc)
                         raise Conflict(f"adapter {record.name!r} is quarantined: {record.error}; replace or "
-                                       f"delete it") from exc
+                                       f"delete it, or put its files right and rescan") from exc
                     raise RegistryError(f"stored adapter {record.name!r} cannot be read: {exc}") from exc
                 if record.retired:          # replaced while reading: these may be the new files
                     raise _Retry()
