@@ -170,7 +170,8 @@ class RegistrationMixin:
                 alpha=summary.alpha if summary else None, targets=summary.targets if summary else [],
                 virtual_tokens=summary.virtual_tokens if summary else None,
                 size=int(meta.get("size") or 0), sha256=str(meta.get("sha256") or ""),
-                weights_file=str(meta.get("weights_file") or ""), source=dict(meta.get("source") or {}), created_at=_time(meta.get("created_at")),
+                weights_file=str(meta.get("weights_file") or ""), source=dict(meta.get("source") or {}),
+                created_at=_time(meta.get("created_at")),
                 served=bool(meta.get("served", True)) and error is None, pinned=bool(meta.get("pinned", False)),
                 generation=next(self._generations), tick=next(self._ticks), error=error, **state)
         except (TypeError, ValueError, OverflowError) as exc:
