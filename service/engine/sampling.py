@@ -17,12 +17,17 @@ else, and which the chosen token advances.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
 
 from .structured import Constraint, Guide
+
+# seeds for requests that set none: Python's generator (seeded from the OS), not a torch op, which on the event
+# loop let the GIL go and waited to take it back from a busy loader or engine (60 us a request on average)
+_SEEDS = random.Random()
 
 
 # Temperatures this small sample the argmax anyway, and dividing by them overflows the logits to inf
@@ -100,7 +105,7 @@ class RequestSampler:
         self.params = p = params
         self.guide = guide                                       # the grammar's matcher, if constrained
         self.generator = torch.Generator()
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        seed = p.seed if p.seed is not None else _SEEDS.getrandbits(62)
         self.generator.manual_seed(seed)
         self.generated = 0
         self.counts: Optional[torch.Tensor] = None

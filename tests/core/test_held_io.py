@@ -2,17 +2,16 @@
 each giving what Python's own call gives; and that they do keep it: with the switch interval made huge, a
 thread waiting for the GIL runs only when the caller lets it go, which a sleep does and these do not."""
 import errno
-import gc
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
 from adapters_core import held_io, packed_file, sgmv
+from gil_check import lets_the_gil_go
 
 pytestmark = pytest.mark.skipif(not held_io.available(), reason="no libc reachable through ctypes here")
 
@@ -81,52 +80,20 @@ def test_stat_identity_is_what_os_stat_gives(tmp_path):
     assert packed_file.source_identity(str(path)) == ":".join(map(str, got))
 
 
-def _lets_the_gil_go(fn) -> bool:
-    """Whether `fn()` let another thread take the GIL: that thread is made runnable (waiting for the GIL) and
-    the switch interval huge, so it runs only when the caller gives the GIL up. A release too short for the
-    waiter to wake in may go unseen (Python's read of a small cached file, torch's around one as_strided: seen
-    in most tries, not all), so only "never" is asserted of a call; a call that keeps the GIL never shows one."""
-    ready, go, ran = threading.Event(), threading.Event(), []
-
-    def waiter():
-        ready.set()
-        go.wait()
-        ran.append(True)
-
-    interval = sys.getswitchinterval()
-    gc.collect()                         # no collection mid-check (a finalizer closing a file lets the GIL go)
-    gc.disable()
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    ready.wait()
-    time.sleep(0.05)                     # the waiter is blocked in go.wait()
-    sys.setswitchinterval(1000.0)
-    try:
-        go.set()                         # it wakes and waits for the GIL, which this thread holds
-        for _ in range(5):
-            fn()
-        released = bool(ran)
-    finally:
-        sys.setswitchinterval(interval)
-        gc.enable()
-        thread.join()
-    return released
-
-
 def test_the_calls_keep_the_gil(tmp_path):
     path = tmp_path / "adapter_config.json"
     path.write_bytes(b"{}" * 100)
     packed = str(tmp_path / "served.safetensors")
     packed_file.save_packed(packed, {"m.lora_A.weight": torch.ones(4, 8), "m.lora_B.weight": torch.ones(8, 4)}, {})
 
-    assert _lets_the_gil_go(lambda: time.sleep(0.002))    # the check can fail (a call that lets the GIL go)
-    assert not _lets_the_gil_go(lambda: held_io.read_file(str(path), 1 << 20))
-    assert not _lets_the_gil_go(lambda: held_io.map_private(packed))
+    assert lets_the_gil_go(lambda: time.sleep(0.002))    # the check can fail (a call that lets the GIL go)
+    assert not lets_the_gil_go(lambda: held_io.read_file(str(path), 1 << 20))
+    assert not lets_the_gil_go(lambda: held_io.map_private(packed))
     try:
         held_io.stat_identity(str(path))
     except NotImplementedError:
         return
-    assert not _lets_the_gil_go(lambda: held_io.stat_identity(str(path)))
+    assert not lets_the_gil_go(lambda: held_io.stat_identity(str(path)))
 
 
 def test_strided_views_keep_the_gil_and_match_as_strided():
@@ -144,5 +111,5 @@ def test_strided_views_keep_the_gil_and_match_as_strided():
     with pytest.raises(RuntimeError, match="base 1 of 1"):
         k.strided_views([base], [1], [[1]], [[1]], [0])
     kept = []                            # (a tensor freed lets the GIL go: the views are kept, as map_packed's are)
-    assert not _lets_the_gil_go(lambda: kept.append(k.strided_views([base] * 2, [0, 1] * 100, [[2, 3]] * 200,
+    assert not lets_the_gil_go(lambda: kept.append(k.strided_views([base] * 2, [0, 1] * 100, [[2, 3]] * 200,
                                                                     [[3, 1]] * 200, [i % 50 for i in range(200)])))

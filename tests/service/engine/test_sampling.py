@@ -138,3 +138,13 @@ def test_features_apply_per_request_in_a_shared_batch(model):
     assert outs[2].token_ids == [17] * 6
     assert len(outs[3].token_ids) == 6 and outs[3].finish_reason == FinishReason.LENGTH
     assert 2 not in outs[3].token_ids and all(lp is not None for lp in outs[3].logprobs)
+
+
+def test_a_request_without_a_seed_is_set_up_keeping_the_gil():
+    """Its seed is drawn without a torch op: on the event loop each op let the GIL go, and beside a busy loader
+    or engine the loop waited up to a switch interval to take it back. Unseeded requests still draw apart."""
+    from gil_check import lets_the_gil_go
+    assert not lets_the_gil_go(lambda: RequestSampler(SamplingParams(temperature=1.0), vocab_size=32))
+    seeds = {RequestSampler(SamplingParams(temperature=1.0), vocab_size=32).generator.initial_seed()
+             for _ in range(8)}
+    assert len(seeds) == 8
