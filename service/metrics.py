@@ -132,6 +132,12 @@ class Metrics:
         self.adapters = Gauge("adapter_serve_adapters", "Registered adapters per tier", ["tier"], registry=r)
         self.adapter_load = Histogram("adapter_serve_adapter_load_seconds", "Time to bring an adapter to the device",
                                       ["from_tier"], buckets=LOAD_BUCKETS, registry=r)
+        self.adapter_load_queue = Histogram("adapter_serve_adapter_load_queue_seconds", "Time an adapter load "
+                                            "waited for the loader thread (behind the loads before it)",
+                                            buckets=LOAD_BUCKETS, registry=r)
+        self.adapter_load_read = Histogram("adapter_serve_adapter_load_read_seconds", "Loader-thread part of an "
+                                           "adapter load (read, checked and prepared)", buckets=APPLY_BUCKETS,
+                                           registry=r)
         self.adapter_apply = Histogram("adapter_serve_adapter_load_apply_seconds",
                                        "Engine-thread part of an adapter load (between two steps: evictions and "
                                        "the injection)", buckets=APPLY_BUCKETS, registry=r)
@@ -203,6 +209,10 @@ class Metrics:
 
     def adapter_applied(self, name: str, seconds: float) -> None:
         self.adapter_apply.observe(seconds)
+
+    def adapter_read(self, name: str, queued: float, seconds: float) -> None:
+        self.adapter_load_queue.observe(queued)
+        self.adapter_load_read.observe(seconds)
 
     def adapter_evicted(self, name: str, from_tier: str) -> None:
         self.evictions.labels(from_tier).inc()

@@ -106,7 +106,7 @@ class TierMixin:
             if record.tensors is None:
                 try:
                     config, tensors, prepared, extra = await self._unlocked(
-                        self._in_loader(self._read_stored, record.name, record.model_name))
+                        self._in_loader(record.name, self._read_stored, record.name, record.model_name))
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
@@ -122,7 +122,7 @@ class TierMixin:
                 record.dtype, record.resident_size = held_dtype(tensors), record.size + extra
             else:                           # in the cpu tier (an upload, an eviction): pack and prepare it
                 record.tensors, prepared = await self._unlocked(self._in_loader(
-                    self._prepare_load, record.config, record.tensors, record.model_name))
+                    record.name, self._prepare_load, record.config, record.tensors, record.model_name))
                 if record.retired:
                     raise _Retry()
             if prepared is None and self._engine_loads and preparable(record.config, record.model_name):
@@ -283,12 +283,25 @@ class TierMixin:
         with self.step_gate, self._model_lock:
             return _remove_all(self.model, names)
 
-    def _in_loader(self, fn, *args):
-        """`fn(*args)` on the registry's one loader thread: loads are prepared one at a time, so they never
-        take more than one core from the engine (with the default executor's six threads and the finiteness
-        check per tensor, 64 streams over 1,000 adapters served 276 tokens/s; one thread and one check per
-        packed buffer: 316, with ~8 loads a second)."""
-        return asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+    async def _in_loader(self, name: str, fn, *args):
+        """`fn(*args)` for adapter `name` on the registry's one loader thread: loads are prepared one at a
+        time, so they never take more than one core from the engine (with the default executor's six threads and
+        the finiteness check per tensor, 64 streams over 1,000 adapters served 276 tokens/s; one thread and one
+        check per packed buffer: 316, with ~8 loads a second). Reports how long it waited for the thread (the
+        loads before it) and how long the thread took (`adapter_read`)."""
+        queued, times = time.perf_counter(), []
+
+        def timed():
+            began = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                times.extend((began, time.perf_counter()))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._loader, timed)
+        finally:
+            if times:
+                self._emit("adapter_read", name, times[0] - queued, times[1] - times[0])
 
     async def _unlocked(self, awaitable):
         """Await `awaitable` with the registry lock released (the caller holds it, and holds it again after)."""

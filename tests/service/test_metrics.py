@@ -85,3 +85,16 @@ def test_steps_are_timed_by_kind():
     assert samples[("adapter_serve_step_seconds_count", "prefill")] == 1
     assert samples[("adapter_serve_step_seconds_count", "decode")] == 1
     assert abs(samples[("adapter_serve_step_seconds_sum", "decode")] - 0.05) < 1e-9
+
+
+def test_a_loads_wait_for_the_loader_and_its_read_are_timed_apart():
+    m = Metrics()
+    m.adapter_read("a", 0.04, 0.003)
+    m.adapter_read("b", 0.0, 0.002)
+    families = _families(m.registry)
+    queue = {s.name: s.value for s in families["adapter_serve_adapter_load_queue_seconds"].samples}
+    read = {s.name: s.value for s in families["adapter_serve_adapter_load_read_seconds"].samples}
+    assert queue["adapter_serve_adapter_load_queue_seconds_count"] == 2
+    assert read["adapter_serve_adapter_load_read_seconds_count"] == 2
+    assert abs(queue["adapter_serve_adapter_load_queue_seconds_sum"] - 0.04) < 1e-9
+    assert abs(read["adapter_serve_adapter_load_read_seconds_sum"] - 0.005) < 1e-9

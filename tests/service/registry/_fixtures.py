@@ -106,10 +106,16 @@ class Events:
 
     def __init__(self):
         self.calls: list[tuple] = []
+        self.load_seconds: dict[str, list[float]] = {}      # name -> each load's whole time
+        self.reads: list[tuple] = []                        # (name, wait for the loader, loader's time)
 
     def adapter_loaded(self, name, seconds, from_tier):
         assert seconds >= 0
         self.calls.append(("loaded", name, from_tier))
+        self.load_seconds.setdefault(name, []).append(seconds)
+
+    def adapter_read(self, name, queued, seconds):
+        self.reads.append((name, queued, seconds))
 
     def adapter_evicted(self, name, from_tier):
         self.calls.append(("evicted", name, from_tier))

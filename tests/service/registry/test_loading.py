@@ -16,7 +16,7 @@ import torch
 
 import adapters_core as ac
 
-from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, no_wrapping_ahead, peft_adapter, run
+from _fixtures import Events, decoder_logits, hf_logits, input_ids, make_registry, no_wrapping_ahead, peft_adapter, run
 
 STEP = 0.3          # seconds an engine "step" takes before the calls queued meanwhile run, all together
 
@@ -177,5 +177,32 @@ def test_a_rescan_wraps_the_layers_of_adapters_it_finds(tmp_path, monkeypatch):
         assert full_loads == [], f"loads took the general path: {full_loads}"
         _assert_peft(registry, [lease], {"a": adapter})
         registry.release(lease)
+
+    run(main())
+
+
+def test_a_load_reports_its_wait_for_the_loader_and_the_loaders_time(tmp_path):
+    """`adapter_read`: how long a load waited for the loader thread (here held by other work for 0.2 s) and how
+    long the thread then took; both inside the load's whole time (`adapter_loaded`)."""
+    lora = peft_adapter("lora")
+
+    async def main():
+        first = make_registry(tmp_path / "store")
+        await first.register_files("a", lora.config, lora.weights)
+        await first.drain()
+        events = Events()
+        registry = make_registry(tmp_path / "store", events=events)
+        await registry.scan()
+        gate = threading.Event()
+        registry._loader.submit(gate.wait)                      # the loads before it
+        loading = asyncio.ensure_future(registry.acquire("a"))
+        await asyncio.sleep(0.2)
+        assert not loading.done() and events.reads == []
+        gate.set()
+        registry.release(await loading)
+        ((name, queued, seconds),) = events.reads
+        (whole,) = events.load_seconds["a"]
+        assert name == "a" and queued >= 0.2 and 0 < seconds < whole - queued + 1e-6
+        await registry.drain()
 
     run(main())
