@@ -1,15 +1,15 @@
 """Many adapters over HTTP: throughput, latency, load time and memory with 16 to 1,000 registered adapters.
 
-For each K in --counts (default 16, 128, 1000) and each traffic shape in --distributions (uniform, and
-Zipf(1.1) over the K names), it starts `python -m service` on a store holding K LoRA adapters (random rank
-in [--rank-min, --rank-max], q_proj and v_proj of every layer, PEFT's format, --adapter-dtype), so every
-server starts cold, then runs --streams concurrent streaming clients, each sending greedy completions of
---max-tokens tokens (`ignore_eos`) on an adapter drawn from the shape, for --cold seconds (measured as
-"cold": adapters load as traffic arrives) and then --steady seconds (measured as "steady"). Per window:
-completed tokens/s, inter-token latency p50/p99 (gaps between streamed chunks), time to first token p50, and
-the adapter loads of the window read from the server's metrics (count, and p50 of the whole load, of its wait
-for the loader thread behind the loads before it, of the loader thread's part and of its engine-thread part). Rows are printed as they finish; the last lines give the issue's ratios (steady K=max
-uniform / K=min uniform tokens/s, ITL p99 / p50 per run).
+For each K in --counts (default 16, 128, 1000) and each traffic shape in --distributions (uniform, and Zipf(1.1)
+over the K names), it starts `python -m service` on a store holding K LoRA adapters (random rank in [--rank-min,
+--rank-max], q_proj and v_proj of every layer, PEFT's format, --adapter-dtype), so every server starts cold,
+then runs --streams concurrent streaming clients, each sending greedy completions of --max-tokens tokens
+(`ignore_eos`) on an adapter drawn from the shape, for --cold seconds (measured as "cold": adapters load as
+traffic arrives) and then --steady seconds (measured as "steady"). Per window: completed tokens/s, inter-token
+latency p50/p99 (gaps between streamed chunks), time to first token p50, and the adapter loads of the window
+read from the server's metrics (count, and p50 of the whole load, of its wait for the loader thread behind the
+loads before it, of the loader thread's part and of its engine-thread part). Rows are printed as they finish;
+the last lines give the issue's ratios (steady K=max uniform / K=min uniform tokens/s, ITL p99 / p50 per run).
 
 The steady windows of the smallest and the largest K are minutes apart, and a shared machine's memory reads
 10-30 % faster or slower from one minute to the next, so the ratio of the two moves with it. With --pair-rounds
@@ -250,7 +250,8 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
                              *(client(http) for _ in range(args.streams)))
     loads = {}
     for window, (a, b) in (("cold", ("start", "cold")), ("steady", ("cold", "steady"))):
-        loads[window] = {m: bucket_quantile(scraped[a][m], scraped[b][m]) for m in scraped[b] if m not in ("gc", "steps")}
+        loads[window] = {m: bucket_quantile(scraped[a][m], scraped[b][m]) for m in scraped[b]
+                         if m not in ("gc", "steps")}
         loads[window]["within_20ms"] = bucket_share(scraped[a]["adapter_serve_adapter_load_seconds"],
                                                     scraped[b]["adapter_serve_adapter_load_seconds"], 0.02)
         loads[window]["steps"] = [bucket_quantile(scraped[a]["steps"], scraped[b]["steps"], q) for q in (0.5, 0.99)]
@@ -281,7 +282,8 @@ def row(k: int, distribution: str, window: str, w: Window, loads: dict) -> dict:
             "itl_p50_ms": 1e3 * (percentile(w.itl, 50) or 0), "itl_p99_ms": 1e3 * (percentile(w.itl, 99) or 0),
             "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "loads": total[0], "load_p50": total[1],
             "loads_within_20ms": loads["within_20ms"],
-            "queue_p50": queue[1], "read_p50": read[1], "apply_p50": apply[1], "gc_pauses": int(loads["gc"]["count"]), "gc_ms": 1e3 * loads["gc"]["sum"],
+            "queue_p50": queue[1], "read_p50": read[1], "apply_p50": apply[1],
+            "gc_pauses": int(loads["gc"]["count"]), "gc_ms": 1e3 * loads["gc"]["sum"],
             "gc_over_20ms": int(loads["gc"]["over_20ms"]), "step_p50": loads["steps"][0][1],
             "step_p99": loads["steps"][1][1]}
 
