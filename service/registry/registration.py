@@ -315,9 +315,11 @@ class RegistrationMixin:
 
     def _describe_files(self, name: str, folder: str, meta: dict, record: Optional[AdapterRecord]) -> None:
         """Worker thread: bring `meta`'s sha256, size and weights-file identity up to date with the folder's
-        files, hashing the weights only when that identity changed, and write it back. Metadata from before
-        identities were kept is trusted as it was then (by its size) unless this replica's record says the file
-        changed. A store this replica cannot write keeps the new values in memory (the record's)."""
+        files, hashing the weights only when that identity changed, and write it back (a store this replica
+        cannot write keeps the new values in memory: the record's). Metadata from before identities were kept
+        is trusted as it was then (by its size) unless this replica's record says the file changed; its
+        identity is kept in memory only (written with the record's next metadata change), so a start-up after
+        the upgrade does not rewrite every folder's metadata under replicas that may be pinning meanwhile."""
         identity, size = self.store.weights_identity(folder), self.store.size(folder)
         recorded, digested = meta.get("weights_file"), bool(meta.get("sha256")) and meta.get("size") == size
         if digested and recorded == identity:
@@ -327,12 +329,13 @@ class RegistrationMixin:
             return
         if digested and recorded is None and record is None:
             meta["weights_file"] = identity
-        else:
-            meta.update(self.store.digest(folder))
+            return
+        meta.update(self.store.digest(folder))
         try:
             self.store.write_meta(folder, meta)
         except OSError as exc:
             log.info("adapter store: %r's registry.json not updated (%s); its digest is kept in memory", name, exc)
+
 
 def _time(value: Any) -> float:
     """A stored unix time, or now when it is missing or not a finite number."""

@@ -182,3 +182,34 @@ def test_old_metadata_and_an_unwritable_store_are_not_hashed_at_every_scan(tmp_p
 
     torch.testing.assert_close(run(main()), hf_logits(other.model, ids), atol=1e-4, rtol=0)
     assert "weights_file" not in json.loads(meta_path.read_text())       # nothing was written
+
+
+def test_old_metadata_is_not_rewritten_at_start_up(tmp_path):
+    """A store written before identities were kept: the scan after the upgrade trusts each folder's metadata by
+    its size and rewrites none of it (replicas may be changing it meanwhile); the identity is the record's."""
+    lora = peft_adapter("lora")
+    root = tmp_path / "store"
+
+    async def setup():
+        registry = make_registry(root)
+        await registry.register_files("a", lora.config, lora.weights)
+        await registry.drain()
+    run(setup())
+    meta_path = root / "a" / META
+    meta = json.loads(meta_path.read_text())
+    del meta["weights_file"]
+    meta_path.write_text(json.dumps(meta))
+    before = meta_path.read_bytes()
+
+    async def main():
+        registry = make_registry(root)
+        await registry.scan()
+        identity = registry.store.weights_identity(str(root / "a"))
+        assert registry.get("a").weights_file == identity and registry.get("a").sha256 == meta["sha256"]
+        assert await registry.rescan() == NO_CHANGE
+        assert meta_path.read_bytes() == before
+        await registry.pin("a")                                # the record's next metadata write carries it
+        await registry.drain()
+        return identity
+    identity = run(main())
+    assert json.loads(meta_path.read_text())["weights_file"] == identity
