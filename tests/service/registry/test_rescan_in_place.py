@@ -146,19 +146,25 @@ def test_files_only_touched_keep_their_record(tmp_path, monkeypatch):
     run(main())
 
 
-def test_old_metadata_and_an_unwritable_store_are_not_hashed_at_every_scan(tmp_path, monkeypatch):
-    lora, other = peft_adapter("lora", seed=0), peft_adapter("lora", seed=1)
-    root, ids = tmp_path / "store", input_ids()
-
+def _old_store(root, adapter):
+    """A store holding adapter "a" whose registry.json was written before identities were kept; (its path, its
+    metadata)."""
     async def setup():
         registry = make_registry(root)
-        await registry.register_files("a", lora.config, lora.weights)
+        await registry.register_files("a", adapter.config, adapter.weights)
         await registry.drain()
     run(setup())
     meta_path = root / "a" / META
     meta = json.loads(meta_path.read_text())
-    del meta["weights_file"]                                  # as written before identities were kept
+    del meta["weights_file"]
     meta_path.write_text(json.dumps(meta))
+    return meta_path, meta
+
+
+def test_old_metadata_and_an_unwritable_store_are_not_hashed_at_every_scan(tmp_path, monkeypatch):
+    other = peft_adapter("lora", seed=1)
+    root, ids = tmp_path / "store", input_ids()
+    meta_path, _ = _old_store(root, peft_adapter("lora", seed=0))
 
     async def main():
         registry = make_registry(root)
@@ -187,18 +193,8 @@ def test_old_metadata_and_an_unwritable_store_are_not_hashed_at_every_scan(tmp_p
 def test_old_metadata_is_not_rewritten_at_start_up(tmp_path):
     """A store written before identities were kept: the scan after the upgrade trusts each folder's metadata by
     its size and rewrites none of it (replicas may be changing it meanwhile); the identity is the record's."""
-    lora = peft_adapter("lora")
     root = tmp_path / "store"
-
-    async def setup():
-        registry = make_registry(root)
-        await registry.register_files("a", lora.config, lora.weights)
-        await registry.drain()
-    run(setup())
-    meta_path = root / "a" / META
-    meta = json.loads(meta_path.read_text())
-    del meta["weights_file"]
-    meta_path.write_text(json.dumps(meta))
+    meta_path, meta = _old_store(root, peft_adapter("lora"))
     before = meta_path.read_bytes()
 
     async def main():
