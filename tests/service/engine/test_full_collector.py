@@ -123,10 +123,11 @@ def test_collect_now_runs_inside_the_step_s_opened_window():
 
 
 @pytest.mark.parametrize("beside", [True, False])
-def test_the_app_runs_one_unless_turned_off(tmp_path, beside):
+def test_the_app_runs_one_unless_turned_off(tmp_path, monkeypatch, beside):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
+    from service.registry import AdapterRegistry
     from service.settings import Settings
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "reliability"))
@@ -134,7 +135,16 @@ def test_the_app_runs_one_unless_turned_off(tmp_path, beside):
 
     default = gc.get_threshold()
     settings = Settings(adapter_dir=str(tmp_path), dtype="float32", max_seq_len=64, gc_beside_step=beside)
+    frozen_at_scan = []
+    scan = AdapterRegistry.scan
+
+    async def watched_scan(registry):           # the model is frozen before the scan's garbage collections
+        frozen_at_scan.append(gc.get_freeze_count())
+        return await scan(registry)
+    monkeypatch.setattr(AdapterRegistry, "scan", watched_scan)
+    gc.unfreeze()                               # nothing frozen by an earlier app in this process
     with TestClient(create_app(settings, tiny_loaded())):
+        assert frozen_at_scan and frozen_at_scan[0] > 1000
         assert (gc.get_threshold()[2] > 10**6) is beside
         assert any(t.name == "full-gc" for t in threading.enumerate()) is beside
     assert gc.get_threshold() == default
