@@ -183,7 +183,8 @@ def test_a_rescan_wraps_the_layers_of_adapters_it_finds(tmp_path, monkeypatch):
 
 def test_a_load_reports_its_wait_for_the_loader_and_the_loaders_time(tmp_path):
     """`adapter_read`: how long a load waited for the loader thread (here held by other work for 0.2 s) and how
-    long the thread then took; both inside the load's whole time (`adapter_loaded`)."""
+    long the thread then took (the wait counted from the load's hand-over, a moment after its request); both inside
+    the load's whole time (`adapter_loaded`)."""
     lora = peft_adapter("lora")
 
     async def main():
@@ -202,7 +203,7 @@ def test_a_load_reports_its_wait_for_the_loader_and_the_loaders_time(tmp_path):
         registry.release(await loading)
         ((name, queued, seconds),) = events.reads
         (whole,) = events.load_seconds["a"]
-        assert name == "a" and queued >= 0.2 and 0 < seconds < whole - queued + 1e-6
+        assert name == "a" and queued >= 0.15 and 0 < seconds < whole - queued + 1e-6
         await registry.drain()
 
     run(main())
