@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from service.registry import Conflict
 
 WEIGHTS, CONFIG, META = "adapter_model.safetensors", "adapter_config.json", "registry.json"
 NO_CHANGE = {"added": [], "removed": [], "changed": [], "updated": []}
+# a file's times move by the kernel's clock tick (a few ms): a write in place within one tick of the write before
+# it, at the same size, keeps its identity (as git's "racily clean" files); the tests' edits come later than that
+TICK = 0.05
 
 
 def _sha(path) -> str:
@@ -51,6 +55,7 @@ def test_weights_edited_in_place_are_served_after_a_rescan(tmp_path):
         await registry.register_files("a", old.config, old.weights)
         before = await _logits(registry, "a", ids)
         held = await registry.acquire("a")                  # a request still running on the old weights
+        time.sleep(TICK)
         (root / "a" / WEIGHTS).write_bytes(new.weights)     # the same inode, written over
         assert await registry.rescan() == {**NO_CHANGE, "changed": ["a"]}
         assert registry.get("a").sha256 == _sha(root / "a" / WEIGHTS)
@@ -178,6 +183,7 @@ def test_old_metadata_and_an_unwritable_store_are_not_hashed_at_every_scan(tmp_p
         await registry.scan()
         assert hashed == [] and not registry.get("a").quarantined   # trusted as before, by its size
         assert await registry.rescan() == NO_CHANGE and hashed == []
+        time.sleep(TICK)
         (root / "a" / WEIGHTS).write_bytes(other.weights)
         assert await registry.rescan() == {**NO_CHANGE, "changed": ["a"]}
         assert len(hashed) == 1 and registry.get("a").sha256 == _sha(root / "a" / WEIGHTS)
