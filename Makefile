@@ -97,8 +97,9 @@ serve-ray: $(RAY_STAMP) $(KERNEL_STAMP)
 demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
 
+# The suite ends with its 15 slowest tests (they differ from one CPU to the next: a CI log says where its time went).
 test: $(STAMP) $(TEST_KERNEL_STAMP) deploy-tools browser-tools
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu" --durations=15
 
 # The suite on an AVX-512 machine with the code paths of an AVX2-only CPU: our C++ kernels built for x86-64-v3,
 # torch's kernels (ATEN_CPU_CAPABILITY) and oneDNN capped at AVX2, and the flags the process reads
