@@ -57,12 +57,15 @@ inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
 // of x, 2-4 KiB at 4-16, every distance far better than none). On AMD CPUs as a non-temporal prefetch (the
 // weights are read once a step, so the caches keep the rest: Zen 4, the one-sequence F32 step in one process,
 // alternating, medians of 40: 22.21 -> 21.69 and 22.56 -> 21.85 ms, 16 sequences 41.41 -> 40.94 ms); elsewhere
-// (not measured with it) as before. ADAPTER_SERVE_PREFETCH_NTA=1 / 0 decides instead of the CPU's vendor.
+// (not measured with it) as before. Only on AMD CPUs with AVX-512 (Zen 4 and later): on an AVX2-only Zen 3 the
+// plain prefetch was the faster one (the 121 one-row F32 matmuls of a token, processes alternating, 3 pairs: 22.08 /
+// 21.14 / 20.80 ms against 23.32 / 23.14 / 23.85 with NTA; 16 rows within the noise either way).
+// ADAPTER_SERVE_PREFETCH_NTA=1 / 0 decides instead of the CPU.
 inline const bool kNonTemporalPrefetch = [] {
   if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_NTA")) return env[0] == '1';
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return __builtin_cpu_is("amd") != 0;
+  return __builtin_cpu_is("amd") != 0 && __builtin_cpu_supports("avx512f") != 0;
 #else
   return false;
 #endif

@@ -216,9 +216,9 @@ def test_pulling_spans_alongside_changes_no_bit(arch):
 
 
 def test_both_prefetch_hints_give_the_same_bits():
-    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs and not elsewhere (quant_x16.h), decided when
-    the kernel loads; ADAPTER_SERVE_PREFETCH_NTA forces either, so both paths run here whatever the CPU: a hint,
-    so the same bits at one and at 16 rows of x."""
+    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs with AVX-512 and not elsewhere (quant_x16.h),
+    decided when the kernel loads; ADAPTER_SERVE_PREFETCH_NTA forces either, so both paths run here whatever the
+    CPU: a hint, so the same bits at one and at 16 rows of x."""
     import os
     import subprocess
     import sys
