@@ -54,12 +54,12 @@ inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
 // one sequential stream. With only the hardware prefetcher, the interleaved F32 matmuls of a SmolLM2 token
 // were slower at one row of x than the rows' own layout (27 vs 21 ms on a Zen 4); each step j of a chunk now
 // asks for a line of the chunk `ahead` bytes on (A/B in one process: 8 KiB ahead measured best at 1-2 rows
-// of x, 2-4 KiB at 4-16, every distance far better than none). On AMD CPUs as a non-temporal prefetch (the
-// weights are read once a step, so the caches keep the rest: Zen 4, the one-sequence F32 step in one process,
-// alternating, medians of 40: 22.21 -> 21.69 and 22.56 -> 21.85 ms, 16 sequences 41.41 -> 40.94 ms); elsewhere
-// (not measured with it) as before. Only on AMD CPUs with AVX-512 (Zen 4 and later): on an AVX2-only Zen 3 the
-// plain prefetch was the faster one (the 121 one-row F32 matmuls of a token, processes alternating, 3 pairs: 22.08 /
-// 21.14 / 20.80 ms against 23.32 / 23.14 / 23.85 with NTA; 16 rows within the noise either way).
+// of x, 2-4 KiB at 4-16, every distance far better than none). On AMD CPUs with AVX-512 (Zen 4 and later) as a
+// non-temporal prefetch (the weights are read once a step, so the caches keep the rest: Zen 4, the one-sequence F32
+// step in one process, alternating, medians of 40: 22.21 -> 21.69 and 22.56 -> 21.85 ms, 16 sequences 41.41 ->
+// 40.94 ms); elsewhere a plain one: on an AVX2-only Zen 3 it was the faster (the 121 one-row F32 matmuls of a
+// token, processes alternating, 3 pairs: 22.08 / 21.14 / 20.80 ms against 23.32 / 23.14 / 23.85 non-temporal; 16
+// rows within the noise either way), and other vendors were not measured with it.
 // ADAPTER_SERVE_PREFETCH_NTA=1 / 0 decides instead of the CPU.
 inline const bool kNonTemporalPrefetch = [] {
   if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_NTA")) return env[0] == '1';
