@@ -61,14 +61,31 @@ inline vf load_halves(const uint8_t* p) {    // V fp16 values -> fp32
 // token, processes alternating, 3 pairs: 22.08 / 21.14 / 20.80 ms against 23.32 / 23.14 / 23.85 non-temporal; 16
 // rows within the noise either way), and other vendors were not measured with it.
 // ADAPTER_SERVE_PREFETCH_NTA=1 / 0 decides instead of the CPU.
-inline const bool kNonTemporalPrefetch = [] {
-  if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_NTA")) return env[0] == '1';
+inline bool amd_cpu(bool with_avx512) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return __builtin_cpu_is("amd") != 0 && __builtin_cpu_supports("avx512f") != 0;
+  return __builtin_cpu_is("amd") != 0 && (__builtin_cpu_supports("avx512f") != 0) == with_avx512;
 #else
+  (void)with_avx512;
   return false;
 #endif
+}
+
+inline const bool kNonTemporalPrefetch = [] {
+  if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_NTA")) return env[0] == '1';
+  return amd_cpu(true);
+}();
+
+// How far ahead the prefetch reaches at 1-2 rows of x, in bytes; 0: no prefetch there. 8 KiB (measured best on
+// the Zen 4), except on AMD CPUs without AVX-512 (the Zen 3 and older), whose hardware prefetcher alone kept the
+// one-row stream faster: on an AVX2-only Zen 3, processes alternating, the 121 one-row F32 matmuls of a token
+// without it took 16.00-17.93 ms at best and 20.40-21.16 as a median of 200 tokens (3 runs) against 18.29-18.73 /
+// 21.30-23.47 with 8 KiB (4 KiB: 18.87-19.61 / 21.73-23.45; 16 and 32 KiB no better); the whole F32 step 17.67-
+// 21.51 ms at best against 21.00-21.53 (4 pairs). At 2 rows the two tied, at 16 rows the 4 KiB prefetch won
+// (median 52.6-56.4 ms against 58.6-63.9), so more rows keep it everywhere. ADAPTER_SERVE_PREFETCH_AHEAD sets it.
+inline const int64_t kFewRowsAhead = [] {
+  if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_AHEAD")) return int64_t{std::atoll(env)} & ~int64_t{63};
+  return amd_cpu(false) ? int64_t{0} : int64_t{8192};
 }();
 
 template <int64_t F>
@@ -299,13 +316,13 @@ inline void x16_plain_rows(const uint8_t* chunk, const float* xb, int64_t ldx, v
 }
 
 // acc [M x PX] = rows 16g.. of an interleaved F32 / BF16 weight times the M rows of x: per block, passes of
-// MRP rows, a remainder in passes of halving size; the first pass of a block prefetches ahead (8 KiB at 1-2
-// rows of x, measured best there; 4 KiB otherwise), the others read the chunk from L1.
+// MRP rows, a remainder in passes of halving size; the first pass of a block prefetches ahead (kFewRowsAhead at
+// 1-2 rows of x; 4 KiB otherwise), the others read the chunk from L1.
 template <int64_t F>
 void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
                      vf* acc, AlongsideCursor& side) {
   constexpr int64_t CH = x16_chunk_bytes(F);
-  const int64_t ahead = M <= 2 ? 8192 : 4096;
+  const int64_t ahead = M <= 2 ? kFewRowsAhead : 4096;
   for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
     side.step();

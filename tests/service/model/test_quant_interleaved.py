@@ -216,9 +216,10 @@ def test_pulling_spans_alongside_changes_no_bit(arch):
 
 
 def test_both_prefetch_hints_give_the_same_bits():
-    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs with AVX-512 and not elsewhere (quant_x16.h),
-    decided when the kernel loads; ADAPTER_SERVE_PREFETCH_NTA forces either, so both paths run here whatever the
-    CPU: a hint, so the same bits at one and at 16 rows of x."""
+    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs with AVX-512 and not elsewhere, and at 1-2 rows
+    of x absent on AMD CPUs without AVX-512 (quant_x16.h), decided when the kernel loads;
+    ADAPTER_SERVE_PREFETCH_NTA and ADAPTER_SERVE_PREFETCH_AHEAD force each, so every path runs here whatever the
+    CPU: hints, so the same bits at one and at 16 rows of x."""
     import os
     import subprocess
     import sys
@@ -242,15 +243,15 @@ def test_both_prefetch_hints_give_the_same_bits():
     root = os.path.dirname(os.path.dirname(os.path.dirname(here)))          # the checkout: service/ lives there
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for hint in ("0", "1"):
-            path = os.path.join(tmp, f"{hint}.pt")
-            env = dict(os.environ, ADAPTER_SERVE_PREFETCH_NTA=hint,
+        for hint, ahead in (("0", "8192"), ("1", "8192"), ("0", "0")):
+            path = os.path.join(tmp, f"{hint}-{ahead}.pt")
+            env = dict(os.environ, ADAPTER_SERVE_PREFETCH_NTA=hint, ADAPTER_SERVE_PREFETCH_AHEAD=ahead,
                        PYTHONPATH=os.pathsep.join([here, root]))
             done = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True,
                                   timeout=600)
             assert done.returncode == 0, done.stderr[-2000:]
             results.append(torch.load(path))
-    assert len(results[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*results))
+    assert len(results[0]) == 4 and all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
     weight = interleave(stored("F32", 256, 512, seed=5), module)
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(1))
     assert torch.equal(module.quant_matmul(x, weight.data, weight.kernel_id, None, None), results[0][0])
