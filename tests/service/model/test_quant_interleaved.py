@@ -6,7 +6,7 @@ its matmul equals x @ dequantize(W).T up to rounding order: the kernel sums d * 
 block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0,
 Q8_0, F32 and BF16 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives
 the same bits whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row
-pass; F32 / BF16: passes of 16, 8, 4, 2, 1 rows): a sequence's logits do not depend on its batch. And no path
+pass; F32 / BF16: passes of 16 or 5 rows, then 8, 4, 2, 1): a sequence's logits do not depend on its batch. And no path
 reads a row of x past the last (x placed just before a page the process may not read)."""
 
 import ctypes
