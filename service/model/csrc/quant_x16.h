@@ -80,11 +80,13 @@ inline const bool kNonTemporalPrefetch = [] {
 // the Zen 4), except on AMD CPUs without AVX-512 (the Zen 3 and older), whose hardware prefetcher alone kept the
 // one-row stream faster: on an AVX2-only Zen 3, processes alternating, the 121 one-row F32 matmuls of a token
 // without it took 16.00-17.93 ms at best and 20.40-21.16 as a median of 200 tokens (3 runs) against 18.29-18.73 /
-// 21.30-23.47 with 8 KiB (4 KiB: 18.87-19.61 / 21.73-23.45; 16 and 32 KiB no better); the whole F32 step 17.67-
-// 21.51 ms at best against 21.00-21.53 (4 pairs). At 2 rows the two tied, at 16 rows the 4 KiB prefetch won
-// (median 52.6-56.4 ms against 58.6-63.9), so more rows keep it everywhere. ADAPTER_SERVE_PREFETCH_AHEAD sets it.
+// 21.30-23.47 with 8 KiB (4 KiB: 18.87-19.61 / 21.73-23.45; 16 and 32 KiB no better); the whole F32 step
+// 17.67-21.51 ms at best against 21.00-21.53 (4 pairs). At 2 rows the two tied, at 16 rows the 4 KiB prefetch won
+// (median 52.6-56.4 ms against 58.6-63.9), so more rows keep it everywhere. BF16 chunks follow the same rule
+// (not measured apart). ADAPTER_SERVE_PREFETCH_AHEAD sets it (bytes, whole cache lines, negative as 0).
 inline const int64_t kFewRowsAhead = [] {
-  if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_AHEAD")) return int64_t{std::atoll(env)} & ~int64_t{63};
+  if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_AHEAD"))
+    return std::max<int64_t>(0, std::atoll(env)) & ~int64_t{63};
   return amd_cpu(false) ? int64_t{0} : int64_t{8192};
 }();
 
