@@ -82,8 +82,9 @@ inline const bool kNonTemporalPrefetch = [] {
 // without it took 16.00-17.93 ms at best and 20.40-21.16 as a median of 200 tokens (3 runs) against 18.29-18.73 /
 // 21.30-23.47 with 8 KiB (4 KiB: 18.87-19.61 / 21.73-23.45; 16 and 32 KiB no better); the whole F32 step
 // 17.67-21.51 ms at best against 21.00-21.53 (4 pairs). At 2 rows the two tied, at 16 rows the 4 KiB prefetch won
-// (median 52.6-56.4 ms against 58.6-63.9), so more rows keep it everywhere. BF16 chunks follow the same rule
-// (not measured apart). ADAPTER_SERVE_PREFETCH_AHEAD sets it (bytes, whole cache lines, negative as 0).
+// (median 52.6-56.4 ms against 58.6-63.9), so more rows keep it everywhere. F32 only: BF16 chunks read slower
+// without it there (one row, medians 16.31 / 20.41 ms against 15.46 / 18.72), so they keep 8 KiB.
+// ADAPTER_SERVE_PREFETCH_AHEAD sets it (bytes, whole cache lines, negative as 0).
 inline const int64_t kFewRowsAhead = [] {
   if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_AHEAD"))
     return std::max<int64_t>(0, std::atoll(env)) & ~int64_t{63};
@@ -298,12 +299,14 @@ void x16_rows(int rows, const float* x, int64_t ldx, const uint8_t* w, int64_t g
 // F32 / BF16: each 32-column block's values summed in increasing column order into one partial per row of x
 // and lane group, then added to that row's accumulator (no lo / hi halves: one vector of partials per row is
 // what lets MRP rows of x share each weight load). Every row's arithmetic is the same whichever R handles it.
-// MRP rows per pass: their partials and the weight vectors fit the vector registers. AVX2: 5 rows, 10 chains of
-// fused multiply-adds, where 4 rows' 8 chains (two FMA units of 4 cycles' latency need 8 in flight) left the
+// MRP rows per pass: their partials and the weight vectors fit the vector registers. AVX2, F32: 5 rows, 10 chains
+// of fused multiply-adds, where 4 rows' 8 chains (two FMA units of 4 cycles' latency need 8 in flight) left the
 // units idle at every stall: on a Zen 3, 16 rows of x, the 121 F32 matmuls of a token took a median of 48.8-50.0
 // ms against 57.5-61.9 (processes alternating, 3 pairs; a standalone loop 69-80 GFLOP/s against 44-46, 6 rows
 // spilled registers: 36-40); 12 rows 32.5-34.1 against 39.5-42.2, 8 rows (5 + 2 + 1 against 4 + 4) within the noise.
-constexpr int MRP = V == 16 ? 16 : (V == 8 ? 5 : 2);
+// BF16 stays at 4 (its widening takes registers: 5 rows were slower there, 72.2-77.2 ms against 56.5-68.9).
+template <int64_t F>
+constexpr int MRP = V == 16 ? 16 : (V == 8 ? (F == F32 ? 5 : 4) : 2);
 
 template <int64_t F, int R>
 inline void x16_plain_rows(const uint8_t* chunk, const float* xb, int64_t ldx, vf* acc, int64_t ahead) {
@@ -322,13 +325,13 @@ inline void x16_plain_rows(const uint8_t* chunk, const float* xb, int64_t ldx, v
 }
 
 // acc [M x PX] = rows 16g.. of an interleaved F32 / BF16 weight times the M rows of x: per block, passes of
-// MRP rows, a remainder in passes of halving size; the first pass of a block prefetches ahead (kFewRowsAhead at
-// 1-2 rows of x; 4 KiB otherwise), the others read the chunk from L1.
+// MRP rows, a remainder in passes of halving size; the first pass of a block prefetches ahead (at 1-2 rows of x
+// F32 kFewRowsAhead, BF16 8 KiB; 4 KiB otherwise), the others read the chunk from L1.
 template <int64_t F>
 void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
                      vf* acc, AlongsideCursor& side) {
   constexpr int64_t CH = x16_chunk_bytes(F);
-  const int64_t ahead = M <= 2 ? kFewRowsAhead : 4096;
+  const int64_t ahead = M <= 2 ? (F == F32 ? kFewRowsAhead : 8192) : 4096;
   for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
     side.step();
@@ -340,14 +343,14 @@ void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, i
       x16_plain_rows<F, R>(chunk, xb + i0 * ldx, ldx, acc + i0 * PX, i0 == 0 ? ahead : 0);
       i0 += R;
     };
-    while (M - i0 >= MRP) pass(std::integral_constant<int, MRP>{});
-    if constexpr (MRP > 8) {
+    while (M - i0 >= MRP<F>) pass(std::integral_constant<int, MRP<F>>{});
+    if constexpr (MRP<F> > 8) {
       if (M - i0 >= 8) pass(std::integral_constant<int, 8>{});
     }
-    if constexpr (MRP > 4) {
+    if constexpr (MRP<F> > 4) {
       if (M - i0 >= 4) pass(std::integral_constant<int, 4>{});
     }
-    if constexpr (MRP > 2) {
+    if constexpr (MRP<F> > 2) {
       if (M - i0 >= 2) pass(std::integral_constant<int, 2>{});
     }
     if (M - i0 >= 1) pass(std::integral_constant<int, 1>{});
