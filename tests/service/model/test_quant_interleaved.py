@@ -6,8 +6,8 @@ its matmul equals x @ dequantize(W).T up to rounding order: the kernel sums d * 
 block where the reference sums (d q + m) x, so the bound is a few ulps of sum(|d q| + |m|) |x| (for Q4_0,
 Q8_0, F32 and BF16 that is sum |w| |x|, for Q4_1 it is the same weight with |d| and |m|). Each row of x gives
 the same bits whether it comes alone (the register path), among 8 or among 70 (the tile path, across a 64-row
-pass; F32 / BF16: passes of 16 or 5 rows, then 8, 4, 2, 1): a sequence's logits do not depend on its batch. And no path
-reads a row of x past the last (x placed just before a page the process may not read)."""
+pass; F32 / BF16: passes of 16, 5 or 4 rows, then 8, 4, 2, 1): a sequence's logits do not depend on its batch. And
+no path reads a row of x past the last (x placed just before a page the process may not read)."""
 
 import ctypes
 import mmap
@@ -216,7 +216,7 @@ def test_pulling_spans_alongside_changes_no_bit(arch):
 
 
 def test_both_prefetch_hints_give_the_same_bits():
-    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs with AVX-512 and not elsewhere, and at 1-2 rows
+    """The F32 / BF16 chunks' prefetch is non-temporal on AMD CPUs with AVX-512 and not elsewhere, and (F32) at 1-2 rows
     of x absent on AMD CPUs without AVX-512 (quant_x16.h), decided when the kernel loads;
     ADAPTER_SERVE_PREFETCH_NTA and ADAPTER_SERVE_PREFETCH_AHEAD force each, so every path runs here whatever the
     CPU: hints, so the same bits at one and at 16 rows of x."""
