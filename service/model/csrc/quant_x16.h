@@ -85,10 +85,11 @@ inline const bool kNonTemporalPrefetch = [] {
 // (median 52.6-56.4 ms against 58.6-63.9), so more rows keep it everywhere. F32 only: BF16 chunks read slower
 // without it there (one row, medians 16.31 / 20.41 ms against 15.46 / 18.72), so they keep 8 KiB.
 // ADAPTER_SERVE_PREFETCH_AHEAD sets it (bytes, whole cache lines, negative as 0).
+constexpr int64_t kAheadBytes = 8192;          // the distance measured best at 1-2 rows of x on the Zen 4
 inline const int64_t kFewRowsAhead = [] {
   if (const char* env = std::getenv("ADAPTER_SERVE_PREFETCH_AHEAD"))
     return std::max<int64_t>(0, std::atoll(env)) & ~int64_t{63};
-  return amd_cpu(false) ? int64_t{0} : int64_t{8192};
+  return amd_cpu(false) ? int64_t{0} : kAheadBytes;
 }();
 
 template <int64_t F>
@@ -331,7 +332,7 @@ template <int64_t F>
 void x16_plain_group(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t g, int64_t blocks,
                      vf* acc, AlongsideCursor& side) {
   constexpr int64_t CH = x16_chunk_bytes(F);
-  const int64_t ahead = M <= 2 ? (F == F32 ? kFewRowsAhead : 8192) : 4096;
+  const int64_t ahead = M <= 2 ? (F == F32 ? kFewRowsAhead : kAheadBytes) : 4096;
   for (int64_t i = 0; i < M * PX; ++i) acc[i] = vf{};
   for (int64_t b = 0; b < blocks; ++b) {
     side.step();
