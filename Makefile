@@ -98,8 +98,13 @@ demo: $(RUNTIME_STAMP)
 	$(PY) -m adapters_core.demo
 
 # The suite ends with its 15 slowest tests (they differ from one CPU to the next: a CI log says where its time went).
+# It runs in TEST_WORKERS pytest-xdist processes, each test file whole in one of them (`--dist loadfile`: a file's
+# module fixtures, such as its server, start once): on 2 cores most files wait on servers, subprocesses and
+# HTTP, so two at a time took the suite from 19-20 to ~14 min on a Zen 3. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP) $(TEST_KERNEL_STAMP) deploy-tools browser-tools
-	$(PY) -m pytest -q -m "not gpu" --durations=15
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_WORKERS) --durations=15
 
 # The suite on an AVX-512 machine with the code paths of an AVX2-only CPU: our C++ kernels built for x86-64-v3,
 # torch's kernels (ATEN_CPU_CAPABILITY) and oneDNN capped at AVX2, and the flags the process reads
@@ -108,7 +113,7 @@ test: $(STAMP) $(TEST_KERNEL_STAMP) deploy-tools browser-tools
 test-avx2-paths: $(STAMP) $(TEST_KERNEL_STAMP) deploy-tools browser-tools
 	ADAPTERS_CORE_KERNEL_ARCH=x86-64-v3 $(PY) -m service.kernels
 	ADAPTERS_CORE_KERNEL_ARCH=x86-64-v3 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
-		$(PY) -m pytest -q -m "not gpu"
+		$(PY) -m pytest -q -m "not gpu" $(PYTEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) bench/core_bench.py

@@ -161,7 +161,9 @@ def test_the_served_model_is_the_same_bit_for_bit_on_huge_pages():
     result = weights_on_huge_pages(model)
     if result.collapsed == 0:
         pytest.skip(f"this kernel collapses no range into a huge page: {result.describe()}")
-    assert anon_huge_kib(model.lm_head.stored.data.data_ptr()) > 0
+    # some weight the kernel reads now sits on huge pages (which ones: those the kernel found room for; beside
+    # another busy process, a pytest-xdist worker, the largest range is not always among them)
+    assert any(anon_huge_kib(t.data_ptr()) > 0 for t in read if t.nbytes >= huge_pages.MIN_BYTES)
     logits_after, tokens_after = outputs()
     assert torch.equal(logits_after, logits) and tokens_after == tokens
 
