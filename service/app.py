@@ -39,6 +39,14 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("adapter_serve")
 
 
+def handoff_wait_s(setting_ms: Optional[float], device: torch.device) -> float:
+    """`EngineConfig.handoff_wait_s` from the setting: unset, 10 ms on a CPU (the loop's work per token runs on
+    the cores the step's threads use) and none on a GPU (whose step would otherwise wait idle for the loop)."""
+    if setting_ms is None:
+        setting_ms = 10.0 if device.type == "cpu" else 0.0
+    return setting_ms / 1e3
+
+
 def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> State:
     device = resolve_device(settings.device)
     if device.type == "cpu":
@@ -68,7 +76,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
                                         max_batch_tokens=settings.max_batch_tokens,
                                         prefill_chunk=settings.prefill_chunk, max_waiting=settings.max_waiting,
                                         prefill_while_decoding=settings.prefill_while_decoding,
-                                        cuda_graphs=settings.cuda_graphs),
+                                        cuda_graphs=settings.cuda_graphs,
+                                        handoff_wait_s=handoff_wait_s(settings.handoff_wait_ms, device)),
                     eos_token_ids=loaded.tokenizer.eos_token_ids,
                     grammars=Grammars(loaded.tokenizer, loaded.config.vocab_size, loaded.tokenizer.eos_token_ids))
     metrics = Metrics(settings.metrics_max_adapter_labels)

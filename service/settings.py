@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     prefill_while_decoding: int = Field(0, ge=0)
     max_waiting: int = 64                      # queued requests before 429
     cuda_graphs: bool = True                   # on a GPU: decode steps replay captured CUDA graphs
+    # after a step, the most milliseconds the engine waits for the event loop to hand that step's tokens to
+    # their streams before it steps again (service/engine/engine_thread.py); unset: 10 on a CPU, 0 on a GPU
+    handoff_wait_ms: Optional[float] = Field(None, ge=0, le=1000)
 
     # request limits
     max_prompt_tokens: int = 1536

@@ -39,7 +39,7 @@ from service.model.decoder import StepPlan, StepSequence
 
 from .adapter_scale import check_adapter_scale, step_scales
 from .cuda_graphs import DecodeGraphs
-from .engine_thread import EngineThread, StepStats
+from .engine_thread import EngineThread, HandOff, StepStats
 from .kv_cache import KVCache
 from .prompt_logprobs import PromptLogprobRows, check_prompt_logprobs
 from .request import FinishReason, GenerationRequest, RequestState, TokenEvent
@@ -65,6 +65,7 @@ class EngineConfig:
     prefill_while_decoding: int = 0   # prompt tokens per step while requests decode (0: half as many as decode)
     max_waiting: int = 256            # queued requests beyond the running ones
     cuda_graphs: bool = True          # on a GPU, decode-only steps replay captured CUDA graphs (cuda_graphs.py)
+    handoff_wait_s: float = 0.0       # after a step, the most to wait for the event loops to take its tokens
 
 
 class Engine(EngineThread):
@@ -91,6 +92,7 @@ class Engine(EngineThread):
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stop = False
+        self._handoff = HandOff()
         self.last_step = StepStats()
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.gate = StepGate()                    # held through each step but its C++ loop (step_gate.py)

@@ -6,6 +6,14 @@
 `open_stream` / `stream` are the asyncio view of one request (cancelling the consumer cancels it);
 `generate()` runs a batch to completion in the calling thread (tests, benchmarks). A mixin of `Engine`,
 whose lock, lists and step it drives.
+
+After a step that handed tokens to event loops, the thread waits (at most `EngineConfig.handoff_wait_s`) until
+each loop has run the consumers those tokens woke (`HandOff`), then steps again. On a CPU the loop's work per
+token (detokenising, the SSE chunk, the socket write: ~0.1-0.5 ms of Python a stream) otherwise runs beside
+the next step, on a core the step's matmul threads share, and holds the GIL the step's Python needs: one
+stalled half of a matmul split in two makes the other half wait. Done in turn instead, one stream's ITL on
+the 2-core Zen 3 fell ~2-3 %; at 16 and 64 streams the change stayed within the machine's swings
+(BENCHMARKS.md, thirty-sixth session).
 """
 
 from __future__ import annotations
@@ -13,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 from .request import FinishReason, GenerationRequest, RequestOutput, TokenEvent
 
@@ -109,6 +118,8 @@ class EngineThread:
             self._run_calls()
             try:
                 self.step()
+                if self.config.handoff_wait_s > 0:
+                    self._handoff.wait(self.config.handoff_wait_s)
             except Exception as exc:  # a failed step must not kill the engine: fail its requests instead
                 log.exception("engine step failed")
                 for state in list(self.running):
@@ -121,7 +132,8 @@ class EngineThread:
         Call from a coroutine: events come back through the running event loop."""
         inbox = _inbox_of(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda ev: inbox.put(queue, ev))
+        handoff = self._handoff
+        self.submit(request, lambda ev: inbox.put(queue, ev, handoff))
 
         async def events() -> AsyncIterator[TokenEvent]:
             done = False
@@ -147,6 +159,32 @@ class EngineThread:
             await events.aclose()
 
 
+class HandOff:
+    """The event-loop batches a step's events went out in, not yet run by their consumers: the engine thread
+    waits for them before its next step (bounded). Each batch is a `threading.Event` its loop sets once the
+    consumers its events woke have run; a batch that never gets there (its loop closed) only costs the bound
+    once, as `wait` forgets the batches it waited for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: list[threading.Event] = []
+
+    def track(self, batch: threading.Event) -> None:
+        with self._lock:
+            if not self._batches or self._batches[-1] is not batch:
+                self._batches.append(batch)
+
+    def wait(self, timeout: float) -> bool:
+        """Engine thread: wait until every tracked batch was run, at most `timeout` seconds; True if all were."""
+        with self._lock:
+            batches, self._batches = self._batches, []
+        deadline = time.monotonic() + timeout
+        for batch in batches:
+            if not batch.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+
 class LoopInbox:
     """The engine thread's events for one event loop, handed over with one wake-up per batch. Each
     `call_soon_threadsafe` writes a byte to the loop's self-pipe, a system call that lets the GIL go: with
@@ -160,15 +198,21 @@ class LoopInbox:
         self._loop = weakref.ref(loop)           # (the inboxes' map holds the loop weakly: so must its value)
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, TokenEvent]] = []
+        self._batch: Optional[threading.Event] = None     # set once the consumers this drain wakes have run
         self._scheduled = False
 
-    def put(self, queue: asyncio.Queue, event: TokenEvent) -> None:
-        """Engine thread. Raises RuntimeError once the loop is closed (the engine then cancels the request)."""
+    def put(self, queue: asyncio.Queue, event: TokenEvent, handoff: Optional[HandOff] = None) -> None:
+        """Engine thread. Raises RuntimeError once the loop is closed (the engine then cancels the request).
+        `handoff` learns the batch this event goes out in."""
         loop = self._loop()
         if loop is None or loop.is_closed():
             raise RuntimeError("the event loop of this request is closed")
         with self._lock:
             self._items.append((queue, event))
+            if handoff is not None:
+                if self._batch is None:
+                    self._batch = threading.Event()
+                handoff.track(self._batch)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -181,9 +225,11 @@ class LoopInbox:
 
     def _drain(self) -> None:
         with self._lock:
-            items, self._items, self._scheduled = self._items, [], False
+            items, batch, self._items, self._batch, self._scheduled = self._items, self._batch, [], None, False
         for queue, event in items:
-            queue.put_nowait(event)
+            queue.put_nowait(event)             # each wakes its consumer's task: it runs at the loop's next turn,
+        if batch is not None:                   # and this after them (the ready queue runs in order)
+            self._loop().call_soon(batch.set)
 
 
 _INBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopInbox]" = weakref.WeakKeyDictionary()
