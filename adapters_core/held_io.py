@@ -8,8 +8,9 @@ per load (the config's open, reads and close, the packed file's open, fstat, mma
 event loop handling a burst of requests each one cost up to 5 ms: measured in one process on the 2-core Zen 5,
 one thread running Python beside the loader took a mapped load from 1.2 ms to 123-148 ms, 80 ms of it in the
 mapping's calls and 12 ms in the config's. These calls on files in the page cache take microseconds, so
-keeping the GIL through them costs the other threads less than giving it away costs the loader. Where they
-might wait for a disk (filling a mapping's pages) the caller still lets the GIL go (`packed_file._populate`).
+keeping the GIL through them costs the other threads less than giving it away costs the loader. Filling a
+mapping's page tables (`populate_if_resident`) keeps it only when `mincore` finds every page in the page cache;
+where it might wait for a disk the caller lets the GIL go (`packed_file._populate`).
 
 Linux and other POSIX systems with a findable libc (`stat_identity` needs glibc's statx, 2.28 or later);
 elsewhere `available()` is False and callers use Python's functions.
@@ -37,7 +38,9 @@ def _libc() -> Optional[ctypes.PyDLL]:
                       "lseek": ([ctypes.c_int, ctypes.c_long, ctypes.c_int], ctypes.c_long),
                       "mmap": ([ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                 ctypes.c_long], ctypes.c_void_p),
-                      "munmap": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int)}
+                      "munmap": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int),
+                      "mincore": ([ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int),
+                      "madvise": ([ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)}
         for name, (argtypes, restype) in signatures.items():
             fn = getattr(libc, name)
             fn.argtypes, fn.restype = argtypes, restype
@@ -165,3 +168,22 @@ def stat_identity(path: str) -> Optional[tuple[int, int, int, int, int]]:
     return (os.makedev(buf.dev_major, buf.dev_minor), buf.ino, buf.size,
             buf.mtime.tv_sec * 1_000_000_000 + buf.mtime.tv_nsec,
             buf.ctime.tv_sec * 1_000_000_000 + buf.ctime.tv_nsec)
+
+
+def populate_if_resident(address: int, length: int, advice: int) -> bool:
+    """`madvise(address, length, advice)` with the GIL held, when every page of the page-aligned mapping at
+    `address` is already in the page cache (`mincore`): filling page tables of cached pages takes microseconds
+    (~0.1 ms for a 4.5 MiB adapter), where letting the GIL go beside a thread running Python costs up to the
+    5 ms switch interval. Whether it did: False (nothing done) when some page is not cached, so the caller
+    lets the GIL go for the disk read, or when either call fails here (the caller's own call says why)."""
+    libc = _libc()
+    if libc is None or length <= 0:
+        return False
+    page = mmap.PAGESIZE
+    pages = (length + page - 1) // page
+    vector = ctypes.create_string_buffer(pages)                 # [pages] bytes: bit 0 = the page is resident
+    if libc.mincore(address, length, vector) != 0:
+        return False
+    if b"\0" in vector.raw[:pages]:                             # (the other bits are reserved: zero)
+        return False
+    return libc.madvise(address, length, advice) == 0

@@ -11,8 +11,12 @@ under `transposed`), the data starting at a 64-byte boundary, with the caller's 
 made from). The mapping is private and writable, so a write into a mapped tensor (nothing in the serving path
 writes factors) copies its page instead of reaching the file or faulting; its pages are filled at once where
 the kernel has `MADV_POPULATE_READ` (Linux 5.14), otherwise they are read ahead and fault in on first use. The
-fill is asked for through libc with the GIL released (Python's `mmap.madvise` keeps it: a file not in the page
-cache held every other thread of a server for the disk read, 2-9 ms an adapter).
+fill keeps the GIL where `mincore` finds the whole file in the page cache (`held_io.populate_if_resident`: page
+tables only, ~0.1 ms for a 4.5 MiB adapter, where giving the GIL up beside a busy event loop cost up to the 5 ms
+switch interval), else it is asked for through libc with the GIL released (Python's `mmap.madvise` keeps it: a
+file not in the page cache held every other thread of a server for the disk read, 2-9 ms an adapter). Mapping a
+cached file keeps the GIL throughout (each dtype's run is a `frombuffer` of the mapping, its tensors one
+`strided_views` call).
 """
 
 from __future__ import annotations
@@ -129,14 +133,17 @@ def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     end = base + max((e["data_offsets"][1] for e in header.values()), default=0)
     if end != length:
         raise ValueError(f"{path}: {length} bytes, its header says {end}")
-    data = torch.frombuffer(mapped, dtype=torch.uint8)            # [length]; holds the mapping open
     transposed = set(json.loads(metadata.get("transposed", "[]")))
     bases, typed = [], {}           # one view per dtype's run; dtype code -> (its base, itemsize, element 0's offset)
     for code, run in _runs(path, header, length - base).items():
         size = _DTYPES[code].itemsize
         start, (last, _, last_shape) = run[0][0], run[-1]
-        view = data[base + start:base + last + math.prod(last_shape) * size].view(_DTYPES[code])
-        typed[code] = (len(bases), size, view.storage_offset() - start // size)
+        count = (last - start) // size + math.prod(last_shape)
+        # [count] of the run's dtype, from the mapping itself (holds it open): `frombuffer` keeps the GIL, where
+        # a slice and `.view(dtype)` of one uint8 tensor let it go (torch's bindings of view ops do)
+        view = torch.frombuffer(mapped, dtype=_DTYPES[code], count=count, offset=base + start) if count else \
+            torch.empty(0, dtype=_DTYPES[code])
+        typed[code] = (len(bases), size, -(start // size))
         bases.append(view)
     which, sizes, strides, offsets = [], [], [], []               # per tensor, in the saved order
     for key, entry in header.items():
@@ -184,8 +191,9 @@ def _map(path: str) -> tuple[object, Optional[int]]:
 
 
 def _populate(mapped, address: Optional[int] = None) -> None:
-    """Fill the mapping's page tables now (reading from disk what the page cache lacks), the GIL released: a
-    ctypes call to libc's `madvise` drops it, `mmap.madvise` does not. Falls back to `mmap.madvise`, and to
+    """Fill the mapping's page tables now (reading from disk what the page cache lacks): with the GIL kept when
+    the page cache holds every page (`held_io.populate_if_resident`), else with it released (a ctypes call to
+    libc's `madvise` drops it, `mmap.madvise` does not). Falls back to `mmap.madvise`, and to
     `MADV_WILLNEED` (read ahead; pages fault in on first use) where the kernel lacks `MADV_POPULATE_READ`.
     `mapped` is a Python `mmap` (its address found here) or `held_io.map_private`'s array at `address`."""
     madvise = libc_madvise()
@@ -196,6 +204,8 @@ def _populate(mapped, address: Optional[int] = None) -> None:
             except TypeError:                           # a read-only mapping exports no writable buffer
                 address = None
         if address is not None:
+            if held_io.available() and held_io.populate_if_resident(address, len(mapped), MADV_POPULATE_READ):
+                return                                  # all cached: filled with the GIL kept (see there)
             if madvise(address, len(mapped), MADV_POPULATE_READ) == 0:
                 return
             if not isinstance(mapped, mmap.mmap):       # no Python mmap to fall back on: read ahead instead

@@ -36,8 +36,9 @@ def trim_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc's `malloc_trim(0)`, which also releases whole free
     pages inside its arenas; ~0.5 ms with 128 SmolLM2 adapters resident). A server that loads and evicts
     adapters all day frees buffers of every size, and the holes they leave between live ones stayed resident:
-    128 adapters of 4.06 MiB took 4.65 MiB each in process, 4.17 with a trim after each load. Elsewhere (no
-    glibc) nothing happens."""
+    128 adapters of 4.06 MiB took 4.65 MiB each in process, 4.17 with a trim after each load. Called with the
+    GIL held (ctypes' `PyDLL`): a loader that let it go here beside a busy event loop waited up to the 5 ms
+    switch interval to get it back, more than the trim takes. Elsewhere (no glibc) nothing happens."""
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:
@@ -51,7 +52,7 @@ def _libc():
         return None
     try:
         import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.PyDLL(None, use_errno=True)          # calls keep the GIL (see trim_heap)
     except (OSError, AttributeError):
         return None
     return libc

@@ -73,7 +73,6 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
             return None                   # bias, magnitude, embedding or other keys: the general path
     layers, rows = [], []
     seen: set[int] = set()
-    scales: dict[tuple, torch.Tensor] = {}    # (rank, scaling, device) -> the fp32 scale rows, shared read-only
     for path, pair in factors.items():
         layer = find_module(model, path)
         if type(layer) is not AdapterLayer or layer.is_embedding or len(pair) != 2 or id(layer) in seen:
@@ -101,10 +100,7 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         a, b, bt = plain_factors(a, b)            # A [r, in], B [out, r] stored as Bt [r, out]
         layers.append((layer, r, scaling, linear_holding(a, requires_grad=False),
                        linear_holding(b, requires_grad=False)))
-        scale = scales.get((r, scaling, device))
-        if scale is None:
-            scale = scales[(r, scaling, device)] = lora_scale_rows(r, scaling, device)
-        rows.append(lora_slot_rows(a, bt, scaling, scale))
+        rows.append(lora_slot_rows(a, bt, scaling, lora_scale_rows(r, scaling, device)))
     if not layers:
         return None
     return PreparedAdapter(adapter_name, copy.deepcopy(config), layers, rows)

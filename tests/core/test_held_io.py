@@ -1,7 +1,9 @@
 """`held_io`: file calls that keep the GIL (an adapter loader's open, read, map and stat beside a busy server),
 each giving what Python's own call gives; and that they do keep it: with the switch interval made huge, a
 thread waiting for the GIL runs only when the caller lets it go, which a sleep does and these do not."""
+import ctypes
 import errno
+import mmap
 import os
 import subprocess
 import sys
@@ -113,3 +115,45 @@ def test_strided_views_keep_the_gil_and_match_as_strided():
     kept = []                            # (a tensor freed lets the GIL go: the views are kept, as map_packed's are)
     assert not lets_the_gil_go(lambda: kept.append(k.strided_views([base] * 2, [0, 1] * 100, [[2, 3]] * 200,
                                                                     [[3, 1]] * 200, [i % 50 for i in range(200)])))
+
+
+def _cached_mapping(tmp_path):
+    """(a ctypes array over a mapped 1 MiB packed file just written, so in the page cache; its address)."""
+    path = str(tmp_path / "served.safetensors")
+    packed_file.save_packed(path, {"a": torch.ones(64, 4096, dtype=torch.bfloat16), "b": torch.ones(64, 4096)}, {})
+    return path, held_io.map_private(path)
+
+
+def test_populate_if_resident_fills_a_cached_mapping_with_the_gil_kept(tmp_path):
+    """A mapping of a file the page cache holds is filled (`madvise`) without letting the GIL go: its pages
+    are then in the process's page tables (/proc/self/smaps' Rss), before anything reads them."""
+    path, (array, address) = _cached_mapping(tmp_path)
+    advice = packed_file.MADV_POPULATE_READ
+    if not held_io.populate_if_resident(address, len(array), advice):
+        pytest.skip("this kernel refused MADV_POPULATE_READ (Linux < 5.14), or the page cache dropped the file")
+    if os.path.exists("/proc/self/smaps"):
+        from test_packed_file import _mapping_rss
+        assert _mapping_rss(address) >= os.path.getsize(path) - 4096
+    more = []
+    assert not lets_the_gil_go(lambda: more.append(held_io.map_private(path)))
+    assert not lets_the_gil_go(lambda: held_io.populate_if_resident(more[-1][1], len(more[-1][0]), advice))
+    assert held_io.populate_if_resident(address, 0, advice) is False          # nothing to fill: nothing done
+
+
+def test_populate_if_resident_leaves_a_file_not_in_the_page_cache_to_the_caller(tmp_path):
+    """A file whose pages left the page cache is not filled here (the caller lets the GIL go for the disk)."""
+    path, (array, address) = _cached_mapping(tmp_path)
+    del array
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # clean pages dropped (not on every file system)
+    finally:
+        os.close(fd)
+    array, address = held_io.map_private(path)
+    page = mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * ((len(array) + page - 1) // page))()
+    if ctypes.CDLL(None).mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(array)), vector) != 0 or all(vector):
+        pytest.skip("the page cache kept the file (tmpfs, or fadvise ignored here)")
+    assert held_io.populate_if_resident(address, len(array), packed_file.MADV_POPULATE_READ) is False
+

@@ -2,7 +2,8 @@
 transposed) saved in that layout and mapped back equal in keys, order, shapes, dtypes, values and strides; the
 file is a safetensors file any reader opens, with its data 64-byte aligned; a write into a mapped tensor copies
 its page and leaves the file alone; malformed, truncated or foreign files are refused; the mapping's pages are
-filled through libc's madvise (the GIL released), or through `mmap.madvise` where libc is not reachable."""
+filled with the GIL kept where the page cache holds them, else through libc's madvise (the GIL released), or
+through `mmap.madvise` where libc is not reachable; mapping a cached file keeps the GIL throughout."""
 import json
 import mmap
 import os
@@ -18,6 +19,7 @@ from adapters_core.packed_file import ALIGN, map_packed, save_packed, source_ide
 from adapters_core.packed_read import read_packed_safetensors
 
 from _models import adapter_tensors
+from gil_check import lets_the_gil_go
 
 
 @pytest.fixture
@@ -136,36 +138,62 @@ def _kernel_populates() -> bool:
 
 
 def _mapping_rss(address: int) -> int:
-    """Bytes of the mapping that starts at `address` resident in this process's page tables (/proc/self/smaps)."""
+    """Bytes of the mapping that holds `address` resident in this process's page tables (/proc/self/smaps)."""
     with open("/proc/self/smaps") as fh:
         lines = fh.read().splitlines()
     for i, line in enumerate(lines):
-        if "-" in line.split(" ")[0] and int(line.split("-")[0], 16) == address:
+        span = line.split(" ")[0]
+        if "-" in span and all(c in "0123456789abcdef-" for c in span) and (
+                int(span.split("-")[0], 16) <= address < int(span.split("-")[1], 16)):
             rss = next(entry for entry in lines[i + 1:] if entry.startswith("Rss:"))
             return int(rss.split()[1]) * 1024
     raise AssertionError(f"no mapping at {address:#x}")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
-@pytest.mark.parametrize("through_libc", [True, False])
-def test_the_mapping_is_filled_at_once(tmp_path, monkeypatch, through_libc):
-    """A 1 MiB file's pages are in the page tables when map_packed returns, before any tensor is read: through
-    libc's madvise (ctypes drops the GIL for the call) where the kernel has MADV_POPULATE_READ, or through
-    `mmap.madvise` when libc is not there."""
+@pytest.mark.parametrize("through", ["held_io", "libc", "mmap"])
+def test_the_mapping_is_filled_at_once(tmp_path, monkeypatch, through):
+    """A 1 MiB file's pages are in the page tables when map_packed returns, before any tensor is read: with the
+    GIL kept where the page cache holds the whole file (`held_io.populate_if_resident`, as here: just written),
+    else through libc's madvise (ctypes drops the GIL for the call; here: the held call made to find a page
+    missing) where the kernel has MADV_POPULATE_READ, or through `mmap.madvise` when libc is not there."""
     path = os.path.join(tmp_path, "served.safetensors")
     save_packed(path, {"a": torch.ones(64, 4096, dtype=torch.bfloat16), "b": torch.ones(64, 4096)}, {})
-    calls = []
-    real = packed_file.libc_madvise()
-    if through_libc and real is None:
+    calls, held = [], []
+    real, real_held = packed_file.libc_madvise(), packed_file.held_io.populate_if_resident
+    if through != "mmap" and (real is None or not packed_file.held_io.available()):
         pytest.skip("libc's madvise is not reachable through ctypes here")
 
     def spy(address, length, advice):
         calls.append(advice)
         return real(address, length, advice)
-    monkeypatch.setattr(packed_file, "libc_madvise", (lambda: spy) if through_libc else (lambda: None))
+
+    def held_spy(address, length, advice):
+        held.append(advice)
+        return real_held(address, length, advice) if through == "held_io" else False
+    monkeypatch.setattr(packed_file, "libc_madvise", (lambda: spy) if through != "mmap" else (lambda: None))
+    monkeypatch.setattr(packed_file.held_io, "populate_if_resident", held_spy)
     got, _ = map_packed(path)
-    assert calls == ([packed_file.MADV_POPULATE_READ] if through_libc else [])
     if not _kernel_populates():
         pytest.skip("this kernel has no MADV_POPULATE_READ (Linux < 5.14): pages fault in on first use")
+    if through == "held_io" and calls:                   # (the held call found a page missing)
+        pytest.skip("the page cache dropped the file before it was mapped")
+    want_held = [packed_file.MADV_POPULATE_READ] if through != "mmap" else []
+    assert held[:1] == want_held
+    assert calls == ([packed_file.MADV_POPULATE_READ] if through == "libc" else [])
     assert _mapping_rss(got["a"].untyped_storage().data_ptr()) >= os.path.getsize(path) - 4096
     assert torch.equal(got["b"], torch.ones(64, 4096))
+
+
+@pytest.mark.skipif(not packed_file.held_io.available(), reason="no libc reachable through ctypes here")
+def test_mapping_a_cached_file_keeps_the_gil(tmp_path, packed):
+    """map_packed of a file in the page cache never lets the GIL go (open, map, fill, header, views): beside a
+    busy event loop each give-up cost a loader up to the 5 ms switch interval (a slice and `.view(dtype)` of
+    a uint8 tensor did, torch's bindings of view ops let it go; `frombuffer` does not)."""
+    if packed_file.sgmv.kernel() is None:
+        pytest.skip("the native kernels are not built here (as_strided lets the GIL go)")
+    path = os.path.join(tmp_path, "served.safetensors")
+    save_packed(path, packed, {"source": "x"})
+    kept = []                            # (freeing the mapping lets the GIL go: kept, as a server keeps them)
+    assert not lets_the_gil_go(lambda: kept.append(map_packed(path)))
+    assert all(torch.equal(kept[-1][0][key], value) for key, value in packed.items())

@@ -131,3 +131,13 @@ def test_factor_dtype_wins_over_a_dense_base(low_cpu_mem_usage):
     cast_adapter_factors(model, "f", torch.bfloat16)
     assert layer.lora_A["f"].weight.dtype == layer.lora_B["f"].weight.dtype == torch.bfloat16
 
+
+
+def test_trimming_the_heap_keeps_the_gil():
+    """`trim_heap` (every few loads on the loader thread) calls glibc's malloc_trim with the GIL held: letting it
+    go there beside a busy event loop cost the loader up to the 5 ms switch interval, more than the trim."""
+    from adapters_core import packing
+    from gil_check import lets_the_gil_go
+    if packing._libc() is None or getattr(packing._libc(), "malloc_trim", None) is None:
+        pytest.skip("no glibc malloc_trim here: trim_heap does nothing")
+    assert not lets_the_gil_go(packing.trim_heap)

@@ -302,3 +302,20 @@ def test_wrapping_ahead_leaves_embeddings_prompts_and_unmatched_targets_to_the_l
     assert [type(m).__name__ for m in model] == ["Embedding", "AdapterLayer"]
     with pytest.raises(ac.AdapterError, match="no default for this model type"):
         ac.wrap_target_layers(model, ac.LoraConfig(r=4))                       # no targets, no model type
+
+
+def test_scale_rows_are_shared_across_adapters_and_preparing_keeps_the_gil():
+    """Layers of one rank, scaling and device share one read-only fp32 scale tensor across adapters too (the
+    process keeps them: `torch.full` lets the GIL go, and a loader beside a busy event loop then waited up to
+    the 5 ms switch interval); preparing a packed adapter whose scale rows exist never lets the GIL go."""
+    from gil_check import lets_the_gil_go
+    model = _model()
+    ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=dict(_state(4, 0)),
+                    low_cpu_mem_usage=True)
+    one = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 1)), "one")
+    two = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 2)), "two")
+    assert [row[2] for row in one.rows] == [row[2] for row in two.rows]            # values
+    assert all(a[2] is b[2] for a, b in zip(one.rows, two.rows))                   # one tensor each
+    state, kept = pack_adapter_tensors(_state(4, 3)), []
+    assert not lets_the_gil_go(lambda: kept.append(prepare_adapter(model, _config(4), state, "three")))
+    assert kept[-1] is not None and attach_prepared(model, kept[-1])
