@@ -264,15 +264,17 @@ _MAX_SCALE_ROWS = 4096
 def lora_scale_rows(rank: int, scaling: float, device) -> torch.Tensor:
     """The fp32 per-rank scale [rank] of a plain LoRA whose delta scale is `scaling`, as the stacks hold it:
     one tensor per (rank, scaling, device) for the process, shared read-only by every layer and adapter that
-    has them (nothing writes a slot's scale rows; the stacks' gathers copy them). Made once: `torch.full` lets
-    the GIL go, and a loader that made one per adapter beside a busy event loop waited up to the 5 ms switch
-    interval to get it back, in one load of three (`tests/adapters_core/test_loader_gil.py`)."""
+    has them (nothing writes a slot's scale rows; the stacks' gathers copy them). Made once, outside inference
+    mode (a step's first use may run inside it; a later forward that records autograd may save them): `torch.full`
+    lets the GIL go, and a loader that made them for each adapter beside a busy event loop waited up to the 5 ms
+    switch interval to get it back, in about one load of three (tests/core/test_prepared.py)."""
     key = (rank, scaling, device)
     rows = _SCALE_ROWS.get(key)
     if rows is None:
         if len(_SCALE_ROWS) >= _MAX_SCALE_ROWS:     # (many ranks x alphas: start again rather than grow)
             _SCALE_ROWS.clear()
-        rows = _SCALE_ROWS[key] = torch.full((rank,), scaling, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):
+            rows = _SCALE_ROWS[key] = torch.full((rank,), scaling, dtype=torch.float32, device=device)
     return rows
 
 

@@ -307,7 +307,8 @@ def test_wrapping_ahead_leaves_embeddings_prompts_and_unmatched_targets_to_the_l
 def test_scale_rows_are_shared_across_adapters_and_preparing_keeps_the_gil():
     """Layers of one rank, scaling and device share one read-only fp32 scale tensor across adapters too (the
     process keeps them: `torch.full` lets the GIL go, and a loader beside a busy event loop then waited up to
-    the 5 ms switch interval); preparing a packed adapter whose scale rows exist never lets the GIL go."""
+    the 5 ms switch interval), made as ordinary tensors even inside inference mode; preparing a packed adapter
+    whose scale rows exist never lets the GIL go."""
     from gil_check import lets_the_gil_go
     model = _model()
     ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=dict(_state(4, 0)),
@@ -319,3 +320,7 @@ def test_scale_rows_are_shared_across_adapters_and_preparing_keeps_the_gil():
     state, kept = pack_adapter_tensors(_state(4, 3)), []
     assert not lets_the_gil_go(lambda: kept.append(prepare_adapter(model, _config(4), state, "three")))
     assert kept[-1] is not None and attach_prepared(model, kept[-1])
+    from adapters_core.stack import lora_scale_rows
+    with torch.inference_mode():                    # (a step's first write of a slot may run in inference mode)
+        rows = lora_scale_rows(5, 0.25, torch.device("cpu"))
+    assert not rows.is_inference() and lora_scale_rows(5, 0.25, torch.device("cpu")) is rows
