@@ -156,4 +156,3 @@ def test_populate_if_resident_leaves_a_file_not_in_the_page_cache_to_the_caller(
     if ctypes.CDLL(None).mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(array)), vector) != 0 or all(vector):
         pytest.skip("the page cache kept the file (tmpfs, or fadvise ignored here)")
     assert held_io.populate_if_resident(address, len(array), packed_file.MADV_POPULATE_READ) is False
-

@@ -132,7 +132,6 @@ def test_factor_dtype_wins_over_a_dense_base(low_cpu_mem_usage):
     assert layer.lora_A["f"].weight.dtype == layer.lora_B["f"].weight.dtype == torch.bfloat16
 
 
-
 def test_trimming_the_heap_keeps_the_gil():
     """`trim_heap` (every few loads on the loader thread) calls glibc's malloc_trim with the GIL held: letting it
     go there beside a busy event loop cost the loader up to the 5 ms switch interval, more than the trim."""

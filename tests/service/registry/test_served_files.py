@@ -199,9 +199,9 @@ def test_a_damaged_served_file_is_read_past(tmp_path, damage):
 
 def test_a_load_that_maps_its_served_file_keeps_the_gil(tmp_path):
     """The loader thread's whole part of a load from a served file (config, identity, mapping, checks,
-    preparing the layers) never lets the GIL go while the page cache holds the files: beside an event loop busy
-    with a burst of requests, each give-up waited up to the 5 ms switch interval (a K=16 start burst on the
-    2-core Zen 3: 154 ms of loader wall time for 89 ms of its CPU)."""
+    preparing the layers) never lets the GIL go while the page cache holds the files: beside a thread running
+    Python each give-up waited up to the 5 ms switch interval (in one process on the 2-core Zen 3, a read's p50
+    12.8-16.0 ms beside such a thread before, 3.0-5.6 ms after: BENCHMARKS.md, thirty-seventh session)."""
     from adapters_core import held_io, sgmv
     from gil_check import lets_the_gil_go
     if not held_io.available() or sgmv.kernel() is None:
