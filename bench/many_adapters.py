@@ -8,7 +8,8 @@ then runs --streams concurrent streaming clients, each sending greedy completion
 traffic arrives) and then --steady seconds (measured as "steady"). Per window: completed tokens/s, inter-token
 latency p50/p99 (gaps between streamed chunks), time to first token p50, and the adapter loads of the window
 read from the server's metrics (count, and p50 of the whole load, of its wait for the loader thread behind the
-loads before it, of the loader thread's part and of its engine-thread part). Rows are printed as they finish;
+loads before it, of the loader thread's part, of the finished read's wait for the event loop to take it back, and
+of its engine-thread part). Rows are printed as they finish;
 the last lines give the issue's ratios (steady K=max uniform / K=min uniform tokens/s, ITL p99 / p50 per run).
 
 The steady windows of the smallest and the largest K are minutes apart, and a shared machine's memory reads
@@ -239,7 +240,8 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
         text = (await http.get("/metrics")).text
         scraped[key] = {m: metric_samples(text, m) for m in
                         ("adapter_serve_adapter_load_seconds", "adapter_serve_adapter_load_apply_seconds",
-                         "adapter_serve_adapter_load_queue_seconds", "adapter_serve_adapter_load_read_seconds")}
+                         "adapter_serve_adapter_load_queue_seconds", "adapter_serve_adapter_load_read_seconds",
+                         "adapter_serve_adapter_load_resume_seconds")}
         scraped[key]["gc"] = metric_total(text, "adapter_serve_gc_pause_seconds")
         scraped[key]["steps"] = metric_samples(text, "adapter_serve_step_seconds")
 
@@ -278,11 +280,12 @@ def row(k: int, distribution: str, window: str, w: Window, loads: dict) -> dict:
     total = loads["adapter_serve_adapter_load_seconds"]
     apply = loads["adapter_serve_adapter_load_apply_seconds"]
     queue, read = loads["adapter_serve_adapter_load_queue_seconds"], loads["adapter_serve_adapter_load_read_seconds"]
+    resume = loads["adapter_serve_adapter_load_resume_seconds"]
     return {"K": k, "traffic": distribution, "window": window, "tokens_s": w.tokens / seconds,
             "itl_p50_ms": 1e3 * (percentile(w.itl, 50) or 0), "itl_p99_ms": 1e3 * (percentile(w.itl, 99) or 0),
             "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "loads": total[0], "load_p50": total[1],
             "loads_within_20ms": loads["within_20ms"],
-            "queue_p50": queue[1], "read_p50": read[1], "apply_p50": apply[1],
+            "queue_p50": queue[1], "read_p50": read[1], "resume_p50": resume[1], "apply_p50": apply[1],
             "gc_pauses": int(loads["gc"]["count"]), "gc_ms": 1e3 * loads["gc"]["sum"],
             "gc_over_20ms": int(loads["gc"]["over_20ms"]), "step_p50": loads["steps"][0][1],
             "step_p99": loads["steps"][1][1]}
@@ -296,8 +299,8 @@ def print_row(r: dict) -> None:
     print(f"K={r['K']:<5} {r['traffic']:<8} {r['window']:<7} {r['tokens_s']:8.1f} tok/s  ITL p50 "
           f"{r['itl_p50_ms']:6.0f} p99 {r['itl_p99_ms']:6.0f} ms  TTFT p50 {r['ttft_p50_ms']:6.0f} ms  loads "
           f"{r['loads']:5d} (whole p50 {r['load_p50']}, {_share(r['loads_within_20ms'])} within 20 ms; "
-          f"waiting for the loader p50 {r['queue_p50']}, loader p50 {r['read_p50']}, engine-thread p50 "
-          f"{r['apply_p50']})  GC {r['gc_pauses']} pauses, {r['gc_ms']:.0f} ms, "
+          f"waiting for the loader p50 {r['queue_p50']}, loader p50 {r['read_p50']}, then for the loop p50 "
+          f"{r['resume_p50']}, engine-thread p50 {r['apply_p50']})  GC {r['gc_pauses']} pauses, {r['gc_ms']:.0f} ms, "
           f"{r['gc_over_20ms']} over 20 ms; steps p50 {r['step_p50']} p99 {r['step_p99']}", flush=True)
 
 

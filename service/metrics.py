@@ -138,6 +138,9 @@ class Metrics:
         self.adapter_load_read = Histogram("adapter_serve_adapter_load_read_seconds", "Loader-thread part of an "
                                            "adapter load (read, checked and prepared)", buckets=APPLY_BUCKETS,
                                            registry=r)
+        self.adapter_load_resume = Histogram("adapter_serve_adapter_load_resume_seconds", "Time a load's "
+                                             "finished read waited for the event loop to take it back",
+                                             buckets=LOAD_BUCKETS, registry=r)
         self.adapter_apply = Histogram("adapter_serve_adapter_load_apply_seconds",
                                        "Engine-thread part of an adapter load (between two steps: evictions and "
                                        "the injection)", buckets=APPLY_BUCKETS, registry=r)
@@ -210,9 +213,10 @@ class Metrics:
     def adapter_applied(self, name: str, seconds: float) -> None:
         self.adapter_apply.observe(seconds)
 
-    def adapter_read(self, name: str, queued: float, seconds: float) -> None:
+    def adapter_read(self, name: str, queued: float, seconds: float, resumed: float) -> None:
         self.adapter_load_queue.observe(queued)
         self.adapter_load_read.observe(seconds)
+        self.adapter_load_resume.observe(resumed)
 
     def adapter_evicted(self, name: str, from_tier: str) -> None:
         self.evictions.labels(from_tier).inc()

@@ -288,7 +288,10 @@ class TierMixin:
         time, so they never take more than one core from the engine (with the default executor's six threads and
         the finiteness check per tensor, 64 streams over 1,000 adapters served 276 tokens/s; one thread and one
         check per packed buffer: 316, with ~8 loads a second). Reports how long it waited for the thread (the
-        loads before it) and how long the thread took (`adapter_read`)."""
+        loads before it), how long the thread took, and how long the finished work then waited for this event loop
+        to take it back (`adapter_read`: in a burst of cold loads the loop is busy with the requests' intake and
+        shares the one GIL with the loader, and this wait was most of a load: BENCHMARKS.md, thirty-eighth
+        session)."""
         queued, times = time.perf_counter(), []
 
         def timed():
@@ -301,7 +304,8 @@ class TierMixin:
             return await asyncio.get_running_loop().run_in_executor(self._loader, timed)
         finally:
             if times:
-                self._emit("adapter_read", name, times[0] - queued, times[1] - times[0])
+                self._emit("adapter_read", name, times[0] - queued, times[1] - times[0],
+                           max(time.perf_counter() - times[1], 0.0))
 
     async def _unlocked(self, awaitable):
         """Await `awaitable` with the registry lock released (the caller holds it, and holds it again after)."""

@@ -87,14 +87,17 @@ def test_steps_are_timed_by_kind():
     assert abs(samples[("adapter_serve_step_seconds_sum", "decode")] - 0.05) < 1e-9
 
 
-def test_a_loads_wait_for_the_loader_and_its_read_are_timed_apart():
+def test_a_loads_wait_for_the_loader_its_read_and_its_wait_for_the_loop_are_timed_apart():
     m = Metrics()
-    m.adapter_read("a", 0.04, 0.003)
-    m.adapter_read("b", 0.0, 0.002)
+    m.adapter_read("a", 0.04, 0.003, 0.03)
+    m.adapter_read("b", 0.0, 0.002, 0.0)
     families = _families(m.registry)
     queue = {s.name: s.value for s in families["adapter_serve_adapter_load_queue_seconds"].samples}
     read = {s.name: s.value for s in families["adapter_serve_adapter_load_read_seconds"].samples}
+    resume = {s.name: s.value for s in families["adapter_serve_adapter_load_resume_seconds"].samples}
     assert queue["adapter_serve_adapter_load_queue_seconds_count"] == 2
     assert read["adapter_serve_adapter_load_read_seconds_count"] == 2
+    assert resume["adapter_serve_adapter_load_resume_seconds_count"] == 2
     assert abs(queue["adapter_serve_adapter_load_queue_seconds_sum"] - 0.04) < 1e-9
     assert abs(read["adapter_serve_adapter_load_read_seconds_sum"] - 0.005) < 1e-9
+    assert abs(resume["adapter_serve_adapter_load_resume_seconds_sum"] - 0.03) < 1e-9

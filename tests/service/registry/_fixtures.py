@@ -107,15 +107,15 @@ class Events:
     def __init__(self):
         self.calls: list[tuple] = []
         self.load_seconds: dict[str, list[float]] = {}      # name -> each load's whole time
-        self.reads: list[tuple] = []                        # (name, wait for the loader, loader's time)
+        self.reads: list[tuple] = []    # (name, wait for the loader, loader's time, wait for the loop after it)
 
     def adapter_loaded(self, name, seconds, from_tier):
         assert seconds >= 0
         self.calls.append(("loaded", name, from_tier))
         self.load_seconds.setdefault(name, []).append(seconds)
 
-    def adapter_read(self, name, queued, seconds):
-        self.reads.append((name, queued, seconds))
+    def adapter_read(self, name, queued, seconds, resumed):
+        self.reads.append((name, queued, seconds, resumed))
 
     def adapter_evicted(self, name, from_tier):
         self.calls.append(("evicted", name, from_tier))

@@ -201,9 +201,39 @@ def test_a_load_reports_its_wait_for_the_loader_and_the_loaders_time(tmp_path):
         assert not loading.done() and events.reads == []
         gate.set()
         registry.release(await loading)
-        ((name, queued, seconds),) = events.reads
+        ((name, queued, seconds, resumed),) = events.reads
         (whole,) = events.load_seconds["a"]
         assert name == "a" and queued >= 0.15 and 0 < seconds < whole - queued + 1e-6
+        assert 0 <= resumed < whole - queued - seconds + 1e-6
+        await registry.drain()
+
+    run(main())
+
+
+def test_a_load_reports_its_wait_for_the_event_loop_after_the_read(tmp_path):
+    """`adapter_read`'s last part: how long the finished read waited for the event loop to take it back (here the
+    loop is held for 0.2 s by a callback the read itself schedules just before it ends, as a busy loop's backlog
+    would); inside the load's whole time."""
+    lora = peft_adapter("lora")
+
+    async def main():
+        first = make_registry(tmp_path / "store")
+        await first.register_files("a", lora.config, lora.weights)
+        await first.drain()
+        events = Events()
+        registry = make_registry(tmp_path / "store", events=events)
+        await registry.scan()
+        loop, read = asyncio.get_running_loop(), registry._read_stored
+
+        def read_then_hold_the_loop(*args):
+            out = read(*args)
+            loop.call_soon_threadsafe(time.sleep, 0.2)        # runs on the loop before the read's result does
+            return out
+        registry._read_stored = read_then_hold_the_loop
+        registry.release(await registry.acquire("a"))
+        ((name, queued, seconds, resumed),) = events.reads
+        (whole,) = events.load_seconds["a"]
+        assert name == "a" and seconds < 0.2 and 0.15 <= resumed <= whole - queued - seconds + 1e-6
         await registry.drain()
 
     run(main())
