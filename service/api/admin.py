@@ -96,13 +96,13 @@ async def load(name: str, body: Source, state: StateDep, _: AdminCaller):
 
 
 @router.get("/admin/adapters")
-def list_adapters(state: StateDep, _: AdminCaller):
+async def list_adapters(state: StateDep, _: AdminCaller):
     return {"adapters": [r.to_dict() for r in state.registry.list()], "tiers": state.registry.tier_counts(),
             "adapter_dtype": state.registry.adapter_dtype.setting}
 
 
 @router.get("/admin/adapters/{name}")
-def get_adapter(name: str, state: StateDep, _: AdminCaller):
+async def get_adapter(name: str, state: StateDep, _: AdminCaller):
     return state.registry.get(name).to_dict()
 
 

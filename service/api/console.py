@@ -55,7 +55,7 @@ def asset(name: str, state: StateDep):
 
 
 @router.get("/console/session")
-def session(request: Request, state: StateDep):
+async def session(request: Request, state: StateDep):
     """What the caller's key may see in the console (401 for a missing or unknown key once keys exist)."""
     s = state.settings
     body = {"model": state.model_id, "max_tokens_limit": s.max_tokens_limit}

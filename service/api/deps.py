@@ -3,7 +3,9 @@
 Keys: inference keys (`api_keys`, optionally limited to some adapters by `key_adapters`), the admin key
 (everything), and the metrics key (`metrics_key`, only `/metrics`; without one, `/metrics` is open when no keys
 are configured and needs the admin key when they are, since adapter names are in its labels). `known_key` is
-the header-only check `BodyLimit` runs before the body is read.
+the header-only check `BodyLimit` runs before the body is read. The dependencies are `async def`: FastAPI runs a
+plain `def` dependency in its thread pool, two hand-offs to a worker thread and back for every request, each
+waiting for the GIL behind the engine and the loader (BENCHMARKS.md, thirty-eighth session).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class State:
         self.ready = False
 
 
-def get_state(request: Request) -> State:
+async def get_state(request: Request) -> State:
     return request.app.state.serving
 
 
@@ -56,7 +58,7 @@ def known_key(s: Settings, key: Optional[str]) -> Optional[str]:
     return "invalid API key"
 
 
-def inference_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
+async def inference_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
     s = state.settings
     if not s.auth_enabled:
         return Caller(None, None)
@@ -71,7 +73,7 @@ def inference_caller(request: Request, state: Annotated[State, Depends(get_state
     return Caller(key, set(allowed) if allowed is not None else None)
 
 
-def admin_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
+async def admin_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> Caller:
     s = state.settings
     if not s.auth_enabled:
         return Caller(None, None)
@@ -85,7 +87,12 @@ def admin_caller(request: Request, state: Annotated[State, Depends(get_state)]) 
     raise HTTPException(401, "invalid API key")
 
 
-def metrics_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> None:
+async def metrics_caller(request: Request, state: Annotated[State, Depends(get_state)]) -> None:
+    check_metrics_key(request, state)
+
+
+def check_metrics_key(request: Request, state: State) -> None:
+    """`metrics_caller`'s check, for a route that applies it only under a setting (`/metrics/gateway`)."""
     s = state.settings
     if not s.metrics_key and not s.auth_enabled:
         return

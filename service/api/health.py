@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .deps import MetricsCaller, StateDep, metrics_caller
+from .deps import MetricsCaller, StateDep, check_metrics_key
 from .errors import error_response
 from .json_route import JsonRoute
 
@@ -20,12 +20,12 @@ PROMETHEUS = {200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Promet
 
 
 @router.get("/health")
-def health():
+async def health():
     return {"status": "ok"}
 
 
 @router.get("/ready")
-def ready(state: StateDep):
+async def ready(state: StateDep):
     if not state.ready:
         return error_response(503, "not ready")
     return {"status": "ready", "model": state.model_id}
@@ -41,6 +41,6 @@ async def metrics(state: StateDep, _: MetricsCaller):
 @router.get("/metrics/gateway", responses=PROMETHEUS)
 async def gateway_metrics(state: StateDep, request: Request):
     if not state.settings.gateway_metrics_open:
-        metrics_caller(request, state)
+        check_metrics_key(request, state)
     state.metrics.refresh_adapters()
     return Response(generate_latest(state.metrics.gateway_registry), media_type=CONTENT_TYPE_LATEST)

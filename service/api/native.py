@@ -144,6 +144,6 @@ def _sse(event: dict) -> str:
 
 
 @router.get("/info")
-def info(state: StateDep):
+async def info(state: StateDep):
     """The model and the server's limits in TGI's and LoRAX's shape (no key needed, as `/health`)."""
     return info_body(state)

@@ -147,12 +147,12 @@ def model_cards(state: State, caller) -> list[dict]:
 
 
 @router.get("/v1/models")
-def list_models(state: StateDep, caller: InferenceCaller):
+async def list_models(state: StateDep, caller: InferenceCaller):
     return {"object": "list", "data": model_cards(state, caller)}
 
 
 @router.get("/v1/models/{model:path}")
-def retrieve_model(model: str, state: StateDep, caller: InferenceCaller):
+async def retrieve_model(model: str, state: StateDep, caller: InferenceCaller):
     """One model card (OpenAI's `models.retrieve`): 404 for a name that is not listed."""
     for card in model_cards(state, caller):
         if card["id"] == model:

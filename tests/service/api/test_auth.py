@@ -66,3 +66,36 @@ def test_inference_needs_a_key_and_allow_lists_hide_adapters(server, tmp_path):
     assert call(server, "POST", "/v1/completions", {**body, "model": "a"}, LIMITED).status_code == 200
     gen = {"inputs": "Hi", "parameters": {"adapter_id": "b", "max_new_tokens": 2}}
     assert call(server, "POST", "/generate", gen, LIMITED).status_code == 404
+
+
+def test_key_checks_and_state_reads_run_on_the_event_loop_not_in_the_thread_pool(server, monkeypatch):
+    """The state and key-check dependencies are `async def`: FastAPI hands a plain `def` dependency to its thread
+    pool, two hand-offs per request that each waited for the GIL behind the engine and the loader (64 `/tokenize`
+    at once 30 % faster without them: BENCHMARKS.md, thirty-eighth session). So are the routes that read the
+    registry (a worker thread read it while the event loop changed it). Checked on inference, admin, metrics and
+    health routes, with the right key, a wrong one and none; only `/version` (package metadata from disk) and the
+    console's files may use the pool."""
+    import anyio.to_thread
+
+    handed: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def recording(func, *args, **kwargs):
+        target = getattr(func, "func", func)                  # (a partial)
+        target = getattr(func, "keywords", {}).get("function", target)    # (FastAPI's wrapper of a def endpoint)
+        handed.append(f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', '?')}")
+        return await real(func, *args, **kwargs)
+    monkeypatch.setattr(anyio.to_thread, "run_sync", recording)
+    assert call(server, "POST", "/tokenize", {"prompt": "hi"}, FULL).status_code == 200
+    assert call(server, "POST", "/tokenize", {"prompt": "hi"}, "wrong").status_code == 401
+    assert call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, LIMITED).status_code == 200
+    assert call(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, None).status_code == 401
+    assert call(server, "POST", "/admin/adapters/a/pin", None, FULL).status_code == 403
+    assert call(server, "GET", "/metrics", None, ADMIN).status_code == 200
+    assert call(server, "GET", "/metrics", None, FULL).status_code == 403
+    for path, key, status in (("/v1/models", LIMITED, 200), ("/v1/models/a", FULL, 404), ("/admin/adapters", ADMIN, 200),
+                              ("/admin/adapters/zz", ADMIN, 404), ("/health", None, 200), ("/ready", None, 200),
+                              ("/info", None, 200), ("/console/session", FULL, 200)):
+        assert call(server, "GET", path, None, key).status_code == status, path
+    assert call(server, "GET", "/version", None, None).status_code == 200
+    assert [name for name in handed if name.startswith("service.")] == ["service.api.tokens.version"], handed
