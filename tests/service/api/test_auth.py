@@ -93,9 +93,10 @@ def test_key_checks_and_state_reads_run_on_the_event_loop_not_in_the_thread_pool
     assert call(server, "POST", "/admin/adapters/a/pin", None, FULL).status_code == 403
     assert call(server, "GET", "/metrics", None, ADMIN).status_code == 200
     assert call(server, "GET", "/metrics", None, FULL).status_code == 403
-    for path, key, status in (("/v1/models", LIMITED, 200), ("/v1/models/zz", FULL, 404), ("/admin/adapters", ADMIN, 200),
-                              ("/admin/adapters/zz", ADMIN, 404), ("/health", None, 200), ("/ready", None, 200),
-                              ("/info", None, 200), ("/console/session", FULL, 200)):
+    for path, key, status in (("/v1/models", LIMITED, 200), ("/v1/models/zz", FULL, 404),
+                              ("/admin/adapters", ADMIN, 200), ("/admin/adapters/zz", ADMIN, 404),
+                              ("/health", None, 200), ("/ready", None, 200), ("/info", None, 200),
+                              ("/console/session", FULL, 200)):
         assert call(server, "GET", path, None, key).status_code == status, path
     assert call(server, "GET", "/version", None, None).status_code == 200
     assert [name for name in handed if name.startswith("service.")] == ["service.api.tokens.version"], handed

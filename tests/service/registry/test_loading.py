@@ -181,19 +181,24 @@ def test_a_rescan_wraps_the_layers_of_adapters_it_finds(tmp_path, monkeypatch):
     run(main())
 
 
+async def _restarted_with_one_adapter(tmp_path):
+    """(a registry started over a store holding adapter "a", its recorded events): the next acquire reads it."""
+    lora = peft_adapter("lora")
+    first = make_registry(tmp_path / "store")
+    await first.register_files("a", lora.config, lora.weights)
+    await first.drain()
+    events = Events()
+    registry = make_registry(tmp_path / "store", events=events)
+    await registry.scan()
+    return registry, events
+
+
 def test_a_load_reports_its_wait_for_the_loader_and_the_loaders_time(tmp_path):
     """`adapter_read`: how long a load waited for the loader thread (here held by other work for 0.2 s) and how
     long the thread then took (the wait counted from the load's hand-over, a moment after its request); both inside
     the load's whole time (`adapter_loaded`)."""
-    lora = peft_adapter("lora")
-
     async def main():
-        first = make_registry(tmp_path / "store")
-        await first.register_files("a", lora.config, lora.weights)
-        await first.drain()
-        events = Events()
-        registry = make_registry(tmp_path / "store", events=events)
-        await registry.scan()
+        registry, events = await _restarted_with_one_adapter(tmp_path)
         gate = threading.Event()
         registry._loader.submit(gate.wait)                      # the loads before it
         loading = asyncio.ensure_future(registry.acquire("a"))
@@ -214,15 +219,8 @@ def test_a_load_reports_its_wait_for_the_event_loop_after_the_read(tmp_path):
     """`adapter_read`'s last part: how long the finished read waited for the event loop to take it back (here the
     loop is held for 0.2 s by a callback the read itself schedules just before it ends, as a busy loop's backlog
     would); inside the load's whole time."""
-    lora = peft_adapter("lora")
-
     async def main():
-        first = make_registry(tmp_path / "store")
-        await first.register_files("a", lora.config, lora.weights)
-        await first.drain()
-        events = Events()
-        registry = make_registry(tmp_path / "store", events=events)
-        await registry.scan()
+        registry, events = await _restarted_with_one_adapter(tmp_path)
         loop, read = asyncio.get_running_loop(), registry._read_stored
 
         def read_then_hold_the_loop(*args):
