@@ -93,6 +93,9 @@ def wrapped_modules(model: nn.Module) -> list:
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Swap `module` in at dotted `name`, dropping what the slot table keeps of the tree as it was
+    (`prepared`'s layouts)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+    slot_table(model).layouts.clear()

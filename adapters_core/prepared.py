@@ -6,7 +6,8 @@ model several times, matches targets, builds two `nn.Linear` per layer on the me
 state dict, ~5-10 ms for a SmolLM2 adapter on q/v, during which no step runs. `prepare_adapter` does all of
 that without changing the model: it looks each key's layer up by its path (its targets must already be
 wrapped `AdapterLayer`s, as they are once any adapter has targeted them; a path look-up instead of a walk of
-the whole tree), checks every key and shape, and builds each layer's
+the whole tree, done once per key list and kept in the slot table while the tree is unchanged: adapters of one
+target set share it), checks every key and shape, and builds each layer's
 `lora_A` / `lora_B` modules around the given tensors (no copy: pass `packing.pack_adapter_tensors`'s
 output and the stacks read them in place). `attach_prepared` then inserts them: a few dict writes per layer,
 straight into the ModuleDicts' entries (what their `add_module` ends in, without its per-entry checks and
@@ -52,6 +53,68 @@ def preparable(config, adapter_name: str) -> bool:
             and config.bias == "none" and bool(NAME_RE.match(adapter_name)))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a plain LoRA state dict's keys name in one version of the model's tree, shared by every adapter
+    whose file lists the same keys (a server's adapters of one target set): per adapted layer, in key order,
+    the layer, its path, where its lora_A and lora_B sit among the state dict's values, its fan-in and
+    fan-out, and the device and dtype of its base weight (None: not a float dtype)."""
+    layers: tuple
+    paths: tuple
+    a_at: tuple
+    b_at: tuple
+    fans: tuple
+    devices: tuple
+    dtypes: tuple
+
+
+_MAX_LAYOUTS = 64          # per model: target sets x key orders a server sees (more: start again, not grow)
+
+
+def _layout(model: nn.Module, prefix: str, keys: tuple) -> Optional[_Layout]:
+    """The layout of `keys` (a state dict's, in order) on `model`, kept in its slot table while the tree is
+    unchanged (every module swap goes through `model_tree.set_submodule`, which empties that cache; so does an
+    attach that finds a layer gone, for a layout built while another thread swapped modules) and the base
+    weights keep their device and dtype: each key's layer is looked up and checked once per tree, not once per
+    load (a SmolLM2 adapter on q/v: 120 keys parsed and 60 paths walked, ~0.3 ms of a loader's GIL time). None
+    where this path does not apply (a key of anything but a factor, a layer not wrapped, or an embedding)."""
+    table = slot_table(model)
+    layout = table.layouts.get((prefix, keys))
+    if layout is not None:
+        weight = layout.layers[0]._modules["base_layer"].weight        # (the model moved or cast since?)
+        if weight.device == layout.devices[0] and layout.dtypes[0] == (
+                weight.dtype if weight.dtype.is_floating_point else None):
+            return layout
+    pairs: dict[str, list] = {}
+    for at, key in enumerate(keys):
+        path = key.removeprefix(prefix) if prefix else key
+        if path.endswith(".lora_A.weight"):
+            pairs.setdefault(path[:-14], [None, None])[0] = at
+        elif path.endswith(".lora_B.weight"):
+            pairs.setdefault(path[:-14], [None, None])[1] = at
+        else:
+            return None                   # bias, magnitude, embedding or other keys: the general path
+    columns: list[list] = [[] for _ in range(7)]
+    seen: set[int] = set()
+    for path, (a_at, b_at) in pairs.items():
+        layer = find_module(model, path)
+        if type(layer) is not AdapterLayer or layer.is_embedding or a_at is None or b_at is None or \
+                id(layer) in seen:
+            return None
+        seen.add(id(layer))
+        weight = layer._modules["base_layer"].weight
+        for column, value in zip(columns, (layer, path, a_at, b_at, (layer.in_features, layer.out_features),
+                                           weight.device,
+                                           weight.dtype if weight.dtype.is_floating_point else None)):
+            column.append(value)
+    if not seen:
+        return None
+    if len(table.layouts) >= _MAX_LAYOUTS:
+        table.layouts.clear()
+    layout = table.layouts[(prefix, keys)] = _Layout(*map(tuple, columns))
+    return layout
+
+
 def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: str,
                     factor_dtype: Optional[torch.dtype] = None) -> Optional[PreparedAdapter]:
     """Everything of loading `state_dict` (PEFT's keys) as `adapter_name` that leaves `model` unchanged; None
@@ -62,37 +125,24 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         return None
     root = model._modules.get("base_model")
     prefix = "" if root is not None and root._modules.get("model") is not None else PEFT_PREFIX
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        path = key.removeprefix(prefix) if prefix else key
-        if path.endswith(".lora_A.weight"):
-            factors.setdefault(path[:-14], {})["lora_A"] = value
-        elif path.endswith(".lora_B.weight"):
-            factors.setdefault(path[:-14], {})["lora_B"] = value
-        else:
-            return None                   # bias, magnitude, embedding or other keys: the general path
+    layout = _layout(model, prefix, tuple(state_dict))
+    if layout is None:
+        return None
+    values = list(state_dict.values())
+    ranks, alphas = config.rank_pattern, config.alpha_pattern
     layers, rows = [], []
-    seen: set[int] = set()
-    for path, pair in factors.items():
-        layer = find_module(model, path)
-        if type(layer) is not AdapterLayer or layer.is_embedding or len(pair) != 2 or id(layer) in seen:
-            return None
-        seen.add(id(layer))
-        a, b = pair["lora_A"], pair["lora_B"]
-        r = pattern_value(config.rank_pattern, path, config.r) if config.rank_pattern else config.r
-        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (
-                layer.out_features, r):
+    for layer, path, a_at, b_at, (fan_in, fan_out), device, base_dtype in zip(
+            layout.layers, layout.paths, layout.a_at, layout.b_at, layout.fans, layout.devices, layout.dtypes):
+        a, b = values[a_at], values[b_at]
+        r = pattern_value(ranks, path, config.r) if ranks else config.r
+        if a.shape != (r, fan_in) or b.shape != (fan_out, r):                # (torch.Size: a tuple)
             raise AdapterWeightsError(f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                                      f"rank {r} and the layer's {layer.in_features} -> {layer.out_features}")
-        weight = layer._modules["base_layer"].weight
-        device = weight.device
-        dtype = weight.dtype if weight.dtype.is_floating_point else a.dtype   # as set_peft_model_state_dict
+                                      f"rank {r} and the layer's {fan_in} -> {fan_out}")
+        dtype = base_dtype if base_dtype is not None else a.dtype   # as set_peft_model_state_dict
         if factor_dtype is not None and a.dtype.is_floating_point:
             dtype = factor_dtype
-        alpha = config.lora_alpha
-        if config.alpha_pattern:
-            alpha = pattern_value(config.alpha_pattern, path, alpha)
-        scaling = lora_scaling(alpha, r, config.use_rslora)
+        scaling = lora_scaling(pattern_value(alphas, path, config.lora_alpha) if alphas else config.lora_alpha,
+                               r, config.use_rslora)
         if a.dtype != dtype or a.device != device:
             a = a.to(device=device, dtype=dtype)
         if b.dtype != dtype or b.device != device:
@@ -100,9 +150,7 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
         a, b, bt = plain_factors(a, b)            # A [r, in], B [out, r] stored as Bt [r, out]
         layers.append((layer, r, scaling, linear_holding(a, requires_grad=False),
                        linear_holding(b, requires_grad=False)))
-        rows.append(lora_slot_rows(a, bt, scaling, lora_scale_rows(r, scaling, device)))
-    if not layers:
-        return None
+        rows.append(lora_slot_rows(a, bt, scaling, lora_scale_rows(r, scaling, device), device.type == "cpu"))
     return PreparedAdapter(adapter_name, copy.deepcopy(config), layers, rows)
 
 
@@ -116,6 +164,7 @@ def attach_prepared(model: nn.Module, prepared: PreparedAdapter) -> bool:
     table = slot_table(model)
     present = {id(m) for m in table.modules}
     if any(id(layer) not in present or layer.slot_table is not table for layer, *_ in prepared.layers):
+        table.layouts.clear()           # (one may hold those layers: looked up again by the next prepare)
         return False
     name, dropout = prepared.name, prepared.config.lora_dropout
     holder = prepared.layers[0][0]._modules["lora_A"]

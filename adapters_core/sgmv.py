@@ -43,18 +43,25 @@ TABLE_COLUMNS = 7
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/lora_table.h's Dtype
 
 
-def table_row(a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> Optional[list[int]]:
+def table_row(a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, checked: bool = False
+              ) -> Optional[list[int]]:
     """One slot's row of a layer table: A [r, in] and Bt [r, out] contiguous in one of fp32 / bf16 / fp16,
     scale [r] contiguous fp32. The caller keeps the three tensors alive as long as the row is in use. None
-    for factors the kernel does not read (another dtype, another device): such a slot takes the torch path."""
-    if a.dtype not in DTYPE_CODES or bt.dtype != a.dtype or not (a.is_cpu and bt.is_cpu and scale.is_cpu):
+    for factors the kernel does not read (another dtype, another device): such a slot takes the torch path.
+    `checked`: the caller made the three so on the CPU (`stack.plain_factors`' A and Bt of one dtype,
+    `stack.lora_scale_rows`' scale), and only the dtype is looked at (a loader makes 60 rows an adapter)."""
+    code = DTYPE_CODES.get(a.dtype)
+    if checked:
+        return None if code is None else [a.data_ptr(), bt.data_ptr(), scale.data_ptr(), a.shape[0], code,
+                                          a.shape[1], bt.shape[1]]
+    if code is None or bt.dtype != a.dtype or not (a.is_cpu and bt.is_cpu and scale.is_cpu):
         return None
     if not (a.is_contiguous() and bt.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32):
         raise ValueError("table rows need contiguous factors and an fp32 scale")
     r = a.shape[0]
     if bt.shape[0] != r or scale.numel() != r:
         raise ValueError(f"factors of rank {r} with Bt {tuple(bt.shape)} and {scale.numel()} scales")
-    return [a.data_ptr(), bt.data_ptr(), scale.data_ptr(), r, DTYPE_CODES[a.dtype], a.shape[1], bt.shape[1]]
+    return [a.data_ptr(), bt.data_ptr(), scale.data_ptr(), r, code, a.shape[1], bt.shape[1]]
 
 
 def lora_add_group_(results: list[torch.Tensor], x: torch.Tensor, tables: list[torch.Tensor],

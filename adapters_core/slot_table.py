@@ -36,6 +36,8 @@ class SlotTable:
         #                                         check_edits sync)
         self._ready: dict[str, list] = {}       # adapter -> its layers' `lora_slot_rows`, until its first write
         self.modules: list = []                 # every AdapterLayer / ModulesToSaveWrapper of the model
+        self.layouts: dict = {}                 # `prepared`'s layouts by keys, for the tree as it is (every
+        #                                         module swap, `model_tree.set_submodule`, empties it)
         self._stack_slots = 0                   # every existing stack holds at least this many slots
         self.mapping: Optional[BatchMapping] = None
 

@@ -308,17 +308,18 @@ def plain_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b, bt
 
 
-def lora_slot_rows(a: torch.Tensor, bt: torch.Tensor, scaling: float, scale: Optional[torch.Tensor] = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[int]]]:
+def lora_slot_rows(a: torch.Tensor, bt: torch.Tensor, scaling: float, scale: Optional[torch.Tensor] = None,
+                   checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[int]]]:
     """What `LayerStack.write` holds for a plain LoRA with factors A [r, in] and Bt [r, out] as `plain_factors`
     gives them (the lora_A / lora_B parameters share their storage) and delta scale `scaling`: (A, Bt, fp32
     scale [r], the kernel's table row, or None where the kernel cannot read the factors). For an adapter not
     yet in the model (`prepared.prepare_adapter`, off the serving thread). `scale`: the fp32 [r] rows of
     `scaling` on A's device when the caller has them (layers of one rank and scaling may share them: nothing
-    writes them), else they are made here."""
+    writes them), else they are made here. `checked`: A and Bt are `plain_factors`' of one dtype on the CPU and
+    the scale `lora_scale_rows`' (`sgmv.table_row`'s checks are skipped)."""
     if scale is None:
         scale = lora_scale_rows(a.shape[0], scaling, a.device)
-    return a, bt, scale, sgmv.table_row(a, bt, scale)
+    return a, bt, scale, sgmv.table_row(a, bt, scale, checked)
 
 
 def transposed_b(b: torch.Tensor) -> torch.Tensor:

@@ -324,3 +324,45 @@ def test_scale_rows_are_shared_across_adapters_and_preparing_keeps_the_gil():
     with torch.inference_mode():                    # (a step's first write of a slot may run in inference mode)
         rows = lora_scale_rows(5, 0.25, torch.device("cpu"))
     assert not rows.is_inference() and lora_scale_rows(5, 0.25, torch.device("cpu")) is rows
+
+
+def test_layouts_are_kept_per_key_list_and_dropped_when_a_module_is_swapped():
+    """The layers a key list names are looked up once per tree (`_layout`, kept in the slot table): adapters of
+    the same keys share one layout, and still have their shapes checked against their own config; swapping a
+    module in (any wrap or unwrap goes through `set_submodule`) drops the kept layouts, so the next adapter is
+    prepared on the layer the model now holds, not on the one it held."""
+    from adapters_core.injection import wrap_target_layers
+    from adapters_core.model_tree import set_submodule
+    model = _model()
+    ac.load_adapter(model, "x", adapter_name="first", config=_config(4), state_dict=dict(_state(4, 0)),
+                    low_cpu_mem_usage=True)
+    table = slot_table(model)
+    one = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 1)), "one")
+    two = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 2)), "two")
+    assert len(table.layouts) == 1 and [l[0] for l in one.layers] == [l[0] for l in two.layers]
+    with pytest.raises(ac.AdapterWeightsError, match="q_proj"):
+        prepare_adapter(model, _config(5), pack_adapter_tensors(_state(4, 3)), "bad")   # the same keys
+    old_q = model.q_proj
+    set_submodule(model, "q_proj", old_q.base_layer)                   # unwrapped (as a failed load undoes it)
+    assert table.layouts == {}
+    assert prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 4)), "three") is None
+    assert wrap_target_layers(model, _config(4)) == 1                    # a new wrapper on q_proj
+    three = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 4)), "three")
+    assert three.layers[0][0] is model.q_proj and model.q_proj is not old_q
+    assert attach_prepared(model, three)
+    four = prepare_adapter(model, _config(4), pack_adapter_tensors(_state(4, 5)), "four")
+    assert len(table.layouts) == 1
+    table.modules = [m for m in table.modules if m is not model.v_proj]   # gone meanwhile (another thread)
+    assert attach_prepared(model, four) is False and table.layouts == {}
+
+
+def test_checked_table_rows_equal_the_checked_ones():
+    """`table_row(..., checked=True)` (the prepared path's factors, made contiguous on the CPU) gives the row the
+    full checks give, and None for a dtype the kernel does not read."""
+    from adapters_core import sgmv
+    from adapters_core.stack import lora_scale_rows, plain_factors
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        a, b, bt = plain_factors(torch.randn(5, 12).to(dtype), torch.randn(7, 5).to(dtype))
+        scale = lora_scale_rows(5, 0.5, a.device)
+        assert sgmv.table_row(a, bt, scale, checked=True) == sgmv.table_row(a, bt, scale)
+    assert sgmv.table_row(a, bt, scale, checked=True) is None                         # (float64)

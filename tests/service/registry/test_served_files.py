@@ -116,6 +116,36 @@ def test_a_served_file_of_another_version_of_the_stored_file_is_not_used(tmp_pat
     run(main())
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_a_served_file_holding_a_base_copy_is_served_without_it(tmp_path):
+    """Served files are written with the adapter's own tensors only, and one of only LoRA factors is used as
+    mapped; one that also holds a copy of a base weight (as files of older servers did) still has it left out:
+    the load serves PEFT's adapter from the mapped file, and the base stays as it was."""
+    a, b = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4)
+
+    async def main():
+        cycle = Cycle(tmp_path / "store")
+        await cycle.register(a=a, b=b)
+        await cycle.with_served_file()
+        served = str(cycle.served("a"))
+        tensors, metadata = map_packed(served)
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+        layer = key[:-len("lora_A.weight")]
+        width = tensors[key].shape[1]
+        tensors[layer + "base_layer.weight"] = torch.full((tensors[layer + "lora_B.weight"].shape[0], width), 7.0)
+        save_packed(served, tensors, dict(metadata, keys=store_module.keys_digest(tensors)))
+        with torch.no_grad():
+            base = cycle.registry.model(cycle.ids).float()             # (no adapter active: the base model)
+        logits, factor = await cycle.load("a")
+        assert served in _mapped_files(factor)
+        torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(cycle.registry.model(cycle.ids).float(), base, atol=0, rtol=0)
+        cycle.registry.close()
+    run(main())
+
+
 @pytest.mark.parametrize("why", ["setting off", "store not writable"])
 def test_without_served_files_every_load_reads_the_peft_file(tmp_path, monkeypatch, why):
     a, b = peft_adapter("lora", seed=3), peft_adapter("lora", seed=4)
