@@ -20,6 +20,8 @@ from adapters_core.io import SAFETENSORS_NAME
 from adapters_core.packing import pack_adapter_tensors, tensor_bytes, trim_heap
 from adapters_core.prepared import PreparedAdapter, attach_prepared, preparable, prepare_adapter
 
+from service.loop_first import run_first
+
 from .adapter_dtype import held_dtype
 from .base_copies import is_base_copy, serving_config, split_base_copies
 from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
@@ -296,7 +298,7 @@ class TierMixin:
         loads before it), how long the thread took, and how long the finished work then waited for this event loop
         to take it back (`adapter_read`: in a burst of cold loads the loop is busy with the requests' intake and
         shares the one GIL with the loader, and this wait was most of a load: BENCHMARKS.md, thirty-eighth
-        session)."""
+        session; the result now goes ahead of the callbacks queued there, `loop_first.run_first`)."""
         queued, times = time.perf_counter(), []
 
         def timed():
@@ -306,7 +308,7 @@ class TierMixin:
             finally:
                 times.extend((began, time.perf_counter()))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._loader, timed)
+            return await run_first(self._loader, timed)
         finally:
             if times:
                 self._emit("adapter_read", name, times[0] - queued, times[1] - times[0],

@@ -217,15 +217,21 @@ def test_a_load_reports_its_wait_for_the_loader_and_the_loaders_time(tmp_path):
 
 def test_a_load_reports_its_wait_for_the_event_loop_after_the_read(tmp_path):
     """`adapter_read`'s last part: how long the finished read waited for the event loop to take it back (here the
-    loop is held for 0.2 s by a callback the read itself schedules just before it ends, as a busy loop's backlog
-    would); inside the load's whole time."""
+    loop is inside a 0.2 s callback when the read ends, as a loop busy with a request's intake would be; the
+    result goes ahead of callbacks still queued, `service.loop_first`, not of one running); inside the load's
+    whole time."""
     async def main():
         registry, events = await _restarted_with_one_adapter(tmp_path)
-        loop, read = asyncio.get_running_loop(), registry._read_stored
+        loop, read, holding = asyncio.get_running_loop(), registry._read_stored, threading.Event()
+
+        def hold():
+            holding.set()
+            time.sleep(0.2)
 
         def read_then_hold_the_loop(*args):
             out = read(*args)
-            loop.call_soon_threadsafe(time.sleep, 0.2)        # runs on the loop before the read's result does
+            loop.call_soon_threadsafe(hold)
+            assert holding.wait(5)                            # the loop is in that callback as the read ends
             return out
         registry._read_stored = read_then_hold_the_loop
         registry.release(await registry.acquire("a"))
