@@ -356,7 +356,7 @@ def test_layouts_are_kept_per_key_list_and_dropped_when_a_module_is_swapped():
     assert attach_prepared(model, four) is False and table.layouts == {}
 
 
-def test_checked_table_rows_equal_the_checked_ones():
+def test_rows_made_unchecked_equal_the_fully_checked_ones():
     """`table_row(..., checked=True)` (the prepared path's factors, made contiguous on the CPU) gives the row the
     full checks give, and None for a dtype the kernel does not read."""
     from adapters_core import sgmv
