@@ -53,37 +53,29 @@ def preparable(config, adapter_name: str) -> bool:
             and config.bias == "none" and bool(NAME_RE.match(adapter_name)))
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """What a plain LoRA state dict's keys name in one version of the model's tree, shared by every adapter
-    whose file lists the same keys (a server's adapters of one target set): per adapted layer, in key order,
-    the layer, its path, where its lora_A and lora_B sit among the state dict's values, its fan-in and
-    fan-out, and the device and dtype of its base weight (None: not a float dtype)."""
-    layers: tuple
-    paths: tuple
-    a_at: tuple
-    b_at: tuple
-    fans: tuple
-    devices: tuple
-    dtypes: tuple
-
-
 _MAX_LAYOUTS = 64          # per model: target sets x key orders a server sees (more: start again, not grow)
 
 
-def _layout(model: nn.Module, prefix: str, keys: tuple) -> Optional[_Layout]:
-    """The layout of `keys` (a state dict's, in order) on `model`, kept in its slot table while the tree is
-    unchanged (every module swap goes through `model_tree.set_submodule`, which empties that cache; so does an
-    attach that finds a layer gone, for a layout built while another thread swapped modules) and the base
-    weights keep their device and dtype: each key's layer is looked up and checked once per tree, not once per
-    load (a SmolLM2 adapter on q/v: 120 keys parsed and 60 paths walked, ~0.3 ms of a loader's GIL time). None
-    where this path does not apply (a key of anything but a factor, a layer not wrapped, or an embedding)."""
+def _float_dtype(weight: torch.Tensor) -> Optional[torch.dtype]:
+    return weight.dtype if weight.dtype.is_floating_point else None
+
+
+def _layout(model: nn.Module, prefix: str, keys: tuple) -> Optional[tuple]:
+    """What a plain LoRA state dict's keys (in order) name on `model`, shared by every adapter whose file lists
+    the same keys (a server's adapters of one target set): per adapted layer, in key order, (the layer, its path,
+    where its lora_A and lora_B sit among the state dict's values, its fan-in, its fan-out, its base weight's
+    device and float dtype or None). Kept in the slot table while the tree is unchanged (every module swap goes
+    through `model_tree.set_submodule`, which empties that cache; so does an attach that finds a layer gone, for
+    a layout built while another thread swapped modules) and the base weights keep their device and dtype: each
+    key's layer is looked up and checked once per tree, not once per load (a SmolLM2 adapter on q/v: 120 keys
+    parsed and 60 paths walked, ~0.3 ms of a loader's GIL time). None where this path does not apply (a key of
+    anything but a factor, a layer not wrapped, or an embedding)."""
     table = slot_table(model)
     layout = table.layouts.get((prefix, keys))
     if layout is not None:
-        weight = layout.layers[0]._modules["base_layer"].weight        # (the model moved or cast since?)
-        if weight.device == layout.devices[0] and layout.dtypes[0] == (
-                weight.dtype if weight.dtype.is_floating_point else None):
+        layer, *_, device, dtype = layout[0]
+        weight = layer._modules["base_layer"].weight                     # (the model moved or cast since?)
+        if weight.device == device and _float_dtype(weight) == dtype:
             return layout
     pairs: dict[str, list] = {}
     for at, key in enumerate(keys):
@@ -94,8 +86,7 @@ def _layout(model: nn.Module, prefix: str, keys: tuple) -> Optional[_Layout]:
             pairs.setdefault(path[:-14], [None, None])[1] = at
         else:
             return None                   # bias, magnitude, embedding or other keys: the general path
-    columns: list[list] = [[] for _ in range(7)]
-    seen: set[int] = set()
+    entries, seen = [], set()
     for path, (a_at, b_at) in pairs.items():
         layer = find_module(model, path)
         if type(layer) is not AdapterLayer or layer.is_embedding or a_at is None or b_at is None or \
@@ -103,15 +94,13 @@ def _layout(model: nn.Module, prefix: str, keys: tuple) -> Optional[_Layout]:
             return None
         seen.add(id(layer))
         weight = layer._modules["base_layer"].weight
-        for column, value in zip(columns, (layer, path, a_at, b_at, (layer.in_features, layer.out_features),
-                                           weight.device,
-                                           weight.dtype if weight.dtype.is_floating_point else None)):
-            column.append(value)
-    if not seen:
+        entries.append((layer, path, a_at, b_at, layer.in_features, layer.out_features, weight.device,
+                        _float_dtype(weight)))
+    if not entries:
         return None
     if len(table.layouts) >= _MAX_LAYOUTS:
         table.layouts.clear()
-    layout = table.layouts[(prefix, keys)] = _Layout(*map(tuple, columns))
+    layout = table.layouts[(prefix, keys)] = tuple(entries)
     return layout
 
 
@@ -131,8 +120,7 @@ def prepare_adapter(model: nn.Module, config, state_dict: dict, adapter_name: st
     values = list(state_dict.values())
     ranks, alphas = config.rank_pattern, config.alpha_pattern
     layers, rows = [], []
-    for layer, path, a_at, b_at, (fan_in, fan_out), device, base_dtype in zip(
-            layout.layers, layout.paths, layout.a_at, layout.b_at, layout.fans, layout.devices, layout.dtypes):
+    for layer, path, a_at, b_at, fan_in, fan_out, device, base_dtype in layout:
         a, b = values[a_at], values[b_at]
         r = pattern_value(ranks, path, config.r) if ranks else config.r
         if a.shape != (r, fan_in) or b.shape != (fan_out, r):                # (torch.Size: a tuple)

@@ -69,6 +69,19 @@ def split_base_copies(config: ac.AdapterConfig, tensors: dict[str, torch.Tensor]
     return own, copies
 
 
+# the ends of the keys of a plain LoRA's factors: never base copies (`is_base_copy`: their segment is the adapter's)
+FACTOR_KEY_ENDS = (".lora_A.weight", ".lora_B.weight")
+
+
+def without_base_copies(config: ac.AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` less the base copies: the dict itself when every key is a LoRA factor's (one `endswith` a key,
+    where `is_base_copy` on each of a served file's 120 keys was ~0.1 ms of a load's GIL time), else the adapter's
+    own part of `split_base_copies`."""
+    if all(key.endswith(FACTOR_KEY_ENDS) for key in tensors):
+        return tensors
+    return split_base_copies(config, tensors)[0]
+
+
 def serving_config(config: ac.AdapterConfig) -> ac.AdapterConfig:
     """The config as served: a LoRA `bias` of "all" / "lora_only" becomes "none", since the biases it saved are
     base copies checked equal to the served ones (nothing of the adapter's own to hold; PEFT's rule of one

@@ -23,7 +23,7 @@ from adapters_core.prepared import PreparedAdapter, attach_prepared, preparable,
 from service.loop_first import run_first
 
 from .adapter_dtype import held_dtype
-from .base_copies import is_base_copy, serving_config, split_base_copies
+from .base_copies import is_base_copy, serving_config, split_base_copies, without_base_copies
 from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
 from .record import CPU, DEVICE, STORED, AdapterRecord
 from .validation import parse_config
@@ -36,9 +36,6 @@ log = logging.getLogger("service.registry")
 # 2 cores): the loader's CPU per load p50 9.8 -> 8.8 ms; 128 resident adapters still take 1.05x their weight
 # bytes, and at most TRIM_EVERY - 1 evictions' holes (~28 MB of 4 MB adapters) wait for the next trim.
 TRIM_EVERY = 8
-# the ends of the keys of a plain LoRA's factors, which are never base copies (`base_copies.is_base_copy`): a
-# served file of only such keys is used as mapped (the per-key check was ~0.1 ms of a load's GIL time)
-_FACTOR_KEYS = (".lora_A.weight", ".lora_B.weight")
 
 
 class _Retry(Exception):
@@ -237,9 +234,7 @@ class TierMixin:
         skip = functools.partial(is_base_copy, config)
         packed = None if served is not None else self.store.read_packed(folder, factor_dtype, skip)
         if served is not None:                                  # mapped as checked and held at an earlier load
-            tensors = served[0]
-            if not all(key.endswith(_FACTOR_KEYS) for key in tensors):     # (files of older versions)
-                tensors = {key: value for key, value in tensors.items() if not skip(key)}
+            tensors = without_base_copies(config, served[0])             # (files of older versions hold some)
             extra = tensor_bytes(tensors) - served[1]
         elif packed is not None:
             tensors, extra = self.adapter_dtype.hold_packed(*packed, lambda: self.store.read_tensors(folder),
