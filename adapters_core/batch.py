@@ -82,9 +82,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], check_edits: boo
     names = list(adapter_names)
     _check_usable(model, table, set(names))
     table.sync({n for n in names if n != BASE}, check_edits)
-    device = _device(model, table)
-    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long, device=device)
-    return _installed(table, BatchMapping.rows(slots, _scales(scales, len(names), device)))
+    slots = torch.tensor([adapter_slot(model, n) for n in names], dtype=torch.long)     # [B] on the host
+    mapping = BatchMapping.rows(slots, _scales(scales, len(names), slots.device))
+    return _installed(table, mapping.to(_device(model, table)))
 
 
 def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Tensor],
@@ -99,8 +99,11 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
     (`load_adapter`, `set_peft_model_state_dict`, `delete_adapter`, merging, `cast_adapter_dtype`) and
     skips the per-batch scan that catches in-place edits made any other way (e.g. an optimizer step)."""
     table = slot_table(model)
+    device = _device(model, table)
     if isinstance(token_adapters, torch.Tensor):
-        slots = token_adapters.to(device=_device(model, table), dtype=torch.long)
+        # slots on the host stay there while the segments are found (no wait for the GPU), then move at once
+        slots = token_adapters.to(device=token_adapters.device if token_adapters.is_cpu else device,
+                                  dtype=torch.long)
         used = {int(s) for s in torch.unique(slots).tolist()} - {0}
         # look-ups only (no iteration over the table's dicts): another thread may add an adapter meanwhile
         names = {table.name_of.get(s) for s in used}
@@ -108,9 +111,9 @@ def token_batch(model: nn.Module, token_adapters: Union[Sequence[str], torch.Ten
             raise UnknownAdapterError(f"unknown adapter slot(s) {sorted(s for s in used if s not in table.name_of)}")
     else:
         names = set(token_adapters)
-        slots = torch.tensor([adapter_slot(model, n) for n in token_adapters], dtype=torch.long,
-                             device=_device(model, table))
+        slots = torch.tensor([adapter_slot(model, n) for n in token_adapters], dtype=torch.long)
     _check_usable(model, table, names)
     if sync:
         table.sync(names - {BASE}, check_edits)
-    return _installed(table, BatchMapping.tokens(slots, segment_len, _scales(scales, slots.numel(), slots.device)))
+    mapping = BatchMapping.tokens(slots, segment_len, _scales(scales, slots.numel(), slots.device))
+    return _installed(table, mapping.to(device))

@@ -132,14 +132,16 @@ def _block_r(rank: int) -> int:
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
               seg_slots: torch.Tensor, gather: Optional[torch.Tensor], seg_len: int,
-              scales: Optional[torch.Tensor] = None, programs: int = _PROGRAMS, block_n: int = 64) -> torch.Tensor:
+              scales: Optional[torch.Tensor] = None, programs: int = _PROGRAMS, block_n: int = 128) -> torch.Tensor:
     """out [T, out] += each token's ((x [T, in] @ A[slot]) * scale) @ B[slot], in place. Rows of `out` and
     `x` may be strided, their features contiguous; A [n, in, R] and B [n, R, out] with contiguous last
     dimensions. Segment g holds slot seg_slots[g] [G] and tokens gather[g] [G, seg_len] (int64, padded by
     repeating its last token) or, with `gather` None, tokens g*seg_len .. g*seg_len+seg_len-1.
     `scales` [T] fp32 or None (no multiply). `programs` (shrink programs to aim for when splitting the input
     features; 0: never split) and `block_n` (output columns per expand program) are tuning knobs for
-    `bench/gpu_kernels.py`; the defaults are what the service runs."""
+    `bench/gpu_kernels.py`; the defaults are what the service runs (128 columns: half the expand programs of
+    64, each re-reading its token's partial sums; 7.8 against 10.1 us a q_proj call for 64 tokens on an H200,
+    BENCHMARKS.md "GPU")."""
     num_segments = seg_slots.numel()
     if num_segments == 0 or x.shape[0] == 0:
         return out

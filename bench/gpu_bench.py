@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import json
 import os
@@ -106,9 +107,11 @@ def lora_state_dicts(shape: dict, count: int, rank: int, device, dtype) -> list[
     return out
 
 
-def run_engine(model, prompts, adapters, new_tokens, device, graphs: bool = True) -> dict:
-    """One timed run of every prompt on its adapter; tokens/s, TTFT and ITL from each token's arrival, and how
-    many decode steps replayed a CUDA graph (`graphs=False`: none, the eager path)."""
+def run_engine(model, prompts, adapters, new_tokens, device, graphs: bool = True, timed_context=None) -> dict:
+    """One timed run of every prompt on its adapter; tokens/s, TTFT and ITL from each token's arrival, each
+    engine step's wall time (the first step is the prompts' prefill, the others decode steps), and how many
+    decode steps replayed a CUDA graph (`graphs=False`: none, the eager path). `timed_context`: a context
+    manager entered around the timed run only (the profiler), after the warm-up."""
     n, plen = len(prompts), len(prompts[0])
     engine = Engine(model, EngineConfig(max_batch_size=n, max_seq_len=plen + new_tokens + 8,
                                         max_batch_tokens=n * plen, prefill_chunk=plen, max_waiting=n,
@@ -120,19 +123,24 @@ def run_engine(model, prompts, adapters, new_tokens, device, graphs: bool = True
     stamps: dict[int, list[float]] = {i: [] for i in range(n)}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     settle(device)
-    start = time.perf_counter()
-    for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
-        engine.submit(GenerationRequest(ids, params, adapter),
-                      lambda ev, i=i: stamps[i].append(time.perf_counter()) if ev.token_id is not None else None)
-    while engine.has_work():
-        engine.step()
-    wall = time.perf_counter() - start          # each step ends reading its tokens back: the GPU is done
+    steps: list[float] = []
+    with timed_context or contextlib.nullcontext():
+        start = time.perf_counter()
+        for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
+            engine.submit(GenerationRequest(ids, params, adapter),
+                          lambda ev, i=i: ev.token_id is None or stamps[i].append(time.perf_counter()))
+        while engine.has_work():
+            begun = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - begun)
+        wall = time.perf_counter() - start          # each step ends reading its tokens back: the GPU is done
     ttft = [s[0] - start for s in stamps.values()]
     itl = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
     total = sum(len(s) for s in stamps.values())
     replays = engine.graphs.replays if engine.graphs is not None else 0
     return dict(tps=total / wall, tokens=total, seconds=wall, ttft50=percentile(ttft, 50),
                 ttft99=percentile(ttft, 99), itl50=percentile(itl, 50), itl99=percentile(itl, 99),
+                first_step=steps[0], decode_step50=percentile(steps[1:] or steps, 50),
                 graph_replays=replays, graph_failed=engine.graphs.failed if engine.graphs is not None else None)
 
 
@@ -183,6 +191,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--profile", help="write a torch profile of (a) and (b) at the largest N here")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU (fp32), 4 and 8 adapters")
+    parser.add_argument("--skip-peft", action="store_true", help="no (d) run (peft's mixed batch: ~2 minutes on "
+                        "an H200), for a rerun after one that measured it; b/d is then not reported")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.dry_run:
@@ -235,8 +245,8 @@ def main(argv=None) -> dict:
     if args.profile:
         profile_runs(args.profile, [("a", base, [None] * most), ("b", adapted, names[:most])], prompts[:most],
                      args.new_tokens, device)
-    pm = peft_model(hf, names, states, args.rank)          # wraps hf in place: after every (c)
-    for n in args.adapters:
+    pm = None if args.skip_peft else peft_model(hf, names, states, args.rank)     # wraps hf in place: after (c)
+    for n in (args.adapters if pm is not None else []):
         report["runs"][n]["d"] = run_hf(pm, prompts[:n], args.new_tokens, device, adapter_names=names[:n])
         print(f"N={n}: d {report['runs'][n]['d']['tps']:.0f} tokens/s", flush=True)
     gc.unfreeze()                          # settle() froze the setup's objects for the timed runs
@@ -248,20 +258,22 @@ def main(argv=None) -> dict:
 
 
 def profile_runs(path: str, runs: list, prompts, new_tokens: int, device) -> None:
-    """One engine run per (label, model, adapters) under torch's profiler; the operator tables by device time
-    and by host time, and the device's busy time (its kernels' self time) against the run's wall time."""
+    """One engine run per (label, model, adapters) with torch's profiler around its timed part (not the warm-up);
+    the operator tables by device time and by host time, and the device's busy time (its kernels' self time)
+    against the run's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sections = []
     for label, model, adapters in runs:
-        with profile(activities=activities) as prof:
-            result = run_engine(model, prompts, adapters, new_tokens, device)
+        prof = profile(activities=activities)
+        result = run_engine(model, prompts, adapters, new_tokens, device, timed_context=prof)
         events = prof.key_averages()
         busy = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA") / 1e6
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         sections.append(f"## ({label}) {len(prompts)} requests under the profiler: {result['tps']:.0f} tokens/s, "
-                        f"wall {result['seconds']:.3f} s (warm-up included in the profile), device kernels "
+                        f"wall {result['seconds']:.3f} s (prefill step {result['first_step'] * 1e3:.1f} ms, decode "
+                        f"step p50 {result['decode_step50'] * 1e3:.2f} ms), device kernels "
                         f"{busy:.3f} s busy\n\n### by device time\n{events.table(sort_by=sort, row_limit=30)}\n"
                         f"### by host time\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
         print(f"profile ({label}): {result['tps']:.0f} tokens/s under the profiler, device busy {busy:.3f} s "
@@ -277,18 +289,23 @@ def print_report(report: dict) -> None:
     for n, runs in report["runs"].items():
         print(f"\n{n} adapters / requests          tokens/s   rounds")
         for key in ("a", "b", "t", "ae", "be", "c", "d"):
-            spread = " ".join(f"{t:.0f}" for t in runs[key].get("all", []))
-            print(f"({key}) {labels[key]:<30} {runs[key]['tps']:>9.1f}   {spread}")
-        ratios = dict(b_over_a=runs["b"]["tps"] / runs["a"]["tps"], b_over_d=runs["b"]["tps"] / runs["d"]["tps"],
-                      a_over_c=runs["a"]["tps"] / runs["c"]["tps"], b_over_t=runs["b"]["tps"] / runs["t"]["tps"])
+            if key in runs:
+                spread = " ".join(f"{t:.0f}" for t in runs[key].get("all", []))
+                print(f"({key}) {labels[key]:<30} {runs[key]['tps']:>9.1f}   {spread}")
+        ratios = dict(b_over_a=runs["b"]["tps"] / runs["a"]["tps"], a_over_c=runs["a"]["tps"] / runs["c"]["tps"],
+                      b_over_t=runs["b"]["tps"] / runs["t"]["tps"])
+        if "d" in runs:
+            ratios["b_over_d"] = runs["b"]["tps"] / runs["d"]["tps"]
         runs["ratios"] = ratios
-        print(f"b/a = {ratios['b_over_a']:.2f} (target >= 0.9)   b/d = {ratios['b_over_d']:.1f} (target >= 5)   "
+        b_over_d = f"{ratios['b_over_d']:.1f}" if "b_over_d" in ratios else "not run"
+        print(f"b/a = {ratios['b_over_a']:.2f} (target >= 0.9)   b/d = {b_over_d} (target >= 5)   "
               f"a/c = {ratios['a_over_c']:.2f} (target >= 2)   b/t = {ratios['b_over_t']:.2f} (Triton vs torch)")
-        print(f"{'':<20} TTFT p50 {'p99':>6}   ITL p50 {'p99':>6}  (ms)")
+        print(f"{'':<20} TTFT p50 {'p99':>6}   ITL p50 {'p99':>6}  prefill step  decode step p50 (ms)")
         for key in ("a", "b", "t", "ae", "be"):
             r = runs[key]
             print(f"({key}) {labels[key][:16]:<16} {r['ttft50'] * 1e3:>8.1f} {r['ttft99'] * 1e3:>6.1f}   "
-                  f"{r['itl50'] * 1e3:>7.2f} {r['itl99'] * 1e3:>6.2f}")
+                  f"{r['itl50'] * 1e3:>7.2f} {r['itl99'] * 1e3:>6.2f}  {r['first_step'] * 1e3:>12.1f}  "
+                  f"{r['decode_step50'] * 1e3:>15.2f}")
 
 
 if __name__ == "__main__":

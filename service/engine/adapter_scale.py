@@ -42,10 +42,11 @@ def check_adapter_scale(model, adapter: Optional[str], scale: float) -> None:
                          "modules cannot be scaled)")
 
 
-def step_scales(items: Sequence[tuple[float, int]], device: torch.device) -> Optional[torch.Tensor]:
-    """[tokens] fp32 scales for (scale, token count) runs in token order; None when every scale is 1."""
+def step_scales(items: Sequence[tuple[float, int]]) -> Optional[torch.Tensor]:
+    """[tokens] fp32 scales on the host for (scale, token count) runs in token order (`token_batch` moves
+    them with the step's mapping); None when every scale is 1."""
     if all(scale == 1.0 for scale, _ in items):
         return None
     scales = torch.tensor([scale for scale, _ in items], dtype=torch.float32)
     counts = torch.tensor([count for _, count in items], dtype=torch.long)
-    return scales.repeat_interleave(counts).to(device)                     # [tokens]
+    return scales.repeat_interleave(counts)                                # [tokens]

@@ -267,8 +267,8 @@ class Engine(EngineThread):
             state.computed += n
         device = self.device
         plan = StepPlan(sequences, torch.tensor(sample_at + prompt_rows.rows, dtype=torch.long, device=device))
-        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        scale_t = step_scales(scales, device)
+        slot_t = torch.tensor(slots, dtype=torch.long)          # host: token_batch moves the mapping it builds
+        scale_t = step_scales(scales)
         with self._adapters(slot_t, scales=scale_t):
             hidden = (self.graphs.run(plan, tokens, positions, slots)          # a decode-only step, from a graph
                       if self.graphs is not None and scale_t is None else None)
@@ -283,8 +283,8 @@ class Engine(EngineThread):
                 head_slots = [s for _, s in sampled] + prompt_rows.slots
                 head_scales = [(state.request.adapter_scale, 1) for state, _ in sampled] + \
                     [(scale, 1) for scale in prompt_rows.scales]
-                with self._adapters(torch.tensor(head_slots, dtype=torch.long, device=device), sync=False,
-                                    scales=step_scales(head_scales, device)):
+                with self._adapters(torch.tensor(head_slots, dtype=torch.long), sync=False,
+                                    scales=step_scales(head_scales)):
                     logits = head(hidden)
             else:
                 logits = head(hidden)

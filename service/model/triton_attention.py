@@ -6,10 +6,14 @@ longest length into fresh tensors (`index_select` over [Bd, Hkv, L, D]) before t
 program takes one sequence and one KV head, reads that slot's keys and values straight from
 `cache[slot, kv_head, :length]` in blocks of BLOCK_N positions, and keeps an online softmax (running max and
 sum, fp32) for the query heads that share the KV head (grouped-query attention: GROUP heads padded to 16
-rows for `tl.dot`). Scores, softmax and the weighted sum are fp32 with fp32 products (`input_precision="ieee"`,
-no TF32), as the torch reference `decoder.decode_attention` computes them; only the order of the sums
-differs. Imported only when it runs (`cuda_ops.py`); under `TRITON_INTERPRET=1` Triton's interpreter runs
-it on CPU tensors, which is how the tests check it on a machine without GPU. It does not split a long
+rows for `tl.dot`). With a bf16 / fp16 cache the scores' products run on the tensor cores in the cache's
+dtype (the query rounded to it; products exact, sums fp32) and the probabilities are rounded to it before
+the weighted sum, as flash attention (the prompt chunks' SDPA) does: 4x faster than fp32 products on an
+H200 (65 -> 15 us per call for 64 sequences of 192 positions, BENCHMARKS.md "GPU"). An fp32 cache, or
+`precise=True`, keeps fp32 products (`input_precision="ieee"`, no TF32), as the torch reference
+`decoder.decode_attention` computes them; only the order of the sums differs. Imported only when it runs
+(`cuda_ops.py`); under `TRITON_INTERPRET=1` Triton's interpreter runs it on CPU tensors, which is how the
+tests check it on a machine without GPU. It does not split a long
 sequence across programs (flash-decoding's split-K): a step runs Bd x Hkv programs, enough to fill the GPU
 at serving batch sizes, not for one very long sequence.
 """
@@ -80,13 +84,12 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tokens_ptr, slots_ptr
 
 def decode_attention_(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, scale: float,
-                      block_n: int = 64, num_warps: int = 4, precise: bool = True) -> None:
+                      block_n: int = 64, num_warps: int = 4, precise: bool = False) -> None:
     """out[tokens[b]] [H, D] = attention of q[tokens[b]] [H, D] over positions 0..last[b] of cache slot
     slots[b] (k_cache / v_cache [slots, Hkv, T, D], already holding the new token's key and value), for
     every decoding sequence b. q and out are [N, H, D]; every last dimension contiguous. `block_n`,
-    `num_warps` and `precise=False` (products of the cache's dtype on the tensor cores, probabilities
-    rounded to it; for a bf16 / fp16 cache) are tuning knobs for `bench/gpu_kernels.py`; the defaults are what
-    the service runs."""
+    `num_warps` and `precise` (True: fp32 products for a bf16 / fp16 cache too) are tuning knobs for
+    `bench/gpu_kernels.py`; the defaults are what the service runs."""
     num_seqs = tokens.numel()
     if num_seqs == 0:
         return

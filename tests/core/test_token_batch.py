@@ -96,6 +96,27 @@ def test_segments_cover_every_token_once():
             assert torch.equal(slots[m.gather], m.seg_slots[:, None].expand_as(m.gather))
 
 
+def test_mapping_built_on_the_host_moves_whole():
+    """`to` moves every tensor of a mapping built from host slots (token_batch's way on a GPU: no wait for the
+    device while the segments are found), keeps seg_slots the very tensor slots is when it was, leaves the
+    segments and key unchanged, and is the mapping itself on its own device."""
+    slots = torch.tensor([1, 1, 1, 2, 0, 0, 3])
+    scales = torch.tensor([1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 2.0])
+    for seg_len in (1, 2):
+        m = BatchMapping.tokens(slots, segment_len=seg_len, scales=scales)
+        assert m.to(torch.device("cpu")) is m
+        moved = m.to(torch.device("meta"))
+        tensors = ("slots", "seg_slots", "gather", "scatter", "scales")
+        for name in tensors:
+            before, after = getattr(m, name), getattr(moved, name)
+            assert (before is None) == (after is None), name
+            if after is not None:
+                assert after.device.type == "meta" and after.shape == before.shape and after.dtype == before.dtype
+        assert (moved.seg_slots is moved.slots) == (m.seg_slots is m.slots)
+        assert (moved.key, moved.seg_len, moved.all_base, moved.layout) == (m.key, m.seg_len, m.all_base, m.layout)
+        assert m.slots.device.type == "cpu"                            # the original is untouched
+
+
 @pytest.mark.parametrize("layout", ["rows", "tokens"])
 def test_all_base_batch_skips_adapter_work_and_equals_base(layout):
     model, names = _model()
