@@ -8,14 +8,14 @@ program takes one sequence and one KV head, reads that slot's keys and values st
 sum, fp32) for the query heads that share the KV head (grouped-query attention: GROUP heads padded to 16
 rows for `tl.dot`). With a bf16 / fp16 cache the scores' products run on the tensor cores in the cache's
 dtype (the query rounded to it; products exact, sums fp32) and the probabilities are rounded to it before
-the weighted sum, as flash attention (the prompt chunks' SDPA) does: 4x faster than fp32 products on an
-H200 (65 -> 15 us per call for 64 sequences of 192 positions, BENCHMARKS.md "GPU"). An fp32 cache, or
-`precise=True`, keeps fp32 products (`input_precision="ieee"`, no TF32), as the torch reference
-`decoder.decode_attention` computes them; only the order of the sums differs. Imported only when it runs
-(`cuda_ops.py`); under `TRITON_INTERPRET=1` Triton's interpreter runs it on CPU tensors, which is how the
-tests check it on a machine without GPU. It does not split a long
-sequence across programs (flash-decoding's split-K): a step runs Bd x Hkv programs, enough to fill the GPU
-at serving batch sizes, not for one very long sequence.
+the weighted sum, as flash attention (the prompt chunks' SDPA) does: 7.5x faster than fp32 products on an
+H200 (57.7 -> 7.7 us a call for 64 sequences of 192 positions, replayed from a CUDA graph; BENCHMARKS.md
+"GPU"). An fp32 cache, or `precise=True`, keeps fp32 products (`input_precision="ieee"`, no TF32), as the
+torch reference `decoder.decode_attention` computes them; only the order of the sums differs. Imported only
+when it runs (`cuda_ops.py`); under `TRITON_INTERPRET=1` Triton's interpreter runs it on CPU tensors, which
+is how the tests check it on a machine without GPU. It does not split a long sequence across programs
+(flash-decoding's split-K): a step runs Bd x Hkv programs, enough to fill the GPU at serving batch sizes,
+not for one very long sequence.
 """
 
 from __future__ import annotations
