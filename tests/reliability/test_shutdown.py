@@ -101,7 +101,7 @@ def refused(url: str, signalled: float, delay: float) -> bool:
 
 
 def test_sigterm_turns_unready_first_then_drains_and_exits_0(model_folder, tmp_path):
-    delay = 1.5
+    delay = 3.0           # room for the /ready check on a loaded machine; the listener must still be open then
     with ServerProcess(tmp_path, model=model_folder, dtype="float32", shutdown_delay=delay,
                        shutdown_timeout=60, max_tokens_limit=1200) as server:
         clients = start_clients(server, max_tokens=1200)

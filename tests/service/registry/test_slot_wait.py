@@ -42,7 +42,7 @@ def test_a_change_between_the_attempt_and_the_wait_is_not_lost():
         slots.changed()                                          # nobody waits yet: only the count moves
         t0 = time.monotonic()
         await slots.wait(Unavailable("full"), t0, seen, lambda: False)
-        assert time.monotonic() - t0 < 0.1
+        assert time.monotonic() - t0 < 1.0                       # not the 5 s wait
     asyncio.run(main())
 
 
