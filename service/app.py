@@ -19,6 +19,7 @@ from service.api import admin, console, errors, health, native, openai, response
 from service.api.body_limit import BodyLimit
 from service.api.deps import State
 from service.api.request_id import RequestContext
+from service.api.warm_up import warm_up
 from service.engine import Engine, EngineConfig, Grammars
 from service.engine.full_collector import FullCollector
 from service.generation import TextGenerator
@@ -132,6 +133,7 @@ def create_app(settings: Optional[Settings] = None, loaded: Optional[LoadedModel
         # mid-step (full_collector.py). Frozen before the scan too: a scan's checks make garbage cycles, and
         # each full collection they set off walked the whole model (1,000 hand-copied adapters on the 2-core
         # Zen 5: 160 of them, ~0.3 s each; the first start 74 -> 60 s).
+        await warm_up(app)          # before the freeze: what it builds is kept for the server's life
         gc.collect()
         gc.freeze()
         await state.registry.scan()
