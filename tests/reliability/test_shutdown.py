@@ -102,9 +102,11 @@ def refused(url: str, signalled: float, delay: float) -> bool:
 
 def test_sigterm_turns_unready_first_then_drains_and_exits_0(model_folder, tmp_path):
     delay = 3.0           # room for the /ready check on a loaded machine; the listener must still be open then
+    # long enough to outlast the delay on a fast CPU: 1,200 tokens ended ~1 s after the listener closed on the Zen 4
+    tokens = 3000
     with ServerProcess(tmp_path, model=model_folder, dtype="float32", shutdown_delay=delay,
-                       shutdown_timeout=60, max_tokens_limit=1200) as server:
-        clients = start_clients(server, max_tokens=1200)
+                       shutdown_timeout=60, max_tokens_limit=tokens, max_seq_len=4096) as server:
+        clients = start_clients(server, max_tokens=tokens)
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         ready = httpx.get(f"{server.url}/ready", timeout=10)
@@ -121,7 +123,7 @@ def test_sigterm_turns_unready_first_then_drains_and_exits_0(model_folder, tmp_p
         assert server.process.wait(60) == 0, server.output()
     for client in clients:
         assert client.error is None and client.status == 200, (client.error, server.output())
-        assert client.tokens_and_reason == (1200, "length")
+        assert client.tokens_and_reason == (tokens, "length")
         assert client.ended_at > closed
     assert all(c.done_marker for c in clients if c.stream)
 

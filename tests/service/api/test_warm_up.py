@@ -4,6 +4,7 @@ first requests of a burst paid for it on the event loop."""
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -11,7 +12,7 @@ from service.api.warm_up import warm_up
 from service.app import create_app
 from service.settings import Settings
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "reliability"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "reliability"))
 from _rel_tiny import tiny_loaded  # noqa: E402
 
 
