@@ -16,6 +16,8 @@ import importlib
 
 from fastapi import FastAPI
 
+from service.ray_serve.forward import ForwardedRequest, run_asgi    # (no Ray there: an in-process ASGI call)
+
 WARM_UP_PATH = "/.adapter-serve-warm-up"        # matches no route
 
 
@@ -23,17 +25,8 @@ async def warm_up(app: FastAPI) -> int:
     """Resolve every route of `app`'s router and load anyio's asyncio backend; returns the status the router
     answered the unmatched path with (404)."""
     importlib.import_module("anyio._backends._asyncio")
-    answered: list[int] = []
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.start":
-            answered.append(message["status"])
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": WARM_UP_PATH, "raw_path": WARM_UP_PATH.encode(), "root_path": "", "query_string": b"",
-             "headers": [], "client": None, "server": None}
-    await app.router(scope, receive, send)
-    return answered[0]
+    status = 0
+    async for piece in run_asgi(app.router, ForwardedRequest("GET", WARM_UP_PATH)):
+        if piece[0] == "start":
+            status = piece[1]
+    return status
