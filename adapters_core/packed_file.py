@@ -16,7 +16,9 @@ tables only, ~0.1 ms for a 4.5 MiB adapter, where giving the GIL up beside a bus
 switch interval), else it is asked for through libc with the GIL released (Python's `mmap.madvise` keeps it: a
 file not in the page cache held every other thread of a server for the disk read, 2-9 ms an adapter). Mapping a
 cached file keeps the GIL throughout (each dtype's run is a `frombuffer` of the mapping, its tensors one
-`strided_views` call).
+`strided_views` call). A reader with files queued can have another thread map and fill each ahead (`premap`,
+the GIL released: a disk read or the page-table fill beside the reader's Python) and pass the result to
+`map_packed`, which uses it when the file is still the one mapped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import mmap
 import os
 import struct
 import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -113,11 +117,72 @@ def _iov_max() -> int:
         return 16
 
 
-def map_packed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+@dataclass(frozen=True)
+class Premapped:
+    """A packed file mapped as `map_packed` maps it, its page tables filled (`premap`), and the identity
+    (`held_io.stat_identity`) of the file at `path` it was mapped from."""
+    path: str
+    mapped: object
+    address: int
+    identity: tuple
+
+
+@functools.cache
+def can_premap() -> bool:
+    """Whether `premap` works here (Linux's libc through ctypes, with statx)."""
+    if not held_io.available() or libc_madvise() is None:
+        return False
+    try:
+        held_io.stat_identity(os.curdir)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def premap(path: str) -> Premapped:
+    """`path` mapped and its page tables filled with the GIL released (libc's `madvise` through ctypes, disk
+    reads included), for a thread other than the reader's to do ahead of `map_packed`: a loader with reads
+    queued takes each file's mapping ready instead of filling it itself. Raises OSError when the file cannot be
+    mapped, or was replaced while it was (the reader then maps it itself), NotImplementedError where
+    `can_premap` is False."""
+    if not can_premap():
+        raise NotImplementedError("premap needs Linux's libc")
+    identity = held_io.stat_identity(path)
+    mapped, address = held_io.map_private(path)
+    if identity is None or held_io.stat_identity(path) != identity:
+        raise OSError(f"{path} was replaced while it was mapped")
+    if len(mapped) and libc_madvise()(address, len(mapped), MADV_POPULATE_READ) != 0:
+        libc_madvise()(address, len(mapped), mmap.MADV_WILLNEED)      # (before Linux 5.14: read ahead)
+    return Premapped(path, mapped, address, identity)
+
+
+def _taken(ahead: Optional[Future], path: str) -> Optional[Premapped]:
+    """`ahead`'s mapping if it is done and still maps the file at `path`, else None (a premap not begun yet is
+    cancelled: the reader maps the file itself)."""
+    if ahead is None:
+        return None
+    if not ahead.done():
+        ahead.cancel()
+        return None
+    if ahead.cancelled() or ahead.exception() is not None:
+        return None
+    got = ahead.result()
+    if got.path != path or held_io.stat_identity(path) != got.identity:    # replaced since: map it anew
+        return None
+    return got
+
+
+def map_packed(path: str, ahead: Optional[Future] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(the tensors `save_packed` wrote, in its order and layout, sharing one private mapping of the file; its
-    metadata). Raises OSError when the file cannot be read and ValueError when it is not a whole packed file."""
-    mapped, address = _map(path)
-    _populate(mapped, address)                                    # page tables filled now, pages still shared
+    metadata). Raises OSError when the file cannot be read and ValueError when it is not a whole packed file.
+    `ahead`: a future of `premap(path)` begun on another thread; its mapping is used when it is done and the
+    file has not been replaced since, else the file is mapped here."""
+    got = _taken(ahead, path)
+    if got is not None:
+        mapped, address = got.mapped, got.address
+    else:
+        mapped, address = _map(path)
+        _populate(mapped, address)                                # page tables filled now, pages still shared
     raw = memoryview(mapped)                                      # [length] bytes
     length = len(raw)
     if length < 8:

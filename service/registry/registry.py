@@ -42,6 +42,7 @@ import torch
 from .adapter_dtype import AdapterDtype
 from .device_room import DeviceRoomMixin
 from .errors import Conflict, NotFound, Unavailable
+from .map_ahead import MapAhead
 from .merged import MergedMixin
 from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
 from .registration import RegistrationMixin
@@ -91,6 +92,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         # later loads map them (store.read_served); this thread writes them
         self._saver = (ThreadPoolExecutor(1, thread_name_prefix="adapter-save", initializer=background)
                        if served_files and self.single_memory else None)
+        self._map_ahead = MapAhead(self._saver is not None, background)   # served files of queued loads
         self.max_cpu_adapters = max_cpu_adapters
         self.max_archive_bytes = max_archive_bytes
         self.preload = list(preload)
@@ -298,6 +300,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         for pool in (self._loader, self._evictor, self._saver):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=pool is self._saver)
+        self._map_ahead.close()
 
     # ----- leases, retirement ----------------------------------------------------------------------------------
     def _release(self, lease: Lease) -> None:

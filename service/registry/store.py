@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
 import torch
@@ -209,13 +210,14 @@ class AdapterStore:
         """The stored safetensors file's identity (`packed_file.source_identity`), None when it has none."""
         return source_identity(os.path.join(folder, SAFETENSORS_NAME))
 
-    def read_served(self, folder: str, factor_dtype: Optional[torch.dtype]) -> Optional[tuple[dict, int]]:
+    def read_served(self, folder: str, factor_dtype: Optional[torch.dtype],
+                    ahead: Optional[Future] = None) -> Optional[tuple[dict, int]]:
         """The adapter's tensors as `read_packed` gives them for `factor_dtype`, mapped from the file
         `write_served` made of them (no copy), and the bytes of the stored file's weights; None when there is
         no such file or it was made from another version of the stored file (or cannot be read: the caller
-        reads the stored file, and writes this one again)."""
+        reads the stored file, and writes this one again). `ahead`: that file mapped ahead (`map_ahead.py`)."""
         try:
-            tensors, metadata = map_packed(self.served_path(folder, factor_dtype))
+            tensors, metadata = map_packed(self.served_path(folder, factor_dtype), ahead)
             if metadata.get("source") != self.source(folder) or metadata.get("keys") != keys_digest(tensors):
                 return None               # another version's, or not the tensors it was written with
             return tensors, int(metadata["file_bytes"])

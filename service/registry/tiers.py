@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import time
+from concurrent.futures import Future
 from typing import Iterator, Optional
 
 import torch
@@ -106,9 +107,12 @@ class TierMixin:
         refused = False             # no room now (a turn to wait for, not a failed load: not counted as one)
         try:
             if record.tensors is None:
+                # (its served file mapped meanwhile when it waits behind another load: map_ahead.py)
+                ahead = self._map_ahead.start(self.store.served_path(self.store.path(record.name),
+                                                                     self.adapter_dtype.factor_dtype))
                 try:
                     config, tensors, prepared, extra = await self._unlocked(
-                        self._in_loader(record.name, self._read_stored, record.name, record.model_name))
+                        self._in_loader(record.name, self._read_stored, record.name, record.model_name, ahead))
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
@@ -218,17 +222,18 @@ class TierMixin:
             self._spawn(self._evict(victims), background=True)
         return max(time.perf_counter() - started, 1e-9)
 
-    def _read_stored(self, name: str,
-                     model_name: str) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
+    def _read_stored(self, name: str, model_name: str, ahead: Optional[Future] = None
+                     ) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
         """Worker thread: the stored config and tensors, packed as the stacks read them (factors in
         adapter_dtype) and checked, the adapter prepared for `attach_prepared` where that path applies (else
         None: the engine thread loads it the general way), and the bytes the cast added (negative: saved). With
         served files (CPU), the tensors are mapped from the one an earlier read of the same stored file left
-        (checked then); a read of the PEFT file hands its result to the saver thread to write that file."""
+        (checked then; `ahead`: that file mapped ahead, `map_ahead.py`); a read of the PEFT file hands its result
+        to the saver thread to write that file."""
         folder = self.store.path(name)
         config = serving_config(parse_config(self.store.read_config(folder)))
         factor_dtype = self.adapter_dtype.factor_dtype
-        served = self.store.read_served(folder, factor_dtype) if self._saver is not None else None
+        served = self.store.read_served(folder, factor_dtype, ahead) if self._saver is not None else None
         source = self.store.source(folder) if self._saver is not None and served is None else None
         # the file's copies of base weights were checked equal to the served ones at registration: not read
         skip = functools.partial(is_base_copy, config)
@@ -295,6 +300,7 @@ class TierMixin:
         shares the one GIL with the loader, and this wait was most of a load: BENCHMARKS.md, thirty-eighth
         session; the result now goes ahead of the callbacks queued there, `loop_first.run_first`)."""
         queued, times = time.perf_counter(), []
+        self._map_ahead.queued += 1
 
         def timed():
             began = time.perf_counter()
@@ -305,6 +311,7 @@ class TierMixin:
         try:
             return await run_first(self._loader, timed)
         finally:
+            self._map_ahead.queued -= 1
             if times:
                 self._emit("adapter_read", name, times[0] - queued, times[1] - times[0],
                            max(time.perf_counter() - times[1], 0.0))

@@ -1,0 +1,88 @@
+"""`premap` / `map_packed(path, ahead)`: a packed file mapped and filled on another thread is what the reader
+maps (its tensors live in that mapping, equal to the saved ones), the fill lets the GIL go (a disk read or the
+page tables beside the reader's Python); a file replaced since, a premap that failed and one not done yet are
+each read past (the reader maps the file itself and gets the file's current tensors)."""
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import torch
+
+from adapters_core import packed_file
+from adapters_core.packed_file import map_packed, premap, save_packed
+
+from gil_check import lets_the_gil_go
+
+pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap needs Linux's libc with statx")
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x.lora_A.weight": torch.randn(8, 64, generator=g),
+            "x.lora_B.weight": torch.randn(32, 8, generator=g).T.contiguous().T,        # held as Bt [r, out]
+            "y.scale": torch.randn(16, generator=g).to(torch.bfloat16)}
+
+
+def _in_mapping(tensor: torch.Tensor, got: packed_file.Premapped) -> bool:
+    return got.address <= tensor.data_ptr() < got.address + len(got.mapped)
+
+
+def _ahead(path: str) -> Future:
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(premap, path)
+    future.exception()                       # (done: the pool was shut down with it)
+    return future
+
+
+def test_the_reader_takes_the_mapping_made_ahead(tmp_path):
+    path = str(tmp_path / "served.safetensors")
+    saved = _tensors(1)
+    save_packed(path, saved, {"source": "s"})
+    ahead = _ahead(path)
+    got, metadata = map_packed(path, ahead)
+    assert metadata["source"] == "s" and list(got) == list(saved)
+    for key, value in saved.items():
+        assert torch.equal(got[key], value) and got[key].stride() == value.stride()
+        assert _in_mapping(got[key], ahead.result())
+
+
+def test_a_file_replaced_after_it_was_mapped_ahead_is_mapped_again(tmp_path):
+    """The served file is rewritten by a rename (a newer version of the stored adapter): the mapping made ahead
+    holds the old file, so the reader maps the file now at the path."""
+    path = str(tmp_path / "served.safetensors")
+    save_packed(path, _tensors(1), {"source": "old"})
+    ahead = _ahead(path)
+    new = _tensors(2)
+    save_packed(path, new, {"source": "new"})
+    got, metadata = map_packed(path, ahead)
+    assert metadata["source"] == "new"
+    assert all(torch.equal(got[key], value) for key, value in new.items())
+    assert not _in_mapping(got["x.lora_A.weight"], ahead.result())
+
+
+def test_a_failed_or_unfinished_premap_is_read_past(tmp_path):
+    path = str(tmp_path / "served.safetensors")
+    failed = _ahead(path)                                         # no file yet
+    assert isinstance(failed.exception(), OSError)
+    saved = _tensors(3)
+    save_packed(path, saved, {})
+    got, _ = map_packed(path, failed)
+    assert all(torch.equal(got[key], value) for key, value in saved.items())
+    pending = Future()                                            # not begun: cancelled, the reader maps it
+    got, _ = map_packed(path, pending)
+    assert pending.cancelled() and torch.equal(got["y.scale"], saved["y.scale"])
+
+
+def test_premap_fills_the_mapping_with_the_gil_released(tmp_path):
+    """The point of a thread ahead: its fill (libc's madvise through ctypes) runs beside the reader's Python."""
+    path = str(tmp_path / "served.safetensors")
+    save_packed(path, {"a": torch.ones(256, 1024)}, {})
+    kept = []
+    assert lets_the_gil_go(lambda: kept.append(premap(path)))
+    assert kept[0].identity == packed_file.held_io.stat_identity(path)
+
+
+def test_premap_refuses_where_it_cannot_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(packed_file, "can_premap", lambda: False)
+    with pytest.raises(NotImplementedError):
+        premap(str(tmp_path / "x"))

@@ -1,0 +1,90 @@
+"""`MapAhead` (CPU serving with served files): loads that queue behind another on the loader thread have their
+served files mapped ahead on a thread of their own, and the loader's reads take those mappings; every adapter
+of such a burst serves PEFT's answers. A load with nothing ahead of it is not mapped ahead; with served files
+off nothing is."""
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_core import packed_file
+from service.registry import map_ahead
+
+from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
+
+pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap needs Linux's libc with statx")
+
+NAMES = "abcd"
+
+
+def _lora_a(model, model_name: str) -> torch.Tensor:
+    return next(m.lora_A[model_name].weight for m in model.modules()
+                if hasattr(m, "lora_A") and model_name in getattr(m, "lora_A", {}))
+
+
+async def _with_served_files(root: Path, adapters: dict) -> None:
+    """Each adapter registered, loaded from its PEFT file once (room for one: each load evicts the last, so
+    the next load of it reads the stored file), and its served file written by the saver."""
+    registry = make_registry(root, max_device_adapters=1, single_memory=True)
+    for name, adapter in adapters.items():
+        await registry.register_files(name, adapter.config, adapter.weights)
+    for _ in range(2):
+        for name in adapters:
+            registry.release(await registry.acquire(name))
+    for name in adapters:
+        served = Path(registry.store.served_path(registry.store.path(name), registry.adapter_dtype.factor_dtype))
+        for _ in range(200):
+            if served.exists():
+                break
+            await asyncio.sleep(0.02)
+        assert served.exists(), served
+    registry.close()
+
+
+def test_a_burst_of_loads_reads_files_mapped_ahead_and_serves_peft(tmp_path, monkeypatch):
+    adapters = {name: peft_adapter("lora", seed=10 + i) for i, name in enumerate(NAMES)}
+    made = []
+
+    def spy(path):
+        made.append(packed_file.premap(path))
+        return made[-1]
+    monkeypatch.setattr(map_ahead, "premap", spy)
+
+    async def main():
+        await _with_served_files(tmp_path / "store", adapters)
+        registry = make_registry(tmp_path / "store", max_device_adapters=len(NAMES), single_memory=True)
+        await registry.scan()
+        leases = await asyncio.gather(*(registry.acquire(name) for name in NAMES))   # queued at once
+        ids = input_ids()
+        try:
+            assert 1 <= registry._map_ahead.started <= len(NAMES) - 1       # (the first had none ahead)
+            assert len(made) <= registry._map_ahead.started      # (one the loader reached first: cancelled)
+            taken = 0
+            for name, lease in zip(NAMES, leases):
+                factor = _lora_a(registry.model, lease.model_name)
+                taken += any(got.address <= factor.data_ptr() < got.address + len(got.mapped) for got in made)
+                torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
+                                           hf_logits(adapters[name].model, ids), atol=1e-4, rtol=1e-4)
+            assert taken >= 1                # (a premap the loader reached first is read past: not all)
+        finally:
+            for lease in leases:
+                registry.release(lease)
+            registry.close()
+    run(main())
+
+
+@pytest.mark.parametrize("served_files", [True, False])
+def test_a_lone_load_is_not_mapped_ahead(tmp_path, served_files):
+    adapters = {name: peft_adapter("lora", seed=20 + i) for i, name in enumerate("ab")}
+
+    async def main():
+        await _with_served_files(tmp_path / "store", adapters)
+        registry = make_registry(tmp_path / "store", max_device_adapters=2, single_memory=True,
+                                 served_files=served_files)
+        await registry.scan()
+        for name in adapters:
+            registry.release(await registry.acquire(name))              # one after another
+        assert registry._map_ahead.started == 0
+        registry.close()
+    run(main())
