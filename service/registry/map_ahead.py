@@ -24,7 +24,7 @@ class MapAhead:
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="adapter-map", initializer=initializer)
                       if enabled and can_premap() else None)
         self.queued = 0             # jobs submitted to the loader and not yet taken back (event loop)
-        self.started = 0            # premaps begun (tests and metrics of the mechanism)
+        self.started = 0            # premaps begun (the tests read it)
 
     def start(self, path: str) -> Optional[Future]:
         """Event loop, for a load about to be queued on the loader: a future of `premap(path)` when the loader
