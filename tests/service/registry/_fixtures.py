@@ -173,6 +173,21 @@ def hf_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+def lora_a_weight(model: torch.nn.Module, model_name: str) -> torch.Tensor:
+    """The first layer's lora_A weight of adapter `model_name` (to see which mapping holds its factors)."""
+    return next(m.lora_A[model_name].weight for m in model.modules()
+                if hasattr(m, "lora_A") and model_name in getattr(m, "lora_A", {}))
+
+
+async def wait_for_file(path: Path) -> None:
+    """Until `path` exists (a served file the saver thread writes after a load), at most ~4 s."""
+    for _ in range(200):
+        if path.exists():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} was not written")
+
+
 def store_files(root: Path) -> list[str]:
     """Every path under the store, relative, sorted (to show that a refusal left nothing behind), but the served
     files a CPU registry's saver thread writes after a load read an adapter, when it gets to it

@@ -12,16 +12,12 @@ import torch
 from adapters_core import packed_file
 from service.registry import map_ahead
 
-from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
+from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter, run,
+                       wait_for_file)
 
 pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap needs Linux's libc with statx")
 
 NAMES = "abcd"
-
-
-def _lora_a(model, model_name: str) -> torch.Tensor:
-    return next(m.lora_A[model_name].weight for m in model.modules()
-                if hasattr(m, "lora_A") and model_name in getattr(m, "lora_A", {}))
 
 
 async def _with_served_files(root: Path, adapters: dict) -> None:
@@ -34,12 +30,8 @@ async def _with_served_files(root: Path, adapters: dict) -> None:
         for name in adapters:
             registry.release(await registry.acquire(name))
     for name in adapters:
-        served = Path(registry.store.served_path(registry.store.path(name), registry.adapter_dtype.factor_dtype))
-        for _ in range(200):
-            if served.exists():
-                break
-            await asyncio.sleep(0.02)
-        assert served.exists(), served
+        await wait_for_file(Path(registry.store.served_path(registry.store.path(name),
+                                                            registry.adapter_dtype.factor_dtype)))
     registry.close()
 
 
@@ -70,7 +62,7 @@ def test_a_burst_of_loads_reads_files_mapped_ahead_and_serves_peft(tmp_path, mon
             assert 1 <= len(made) <= registry._map_ahead.started  # (one the loader reached first: cancelled)
             taken = 0
             for name, lease in zip(NAMES, leases):
-                factor = _lora_a(registry.model, lease.model_name)
+                factor = lora_a_weight(registry.model, lease.model_name)
                 taken += any(got.address <= factor.data_ptr() < got.address + len(got.mapped) for got in made)
                 torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
                                            hf_logits(adapters[name].model, ids), atol=1e-4, rtol=1e-4)

@@ -3,7 +3,6 @@ loader's saver thread writes its tensors as held beside it (`served.<adapter dty
 map that file (the model's factors then live in the file's pages) instead of reading the PEFT file; the served
 adapter is PEFT's every time. A served file made from another version of the stored file is not used, a store
 that cannot be written serves as before, the setting off writes none, and `clean` removes half-written ones."""
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -14,7 +13,8 @@ import torch
 from adapters_core.packed_file import map_packed, save_packed
 from service.registry import store as store_module
 
-from _fixtures import decoder_logits, hf_logits, input_ids, make_registry, peft_adapter, run
+from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter, run,
+                       wait_for_file)
 
 
 def _mapped_files(tensor: torch.Tensor) -> set[str]:
@@ -29,19 +29,6 @@ def _mapped_files(tensor: torch.Tensor) -> set[str]:
     return out
 
 
-def _lora_a(model, model_name: str) -> torch.Tensor:
-    return next(m.lora_A[model_name].weight for m in model.modules()
-                if hasattr(m, "lora_A") and model_name in getattr(m, "lora_A", {}))
-
-
-async def _wait_for(path: Path) -> None:
-    for _ in range(200):
-        if path.exists():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{path} was not written")
-
-
 class Cycle:
     """Loads of `a` and `b` into a registry with room for one: each load evicts the other back to the store."""
 
@@ -53,7 +40,7 @@ class Cycle:
         lease = await self.registry.acquire(name)
         try:
             return (decoder_logits(self.registry.model, lease.model_name, self.ids),
-                    _lora_a(self.registry.model, lease.model_name))
+                    lora_a_weight(self.registry.model, lease.model_name))
         finally:
             self.registry.release(lease)
 
@@ -66,7 +53,7 @@ class Cycle:
         await self.load(name)
         await self.load(other)
         await self.load(name)
-        await _wait_for(self.served(name))
+        await wait_for_file(self.served(name))
         await self.load(other)
 
     def served(self, name: str) -> Path:
@@ -87,7 +74,7 @@ def test_later_loads_map_the_served_file_and_serve_the_same_adapter(tmp_path, mo
         assert not cycle.served("a").exists()
         read, factor = await cycle.load("a")                  # read from the PEFT file, then saved
         assert str(cycle.served("a")) not in _mapped_files(factor)
-        await _wait_for(cycle.served("a"))
+        await wait_for_file(cycle.served("a"))
         await cycle.load("b")
         monkeypatch.setattr(cycle.registry.store, "read_packed", lambda *args: pytest.fail("read the PEFT file"))
         mapped, factor = await cycle.load("a")
