@@ -1,13 +1,13 @@
 """`warm_up(app)`: the work a server's first requests would otherwise do on the event loop, done before it is ready.
 
-Two libraries build state on first use, and a server's first requests are usually a burst (a deploy, a scale-out,
-a benchmark's start): FastAPI resolves each router's routes and their dependencies when a request first walks that
-router (28 route states built on a start burst's first requests here: ~20-40 ms of the loop), and anyio imports its asyncio backend on the
-first streamed response (~30-50 ms). Meanwhile the loop neither takes in the burst's other requests nor takes back
-the adapter reads that finished for it, so every load of the burst waited behind them (BENCHMARKS.md, "Many
-adapters", forty-first session). Here the router is walked once with a path no route matches (so every router is
-resolved; the app's middleware is not involved, so no request is counted or logged), and anyio's backend is
-imported.
+Two libraries build state on first use, and a server's first requests are usually a burst (a deploy, a scale-out, a
+benchmark's start): FastAPI resolves each router's routes and their dependencies when a request first walks that
+router (28 route states built on a start burst's first requests here: ~20-40 ms of the loop), and anyio imports its
+asyncio backend on the first streamed response (~30-50 ms). Meanwhile the loop neither takes in the burst's other
+requests nor takes back the adapter reads that finished for it, so every load of the burst waited behind them
+(BENCHMARKS.md, "Many adapters", forty-first session). Here the router is walked once with a path no route matches
+(so every router is resolved; the app's middleware is not involved, so no request is counted or logged), and anyio's
+backend is imported.
 """
 
 from __future__ import annotations
