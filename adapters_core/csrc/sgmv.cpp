@@ -7,11 +7,12 @@
 // for a rank-64 one). Accumulation is in fp32 whatever the dtypes, and the delta is added into the base
 // output in place (one rounding to its dtype, as `add_` of an fp32 delta does). An optional fp32 scale per
 // token also multiplies the shrink's output h (a request's adapter_scale). The module also binds the load-time
-// helpers of unpack.h (an adapter file's tensors put into place).
+// helpers of unpack.h (an adapter file's tensors put into place) and packed_header.h (a packed file's views).
 #include <torch/extension.h>
 
 #include "lora_table.h"
 #include "spin_pool.h"
+#include "packed_header.h"
 #include "unpack.h"
 
 #include <algorithm>
@@ -325,8 +326,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dsts[i] = src's bytes at offsets[i] as dtype codes[i], copied, converted or transposed; per dst, whether "
         "it is all finite",
         py::call_guard<py::gil_scoped_release>());
-  // keeps the GIL (its point: see unpack.h); it makes views, it does not copy
-  m.def("strided_views", &strided_views, "views[i] = bases[which[i]].as_strided(sizes[i], strides[i], offsets[i])");
+  // keeps the GIL (its point: see packed_header.h); it makes views, it does not copy
+  m.def("packed_views", &packed_header::packed_views,
+        "(tensors, metadata) of a packed adapter file mapped as uint8 data: header parsed and checked, views made");
   m.def("lora_add_group_entry", &lora_add_group_entry, "lora_add_group_'s address (for decode_layers.cpp)");
   m.def("lora_add_group_split_entry", &lora_add_group_split_entry,
         "lora_add_group_split_'s address (for decode_layers.cpp)");

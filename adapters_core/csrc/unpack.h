@@ -123,25 +123,3 @@ std::vector<bool> unpack_(torch::Tensor src, std::vector<torch::Tensor> dsts, st
   }
   return finite;
 }
-
-// views[i] = bases[which[i]].as_strided(sizes[i], strides[i], offsets[i]): every tensor of a mapped packed file
-// (`adapters_core/packed_file.py`'s map_packed) made in one call that keeps the GIL. torch's Python binding of
-// as_strided lets the GIL go around each call, and a loader making 120 of them beside a server's busy threads
-// lost it after about one in twelve, waiting up to the 5 ms switch interval each time. as_strided checks each
-// view against its base's storage, as the Python call does.
-std::vector<torch::Tensor> strided_views(const std::vector<torch::Tensor>& bases, const std::vector<int64_t>& which,
-                                         const std::vector<std::vector<int64_t>>& sizes,
-                                         const std::vector<std::vector<int64_t>>& strides,
-                                         const std::vector<int64_t>& offsets) {
-  const size_t n = which.size();
-  TORCH_CHECK(sizes.size() == n && strides.size() == n && offsets.size() == n,
-              "strided_views: which, sizes, strides and offsets differ in length");
-  std::vector<torch::Tensor> views;
-  views.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(which[i] >= 0 && which[i] < static_cast<int64_t>(bases.size()), "strided_views: base ", which[i],
-                " of ", bases.size());
-    views.push_back(bases[which[i]].as_strided(sizes[i], strides[i], offsets[i]));
-  }
-  return views;
-}

@@ -98,25 +98,6 @@ def test_the_calls_keep_the_gil(tmp_path):
     assert not lets_the_gil_go(lambda: held_io.stat_identity(str(path)))
 
 
-def test_strided_views_keep_the_gil_and_match_as_strided():
-    k = sgmv.kernel()
-    if k is None:
-        pytest.skip("the native kernels are not built here")
-    base = torch.arange(64, dtype=torch.float32)
-    sizes, strides, offsets = [[2, 3], [3, 2], [4]], [[3, 1], [1, 3], [1]], [0, 6, 60]
-    views = k.strided_views([base], [0, 0, 0], sizes, strides, offsets)
-    for view, size, stride, offset in zip(views, sizes, strides, offsets):
-        assert torch.equal(view, base.as_strided(size, stride, offset))
-        assert view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()      # views, no copies
-    with pytest.raises(RuntimeError):                      # past the storage: refused, as as_strided does
-        k.strided_views([base], [0], [[8]], [[1]], [60])
-    with pytest.raises(RuntimeError, match="base 1 of 1"):
-        k.strided_views([base], [1], [[1]], [[1]], [0])
-    kept = []                            # (a tensor freed lets the GIL go: the views are kept, as map_packed's are)
-    assert not lets_the_gil_go(lambda: kept.append(k.strided_views([base] * 2, [0, 1] * 100, [[2, 3]] * 200,
-                                                                    [[3, 1]] * 200, [i % 50 for i in range(200)])))
-
-
 def _cached_mapping(tmp_path):
     """(a ctypes array over a mapped 1 MiB packed file just written, so in the page cache; its address)."""
     path = str(tmp_path / "served.safetensors")

@@ -29,10 +29,10 @@ def packed(tmp_path):
     return read_packed_safetensors(source, torch.bfloat16)[0]
 
 
-@pytest.mark.parametrize("ways", ["held_io and strided_views", "python's mmap and as_strided"])
+@pytest.mark.parametrize("ways", ["held_io and packed_views", "python's mmap and as_strided"])
 def test_mapped_tensors_equal_the_packed_ones(tmp_path, monkeypatch, packed, ways):
-    """Mapped through libc with the views made in one C++ call where both are there, else through Python's
-    mmap and one as_strided a tensor (no libc, no built kernel): the same tensors either way."""
+    """Mapped through libc with the header read and the views made in one C++ call where both are there, else
+    through Python's mmap, json and one as_strided a tensor (no libc, no built kernel): the same tensors."""
     if ways.startswith("python"):
         monkeypatch.setattr(packed_file.held_io, "available", lambda: False)
         monkeypatch.setattr(packed_file.sgmv, "kernel", lambda arch="native": None)
@@ -45,6 +45,71 @@ def test_mapped_tensors_equal_the_packed_ones(tmp_path, monkeypatch, packed, way
         assert got[key].stride() == want.stride() and torch.equal(got[key], want), key
     assert not got["m.q.lora_B.weight"].is_contiguous() and got["m.q.lora_B.weight"].T.is_contiguous()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def _both_ways(monkeypatch, path: str) -> list:
+    """map_packed(path) through the kernel's one call (csrc/packed_header.h) and through the Python path; each
+    way's result, or the exception it raised."""
+    if packed_file.sgmv.kernel() is None:
+        pytest.skip("the native kernels are not built here")
+    got = []
+    for native in (True, False):
+        with monkeypatch.context() as patch:
+            if not native:
+                patch.setattr(packed_file.sgmv, "kernel", lambda arch="native": None)
+            try:
+                got.append(map_packed(path))
+            except Exception as exc:                 # (compared by the caller)
+                got.append(exc)
+    return got
+
+
+def test_the_native_header_reader_matches_the_python_one(tmp_path, monkeypatch):
+    """Names with escapes and non-ASCII letters, empty tensors before others at their offset, every dtype and a
+    transposed B: the kernel's reader gives what the Python path gives, in order, as views of one mapping."""
+    path = os.path.join(tmp_path, "served.safetensors")
+    b = torch.randn(5, 3)
+    tensors = {"z.empty": torch.zeros(0, 4), 'q"uote\\d\u00e9\n': torch.randn(2, 3), "é.ü.λ.𝔸": torch.arange(6).int(),
+               "a.lora_B.weight": b.T.contiguous().T, "h": torch.randn(7).half(), "flags": torch.tensor([True]),
+               "y.empty": torch.zeros(0).half(), "d": torch.randn(2, 2).double()}
+    save_packed(path, tensors, {"source": "s", "note": 'with "quotes" and \\ and ✓'})
+    native, python = _both_ways(monkeypatch, path)
+    assert list(native[0]) == list(python[0]) == list(tensors) and native[1] == python[1]
+    assert native[1]["note"] == 'with "quotes" and \\ and ✓'
+    for key, want in tensors.items():
+        got = native[0][key]
+        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == python[0][key].stride()
+        assert torch.equal(got, want), key
+    storages = {t.untyped_storage().data_ptr() for t in native[0].values() if t.numel()}
+    assert len(storages) == len({t.dtype for t in tensors.values() if t.numel()})   # one mapped run a dtype
+
+
+@pytest.mark.parametrize("header, message", [
+    (b'{"__metadata__":{"format":"adapters_core packed"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+     b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "twice"),
+    (b'{"__metadata__":{"format":"adapters_core packed"},"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
+     "fraction"),
+    (b'{"__metadata__":{"format":"adapters_core packed"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}x',
+     "after"),
+    (b'{"__metadata__":{"format":"adapters_core packed","x":[[[[[[[[[[1]]]]]]]]]]}}', "deeper|not a string"),
+    (b'{"__metadata__":{"format":"adapters_core packed"},"a":{"dtype":"F32","shape":[99999999999999999999],'
+     b'"data_offsets":[0,4]}}', "int64"),
+    (b'{"__metadata__":{"format":"adapters_core packed"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}',
+     "ends early"),
+    (b'{"__metadata__":{"format":"adapters_core packed","transposed":"[1]"},"a":{"dtype":"F32","shape":[1],'
+     b'"data_offsets":[0,4]}}', "non-string"),
+    (b'{"__metadata__":{"format":"something else"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+     "not a packed"),
+])
+def test_the_native_header_reader_refuses_what_no_packed_file_holds(tmp_path, header, message):
+    """JSON a packed file never holds is refused with a ValueError naming the file and what is wrong."""
+    k = packed_file.sgmv.kernel()
+    if k is None:
+        pytest.skip("the native kernels are not built here")
+    data = torch.frombuffer(bytearray(struct.pack("<Q", len(header)) + header + b"\0" * 4), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=message) as caught:
+        k.packed_views(data, packed_file.FORMAT, "the-file")
+    assert "the-file" in str(caught.value)
 
 
 def test_the_file_is_safetensors_with_aligned_data(tmp_path, packed):
