@@ -37,7 +37,7 @@ import uuid
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -159,27 +159,52 @@ def premap(path: str) -> Premapped:
     return Premapped(path, mapped, address, identity)
 
 
-def _taken(ahead: Optional[Future], path: str) -> Optional[Premapped]:
-    """`ahead`'s mapping if it is done and still maps the file at `path`, else None (a premap not begun yet is
-    cancelled: the reader maps the file itself)."""
+def map_resident(path: str, limit: int) -> Optional[Premapped]:
+    """`path` mapped as `premap` maps it, its page tables filled with the GIL kept, when the file is at most
+    `limit` bytes and every page of it is in the page cache; else None (missing, empty, larger, a page not
+    cached, replaced while it was mapped, or `can_premap` False here). For a reader that reads such a file where
+    it is (the fill takes ~0.1 ms per 4 MiB) and hands anything that may wait for a disk to a thread."""
+    if not can_premap():
+        return None
+    identity = held_io.stat_identity(path)
+    if identity is None or not 0 < identity[2] <= limit:
+        return None
+    try:
+        mapped, address = held_io.map_private(path)
+    except OSError:
+        return None
+    if held_io.stat_identity(path) != identity or \
+            not held_io.populate_if_resident(address, len(mapped), MADV_POPULATE_READ):
+        return None
+    return Premapped(path, mapped, address, identity)
+
+
+def _taken(ahead, path: str) -> Optional[Premapped]:
+    """`ahead`'s mapping (a `Premapped`, or a future of one that is done) if it still maps the file at `path`, else
+    None (a premap not begun yet is cancelled: the reader maps the file itself)."""
     if ahead is None:
         return None
-    if not ahead.done():
-        ahead.cancel()
-        return None
-    if ahead.cancelled() or ahead.exception() is not None:
-        return None
-    got = ahead.result()
+    if isinstance(ahead, Premapped):
+        got = ahead
+    else:
+        if not ahead.done():
+            ahead.cancel()
+            return None
+        if ahead.cancelled() or ahead.exception() is not None:
+            return None
+        got = ahead.result()
     if got.path != path or held_io.stat_identity(path) != got.identity:    # replaced since: map it anew
         return None
     return got
 
 
-def map_packed(path: str, ahead: Optional[Future] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def map_packed(path: str, ahead: Union[Future, Premapped, None] = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(the tensors `save_packed` wrote, in its order and layout, sharing one private mapping of the file; its
     metadata). Raises OSError when the file cannot be read and ValueError when it is not a whole packed file.
-    `ahead`: a future of `premap(path)` begun on another thread; its mapping is used when it is done and the
-    file has not been replaced since, else the file is mapped here."""
+    `ahead`: the file mapped already (`map_resident`), or a future of `premap(path)` begun on another thread;
+    that mapping is used when it is there and the file has not been replaced since, else the file is mapped
+    here."""
     got = _taken(ahead, path)
     if got is not None:
         mapped, address = got.mapped, got.address

@@ -1,9 +1,9 @@
 """`MapAhead`: the served files of loads queued behind the loader mapped ahead on a thread of their own.
 
-A burst of cold loads (a server's first requests naming 16 adapters at once) queues them on the registry's one
-loader thread, which reads them in turn; each read maps its served file and fills the mapping's page tables
-(0.2-1.5 ms for 1-7 MB adapters on a Zen 4, GIL held when the file is cached, else the disk read with the GIL
-released) before its Python part. Here a load that will wait behind another has its file mapped and filled by
+A burst of cold loads whose served files are not all in the page cache (a server's first requests after a
+reboot, naming 16 adapters at once; loads of cached ones are read on the event loop, `TierMixin._read_inline`)
+queues them on the registry's one loader thread, which reads them in turn; each read maps its served file and
+fills the mapping's page tables (the disk read, with the GIL released) before its Python part. Here a load that will wait behind another has its file mapped and filled by
 this thread meanwhile (`packed_file.premap`, the GIL released: the kernel's work beside the loader's Python on the
 other core, a disk read beside the reads ahead of it), and the loader's read takes that mapping
 (`packed_file.map_packed`'s `ahead`). A load with nothing ahead of it is read at once and not mapped here (both

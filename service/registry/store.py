@@ -24,7 +24,7 @@ import os
 import shutil
 import uuid
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -34,7 +34,7 @@ import adapters_core as ac
 from adapters_core import held_io
 from adapters_core.config import CONFIG_NAME
 from adapters_core.io import BIN_NAME, SAFETENSORS_NAME
-from adapters_core.packed_file import map_packed, save_packed, source_identity
+from adapters_core.packed_file import Premapped, map_packed, save_packed, source_identity
 from adapters_core.packed_read import read_packed_safetensors
 
 from .errors import Invalid, NotFound, TooLarge
@@ -211,11 +211,12 @@ class AdapterStore:
         return source_identity(os.path.join(folder, SAFETENSORS_NAME))
 
     def read_served(self, folder: str, factor_dtype: Optional[torch.dtype],
-                    ahead: Optional[Future] = None) -> Optional[tuple[dict, int]]:
+                    ahead: Union[Future, Premapped, None] = None) -> Optional[tuple[dict, int]]:
         """The adapter's tensors as `read_packed` gives them for `factor_dtype`, mapped from the file
         `write_served` made of them (no copy), and the bytes of the stored file's weights; None when there is
         no such file or it was made from another version of the stored file (or cannot be read: the caller
-        reads the stored file, and writes this one again). `ahead`: that file mapped ahead (`map_ahead.py`)."""
+        reads the stored file, and writes this one again). `ahead`: that file mapped already, or ahead on
+        another thread (`map_packed`'s)."""
         try:
             tensors, metadata = map_packed(self.served_path(folder, factor_dtype), ahead)
             if metadata.get("source") != self.source(folder) or metadata.get("keys") != keys_digest(tensors):

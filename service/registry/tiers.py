@@ -12,12 +12,13 @@ import itertools
 import logging
 import time
 from concurrent.futures import Future
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
 import adapters_core as ac
 from adapters_core.io import SAFETENSORS_NAME
+from adapters_core.packed_file import Premapped, map_resident
 from adapters_core.packing import pack_adapter_tensors, tensor_bytes, trim_heap
 from adapters_core.prepared import PreparedAdapter, attach_prepared, preparable, prepare_adapter
 
@@ -37,6 +38,20 @@ log = logging.getLogger("service.registry")
 # 2 cores): the loader's CPU per load p50 9.8 -> 8.8 ms; 128 resident adapters still take 1.05x their weight
 # bytes, and at most TRIM_EVERY - 1 evictions' holes (~28 MB of 4 MB adapters) wait for the next trim.
 TRIM_EVERY = 8
+
+# A load whose served file (CPU: the adapter mapped in its serving layout) is at most this large and wholly in the
+# page cache is read on the event loop where its request is taken in (`_read_inline`: ~1.5 ms for a 4 MiB SmolLM2
+# adapter on q/v), not handed to the loader thread. The hand-over cost more than the read: in a burst of requests
+# the loop and the loader each gave the GIL up at every system call and waited up to the 5 ms switch interval to
+# take it back, so the loader read about one adapter per interval, and a K=16 start burst's 16 loads ended after
+# 30-60 ms (p50) instead of ~2.5 (BENCHMARKS.md, forty-third session). Larger files (the fill and the views of
+# hundreds of tensors), files to read from disk and first loads (the PEFT file read, checked and converted) stay
+# on the loader thread.
+INLINE_READ_BYTES = 32 << 20
+
+
+# a read's result: the stored config, the tensors as held, the adapter prepared (or None), the bytes the cast added
+_Read = tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]
 
 
 class _Retry(Exception):
@@ -107,12 +122,15 @@ class TierMixin:
         refused = False             # no room now (a turn to wait for, not a failed load: not counted as one)
         try:
             if record.tensors is None:
-                # (its served file mapped meanwhile when it waits behind another load: map_ahead.py)
-                ahead = self._map_ahead.start(self.store.served_path(self.store.path(record.name),
-                                                                     self.adapter_dtype.factor_dtype))
                 try:
-                    config, tensors, prepared, extra = await self._unlocked(
-                        self._in_loader(record.name, self._read_stored, record.name, record.model_name, ahead))
+                    read = self._read_inline(record.name, record.model_name)
+                    if read is None:
+                        # (its served file mapped meanwhile when it waits behind another load: map_ahead.py)
+                        ahead = self._map_ahead.start(self.store.served_path(self.store.path(record.name),
+                                                                             self.adapter_dtype.factor_dtype))
+                        read = await self._unlocked(self._in_loader(record.name, self._read_stored, record.name,
+                                                                    record.model_name, ahead))
+                    config, tensors, prepared, extra = read
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc
@@ -222,18 +240,37 @@ class TierMixin:
             self._spawn(self._evict(victims), background=True)
         return max(time.perf_counter() - started, 1e-9)
 
-    def _read_stored(self, name: str, model_name: str, ahead: Optional[Future] = None
-                     ) -> tuple[ac.AdapterConfig, dict, Optional[PreparedAdapter], int]:
-        """Worker thread: the stored config and tensors, packed as the stacks read them (factors in
-        adapter_dtype) and checked, the adapter prepared for `attach_prepared` where that path applies (else
-        None: the engine thread loads it the general way), and the bytes the cast added (negative: saved). With
-        served files (CPU), the tensors are mapped from the one an earlier read of the same stored file left
-        (checked then; `ahead`: that file mapped ahead, `map_ahead.py`); a read of the PEFT file hands its result
-        to the saver thread to write that file."""
+    def _read_inline(self, name: str, model_name: str) -> Optional[_Read]:
+        """Event loop: `_read_stored`'s result for a load whose served file is at most INLINE_READ_BYTES and wholly
+        in the page cache, read here; None otherwise (no served file yet, served files off, a page to read from
+        disk, a larger file, or the file found stale): the loader thread then reads it."""
+        if self._saver is None:
+            return None
+        began = time.perf_counter()
+        mapped = map_resident(self.store.served_path(self.store.path(name), self.adapter_dtype.factor_dtype),
+                              INLINE_READ_BYTES)
+        if mapped is None:
+            return None
+        read = self._read_stored(name, model_name, mapped, served_only=True)
+        if read is not None:
+            self._emit("adapter_read", name, 0.0, time.perf_counter() - began, 0.0)
+        return read
+
+    def _read_stored(self, name: str, model_name: str, ahead: Union[Future, Premapped, None] = None,
+                     served_only: bool = False) -> Optional[_Read]:
+        """Worker thread (or the event loop, `_read_inline`): the stored config and tensors, packed as the stacks
+        read them (factors in adapter_dtype) and checked, the adapter prepared for `attach_prepared` where that path
+        applies (else None: the engine thread loads it the general way), and the bytes the cast added (negative:
+        saved). With served files (CPU), the tensors are mapped from the one an earlier read of the same stored
+        file left (checked then; `ahead`: that file mapped already, or ahead on another thread, `map_ahead.py`); a
+        read of the PEFT file hands its result to the saver thread to write that file. `served_only`: None instead
+        of reading the PEFT file when there is no served file to map."""
         folder = self.store.path(name)
         config = serving_config(parse_config(self.store.read_config(folder)))
         factor_dtype = self.adapter_dtype.factor_dtype
         served = self.store.read_served(folder, factor_dtype, ahead) if self._saver is not None else None
+        if served is None and served_only:
+            return None
         source = self.store.source(folder) if self._saver is not None and served is None else None
         # the file's copies of base weights were checked equal to the served ones at registration: not read
         skip = functools.partial(is_base_copy, config)

@@ -1,8 +1,8 @@
-"""`premap` / `map_packed(path, ahead)`: a packed file mapped and filled on another thread is what the reader
-maps (its tensors live in that mapping, equal to the saved ones), the fill lets the GIL go (a disk read or the
-page tables beside the reader's Python: libc's madvise through ctypes); a file replaced since, a premap that
-failed and one not done yet are each read past (the reader maps the file itself and gets the file's current
-tensors)."""
+"""`premap` / `map_resident` / `map_packed(path, ahead)`: a packed file mapped and filled on another thread (or,
+wholly cached, where it is) is what the reader maps (its tensors live in that mapping, equal to the saved ones),
+the fill lets the GIL go (a disk read or the page tables beside the reader's Python: libc's madvise through
+ctypes); a file replaced since, a premap that failed and one not done yet are each read past (the reader maps
+the file itself and gets the file's current tensors)."""
 import ctypes
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,3 +105,21 @@ def test_premap_refuses_where_it_cannot_work(tmp_path, monkeypatch):
     monkeypatch.setattr(packed_file, "can_premap", lambda: False)
     with pytest.raises(NotImplementedError):
         premap(str(tmp_path / "x"))
+
+
+def test_a_file_wholly_in_the_page_cache_is_mapped_where_it_is(tmp_path, monkeypatch):
+    """`map_resident`: a file just written (cached) and within the bound comes back mapped and filled, and the
+    reader takes that mapping; past the bound, missing, or with a page out of the page cache: None (the caller
+    hands the read to a thread)."""
+    path = str(tmp_path / "served.safetensors")
+    saved = _tensors(3)
+    save_packed(path, saved, {"source": "s"})
+    got = packed_file.map_resident(path, 1 << 20)
+    assert got is not None and got.path == path
+    tensors, _ = map_packed(path, got)
+    assert all(_in_mapping(tensors[key], got) and torch.equal(tensors[key], want) for key, want in saved.items())
+    size = len(got.mapped)
+    assert packed_file.map_resident(path, size - 1) is None and packed_file.map_resident(path, size) is not None
+    assert packed_file.map_resident(str(tmp_path / "missing"), 1 << 20) is None
+    monkeypatch.setattr(packed_file.held_io, "populate_if_resident", lambda address, length, advice: False)
+    assert packed_file.map_resident(path, 1 << 20) is None

@@ -1,7 +1,8 @@
 """`MapAhead` (CPU serving with served files): loads that queue behind another on the loader thread have their
 served files mapped ahead on a thread of their own, and the loader's reads take those mappings; every adapter
 of such a burst serves PEFT's answers. A load with nothing ahead of it is not mapped ahead; with served files
-off nothing is."""
+off nothing is. (Served files wholly in the page cache are read on the event loop, `test_inline_read.py`: here
+the registry finds none so, as after the page cache dropped them.)"""
 import asyncio
 import threading
 from pathlib import Path
@@ -10,12 +11,18 @@ import pytest
 import torch
 
 from adapters_core import packed_file
-from service.registry import map_ahead
+from service.registry import map_ahead, tiers
 
 from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter, run,
                        wait_for_file)
 
 pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap needs Linux's libc with statx")
+
+
+@pytest.fixture(autouse=True)
+def files_not_in_the_page_cache(monkeypatch):
+    """Every served file looks as if the page cache had dropped it: no load is read on the event loop."""
+    monkeypatch.setattr(tiers, "map_resident", lambda path, limit: None)
 
 NAMES = "abcd"
 

@@ -1,0 +1,146 @@
+"""Loads read on the event loop (CPU serving with served files, `TierMixin._read_inline`): a load whose served file
+is wholly in the page cache and at most `INLINE_READ_BYTES` is read where its request is taken in, never handed to
+the loader thread (no wait for it, none for the loop after it), its factors in the file's mapping, PEFT's answers
+served. A first load (no served file yet), a served file with a page out of the page cache, a larger one, a stale
+one (the stored file rewritten since) and served files off go to the loader thread and serve PEFT's answers too."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_core import held_io, packed_file
+from service.registry import tiers
+
+from _fixtures import (Events, decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter,
+                       run, wait_for_file)
+
+pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="needs Linux's libc with statx")
+
+
+async def _store_with_served_files(root: Path, adapters: dict) -> None:
+    """Each adapter registered and loaded from its PEFT file (room for one: each load evicts the last, so the
+    second round reads the stored files), its served file written by the saver."""
+    registry = make_registry(root, max_device_adapters=1, single_memory=True)
+    for name, adapter in adapters.items():
+        await registry.register_files(name, adapter.config, adapter.weights)
+    for _ in range(2):
+        for name in adapters:
+            registry.release(await registry.acquire(name))
+    for name in adapters:
+        await wait_for_file(_served(registry, name))
+    registry.close()
+
+
+def _served(registry, name: str) -> Path:
+    return Path(registry.store.served_path(registry.store.path(name), registry.adapter_dtype.factor_dtype))
+
+
+def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Events]:
+    """A registry restarted over a store whose adapters have served files (`prepare(registry)` then called), each
+    adapter acquired once and checked against PEFT's logits; (the names whose reads went to the loader thread,
+    the events)."""
+    on_loader, events = [], Events()
+
+    async def main():
+        await _store_with_served_files(tmp_path / "store", adapters)
+        registry = make_registry(tmp_path / "store", max_device_adapters=len(adapters), single_memory=True,
+                                 events=events, **kw)
+        await registry.scan()
+        if prepare is not None:
+            prepare(registry)
+        real = registry._in_loader
+
+        async def in_loader(name, fn, *args):
+            on_loader.append(name)
+            return await real(name, fn, *args)
+        registry._in_loader = in_loader
+        ids = input_ids()
+        try:
+            for name, adapter in adapters.items():
+                lease = await registry.acquire(name)
+                try:
+                    torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
+                                               hf_logits(adapter.model, ids), atol=1e-4, rtol=1e-4)
+                    if not on_loader:
+                        assert _served(registry, name).as_posix() in _mapped_files(
+                            lora_a_weight(registry.model, lease.model_name))
+                finally:
+                    registry.release(lease)
+        finally:
+            registry.close()
+    run(main())
+    return on_loader, events
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose mappings hold `tensor`'s first byte (Linux's /proc/self/maps)."""
+    address, out = tensor.data_ptr(), set()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start <= address < end and len(parts) > 5:
+                out.add(parts[5])
+    return out
+
+
+ADAPTERS = {"a": 10, "b": 11}
+
+
+def _adapters() -> dict:
+    return {name: peft_adapter("lora", seed=seed) for name, seed in ADAPTERS.items()}
+
+
+def test_a_load_of_a_cached_served_file_is_read_on_the_event_loop(tmp_path):
+    on_loader, events = _loads(tmp_path, _adapters())
+    assert on_loader == []
+    assert [(name, queued, resumed) for name, queued, _, resumed in events.reads] == [("a", 0.0, 0.0),
+                                                                                     ("b", 0.0, 0.0)]
+    assert all(seconds > 0 for *_, seconds, _ in events.reads)
+
+
+@pytest.mark.parametrize("why", ["a page not cached", "larger than the bound", "stale", "served files off"])
+def test_other_loads_go_to_the_loader_thread(tmp_path, monkeypatch, why):
+    prepare = None
+    if why == "a page not cached":
+        monkeypatch.setattr(held_io, "populate_if_resident", lambda address, length, advice: False)
+    elif why == "larger than the bound":
+        monkeypatch.setattr(tiers, "INLINE_READ_BYTES", 1024)
+    elif why == "stale":
+        def prepare(registry):              # the stored files rewritten with the same bytes: a new source identity
+            for name in ADAPTERS:
+                path = Path(registry.store.path(name)) / "adapter_model.safetensors"
+                data = path.read_bytes()
+                path.unlink()
+                path.write_bytes(data)
+    on_loader, _ = _loads(tmp_path, _adapters(), prepare, **({"served_files": False} if why == "served files off"
+                                                             else {}))
+    assert on_loader == list(ADAPTERS)
+
+
+def test_a_first_load_goes_to_the_loader_thread(tmp_path):
+    """A registered adapter never loaded has no served file: its PEFT file is read on the loader thread."""
+    adapter = peft_adapter("lora", seed=12)
+    on_loader = []
+
+    async def main():
+        registry = make_registry(tmp_path / "store", max_device_adapters=1, single_memory=True)
+        await registry.register_files("c", adapter.config, adapter.weights)
+        registry.close()
+        registry = make_registry(tmp_path / "store", max_device_adapters=1, single_memory=True)
+        await registry.scan()
+        real = registry._in_loader
+
+        async def in_loader(name, fn, *args):
+            on_loader.append(name)
+            return await real(name, fn, *args)
+        registry._in_loader = in_loader
+        lease = await registry.acquire("c")
+        try:
+            torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, input_ids()),
+                                       hf_logits(adapter.model, input_ids()), atol=1e-4, rtol=1e-4)
+        finally:
+            registry.release(lease)
+            registry.close()
+    run(main())
+    assert on_loader == ["c"]
