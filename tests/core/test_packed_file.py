@@ -71,7 +71,8 @@ def test_the_native_header_reader_matches_the_python_one(tmp_path, monkeypatch):
     b = torch.randn(5, 3)
     tensors = {"z.empty": torch.zeros(0, 4), 'q"uote\\d\u00e9\n': torch.randn(2, 3),
                "é.ü.λ.𝔸": torch.arange(6).int(), "a.lora_B.weight": b.T.contiguous().T,
-               "h": torch.randn(7).half(), "flags": torch.tensor([True]), "y.empty": torch.zeros(0).half(), "d": torch.randn(2, 2).double()}
+               "h": torch.randn(7).half(), "flags": torch.tensor([True]), "y.empty": torch.zeros(0).half(),
+               "d": torch.randn(2, 2).double()}
     save_packed(path, tensors, {"source": "s", "note": 'with "quotes" and \\ and ✓'})
     native, python = _both_ways(monkeypatch, path)
     assert list(native[0]) == list(python[0]) == list(tensors) and native[1] == python[1]
