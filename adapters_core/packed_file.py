@@ -150,13 +150,10 @@ def premap(path: str) -> Premapped:
     `can_premap` is False."""
     if not can_premap():
         raise NotImplementedError("premap needs Linux's libc")
-    identity = held_io.stat_identity(path)
-    mapped, address = held_io.map_private(path)
-    if identity is None or held_io.stat_identity(path) != identity:
-        raise OSError(f"{path} was replaced while it was mapped")
-    if len(mapped) and libc_madvise()(address, len(mapped), MADV_POPULATE_READ) != 0:
-        libc_madvise()(address, len(mapped), mmap.MADV_WILLNEED)      # (before Linux 5.14: read ahead)
-    return Premapped(path, mapped, address, identity)
+    got = _map_identified(path)
+    if len(got.mapped) and libc_madvise()(got.address, len(got.mapped), MADV_POPULATE_READ) != 0:
+        libc_madvise()(got.address, len(got.mapped), mmap.MADV_WILLNEED)   # (before Linux 5.14: read ahead)
+    return got
 
 
 def map_resident(path: str, limit: int) -> Optional[Premapped]:
@@ -166,20 +163,26 @@ def map_resident(path: str, limit: int) -> Optional[Premapped]:
     it is (the fill takes ~0.1 ms per 4 MiB) and hands anything that may wait for a disk to a thread."""
     if not can_premap():
         return None
-    identity = held_io.stat_identity(path)
-    if identity is None or not 0 < identity[2] <= limit:
-        return None
     try:
-        mapped, address = held_io.map_private(path)
+        got = _map_identified(path, limit)
     except OSError:
         return None
-    if held_io.stat_identity(path) != identity or \
-            not held_io.populate_if_resident(address, len(mapped), MADV_POPULATE_READ):
-        return None
+    return got if held_io.populate_if_resident(got.address, len(got.mapped), MADV_POPULATE_READ) else None
+
+
+def _map_identified(path: str, limit: Optional[int] = None) -> Premapped:
+    """`path` mapped (`held_io.map_private`, not filled) with its identity; OSError when it is missing, larger
+    than `limit` (or empty, with a limit), or was replaced while it was mapped."""
+    identity = held_io.stat_identity(path)
+    if identity is not None and limit is not None and not 0 < identity[2] <= limit:
+        raise OSError(f"{path}: {identity[2]} bytes, not 1 to {limit}")
+    mapped, address = held_io.map_private(path)
+    if identity is None or held_io.stat_identity(path) != identity:
+        raise OSError(f"{path} was replaced while it was mapped")
     return Premapped(path, mapped, address, identity)
 
 
-def _taken(ahead, path: str) -> Optional[Premapped]:
+def _taken(ahead: Union[Future, Premapped, None], path: str) -> Optional[Premapped]:
     """`ahead`'s mapping (a `Premapped`, or a future of one that is done) if it still maps the file at `path`, else
     None (a premap not begun yet is cancelled: the reader maps the file itself)."""
     if ahead is None:

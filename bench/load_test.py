@@ -17,8 +17,9 @@ churns adapters the clients do not use. Afterwards it reads the RSS again and st
 Criteria: inference requests get no 5xx and no other unexpected status or transport error; every greedy
 answer equals its reference; every admin operation succeeds (an activation refused with the registry's
 documented 503, every device slot held by requests in flight, is retried and counted); RSS after the run
-within 10% of RSS after warm-up; 429s seen, each with `Retry-After`, and the waiting queue never above
-`max_waiting` (sampled from /metrics); the server exits 0 on SIGTERM.
+within 10% of RSS after warm-up; 429s seen, each with `Retry-After`, and the engine's waiting queue never above
+`max_waiting` (sampled from /stats, which counts apart the requests waiting for a device slot before that queue:
+the waiting gauges of /metrics include them); the server exits 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ class Load:
     mismatches: list[str] = field(default_factory=list)
     admin: Counter = field(default_factory=Counter)
     admin_busy: int = 0                   # activations answered 503 "device slots in use", then retried
-    max_waiting_seen: float = 0.0
+    max_waiting_seen: float = 0.0         # the engine's queue
+    max_slot_waiters_seen: float = 0.0    # requests waiting for a device slot, before the engine's queue
     seconds: float = 0.0
 
 
@@ -274,12 +276,17 @@ async def run_load(args, http: httpx.AsyncClient, adapters: list[str], reference
             await asyncio.sleep(0.2)
 
     async def monitor() -> None:
+        # /stats: the engine's queue (what max_waiting bounds) apart from the requests waiting for a device slot
+        # before it, which the waiting gauges of /metrics also count
         while not stop.is_set():
             try:
-                for line in (await http.get("/metrics")).text.splitlines():
-                    if line.startswith("adapter_serve_requests_waiting "):
-                        load.max_waiting_seen = max(load.max_waiting_seen, float(line.split()[1]))
-            except httpx.HTTPError:
+                r = await http.get("/stats")
+                if r.status_code == 200:
+                    requests = r.json()["requests"]
+                    slot = requests.get("waiting_for_adapter_slot", 0)
+                    load.max_waiting_seen = max(load.max_waiting_seen, float(requests["waiting"] - slot))
+                    load.max_slot_waiters_seen = max(load.max_slot_waiters_seen, float(slot))
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             await asyncio.sleep(0.25)
 
@@ -330,7 +337,8 @@ def report(args, load: Load, rss_warm, rss_after, exit_status, distinct_refs: in
         "latency_p50_ms": _ms(percentile([r.latency for r in ok], 50)),
         "latency_p99_ms": _ms(percentile([r.latency for r in ok], 99)),
         "statuses": dict(statuses), "throttled_with_retry_after": sum(1 for r in throttled if r.retry_after),
-        "max_waiting_seen": load.max_waiting_seen, "mismatches": load.mismatches[:20],
+        "max_waiting_seen": load.max_waiting_seen, "max_slot_waiters_seen": load.max_slot_waiters_seen,
+        "mismatches": load.mismatches[:20],
         "mismatch_count": len(load.mismatches), "references": n_refs, "distinct_reference_outputs": distinct_refs,
         "admin": dict(load.admin), "admin_activate_busy_retries": load.admin_busy, "rss_warm_mib": rss_warm, "rss_after_mib": rss_after,
         "server_exit_status": exit_status, "errors": sorted({r.error for r in load.results if r.error
@@ -352,7 +360,7 @@ def print_summary(s: dict) -> None:
     print(f"time to first token (streaming): p50 {s['ttft_p50_ms']} ms, p99 {s['ttft_p99_ms']} ms")
     print(f"latency: p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms")
     print(f"statuses: {s['statuses']}; 429 with Retry-After: {s['throttled_with_retry_after']}; "
-          f"max waiting seen: {s['max_waiting_seen']}")
+          f"max waiting seen: {s['max_waiting_seen']} (and {s['max_slot_waiters_seen']} for a device slot)")
     print(f"references: {s['references']} pairs, {s['distinct_reference_outputs']} distinct outputs; "
           f"mismatches: {s['mismatch_count']}")
     for line in s["mismatches"]:
