@@ -348,7 +348,7 @@ def _runs(path: str, header: dict, data_bytes: int) -> dict[str, list]:
             stop += math.prod(shape) * size
             if header[key]["data_offsets"][1] != stop:
                 raise ValueError(f"{path}: {key}'s offsets do not fit its shape")
-        if run[0][0] % size or stop > data_bytes:
+        if run[0][0] < 0 or run[0][0] % size or stop > data_bytes:
             raise ValueError(f"{path}: the {code} tensors do not fit the file")
     return runs
 

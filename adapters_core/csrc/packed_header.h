@@ -340,6 +340,7 @@ inline std::tuple<py::dict, py::dict> packed_views(const torch::Tensor& data, co
     });
     const Entry& first = entries[order.front()];
     const int64_t start = first.begin;
+    if (start < 0 || start % first.size != 0) refuse(path + ": the " + run.first + " tensors do not fit the file");
     int64_t stop = start;
     for (size_t i : order) {
       const Entry& e = entries[i];
@@ -351,8 +352,7 @@ inline std::tuple<py::dict, py::dict> packed_views(const torch::Tensor& data, co
       stop += count * e.size;
       if (e.end != stop) refuse(path + ": " + e.key + "'s offsets do not fit its shape");
     }
-    if (start < 0 || start % first.size != 0 || stop > length - base)
-      refuse(path + ": the " + run.first + " tensors do not fit the file");
+    if (stop > length - base) refuse(path + ": the " + run.first + " tensors do not fit the file");
     const int64_t count = (stop - start) / first.size;
     torch::Tensor view = count == 0 ? torch::empty({0}, data.options().dtype(first.type))
                                     : torch::from_blob(const_cast<uint8_t*>(bytes) + base + start, {count},

@@ -113,6 +113,18 @@ def test_the_native_header_reader_refuses_what_no_packed_file_holds(tmp_path, he
     assert "the-file" in str(caught.value)
 
 
+def test_a_tensor_before_the_data_section_is_refused_both_ways(tmp_path, monkeypatch):
+    """A header whose one tensor starts 4 bytes before the data (inside the header): refused by the kernel's reader
+    and by the Python path alike, not read from the header's bytes."""
+    header = (b'{"__metadata__":{"format":"adapters_core packed"},'
+              b'"a":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}    ')
+    path = os.path.join(tmp_path, "served.safetensors")
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header)
+    for got in _both_ways(monkeypatch, path):
+        assert isinstance(got, ValueError) and "do not fit the file" in str(got)
+
+
 def test_the_file_is_safetensors_with_aligned_data(tmp_path, packed):
     path = os.path.join(tmp_path, "served.safetensors")
     save_packed(path, packed, {})

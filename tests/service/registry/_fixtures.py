@@ -179,6 +179,38 @@ def lora_a_weight(model: torch.nn.Module, model_name: str) -> torch.Tensor:
                 if hasattr(m, "lora_A") and model_name in getattr(m, "lora_A", {}))
 
 
+def mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose mappings hold `tensor`'s first byte (Linux's /proc/self/maps)."""
+    address, out = tensor.data_ptr(), set()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start <= address < end and len(parts) > 5:
+                out.add(parts[5])
+    return out
+
+
+def served_file(registry: AdapterRegistry, name: str) -> Path:
+    """Where adapter `name`'s served file is (or would be) for the registry's adapter dtype."""
+    return Path(registry.store.served_path(registry.store.path(name), registry.adapter_dtype.factor_dtype))
+
+
+async def store_with_served_files(root: Path, adapters: dict) -> None:
+    """Each adapter registered in a CPU registry over `root` and loaded from its PEFT file once (room for one:
+    each load evicts the last, so the second round reads the stored files), its served file written by the
+    saver; the registry closed."""
+    registry = make_registry(root, max_device_adapters=1, single_memory=True)
+    for name, adapter in adapters.items():
+        await registry.register_files(name, adapter.config, adapter.weights)
+    for _ in range(2):
+        for name in adapters:
+            registry.release(await registry.acquire(name))
+    for name in adapters:
+        await wait_for_file(served_file(registry, name))
+    registry.close()
+
+
 async def wait_for_file(path: Path) -> None:
     """Until `path` exists (a served file the saver thread writes after a load), at most ~4 s."""
     for _ in range(200):

@@ -11,28 +11,10 @@ import torch
 from adapters_core import held_io, packed_file
 from service.registry import tiers
 
-from _fixtures import (Events, decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter,
-                       run, wait_for_file)
+from _fixtures import (Events, decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, mapped_files,
+                       peft_adapter, run, served_file, store_with_served_files)
 
 pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="needs Linux's libc with statx")
-
-
-async def _store_with_served_files(root: Path, adapters: dict) -> None:
-    """Each adapter registered and loaded from its PEFT file (room for one: each load evicts the last, so the
-    second round reads the stored files), its served file written by the saver."""
-    registry = make_registry(root, max_device_adapters=1, single_memory=True)
-    for name, adapter in adapters.items():
-        await registry.register_files(name, adapter.config, adapter.weights)
-    for _ in range(2):
-        for name in adapters:
-            registry.release(await registry.acquire(name))
-    for name in adapters:
-        await wait_for_file(_served(registry, name))
-    registry.close()
-
-
-def _served(registry, name: str) -> Path:
-    return Path(registry.store.served_path(registry.store.path(name), registry.adapter_dtype.factor_dtype))
 
 
 def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Events]:
@@ -42,7 +24,7 @@ def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Eve
     on_loader, events = [], Events()
 
     async def main():
-        await _store_with_served_files(tmp_path / "store", adapters)
+        await store_with_served_files(tmp_path / "store", adapters)
         registry = make_registry(tmp_path / "store", max_device_adapters=len(adapters), single_memory=True,
                                  events=events, **kw)
         await registry.scan()
@@ -62,7 +44,7 @@ def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Eve
                     torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, ids),
                                                hf_logits(adapter.model, ids), atol=1e-4, rtol=1e-4)
                     if not on_loader:
-                        assert _served(registry, name).as_posix() in _mapped_files(
+                        assert served_file(registry, name).as_posix() in mapped_files(
                             lora_a_weight(registry.model, lease.model_name))
                 finally:
                     registry.release(lease)
@@ -70,18 +52,6 @@ def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Eve
             registry.close()
     run(main())
     return on_loader, events
-
-
-def _mapped_files(tensor: torch.Tensor) -> set[str]:
-    """The files whose mappings hold `tensor`'s first byte (Linux's /proc/self/maps)."""
-    address, out = tensor.data_ptr(), set()
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split()
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            if start <= address < end and len(parts) > 5:
-                out.add(parts[5])
-    return out
 
 
 ADAPTERS = {"a": 10, "b": 11}

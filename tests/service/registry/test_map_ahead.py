@@ -5,7 +5,6 @@ off nothing is. (Served files wholly in the page cache are read on the event loo
 the registry finds none so, as after the page cache dropped them.)"""
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from adapters_core import packed_file
 from service.registry import map_ahead, tiers
 
 from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter, run,
-                       wait_for_file)
+                       store_with_served_files)
 
 pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap needs Linux's libc with statx")
 
@@ -25,21 +24,6 @@ def files_not_in_the_page_cache(monkeypatch):
     monkeypatch.setattr(tiers, "map_resident", lambda path, limit: None)
 
 NAMES = "abcd"
-
-
-async def _with_served_files(root: Path, adapters: dict) -> None:
-    """Each adapter registered, loaded from its PEFT file once (room for one: each load evicts the last, so
-    the next load of it reads the stored file), and its served file written by the saver."""
-    registry = make_registry(root, max_device_adapters=1, single_memory=True)
-    for name, adapter in adapters.items():
-        await registry.register_files(name, adapter.config, adapter.weights)
-    for _ in range(2):
-        for name in adapters:
-            registry.release(await registry.acquire(name))
-    for name in adapters:
-        await wait_for_file(Path(registry.store.served_path(registry.store.path(name),
-                                                            registry.adapter_dtype.factor_dtype)))
-    registry.close()
 
 
 def test_a_burst_of_loads_reads_files_mapped_ahead_and_serves_peft(tmp_path, monkeypatch):
@@ -53,7 +37,7 @@ def test_a_burst_of_loads_reads_files_mapped_ahead_and_serves_peft(tmp_path, mon
     monkeypatch.setattr(map_ahead, "premap", spy)
 
     async def main():
-        await _with_served_files(tmp_path / "store", adapters)
+        await store_with_served_files(tmp_path / "store", adapters)
         registry = make_registry(tmp_path / "store", max_device_adapters=len(NAMES), single_memory=True)
         await registry.scan()
         real_read = registry._read_stored
@@ -86,7 +70,7 @@ def test_a_lone_load_is_not_mapped_ahead(tmp_path, served_files):
     adapters = {name: peft_adapter("lora", seed=20 + i) for i, name in enumerate("ab")}
 
     async def main():
-        await _with_served_files(tmp_path / "store", adapters)
+        await store_with_served_files(tmp_path / "store", adapters)
         registry = make_registry(tmp_path / "store", max_device_adapters=2, single_memory=True,
                                  served_files=served_files)
         await registry.scan()

@@ -13,20 +13,8 @@ import torch
 from adapters_core.packed_file import map_packed, save_packed
 from service.registry import store as store_module
 
-from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter, run,
-                       wait_for_file)
-
-
-def _mapped_files(tensor: torch.Tensor) -> set[str]:
-    """The files whose mappings hold `tensor`'s first byte (Linux's /proc/self/maps)."""
-    address, out = tensor.data_ptr(), set()
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split()
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            if start <= address < end and len(parts) > 5:
-                out.add(parts[5])
-    return out
+from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, mapped_files, peft_adapter,
+                       run, served_file, wait_for_file)
 
 
 class Cycle:
@@ -57,8 +45,7 @@ class Cycle:
         await self.load(other)
 
     def served(self, name: str) -> Path:
-        return Path(self.registry.store.served_path(self.registry.store.path(name),
-                                                    self.registry.adapter_dtype.factor_dtype))
+        return served_file(self.registry, name)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
@@ -73,12 +60,12 @@ def test_later_loads_map_the_served_file_and_serve_the_same_adapter(tmp_path, mo
         await cycle.load("b")
         assert not cycle.served("a").exists()
         read, factor = await cycle.load("a")                  # read from the PEFT file, then saved
-        assert str(cycle.served("a")) not in _mapped_files(factor)
+        assert str(cycle.served("a")) not in mapped_files(factor)
         await wait_for_file(cycle.served("a"))
         await cycle.load("b")
         monkeypatch.setattr(cycle.registry.store, "read_packed", lambda *args: pytest.fail("read the PEFT file"))
         mapped, factor = await cycle.load("a")
-        assert str(cycle.served("a")) in _mapped_files(factor)
+        assert str(cycle.served("a")) in mapped_files(factor)
         torch.testing.assert_close(mapped, read, atol=0, rtol=0)
         torch.testing.assert_close(mapped, uploaded, atol=0, rtol=0)
         if adapter_dtype == "auto":
@@ -97,7 +84,7 @@ def test_a_served_file_of_another_version_of_the_stored_file_is_not_used(tmp_pat
         # the stored file rewritten in place (same folder, same name): the served file is now stale
         (Path(cycle.registry.store.path("a")) / "adapter_model.safetensors").write_bytes(other.weights)
         logits, factor = await cycle.load("a")
-        assert str(cycle.served("a")) not in _mapped_files(factor)
+        assert str(cycle.served("a")) not in mapped_files(factor)
         torch.testing.assert_close(logits, hf_logits(other.model, cycle.ids), atol=1e-4, rtol=1e-4)
         cycle.registry.close()
     run(main())
@@ -125,7 +112,7 @@ def test_a_served_file_holding_a_base_copy_is_served_without_it(tmp_path):
         with torch.no_grad():
             base = cycle.registry.model(cycle.ids).float()             # (no adapter active: the base model)
         logits, factor = await cycle.load("a")
-        assert served in _mapped_files(factor)
+        assert served in mapped_files(factor)
         torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             torch.testing.assert_close(cycle.registry.model(cycle.ids).float(), base, atol=0, rtol=0)
@@ -184,7 +171,7 @@ def test_a_stored_file_rewritten_with_its_old_times_put_back_is_noticed(tmp_path
             fh.write(other.weights)
         os.utime(stored, ns=(before.st_atime_ns, before.st_mtime_ns))
         logits, factor = await cycle.load("a")
-        assert str(cycle.served("a")) not in _mapped_files(factor)
+        assert str(cycle.served("a")) not in mapped_files(factor)
         torch.testing.assert_close(logits, hf_logits(other.model, cycle.ids), atol=1e-4, rtol=1e-4)
         cycle.registry.close()
     run(main())
@@ -208,7 +195,7 @@ def test_a_damaged_served_file_is_read_past(tmp_path, damage):
             cycle.served("a").write_bytes({"truncated": data[:-3], "not json": b"\x10\0\0\0\0\0\0\0" + b"{" * 16,
                                            "a list": b"\x08\0\0\0\0\0\0\0[1,2,3] "}[damage])
         logits, factor = await cycle.load("a")
-        assert str(cycle.served("a")) not in _mapped_files(factor)
+        assert str(cycle.served("a")) not in mapped_files(factor)
         torch.testing.assert_close(logits, hf_logits(a.model, cycle.ids), atol=1e-4, rtol=1e-4)
         cycle.registry.close()
     run(main())
@@ -233,6 +220,6 @@ def test_a_load_that_maps_its_served_file_keeps_the_gil(tmp_path):
         kept = []
         assert not lets_the_gil_go(lambda: kept.append(cycle.registry._read_stored("a", record.model_name)))
         assert kept[-1][2] is not None                       # prepared from the mapping, as a server's load
-        assert str(cycle.served("a")) in _mapped_files(next(iter(kept[-1][1].values())))
+        assert str(cycle.served("a")) in mapped_files(next(iter(kept[-1][1].values())))
         cycle.registry.close()
     run(main())
