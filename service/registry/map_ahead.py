@@ -1,27 +1,36 @@
-"""`MapAhead`: the served files of loads queued behind the loader mapped ahead on a thread of their own.
+"""`MapAhead`: served files mapped and filled on threads of their own, for loads about to wait for them.
 
-A burst of cold loads whose served files are not all in the page cache (a server's first requests after a
-reboot, naming 16 adapters at once; loads of cached ones are read on the event loop, `TierMixin._read_inline`)
-queues them on the registry's one loader thread, which reads them in turn; each read maps its served file and
-fills the mapping's page tables (the disk read, with the GIL released) before its Python part. Here a load that will wait behind another has its file mapped and filled by
-this thread meanwhile (`packed_file.premap`, the GIL released: the kernel's work beside the loader's Python on the
-other core, a disk read beside the reads ahead of it), and the loader's read takes that mapping
-(`packed_file.map_packed`'s `ahead`). A load with nothing ahead of it is read at once and not mapped here (both
-threads would only map the same file). Off where served files are off (the setting, a GPU's two tiers) or this
-system lacks the calls (`packed_file.can_premap`).
+A load whose served file is not wholly in the page cache (a server's first requests after a reboot, or pages the
+kernel reclaimed) has it mapped and filled here (`filled`: `packed_file.premap`, the disk read with the GIL
+released), taken back ahead of the event loop's queued work, and is then read on the loop
+(`TierMixin._read_inline`, as loads of cached files are). Loads the loader thread reads (a first load from the PEFT
+file; files over the inline bound) queue there, and one that will wait behind another has its file mapped and
+filled here meanwhile (`start`), the loader's read taking that mapping (`packed_file.map_packed`'s `ahead`); a
+loader load with nothing ahead of it is read at once and not mapped here (both threads would only map the same
+file). Off where served files are off (the setting, a GPU's two tiers) or this system lacks the calls
+(`packed_file.can_premap`).
 """
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
-from adapters_core.packed_file import can_premap, premap
+from adapters_core.packed_file import Premapped, can_premap, premap
+
+from service.loop_first import run_first
+
+# Threads that map and fill served files. Each fill is mostly a disk read with the GIL released, and the thread then
+# needs the GIL back for a moment (waiting up to the 5 ms switch interval beside a busy event loop): with 16 loads of
+# files missing 3 pages each (reclaimed by the kernel), one thread ended the burst's loads p50 35-47 ms, four 16-18
+# ms (BENCHMARKS.md, forty-third session), the reads and the waits overlapping.
+MAP_THREADS = 4
 
 
 class MapAhead:
     def __init__(self, enabled: bool, initializer: Optional[Callable[[], None]] = None):
-        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="adapter-map", initializer=initializer)
+        self._pool = (ThreadPoolExecutor(MAP_THREADS, thread_name_prefix="adapter-map", initializer=initializer)
                       if enabled and can_premap() else None)
         self.queued = 0             # jobs submitted to the loader and not yet taken back (event loop)
         self.started = 0            # premaps begun (the tests read it)
@@ -29,14 +38,30 @@ class MapAhead:
     def start(self, path: str) -> Optional[Future]:
         """Event loop, for a load about to be queued on the loader: a future of `premap(path)` when the loader
         has work ahead of it, else None."""
-        if self._pool is None or not self.queued:
+        return self.map(path) if self.queued else None
+
+    def map(self, path: str) -> Optional[Future]:
+        """A future of `premap(path)` on these threads; None where there are none (or they are closed)."""
+        if self._pool is None:
             return None
         try:
             future = self._pool.submit(premap, path)
-        except RuntimeError:        # closed: the loader maps it itself
+        except RuntimeError:        # closed: the reader maps it itself
             return None
         self.started += 1
         return future
+
+    async def filled(self, path: str) -> Optional[Premapped]:
+        """Event loop: `premap(path)` on these threads, taken back ahead of the loop's queued callbacks
+        (`run_first`: a burst's request intakes would otherwise run first); None where there are none (or they
+        are closed) or the file cannot be mapped."""
+        if self._pool is None:
+            return None
+        self.started += 1
+        try:
+            return await run_first(self._pool, functools.partial(premap, path))
+        except (OSError, RuntimeError):
+            return None
 
     def close(self) -> None:
         if self._pool is not None:

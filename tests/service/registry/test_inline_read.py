@@ -1,8 +1,9 @@
 """Loads read on the event loop (CPU serving with served files, `TierMixin._read_inline`): a load whose served file
-is wholly in the page cache and at most `INLINE_READ_BYTES` is read where its request is taken in, never handed to
+is at most `INLINE_READ_BYTES` and wholly in the page cache is read where its request is taken in, never handed to
 the loader thread (no wait for it, none for the loop after it), its factors in the file's mapping, PEFT's answers
-served. A first load (no served file yet), a served file with a page out of the page cache, a larger one, a stale
-one (the stored file rewritten since) and served files off go to the loader thread and serve PEFT's answers too."""
+served; one with a page out of the page cache is first filled on the map thread. A first load (no served file
+yet), a larger file, a stale one (the stored file rewritten since) and served files off go to the loader thread
+and serve PEFT's answers too."""
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,20 @@ def test_a_load_of_a_cached_served_file_is_read_on_the_event_loop(tmp_path):
     assert all(seconds > 0 for *_, seconds, _ in events.reads)
 
 
-@pytest.mark.parametrize("why", ["a page not cached", "larger than the bound", "stale", "served files off"])
+def test_a_served_file_with_pages_out_of_the_page_cache_is_filled_on_the_map_thread(tmp_path, monkeypatch):
+    """A page of the file not cached (the kernel reclaimed some): the map thread maps and fills it (a disk read,
+    the GIL released), then the loop reads it; the fill is reported as the read's wait."""
+    monkeypatch.setattr(held_io, "populate_if_resident", lambda address, length, advice: False)
+    on_loader, events = _loads(tmp_path, _adapters())
+    assert on_loader == []
+    assert [(name, resumed) for name, _, _, resumed in events.reads] == [("a", 0.0), ("b", 0.0)]
+    assert all(queued > 0 and seconds > 0 for _, queued, seconds, _ in events.reads)
+
+
+@pytest.mark.parametrize("why", ["larger than the bound", "stale", "served files off"])
 def test_other_loads_go_to_the_loader_thread(tmp_path, monkeypatch, why):
     prepare = None
-    if why == "a page not cached":
-        monkeypatch.setattr(held_io, "populate_if_resident", lambda address, length, advice: False)
-    elif why == "larger than the bound":
+    if why == "larger than the bound":
         monkeypatch.setattr(tiers, "INLINE_READ_BYTES", 1024)
     elif why == "stale":
         def prepare(registry):              # the stored files rewritten with the same bytes: a new source identity

@@ -1,8 +1,8 @@
 """`MapAhead` (CPU serving with served files): loads that queue behind another on the loader thread have their
 served files mapped ahead on a thread of their own, and the loader's reads take those mappings; every adapter
 of such a burst serves PEFT's answers. A load with nothing ahead of it is not mapped ahead; with served files
-off nothing is. (Served files wholly in the page cache are read on the event loop, `test_inline_read.py`: here
-the registry finds none so, as after the page cache dropped them.)"""
+off nothing is. (Served files within a bound are read on the event loop, `test_inline_read.py`: here the bound
+is 0, so the loader thread reads every load.)"""
 import asyncio
 import threading
 
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap nee
 
 
 @pytest.fixture(autouse=True)
-def files_not_in_the_page_cache(monkeypatch):
-    """Every served file looks as if the page cache had dropped it: no load is read on the event loop."""
-    monkeypatch.setattr(tiers, "map_resident", lambda path, limit: None)
+def no_reads_on_the_event_loop(monkeypatch):
+    """Every served file is over the bound of loads read on the event loop: all go to the loader thread."""
+    monkeypatch.setattr(tiers, "INLINE_READ_BYTES", 0)
 
 NAMES = "abcd"
 
