@@ -2,9 +2,10 @@
 device tier, with LRU eviction, pins, leases, validation and archives.
 
 One noun per module: `registry.py` (`AdapterRegistry`: look-ups, leases, admin verbs), `registration.py`
-(uploads, paths, hub ids, store scans and rescans), `tiers.py` (tiers and eviction), `merged.py` (LoRAX's
-merged adapters, `MergeSpec`), `record.py` (`AdapterRecord`, `Lease`), `store.py` (`AdapterStore`, the atomic
-directory), `validation.py` (`AdapterValidator`), `archive.py` (safe `.zip` / `.tar.gz` extraction), `hub.py`
+(uploads, paths, hub ids, store scans and rescans), `tiers.py` (tiers and eviction), `reads.py` (where and how a
+load reads its files), `merged.py` (LoRAX's merged adapters, `MergeSpec`), `record.py` (`AdapterRecord`,
+`Lease`), `store.py` (`AdapterStore`, the atomic directory), `validation.py` (`AdapterValidator`), `archive.py`
+(safe `.zip` / `.tar.gz` extraction), `hub.py`
 (fetching from the Hugging Face hub with a deadline) and `errors.py` (`RegistryError` and its HTTP statuses).
 The rest of the service imports the names below from `service.registry`.
 """

@@ -21,8 +21,8 @@ start-up (or when it is read to be loaded) is kept as a *quarantined* record: li
 with 409 by acquire / activate / deactivate / pin, and gone once it is deleted or replaced.
 This module has the look-ups, leases (acquire, release, retirement of deleted or replaced registrations at
 their last release), the admin verbs and the plumbing; registration and store scans are in registration.py,
-tiers and eviction in tiers.py and LoRAX's merged adapters (`acquire_merged`) in merged.py (mixins of the one
-class).
+tiers and eviction in tiers.py, loads' reads in reads.py and LoRAX's merged adapters (`acquire_merged`) in
+merged.py (mixins of the one class).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
 from .registration import RegistrationMixin
 from .slot_wait import SlotWait
 from .store import AdapterStore
+from .reads import ReadMixin
 from .tiers import TierMixin, _Retry
 from .validation import AdapterValidator
 
@@ -56,7 +57,7 @@ log = logging.getLogger("service.registry")
 EngineCall = Callable[[Callable[[], Any]], Future]
 
 
-class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin):
+class AdapterRegistry(RegistrationMixin, TierMixin, ReadMixin, DeviceRoomMixin, MergedMixin):
     def __init__(self, model, engine_call: EngineCall, adapter_dir: str, max_device_adapters: int = 8,
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
@@ -80,7 +81,7 @@ class AdapterRegistry(RegistrationMixin, TierMixin, DeviceRoomMixin, MergedMixin
         background = functools.partial(_background_priority, loader_nice)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-load",   # reads and prepares loads
                                           initializer=background)
-        self._loads_read = 0                    # on the loader thread: when to trim the heap (tiers.py)
+        self._loads_read = 0                    # on the loader thread: when to trim the heap (reads.py)
         self._engine_loads: set[asyncio.Future] = set()   # loads in flight on the engine thread (tiers.py)
         self._wrapped_targets: set[tuple] = set()        # targets whose layers were wrapped ahead (layer_wrap.py)
         # the engine's StepGate (service/engine/step_gate.py), or None: with it, evictions run on this thread

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapters_core import held_io, packed_file
-from service.registry import tiers
+from service.registry import reads
 
 from _fixtures import (Events, decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, mapped_files,
                        peft_adapter, run, served_file, store_with_served_files)
@@ -84,7 +84,7 @@ def test_a_served_file_with_pages_out_of_the_page_cache_is_filled_on_the_map_thr
 def test_other_loads_go_to_the_loader_thread(tmp_path, monkeypatch, why):
     prepare = None
     if why == "larger than the bound":
-        monkeypatch.setattr(tiers, "INLINE_READ_BYTES", 1024)
+        monkeypatch.setattr(reads, "INLINE_READ_BYTES", 1024)
     elif why == "stale":
         def prepare(registry):              # the stored files rewritten with the same bytes: a new source identity
             for name in ADAPTERS:

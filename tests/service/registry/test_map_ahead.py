@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapters_core import packed_file
-from service.registry import map_ahead, tiers
+from service.registry import map_ahead, reads
 
 from _fixtures import (decoder_logits, hf_logits, input_ids, lora_a_weight, make_registry, peft_adapter, run,
                        store_with_served_files)
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="premap nee
 @pytest.fixture(autouse=True)
 def no_reads_on_the_event_loop(monkeypatch):
     """Every served file is over the bound of loads read on the event loop: all go to the loader thread."""
-    monkeypatch.setattr(tiers, "INLINE_READ_BYTES", 0)
+    monkeypatch.setattr(reads, "INLINE_READ_BYTES", 0)
 
 NAMES = "abcd"
 

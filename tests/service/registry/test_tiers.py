@@ -283,11 +283,11 @@ def test_loader_and_evictor_threads_run_at_loader_nice(tmp_path, nice):
 def test_the_heap_is_trimmed_every_trim_every_reads(tmp_path, monkeypatch):
     """Stored adapters read by the loader trim the C heap once per `TRIM_EVERY` reads, not after each one
     (between trims a load reuses the pages evictions freed)."""
-    from service.registry import tiers as tiers_module
+    from service.registry import reads as reads_module
 
     trims = []
-    monkeypatch.setattr(tiers_module, "trim_heap", lambda: trims.append(True))
-    monkeypatch.setattr(tiers_module, "TRIM_EVERY", 3)
+    monkeypatch.setattr(reads_module, "trim_heap", lambda: trims.append(True))
+    monkeypatch.setattr(reads_module, "TRIM_EVERY", 3)
 
     async def main():
         registry, _ = await _registry(tmp_path, max_device_adapters=1)
