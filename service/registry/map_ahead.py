@@ -3,7 +3,7 @@
 A load whose served file is not wholly in the page cache (a server's first requests after a reboot, or pages the
 kernel reclaimed) has it mapped and filled here (`filled`: `packed_file.premap`, the disk read with the GIL
 released), taken back ahead of the event loop's queued work, and is then read on the loop
-(`TierMixin._read_inline`, as loads of cached files are). Loads the loader thread reads (a first load from the PEFT
+(`reads.py`'s `_read_inline`, as loads of cached files are). Loads the loader thread reads (a first load from the PEFT
 file; files over the inline bound) queue there, and one that will wait behind another has its file mapped and
 filled here meanwhile (`start`), the loader's read taking that mapping (`packed_file.map_packed`'s `ahead`); a
 loader load with nothing ahead of it is read at once and not mapped here (both threads would only map the same
