@@ -60,7 +60,6 @@ class _Retry(Exception):
     """The record was deleted or replaced while a load waited; look the name up again."""
 
 
-
 class ReadMixin:
     """Where and how `AdapterRegistry`'s loads read their files (see the module docstring)."""
 
