@@ -63,6 +63,20 @@ class _Retry(Exception):
 class ReadMixin:
     """Where and how `AdapterRegistry`'s loads read their files (see the module docstring)."""
 
+    async def _read_for_load(self, record: AdapterRecord) -> _Read:
+        """Event loop, the registry lock held (released while it waits): `record`'s stored files read for a load.
+        Its served file read here when it is cached (`_read_inline`), else filled on the map threads and then read
+        here (`_read_after_fill`), else (a first load, a larger file, served files off) read on the loader thread,
+        the served file mapped ahead meanwhile when other loads are ahead of it there (`map_ahead.py`)."""
+        served = self.store.served_path(self.store.path(record.name), self.adapter_dtype.factor_dtype)
+        read = self._read_inline(record.name, record.model_name)
+        if read is None and self._saver is not None and _inline_size(served):
+            read = await self._read_after_fill(record, served)
+        if read is None:
+            read = await self._unlocked(self._in_loader(record.name, self._read_stored, record.name,
+                                                        record.model_name, self._map_ahead.start(served)))
+        return read
+
     def _read_inline(self, name: str, model_name: str, mapped: Optional[Premapped] = None,
                      filled: float = 0.0) -> Optional[_Read]:
         """Event loop: `_read_stored`'s result for a load whose served file is at most INLINE_READ_BYTES and wholly

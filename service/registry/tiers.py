@@ -19,7 +19,7 @@ from adapters_core.prepared import PreparedAdapter, attach_prepared, preparable
 
 from .adapter_dtype import held_dtype
 from .errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
-from .reads import _inline_size, _Retry
+from .reads import _Retry
 from .record import CPU, DEVICE, STORED, AdapterRecord
 
 log = logging.getLogger("service.registry")
@@ -89,17 +89,7 @@ class TierMixin:
         try:
             if record.tensors is None:
                 try:
-                    served = self.store.served_path(self.store.path(record.name), self.adapter_dtype.factor_dtype)
-                    read = self._read_inline(record.name, record.model_name)
-                    if read is None and self._saver is not None and _inline_size(served):   # pages not cached:
-                        # filled on the map threads, then read here
-                        read = await self._read_after_fill(record, served)
-                    if read is None:
-                        # (its served file mapped meanwhile when it waits behind another load: map_ahead.py)
-                        ahead = self._map_ahead.start(served)
-                        read = await self._unlocked(self._in_loader(record.name, self._read_stored, record.name,
-                                                                    record.model_name, ahead))
-                    config, tensors, prepared, extra = read
+                    config, tensors, prepared, extra = await self._read_for_load(record)     # (reads.py)
                 except (OSError, RegistryError) as exc:
                     if record.retired:
                         raise _Retry() from exc

@@ -5,6 +5,7 @@ off nothing is. (Served files within a bound are read on the event loop, `test_i
 is 0, so the loader thread reads every load.)"""
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -42,8 +43,14 @@ def test_a_burst_of_loads_reads_files_mapped_ahead_and_serves_peft(tmp_path, mon
         await registry.scan()
         real_read = registry._read_stored
 
-        def read(*args):                 # (a busy machine can start the map-ahead thread after the loader's
-            one_made.wait(10)            # second read: the loader's first read waits for one premap)
+        def read(*args):
+            # the loader's first read ends once every other load is queued behind it (on a busy machine the last
+            # acquire could otherwise come after the reads before it were taken back) and one premap is made (the
+            # map-ahead threads could otherwise start after the loader's second read)
+            deadline = time.monotonic() + 10
+            while registry._map_ahead.started < len(NAMES) - 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            one_made.wait(10)
             return real_read(*args)
         registry._read_stored = read
         leases = await asyncio.gather(*(registry.acquire(name) for name in NAMES))   # queued at once
