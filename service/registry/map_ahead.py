@@ -38,11 +38,7 @@ class MapAhead:
     def start(self, path: str) -> Optional[Future]:
         """Event loop, for a load about to be queued on the loader: a future of `premap(path)` when the loader
         has work ahead of it, else None."""
-        return self.map(path) if self.queued else None
-
-    def map(self, path: str) -> Optional[Future]:
-        """A future of `premap(path)` on these threads; None where there are none (or they are closed)."""
-        if self._pool is None:
+        if self._pool is None or not self.queued:
             return None
         try:
             future = self._pool.submit(premap, path)

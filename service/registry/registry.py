@@ -44,11 +44,11 @@ from .device_room import DeviceRoomMixin
 from .errors import Conflict, NotFound, Unavailable
 from .map_ahead import MapAhead
 from .merged import MergedMixin
+from .reads import ReadMixin
 from .record import DEVICE, STORED, TIERS, AdapterRecord, Lease
 from .registration import RegistrationMixin
 from .slot_wait import SlotWait
 from .store import AdapterStore
-from .reads import ReadMixin
 from .tiers import TierMixin, _Retry
 from .validation import AdapterValidator
 

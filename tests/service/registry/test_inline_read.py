@@ -18,6 +18,16 @@ from _fixtures import (Events, decoder_logits, hf_logits, input_ids, lora_a_weig
 pytestmark = pytest.mark.skipif(not packed_file.can_premap(), reason="needs Linux's libc with statx")
 
 
+def _record_loader_reads(registry, names: list) -> None:
+    """Each adapter the registry's loader thread is asked to read appended to `names`."""
+    real = registry._in_loader
+
+    async def in_loader(name, fn, *args):
+        names.append(name)
+        return await real(name, fn, *args)
+    registry._in_loader = in_loader
+
+
 def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Events]:
     """A registry restarted over a store whose adapters have served files (`prepare(registry)` then called), each
     adapter acquired once and checked against PEFT's logits; (the names whose reads went to the loader thread,
@@ -31,12 +41,7 @@ def _loads(tmp_path, adapters: dict, prepare=None, **kw) -> tuple[list[str], Eve
         await registry.scan()
         if prepare is not None:
             prepare(registry)
-        real = registry._in_loader
-
-        async def in_loader(name, fn, *args):
-            on_loader.append(name)
-            return await real(name, fn, *args)
-        registry._in_loader = in_loader
+        _record_loader_reads(registry, on_loader)
         ids = input_ids()
         try:
             for name, adapter in adapters.items():
@@ -108,12 +113,7 @@ def test_a_first_load_goes_to_the_loader_thread(tmp_path):
         registry.close()
         registry = make_registry(tmp_path / "store", max_device_adapters=1, single_memory=True)
         await registry.scan()
-        real = registry._in_loader
-
-        async def in_loader(name, fn, *args):
-            on_loader.append(name)
-            return await real(name, fn, *args)
-        registry._in_loader = in_loader
+        _record_loader_reads(registry, on_loader)
         lease = await registry.acquire("c")
         try:
             torch.testing.assert_close(decoder_logits(registry.model, lease.model_name, input_ids()),
