@@ -408,7 +408,10 @@ async def main_async(args, server: Server, workdir: Path) -> dict:
     config = base_config(args.model)
     folders = [write_adapter(workdir / f"a{i}", config, seed=i) for i in range(args.adapters)]
     churn = [write_adapter(workdir / f"c{i}", config, seed=10_000 + i) for i in range(args.churn)]
-    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    # idle connections are dropped before uvicorn's 5 s keep-alive closes them: a client that sleeps 5 s after a 429
+    # and then reuses one the server is closing at that moment gets a ReadError (the race is the client's)
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8,
+                          keepalive_expiry=4.0)
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT, limits=limits) as http:
         base_id = (await http.get("/v1/models")).json()["data"][0]["id"]
         names = [f"load-{i}" for i in range(args.adapters)]
