@@ -50,29 +50,37 @@ class DeviceRoomMixin:
             _leaving(victim)
         return victims
 
-    def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
-        """The device-tier adapters to remove so that `record` fits both `max_device_adapters` and
-        `adapter_memory_budget` (least recently used first, never pinned or in use); their tier drops at
-        once, the engine removes them in the same call that adds `record`. Unavailable when not enough can go."""
+    def _room_for(self, record: AdapterRecord, size: int) -> list[AdapterRecord] | Unavailable:
+        """The device-tier adapters that would leave so that `record`, `size` bytes, fits both
+        `max_device_adapters` and `adapter_memory_budget` (least recently used first, deleted ones before them,
+        never pinned, in use or busy), or the Unavailable to raise when not enough can go. Changes nothing."""
+        candidates = self._evictable(DEVICE, exclude=record)
         victims: list[AdapterRecord] = []
         count, used = self._count(DEVICE), self._device_bytes()
         # (an adapter larger than the whole budget still loads once the device tier is empty)
-        while count >= self.max_device_adapters or (count > 0 and used + record.memory_size > self.memory_budget):
-            victim = self._lru(DEVICE, exclude=record)
-            if victim is None:
-                self._settle_victims(victims, [v.model_name for v in victims])     # none of them leaves
+        while count >= self.max_device_adapters or (count > 0 and used + size > self.memory_budget):
+            if len(victims) == len(candidates):
                 if count >= self.max_device_adapters:
-                    raise Unavailable(
+                    return Unavailable(
                         f"cannot load adapter {record.name!r}: all {self.max_device_adapters} device slots "
                         f"(max_device_adapters={self.max_device_adapters}) hold pinned or in-use adapters; retry later")
-                raise Unavailable(
-                    f"cannot load adapter {record.name!r} ({record.memory_size} bytes): the device tier's memory "
+                return Unavailable(
+                    f"cannot load adapter {record.name!r} ({size} bytes): the device tier's memory "
                     f"(adapter_memory_budget={self.memory_budget} bytes, {used} in use) holds pinned or in-use "
                     f"adapters; retry later")
-            _leaving(victim)
+            victim = candidates[len(victims)]
             victims.append(victim)
             count, used = count - 1, used - victim.memory_size
+        return victims
+
+    def _take_device_room(self, record: AdapterRecord) -> list[AdapterRecord]:
+        """The device-tier adapters to remove so that `record` fits (`_room_for`); their tier drops at once, the
+        engine removes them in the same call that adds `record`. Unavailable when not enough can go."""
+        victims = self._room_for(record, record.memory_size)
+        if isinstance(victims, Unavailable):
+            raise victims
         for victim in victims:
+            _leaving(victim)
             if not victim.retired:
                 self._emit("adapter_evicted", victim.name, DEVICE)
         return victims

@@ -34,11 +34,15 @@ class TierMixin:
     def _count(self, tier: str) -> int:
         return sum(1 for r in self._residents() if r.tier == tier)
 
-    def _lru(self, tier: str, exclude: Optional[AdapterRecord] = None) -> Optional[AdapterRecord]:
-        """The eviction victim: deleted ones first, then least recently used; never pinned, used or busy."""
-        candidates = [r for r in self._residents() if r.tier == tier and r is not exclude and r.in_use == 0
-                      and not r.busy and (r.retired or not r.pinned)]
-        return min(candidates, key=lambda r: (not r.retired, r.tick), default=None)
+    def _evictable(self, tier: str, exclude: Optional[AdapterRecord] = None) -> list[AdapterRecord]:
+        """The eviction victims in order: deleted ones first, then least recently used; never pinned, used or
+        busy."""
+        return sorted((r for r in self._residents() if r.tier == tier and r is not exclude and r.in_use == 0
+                       and not r.busy and (r.retired or not r.pinned)), key=lambda r: (not r.retired, r.tick))
+
+    def _lru(self, tier: str) -> Optional[AdapterRecord]:
+        victims = self._evictable(tier)
+        return victims[0] if victims else None
 
     def _enforce_cpu_limit(self) -> None:
         while self._count(CPU) > self.max_cpu_adapters:
@@ -87,6 +91,12 @@ class TierMixin:
         record.busy = True
         refused = False             # no room now (a turn to wait for, not a failed load: not counted as one)
         try:
+            # no read for a load that would find no room (requests waiting for a slot try again at every release;
+            # a first load's size is not known before its read)
+            room = self._room_for(record, record.memory_size if record.resident_size is not None else 0)
+            if isinstance(room, Unavailable):
+                refused = True
+                raise room
             if record.tensors is None:
                 try:
                     config, tensors, prepared, extra = await self._read_for_load(record)     # (reads.py)

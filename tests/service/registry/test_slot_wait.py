@@ -144,3 +144,37 @@ def test_activate_with_every_slot_held_activates_and_a_failed_load_undoes_it(tmp
         assert not registry.get("broken").served and not await reopened("broken")
         assert events.of("load_failed") == [("broken",)]        # the one real failure, not the wait for a slot
     run(main())
+
+
+def test_a_request_waiting_for_a_slot_reads_its_adapter_only_when_it_can_have_one(tmp_path):
+    """Every release wakes the requests waiting for a slot to try again; under slot pressure (16 slots, Zipf traffic
+    over 128 adapters) each refused attempt read and prepared its adapter before finding no room. Now an attempt
+    that would find none is refused before the read."""
+    from _fixtures import make_registry, peft_adapter, run
+
+    async def main():
+        registry = make_registry(tmp_path / "store", max_device_adapters=1, slot_wait_seconds=20)
+        for i, name in enumerate(("held", "b")):
+            adapter = peft_adapter("lora", seed=i)
+            await registry.register_files(name, adapter.config, adapter.weights)
+        lease = await registry.acquire("held")
+        reads = []
+        for spied in ("_read_for_load", "_prepare_load"):          # (a stored adapter; one kept in RAM)
+            def spy(*args, _real=getattr(registry, spied), _name=spied, **kwargs):
+                reads.append(_name)
+                return _real(*args, **kwargs)
+            setattr(registry, spied, spy)
+        waiter = asyncio.ensure_future(registry.acquire("b", wait=True))
+        for _ in range(5):                                          # five wake-ups with no slot to have
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if registry._slots.waiting:
+                    break
+            assert registry._slots.waiting == 1
+            registry._slots.changed()
+        await asyncio.sleep(0.1)
+        assert reads == [] and not waiter.done()
+        registry.release(lease)
+        registry.release(await asyncio.wait_for(waiter, 5))
+        assert len(reads) == 1 and registry.get("b").tier == "device"
+    run(main())
