@@ -96,7 +96,8 @@ def build_state(settings: Settings, loaded: Optional[LoadedModel] = None) -> Sta
                                memory_budget=settings.adapter_memory_budget, adapter_dtype=settings.adapter_dtype,
                                step_gate=engine.gate, loader_nice=settings.loader_nice,
                                served_files=settings.adapter_served_files,
-                               slot_wait_seconds=settings.adapter_wait_seconds, max_slot_waiters=settings.max_waiting)
+                               slot_wait_seconds=settings.adapter_wait_seconds, max_slot_waiters=settings.max_waiting,
+                               slot_turn_seconds=settings.adapter_turn_seconds)
     metrics.watch_adapters(registry.max_device_adapters, registry.list)
     metrics.watch_slot_waiters(lambda: registry.slot_waiters, registry.slot_waiting_adapters)
     generator = TextGenerator(engine, loaded.tokenizer, registry, metrics, settings.max_prompt_tokens)

@@ -152,6 +152,8 @@ class Metrics:
                                              "slot is not one)", registry=r)
         self.evictions = Counter("adapter_serve_adapter_evictions", "Adapters moved down a tier",
                                  ["from_tier"], registry=r)
+        self.yields = Counter("adapter_serve_adapter_yields", "Adapters that gave their device slot to requests "
+                              "that waited adapter_turn_seconds for one", registry=r)
         self.gc_pause = Histogram("adapter_serve_gc_pause_seconds", "Python garbage collections (every thread "
                                   "waits for one)", ["generation"], buckets=APPLY_BUCKETS, registry=r)
         self.uploads = Counter("adapter_serve_adapter_uploads", "Adapters registered", registry=r)
@@ -221,6 +223,9 @@ class Metrics:
     def adapter_evicted(self, name: str, from_tier: str) -> None:
         self.evictions.labels(from_tier).inc()
         self.refresh_adapters()
+
+    def adapter_yielded(self, name: str) -> None:
+        self.yields.inc()
 
     def adapter_uploaded(self, name: str) -> None:
         self.uploads.inc()

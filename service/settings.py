@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     # seconds a request waits for a device slot while every slot holds an adapter in use (then 429), as vLLM's
     # and LoRAX's schedulers hold such requests; at most max_waiting requests wait so (registry/slot_wait.py)
     adapter_wait_seconds: float = Field(30.0, ge=0)
+    # a request that waited this long for a device slot makes the adapter on the device with the fewest requests
+    # in flight yield its slot to it (as LoRAX's adapter_cycle_time_s), so popular adapters do not starve rare
+    # ones; 0: off (registry/turns.py)
+    adapter_turn_seconds: float = Field(2.0, ge=0)
     max_cpu_adapters: int = 128
     max_merged_adapters: int = Field(8, ge=1)      # LoRAX merged_adapters kept at once (registry/merged.py)
     # the dtype LoRA / AdaLoRA factors are held and served in (vLLM's --lora-dtype), cast once at load; auto:

@@ -70,6 +70,7 @@ class AdapterRecord:
     busy: bool = field(default=False, repr=False)           # a load or unload is under way: never evict
     pending: Any = field(default=None, repr=False)          # asyncio future of the load under way, if any
     retired: bool = field(default=False, repr=False)        # deleted or replaced: freed at the last release
+    yielding_to: Optional[str] = field(default=None, repr=False)   # the adapter it gives its device slot to
 
     @property
     def model_name(self) -> str:

@@ -50,6 +50,7 @@ from .registration import RegistrationMixin
 from .slot_wait import SlotWait
 from .store import AdapterStore
 from .tiers import TierMixin, _Retry
+from .turns import TurnMixin
 from .validation import AdapterValidator
 
 log = logging.getLogger("service.registry")
@@ -57,14 +58,14 @@ log = logging.getLogger("service.registry")
 EngineCall = Callable[[Callable[[], Any]], Future]
 
 
-class AdapterRegistry(RegistrationMixin, TierMixin, ReadMixin, DeviceRoomMixin, MergedMixin):
+class AdapterRegistry(RegistrationMixin, TierMixin, ReadMixin, DeviceRoomMixin, TurnMixin, MergedMixin):
     def __init__(self, model, engine_call: EngineCall, adapter_dir: str, max_device_adapters: int = 8,
                  max_cpu_adapters: int = 64, max_lora_rank: int = 64, max_adapter_bytes: int = 512 * 2**20,
                  max_archive_bytes: int = 1024 * 2**20, preload: Iterable[str] = (), events: Any = None,
                  reserved_names: Iterable[str] = (), hub_timeout: float = 10.0, max_merged_adapters: int = 8,
                  memory_budget: int = 0, single_memory: Optional[bool] = None, adapter_dtype: str = "auto",
                  step_gate: Any = None, loader_nice: int = 0, served_files: bool = True,
-                 slot_wait_seconds: float = 30.0, max_slot_waiters: int = 64):
+                 slot_wait_seconds: float = 30.0, max_slot_waiters: int = 64, slot_turn_seconds: float = 2.0):
         self.model = model
         self.adapter_dtype = AdapterDtype(adapter_dtype)      # how loads hold adapters (adapter_dtype.py)
         self.reserved = {n.casefold() for n in reserved_names if n}
@@ -108,7 +109,9 @@ class AdapterRegistry(RegistrationMixin, TierMixin, ReadMixin, DeviceRoomMixin, 
         self._lock: Optional[asyncio.Lock] = None
         self._tasks: set[asyncio.Task] = set()
         self._slots = SlotWait(slot_wait_seconds, max_slot_waiters,     # requests waiting for a device slot
-                               lambda: self._emit("slot_waiters_changed"))
+                               lambda: self._emit("slot_waiters_changed"), slot_turn_seconds, self._turns_changed)
+        self.turn_seconds = slot_turn_seconds   # a wait this long makes an adapter yield its slot (turns.py)
+        self._turns_due = False
 
     # ----- looking up ---------------------------------------------------------------------------------------
     def get(self, name: str) -> AdapterRecord:
@@ -154,6 +157,9 @@ class AdapterRegistry(RegistrationMixin, TierMixin, ReadMixin, DeviceRoomMixin, 
                 raise Conflict(f"adapter {name!r} is deactivated; activate it before sending requests")
             seen = self._slots.generation
             try:
+                refusal = self._yield_refusal(record)       # on the device, yielding its slot (turns.py)
+                if refusal is not None:
+                    raise refusal
                 lease = await self._lease_loaded(record)
             except Unavailable as refused:
                 if not wait:
@@ -174,9 +180,9 @@ class AdapterRegistry(RegistrationMixin, TierMixin, ReadMixin, DeviceRoomMixin, 
 
     def _a_change_may_help(self) -> bool:
         """Whether some adapter in the device tier is in use and not pinned (its last release would free room or
-        a module), or one is leaving the model (an eviction in flight)."""
+        a module), or one is leaving the model (an eviction in flight) or yielding its slot (turns.py)."""
         return any((r.tier == DEVICE and r.in_use > 0 and not r.pinned) or r.pending is not None
-                   for r in self._residents())
+                   or r.yielding_to is not None for r in self._residents())
 
     async def _lease_loaded(self, record: AdapterRecord) -> Optional[Lease]:
         """A lease on `record`, loading it to the device tier first; None when it was deleted, replaced or

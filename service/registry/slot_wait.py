@@ -9,7 +9,8 @@ at once (`MAX_WAITING`); past either it is refused as before (429 with Retry-Aft
 request's attempt and its wait is never lost (`generation`: the attempt notes it, the wait retries at once if it
 moved). A request waits only when a change can help (an adapter on the device in use and not pinned, or one
 leaving the model); else it is refused at once. Waiting requests hold no lease, so they cannot hold a slot
-another one waits for; a client that goes away while its request waits cancels the wait.
+another one waits for; a client that goes away while its request waits cancels the wait. A request that has waited
+`turn` seconds (`ADAPTER_SERVE_ADAPTER_TURN_SECONDS`) makes an adapter on the device yield its slot (turns.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,22 @@ from .errors import Unavailable
 
 
 class SlotWait:
-    def __init__(self, seconds: float, limit: int, on_names: Callable[[], None] = lambda: None):
-        """`on_names` is called when the set of adapters that requests wait for changes (metrics)."""
-        self.seconds, self.limit = seconds, limit
+    def __init__(self, seconds: float, limit: int, on_names: Callable[[], None] = lambda: None, turn: float = 0.0,
+                 on_turn: Callable[[], None] = lambda: None):
+        """`on_names` is called when the set of adapters that requests wait for changes (metrics); `on_turn` when
+        a request starts or stops waiting, and when one has waited `turn` seconds (turns.py; 0: never)."""
+        self.seconds, self.limit, self.turn = seconds, limit, turn
+        self._started: dict[object, tuple[str, float]] = {}    # each waiting request: (its adapter, when it began)
         self.waiting = 0
         self.names: collections.Counter[str] = collections.Counter()     # adapter -> requests waiting for it
         self.generation = 0                 # moves with every change a waiting request may be waiting for
         self._changed = asyncio.Event()
-        self._on_names = on_names
+        self._on_names, self._on_turn = on_names, on_turn
+
+    def overdue(self) -> set[str]:
+        """The adapters that requests have waited `turn` seconds or more for."""
+        now = time.monotonic()
+        return {name for name, started in self._started.values() if now - started >= self.turn}
 
     def changed(self) -> None:
         """Something that may let a waiting request in happened (event loop): wake every waiter to try again."""
@@ -56,12 +65,24 @@ class SlotWait:
         self.names[name] += 1
         if self.names[name] == 1:
             self._on_names()
+        token = object()
+        self._started[token] = (name, started)
+        self._on_turn()
         changed = self._changed
         try:
-            await asyncio.wait_for(changed.wait(), left)
+            due = started + self.turn - time.monotonic()
+            if self.turn and 0 < due < left:
+                try:
+                    await asyncio.wait_for(changed.wait(), due)
+                    return
+                except asyncio.TimeoutError:
+                    self._on_turn()         # waited its turn: an adapter on the device yields to it
+            await asyncio.wait_for(changed.wait(), max(0.0, started + self.seconds - time.monotonic()))
         except asyncio.TimeoutError:
             pass
         finally:
+            del self._started[token]
+            self._on_turn()
             self.waiting -= 1
             self.names[name] -= 1
             if not self.names[name]:

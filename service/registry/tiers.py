@@ -143,7 +143,8 @@ class TierMixin:
                 if not victim.retired:
                     self._emit("adapter_evicted", victim.name, DEVICE)
             config, tensors, model_name = copy.deepcopy(record.config), record.tensors, record.model_name
-            record.tier = DEVICE            # counted from now, so concurrent loads make room around it
+            # counted from now, so concurrent loads make room around it (and no yield of an earlier stay applies)
+            record.tier, record.yielding_to = DEVICE, None
             # (an adapter sharing a module the other way must leave the model before this one goes in)
             applied = None if conflicts else self._attach_now(record, prepared, victims)
             if applied is None:             # between two steps, on the engine thread
