@@ -1,13 +1,15 @@
 """Many adapters over HTTP: throughput, latency, load time and memory with 16 to 1,000 registered adapters.
 
 For each K in --counts (default 16, 128, 1000) and each traffic shape in --distributions (uniform, and Zipf(1.1)
-over the K names), it starts `python -m service` on a store holding K LoRA adapters (random rank in [--rank-min,
+over the K names; or hot: --rare-share of the requests spread over the adapters past the first --room, the rest
+over those --room, so that every device slot is always in use: `ADAPTER_SERVE_ADAPTER_TURN_SECONDS`'s case), it
+starts `python -m service` on a store holding K LoRA adapters (random rank in [--rank-min,
 --rank-max], q_proj and v_proj of every layer, PEFT's format, --adapter-dtype), so every server starts cold,
 then runs --streams concurrent streaming clients, each sending greedy completions of --max-tokens tokens
 (`ignore_eos`) on an adapter drawn from the shape, for --cold seconds (measured as "cold": adapters load as
 traffic arrives) and then --steady seconds (measured as "steady"). Per window: completed tokens/s, inter-token
-latency p50/p99 (gaps between streamed chunks), time to first token p50, and the adapter loads of the window
-read from the server's metrics (count, and p50 of the whole load, of its wait for the loader thread behind the
+latency p50/p99 (gaps between streamed chunks), time to first token p50 / p99 / max, and the adapter loads of the
+window read from the server's metrics (count, and p50 of the whole load, of its wait for the loader thread behind the
 loads before it, of the loader thread's part, of the finished read's wait for the event loop to take it back, and
 of its engine-thread part). Rows are printed as they finish;
 the last lines give the issue's ratios (steady K=max uniform / K=min uniform tokens/s, ITL p99 / p50 per run).
@@ -193,30 +195,37 @@ def bucket_share(before: dict, after: dict, bound: float) -> Optional[float]:
 class Window:
     def __init__(self, start: float, end: float):
         self.start, self.end, self.tokens, self.itl, self.ttft = start, end, 0, [], []
+        self.ttft_rare: list[float] = []    # hot traffic: the requests on adapters past the first --room
 
 
 async def run_traffic(url: str, names: list[str], args, distribution: str) -> tuple[Window, Window, dict]:
     """--streams clients for --cold + --steady seconds; returns the two windows and the load metrics."""
     rng = random.Random(1)
-    weights = [1 / (k + 1) ** args.zipf_s for k in range(len(names))] if distribution == "zipf" else None
+    hot = min(args.room, len(names))        # hot: --rare-share of the requests on the adapters past the first --room
+    weights = ([1 / (k + 1) ** args.zipf_s for k in range(len(names))] if distribution == "zipf" else
+               [(1 - args.rare_share) / hot if k < hot else args.rare_share / (len(names) - hot)
+                for k in range(len(names))] if distribution == "hot" and hot < len(names) else None)
     start = time.monotonic()
     cold = Window(start, start + args.cold)
     steady = Window(cold.end, cold.end + args.steady)
     errors: dict[str, int] = {}
     scraped: dict[str, dict] = {}
 
-    def account(stamp: float, previous: Optional[float], first: bool, sent: float) -> None:
+    def account(stamp: float, previous: Optional[float], first: bool, sent: float, rare: bool) -> None:
         for w in (cold, steady):
             if w.start <= stamp < w.end:
                 w.tokens += 1
                 if first:
                     w.ttft.append(stamp - sent)
+                    if rare:
+                        w.ttft_rare.append(stamp - sent)
                 elif previous is not None:
                     w.itl.append(stamp - previous)
 
     async def client(http: httpx.AsyncClient) -> None:
         while time.monotonic() < steady.end:
-            body = {"model": rng.choices(names, weights)[0], "prompt": rng.choice(PROMPTS), "stream": True,
+            index = rng.choices(range(len(names)), weights)[0]
+            body = {"model": names[index], "prompt": rng.choice(PROMPTS), "stream": True,
                     "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
             sent, previous = time.monotonic(), None
             try:
@@ -230,7 +239,7 @@ async def run_traffic(url: str, names: list[str], args, distribution: str) -> tu
                     async for line in r.aiter_lines():
                         if line.startswith("data: {"):
                             now = time.monotonic()
-                            account(now, previous, previous is None, sent)
+                            account(now, previous, previous is None, sent, distribution == "hot" and index >= hot)
                             previous = now
             except httpx.HTTPError as exc:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
@@ -283,7 +292,11 @@ def row(k: int, distribution: str, window: str, w: Window, loads: dict) -> dict:
     resume = loads["adapter_serve_adapter_load_resume_seconds"]
     return {"K": k, "traffic": distribution, "window": window, "tokens_s": w.tokens / seconds,
             "itl_p50_ms": 1e3 * (percentile(w.itl, 50) or 0), "itl_p99_ms": 1e3 * (percentile(w.itl, 99) or 0),
-            "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "loads": total[0], "load_p50": total[1],
+            "ttft_p50_ms": 1e3 * (percentile(w.ttft, 50) or 0), "ttft_p99_ms": 1e3 * (percentile(w.ttft, 99) or 0),
+            "ttft_max_ms": 1e3 * max(w.ttft, default=0), "rare_requests": len(w.ttft_rare),
+            "rare_ttft_p50_ms": 1e3 * (percentile(w.ttft_rare, 50) or 0),
+            "rare_ttft_max_ms": 1e3 * max(w.ttft_rare, default=0),
+            "loads": total[0], "load_p50": total[1],
             "loads_within_20ms": loads["within_20ms"],
             "queue_p50": queue[1], "read_p50": read[1], "resume_p50": resume[1], "apply_p50": apply[1],
             "gc_pauses": int(loads["gc"]["count"]), "gc_ms": 1e3 * loads["gc"]["sum"],
@@ -297,11 +310,14 @@ def _share(share: Optional[float]) -> str:
 
 def print_row(r: dict) -> None:
     print(f"K={r['K']:<5} {r['traffic']:<8} {r['window']:<7} {r['tokens_s']:8.1f} tok/s  ITL p50 "
-          f"{r['itl_p50_ms']:6.0f} p99 {r['itl_p99_ms']:6.0f} ms  TTFT p50 {r['ttft_p50_ms']:6.0f} ms  loads "
+          f"{r['itl_p50_ms']:6.0f} p99 {r['itl_p99_ms']:6.0f} ms  TTFT p50 {r['ttft_p50_ms']:6.0f} p99 "
+          f"{r['ttft_p99_ms']:6.0f} max {r['ttft_max_ms']:6.0f} ms  loads "
           f"{r['loads']:5d} (whole p50 {r['load_p50']}, {_share(r['loads_within_20ms'])} within 20 ms; "
           f"waiting for the loader p50 {r['queue_p50']}, loader p50 {r['read_p50']}, then for the loop p50 "
           f"{r['resume_p50']}, engine-thread p50 {r['apply_p50']})  GC {r['gc_pauses']} pauses, {r['gc_ms']:.0f} ms, "
-          f"{r['gc_over_20ms']} over 20 ms; steps p50 {r['step_p50']} p99 {r['step_p99']}", flush=True)
+          f"{r['gc_over_20ms']} over 20 ms; steps p50 {r['step_p50']} p99 {r['step_p99']}"
+          + (f"; rare adapters: {r['rare_requests']} first tokens, TTFT p50 {r['rare_ttft_p50_ms']:.0f} max "
+             f"{r['rare_ttft_max_ms']:.0f} ms" if r["traffic"] == "hot" else ""), flush=True)
 
 
 async def memory_probe(args, workdir: Path, pool: Path, sizes: list[int]) -> dict:
@@ -442,6 +458,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rank-max", type=int, default=64)
     p.add_argument("--adapter-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--rare-share", type=float, default=0.05,
+                   help="hot traffic: the share of requests on the adapters past the first --room (the rest spread "
+                        "evenly over those --room, which then always have requests in flight)")
     p.add_argument("--memory", type=int, default=128, help="adapters of the memory probe (0: skip it)")
     p.add_argument("--dtype", default="auto", help="ADAPTER_SERVE_DTYPE of the servers")
     p.add_argument("--model", default=None, help="ADAPTER_SERVE_MODEL (default: the embedded model)")
