@@ -13,13 +13,11 @@ import adapters_core as ac
 
 from .errors import Conflict, Unavailable
 from .record import CPU, DEVICE, STORED, AdapterRecord
+from .tiers import _evictable_first
 
 
 class DeviceRoomMixin:
     """Choosing the victims of a load, for `AdapterRegistry` (whose state and plumbing it uses)."""
-
-    def _device_bytes(self) -> int:
-        return sum(r.memory_size for r in self._residents() if r.tier == DEVICE)
 
     def _take_conflicting(self, record: AdapterRecord) -> list[AdapterRecord]:
         """The resident adapters `record` cannot share the model with (`ac.conflicting_adapters`: one keeps a
@@ -54,9 +52,10 @@ class DeviceRoomMixin:
         """The device-tier adapters that would leave so that `record`, `size` bytes, fits both
         `max_device_adapters` and `adapter_memory_budget` (least recently used first, deleted ones before them,
         never pinned, in use or busy), or the Unavailable to raise when not enough can go. Changes nothing."""
-        candidates = self._evictable(DEVICE, exclude=record)
+        on_device = [r for r in self._residents() if r.tier == DEVICE]     # (one pass over every record)
+        candidates = _evictable_first(r for r in on_device if r is not record)
         victims: list[AdapterRecord] = []
-        count, used = self._count(DEVICE), self._device_bytes()
+        count, used = len(on_device), sum(r.memory_size for r in on_device)
         # (an adapter larger than the whole budget still loads once the device tier is empty)
         while count >= self.max_device_adapters or (count > 0 and used + size > self.memory_budget):
             if len(victims) == len(candidates):

@@ -10,7 +10,7 @@ import copy
 import itertools
 import logging
 import time
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -34,14 +34,8 @@ class TierMixin:
     def _count(self, tier: str) -> int:
         return sum(1 for r in self._residents() if r.tier == tier)
 
-    def _evictable(self, tier: str, exclude: Optional[AdapterRecord] = None) -> list[AdapterRecord]:
-        """The eviction victims in order: deleted ones first, then least recently used; never pinned, used or
-        busy."""
-        return sorted((r for r in self._residents() if r.tier == tier and r is not exclude and r.in_use == 0
-                       and not r.busy and (r.retired or not r.pinned)), key=lambda r: (not r.retired, r.tick))
-
     def _lru(self, tier: str) -> Optional[AdapterRecord]:
-        victims = self._evictable(tier)
+        victims = _evictable_first(r for r in self._residents() if r.tier == tier)
         return victims[0] if victims else None
 
     def _enforce_cpu_limit(self) -> None:
@@ -318,3 +312,10 @@ def _remove(model, model_name: str) -> None:
     if ac.active_adapters(model):
         ac.set_adapter(model, [])
     ac.delete_adapter(model, model_name)
+
+
+def _evictable_first(records: Iterable[AdapterRecord]) -> list[AdapterRecord]:
+    """Of `records`, the eviction victims in order: deleted ones first, then least recently used; never pinned,
+    used or busy."""
+    return sorted((r for r in records if r.in_use == 0 and not r.busy and (r.retired or not r.pinned)),
+                  key=lambda r: (not r.retired, r.tick))
