@@ -7,12 +7,12 @@ refused while the popular ones kept taking new requests. As LoRAX's scheduler do
 adapters give way to queued ones after a time slice), a request that has waited `adapter_turn_seconds` for a slot
 makes one adapter on the device *yield*: the one with the fewest requests in flight (it drains soonest; the least
 recently used among equals), never a pinned one. A yielding adapter takes no new lease: a new request for it waits
-for a slot like any other request (and behind the ones already waiting); the requests it already has finish as
-usual, and its last release frees its slot for the adapter it yields to. Each adapter that requests wait for past
-their turn gets one adapter yielding to it; a yield ends when the yielding adapter leaves the device, or when the
-one it yields to is on the device or wanted no more (its requests got in another way, gave up or were refused): its
-own waiting requests then take leases at once. `adapter_turn_seconds` 0 turns this off (the order of releases alone
-decides, as before).
+for a slot as a request for an adapter off the device does (a caller that cannot wait, a merged adapter's build, is
+refused: 429); the requests it already has finish as usual, and its last release frees its slot for the adapter it
+yields to. Each adapter that requests wait for past their turn gets one adapter yielding to it; a yield ends when
+the yielding adapter leaves the device, or when the one it yields to is on the device or wanted no more (its
+requests got in another way, gave up or were refused): its own waiting requests then take leases at once.
+`adapter_turn_seconds` 0 turns this off (the order of releases alone decides, as before).
 """
 
 from __future__ import annotations
