@@ -69,7 +69,7 @@ class ReadMixin:
         here (`_read_after_fill`), else (a first load, a larger file, served files off) read on the loader thread,
         the served file mapped ahead meanwhile when other loads are ahead of it there (`map_ahead.py`)."""
         served = self.store.served_path(self.store.path(record.name), self.adapter_dtype.factor_dtype)
-        read = self._read_inline(record.name, record.model_name)
+        read = self._read_inline(record.name, record.model_name, served)
         if read is None and self._saver is not None and _inline_size(served):
             read = await self._read_after_fill(record, served)
         if read is None:
@@ -77,18 +77,17 @@ class ReadMixin:
                                                         record.model_name, self._map_ahead.start(served)))
         return read
 
-    def _read_inline(self, name: str, model_name: str, mapped: Optional[Premapped] = None,
+    def _read_inline(self, name: str, model_name: str, served: str, mapped: Optional[Premapped] = None,
                      filled: float = 0.0) -> Optional[_Read]:
-        """Event loop: `_read_stored`'s result for a load whose served file is at most INLINE_READ_BYTES and wholly
-        in the page cache (or `mapped` and filled already, which took `filled` seconds), read here; None otherwise
-        (no served file yet, served files off, a page to read from disk, a larger file, or the file found stale):
-        the caller has it filled on the map threads, or the loader thread reads it."""
+        """Event loop: `_read_stored`'s result for a load whose served file (at `served`) is at most INLINE_READ_BYTES
+        and wholly in the page cache (or `mapped` and filled already, which took `filled` seconds), read here; None
+        otherwise (no served file yet, served files off, a page to read from disk, a larger file, or the file found
+        stale): the caller has it filled on the map threads, or the loader thread reads it."""
         if self._saver is None:
             return None
         began = time.perf_counter()
         if mapped is None:
-            mapped = map_resident(self.store.served_path(self.store.path(name), self.adapter_dtype.factor_dtype),
-                                  INLINE_READ_BYTES)
+            mapped = map_resident(served, INLINE_READ_BYTES)
         if mapped is None:
             return None
         read = self._read_stored(name, model_name, mapped, served_only=True)
@@ -108,7 +107,7 @@ class ReadMixin:
             return None
         if record.retired:
             raise _Retry()
-        return self._read_inline(record.name, record.model_name, mapped, time.perf_counter() - began)
+        return self._read_inline(record.name, record.model_name, served, mapped, time.perf_counter() - began)
 
     def _read_stored(self, name: str, model_name: str, ahead: Union[Future, Premapped, None] = None,
                      served_only: bool = False) -> Optional[_Read]:
